@@ -1,0 +1,8 @@
+// omniattn: one attention operator for every attention variant. Umbrella header.
+#pragma once
+
+#include "omniattn/attention.h"
+#include "omniattn/params.h"
+#include "omniattn/spec.h"
+#include "omniattn/tensor.h"
+#include "omniattn/version.h"

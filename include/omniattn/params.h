@@ -1,0 +1,78 @@
+// omniattn: the one plain params struct every attention kernel (and the oracle) sees.
+// Built once by make_params() after validation: pointers, int64 strides in elements, sizes and precomputed scalars.
+// No framework types, no ownership.
+#pragma once
+
+#include <cstdint>
+
+#include "omniattn/spec.h"
+#include "omniattn/tensor.h"
+
+namespace omniattn {
+
+struct attn_params {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // null when LSE is not requested
+  dtype in_type = dtype::f32;
+  dtype out_type = dtype::f32;
+
+  std::int64_t batch = 0;  // number of sequences (num_seqs for varlen)
+  std::int64_t seq_q = 0, seq_k = 0;  // per-sequence lengths for fixed-length batches; max lengths for varlen
+  std::int64_t heads_q = 0, heads_kv = 0, group = 1;  // group = heads_q / heads_kv
+  std::int64_t dim_qk = 0, dim_v = 0;
+
+  // Strides in elements, order: batch, seq, head, dim.
+  std::int64_t q_stride[4] = {}, k_stride[4] = {}, v_stride[4] = {}, o_stride[4] = {};
+  std::int64_t lse_stride[3] = {};  // batch, head, seq
+
+  const std::int64_t* cu_seqlens_q = nullptr;  // varlen only (then the tensors have batch 1)
+  const std::int64_t* cu_seqlens_k = nullptr;
+
+  double scale = 1.0;
+  float scale_log2 = 1.0f;  // scale * log2(e): kernels use exp2
+  causal_mode causal = causal_mode::none;
+  const mask_fn* mask = nullptr;  // null when absent
+  const score_fn* score = nullptr;
+  const block_mask* blocks = nullptr;
+  int threads = 1;
+};
+
+// One sequence of a (possibly varlen) batch: where its rows start in the tensors and how long it is.
+struct seq_extent {
+  std::int64_t q_begin, q_len, k_begin, k_len, tensor_batch;
+};
+
+inline seq_extent sequence(const attn_params& p, std::int64_t b) {
+  if (p.cu_seqlens_q) {
+    return {p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b], p.cu_seqlens_k[b],
+            p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b], 0};
+  }
+  return {0, p.seq_q, 0, p.seq_k, b};
+}
+
+// Causal predicate shared by every backend.
+inline bool causal_allows(causal_mode c, std::int64_t i, std::int64_t j, std::int64_t lq, std::int64_t lk) {
+  switch (c) {
+    case causal_mode::none: return true;
+    case causal_mode::top_left: return j <= i;
+    case causal_mode::bottom_right: return j <= i + (lk - lq);
+  }
+  return true;
+}
+
+// The element predicate of the spec (causal, block mask, mask functor), shared by the oracle and the kernels' PARTIAL tiles.
+inline bool element_allowed(const attn_params& p, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j,
+                            std::int64_t lq, std::int64_t lk) {
+  if (!causal_allows(p.causal, i, j, lq, lk)) return false;
+  if (p.blocks) {
+    const tile_kind t = p.blocks->at(b, h, i / p.blocks->q_tile, j / p.blocks->kv_tile);
+    if (t == tile_kind::empty) return false;
+    if (t == tile_kind::full) return true;
+  }
+  return !p.mask || (*p.mask)(b, h, i, j);
+}
+
+}  // namespace omniattn

@@ -1,0 +1,75 @@
+// omniattn: the attention spec — everything about an attention call that is not a tensor.
+//
+// Semantics (the contract every backend and the fp64 oracle implement):
+//   for each batch b (or varlen sequence), query head h, query i < Lq:
+//     kvh      = h / (heads_q / heads_kv)                      (GQA / MQA grouping)
+//     allowed  = causal(i, j) && block(i, j) && mask(b, h, i, j)
+//     s_ij     = score(scale * <q_i, k_j>, b, h, i, j)          for allowed j; a score of -inf masks the pair
+//     out_i    = sum_j softmax_j(s_ij) * v_j                    (0 if no j is allowed)
+//     lse_i    = log(sum_j exp(s_ij))                           (-inf if no j is allowed)
+//   i and j are positions inside the sequence (0-based), also for varlen.
+//   causal top_left:     j <= i                  (FlashAttention < 2.1, PyTorch is_causal)
+//   causal bottom_right: j <= i + Lk - Lq        (FlashAttention >= 2.1: the last query sees the last key)
+//   block(i, j): with a block mask, EMPTY tiles are masked, FULL tiles are allowed without evaluating `mask`,
+//   PARTIAL tiles evaluate `mask` (FlexAttention's BlockMask contract).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <vector>
+
+#include "omniattn/tensor.h"
+
+namespace omniattn {
+
+enum class causal_mode : std::uint8_t { none, top_left, bottom_right };
+
+// mask(b, h, q, k) -> may query q of head h in batch b attend to key k?
+using mask_fn = std::function<bool(std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k)>;
+// score(s, b, h, q, k) -> modified logit; s is already multiplied by the softmax scale. Evaluated in double by the
+// oracle and in float by the kernels, so it must be a plain function of its arguments.
+using score_fn = std::function<double(double s, std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k)>;
+
+enum class tile_kind : std::uint8_t { empty = 0, partial = 1, full = 2 };
+
+// Tile-level structure of a mask: for each (batch, head, q tile, kv tile) whether the tile is empty, partial or full.
+// batch and heads may be 1 to broadcast over all batches / heads. Tile sizes are in tokens.
+struct block_mask {
+  std::int64_t q_tile = 0, kv_tile = 0;
+  std::int64_t batch = 0, heads = 0, q_tiles = 0, kv_tiles = 0;
+  std::vector<tile_kind> kinds;  // [batch][heads][q_tiles][kv_tiles], row-major
+
+  tile_kind at(std::int64_t b, std::int64_t h, std::int64_t qt, std::int64_t kt) const {
+    const std::int64_t bb = batch == 1 ? 0 : b, hh = heads == 1 ? 0 : h;
+    return kinds[static_cast<std::size_t>(((bb * heads + hh) * q_tiles + qt) * kv_tiles + kt)];
+  }
+};
+
+struct spec {
+  std::optional<double> scale;  // softmax scale; default 1/sqrt(q.head_dim)
+  causal_mode causal = causal_mode::none;
+  mask_fn mask;                        // optional element predicate
+  score_fn score;                      // optional score modifier
+  const block_mask* blocks = nullptr;  // optional tile structure (user-provided block sparsity)
+};
+
+// Variable-length batches (FlashAttention's varlen API): q/k/v/out have batch 1 and seq = total tokens;
+// sequence s occupies rows [cu_seqlens_q[s], cu_seqlens_q[s+1]) of q/out and [cu_seqlens_k[s], cu_seqlens_k[s+1]) of k/v.
+struct varlen {
+  const std::int64_t* cu_seqlens_q = nullptr;
+  const std::int64_t* cu_seqlens_k = nullptr;
+  std::int64_t num_seqs = 0;
+};
+
+enum class backend : std::uint8_t { automatic, reference, cpu };
+const char* backend_name(backend b);
+
+struct options {
+  backend use = backend::automatic;
+  int threads = 0;                      // 0: all cores
+  const lse_tensor* lse = nullptr;      // optional LSE output
+  const varlen* packed = nullptr;       // optional varlen description
+};
+
+}  // namespace omniattn

@@ -1,0 +1,5 @@
+#pragma once
+
+#define OMNIATTN_VERSION_MAJOR 0
+#define OMNIATTN_VERSION_MINOR 1
+#define OMNIATTN_VERSION_PATCH 0

@@ -1,0 +1,18 @@
+// The backend registry: each backend exposes one select() over the params struct.
+#pragma once
+
+#include "omniattn/attention.h"
+
+namespace omniattn {
+
+namespace cpu {
+// The fused CPU kernels (src/cpu/): a kernel for these params, or every reason none fits.
+selection select(const attn_params& p);
+}  // namespace cpu
+
+namespace detail {
+// Threads a call will use: options.threads, or every core when it is 0.
+int resolve_threads(int requested);
+}  // namespace detail
+
+}  // namespace omniattn

@@ -1,0 +1,65 @@
+// A problem description shared by the tests, the CLI (`omniattn check`, `explain`) and the benchmark:
+// shape, dtype, layout and spec, plus owned, seeded random data to run it on.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "omniattn/attention.h"
+
+namespace omniattn {
+
+enum class layout : std::uint8_t { bshd, bhsd };
+
+struct problem {
+  std::int64_t batch = 1, seq_q = 128, seq_k = 128, heads_q = 8, heads_kv = 8, dim_qk = 64, dim_v = 64;
+  dtype type = dtype::f32;
+  bool out_f32 = false;  // write the output in f32 whatever the input dtype
+  layout lay = layout::bshd;
+  causal_mode causal = causal_mode::none;
+  std::vector<std::int64_t> seqlens_q, seqlens_k;  // varlen when non-empty (then batch = number of sequences)
+  std::optional<double> scale;
+  bool lse = true;
+  std::uint64_t seed = 1;
+  double input_range = 1.0;  // inputs uniform in [-range, range]
+
+  bool is_varlen() const { return !seqlens_q.empty(); }
+  std::string describe() const;
+};
+
+// Parses "b=2,lq=128,lk=96,hq=8,hkv=2,d=64,dv=32,dtype=bf16,causal=bottom_right,layout=bhsd,varlen=3:5/7:2,seed=3".
+// Unknown keys or malformed values give an error naming the key.
+status parse_problem(const std::string& text, problem& out);
+
+// Owned buffers for a problem, filled with seeded uniform values (rounded to the storage dtype).
+struct problem_data {
+  problem prob;
+  std::vector<std::uint8_t> q, k, v, out;
+  std::vector<float> lse;
+  std::vector<std::int64_t> cu_q, cu_k;
+  varlen packed;
+
+  explicit problem_data(const problem& p);
+  tensor q_view() const;
+  tensor k_view() const;
+  tensor v_view() const;
+  tensor out_view() const;
+  lse_tensor lse_view() const;
+  options make_options(backend b, int threads = 0) const;
+  // Output element (batch, seq, head, dim) as double, whatever the dtype and layout.
+  double out_at(std::int64_t b, std::int64_t s, std::int64_t h, std::int64_t d) const;
+};
+
+// Total count of (query, key) pairs the spec allows, over all batches and heads: the FLOP count is 2*area*(dqk+dv).
+std::int64_t mask_area(const attn_params& p);
+
+// Runs a problem on a backend with the given spec; out and lse land in data.
+status run_problem(problem_data& data, const spec& s, backend b, int threads = 0);
+
+// The naive unfused path in float: materialized scores, float softmax, float PV; used to calibrate tolerances
+// (FlashAttention's rule: the kernel's error may be at most 2x this path's) and as a benchmark baseline.
+void naive_attention_f32(const attn_params& p);
+
+}  // namespace omniattn

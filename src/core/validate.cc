@@ -1,0 +1,230 @@
+// Validation of an attention call and construction of its params struct.
+// Every rule reports "[attention] <argument> <what is wrong>" and nothing is written to the output.
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "omniattn/attention.h"
+
+namespace omniattn {
+namespace {
+
+struct failure {
+  std::string message;
+};
+
+template <class... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream os;
+  os << "[attention] ";
+  (os << ... << args);
+  throw failure{os.str()};
+}
+
+// Byte range [begin, end) a strided view can touch; also rejects negative strides and int64 overflow.
+struct byte_range {
+  std::uintptr_t begin = 0, end = 0;
+};
+
+std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* name) {
+  std::int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) fail(name, " strides overflow int64 addressing");
+  return r;
+}
+
+std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* name) {
+  std::int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) fail(name, " strides overflow int64 addressing");
+  return r;
+}
+
+byte_range extent(const char* name, const void* data, int elem_bytes, const std::int64_t* sizes,
+                  const std::int64_t* strides, const char* const* dim_names, int rank) {
+  std::int64_t last = 0;  // largest element offset
+  for (int d = 0; d < rank; ++d) {
+    if (strides[d] < 0) fail(name, ".stride_", dim_names[d], " ", strides[d], " must be >= 0");
+    last = checked_add(last, checked_mul(sizes[d] - 1, strides[d], name), name);
+  }
+  const std::int64_t bytes = checked_mul(checked_add(last, 1, name), elem_bytes, name);
+  const auto begin = reinterpret_cast<std::uintptr_t>(data);
+  if (begin + static_cast<std::uintptr_t>(bytes) < begin) fail(name, " extends past the end of the address space");
+  return {begin, begin + static_cast<std::uintptr_t>(bytes)};
+}
+
+bool overlaps(byte_range a, byte_range b) { return a.begin < b.end && b.begin < a.end; }
+
+// An output must not write one element twice: with dims sorted by stride, each stride must step over the whole
+// extent of the smaller ones.
+void check_no_self_overlap(const char* name, const std::int64_t* sizes, const std::int64_t* strides,
+                           const char* const* dim_names, int rank) {
+  int order[4] = {0, 1, 2, 3};
+  for (int i = 0; i < rank; ++i)
+    for (int j = i + 1; j < rank; ++j)
+      if (strides[order[j]] < strides[order[i]]) std::swap(order[i], order[j]);
+  std::int64_t span = 1;  // elements covered by the dims so far
+  for (int i = 0; i < rank; ++i) {
+    const int d = order[i];
+    if (sizes[d] == 1) continue;
+    if (strides[d] < span)
+      fail(name, ".stride_", dim_names[d], " ", strides[d], " makes the output overlap itself (needs >= ", span, ")");
+    span = strides[d] * sizes[d];
+  }
+}
+
+const char* const k_tensor_dims[4] = {"batch", "seq", "heads", "dim"};
+const char* const k_stride_dims[4] = {"batch", "seq", "head", "dim"};
+const char* const k_lse_dims[3] = {"batch", "head", "seq"};
+
+byte_range check_tensor(const char* name, const tensor& t) {
+  if (t.type != dtype::f32 && t.type != dtype::bf16 && t.type != dtype::f16)
+    fail(name, ".type ", static_cast<int>(t.type), " is not a known dtype");
+  const std::int64_t sizes[4] = {t.batch, t.seq, t.heads, t.dim};
+  for (int d = 0; d < 4; ++d)
+    if (sizes[d] <= 0) fail(name, ".", k_tensor_dims[d], " ", sizes[d], " must be > 0");
+  if (!t.data) fail(name, ".data is null");
+  const std::int64_t strides[4] = {t.stride_batch, t.stride_seq, t.stride_head, t.stride_dim};
+  return extent(name, t.data, dtype_size(t.type), sizes, strides, k_stride_dims, 4);
+}
+
+void check_varlen(const varlen& vl, const tensor& q, const tensor& k, attn_params& p) {
+  if (vl.num_seqs <= 0) fail("varlen.num_seqs ", vl.num_seqs, " must be > 0");
+  if (!vl.cu_seqlens_q) fail("varlen.cu_seqlens_q is null");
+  if (!vl.cu_seqlens_k) fail("varlen.cu_seqlens_k is null");
+  if (q.batch != 1) fail("q.batch ", q.batch, " must be 1 with varlen (sequences are packed along seq)");
+  const struct {
+    const char* name;
+    const std::int64_t* cu;
+    std::int64_t total;
+    std::int64_t* max_len;
+  } lists[2] = {{"varlen.cu_seqlens_q", vl.cu_seqlens_q, q.seq, &p.seq_q}, {"varlen.cu_seqlens_k", vl.cu_seqlens_k, k.seq, &p.seq_k}};
+  for (const auto& l : lists) {
+    if (l.cu[0] != 0) fail(l.name, "[0] ", l.cu[0], " must be 0");
+    std::int64_t longest = 0;
+    for (std::int64_t s = 0; s < vl.num_seqs; ++s) {
+      if (l.cu[s + 1] < l.cu[s]) fail(l.name, "[", s + 1, "] ", l.cu[s + 1], " < [", s, "] ", l.cu[s], ": must be non-decreasing");
+      longest = std::max(longest, l.cu[s + 1] - l.cu[s]);
+    }
+    if (l.cu[vl.num_seqs] != l.total)
+      fail(l.name, "[", vl.num_seqs, "] ", l.cu[vl.num_seqs], " != total tokens ", l.total);
+    *l.max_len = longest;
+  }
+  p.batch = vl.num_seqs;
+  p.cu_seqlens_q = vl.cu_seqlens_q;
+  p.cu_seqlens_k = vl.cu_seqlens_k;
+}
+
+void check_block_mask(const block_mask& bm, const attn_params& p) {
+  if (bm.q_tile <= 0) fail("spec.blocks.q_tile ", bm.q_tile, " must be > 0");
+  if (bm.kv_tile <= 0) fail("spec.blocks.kv_tile ", bm.kv_tile, " must be > 0");
+  const std::int64_t want_q = (p.seq_q + bm.q_tile - 1) / bm.q_tile, want_k = (p.seq_k + bm.kv_tile - 1) / bm.kv_tile;
+  if (bm.q_tiles != want_q) fail("spec.blocks.q_tiles ", bm.q_tiles, " != ceil(seq_q ", p.seq_q, " / q_tile ", bm.q_tile, ") = ", want_q);
+  if (bm.kv_tiles != want_k) fail("spec.blocks.kv_tiles ", bm.kv_tiles, " != ceil(seq_k ", p.seq_k, " / kv_tile ", bm.kv_tile, ") = ", want_k);
+  if (bm.batch != 1 && bm.batch != p.batch) fail("spec.blocks.batch ", bm.batch, " must be 1 or ", p.batch);
+  if (bm.heads != 1 && bm.heads != p.heads_q) fail("spec.blocks.heads ", bm.heads, " must be 1 or ", p.heads_q);
+  const auto want = static_cast<std::size_t>(bm.batch * bm.heads * bm.q_tiles * bm.kv_tiles);
+  if (bm.kinds.size() != want) fail("spec.blocks.kinds has ", bm.kinds.size(), " entries, expected ", want);
+  for (tile_kind t : bm.kinds)
+    if (t != tile_kind::empty && t != tile_kind::partial && t != tile_kind::full)
+      fail("spec.blocks.kinds holds ", static_cast<int>(t), ", not a tile_kind");
+}
+
+void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt,
+           attn_params& p) {
+  const byte_range rq = check_tensor("q", q), rk = check_tensor("k", k), rv = check_tensor("v", v),
+                   ro = check_tensor("out", out);
+  if (k.type != q.type) fail("k.type ", dtype_name(k.type), " != q.type ", dtype_name(q.type));
+  if (v.type != q.type) fail("v.type ", dtype_name(v.type), " != q.type ", dtype_name(q.type));
+  if (out.type != q.type && out.type != dtype::f32)
+    fail("out.type ", dtype_name(out.type), " must be q.type ", dtype_name(q.type), " or f32");
+  if (k.dim != q.dim) fail("k.dim ", k.dim, " != q.dim ", q.dim);
+  if (k.batch != q.batch) fail("k.batch ", k.batch, " != q.batch ", q.batch);
+  if (v.batch != k.batch) fail("v.batch ", v.batch, " != k.batch ", k.batch);
+  if (v.seq != k.seq) fail("v.seq ", v.seq, " != k.seq ", k.seq);
+  if (v.heads != k.heads) fail("v.heads ", v.heads, " != k.heads ", k.heads);
+  if (q.heads % k.heads != 0) fail("q.heads ", q.heads, " is not a multiple of k.heads ", k.heads);
+  if (out.batch != q.batch) fail("out.batch ", out.batch, " != q.batch ", q.batch);
+  if (out.seq != q.seq) fail("out.seq ", out.seq, " != q.seq ", q.seq);
+  if (out.heads != q.heads) fail("out.heads ", out.heads, " != q.heads ", q.heads);
+  if (out.dim != v.dim) fail("out.dim ", out.dim, " != v.dim ", v.dim);
+  {
+    const std::int64_t sizes[4] = {out.batch, out.seq, out.heads, out.dim};
+    const std::int64_t strides[4] = {out.stride_batch, out.stride_seq, out.stride_head, out.stride_dim};
+    check_no_self_overlap("out", sizes, strides, k_stride_dims, 4);
+  }
+  if (overlaps(ro, rq)) fail("out aliases q: the output must not overlap an input");
+  if (overlaps(ro, rk)) fail("out aliases k: the output must not overlap an input");
+  if (overlaps(ro, rv)) fail("out aliases v: the output must not overlap an input");
+
+  p = attn_params{};
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.out = out.data;
+  p.in_type = q.type;
+  p.out_type = out.type;
+  p.batch = q.batch;
+  p.seq_q = q.seq;
+  p.seq_k = k.seq;
+  p.heads_q = q.heads;
+  p.heads_kv = k.heads;
+  p.group = q.heads / k.heads;
+  p.dim_qk = q.dim;
+  p.dim_v = v.dim;
+  const tensor* views[4] = {&q, &k, &v, &out};
+  std::int64_t* strides[4] = {p.q_stride, p.k_stride, p.v_stride, p.o_stride};
+  for (int t = 0; t < 4; ++t) {
+    strides[t][0] = views[t]->stride_batch;
+    strides[t][1] = views[t]->stride_seq;
+    strides[t][2] = views[t]->stride_head;
+    strides[t][3] = views[t]->stride_dim;
+  }
+  if (opt.packed) check_varlen(*opt.packed, q, k, p);
+
+  if (opt.lse) {
+    const lse_tensor& l = *opt.lse;
+    if (!l.data) fail("lse.data is null");
+    const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
+    const std::int64_t lstrides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
+    const byte_range rl = extent("lse", l.data, 4, sizes, lstrides, k_lse_dims, 3);
+    check_no_self_overlap("lse", sizes, lstrides, k_lse_dims, 3);
+    if (overlaps(rl, rq) || overlaps(rl, rk) || overlaps(rl, rv)) fail("lse aliases an input");
+    if (overlaps(rl, ro)) fail("lse aliases out");
+    p.lse = l.data;
+    p.lse_stride[0] = l.stride_batch;
+    p.lse_stride[1] = l.stride_head;
+    p.lse_stride[2] = l.stride_seq;
+  }
+
+  const double scale = s.scale ? *s.scale : 1.0 / std::sqrt(static_cast<double>(q.dim));
+  if (!std::isfinite(scale)) fail("spec.scale ", scale, " must be finite");
+  p.scale = scale;
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  if (s.causal != causal_mode::none && s.causal != causal_mode::top_left && s.causal != causal_mode::bottom_right)
+    fail("spec.causal ", static_cast<int>(s.causal), " is not a causal_mode");
+  p.causal = s.causal;
+  p.mask = s.mask ? &s.mask : nullptr;
+  p.score = s.score ? &s.score : nullptr;
+  if (s.blocks) check_block_mask(*s.blocks, p);
+  p.blocks = s.blocks;
+  if (opt.threads < 0) fail("options.threads ", opt.threads, " must be >= 0 (0 = all cores)");
+  p.threads = opt.threads;
+  if (opt.use != backend::automatic && opt.use != backend::reference && opt.use != backend::cpu)
+    fail("options.use ", static_cast<int>(opt.use), " is not a backend");
+}
+
+}  // namespace
+
+status make_params(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s,
+                   const options& opt, attn_params& p) {
+  try {
+    attn_params built;
+    build(q, k, v, out, s, opt, built);
+    p = built;
+    return {};
+  } catch (const failure& f) {
+    return {f.message};
+  }
+}
+
+}  // namespace omniattn

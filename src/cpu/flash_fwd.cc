@@ -1,0 +1,335 @@
+// The fused CPU attention forward kernel (FlashAttention-2 style), written once over Highway for every ISA.
+//
+// Math contract: identical to the oracle (include/omniattn/spec.h). Per query tile of BQ rows and key tile of BK keys:
+//   S = Q K^T                                 (fp32 FMA micro-kernel, K packed transposed per tile)
+//   S = S * scale * log2(e), masked -> -inf    (element predicate only on PARTIAL tiles and the ragged edge)
+//   m' = max(m, rowmax S);  P = exp2(S - m');  l = l * exp2(m - m') + rowsum P
+//   O  = O * exp2(m - m') + P V                (fp32 FMA micro-kernel, V packed row-major per sequence/head)
+//   out = O / l,  lse = (m + log2 l) * ln 2;  l == 0 (nothing allowed) gives out = 0, lse = -inf.
+// Working in base 2 folds log2(e) into the scale once, so each exponential is one exp2.
+// Work: for each (sequence, kv head) K/V are packed once (shared by every q head of the GQA group), then one parallel
+// loop runs over (q tile, q head of the group) with dynamic scheduling, heaviest tiles first. Each output row is
+// computed by exactly one thread in a fixed order, so results do not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+#include "core/backends.h"
+#include "core/storage.h"
+#include "omniattn/attention.h"
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/flash_fwd.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/aligned_allocator.h"
+#include "hwy/highway.h"
+
+#ifndef OMNIATTN_CPU_FLASH_FWD_SHARED
+#define OMNIATTN_CPU_FLASH_FWD_SHARED
+namespace omniattn::cpu {
+// Tile sizes are the same on every ISA so the block structure (and the rounding order) does not depend on the target.
+constexpr std::int64_t k_bq = 64;  // query rows per tile
+constexpr std::int64_t k_bk = 64;  // keys per tile
+constexpr std::int64_t k_max_dim = 512;
+
+// Converts one strided row of a storage dtype into contiguous floats.
+inline void load_row(const void* base, dtype t, std::int64_t offset, std::int64_t stride, std::int64_t n, float* dst) {
+  if (t == dtype::f32 && stride == 1) {
+    std::memcpy(dst, static_cast<const float*>(base) + offset, static_cast<std::size_t>(n) * 4);
+    return;
+  }
+  for (std::int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(detail::load_element(base, t, offset + d * stride));
+}
+}  // namespace omniattn::cpu
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace omniattn::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+using df_t = hn::ScalableTag<float>;
+using vf_t = hn::Vec<df_t>;
+
+// 2^x for x <= 0 (the softmax argument), exact to about 1 ulp: x = n + f with f in [-0.5, 0.5], 2^f by a degree-7
+// Taylor polynomial of e^(f ln 2) (truncation error < 1e-9), 2^n by building the exponent field. x < -126 gives 0,
+// which also maps masked (-inf) scores to exactly zero probability.
+HWY_INLINE vf_t exp2_neg(df_t d, vf_t x) {
+  const hn::RebindToSigned<df_t> di;
+  x = hn::Max(x, hn::Set(d, -127.0f));
+  const vf_t n = hn::Round(x);
+  const vf_t f = hn::Sub(x, n);
+  vf_t p = hn::Set(d, 1.5252733804059841e-05f);  // ln2^7 / 7!
+  p = hn::MulAdd(p, f, hn::Set(d, 1.5403530393381610e-04f));
+  p = hn::MulAdd(p, f, hn::Set(d, 1.3333558146428443e-03f));
+  p = hn::MulAdd(p, f, hn::Set(d, 9.6181291076284772e-03f));
+  p = hn::MulAdd(p, f, hn::Set(d, 5.5504108664821580e-02f));
+  p = hn::MulAdd(p, f, hn::Set(d, 2.4022650695910071e-01f));
+  p = hn::MulAdd(p, f, hn::Set(d, 6.9314718055994531e-01f));
+  p = hn::MulAdd(p, f, hn::Set(d, 1.0f));
+  const auto bits = hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127)));
+  return hn::Mul(p, hn::BitCast(d, bits));
+}
+
+// Register blocking: MR query rows x NV vectors of keys (S) or of value dims (O). 4 x 4 accumulators leave room for
+// the operands in 16 (AVX2) and 32 (AVX-512) registers.
+constexpr std::size_t k_mr = 4;
+// The small loops over these are fully unrolled (HWY_UNROLL) so the accumulator arrays live in registers: GCC keeps
+// vector arrays it does not unroll on the stack, which costs a load and a store per FMA.
+constexpr std::size_t k_nv = 4;
+
+// S[r][c0 .. c0 + NV*L) = sum_d Q[r][d] * Kt[d][c0 ..], for MR rows starting at q.
+HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t dim, const float* HWY_RESTRICT kt,
+                         float* HWY_RESTRICT s) {
+  const std::size_t L = hn::Lanes(d);
+  vf_t acc[k_mr][k_nv];
+  HWY_UNROLL(16)
+  for (std::size_t r = 0; r < k_mr; ++r)
+    HWY_UNROLL(16)
+    for (std::size_t v = 0; v < k_nv; ++v) acc[r][v] = hn::Zero(d);
+  for (std::int64_t e = 0; e < dim; ++e) {
+    vf_t kv[k_nv];
+    HWY_UNROLL(16)
+    for (std::size_t v = 0; v < k_nv; ++v) kv[v] = hn::Load(d, kt + e * k_bk + v * L);
+    HWY_UNROLL(16)
+    for (std::size_t r = 0; r < k_mr; ++r) {
+      const vf_t qb = hn::Set(d, q[static_cast<std::int64_t>(r) * dim + e]);
+      HWY_UNROLL(16)
+      for (std::size_t v = 0; v < k_nv; ++v) acc[r][v] = hn::MulAdd(qb, kv[v], acc[r][v]);
+    }
+  }
+  HWY_UNROLL(16)
+  for (std::size_t r = 0; r < k_mr; ++r)
+    HWY_UNROLL(16)
+    for (std::size_t v = 0; v < k_nv; ++v) hn::Store(acc[r][v], d, s + r * k_bk + v * L);
+}
+
+// O[r][c .. c + NVO*L) = O[r][..] * alpha[r] + sum_j P[r][j] * V[j][c ..], for MR rows.
+template <std::size_t NVO>
+HWY_INLINE void pv_block(df_t d, const float* HWY_RESTRICT pr, std::int64_t keys, const float* HWY_RESTRICT v,
+                         std::int64_t v_ld, const float* HWY_RESTRICT alpha, float* HWY_RESTRICT o, std::int64_t o_ld) {
+  const std::size_t L = hn::Lanes(d);
+  vf_t acc[k_mr][NVO];
+  HWY_UNROLL(16)
+  for (std::size_t r = 0; r < k_mr; ++r) {
+    const vf_t a = hn::Set(d, alpha[r]);
+    HWY_UNROLL(16)
+    for (std::size_t c = 0; c < NVO; ++c) acc[r][c] = hn::Mul(hn::Load(d, o + r * o_ld + c * L), a);
+  }
+  for (std::int64_t j = 0; j < keys; ++j) {
+    vf_t vv[NVO];
+    HWY_UNROLL(16)
+    for (std::size_t c = 0; c < NVO; ++c) vv[c] = hn::Load(d, v + j * v_ld + c * L);
+    HWY_UNROLL(16)
+    for (std::size_t r = 0; r < k_mr; ++r) {
+      const vf_t pb = hn::Set(d, pr[r * k_bk + j]);
+      HWY_UNROLL(16)
+      for (std::size_t c = 0; c < NVO; ++c) acc[r][c] = hn::MulAdd(pb, vv[c], acc[r][c]);
+    }
+  }
+  HWY_UNROLL(16)
+  for (std::size_t r = 0; r < k_mr; ++r)
+    HWY_UNROLL(16)
+    for (std::size_t c = 0; c < NVO; ++c) hn::Store(acc[r][c], d, o + r * o_ld + c * L);
+}
+
+struct thread_scratch {
+  hwy::AlignedFreeUniquePtr<float[]> q, s, o;
+  float m[k_bq], l[k_bq], alpha[k_bq];
+};
+
+// Packed K/V of one (sequence, kv head): K transposed per key tile [tile][dim][BK], V as [keys rounded to BK][dim_vp].
+struct packed_kv {
+  hwy::AlignedFreeUniquePtr<float[]> kt, v;
+};
+
+// One query tile of one head: the online-softmax loop over the tile's non-empty key tiles.
+void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv, thread_scratch& ts, std::int64_t b,
+                std::int64_t h, std::int64_t qt, const seq_extent& e, std::int64_t dim_vp) {
+  const df_t d;
+  const std::size_t L = hn::Lanes(d);
+  const std::int64_t q0 = qt * k_bq, rows = std::min(k_bq, e.q_len - q0);
+  const std::int64_t row_blocks = (rows + k_mr - 1) / k_mr;
+  const std::int64_t dim = p.dim_qk;
+  float* HWY_RESTRICT qp = ts.q.get();
+  float* HWY_RESTRICT s = ts.s.get();
+  float* HWY_RESTRICT o = ts.o.get();
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+
+  std::fill(qp, qp + k_bq * dim, 0.0f);
+  for (std::int64_t i = 0; i < rows; ++i) {
+    const std::int64_t off = e.tensor_batch * p.q_stride[0] + (e.q_begin + q0 + i) * p.q_stride[1] + h * p.q_stride[2];
+    load_row(p.q, p.in_type, off, p.q_stride[3], dim, qp + i * dim);
+  }
+  std::fill(o, o + k_bq * dim_vp, 0.0f);
+  std::fill(ts.m, ts.m + k_bq, neg_inf);
+  std::fill(ts.l, ts.l + k_bq, 0.0f);
+  const vf_t c = hn::Set(d, p.scale_log2);
+  const float log2e = 1.4426950408889634f;
+
+  for (std::int64_t kt = 0; kt < bm.kv_tiles; ++kt) {
+    const tile_kind kind = bm.at(b, h, qt, kt);
+    if (kind == tile_kind::empty) continue;
+    const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
+    const float* kt_tile = kv.kt.get() + kt * dim * k_bk;
+    for (std::int64_t rb = 0; rb < row_blocks; ++rb)
+      for (std::int64_t c0 = 0; c0 < k_bk; c0 += static_cast<std::int64_t>(k_nv * L))
+        qk_block(d, qp + rb * k_mr * dim, dim, kt_tile + c0, s + rb * k_mr * k_bk + c0);
+
+    for (std::int64_t i = 0; i < rows; ++i) {
+      float* srow = s + i * k_bk;
+      if (p.score) {
+        for (std::int64_t j = 0; j < keys; ++j)
+          srow[j] = static_cast<float>((*p.score)(static_cast<double>(srow[j]) * p.scale, b, h, q0 + i, k0 + j)) * log2e;
+      } else {
+        for (std::int64_t j = 0; j < k_bk; j += static_cast<std::int64_t>(L)) hn::Store(hn::Mul(hn::Load(d, srow + j), c), d, srow + j);
+      }
+      if (kind == tile_kind::partial)
+        for (std::int64_t j = 0; j < keys; ++j)
+          if (!element_allowed(p, b, h, q0 + i, k0 + j, e.q_len, e.k_len)) srow[j] = neg_inf;
+      for (std::int64_t j = keys; j < k_bk; ++j) srow[j] = neg_inf;
+
+      vf_t vmax = hn::Set(d, neg_inf);
+      for (std::int64_t j = 0; j < k_bk; j += static_cast<std::int64_t>(L)) vmax = hn::Max(vmax, hn::Load(d, srow + j));
+      const float m_new = std::max(ts.m[i], hn::GetLane(hn::MaxOfLanes(d, vmax)));
+      if (m_new == neg_inf) {  // nothing allowed in this row so far: keep O = 0, contribute nothing
+        ts.alpha[i] = 1.0f;
+        std::fill(srow, srow + k_bk, 0.0f);
+        continue;
+      }
+      const vf_t vm = hn::Set(d, m_new);
+      vf_t vsum = hn::Zero(d);
+      for (std::int64_t j = 0; j < k_bk; j += static_cast<std::int64_t>(L)) {
+        const vf_t pj = exp2_neg(d, hn::Sub(hn::Load(d, srow + j), vm));
+        hn::Store(pj, d, srow + j);
+        vsum = hn::Add(vsum, pj);
+      }
+      const float alpha = ts.m[i] == neg_inf ? 0.0f : std::exp2(ts.m[i] - m_new);
+      ts.alpha[i] = alpha;
+      ts.l[i] = ts.l[i] * alpha + hn::GetLane(hn::SumOfLanes(d, vsum));
+      ts.m[i] = m_new;
+    }
+    for (std::int64_t i = rows; i < row_blocks * static_cast<std::int64_t>(k_mr); ++i) {
+      ts.alpha[i] = 1.0f;
+      std::fill(s + i * k_bk, s + (i + 1) * k_bk, 0.0f);
+    }
+
+    const float* vt = kv.v.get() + k0 * dim_vp;
+    const std::int64_t nvec = dim_vp / static_cast<std::int64_t>(L);
+    for (std::int64_t rb = 0; rb < row_blocks; ++rb) {
+      const float* pr = s + rb * k_mr * k_bk;
+      const float* al = ts.alpha + rb * k_mr;
+      float* orow = o + rb * k_mr * dim_vp;
+      std::int64_t cv = 0;
+      for (; cv + static_cast<std::int64_t>(k_nv) <= nvec; cv += k_nv)
+        pv_block<k_nv>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp);
+      switch (nvec - cv) {
+        case 3: pv_block<3>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
+        case 2: pv_block<2>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
+        case 1: pv_block<1>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
+        default: break;
+      }
+    }
+  }
+
+  for (std::int64_t i = 0; i < rows; ++i) {
+    const std::int64_t off = e.tensor_batch * p.o_stride[0] + (e.q_begin + q0 + i) * p.o_stride[1] + h * p.o_stride[2];
+    const bool empty = ts.l[i] == 0.0f;
+    const float inv = empty ? 0.0f : 1.0f / ts.l[i];
+    for (std::int64_t dd = 0; dd < p.dim_v; ++dd)
+      detail::store_element(p.out, p.out_type, off + dd * p.o_stride[3], o[i * dim_vp + dd] * inv);
+    if (p.lse)
+      p.lse[e.tensor_batch * p.lse_stride[0] + h * p.lse_stride[1] + (e.q_begin + q0 + i) * p.lse_stride[2]] =
+          empty ? neg_inf : (ts.m[i] + std::log2(ts.l[i])) * 0.6931471805599453f;
+  }
+}
+
+void pack_kv_tile(const attn_params& p, const seq_extent& e, std::int64_t kvh, std::int64_t kt, std::int64_t dim_vp,
+                  packed_kv& kv, float* row) {
+  const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
+  float* ktile = kv.kt.get() + kt * p.dim_qk * k_bk;
+  std::fill(ktile, ktile + p.dim_qk * k_bk, 0.0f);
+  for (std::int64_t j = 0; j < keys; ++j) {
+    const std::int64_t off = e.tensor_batch * p.k_stride[0] + (e.k_begin + k0 + j) * p.k_stride[1] + kvh * p.k_stride[2];
+    load_row(p.k, p.in_type, off, p.k_stride[3], p.dim_qk, row);
+    for (std::int64_t dd = 0; dd < p.dim_qk; ++dd) ktile[dd * k_bk + j] = row[dd];
+  }
+  float* vtile = kv.v.get() + k0 * dim_vp;
+  std::fill(vtile, vtile + k_bk * dim_vp, 0.0f);
+  for (std::int64_t j = 0; j < keys; ++j) {
+    const std::int64_t off = e.tensor_batch * p.v_stride[0] + (e.k_begin + k0 + j) * p.v_stride[1] + kvh * p.v_stride[2];
+    load_row(p.v, p.in_type, off, p.v_stride[3], p.dim_v, vtile + j * dim_vp);
+  }
+}
+
+void flash_fwd(const attn_params& p) {
+  const df_t d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  const std::int64_t dim_vp = (p.dim_v + L - 1) / L * L;
+  const block_mask bm = build_block_mask(p, k_bq, k_bk);
+  const std::int64_t kv_tiles_max = bm.kv_tiles;
+  const int threads = p.threads;
+
+  packed_kv kv;
+  kv.kt = hwy::AllocateAligned<float>(static_cast<std::size_t>(kv_tiles_max * p.dim_qk * k_bk));
+  kv.v = hwy::AllocateAligned<float>(static_cast<std::size_t>(kv_tiles_max * k_bk * dim_vp));
+  std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
+  for (thread_scratch& ts : scratch) {
+    ts.q = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * p.dim_qk));
+    ts.s = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk));
+    ts.o = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim_vp));
+  }
+  std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads),
+                                       std::vector<float>(static_cast<std::size_t>(std::max(p.dim_qk, p.dim_v))));
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    for (std::int64_t b = 0; b < p.batch; ++b) {
+      const seq_extent e = sequence(p, b);
+      if (e.q_len == 0) continue;
+      const std::int64_t q_tiles = (e.q_len + k_bq - 1) / k_bq, kv_tiles = (e.k_len + k_bk - 1) / k_bk;
+      for (std::int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
+#pragma omp for schedule(static)
+        for (std::int64_t kt = 0; kt < kv_tiles; ++kt) pack_kv_tile(p, e, kvh, kt, dim_vp, kv, rows[tid].data());
+        // Later query tiles see more keys under causal masks: hand them out first so no thread idles at the end.
+        const std::int64_t items = q_tiles * p.group;
+#pragma omp for schedule(dynamic, 1)
+        for (std::int64_t it = 0; it < items; ++it) {
+          const std::int64_t qt = q_tiles - 1 - it / p.group, h = kvh * p.group + it % p.group;
+          run_q_tile(p, bm, kv, scratch[static_cast<std::size_t>(tid)], b, h, qt, e, dim_vp);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace omniattn::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace omniattn::cpu {
+
+HWY_EXPORT(flash_fwd);
+
+static void run_flash_fwd(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd)(p); }
+
+selection select(const attn_params& p) {
+  selection sel;
+  if (p.dim_qk > k_max_dim) sel.reasons.push_back("cpu.flash_fwd: q.dim " + std::to_string(p.dim_qk) + " > " + std::to_string(k_max_dim));
+  if (p.dim_v > k_max_dim) sel.reasons.push_back("cpu.flash_fwd: v.dim " + std::to_string(p.dim_v) + " > " + std::to_string(k_max_dim));
+  if (!sel.reasons.empty()) return sel;
+  sel.run = run_flash_fwd;
+  sel.name = std::string("cpu.flash_fwd<") + dtype_name(p.in_type) + ">";
+  sel.reasons.push_back(sel.name + ": fused tiled online-softmax kernel, tiles " + std::to_string(k_bq) + "x" +
+                        std::to_string(k_bk) + ", " + std::to_string(p.threads) + " thread(s)");
+  if (p.mask) sel.reasons.push_back(sel.name + ": mask functor evaluated per element on PARTIAL tiles (type-erased call)");
+  if (p.score) sel.reasons.push_back(sel.name + ": score functor evaluated per element (type-erased call, slow path)");
+  if (p.in_type != dtype::f32) sel.reasons.push_back(sel.name + ": inputs widened to f32 while packing; compute in f32");
+  return sel;
+}
+
+}  // namespace omniattn::cpu
+#endif
