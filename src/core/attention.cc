@@ -23,7 +23,6 @@ selection select(const attn_params& p, backend b) {
 status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt) {
   attn_params p;
   if (status st = make_params(q, k, v, out, s, opt, p); !st) return st;
-  p.threads = detail::resolve_threads(opt.threads);
   const selection sel = select(p, opt.use);
   if (!sel.ok()) {
     std::string msg = "[attention] no ";

@@ -12,7 +12,8 @@ namespace omniattn {
 
 std::string problem::describe() const {
   std::ostringstream os;
-  os << "b=" << batch << ",lq=" << seq_q << ",lk=" << seq_k << ",hq=" << heads_q << ",hkv=" << heads_kv
+  if (!is_varlen()) os << "b=" << batch << ",lq=" << seq_q << ",lk=" << seq_k << ",";
+  os << "hq=" << heads_q << ",hkv=" << heads_kv
      << ",d=" << dim_qk << ",dv=" << dim_v << ",dtype=" << dtype_name(type)
      << ",causal=" << (causal == causal_mode::none ? "none" : causal == causal_mode::top_left ? "top_left" : "bottom_right")
      << ",layout=" << (lay == layout::bshd ? "bshd" : "bhsd");
@@ -21,6 +22,7 @@ std::string problem::describe() const {
     for (std::size_t s = 0; s < seqlens_q.size(); ++s) os << (s ? "/" : "") << seqlens_q[s] << ":" << seqlens_k[s];
   }
   if (out_f32) os << ",out=f32";
+  if (scale) os << ",scale=" << *scale;
   os << ",seed=" << seed;
   return os.str();
 }

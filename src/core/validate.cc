@@ -5,6 +5,7 @@
 #include <sstream>
 #include <string>
 
+#include "core/backends.h"
 #include "omniattn/attention.h"
 
 namespace omniattn {
@@ -208,7 +209,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   if (s.blocks) check_block_mask(*s.blocks, p);
   p.blocks = s.blocks;
   if (opt.threads < 0) fail("options.threads ", opt.threads, " must be >= 0 (0 = all cores)");
-  p.threads = opt.threads;
+  p.threads = detail::resolve_threads(opt.threads);
   if (opt.use != backend::automatic && opt.use != backend::reference && opt.use != backend::cpu)
     fail("options.use ", static_cast<int>(opt.use), " is not a backend");
 }

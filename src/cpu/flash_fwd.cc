@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -75,18 +76,27 @@ HWY_INLINE vf_t exp2_neg(df_t d, vf_t x) {
 
 // Register blocking: MR query rows x NV vectors of keys (S) or of value dims (O). 4 x 4 accumulators leave room for
 // the operands in 16 (AVX2) and 32 (AVX-512) registers.
+#if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
+// 16 vector registers (SSE4 / AVX2): 4 rows x 2 vectors of accumulators.
 constexpr std::size_t k_mr = 4;
+constexpr std::size_t k_nv = 2;
+#else
+// 32 vector registers (AVX-512, NEON, SVE): 6 rows x 4 vectors = 24 accumulators + 4 operands; 6 rows cut the
+// re-reads of each packed K/V tile by 1.5x against 4 rows.
+constexpr std::size_t k_mr = 6;
+constexpr std::size_t k_nv = 4;
+#endif
 // The small loops over these are fully unrolled (HWY_UNROLL) so the accumulator arrays live in registers: GCC keeps
 // vector arrays it does not unroll on the stack, which costs a load and a store per FMA.
-constexpr std::size_t k_nv = 4;
 
 // S[r][c0 .. c0 + NV*L) = sum_d Q[r][d] * Kt[d][c0 ..], for MR rows starting at q.
+template <std::size_t MR>
 HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t dim, const float* HWY_RESTRICT kt,
                          float* HWY_RESTRICT s) {
   const std::size_t L = hn::Lanes(d);
-  vf_t acc[k_mr][k_nv];
+  vf_t acc[MR][k_nv];
   HWY_UNROLL(16)
-  for (std::size_t r = 0; r < k_mr; ++r)
+  for (std::size_t r = 0; r < MR; ++r)
     HWY_UNROLL(16)
     for (std::size_t v = 0; v < k_nv; ++v) acc[r][v] = hn::Zero(d);
   for (std::int64_t e = 0; e < dim; ++e) {
@@ -94,26 +104,26 @@ HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t dim, 
     HWY_UNROLL(16)
     for (std::size_t v = 0; v < k_nv; ++v) kv[v] = hn::Load(d, kt + e * k_bk + v * L);
     HWY_UNROLL(16)
-    for (std::size_t r = 0; r < k_mr; ++r) {
+    for (std::size_t r = 0; r < MR; ++r) {
       const vf_t qb = hn::Set(d, q[static_cast<std::int64_t>(r) * dim + e]);
       HWY_UNROLL(16)
       for (std::size_t v = 0; v < k_nv; ++v) acc[r][v] = hn::MulAdd(qb, kv[v], acc[r][v]);
     }
   }
   HWY_UNROLL(16)
-  for (std::size_t r = 0; r < k_mr; ++r)
+  for (std::size_t r = 0; r < MR; ++r)
     HWY_UNROLL(16)
     for (std::size_t v = 0; v < k_nv; ++v) hn::Store(acc[r][v], d, s + r * k_bk + v * L);
 }
 
 // O[r][c .. c + NVO*L) = O[r][..] * alpha[r] + sum_j P[r][j] * V[j][c ..], for MR rows.
-template <std::size_t NVO>
+template <std::size_t MR, std::size_t NVO>
 HWY_INLINE void pv_block(df_t d, const float* HWY_RESTRICT pr, std::int64_t keys, const float* HWY_RESTRICT v,
                          std::int64_t v_ld, const float* HWY_RESTRICT alpha, float* HWY_RESTRICT o, std::int64_t o_ld) {
   const std::size_t L = hn::Lanes(d);
-  vf_t acc[k_mr][NVO];
+  vf_t acc[MR][NVO];
   HWY_UNROLL(16)
-  for (std::size_t r = 0; r < k_mr; ++r) {
+  for (std::size_t r = 0; r < MR; ++r) {
     const vf_t a = hn::Set(d, alpha[r]);
     HWY_UNROLL(16)
     for (std::size_t c = 0; c < NVO; ++c) acc[r][c] = hn::Mul(hn::Load(d, o + r * o_ld + c * L), a);
@@ -123,16 +133,33 @@ HWY_INLINE void pv_block(df_t d, const float* HWY_RESTRICT pr, std::int64_t keys
     HWY_UNROLL(16)
     for (std::size_t c = 0; c < NVO; ++c) vv[c] = hn::Load(d, v + j * v_ld + c * L);
     HWY_UNROLL(16)
-    for (std::size_t r = 0; r < k_mr; ++r) {
+    for (std::size_t r = 0; r < MR; ++r) {
       const vf_t pb = hn::Set(d, pr[r * k_bk + j]);
       HWY_UNROLL(16)
       for (std::size_t c = 0; c < NVO; ++c) acc[r][c] = hn::MulAdd(pb, vv[c], acc[r][c]);
     }
   }
   HWY_UNROLL(16)
-  for (std::size_t r = 0; r < k_mr; ++r)
+  for (std::size_t r = 0; r < MR; ++r)
     HWY_UNROLL(16)
     for (std::size_t c = 0; c < NVO; ++c) hn::Store(acc[r][c], d, o + r * o_ld + c * L);
+}
+
+// Calls fn(std::integral_constant<size_t, R>) for R = rows (1 .. k_mr): the row count of a register block is a
+// compile-time value, so the last, shorter block of a tile runs the same unrolled code without padding rows.
+template <class Fn>
+HWY_INLINE void with_rows(std::int64_t rows, Fn&& fn) {
+  switch (rows) {
+    case 1: fn(std::integral_constant<std::size_t, 1>()); break;
+    case 2: fn(std::integral_constant<std::size_t, 2>()); break;
+    case 3: fn(std::integral_constant<std::size_t, 3>()); break;
+    case 4: fn(std::integral_constant<std::size_t, 4>()); break;
+#if !(HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3)
+    case 5: fn(std::integral_constant<std::size_t, 5>()); break;
+    case 6: fn(std::integral_constant<std::size_t, 6>()); break;
+#endif
+    default: break;
+  }
 }
 
 struct thread_scratch {
@@ -140,9 +167,21 @@ struct thread_scratch {
   float m[k_bq], l[k_bq], alpha[k_bq];
 };
 
-// Packed K/V of one (sequence, kv head): K transposed per key tile [tile][dim][BK], V as [keys rounded to BK][dim_vp].
+// Packed K/V of a range of kv heads for every sequence. Per (sequence, kv head) slot: K transposed per key tile
+// ([tile][dim][BK], so the S micro-kernel loads BK consecutive keys of one dim) and V row-major ([tile][BK][dim_vp]).
 struct packed_kv {
   hwy::AlignedFreeUniquePtr<float[]> kt, v;
+  std::int64_t kvh_begin = 0, tiles_total = 0;
+  std::vector<std::int64_t> tile_offset;  // first kv tile of each sequence within a head's slot
+  std::int64_t dim_qk = 0, dim_vp = 0;
+
+  std::int64_t tile_index(std::int64_t b, std::int64_t kvh, std::int64_t kt) const {
+    return (kvh - kvh_begin) * tiles_total + tile_offset[static_cast<std::size_t>(b)] + kt;
+  }
+  float* k_tile(std::int64_t b, std::int64_t kvh, std::int64_t kt) const { return kt_ptr() + tile_index(b, kvh, kt) * dim_qk * k_bk; }
+  float* v_tile(std::int64_t b, std::int64_t kvh, std::int64_t kt) const { return v_ptr() + tile_index(b, kvh, kt) * k_bk * dim_vp; }
+  float* kt_ptr() const { return kt.get(); }
+  float* v_ptr() const { return v.get(); }
 };
 
 // One query tile of one head: the online-softmax loop over the tile's non-empty key tiles.
@@ -151,7 +190,6 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
   const df_t d;
   const std::size_t L = hn::Lanes(d);
   const std::int64_t q0 = qt * k_bq, rows = std::min(k_bq, e.q_len - q0);
-  const std::int64_t row_blocks = (rows + k_mr - 1) / k_mr;
   const std::int64_t dim = p.dim_qk;
   float* HWY_RESTRICT qp = ts.q.get();
   float* HWY_RESTRICT s = ts.s.get();
@@ -173,10 +211,12 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
     const tile_kind kind = bm.at(b, h, qt, kt);
     if (kind == tile_kind::empty) continue;
     const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
-    const float* kt_tile = kv.kt.get() + kt * dim * k_bk;
-    for (std::int64_t rb = 0; rb < row_blocks; ++rb)
-      for (std::int64_t c0 = 0; c0 < k_bk; c0 += static_cast<std::int64_t>(k_nv * L))
-        qk_block(d, qp + rb * k_mr * dim, dim, kt_tile + c0, s + rb * k_mr * k_bk + c0);
+    const float* kt_tile = kv.k_tile(b, h / p.group, kt);
+    for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
+      with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
+        for (std::int64_t c0 = 0; c0 < k_bk; c0 += static_cast<std::int64_t>(k_nv * L))
+          qk_block<mr()>(d, qp + r0 * dim, dim, kt_tile + c0, s + r0 * k_bk + c0);
+      });
 
     for (std::int64_t i = 0; i < rows; ++i) {
       float* srow = s + i * k_bk;
@@ -211,27 +251,23 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
       ts.l[i] = ts.l[i] * alpha + hn::GetLane(hn::SumOfLanes(d, vsum));
       ts.m[i] = m_new;
     }
-    for (std::int64_t i = rows; i < row_blocks * static_cast<std::int64_t>(k_mr); ++i) {
-      ts.alpha[i] = 1.0f;
-      std::fill(s + i * k_bk, s + (i + 1) * k_bk, 0.0f);
-    }
-
-    const float* vt = kv.v.get() + k0 * dim_vp;
+    const float* vt = kv.v_tile(b, h / p.group, kt);
     const std::int64_t nvec = dim_vp / static_cast<std::int64_t>(L);
-    for (std::int64_t rb = 0; rb < row_blocks; ++rb) {
-      const float* pr = s + rb * k_mr * k_bk;
-      const float* al = ts.alpha + rb * k_mr;
-      float* orow = o + rb * k_mr * dim_vp;
-      std::int64_t cv = 0;
-      for (; cv + static_cast<std::int64_t>(k_nv) <= nvec; cv += k_nv)
-        pv_block<k_nv>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp);
-      switch (nvec - cv) {
-        case 3: pv_block<3>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
-        case 2: pv_block<2>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
-        case 1: pv_block<1>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
-        default: break;
-      }
-    }
+    for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
+      with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
+        const float* pr = s + r0 * k_bk;
+        const float* al = ts.alpha + r0;
+        float* orow = o + r0 * dim_vp;
+        std::int64_t cv = 0;
+        for (; cv + static_cast<std::int64_t>(k_nv) <= nvec; cv += k_nv)
+          pv_block<mr(), k_nv>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp);
+        switch (nvec - cv) {
+          case 3: pv_block<mr(), 3>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
+          case 2: pv_block<mr(), 2>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
+          case 1: pv_block<mr(), 1>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
+          default: break;
+        }
+      });
   }
 
   for (std::int64_t i = 0; i < rows; ++i) {
@@ -246,61 +282,91 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
   }
 }
 
-void pack_kv_tile(const attn_params& p, const seq_extent& e, std::int64_t kvh, std::int64_t kt, std::int64_t dim_vp,
-                  packed_kv& kv, float* row) {
+void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::int64_t kt, const packed_kv& kv, float* row) {
+  const seq_extent e = sequence(p, b);
   const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
-  float* ktile = kv.kt.get() + kt * p.dim_qk * k_bk;
+  float* ktile = kv.k_tile(b, kvh, kt);
   std::fill(ktile, ktile + p.dim_qk * k_bk, 0.0f);
   for (std::int64_t j = 0; j < keys; ++j) {
     const std::int64_t off = e.tensor_batch * p.k_stride[0] + (e.k_begin + k0 + j) * p.k_stride[1] + kvh * p.k_stride[2];
     load_row(p.k, p.in_type, off, p.k_stride[3], p.dim_qk, row);
     for (std::int64_t dd = 0; dd < p.dim_qk; ++dd) ktile[dd * k_bk + j] = row[dd];
   }
-  float* vtile = kv.v.get() + k0 * dim_vp;
-  std::fill(vtile, vtile + k_bk * dim_vp, 0.0f);
+  float* vtile = kv.v_tile(b, kvh, kt);
+  std::fill(vtile, vtile + k_bk * kv.dim_vp, 0.0f);
   for (std::int64_t j = 0; j < keys; ++j) {
     const std::int64_t off = e.tensor_batch * p.v_stride[0] + (e.k_begin + k0 + j) * p.v_stride[1] + kvh * p.v_stride[2];
-    load_row(p.v, p.in_type, off, p.v_stride[3], p.dim_v, vtile + j * dim_vp);
+    load_row(p.v, p.in_type, off, p.v_stride[3], p.dim_v, vtile + j * kv.dim_vp);
   }
 }
+
+// Packed K/V is kept under this many bytes by packing kv heads in chunks; each chunk costs two barriers, so small
+// problems run as one chunk (two barriers per call) and large ones stay O(N) in memory.
+constexpr std::int64_t k_pack_budget_bytes = std::int64_t{64} << 20;
+
+struct work_item {
+  std::int64_t b, h, qt, cost;
+};
 
 void flash_fwd(const attn_params& p) {
   const df_t d;
   const auto L = static_cast<std::int64_t>(hn::Lanes(d));
-  const std::int64_t dim_vp = (p.dim_v + L - 1) / L * L;
   const block_mask bm = build_block_mask(p, k_bq, k_bk);
-  const std::int64_t kv_tiles_max = bm.kv_tiles;
   const int threads = p.threads;
 
   packed_kv kv;
-  kv.kt = hwy::AllocateAligned<float>(static_cast<std::size_t>(kv_tiles_max * p.dim_qk * k_bk));
-  kv.v = hwy::AllocateAligned<float>(static_cast<std::size_t>(kv_tiles_max * k_bk * dim_vp));
+  kv.dim_qk = p.dim_qk;
+  kv.dim_vp = (p.dim_v + L - 1) / L * L;
+  for (std::int64_t b = 0; b < p.batch; ++b) {
+    kv.tile_offset.push_back(kv.tiles_total);
+    kv.tiles_total += (sequence(p, b).k_len + k_bk - 1) / k_bk;
+  }
+  const std::int64_t head_bytes = std::max<std::int64_t>(kv.tiles_total, 1) * k_bk * (p.dim_qk + kv.dim_vp) * 4;
+  const std::int64_t heads_per_chunk = std::clamp<std::int64_t>(k_pack_budget_bytes / head_bytes, 1, p.heads_kv);
+  kv.kt = hwy::AllocateAligned<float>(static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * p.dim_qk * k_bk, 1)));
+  kv.v = hwy::AllocateAligned<float>(static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * k_bk * kv.dim_vp, 1)));
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
   for (thread_scratch& ts : scratch) {
     ts.q = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * p.dim_qk));
     ts.s = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk));
-    ts.o = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim_vp));
+    ts.o = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * kv.dim_vp));
   }
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads),
                                        std::vector<float>(static_cast<std::size_t>(std::max(p.dim_qk, p.dim_v))));
 
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num();
+  for (std::int64_t kvh0 = 0; kvh0 < p.heads_kv; kvh0 += heads_per_chunk) {
+    const std::int64_t kvh1 = std::min(p.heads_kv, kvh0 + heads_per_chunk);
+    kv.kvh_begin = kvh0;
+    // Work items of this chunk, heaviest first (causal: later q tiles see more keys) so no thread idles at the end.
+    std::vector<work_item> items;
     for (std::int64_t b = 0; b < p.batch; ++b) {
       const seq_extent e = sequence(p, b);
-      if (e.q_len == 0) continue;
       const std::int64_t q_tiles = (e.q_len + k_bq - 1) / k_bq, kv_tiles = (e.k_len + k_bk - 1) / k_bk;
-      for (std::int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
-#pragma omp for schedule(static)
-        for (std::int64_t kt = 0; kt < kv_tiles; ++kt) pack_kv_tile(p, e, kvh, kt, dim_vp, kv, rows[tid].data());
-        // Later query tiles see more keys under causal masks: hand them out first so no thread idles at the end.
-        const std::int64_t items = q_tiles * p.group;
-#pragma omp for schedule(dynamic, 1)
-        for (std::int64_t it = 0; it < items; ++it) {
-          const std::int64_t qt = q_tiles - 1 - it / p.group, h = kvh * p.group + it % p.group;
-          run_q_tile(p, bm, kv, scratch[static_cast<std::size_t>(tid)], b, h, qt, e, dim_vp);
+      for (std::int64_t h = kvh0 * p.group; h < kvh1 * p.group; ++h)
+        for (std::int64_t qt = 0; qt < q_tiles; ++qt) {
+          std::int64_t cost = 1;
+          for (std::int64_t kt = 0; kt < kv_tiles; ++kt) cost += bm.at(b, h, qt, kt) != tile_kind::empty;
+          items.push_back({b, h, qt, cost});
         }
+    }
+    std::stable_sort(items.begin(), items.end(), [](const work_item& x, const work_item& y) { return x.cost > y.cost; });
+    const std::int64_t pack_items = (kvh1 - kvh0) * kv.tiles_total;
+    const auto n_items = static_cast<std::int64_t>(items.size());
+
+#pragma omp parallel num_threads(threads)
+    {
+      const int tid = omp_get_thread_num();
+#pragma omp for schedule(static)
+      for (std::int64_t it = 0; it < pack_items; ++it) {
+        const std::int64_t kvh = kvh0 + it / kv.tiles_total, flat = it % kv.tiles_total;
+        const auto next = std::upper_bound(kv.tile_offset.begin(), kv.tile_offset.end(), flat);
+        const auto b = static_cast<std::int64_t>(next - kv.tile_offset.begin()) - 1;
+        pack_kv_tile(p, b, kvh, flat - kv.tile_offset[static_cast<std::size_t>(b)], kv, rows[static_cast<std::size_t>(tid)].data());
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (std::int64_t it = 0; it < n_items; ++it) {
+        const work_item& w = items[static_cast<std::size_t>(it)];
+        run_q_tile(p, bm, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
       }
     }
   }

@@ -1,0 +1,242 @@
+// `omniattn bench --kernel`: the fused kernel against the oracle, the naive f32 path and the OpenBLAS unfused path,
+// all in one process. GFLOP/s use FLOPs = 2 * mask_area * (dim_qk + dim_v) (= 4 * mask_area * B * H * D for
+// dim_v = dim_qk, mask_area counted per (batch, head)); % of peak uses the fp32 FMA peak measured here for the same
+// thread count. Time is the median of repetitions after one warm-up, run until a time budget is spent.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/bench.h"
+#include "core/problem.h"
+#include "core/storage.h"
+
+namespace omniattn::bench {
+namespace {
+
+struct timing {
+  double median_s = 0, min_s = 0, max_s = 0;
+  int reps = 0;
+};
+
+timing measure(const std::function<void()>& fn, double budget_s, int min_reps) {
+  fn();  // warm-up: first-touch page faults, thread pool start
+  std::vector<double> t;
+  const auto start = std::chrono::steady_clock::now();
+  while (static_cast<int>(t.size()) < min_reps ||
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < budget_s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (t.size() >= 50) break;
+  }
+  std::sort(t.begin(), t.end());
+  return {t[t.size() / 2], t.front(), t.back(), static_cast<int>(t.size())};
+}
+
+// Peak resident memory of the process since the last reset, in MiB (Linux: VmHWM, reset through clear_refs).
+void reset_peak_rss() {
+  std::ofstream f("/proc/self/clear_refs");
+  f << "5";
+}
+double peak_rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;
+  return 0.0;
+}
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+bool parse_ints(const std::string& s, std::vector<std::int64_t>& out) {
+  out.clear();
+  for (const std::string& x : split(s)) {
+    char* end = nullptr;
+    const long long v = std::strtoll(x.c_str(), &end, 10);
+    if (*end != '\0' || v <= 0) return false;
+    out.push_back(v);
+  }
+  return !out.empty();
+}
+
+double max_abs_diff(const problem_data& a, const problem_data& b) {
+  const tensor o = a.out_view();
+  const std::size_t n = a.out.size() / static_cast<std::size_t>(dtype_size(o.type));
+  double err = 0.0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double x = detail::load_element(a.out.data(), o.type, static_cast<std::int64_t>(i));
+    const double y = detail::load_element(b.out.data(), o.type, static_cast<std::int64_t>(i));
+    err = std::isnan(x) || std::isnan(y) ? INFINITY : std::max(err, std::fabs(x - y));
+  }
+  return err;
+}
+
+int usage(const char* msg) {
+  if (msg) std::fprintf(stderr, "omniattn bench: %s\n", msg);
+  std::fprintf(stderr,
+               "usage: omniattn bench [--kernel] [--quick] [--n 512,1024,...] [--d 64,128] [--dtype f32,bf16]\n"
+               "                      [--threads 1,2] [--mask dense,causal] [--heads 8] [--batch 1]\n"
+               "                      [--budget SECONDS] [--no-baselines] [--json FILE]\n");
+  return 2;
+}
+
+}  // namespace
+
+int bench_main(int argc, char** argv) {
+  // OpenBLAS picks its kernels when it loads, so the variable must be right before this process starts: an inherited
+  // OPENBLAS_CORETYPE (Haswell here) halves the baseline, and OpenBLAS 0.3.21 with the variable absent does not know
+  // recent Xeons and falls back to Prescott (SSE3). Set but empty, it detects by CPU features (Cooperlake here), which
+  // is its best kernel; restart once that way. The header prints the kernel OpenBLAS ended up with.
+  if (const char* core = std::getenv("OPENBLAS_CORETYPE"); !core || *core) {
+    setenv("OPENBLAS_CORETYPE", "", 1);
+    execv("/proc/self/exe", argv);
+    std::perror("omniattn bench: re-exec without OPENBLAS_CORETYPE failed");
+  }
+  std::vector<std::int64_t> ns = {512, 1024, 2048, 4096, 8192, 16384}, ds = {64, 128}, threads = {1, 2};
+  std::vector<std::int64_t> heads = {8}, batch = {1};
+  std::vector<std::string> dtypes = {"f32", "bf16"}, masks = {"dense", "causal"};
+  double budget = 1.0;
+  bool baselines = true;
+  std::string json_path;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (a == "--kernel") continue;
+    if (a == "--quick") {
+      ns = {256, 1024};
+      ds = {64, 128};
+      budget = 0.2;
+    } else if (a == "--no-baselines") {
+      baselines = false;
+    } else if (a == "--n" && has_value) {
+      if (!parse_ints(argv[++i], ns)) return usage("--n expects positive integers separated by ','");
+    } else if (a == "--d" && has_value) {
+      if (!parse_ints(argv[++i], ds)) return usage("--d expects positive integers separated by ','");
+    } else if (a == "--threads" && has_value) {
+      if (!parse_ints(argv[++i], threads)) return usage("--threads expects positive integers separated by ','");
+    } else if (a == "--heads" && has_value) {
+      if (!parse_ints(argv[++i], heads) || heads.size() != 1) return usage("--heads expects one positive integer");
+    } else if (a == "--batch" && has_value) {
+      if (!parse_ints(argv[++i], batch) || batch.size() != 1) return usage("--batch expects one positive integer");
+    } else if (a == "--dtype" && has_value) {
+      dtypes = split(argv[++i]);
+      for (const auto& t : dtypes) if (t != "f32" && t != "bf16" && t != "f16") return usage("--dtype expects f32, bf16, f16");
+    } else if (a == "--mask" && has_value) {
+      masks = split(argv[++i]);
+      for (const auto& m : masks) if (m != "dense" && m != "causal") return usage("--mask expects dense, causal");
+    } else if (a == "--budget" && has_value) {
+      budget = std::strtod(argv[++i], nullptr);
+      if (!(budget > 0)) return usage("--budget expects a positive number of seconds");
+    } else if (a == "--json" && has_value) {
+      json_path = argv[++i];
+    } else {
+      return usage(("unknown or incomplete argument '" + a + "'").c_str());
+    }
+  }
+
+  std::vector<double> peaks;
+  for (std::int64_t t : threads) peaks.push_back(measure_peak_gflops(static_cast<int>(t)));
+  std::printf("omniattn bench --kernel   isa=%s   openblas=%s", isa_name(), openblas_core());
+  for (std::size_t i = 0; i < threads.size(); ++i) std::printf("   fp32 peak %lld thr = %.0f GFLOP/s", static_cast<long long>(threads[i]), peaks[i]);
+  std::printf("\nB=%lld H=%lld; GFLOP/s = 4*mask_area*B*H*D / median time; naive f32 for N<=1024, oracle for N<=512\n\n",
+              static_cast<long long>(batch[0]), static_cast<long long>(heads[0]));
+  std::printf("%-6s %-5s %4s %6s %3s | %9s %8s %6s %8s | %8s %8s %8s %7s | %9s\n", "mask", "dtype", "D", "N", "thr", "fused ms",
+              "GFLOP/s", "%peak", "mem MiB", "oracle", "naive", "openblas", "x blas", "max err");
+  std::ostringstream json;
+  json << "{\n  \"isa\": \"" << isa_name() << "\",\n  \"rows\": [";
+  bool first_row = true;
+
+  for (const std::string& mask : masks)
+    for (const std::string& dt : dtypes)
+      for (std::int64_t d : ds)
+        for (std::int64_t n : ns) {
+          problem pr;
+          pr.batch = batch[0];
+          pr.seq_q = pr.seq_k = n;
+          pr.heads_q = pr.heads_kv = heads[0];
+          pr.dim_qk = pr.dim_v = d;
+          pr.type = dt == "f32" ? dtype::f32 : dt == "bf16" ? dtype::bf16 : dtype::f16;
+          pr.causal = mask == "causal" ? causal_mode::bottom_right : causal_mode::none;
+          pr.lse = false;
+          problem_data data(pr);
+          spec s;
+          s.causal = pr.causal;
+          attn_params p;
+          if (status st = make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p); !st) {
+            std::fprintf(stderr, "%s\n", st.error.c_str());
+            return 1;
+          }
+          const double flops = 2.0 * static_cast<double>(mask_area(p)) * static_cast<double>(p.dim_qk + p.dim_v);
+          for (std::size_t ti = 0; ti < threads.size(); ++ti) {
+            const int thr = static_cast<int>(threads[ti]);
+            reset_peak_rss();
+            const timing fused = measure([&] { (void)run_problem(data, s, backend::cpu, thr); }, budget, 3);
+            const double mem = peak_rss_mib();
+            const double gf = flops / fused.median_s * 1e-9;
+            double oracle_gf = NAN, naive_gf = NAN, blas_gf = NAN, err = NAN;
+            if (baselines) {
+              if (n <= 512) {
+                problem_data ref(pr);
+                const timing t = measure([&] { (void)run_problem(ref, s, backend::reference, 1); }, 0.0, 1);
+                oracle_gf = flops / t.median_s * 1e-9;
+                err = max_abs_diff(data, ref);
+              }
+              if (n <= 1024) {
+                problem_data nv(pr);
+                attn_params pn = p;
+                pn.out = nv.out.data();
+                const timing t = measure([&] { naive_attention_f32(pn); }, 0.0, 1);
+                naive_gf = flops / t.median_s * 1e-9;
+                if (std::isnan(err)) err = max_abs_diff(data, nv);
+              }
+              // OpenBLAS runs in f32: bf16/f16 problems get an f32 copy of the same inputs.
+              problem f32p = pr;
+              f32p.type = dtype::f32;
+              problem_data fb(f32p);
+              attn_params pb;
+              (void)make_params(fb.q_view(), fb.k_view(), fb.v_view(), fb.out_view(), s, fb.make_options(backend::cpu), pb);
+              set_openblas_threads(thr);
+              const timing t = measure([&] { openblas_unfused(pb, thr); }, budget, 3);
+              blas_gf = flops / t.median_s * 1e-9;
+            }
+            std::printf("%-6s %-5s %4lld %6lld %3d | %9.2f %8.1f %5.0f%% %8.0f | %8.2f %8.2f %8.1f %7.2f | %9.2e\n", mask.c_str(),
+                        dt.c_str(), static_cast<long long>(d), static_cast<long long>(n), thr, fused.median_s * 1e3, gf,
+                        100.0 * gf / peaks[ti], mem, oracle_gf, naive_gf, blas_gf, gf / blas_gf, err);
+            std::fflush(stdout);
+            json << (first_row ? "\n" : ",\n") << "    {\"mask\": \"" << mask << "\", \"dtype\": \"" << dt << "\", \"d\": " << d
+                 << ", \"n\": " << n << ", \"threads\": " << thr << ", \"median_ms\": " << fused.median_s * 1e3
+                 << ", \"min_ms\": " << fused.min_s * 1e3 << ", \"max_ms\": " << fused.max_s * 1e3 << ", \"reps\": " << fused.reps
+                 << ", \"gflops\": " << gf << ", \"peak_gflops\": " << peaks[ti] << ", \"peak_rss_mib\": " << mem
+                 << ", \"openblas_gflops\": " << (std::isnan(blas_gf) ? 0.0 : blas_gf) << "}";
+            first_row = false;
+          }
+        }
+  json << "\n  ]\n}\n";
+  if (!json_path.empty()) {
+    std::ofstream f(json_path);
+    f << json.str();
+    if (!f) {
+      std::fprintf(stderr, "omniattn bench: cannot write %s\n", json_path.c_str());
+      return 1;
+    }
+  }
+  return 0;
+}
+
+}  // namespace omniattn::bench

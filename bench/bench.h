@@ -1,0 +1,28 @@
+// omniattn bench: kernel benchmark with in-process baselines and a measured machine peak.
+#pragma once
+
+#include <cstdint>
+
+#include "omniattn/params.h"
+
+namespace omniattn::bench {
+
+// Name of the ISA Highway dispatches to on this machine ("AVX3", "AVX2", ...).
+const char* isa_name();
+// Measured fp32 FMA peak in GFLOP/s with `threads` threads (best of a few bursts).
+double measure_peak_gflops(int threads);
+
+// row[0..allowed) = softmax(row[0..allowed)), row[allowed..n) = 0; vectorized.
+void softmax_row(float* row, std::int64_t allowed, std::int64_t n);
+// Name of the kernel family OpenBLAS picked for this CPU.
+const char* openblas_core();
+
+// The unfused OpenBLAS path per (batch, head): S = scale Q K^T (sgemm), masked softmax, O = P V (sgemm).
+// Materializes Lq x Lk scores per head; f32 inputs with unit dim stride only.
+void openblas_unfused(const attn_params& p, int threads);
+void set_openblas_threads(int threads);
+
+// `omniattn bench ...` with the whole command line (argv[0] the program, argv[1] "bench"); returns the exit code.
+int bench_main(int argc, char** argv);
+
+}  // namespace omniattn::bench

@@ -1,0 +1,58 @@
+// The omniattn command-line tool: what the subcommands share.
+//
+//   omniattn explain <problem> [--backend B] [--threads N]     which kernel runs, why, and the tile structure
+//   omniattn check [<problem>...] [--backend B] [--threads N]  backend vs fp64 oracle vs naive f32, PASS/FAIL table
+//
+// Exit codes: 0 success / all PASS, 1 a problem cannot run or fails, 2 bad command-line input.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include "core/problem.h"
+
+namespace omniattn::cli {
+
+constexpr int k_exit_ok = 0;
+constexpr int k_exit_fail = 1;
+constexpr int k_exit_usage = 2;
+
+// Options shared by the subcommands, plus the positional arguments (problem strings) in order.
+struct command_line {
+  backend use = backend::automatic;
+  int threads = 0;  // 0: all cores
+  bool help = false;
+  std::vector<std::string> problems;
+};
+
+// Parses argv[first..argc): --backend auto|cpu|reference, --threads N (also --opt=value), -h/--help, positionals.
+// On failure returns false with a message naming the offending argument.
+bool parse_command_line(int argc, char** argv, int first, command_line& out, std::string& error);
+
+// Parses every problem string; on failure the message names the argument and carries parse_problem's error.
+bool parse_problems(const std::vector<std::string>& texts, std::vector<problem>& out, std::string& error);
+
+// The spec a problem describes (scale and causal mode).
+spec make_spec(const problem& p);
+
+// Refuses problems whose buffers would overflow int64 or exceed the tool's memory limit, before allocating them.
+status check_footprint(const problem& p);
+
+// Threads a call with options.threads = requested will use.
+int resolved_threads(int requested);
+
+// Short single-line labels.
+const char* causal_name(causal_mode c);
+std::string short_name(const problem& p);  // e.g. "bf16 b2 128x96 h8:2 d64:32 br bhsd"
+std::string group_digits(std::int64_t n);  // 1234567 -> "1,234,567"
+
+void print_usage(std::ostream& os);
+void print_explain_usage(std::ostream& os);
+void print_check_usage(std::ostream& os);
+
+int run_explain(const command_line& cl);
+int run_check(const command_line& cl);
+
+}  // namespace omniattn::cli

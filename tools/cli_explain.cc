@@ -1,0 +1,99 @@
+// omniattn explain: what select() picks for a problem on each backend, why, and the problem's tile structure.
+#include <array>
+#include <cstdio>
+#include <iostream>
+#include <string>
+
+#include "cli.h"
+
+namespace omniattn::cli {
+namespace {
+
+constexpr std::int64_t k_tile = 64;  // the CPU kernel's q and kv tile size
+
+void print_selection(const selection& sel, const char* indent) {
+  for (const std::string& r : sel.reasons) std::cout << indent << r << "\n";
+}
+
+void print_work(const attn_params& p) {
+  std::int64_t dense = 0;
+  for (std::int64_t b = 0; b < p.batch; ++b) {
+    const seq_extent e = sequence(p, b);
+    dense += e.q_len * e.k_len * p.heads_q;
+  }
+  const std::int64_t area = mask_area(p);
+  char line[160];
+  std::snprintf(line, sizeof line, " of %s (%.2f%%), %.3f GFLOP", group_digits(dense).c_str(),
+                dense ? 100.0 * static_cast<double>(area) / static_cast<double>(dense) : 0.0,
+                2.0 * static_cast<double>(area) * static_cast<double>(p.dim_qk + p.dim_v) * 1e-9);
+  std::cout << "work      allowed (query, key) pairs " << group_digits(area) << line << "\n";
+}
+
+void print_tiles(const attn_params& p) {
+  const block_mask bm = build_block_mask(p, k_tile, k_tile);
+  std::array<std::int64_t, 3> count{};
+  for (tile_kind t : bm.kinds) ++count[static_cast<std::size_t>(t)];
+  std::cout << "tiles     " << k_tile << "x" << k_tile << ": " << bm.q_tiles << " q tiles x " << bm.kv_tiles << " kv tiles";
+  if (bm.batch == 1 && bm.heads == 1) std::cout << " (same for every batch and head)";
+  else std::cout << " x " << bm.batch << (p.cu_seqlens_q ? " sequence(s)" : " batch(es)") << " x " << bm.heads << " head(s)";
+  std::cout << "\n          FULL " << group_digits(count[static_cast<std::size_t>(tile_kind::full)]) << "  PARTIAL "
+            << group_digits(count[static_cast<std::size_t>(tile_kind::partial)]) << "  EMPTY "
+            << group_digits(count[static_cast<std::size_t>(tile_kind::empty)]) << "  of "
+            << group_digits(static_cast<std::int64_t>(bm.kinds.size())) << "\n";
+}
+
+}  // namespace
+
+int run_explain(const command_line& cl) {
+  if (cl.problems.size() != 1) {
+    std::cerr << "omniattn explain: expected exactly one problem, got " << cl.problems.size()
+              << " (try 'omniattn explain --help')\n";
+    return k_exit_usage;
+  }
+  std::vector<problem> probs;
+  std::string error;
+  if (!parse_problems(cl.problems, probs, error)) {
+    std::cerr << "omniattn explain: " << error << "\n";
+    return k_exit_usage;
+  }
+  const problem& prob = probs.front();
+  std::cout << "problem   " << prob.describe() << "\n";
+  if (const status st = check_footprint(prob); !st) {
+    std::cerr << "omniattn explain: " << st.error << "\n";
+    return k_exit_usage;
+  }
+
+  const problem_data data(prob);
+  const options opt = data.make_options(cl.use, cl.threads);
+  const lse_tensor lse = data.lse_view();
+  options with_lse = opt;
+  if (prob.lse) with_lse.lse = &lse;
+  const spec s = make_spec(prob);
+  attn_params p;
+  if (const status st = make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, with_lse, p); !st) {
+    std::cout << "invalid   " << st.error << "\n";
+    return k_exit_fail;
+  }
+  p.threads = resolved_threads(cl.threads);  // what attention() does before it selects
+
+  const selection chosen = select(p, cl.use);
+  std::cout << "backend   " << backend_name(cl.use) << ", " << p.threads << " thread(s)\n";
+  if (chosen.ok()) std::cout << "kernel    " << chosen.name << "\n";
+  else std::cout << "kernel    none: no " << backend_name(cl.use) << " kernel fits this problem\n";
+  std::cout << "reasons\n";
+  print_selection(chosen, "  ");
+  print_work(p);
+  print_tiles(p);
+
+  std::cout << "select() per backend\n";
+  for (backend b : {backend::cpu, backend::reference}) {
+    const selection sel = select(p, b);
+    char head[64];
+    std::snprintf(head, sizeof head, "  %-10s %s\n", backend_name(b), sel.ok() ? sel.name.c_str() : "(no kernel fits)");
+    std::cout << head;
+    print_selection(sel, "               ");
+  }
+  return chosen.ok() ? k_exit_ok : k_exit_fail;
+}
+
+}  // namespace omniattn::cli
