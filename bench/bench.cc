@@ -19,6 +19,7 @@
 #include "bench/bench.h"
 #include "core/problem.h"
 #include "core/storage.h"
+#include "cpu/probe.h"
 
 namespace omniattn::bench {
 namespace {
@@ -118,6 +119,10 @@ int bench_main(int argc, char** argv) {
     const std::string a = argv[i];
     const bool has_value = i + 1 < argc;
     if (a == "--kernel") continue;
+    if (a == "--help" || a == "-h") {
+      usage(nullptr);
+      return 0;
+    }
     if (a == "--quick") {
       ns = {256, 1024};
       ds = {64, 128};
@@ -150,11 +155,17 @@ int bench_main(int argc, char** argv) {
     }
   }
 
-  std::vector<double> peaks;
-  for (std::int64_t t : threads) peaks.push_back(measure_peak_gflops(static_cast<int>(t)));
-  std::printf("omniattn bench --kernel   isa=%s   openblas=%s", isa_name(), openblas_core());
-  for (std::size_t i = 0; i < threads.size(); ++i) std::printf("   fp32 peak %lld thr = %.0f GFLOP/s", static_cast<long long>(threads[i]), peaks[i]);
-  std::printf("\nB=%lld H=%lld; GFLOP/s = 4*mask_area*B*H*D / median time; naive f32 for N<=1024, oracle for N<=512\n\n",
+  std::vector<double> peaks, bf16_peaks;
+  for (std::int64_t t : threads) {
+    peaks.push_back(cpu::measure_fp32_peak(static_cast<int>(t)));
+    bf16_peaks.push_back(cpu::measure_bf16_dot_peak(static_cast<int>(t)));
+  }
+  std::printf("omniattn bench --kernel   isa=%s   openblas=%s\n", isa_name(), openblas_core());
+  for (std::size_t i = 0; i < threads.size(); ++i)
+    std::printf("peak with %lld thread(s): fp32 FMA %.0f GFLOP/s, bf16 dot %.0f GFLOP/s\n", static_cast<long long>(threads[i]),
+                peaks[i], bf16_peaks[i]);
+  std::printf("\nB=%lld H=%lld; GFLOP/s = 4*mask_area*B*H*D / median time; %%peak against the peak of the kernel's arithmetic\n"
+              "(bf16 dot for bf16dot kernels, fp32 FMA otherwise); naive f32 for N<=1024, oracle for N<=512\n\n",
               static_cast<long long>(batch[0]), static_cast<long long>(heads[0]));
   std::printf("%-6s %-5s %4s %6s %3s | %9s %8s %6s %8s | %8s %8s %8s %7s | %9s\n", "mask", "dtype", "D", "N", "thr", "fused ms",
               "GFLOP/s", "%peak", "mem MiB", "oracle", "naive", "openblas", "x blas", "max err");
@@ -182,6 +193,8 @@ int bench_main(int argc, char** argv) {
             std::fprintf(stderr, "%s\n", st.error.c_str());
             return 1;
           }
+          const selection sel = select(p, backend::cpu);
+          const bool on_bf16_dot = sel.name.find("bf16dot") != std::string::npos;
           const double flops = 2.0 * static_cast<double>(mask_area(p)) * static_cast<double>(p.dim_qk + p.dim_v);
           for (std::size_t ti = 0; ti < threads.size(); ++ti) {
             const int thr = static_cast<int>(threads[ti]);
@@ -189,6 +202,7 @@ int bench_main(int argc, char** argv) {
             const timing fused = measure([&] { (void)run_problem(data, s, backend::cpu, thr); }, budget, 3);
             const double mem = peak_rss_mib();
             const double gf = flops / fused.median_s * 1e-9;
+            const double peak = on_bf16_dot ? bf16_peaks[ti] : peaks[ti];
             double oracle_gf = NAN, naive_gf = NAN, blas_gf = NAN, err = NAN;
             if (baselines) {
               if (n <= 512) {
@@ -217,12 +231,12 @@ int bench_main(int argc, char** argv) {
             }
             std::printf("%-6s %-5s %4lld %6lld %3d | %9.2f %8.1f %5.0f%% %8.0f | %8.2f %8.2f %8.1f %7.2f | %9.2e\n", mask.c_str(),
                         dt.c_str(), static_cast<long long>(d), static_cast<long long>(n), thr, fused.median_s * 1e3, gf,
-                        100.0 * gf / peaks[ti], mem, oracle_gf, naive_gf, blas_gf, gf / blas_gf, err);
+                        100.0 * gf / peak, mem, oracle_gf, naive_gf, blas_gf, gf / blas_gf, err);
             std::fflush(stdout);
             json << (first_row ? "\n" : ",\n") << "    {\"mask\": \"" << mask << "\", \"dtype\": \"" << dt << "\", \"d\": " << d
                  << ", \"n\": " << n << ", \"threads\": " << thr << ", \"median_ms\": " << fused.median_s * 1e3
                  << ", \"min_ms\": " << fused.min_s * 1e3 << ", \"max_ms\": " << fused.max_s * 1e3 << ", \"reps\": " << fused.reps
-                 << ", \"gflops\": " << gf << ", \"peak_gflops\": " << peaks[ti] << ", \"peak_rss_mib\": " << mem
+                 << ", \"kernel\": \"" << sel.name << "\", \"gflops\": " << gf << ", \"peak_gflops\": " << peak << ", \"peak_rss_mib\": " << mem
                  << ", \"openblas_gflops\": " << (std::isnan(blas_gf) ? 0.0 : blas_gf) << "}";
             first_row = false;
           }

@@ -9,8 +9,6 @@ namespace omniattn::bench {
 
 // Name of the ISA Highway dispatches to on this machine ("AVX3", "AVX2", ...).
 const char* isa_name();
-// Measured fp32 FMA peak in GFLOP/s with `threads` threads (best of a few bursts).
-double measure_peak_gflops(int threads);
 
 // row[0..allowed) = softmax(row[0..allowed)), row[allowed..n) = 0; vectorized.
 void softmax_row(float* row, std::int64_t allowed, std::int64_t n);

@@ -7,6 +7,7 @@
 #include <sstream>
 #include <string_view>
 
+#include "bench/bench.h"
 #include "cli.h"
 #include "core/backends.h"
 #include "omniattn/version.h"
@@ -185,6 +186,9 @@ void print_usage(std::ostream& os) {
         "  check [<problem>...] [--backend B] [--threads N]\n"
         "      Runs each problem (default: a built-in suite) on the backend, the fp64 oracle and the naive f32 path\n"
         "      and prints errors and timings with a PASS/FAIL verdict per problem.\n"
+        "  bench [--kernel] [--quick] [--n ...] [--d ...] [--dtype ...] [--threads ...] [--mask ...] [--json FILE]\n"
+        "      Kernel benchmark: median time, GFLOP/s, % of the measured fp32 peak, peak memory, and in the same\n"
+        "      run the oracle, the naive f32 path and the unfused OpenBLAS path. `omniattn bench --help`.\n"
         "  help\n"
         "      This text. `omniattn <command> --help` describes one command.\n"
         "\n"
@@ -241,6 +245,7 @@ int main(int argc, char** argv) {
                 << "\n";
       return k_exit_ok;
     }
+    if (command == "bench") return omniattn::bench::bench_main(argc, argv);
     if (command != "explain" && command != "check") {
       std::cerr << "omniattn: unknown command '" << command << "' (try 'omniattn --help')\n";
       return k_exit_usage;

@@ -12,7 +12,9 @@
 // computed by exactly one thread in a fixed order, so results do not depend on the thread count.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -21,6 +23,8 @@
 
 #include "core/backends.h"
 #include "core/storage.h"
+#include "cpu/bf16_dot.h"
+#include "cpu/probe.h"
 #include "omniattn/attention.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -164,11 +168,13 @@ HWY_INLINE void with_rows(std::int64_t rows, Fn&& fn) {
 
 struct thread_scratch {
   hwy::AlignedFreeUniquePtr<float[]> q, s, o;
+  hwy::AlignedFreeUniquePtr<std::uint32_t[]> p16;  // P as bf16 pairs (bf16-dot kernel only)
   float m[k_bq], l[k_bq], alpha[k_bq];
 };
 
 // Packed K/V of a range of kv heads for every sequence. Per (sequence, kv head) slot: K transposed per key tile
 // ([tile][dim][BK], so the S micro-kernel loads BK consecutive keys of one dim) and V row-major ([tile][BK][dim_vp]).
+// The bf16-dot kernel stores bf16 pairs in the same slots (see cpu/bf16_dot.h), using half of each.
 struct packed_kv {
   hwy::AlignedFreeUniquePtr<float[]> kt, v;
   std::int64_t kvh_begin = 0, tiles_total = 0;
@@ -184,7 +190,14 @@ struct packed_kv {
   float* v_ptr() const { return v.get(); }
 };
 
+inline std::uint32_t bf16_pair(const void* base, std::int64_t lo, std::int64_t hi, bool hi_valid) {
+  const auto* x = static_cast<const std::uint16_t*>(base);
+  return static_cast<std::uint32_t>(x[lo]) | (hi_valid ? static_cast<std::uint32_t>(x[hi]) << 16 : 0u);
+}
+
 // One query tile of one head: the online-softmax loop over the tile's non-empty key tiles.
+// Bf16Dot: Q/K/V/P are bf16 pairs and both products run on vdpbf16ps (bf16 storage only); otherwise fp32 FMA.
+template <bool Bf16Dot>
 void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv, thread_scratch& ts, std::int64_t b,
                 std::int64_t h, std::int64_t qt, const seq_extent& e, std::int64_t dim_vp) {
   const df_t d;
@@ -196,10 +209,17 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
   float* HWY_RESTRICT o = ts.o.get();
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
+  const std::int64_t dim_pairs = (dim + 1) / 2;
+  auto* q16 = reinterpret_cast<std::uint32_t*>(qp);
   std::fill(qp, qp + k_bq * dim, 0.0f);
   for (std::int64_t i = 0; i < rows; ++i) {
     const std::int64_t off = e.tensor_batch * p.q_stride[0] + (e.q_begin + q0 + i) * p.q_stride[1] + h * p.q_stride[2];
-    load_row(p.q, p.in_type, off, p.q_stride[3], dim, qp + i * dim);
+    if constexpr (Bf16Dot) {
+      for (std::int64_t dp = 0; dp < dim_pairs; ++dp)
+        q16[i * dim_pairs + dp] = bf16_pair(p.q, off + 2 * dp * p.q_stride[3], off + (2 * dp + 1) * p.q_stride[3], 2 * dp + 1 < dim);
+    } else {
+      load_row(p.q, p.in_type, off, p.q_stride[3], dim, qp + i * dim);
+    }
   }
   std::fill(o, o + k_bq * dim_vp, 0.0f);
   std::fill(ts.m, ts.m + k_bq, neg_inf);
@@ -212,11 +232,17 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
     if (kind == tile_kind::empty) continue;
     const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
     const float* kt_tile = kv.k_tile(b, h / p.group, kt);
-    for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
-      with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
-        for (std::int64_t c0 = 0; c0 < k_bk; c0 += static_cast<std::int64_t>(k_nv * L))
-          qk_block<mr()>(d, qp + r0 * dim, dim, kt_tile + c0, s + r0 * k_bk + c0);
-      });
+    if constexpr (Bf16Dot) {
+      for (std::int64_t r0 = 0; r0 < rows; r0 += 6)
+        bf16_qk_tile(static_cast<int>(std::min<std::int64_t>(6, rows - r0)), q16 + r0 * dim_pairs, dim_pairs,
+                     reinterpret_cast<const std::uint32_t*>(kt_tile), s + r0 * k_bk);
+    } else {
+      for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
+        with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
+          for (std::int64_t c0 = 0; c0 < k_bk; c0 += static_cast<std::int64_t>(k_nv * L))
+            qk_block<mr()>(d, qp + r0 * dim, dim, kt_tile + c0, s + r0 * k_bk + c0);
+        });
+    }
 
     for (std::int64_t i = 0; i < rows; ++i) {
       float* srow = s + i * k_bk;
@@ -252,6 +278,13 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
       ts.m[i] = m_new;
     }
     const float* vt = kv.v_tile(b, h / p.group, kt);
+    if constexpr (Bf16Dot) {
+      bf16_pack_p(static_cast<int>(rows), s, ts.p16.get());
+      for (std::int64_t r0 = 0; r0 < rows; r0 += 6)
+        bf16_pv_tile(static_cast<int>(std::min<std::int64_t>(6, rows - r0)), ts.p16.get() + r0 * (k_bk / 2), (keys + 1) / 2,
+                     reinterpret_cast<const std::uint32_t*>(vt), dim_vp, ts.alpha + r0, o + r0 * dim_vp);
+      continue;
+    }
     const std::int64_t nvec = dim_vp / static_cast<std::int64_t>(L);
     for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
       with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
@@ -282,22 +315,37 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
   }
 }
 
+template <bool Bf16Dot>
 void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::int64_t kt, const packed_kv& kv, float* row) {
   const seq_extent e = sequence(p, b);
   const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
   float* ktile = kv.k_tile(b, kvh, kt);
+  float* vtile = kv.v_tile(b, kvh, kt);
   std::fill(ktile, ktile + p.dim_qk * k_bk, 0.0f);
+  std::fill(vtile, vtile + k_bk * kv.dim_vp, 0.0f);
+  const std::int64_t k_base = e.tensor_batch * p.k_stride[0] + (e.k_begin + k0) * p.k_stride[1] + kvh * p.k_stride[2];
+  const std::int64_t v_base = e.tensor_batch * p.v_stride[0] + (e.k_begin + k0) * p.v_stride[1] + kvh * p.v_stride[2];
+  if constexpr (Bf16Dot) {
+    auto* k16 = reinterpret_cast<std::uint32_t*>(ktile);
+    auto* v16 = reinterpret_cast<std::uint32_t*>(vtile);
+    for (std::int64_t j = 0; j < keys; ++j) {
+      const std::int64_t off = k_base + j * p.k_stride[1];
+      for (std::int64_t dp = 0; dp < (p.dim_qk + 1) / 2; ++dp)
+        k16[dp * k_bk + j] = bf16_pair(p.k, off + 2 * dp * p.k_stride[3], off + (2 * dp + 1) * p.k_stride[3], 2 * dp + 1 < p.dim_qk);
+    }
+    for (std::int64_t jp = 0; jp < (keys + 1) / 2; ++jp) {
+      const std::int64_t off = v_base + 2 * jp * p.v_stride[1];
+      for (std::int64_t c = 0; c < p.dim_v; ++c)
+        v16[jp * kv.dim_vp + c] = bf16_pair(p.v, off + c * p.v_stride[3], off + p.v_stride[1] + c * p.v_stride[3], 2 * jp + 1 < keys);
+    }
+    return;
+  }
   for (std::int64_t j = 0; j < keys; ++j) {
-    const std::int64_t off = e.tensor_batch * p.k_stride[0] + (e.k_begin + k0 + j) * p.k_stride[1] + kvh * p.k_stride[2];
-    load_row(p.k, p.in_type, off, p.k_stride[3], p.dim_qk, row);
+    load_row(p.k, p.in_type, k_base + j * p.k_stride[1], p.k_stride[3], p.dim_qk, row);
     for (std::int64_t dd = 0; dd < p.dim_qk; ++dd) ktile[dd * k_bk + j] = row[dd];
   }
-  float* vtile = kv.v_tile(b, kvh, kt);
-  std::fill(vtile, vtile + k_bk * kv.dim_vp, 0.0f);
-  for (std::int64_t j = 0; j < keys; ++j) {
-    const std::int64_t off = e.tensor_batch * p.v_stride[0] + (e.k_begin + k0 + j) * p.v_stride[1] + kvh * p.v_stride[2];
-    load_row(p.v, p.in_type, off, p.v_stride[3], p.dim_v, vtile + j * kv.dim_vp);
-  }
+  for (std::int64_t j = 0; j < keys; ++j)
+    load_row(p.v, p.in_type, v_base + j * p.v_stride[1], p.v_stride[3], p.dim_v, vtile + j * kv.dim_vp);
 }
 
 // Packed K/V is kept under this many bytes by packing kv heads in chunks; each chunk costs two barriers, so small
@@ -308,9 +356,11 @@ struct work_item {
   std::int64_t b, h, qt, cost;
 };
 
+template <bool Bf16Dot>
 void flash_fwd(const attn_params& p) {
   const df_t d;
-  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  // The bf16-dot micro-kernels work on whole 16-float vectors whatever Highway's target.
+  const auto L = Bf16Dot ? std::int64_t{16} : static_cast<std::int64_t>(hn::Lanes(d));
   const block_mask bm = build_block_mask(p, k_bq, k_bk);
   const int threads = p.threads;
 
@@ -330,6 +380,7 @@ void flash_fwd(const attn_params& p) {
     ts.q = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * p.dim_qk));
     ts.s = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk));
     ts.o = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * kv.dim_vp));
+    if (Bf16Dot) ts.p16 = hwy::AllocateAligned<std::uint32_t>(static_cast<std::size_t>(k_bq * k_bk / 2));
   }
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads),
                                        std::vector<float>(static_cast<std::size_t>(std::max(p.dim_qk, p.dim_v))));
@@ -361,16 +412,19 @@ void flash_fwd(const attn_params& p) {
         const std::int64_t kvh = kvh0 + it / kv.tiles_total, flat = it % kv.tiles_total;
         const auto next = std::upper_bound(kv.tile_offset.begin(), kv.tile_offset.end(), flat);
         const auto b = static_cast<std::int64_t>(next - kv.tile_offset.begin()) - 1;
-        pack_kv_tile(p, b, kvh, flat - kv.tile_offset[static_cast<std::size_t>(b)], kv, rows[static_cast<std::size_t>(tid)].data());
+        pack_kv_tile<Bf16Dot>(p, b, kvh, flat - kv.tile_offset[static_cast<std::size_t>(b)], kv, rows[static_cast<std::size_t>(tid)].data());
       }
 #pragma omp for schedule(dynamic, 1)
       for (std::int64_t it = 0; it < n_items; ++it) {
         const work_item& w = items[static_cast<std::size_t>(it)];
-        run_q_tile(p, bm, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
+        run_q_tile<Bf16Dot>(p, bm, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
       }
     }
   }
 }
+
+void flash_fwd_f32(const attn_params& p) { flash_fwd<false>(p); }
+void flash_fwd_bf16_dot(const attn_params& p) { flash_fwd<true>(p); }
 
 }  // namespace omniattn::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
@@ -378,22 +432,53 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace omniattn::cpu {
 
-HWY_EXPORT(flash_fwd);
+HWY_EXPORT(flash_fwd_f32);
+HWY_EXPORT(flash_fwd_bf16_dot);
 
-static void run_flash_fwd(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd)(p); }
+static void run_flash_fwd(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_f32)(p); }
+static void run_flash_fwd_bf16_dot(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_bf16_dot)(p); }
+
+// bf16 inputs run on the bf16 dot product where it is faster than fp32 FMA on this CPU: vdpbf16ps does twice the
+// FLOPs of an FMA, but some cores issue it on one port only, so both peaks are measured once per process and
+// compared. OMNIATTN_BF16_DOT=1 / =0 forces the choice (tests run both kernels that way).
+struct bf16_dot_choice {
+  bool use = false;
+  std::string why;
+};
+
+static bf16_dot_choice bf16_dot_decision() {
+  if (!has_bf16_dot()) return {false, "no AVX512-BF16 on this CPU"};
+  const char* env = std::getenv("OMNIATTN_BF16_DOT");
+  if (env && std::string(env) == "0") return {false, "OMNIATTN_BF16_DOT=0"};
+  if (env && std::string(env) == "1") return {true, "OMNIATTN_BF16_DOT=1"};
+  static const bf16_dot_choice measured = [] {
+    const double dot = measure_bf16_dot_peak(1), fma = measure_fp32_peak(1);
+    const std::string rates = "bf16 dot " + std::to_string(static_cast<int>(dot)) + " vs fp32 FMA " +
+                              std::to_string(static_cast<int>(fma)) + " GFLOP/s per core";
+    return bf16_dot_choice{dot > 1.25 * fma, rates};
+  }();
+  return measured;
+}
 
 selection select(const attn_params& p) {
   selection sel;
   if (p.dim_qk > k_max_dim) sel.reasons.push_back("cpu.flash_fwd: q.dim " + std::to_string(p.dim_qk) + " > " + std::to_string(k_max_dim));
   if (p.dim_v > k_max_dim) sel.reasons.push_back("cpu.flash_fwd: v.dim " + std::to_string(p.dim_v) + " > " + std::to_string(k_max_dim));
   if (!sel.reasons.empty()) return sel;
-  sel.run = run_flash_fwd;
-  sel.name = std::string("cpu.flash_fwd<") + dtype_name(p.in_type) + ">";
+  const bf16_dot_choice dot = p.in_type == dtype::bf16 ? bf16_dot_decision() : bf16_dot_choice{};
+  const bool bf16_dot = dot.use;
+  sel.run = bf16_dot ? run_flash_fwd_bf16_dot : run_flash_fwd;
+  sel.name = std::string("cpu.flash_fwd<") + dtype_name(p.in_type) + (bf16_dot ? ",bf16dot>" : ">");
   sel.reasons.push_back(sel.name + ": fused tiled online-softmax kernel, tiles " + std::to_string(k_bq) + "x" +
                         std::to_string(k_bk) + ", " + std::to_string(p.threads) + " thread(s)");
   if (p.mask) sel.reasons.push_back(sel.name + ": mask functor evaluated per element on PARTIAL tiles (type-erased call)");
   if (p.score) sel.reasons.push_back(sel.name + ": score functor evaluated per element (type-erased call, slow path)");
-  if (p.in_type != dtype::f32) sel.reasons.push_back(sel.name + ": inputs widened to f32 while packing; compute in f32");
+  if (bf16_dot)
+    sel.reasons.push_back(sel.name + ": QK^T and PV on the AVX512-BF16 dot product (P rounded to bf16), fp32 softmax and accumulation (" +
+                          dot.why + ")");
+  else if (p.in_type != dtype::f32)
+    sel.reasons.push_back(sel.name + ": inputs widened to f32 while packing; compute in f32" +
+                          (p.in_type == dtype::bf16 ? " (bf16 dot product not used: " + dot.why + ")" : ""));
   return sel;
 }
 
