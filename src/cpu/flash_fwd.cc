@@ -166,6 +166,50 @@ HWY_INLINE void with_rows(std::int64_t rows, Fn&& fn) {
   }
 }
 
+// Keys per tile in whole vectors of this target.
+constexpr std::size_t k_row_vecs = static_cast<std::size_t>(k_bk) / hn::MaxLanes(df_t());
+
+// One row of the online softmax over a key tile, in registers. On entry srow holds the raw scores q.k of the tile's
+// keys; `allowed` has one bit per key. On exit srow holds P = exp2(s * c - m_new) (0 where not allowed), and
+// l is rescaled and accumulated; alpha = exp2(m_old - m_new) rescales the row's output accumulator. Returns m_new.
+// A row with nothing allowed so far keeps m = -inf, P = 0 and alpha = 1, so it contributes nothing and stays finite.
+HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t allowed, float c, float m_old, float& l,
+                             float& alpha) {
+  constexpr std::size_t L = hn::MaxLanes(df_t());
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  const hn::RebindToUnsigned<df_t> du;
+  const auto lane_bit = hn::Shl(hn::Set(du, 1u), hn::Iota(du, 0));
+  const vf_t vc = hn::Set(d, c), vninf = hn::Set(d, neg_inf);
+  vf_t x[k_row_vecs];
+  vf_t vmax = vninf;
+  HWY_UNROLL(16)
+  for (std::size_t v = 0; v < k_row_vecs; ++v) {
+    x[v] = hn::Mul(hn::Load(d, srow + v * L), vc);
+    if (allowed != ~std::uint64_t{0}) {
+      const auto bits = hn::Set(du, static_cast<std::uint32_t>((allowed >> (v * L)) & ((std::uint64_t{2} << (L - 1)) - 1)));
+      x[v] = hn::IfThenElse(hn::RebindMask(d, hn::TestBit(bits, lane_bit)), x[v], vninf);
+    }
+    vmax = hn::Max(vmax, x[v]);
+  }
+  const float m_new = std::max(m_old, hn::GetLane(hn::MaxOfLanes(d, vmax)));
+  if (m_new == neg_inf) {
+    alpha = 1.0f;
+    std::fill(srow, srow + k_bk, 0.0f);
+    return m_new;
+  }
+  const vf_t vm = hn::Set(d, m_new);
+  vf_t vsum = hn::Zero(d);
+  HWY_UNROLL(16)
+  for (std::size_t v = 0; v < k_row_vecs; ++v) {
+    const vf_t pv = exp2_neg(d, hn::Sub(x[v], vm));
+    hn::Store(pv, d, srow + v * L);
+    vsum = hn::Add(vsum, pv);
+  }
+  alpha = m_old == neg_inf ? 0.0f : std::exp2(m_old - m_new);
+  l = l * alpha + hn::GetLane(hn::SumOfLanes(d, vsum));
+  return m_new;
+}
+
 struct thread_scratch {
   hwy::AlignedFreeUniquePtr<float[]> q, s, o;
   hwy::AlignedFreeUniquePtr<std::uint32_t[]> p16;  // P as bf16 pairs (bf16-dot kernel only)
@@ -224,7 +268,6 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
   std::fill(o, o + k_bq * dim_vp, 0.0f);
   std::fill(ts.m, ts.m + k_bq, neg_inf);
   std::fill(ts.l, ts.l + k_bq, 0.0f);
-  const vf_t c = hn::Set(d, p.scale_log2);
   const float log2e = 1.4426950408889634f;
 
   for (std::int64_t kt = 0; kt < bm.kv_tiles; ++kt) {
@@ -244,37 +287,23 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
         });
     }
 
+    const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
     for (std::int64_t i = 0; i < rows; ++i) {
       float* srow = s + i * k_bk;
       if (p.score) {
         for (std::int64_t j = 0; j < keys; ++j)
           srow[j] = static_cast<float>((*p.score)(static_cast<double>(srow[j]) * p.scale, b, h, q0 + i, k0 + j)) * log2e;
-      } else {
-        for (std::int64_t j = 0; j < k_bk; j += static_cast<std::int64_t>(L)) hn::Store(hn::Mul(hn::Load(d, srow + j), c), d, srow + j);
       }
-      if (kind == tile_kind::partial)
+      // Allowed keys of this row as one bit per key: every key in range on FULL tiles, the element predicate on
+      // PARTIAL ones. The whole row then stays in registers: scale, mask, max, exp2, sum, one store.
+      std::uint64_t allowed = in_range;
+      if (kind == tile_kind::partial) {
+        allowed = 0;
         for (std::int64_t j = 0; j < keys; ++j)
-          if (!element_allowed(p, b, h, q0 + i, k0 + j, e.q_len, e.k_len)) srow[j] = neg_inf;
-      for (std::int64_t j = keys; j < k_bk; ++j) srow[j] = neg_inf;
-
-      vf_t vmax = hn::Set(d, neg_inf);
-      for (std::int64_t j = 0; j < k_bk; j += static_cast<std::int64_t>(L)) vmax = hn::Max(vmax, hn::Load(d, srow + j));
-      const float m_new = std::max(ts.m[i], hn::GetLane(hn::MaxOfLanes(d, vmax)));
-      if (m_new == neg_inf) {  // nothing allowed in this row so far: keep O = 0, contribute nothing
-        ts.alpha[i] = 1.0f;
-        std::fill(srow, srow + k_bk, 0.0f);
-        continue;
+          allowed |= static_cast<std::uint64_t>(element_allowed(p, b, h, q0 + i, k0 + j, e.q_len, e.k_len)) << j;
       }
-      const vf_t vm = hn::Set(d, m_new);
-      vf_t vsum = hn::Zero(d);
-      for (std::int64_t j = 0; j < k_bk; j += static_cast<std::int64_t>(L)) {
-        const vf_t pj = exp2_neg(d, hn::Sub(hn::Load(d, srow + j), vm));
-        hn::Store(pj, d, srow + j);
-        vsum = hn::Add(vsum, pj);
-      }
-      const float alpha = ts.m[i] == neg_inf ? 0.0f : std::exp2(ts.m[i] - m_new);
-      ts.alpha[i] = alpha;
-      ts.l[i] = ts.l[i] * alpha + hn::GetLane(hn::SumOfLanes(d, vsum));
+      // With a score functor srow already holds the modified logits in base 2.
+      const float m_new = softmax_row(d, srow, allowed, p.score ? 1.0f : p.scale_log2, ts.m[i], ts.l[i], ts.alpha[i]);
       ts.m[i] = m_new;
     }
     const float* vt = kv.v_tile(b, h / p.group, kt);
