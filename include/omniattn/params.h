@@ -34,7 +34,7 @@ struct attn_params {
   double scale = 1.0;
   float scale_log2 = 1.0f;  // scale * log2(e): kernels use exp2
   causal_mode causal = causal_mode::none;
-  const mask_fn* mask = nullptr;  // null when absent
+  const mask_expr* mask = nullptr;  // null when absent
   const score_fn* score = nullptr;
   const block_mask* blocks = nullptr;
   int threads = 1;
@@ -72,7 +72,12 @@ inline bool element_allowed(const attn_params& p, std::int64_t b, std::int64_t h
     if (t == tile_kind::empty) return false;
     if (t == tile_kind::full) return true;
   }
-  return !p.mask || (*p.mask)(b, h, i, j);
+  return !p.mask || p.mask->allows(b, h, i, j, lq, lk);
 }
+
+// Bit t set iff key k0 + t (t < n <= 64) is allowed for query row i: the same predicate as element_allowed, one
+// word per row (closed forms for causal and the built-in patterns). Used on the kernels' PARTIAL tiles.
+std::uint64_t row_allowed_bits(const attn_params& p, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0,
+                               std::int64_t n, std::int64_t lq, std::int64_t lk);
 
 }  // namespace omniattn

@@ -19,14 +19,13 @@
 #include <optional>
 #include <vector>
 
+#include "omniattn/masks.h"
 #include "omniattn/tensor.h"
 
 namespace omniattn {
 
 enum class causal_mode : std::uint8_t { none, top_left, bottom_right };
 
-// mask(b, h, q, k) -> may query q of head h in batch b attend to key k?
-using mask_fn = std::function<bool(std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k)>;
 // score(s, b, h, q, k) -> modified logit; s is already multiplied by the softmax scale. Evaluated in double by the
 // oracle and in float by the kernels, so it must be a plain function of its arguments.
 using score_fn = std::function<double(double s, std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k)>;
@@ -49,7 +48,7 @@ struct block_mask {
 struct spec {
   std::optional<double> scale;  // softmax scale; default 1/sqrt(q.head_dim)
   causal_mode causal = causal_mode::none;
-  mask_fn mask;                        // optional element predicate
+  mask_expr mask;                      // optional mask: built-in patterns, compositions, user predicates (masks.h)
   score_fn score;                      // optional score modifier
   const block_mask* blocks = nullptr;  // optional tile structure (user-provided block sparsity)
 };

@@ -204,6 +204,9 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   if (s.causal != causal_mode::none && s.causal != causal_mode::top_left && s.causal != causal_mode::bottom_right)
     fail("spec.causal ", static_cast<int>(s.causal), " is not a causal_mode");
   p.causal = s.causal;
+  if (s.mask) {
+    if (const std::string why = s.mask.check(); !why.empty()) fail("spec.mask ", why);
+  }
   p.mask = s.mask ? &s.mask : nullptr;
   p.score = s.score ? &s.score : nullptr;
   if (s.blocks) check_block_mask(*s.blocks, p);

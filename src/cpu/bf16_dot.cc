@@ -144,7 +144,9 @@ OMNIATTN_BF16_TARGET double bf16_dot_chains(std::int64_t iters, float seed) {
   }
   __m512 sum = acc[0];
   for (int c = 1; c < 12; ++c) sum = _mm512_add_ps(sum, acc[c]);
-  volatile float sink = _mm512_reduce_add_ps(sum);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, sum);
+  volatile float sink = lanes[0];
   (void)sink;
   return 12.0 * 64.0 * static_cast<double>(iters);
 }

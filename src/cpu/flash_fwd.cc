@@ -297,11 +297,7 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
       // Allowed keys of this row as one bit per key: every key in range on FULL tiles, the element predicate on
       // PARTIAL ones. The whole row then stays in registers: scale, mask, max, exp2, sum, one store.
       std::uint64_t allowed = in_range;
-      if (kind == tile_kind::partial) {
-        allowed = 0;
-        for (std::int64_t j = 0; j < keys; ++j)
-          allowed |= static_cast<std::uint64_t>(element_allowed(p, b, h, q0 + i, k0 + j, e.q_len, e.k_len)) << j;
-      }
+      if (kind == tile_kind::partial) allowed = row_allowed_bits(p, b, h, q0 + i, k0, keys, e.q_len, e.k_len);
       // With a score functor srow already holds the modified logits in base 2.
       const float m_new = softmax_row(d, srow, allowed, p.score ? 1.0f : p.scale_log2, ts.m[i], ts.l[i], ts.alpha[i]);
       ts.m[i] = m_new;
@@ -500,7 +496,10 @@ selection select(const attn_params& p) {
   sel.name = std::string("cpu.flash_fwd<") + dtype_name(p.in_type) + (bf16_dot ? ",bf16dot>" : ">");
   sel.reasons.push_back(sel.name + ": fused tiled online-softmax kernel, tiles " + std::to_string(k_bq) + "x" +
                         std::to_string(k_bk) + ", " + std::to_string(p.threads) + " thread(s)");
-  if (p.mask) sel.reasons.push_back(sel.name + ": mask functor evaluated per element on PARTIAL tiles (type-erased call)");
+  if (p.mask)
+    sel.reasons.push_back(sel.name + ": mask " + p.mask->str() +
+                          " classified per tile; on PARTIAL tiles only, one allowed-key word per row (built-in patterns in "
+                          "closed form, a user mask functor called per element)");
   if (p.score) sel.reasons.push_back(sel.name + ": score functor evaluated per element (type-erased call, slow path)");
   if (bf16_dot)
     sel.reasons.push_back(sel.name + ": QK^T and PV on the AVX512-BF16 dot product (P rounded to bf16), fp32 softmax and accumulation (" +

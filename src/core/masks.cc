@@ -1,0 +1,305 @@
+// Mask expressions: built-in patterns in closed form, composition, and tile classification.
+//
+// Every built-in pattern except dilated allows, for each query row i, one interval of keys [lo(i), hi(i)), and lo, hi
+// never decrease as i grows. That gives exact tile classes from two rows: a tile [q0, q1) x [k0, k1) is FULL iff
+// lo(q1 - 1) <= k0 and hi(q0) >= k1, and non-empty iff the first row whose interval ends after k0 starts before k1.
+// Compositions classify their children and, when that leaves the tile PARTIAL, settle it exactly from the row bits.
+#include <algorithm>
+#include <bit>
+#include <sstream>
+
+#include "omniattn/masks.h"
+#include "omniattn/spec.h"
+
+namespace omniattn {
+namespace {
+
+constexpr std::int64_t k_unbounded = std::int64_t{1} << 60;
+
+std::uint64_t span_bits(std::int64_t lo, std::int64_t hi, std::int64_t k0, std::int64_t n) {
+  // Bits of keys k0 + t, t < n, that fall in [lo, hi).
+  const std::int64_t a = std::clamp<std::int64_t>(lo - k0, 0, n), b = std::clamp<std::int64_t>(hi - k0, 0, n);
+  if (a >= b) return 0;
+  const std::uint64_t upto_b = b >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << b) - 1;
+  const std::uint64_t upto_a = (std::uint64_t{1} << a) - 1;
+  return upto_b & ~upto_a;
+}
+
+std::uint64_t low_bits(std::int64_t n) { return n >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << n) - 1; }
+
+std::int64_t offset_of(std::uint8_t align, std::int64_t lq, std::int64_t lk) {
+  return static_cast<causal_mode>(align) == causal_mode::bottom_right ? lk - lq : 0;
+}
+
+const char* align_name(std::uint8_t align) {
+  return static_cast<causal_mode>(align) == causal_mode::top_left ? "top_left" : "bottom_right";
+}
+
+}  // namespace
+
+mask_expr mask_expr::leaf(node n) {
+  mask_expr m;
+  m.nodes_.push_back(n);
+  m.root_ = 0;
+  return m;
+}
+
+int mask_expr::append(const mask_expr& other) {
+  const int base = static_cast<int>(nodes_.size());
+  const int tbase = static_cast<int>(tables_.size()), fbase = static_cast<int>(fns_.size());
+  for (node n : other.nodes_) {
+    if (n.lhs >= 0) n.lhs += base;
+    if (n.rhs >= 0) n.rhs += base;
+    if (n.table >= 0) n.table += n.kind == op::predicate ? fbase : tbase;
+    nodes_.push_back(n);
+  }
+  tables_.insert(tables_.end(), other.tables_.begin(), other.tables_.end());
+  fns_.insert(fns_.end(), other.fns_.begin(), other.fns_.end());
+  names_.insert(names_.end(), other.names_.begin(), other.names_.end());
+  return other.root_ + base;
+}
+
+mask_expr mask_expr::combine(op kind, const mask_expr& a, const mask_expr* b) {
+  mask_expr m;
+  node n;
+  n.kind = kind;
+  n.lhs = m.append(a.root_ >= 0 ? a : full());
+  if (b) n.rhs = m.append(b->root_ >= 0 ? *b : full());
+  m.nodes_.push_back(n);
+  m.root_ = static_cast<int>(m.nodes_.size()) - 1;
+  return m;
+}
+
+mask_expr operator&(const mask_expr& a, const mask_expr& b) {
+  if (!a) return b;
+  if (!b) return a;
+  return mask_expr::combine(mask_expr::op::and_, a, &b);
+}
+mask_expr operator|(const mask_expr& a, const mask_expr& b) {
+  if (!a || !b) return mask_expr::full();
+  return mask_expr::combine(mask_expr::op::or_, a, &b);
+}
+mask_expr operator~(const mask_expr& a) { return mask_expr::combine(mask_expr::op::not_, a, nullptr); }
+
+mask_expr mask_expr::full() { return leaf({op::full}); }
+mask_expr mask_expr::causal(causal_mode align) { return leaf({op::causal, 0, 0, static_cast<std::uint8_t>(align)}); }
+mask_expr mask_expr::window(std::int64_t left, std::int64_t right, causal_mode align) {
+  return leaf({op::window, left, right, static_cast<std::uint8_t>(align)});
+}
+mask_expr mask_expr::sinks(std::int64_t n) { return leaf({op::sinks, n}); }
+mask_expr mask_expr::prefix_lm(std::int64_t n, causal_mode align) {
+  return leaf({op::prefix_lm, n, 0, static_cast<std::uint8_t>(align)});
+}
+mask_expr mask_expr::block_causal(std::int64_t block) { return leaf({op::block_causal, block}); }
+mask_expr mask_expr::dilated(std::int64_t dilation) { return leaf({op::dilated, dilation}); }
+
+mask_expr mask_expr::document(std::vector<std::int64_t> offsets) {
+  mask_expr m = leaf({op::document});
+  m.nodes_[0].table = 0;
+  m.tables_.push_back(std::make_shared<const std::vector<std::int64_t>>(std::move(offsets)));
+  return m;
+}
+
+mask_expr mask_expr::segments(std::vector<std::int64_t> ids) {
+  mask_expr m = leaf({op::segments});
+  m.nodes_[0].table = 0;
+  m.tables_.push_back(std::make_shared<const std::vector<std::int64_t>>(std::move(ids)));
+  return m;
+}
+
+mask_expr mask_expr::predicate(mask_fn f, std::string name) {
+  mask_expr m = leaf({op::predicate});
+  m.nodes_[0].table = 0;
+  m.fns_.push_back(std::make_shared<const mask_fn>(std::move(f)));
+  m.names_.push_back(std::move(name));
+  return m;
+}
+
+bool mask_expr::interval(const node& nd, std::int64_t i, std::int64_t lq, std::int64_t lk, std::int64_t& lo,
+                         std::int64_t& hi) const {
+  const std::int64_t off = offset_of(nd.align, lq, lk);
+  switch (nd.kind) {
+    case op::full: lo = 0, hi = lk; return true;
+    case op::causal: lo = 0, hi = i + off + 1; return true;
+    case op::window:
+      lo = nd.a < 0 ? -k_unbounded : i + off - nd.a;
+      hi = nd.b < 0 ? k_unbounded : i + off + nd.b + 1;
+      return true;
+    case op::sinks: lo = 0, hi = nd.a; return true;
+    case op::prefix_lm: lo = 0, hi = std::max(nd.a, i + off + 1); return true;
+    case op::block_causal: lo = 0, hi = (i / nd.a + 1) * nd.a; return true;
+    case op::document: {
+      const std::vector<std::int64_t>& o = *tables_[static_cast<std::size_t>(nd.table)];
+      const auto it = std::upper_bound(o.begin(), o.end(), i);
+      if (it == o.end()) {  // past the last document: nothing allowed (an empty interval keeps lo, hi monotone)
+        lo = hi = o.back();
+        return true;
+      }
+      lo = *(it - 1), hi = *it;
+      return true;
+    }
+    default: return false;
+  }
+}
+
+bool mask_expr::allows_node(int n, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j, std::int64_t lq,
+                            std::int64_t lk) const {
+  const node& nd = nodes_[static_cast<std::size_t>(n)];
+  std::int64_t lo, hi;
+  if (interval(nd, i, lq, lk, lo, hi)) return lo <= j && j < hi;
+  switch (nd.kind) {
+    case op::dilated: return (j - i) % nd.a == 0;
+    case op::segments: {
+      const std::vector<std::int64_t>& ids = *tables_[static_cast<std::size_t>(nd.table)];
+      const auto n_ids = static_cast<std::int64_t>(ids.size());
+      return i < n_ids && j < n_ids && ids[static_cast<std::size_t>(i)] == ids[static_cast<std::size_t>(j)];
+    }
+    case op::predicate: return (*fns_[static_cast<std::size_t>(nd.table)])(b, h, i, j);
+    case op::and_: return allows_node(nd.lhs, b, h, i, j, lq, lk) && allows_node(nd.rhs, b, h, i, j, lq, lk);
+    case op::or_: return allows_node(nd.lhs, b, h, i, j, lq, lk) || allows_node(nd.rhs, b, h, i, j, lq, lk);
+    case op::not_: return !allows_node(nd.lhs, b, h, i, j, lq, lk);
+    default: return false;
+  }
+}
+
+std::uint64_t mask_expr::bits_node(int n, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0, std::int64_t cnt,
+                                   std::int64_t lq, std::int64_t lk) const {
+  const node& nd = nodes_[static_cast<std::size_t>(n)];
+  std::int64_t lo, hi;
+  if (interval(nd, i, lq, lk, lo, hi)) return span_bits(lo, hi, k0, cnt);
+  switch (nd.kind) {
+    case op::and_: return bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) & bits_node(nd.rhs, b, h, i, k0, cnt, lq, lk);
+    case op::or_: return bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) | bits_node(nd.rhs, b, h, i, k0, cnt, lq, lk);
+    case op::not_: return ~bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) & low_bits(cnt);
+    case op::dilated: {
+      std::uint64_t bits = 0;
+      const std::int64_t first = k0 + (((i - k0) % nd.a) + nd.a) % nd.a;  // first key >= k0 with (j - i) % a == 0
+      for (std::int64_t j = first; j < k0 + cnt; j += nd.a) bits |= std::uint64_t{1} << (j - k0);
+      return bits;
+    }
+    default: {
+      std::uint64_t bits = 0;
+      for (std::int64_t t = 0; t < cnt; ++t) bits |= static_cast<std::uint64_t>(allows_node(n, b, h, i, k0 + t, lq, lk)) << t;
+      return bits;
+    }
+  }
+}
+
+tile_kind mask_expr::classify_node(int n, std::int64_t b, std::int64_t h, std::int64_t q0, std::int64_t q1, std::int64_t k0,
+                                   std::int64_t k1, std::int64_t lq, std::int64_t lk) const {
+  const node& nd = nodes_[static_cast<std::size_t>(n)];
+  std::int64_t lo_first, hi_first, lo_last, hi_last;
+  if (interval(nd, q0, lq, lk, lo_first, hi_first)) {
+    interval(nd, q1 - 1, lq, lk, lo_last, hi_last);
+    if (lo_last <= k0 && hi_first >= k1) return tile_kind::full;
+    // First row whose interval ends after k0 (hi is non-decreasing): binary search, then test its start.
+    std::int64_t a = q0, z = q1;
+    while (a < z) {
+      const std::int64_t mid = a + (z - a) / 2;
+      std::int64_t lo, hi;
+      interval(nd, mid, lq, lk, lo, hi);
+      if (hi > k0) z = mid; else a = mid + 1;
+    }
+    if (a == q1) return tile_kind::empty;
+    std::int64_t lo, hi;
+    interval(nd, a, lq, lk, lo, hi);
+    // Rows after `a` start no earlier; row `a` reaches past k0, so the tile is non-empty iff some row from `a` on
+    // starts before k1 and still ends after k0 - row `a` does iff lo < k1 (its hi > k0 already).
+    if (lo < k1) return tile_kind::partial;
+    return tile_kind::empty;
+  }
+  if (nd.kind == op::and_ || nd.kind == op::or_) {
+    const tile_kind l = classify_node(nd.lhs, b, h, q0, q1, k0, k1, lq, lk);
+    const tile_kind r = classify_node(nd.rhs, b, h, q0, q1, k0, k1, lq, lk);
+    const tile_kind dominant = nd.kind == op::and_ ? tile_kind::empty : tile_kind::full;
+    if (l == dominant || r == dominant) return dominant;
+    if (l == r && l != tile_kind::partial) return l;  // both the neutral class
+  } else if (nd.kind == op::not_) {
+    const tile_kind c = classify_node(nd.lhs, b, h, q0, q1, k0, k1, lq, lk);
+    if (c != tile_kind::partial) return c == tile_kind::full ? tile_kind::empty : tile_kind::full;
+  }
+  // Settle exactly from row bits, 64 keys at a time.
+  bool any = false, all = true;
+  for (std::int64_t i = q0; i < q1 && (all || !any); ++i)
+    for (std::int64_t c = k0; c < k1; c += 64) {
+      const std::int64_t cnt = std::min<std::int64_t>(64, k1 - c);
+      const std::uint64_t bits = bits_node(n, b, h, i, c, cnt, lq, lk);
+      any |= bits != 0;
+      all &= bits == low_bits(cnt);
+    }
+  return all ? tile_kind::full : any ? tile_kind::partial : tile_kind::empty;
+}
+
+bool mask_expr::allows(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j, std::int64_t lq, std::int64_t lk) const {
+  return root_ < 0 || allows_node(root_, b, h, i, j, lq, lk);
+}
+
+std::uint64_t mask_expr::row_bits(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0, std::int64_t n,
+                                  std::int64_t lq, std::int64_t lk) const {
+  return root_ < 0 ? low_bits(n) : bits_node(root_, b, h, i, k0, n, lq, lk);
+}
+
+tile_kind mask_expr::classify(std::int64_t b, std::int64_t h, std::int64_t q0, std::int64_t q1, std::int64_t k0,
+                              std::int64_t k1, std::int64_t lq, std::int64_t lk) const {
+  return root_ < 0 ? tile_kind::full : classify_node(root_, b, h, q0, q1, k0, k1, lq, lk);
+}
+
+bool mask_expr::uses_head() const { return !fns_.empty(); }
+bool mask_expr::uses_batch() const { return !fns_.empty(); }
+
+std::string mask_expr::str_node(int n) const {
+  const node& nd = nodes_[static_cast<std::size_t>(n)];
+  std::ostringstream os;
+  switch (nd.kind) {
+    case op::full: os << "full"; break;
+    case op::causal: os << "causal(" << align_name(nd.align) << ")"; break;
+    case op::window: os << "window(" << nd.a << "," << nd.b << "," << align_name(nd.align) << ")"; break;
+    case op::sinks: os << "sinks(" << nd.a << ")"; break;
+    case op::prefix_lm: os << "prefix_lm(" << nd.a << "," << align_name(nd.align) << ")"; break;
+    case op::block_causal: os << "block_causal(" << nd.a << ")"; break;
+    case op::dilated: os << "dilated(" << nd.a << ")"; break;
+    case op::document:
+    case op::segments: {
+      os << (nd.kind == op::document ? "document(" : "segments(");
+      const auto& t = *tables_[static_cast<std::size_t>(nd.table)];
+      for (std::size_t x = 0; x < t.size(); ++x) os << (x ? "," : "") << t[x];
+      os << ")";
+      break;
+    }
+    case op::predicate: os << names_[static_cast<std::size_t>(nd.table)]; break;
+    case op::and_: os << "(" << str_node(nd.lhs) << " & " << str_node(nd.rhs) << ")"; break;
+    case op::or_: os << "(" << str_node(nd.lhs) << " | " << str_node(nd.rhs) << ")"; break;
+    case op::not_: os << "~" << str_node(nd.lhs); break;
+  }
+  return os.str();
+}
+
+std::string mask_expr::str() const { return root_ < 0 ? "none" : str_node(root_); }
+
+std::string mask_expr::check() const {
+  for (const node& nd : nodes_) {
+    switch (nd.kind) {
+      case op::sinks:
+      case op::prefix_lm:
+        if (nd.a < 0) return (nd.kind == op::sinks ? "sinks: n " : "prefix_lm: n ") + std::to_string(nd.a) + " must be >= 0";
+        break;
+      case op::block_causal:
+        if (nd.a <= 0) return "block_causal: block " + std::to_string(nd.a) + " must be > 0";
+        break;
+      case op::dilated:
+        if (nd.a <= 0) return "dilated: dilation " + std::to_string(nd.a) + " must be > 0";
+        break;
+      case op::document: {
+        const auto& o = *tables_[static_cast<std::size_t>(nd.table)];
+        if (o.empty() || o[0] != 0) return "document: offsets must start at 0";
+        for (std::size_t x = 1; x < o.size(); ++x)
+          if (o[x] < o[x - 1]) return "document: offsets must be non-decreasing (offsets[" + std::to_string(x) + "])";
+        break;
+      }
+      default: break;
+    }
+  }
+  return {};
+}
+
+}  // namespace omniattn
