@@ -26,6 +26,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -106,5 +107,16 @@ class mask_expr {
   bool interval(const node& nd, std::int64_t i, std::int64_t lq, std::int64_t lk, std::int64_t& lo, std::int64_t& hi) const;
   std::string str_node(int n) const;
 };
+
+// Parses a mask spec string into an expression. Grammar (whitespace ignored):
+//   expr    := term ('|' term)*
+//   term    := unary ('&' unary)*
+//   unary   := '~' unary | '(' expr ')' | pattern
+//   pattern := name | name '(' arg (',' arg)* ')'        arg := integer | top_left | bottom_right | tl | br
+//   names   : full, causal[(align)], window(left[, right[, align]]), sinks(n), prefix_lm(n[, align]),
+//             document(o0, o1, ...), block_causal(block), dilated(d), segments(id0, id1, ...)
+// e.g. "causal & window(256, 0) | sinks(4)". On error returns a message naming the offending character's position
+// and showing it under a caret; `out` is untouched.
+std::string parse_mask(std::string_view text, mask_expr& out);
 
 }  // namespace omniattn
