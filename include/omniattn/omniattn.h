@@ -2,7 +2,9 @@
 #pragma once
 
 #include "omniattn/attention.h"
+#include "omniattn/masks.h"
 #include "omniattn/params.h"
+#include "omniattn/scores.h"
 #include "omniattn/spec.h"
 #include "omniattn/tensor.h"
 #include "omniattn/version.h"

@@ -1,0 +1,27 @@
+// omniattn: built-in score modifiers, score(s, b, h, q, k) -> s' on the scaled logit s (spec.score).
+//
+//   alibi(slopes, offset)  s + slopes[h] * (k - q + offset)    (ALiBi: 0 on the aligned diagonal, negative for past
+//                          keys; offset 0 aligns top-left, offset = Lq - Lk aligns bottom-right)
+//   softcap(cap)           cap * tanh(s / cap)                 (Gemma-2 / Grok logit soft-capping)
+//   temperature(t)         s / t[h]                            (per-head temperature)
+//   key_bias(bias)         s + bias[k]                         (per-key logit bias, e.g. sink calibration)
+//   then(a, b)             b(a(s, ...), ...)                   (composition: apply a, then b)
+// Modifiers run in the oracle in double and in the kernels per element of the allowed pairs.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "omniattn/spec.h"
+
+namespace omniattn::scores {
+
+score_fn alibi(std::vector<double> slopes, std::int64_t offset = 0);
+// The standard ALiBi slopes for n heads: 2^(-8 i / n), i = 1..n (n a power of two; otherwise the paper's interleave).
+std::vector<double> alibi_slopes(std::int64_t heads);
+score_fn softcap(double cap);
+score_fn temperature(std::vector<double> per_head);
+score_fn key_bias(std::vector<double> bias);
+score_fn then(score_fn first, score_fn second);
+
+}  // namespace omniattn::scores

@@ -1,0 +1,58 @@
+// Built-in score modifiers (see include/omniattn/scores.h).
+#include "omniattn/scores.h"
+
+#include <cmath>
+#include <memory>
+
+namespace omniattn::scores {
+
+score_fn alibi(std::vector<double> slopes, std::int64_t offset) {
+  auto s = std::make_shared<const std::vector<double>>(std::move(slopes));
+  return [s, offset](double x, std::int64_t, std::int64_t h, std::int64_t q, std::int64_t k) {
+    const double slope = (*s)[static_cast<std::size_t>(h) % s->size()];
+    return x + slope * static_cast<double>(k - q + offset);
+  };
+}
+
+std::vector<double> alibi_slopes(std::int64_t heads) {
+  // Press et al.: for n a power of two, slope_i = 2^(-8 i / n); otherwise the slopes of the next lower power of two,
+  // then every other slope of the power above.
+  auto pow2_slopes = [](std::int64_t n) {
+    std::vector<double> out;
+    for (std::int64_t i = 1; i <= n; ++i) out.push_back(std::exp2(-8.0 * static_cast<double>(i) / static_cast<double>(n)));
+    return out;
+  };
+  std::int64_t p = 1;
+  while (p * 2 <= heads) p *= 2;
+  std::vector<double> out = pow2_slopes(p);
+  if (p != heads) {
+    const std::vector<double> more = pow2_slopes(2 * p);
+    for (std::size_t i = 0; static_cast<std::int64_t>(out.size()) < heads; i += 2) out.push_back(more[i]);
+  }
+  return out;
+}
+
+score_fn softcap(double cap) {
+  return [cap](double x, std::int64_t, std::int64_t, std::int64_t, std::int64_t) { return cap * std::tanh(x / cap); };
+}
+
+score_fn temperature(std::vector<double> per_head) {
+  auto t = std::make_shared<const std::vector<double>>(std::move(per_head));
+  return [t](double x, std::int64_t, std::int64_t h, std::int64_t, std::int64_t) {
+    return x / (*t)[static_cast<std::size_t>(h) % t->size()];
+  };
+}
+
+score_fn key_bias(std::vector<double> bias) {
+  auto b = std::make_shared<const std::vector<double>>(std::move(bias));
+  return [b](double x, std::int64_t, std::int64_t, std::int64_t, std::int64_t k) {
+    return x + (static_cast<std::size_t>(k) < b->size() ? (*b)[static_cast<std::size_t>(k)] : 0.0);
+  };
+}
+
+score_fn then(score_fn first, score_fn second) {
+  return [first = std::move(first), second = std::move(second)](double x, std::int64_t b, std::int64_t h, std::int64_t q,
+                                                                 std::int64_t k) { return second(first(x, b, h, q, k), b, h, q, k); };
+}
+
+}  // namespace omniattn::scores
