@@ -6,6 +6,7 @@
 // Compositions classify their children and, when that leaves the tile PARTIAL, settle it exactly from the row bits.
 #include <algorithm>
 #include <bit>
+#include <cstdlib>
 #include <sstream>
 
 #include "omniattn/masks.h"
@@ -277,7 +278,10 @@ std::string mask_expr::str_node(int n) const {
 std::string mask_expr::str() const { return root_ < 0 ? "none" : str_node(root_); }
 
 std::string mask_expr::check() const {
+  constexpr std::int64_t k_limit = std::int64_t{1} << 40;  // keeps i + offset +- parameter far from int64 overflow
   for (const node& nd : nodes_) {
+    if (nd.a > k_limit || nd.a < -k_limit || nd.b > k_limit || nd.b < -k_limit)
+      return "pattern parameter " + std::to_string(std::abs(nd.a) > k_limit ? nd.a : nd.b) + " out of range (|x| <= 2^40)";
     switch (nd.kind) {
       case op::sinks:
       case op::prefix_lm:
