@@ -6,7 +6,9 @@
 //   temperature(t)         s / t[h]                            (per-head temperature)
 //   key_bias(bias)         s + bias[k]                         (per-key logit bias, e.g. sink calibration)
 //   then(a, b)             b(a(s, ...), ...)                   (composition: apply a, then b)
-// Modifiers run in the oracle in double and in the kernels per element of the allowed pairs.
+// Modifiers run in the oracle in double and in the kernels per element of the allowed pairs. Per-head vectors hold
+// one value per head, or one value for all heads (indices wrap). Invalid parameters (an empty vector, a cap <= 0)
+// throw std::invalid_argument naming the modifier, at construction rather than inside a kernel.
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,8 @@
 // Block-mask construction and per-row allowed bits: the spec's element predicate (causal, mask expression, user
 // block mask) at tile and at row granularity.
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 
 #include "omniattn/attention.h"
 
@@ -34,6 +36,9 @@ std::uint64_t row_allowed_bits(const attn_params& p, std::int64_t b, std::int64_
 }
 
 block_mask build_block_mask(const attn_params& p, std::int64_t q_tile, std::int64_t kv_tile) {
+  if (q_tile <= 0 || kv_tile <= 0)
+    throw std::invalid_argument("[build_block_mask] tile sizes " + std::to_string(q_tile) + "x" + std::to_string(kv_tile) +
+                                " must be > 0");
   block_mask bm;
   bm.q_tile = q_tile;
   bm.kv_tile = kv_tile;

@@ -3,10 +3,20 @@
 
 #include <cmath>
 #include <memory>
+#include <stdexcept>
 
 namespace omniattn::scores {
 
+namespace {
+
+void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+}  // namespace
+
 score_fn alibi(std::vector<double> slopes, std::int64_t offset) {
+  require(!slopes.empty(), "[scores::alibi] slopes is empty (one slope per head, or one for all)");
   auto s = std::make_shared<const std::vector<double>>(std::move(slopes));
   return [s, offset](double x, std::int64_t, std::int64_t h, std::int64_t q, std::int64_t k) {
     const double slope = (*s)[static_cast<std::size_t>(h) % s->size()];
@@ -33,10 +43,13 @@ std::vector<double> alibi_slopes(std::int64_t heads) {
 }
 
 score_fn softcap(double cap) {
+  require(std::isfinite(cap) && cap > 0.0, "[scores::softcap] cap must be finite and > 0");
   return [cap](double x, std::int64_t, std::int64_t, std::int64_t, std::int64_t) { return cap * std::tanh(x / cap); };
 }
 
 score_fn temperature(std::vector<double> per_head) {
+  require(!per_head.empty(), "[scores::temperature] per_head is empty (one temperature per head, or one for all)");
+  for (double t : per_head) require(std::isfinite(t) && t != 0.0, "[scores::temperature] temperatures must be finite and != 0");
   auto t = std::make_shared<const std::vector<double>>(std::move(per_head));
   return [t](double x, std::int64_t, std::int64_t h, std::int64_t, std::int64_t) {
     return x / (*t)[static_cast<std::size_t>(h) % t->size()];
