@@ -83,7 +83,10 @@ mask_expr operator|(const mask_expr& a, const mask_expr& b) {
 mask_expr operator~(const mask_expr& a) { return mask_expr::combine(mask_expr::op::not_, a, nullptr); }
 
 mask_expr mask_expr::full() { return leaf({op::full}); }
-mask_expr mask_expr::causal(causal_mode align) { return leaf({op::causal, 0, 0, static_cast<std::uint8_t>(align)}); }
+mask_expr mask_expr::causal(causal_mode align) {
+  if (align == causal_mode::none) return full();
+  return leaf({op::causal, 0, 0, static_cast<std::uint8_t>(align)});
+}
 mask_expr mask_expr::window(std::int64_t left, std::int64_t right, causal_mode align) {
   return leaf({op::window, left, right, static_cast<std::uint8_t>(align)});
 }
@@ -190,7 +193,8 @@ tile_kind mask_expr::classify_node(int n, std::int64_t b, std::int64_t h, std::i
                                    std::int64_t k1, std::int64_t lq, std::int64_t lk) const {
   const node& nd = nodes_[static_cast<std::size_t>(n)];
   std::int64_t lo_first, hi_first, lo_last, hi_last;
-  if (interval(nd, q0, lq, lk, lo_first, hi_first)) {
+  const bool is_interval = interval(nd, q0, lq, lk, lo_first, hi_first);
+  if (is_interval) {
     interval(nd, q1 - 1, lq, lk, lo_last, hi_last);
     if (lo_last <= k0 && hi_first >= k1) return tile_kind::full;
     // First row whose interval ends after k0 (hi is non-decreasing): binary search, then test its start.
@@ -206,10 +210,10 @@ tile_kind mask_expr::classify_node(int n, std::int64_t b, std::int64_t h, std::i
     interval(nd, a, lq, lk, lo, hi);
     // Rows after `a` start no earlier; row `a` reaches past k0, so the tile is non-empty iff some row from `a` on
     // starts before k1 and still ends after k0 - row `a` does iff lo < k1 (its hi > k0 already).
-    if (lo < k1) return tile_kind::partial;
-    return tile_kind::empty;
-  }
-  if (nd.kind == op::and_ || nd.kind == op::or_) {
+    if (lo >= k1) return tile_kind::empty;
+    if (lo < hi) return tile_kind::partial;
+    // Row `a` allows nothing (e.g. past the last document): the two-row argument does not hold; settle exactly below.
+  } else if (nd.kind == op::and_ || nd.kind == op::or_) {
     const tile_kind l = classify_node(nd.lhs, b, h, q0, q1, k0, k1, lq, lk);
     const tile_kind r = classify_node(nd.rhs, b, h, q0, q1, k0, k1, lq, lk);
     const tile_kind dominant = nd.kind == op::and_ ? tile_kind::empty : tile_kind::full;

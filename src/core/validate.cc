@@ -212,6 +212,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   if (s.blocks) check_block_mask(*s.blocks, p);
   p.blocks = s.blocks;
   if (opt.threads < 0) fail("options.threads ", opt.threads, " must be >= 0 (0 = all cores)");
+  if (opt.threads > 1024) fail("options.threads ", opt.threads, " must be <= 1024");
   p.threads = detail::resolve_threads(opt.threads);
   if (opt.use != backend::automatic && opt.use != backend::reference && opt.use != backend::cpu)
     fail("options.use ", static_cast<int>(opt.use), " is not a backend");

@@ -490,7 +490,8 @@ selection select(const attn_params& p) {
   if (p.dim_qk > k_max_dim) sel.reasons.push_back("cpu.flash_fwd: q.dim " + std::to_string(p.dim_qk) + " > " + std::to_string(k_max_dim));
   if (p.dim_v > k_max_dim) sel.reasons.push_back("cpu.flash_fwd: v.dim " + std::to_string(p.dim_v) + " > " + std::to_string(k_max_dim));
   if (!sel.reasons.empty()) return sel;
-  const bf16_dot_choice dot = p.in_type == dtype::bf16 ? bf16_dot_decision() : bf16_dot_choice{};
+  // The bf16-dot kernel rounds P to bf16, an error an f32 output would show: it serves bf16 outputs only.
+  const bf16_dot_choice dot = p.in_type == dtype::bf16 && p.out_type == dtype::bf16 ? bf16_dot_decision() : bf16_dot_choice{};
   const bool bf16_dot = dot.use;
   sel.run = bf16_dot ? run_flash_fwd_bf16_dot : run_flash_fwd;
   sel.name = std::string("cpu.flash_fwd<") + dtype_name(p.in_type) + (bf16_dot ? ",bf16dot>" : ">");

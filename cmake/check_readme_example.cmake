@@ -1,0 +1,17 @@
+# cmake -DREADME=<README.md> -DEXAMPLE=<examples/usage.cc> -P check_readme_example.cmake
+# Fails unless README.md contains the example file verbatim (the README shows exactly the code that CTest builds and runs).
+foreach(_var README EXAMPLE)
+  if(NOT DEFINED ${_var} OR NOT EXISTS "${${_var}}")
+    message(FATAL_ERROR "check_readme_example: ${_var} not given or missing: '${${_var}}'")
+  endif()
+endforeach()
+file(READ "${README}" _readme)
+file(READ "${EXAMPLE}" _example)
+string(REPLACE "\r\n" "\n" _readme "${_readme}")
+string(REPLACE "\r\n" "\n" _example "${_example}")
+string(STRIP "${_example}" _example)
+string(FIND "${_readme}" "${_example}" _pos)
+if(_pos EQUAL -1)
+  message(FATAL_ERROR "README.md does not contain ${EXAMPLE} verbatim; copy the file into the README's usage section")
+endif()
+message(STATUS "README.md contains ${EXAMPLE} (at offset ${_pos})")

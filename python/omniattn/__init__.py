@@ -1,0 +1,26 @@
+"""omniattn: one CPU attention operator for every attention variant, for numpy and PyTorch users.
+
+    import omniattn
+    out = omniattn.attention(q, k, v, causal=True)          # [batch, seq, heads, dim] numpy arrays or torch tensors
+    out = omniattn.scaled_dot_product_attention(q, k, v)    # torch SDPA's signature and [batch, heads, seq, dim]
+
+Inputs are never copied: the C++ library reads them through their strides. Submodules: omniattn.masks (composable
+masks), omniattn.scores (score modifiers), omniattn.nn (a drop-in torch.nn.MultiheadAttention for inference;
+needs torch). Only numpy is required; torch is used when you pass torch tensors.
+"""
+
+import importlib as _importlib
+
+from . import masks, scores
+from ._core import (BlockMask, attention, build_block_mask, explain, from_bf16, reference_attention,
+                    scaled_dot_product_attention, to_bf16)
+from ._omniattn import __version__
+
+__all__ = ["attention", "scaled_dot_product_attention", "explain", "reference_attention", "BlockMask",
+           "build_block_mask", "masks", "scores", "nn", "to_bf16", "from_bf16", "__version__"]
+
+
+def __getattr__(name):
+    if name == "nn":  # imported on first use: it needs torch
+        return _importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'omniattn' has no attribute {name!r}")

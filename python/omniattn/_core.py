@@ -1,0 +1,378 @@
+"""The attention entry points: operands to zero-copy descriptions, spec and options to plain values, one C++ call."""
+
+import numpy as np
+
+from . import _omniattn as _C
+from ._arrays import is_torch, to_numpy, torch_module
+from .masks import Grid, as_mask
+from .scores import as_score
+
+__all__ = ["attention", "scaled_dot_product_attention", "explain", "reference_attention", "BlockMask",
+           "build_block_mask", "to_bf16", "from_bf16"]
+
+_CAUSAL = {"none": "none", "top_left": "top_left", "bottom_right": "bottom_right"}
+_LAYOUTS = {
+    # layout: (fixed-length shape names, varlen shape names); the C++ side maps them onto [batch, seq, heads, dim]
+    "bshd": ("[batch, seq, heads, dim]", "[total_tokens, heads, dim]"),
+    "bhsd": ("[batch, heads, seq, dim]", "[heads, total_tokens, dim]"),
+}
+
+
+def _causal_mode(causal):
+    """causal=True follows FlashAttention (>= 2.1): bottom-right aligned. For Lq == Lk both alignments agree."""
+    if causal is None or causal is False:
+        return "none"
+    if causal is True:
+        return "bottom_right"
+    if isinstance(causal, str) and causal in _CAUSAL:
+        return _CAUSAL[causal]
+    raise ValueError(f"omniattn: causal must be False, True (= 'bottom_right'), 'top_left' or 'bottom_right', "
+                     f"got {causal!r}")
+
+
+def _torch_dtype_code(t, name):
+    torch = torch_module()
+    code = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(t.dtype)
+    if code is None:
+        raise TypeError(f"omniattn: {name} has dtype {t.dtype}; supported: torch.float32, torch.bfloat16, torch.float16")
+    return code
+
+
+def _operand(name, x, as_bf16):
+    """What the binding reads: the numpy array itself (buffer protocol) or (data_ptr, dtype, shape, strides)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: the same bits as uint16
+            return x.view(np.uint16), True
+        if x.dtype == np.float32 or x.dtype == np.float16 or (as_bf16 and x.dtype == np.uint16):
+            return x, as_bf16
+        hint = " (pass dtype='bf16' to read uint16 arrays as bfloat16 bits)" if x.dtype == np.uint16 else ""
+        raise TypeError(f"omniattn: {name} has dtype {x.dtype}; supported: float32, float16, and bfloat16 "
+                        f"(torch.bfloat16, or numpy uint16 holding bf16 bits with dtype='bf16'){hint}")
+    if is_torch(x):
+        if x.device.type != "cpu":
+            raise ValueError(f"omniattn: {name} is on {x.device}; omniattn runs on the CPU")
+        if x.layout != torch_module().strided:
+            raise TypeError(f"omniattn: {name} has layout {x.layout}; only strided tensors are supported")
+        return (x.data_ptr(), _torch_dtype_code(x, name), tuple(x.shape), tuple(x.stride())), as_bf16
+    raise TypeError(f"omniattn: {name} must be a numpy array or a torch tensor, not {type(x).__name__}")
+
+
+def _check_no_grad(*tensors):
+    torch = torch_module()
+    if torch is not None and torch.is_grad_enabled() and any(is_torch(t) and t.requires_grad for t in tensors):
+        raise NotImplementedError("omniattn has no backward pass yet: call it under torch.no_grad() or "
+                                  "torch.inference_mode(), or detach the inputs")
+
+
+def _empty(like, shape, dtype=None):
+    """A new uninitialized array in like's framework: numpy in, numpy out; torch in, torch out."""
+    if is_torch(like):
+        torch = torch_module()
+        return torch.empty(shape, dtype=like.dtype if dtype is None else getattr(torch, dtype))
+    return np.empty(shape, dtype=like.dtype if dtype is None else dtype)
+
+
+def _int64_vector(x, name):
+    if x is None:
+        return None
+    a = np.ascontiguousarray(to_numpy(x, name) if not isinstance(x, (list, tuple)) else np.asarray(x), dtype=np.int64)
+    if a.ndim != 1:
+        raise ValueError(f"omniattn: {name} must be 1-d, got shape {a.shape}")
+    return a
+
+
+class _Call:
+    """One prepared attention call: validated operands, output buffers, and the lowered mask and score."""
+
+    def __init__(self, q, k, v, *, scale=None, causal=False, mask=None, score=None, block_mask=None, return_lse=False,
+                 layout="bshd", out=None, backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None,
+                 dtype=None, _allow_grad=False):
+        if not _allow_grad:
+            _check_no_grad(q, k, v, out)
+        if layout not in _LAYOUTS:
+            raise ValueError(f"omniattn: layout must be 'bshd' or 'bhsd', got {layout!r}")
+        if dtype not in (None, "bf16", "bfloat16"):
+            raise ValueError(f"omniattn: dtype must be None or 'bf16' (read numpy uint16 arrays as bfloat16), got {dtype!r}")
+        if backend not in ("auto", "cpu", "reference"):
+            raise ValueError(f"omniattn: backend must be 'auto', 'cpu' or 'reference', got {backend!r}")
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+            raise TypeError(f"omniattn: threads must be an int, got {type(threads).__name__}")
+        if block_mask is not None and not isinstance(block_mask, BlockMask):
+            raise TypeError(f"omniattn: block_mask must be an omniattn.BlockMask (see build_block_mask), "
+                            f"not {type(block_mask).__name__}")
+        if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+            raise ValueError("omniattn: pass both cu_seqlens_q and cu_seqlens_k, or neither")
+        self.varlen = cu_seqlens_q is not None
+        as_bf16 = dtype is not None
+        rank = 3 if self.varlen else 4
+        names = _LAYOUTS[layout][1 if self.varlen else 0]
+        for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+            if x is not None and (isinstance(x, np.ndarray) or is_torch(x)) and x.ndim != rank:
+                raise ValueError(f"omniattn: {name} must be {rank}-d {names} for layout={layout!r}"
+                                 f"{' with cu_seqlens' if self.varlen else ''}, got shape {tuple(x.shape)}")
+
+        ops = [_operand(n, x, as_bf16) for n, x in (("q", q), ("k", k), ("v", v))]
+        # Allocate the output in the input's framework, dtype and layout: q's shape with v's head dim.
+        if out is None:
+            out = _empty(q, tuple(q.shape[:-1]) + (v.shape[-1],))
+        self.out = out
+        op_out = _operand("out", out, as_bf16)
+        as_bf16 = as_bf16 or any(flag for _, flag in ops + [op_out])
+        self.lse = None
+        if return_lse:
+            if self.varlen:  # [heads, total_q]
+                lse_shape = (q.shape[0], q.shape[1]) if layout == "bhsd" else (q.shape[1], q.shape[0])
+            else:
+                b, s, h = q.shape[0], q.shape[2 if layout == "bhsd" else 1], q.shape[1 if layout == "bhsd" else 2]
+                lse_shape = (b, h, s)
+            self.lse = _empty(q, lse_shape, "float32")
+        cu_q = _int64_vector(cu_seqlens_q, "cu_seqlens_q")
+        cu_k = _int64_vector(cu_seqlens_k, "cu_seqlens_k")
+
+        self.kw = dict(q=ops[0][0], k=ops[1][0], v=ops[2][0], out=op_out[0], layout=layout, as_bf16=as_bf16,
+                       scale=None if scale is None else float(scale), causal=_causal_mode(causal),
+                       blocks=block_mask._cxx if block_mask is not None else None,
+                       lse=None if self.lse is None else _operand_lse(self.lse), backend=backend, threads=int(threads),
+                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        self.dims = _C.call("validate", **self.kw)  # the C++ rules first, with their messages
+
+        d = self.dims
+        lens_q = None if cu_q is None else np.diff(cu_q)
+        lens_k = None if cu_k is None else np.diff(cu_k)
+        grid = Grid(d["batch"], d["heads_q"], d["seq_q"], d["seq_k"], lens_q, lens_k)
+        if block_mask is not None:
+            block_mask._check_call(grid, cu_q, cu_k)
+        if mask is not None:
+            self.kw["mask"] = _C.Mask(as_mask(mask).lower(grid))
+        elif block_mask is not None:
+            self.kw["mask"] = block_mask._cmask  # PARTIAL tiles evaluate the mask the block mask was built from
+        if score is not None:
+            self.kw["score"] = as_score(score).lower(grid)
+
+    def run(self):
+        _C.call("run", **self.kw)
+
+    def result(self):
+        return (self.out, self.lse) if self.lse is not None else self.out
+
+    def explain(self):
+        return _C.call("explain", **self.kw)
+
+
+def _operand_lse(lse):
+    if is_torch(lse):
+        return (lse.data_ptr(), "f32", tuple(lse.shape), tuple(lse.stride()))
+    return lse
+
+
+def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block_mask=None, return_lse=False,
+              layout="bshd", out=None, backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None, dtype=None):
+    """Attention over numpy arrays or CPU torch tensors, without copying them.
+
+    q [batch, seq_q, heads_q, dim], k [batch, seq_k, heads_kv, dim], v [batch, seq_k, heads_kv, dim_v]
+    (layout="bshd", FlashAttention's) or [batch, heads, seq, dim] (layout="bhsd", PyTorch SDPA's); any strides.
+    heads_q must be a multiple of heads_kv (GQA / MQA). dtype float32, float16 or bfloat16 (torch.bfloat16, or numpy
+    uint16 arrays of bf16 bits with dtype="bf16"); q, k, v share it.
+
+    scale       softmax scale, default 1/sqrt(dim)
+    causal      False; True = "bottom_right" (FlashAttention >= 2.1: the last query sees the last key);
+                "top_left" (PyTorch is_causal). The same when seq_q == seq_k.
+    mask        an omniattn.masks mask, a function mask(b, h, q, k) -> bool (evaluated once over numpy index grids
+                into a table: O(B*H*Lq*Lk) memory and time at worst), or a boolean array broadcastable to
+                [batch, heads_q, seq_q, seq_k] (True = may attend)
+    score       an omniattn.scores modifier, a function score(s, b, h, q, k) affine in s, or a float array
+                broadcastable to [batch, heads_q, seq_q, seq_k] added to the scaled logits
+    block_mask  an omniattn.BlockMask built once by build_block_mask() and reused (its mask is used when mask=None)
+    return_lse  also return the log-sum-exp, float32 [batch, heads_q, seq_q] ([heads_q, total_q] for varlen)
+    out         write the result here (any strides; q's dtype or float32) instead of a new array
+    backend     "auto", "cpu" (the fused kernels) or "reference" (the float64 oracle)
+    threads     0 = all cores
+    cu_seqlens_q, cu_seqlens_k   varlen: q/k/v are [total_tokens, heads, dim] and sequence s owns rows
+                [cu[s], cu[s+1])
+
+    Returns out (numpy in, numpy out; torch in, torch out; the dtype of q), or (out, lse). Invalid calls raise
+    ValueError (TypeError for dtypes) with the library's message, e.g. "[attention] k.dim 96 != q.dim 128".
+    Rows with no allowed key give 0 (lse -inf), where PyTorch gives NaN.
+    """
+    call = _Call(q, k, v, scale=scale, causal=causal, mask=mask, score=score, block_mask=block_mask,
+                 return_lse=return_lse, layout=layout, out=out, backend=backend, threads=threads,
+                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=dtype)
+    call.run()
+    return call.result()
+
+
+def reference_attention(q, k, v, **kwargs):
+    """attention(..., backend="reference"): the float64 plain-loop oracle, for checking."""
+    kwargs["backend"] = "reference"
+    return attention(q, k, v, **kwargs)
+
+
+def explain(q, k, v, **kwargs):
+    """Which kernel attention(q, k, v, **kwargs) would run and why (or why none fits): omniattn::select()'s reasons,
+    one per line. Takes the same arguments as attention(); runs nothing."""
+    info = _Call(q, k, v, _allow_grad=True, **kwargs).explain()
+    backend = kwargs.get("backend", "auto")
+    head = f"kernel: {info['name']}" if info["ok"] else f"no {backend} kernel fits"
+    return "\n".join([head] + ["  " + r for r in info["reasons"]])
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention's signature and layout on omniattn (inference only).
+
+    query [..., Hq, L, E], key [..., Hkv, S, E], value [..., Hkv, S, Ev] (4-d [N, H, L, E], or 3-d [N, L, E]).
+    attn_mask: boolean (True = attend) or float (added to the scaled logits), broadcastable to [N, Hq, L, S].
+    is_causal: top-left aligned, as in PyTorch. dropout_p must be 0. enable_gqa: allow Hq to be a multiple of Hkv
+    (PyTorch 2.5); without it Hq != Hkv is an error. Fully masked rows give 0 here where PyTorch gives NaN.
+    """
+    if dropout_p != 0.0:
+        raise ValueError(f"omniattn: dropout_p must be 0 (omniattn has no dropout), got {dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("omniattn: pass either attn_mask or is_causal=True, not both (as in PyTorch)")
+    tensors = (query, key, value)
+    for name, t in zip(("query", "key", "value"), tensors):
+        if not (isinstance(t, np.ndarray) or is_torch(t)):
+            raise TypeError(f"omniattn: {name} must be a numpy array or a torch tensor, not {type(t).__name__}")
+        if t.ndim not in (3, 4):
+            raise ValueError(f"omniattn: {name} must be 4-d [N, H, L, E] or 3-d [N, L, E], got shape {tuple(t.shape)}")
+    if len({t.ndim for t in tensors}) != 1:
+        raise ValueError("omniattn: query, key and value must have the same number of dimensions")
+    three_d = query.ndim == 3
+    if three_d:  # [N, L, E] -> [N, 1, L, E] views
+        query, key, value = (t.unsqueeze(1) if is_torch(t) else t[:, None] for t in tensors)
+        if attn_mask is not None and attn_mask.ndim == 3:
+            attn_mask = attn_mask.unsqueeze(1) if is_torch(attn_mask) else attn_mask[:, None]
+    if not enable_gqa and query.shape[1] != key.shape[1]:
+        raise ValueError(f"omniattn: query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True "
+                         "for grouped-query attention")
+    mask = score = None
+    if attn_mask is not None:
+        m = to_numpy(attn_mask, "attn_mask")
+        if m.dtype == np.bool_:
+            mask = attn_mask
+        elif m.dtype.kind == "f":
+            score = attn_mask
+        else:
+            raise TypeError(f"omniattn: attn_mask must be boolean or floating point, got {m.dtype}")
+    out = attention(query, key, value, scale=scale, causal="top_left" if is_causal else False, mask=mask, score=score,
+                    layout="bhsd")
+    return out[:, 0] if three_d else out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block masks
+
+
+class BlockMask:
+    """The tile structure of a mask, FlexAttention-style: for each (batch, head, q tile, kv tile) whether the tile is
+    EMPTY (skipped), PARTIAL (the mask is evaluated per element) or FULL (computed without the mask).
+
+    Build it once with build_block_mask() and pass it as attention(..., block_mask=bm) to every call of that shape;
+    it keeps the mask (and any table the mask needed), so those calls neither re-evaluate nor re-classify it.
+    ``kinds`` is a uint8 array [batch or 1, heads or 1, q_tiles, kv_tiles] of EMPTY / PARTIAL / FULL.
+    """
+
+    EMPTY, PARTIAL, FULL = 0, 1, 2
+
+    def __init__(self, cxx, mask=None, cmask=None, shape=None, cu_seqlens=None):
+        self._cxx, self.mask, self._cmask, self.shape, self._cu = cxx, mask, cmask, shape, cu_seqlens
+
+    @classmethod
+    def from_kinds(cls, kinds, q_tile, kv_tile, mask=None):
+        """A user-made block mask: kinds [batch or 1, heads or 1, q_tiles, kv_tiles] of EMPTY / PARTIAL / FULL.
+        PARTIAL tiles evaluate `mask` (an omniattn.masks mask; None allows every element) - only built-in patterns
+        here, since a table mask needs the call's shape: use build_block_mask for those."""
+        kinds = np.asarray(to_numpy(kinds, "kinds"))
+        if kinds.ndim != 4:
+            raise ValueError(f"omniattn: kinds must be 4-d [batch, heads, q_tiles, kv_tiles], got shape {kinds.shape}")
+        if kinds.size and (kinds.min() < 0 or kinds.max() > 2):
+            raise ValueError("omniattn: kinds holds values other than EMPTY (0), PARTIAL (1), FULL (2)")
+        cmask = None
+        if mask is not None:
+            mask = as_mask(mask)
+            if not mask.is_native():
+                raise ValueError("omniattn: BlockMask.from_kinds takes built-in mask patterns only (a table mask "
+                                 "needs the call's shape: use build_block_mask)")
+            cmask = _C.Mask(mask.lower(None))
+        return cls(_C.BlockMask(kinds.astype(np.uint8), int(q_tile), int(kv_tile)), mask, cmask)
+
+    @property
+    def kinds(self):
+        return self._cxx.kinds
+
+    @property
+    def q_tile(self):
+        return self._cxx.q_tile
+
+    @property
+    def kv_tile(self):
+        return self._cxx.kv_tile
+
+    def counts(self):
+        """Number of EMPTY, PARTIAL and FULL tiles (over the stored, possibly broadcast, batch and heads)."""
+        k = self.kinds
+        return {"empty": int((k == 0).sum()), "partial": int((k == 1).sum()), "full": int((k == 2).sum())}
+
+    @property
+    def sparsity(self):
+        """Fraction of EMPTY tiles."""
+        k = self.kinds
+        return float((k == 0).mean()) if k.size else 0.0
+
+    def _check_call(self, grid, cu_q, cu_k):
+        if self.shape is None:
+            return
+        b, h, lq, lk = self.shape
+        if (lq, lk) != grid.shape[2:] or b not in (1, grid.shape[0]) or h not in (1, grid.shape[1]):
+            raise ValueError(f"omniattn: block_mask was built for [batch, heads, seq_q, seq_k] = {self.shape}, "
+                             f"the call is {grid.shape}")
+        if self._cu is not None:
+            if cu_q is None or not (np.array_equal(self._cu[0], cu_q) and np.array_equal(self._cu[1], cu_k)):
+                raise ValueError("omniattn: block_mask was built for other cu_seqlens than the call's")
+
+    def __repr__(self):
+        c = self.counts()
+        return (f"BlockMask(kinds={tuple(self.kinds.shape)}, tiles={self.q_tile}x{self.kv_tile}, "
+                f"empty={c['empty']}, partial={c['partial']}, full={c['full']}, mask={self.mask!r})")
+
+
+def build_block_mask(mask, B, H, Lq, Lk, q_tile=64, kv_tile=64, *, cu_seqlens_q=None, cu_seqlens_k=None):
+    """Classify `mask` (anything attention's mask= takes; None = every pair) into q_tile x kv_tile tiles for
+    problems of shape [B, H, Lq, Lk] (for varlen: B sequences given by cu_seqlens, Lq / Lk the longest).
+    Built-in patterns classify in closed form; table masks are evaluated once, here, and kept in the BlockMask."""
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("omniattn: pass both cu_seqlens_q and cu_seqlens_k, or neither")
+    cu_q, cu_k = _int64_vector(cu_seqlens_q, "cu_seqlens_q"), _int64_vector(cu_seqlens_k, "cu_seqlens_k")
+    lens_q = lens_k = None
+    if cu_q is not None:
+        if len(cu_q) < 2 or len(cu_q) != len(cu_k):
+            raise ValueError("omniattn: cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 >= 2 entries")
+        lens_q, lens_k = np.diff(cu_q), np.diff(cu_k)
+        want = (len(cu_q) - 1, int(lens_q.max()), int(lens_k.max()))
+        if (B, Lq, Lk) != want:
+            raise ValueError(f"omniattn: with cu_seqlens, (B, Lq, Lk) must be (num_seqs, longest q, longest k) = {want}, "
+                             f"got {(B, Lq, Lk)}")
+    for name, value in (("B", B), ("H", H), ("Lq", Lq), ("Lk", Lk)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"omniattn: {name} must be an int > 0, got {value!r}")
+    m = as_mask(mask) if mask is not None else None
+    cmask = None
+    if m is not None:
+        cmask = _C.Mask(m.lower(Grid(B, H, Lq, Lk, lens_q, lens_k)))
+    cxx = _C.build_block_mask(cmask, "none", int(B), int(H), int(Lq), int(Lk), int(q_tile), int(kv_tile), cu_q, cu_k)
+    return BlockMask(cxx, m, cmask, (int(B), int(H), int(Lq), int(Lk)),
+                     None if cu_q is None else (cu_q.copy(), cu_k.copy()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bf16 storage helpers for numpy (which has no bfloat16)
+
+
+def to_bf16(x):
+    """float array -> uint16 array of bf16 bits (round to nearest even), for numpy bf16 inputs with dtype='bf16'."""
+    return _C.f32_to_bf16(np.asarray(x, dtype=np.float32))
+
+
+def from_bf16(bits):
+    """uint16 array of bf16 bits -> float32 array."""
+    return _C.bf16_to_f32(np.asarray(bits, dtype=np.uint16))

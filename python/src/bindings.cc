@@ -1,0 +1,579 @@
+// The omniattn Python extension (_omniattn): a thin translation layer, no math.
+//
+// Operands arrive either as objects exporting the buffer protocol (numpy arrays: pointer, byte strides and format
+// straight from the buffer, converted to element strides, never copied) or as plain descriptions
+// (data_ptr, dtype name, shape, element strides) that the Python layer makes from torch tensors, so the extension
+// never links torch. They become omniattn::tensor views, the call's spec and options are built from plain Python
+// values, and omniattn::attention runs with the GIL released. A status error becomes ValueError (TypeError when it
+// is about a dtype) carrying the C++ message unchanged.
+//
+// Masks arrive as a small expression tree of tuples (python/omniattn/masks.py lowers its objects to it): built-in
+// patterns map onto omniattn::mask_expr's closed forms, and a ("table", array, name) leaf, the result of evaluating
+// a Python predicate or a boolean array once, becomes a predicate reading that table. Scores arrive as a list of
+// stages: the built-in omniattn::scores modifiers ("alibi", "softcap", "temperature", "key_bias") and ("affine", a, c),
+// a[b,h,i,j] * s + c[b,h,i,j] read from tables (a Python score function or bias array evaluated once), chained in order.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "omniattn/omniattn.h"
+
+namespace py = pybind11;
+using namespace py::literals;
+
+namespace {
+
+using omniattn::causal_mode;
+using omniattn::dtype;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Strided arrays
+
+enum class elem : std::uint8_t { f32, bf16, f16, f64, boolean, u8, u16, i64, other };
+
+const char* elem_name(elem e) {
+  switch (e) {
+    case elem::f32: return "float32";
+    case elem::bf16: return "bfloat16";
+    case elem::f16: return "float16";
+    case elem::f64: return "float64";
+    case elem::boolean: return "bool";
+    case elem::u8: return "uint8";
+    case elem::u16: return "uint16";
+    case elem::i64: return "int64";
+    case elem::other: break;
+  }
+  return "unsupported";
+}
+
+// Names used by the Python layer's torch descriptions.
+elem elem_from_name(const std::string& s) {
+  if (s == "f32") return elem::f32;
+  if (s == "bf16") return elem::bf16;
+  if (s == "f16") return elem::f16;
+  if (s == "f64") return elem::f64;
+  if (s == "bool") return elem::boolean;
+  if (s == "u8") return elem::u8;
+  if (s == "i64") return elem::i64;
+  return elem::other;
+}
+
+// A buffer-protocol format ("f", "<e", "?", ...) on this little-endian host.
+elem elem_from_format(std::string f, py::ssize_t itemsize) {
+  if (!f.empty() && (f[0] == '@' || f[0] == '=' || f[0] == '<')) f.erase(0, 1);
+  if (f.size() != 1) return elem::other;  // big-endian ('>', '!'), structured and other formats
+  switch (f[0]) {
+    case 'f': return itemsize == 4 ? elem::f32 : elem::other;
+    case 'd': return itemsize == 8 ? elem::f64 : elem::other;
+    case 'e': return itemsize == 2 ? elem::f16 : elem::other;
+    case '?': return itemsize == 1 ? elem::boolean : elem::other;
+    case 'B': return itemsize == 1 ? elem::u8 : elem::other;
+    case 'H': return itemsize == 2 ? elem::u16 : elem::other;
+    case 'l':
+    case 'q': return itemsize == 8 ? elem::i64 : elem::other;
+    default: return elem::other;
+  }
+}
+
+struct array {
+  void* data = nullptr;
+  elem type = elem::other;
+  std::string format;                          // as received, for messages
+  std::vector<std::int64_t> shape, strides;  // strides in elements
+};
+
+// Buffer views held until the C++ side is done reading: a held view also keeps numpy from reallocating the data.
+struct buffers {
+  std::deque<py::buffer_info> views;
+};
+
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>(); }
+
+std::string shape_str(const std::vector<std::int64_t>& v) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + (v.size() == 1 ? ",)" : ")");
+}
+
+// Describes obj without copying it. as_bf16: uint16 buffers hold bf16 bits (numpy has no bfloat16).
+array describe(py::handle obj, const std::string& name, bool writable, bool as_bf16, buffers& keep) {
+  array a;
+  if (py::isinstance<py::tuple>(obj)) {  // (data_ptr, dtype name, shape, element strides) from a torch tensor
+    const auto t = py::reinterpret_borrow<py::tuple>(obj);
+    if (t.size() != 4) throw py::value_error("omniattn: " + name + ": a tensor description is (data_ptr, dtype, shape, strides)");
+    a.data = reinterpret_cast<void*>(t[0].cast<std::uintptr_t>());
+    a.format = t[1].cast<std::string>();
+    a.type = elem_from_name(a.format);
+    a.shape = t[2].cast<std::vector<std::int64_t>>();
+    a.strides = t[3].cast<std::vector<std::int64_t>>();
+    if (a.shape.size() != a.strides.size())
+      throw py::value_error("omniattn: " + name + ": shape and strides differ in length");
+    return a;
+  }
+  if (!PyObject_CheckBuffer(obj.ptr()))
+    throw py::type_error("omniattn: " + name + " must be a numpy array or a torch tensor, not " + type_name(obj));
+  const auto buf = py::reinterpret_borrow<py::buffer>(obj);
+  try {
+    keep.views.push_back(buf.request(writable));
+  } catch (py::error_already_set& e) {
+    if (writable && (e.matches(PyExc_BufferError) || e.matches(PyExc_ValueError)))  // numpy raises ValueError
+      throw py::value_error("omniattn: " + name + " is read-only; the output must be writable");
+    throw;
+  }
+  const py::buffer_info& info = keep.views.back();
+  a.data = info.ptr;
+  a.format = info.format;
+  a.type = elem_from_format(info.format, info.itemsize);
+  if (as_bf16 && a.type == elem::u16) a.type = elem::bf16;
+  for (py::ssize_t d = 0; d < info.ndim; ++d) {
+    if (info.strides[d] % info.itemsize != 0)
+      throw py::value_error("omniattn: " + name + " has a stride of " + std::to_string(info.strides[d]) +
+                            " bytes along axis " + std::to_string(d) + ", not a multiple of its " +
+                            std::to_string(info.itemsize) + "-byte elements");
+    a.shape.push_back(info.shape[d]);
+    a.strides.push_back(info.strides[d] / info.itemsize);
+  }
+  return a;
+}
+
+std::string format_desc(const array& a) {
+  return a.type == elem::other ? "format '" + a.format + "'" : std::string(elem_name(a.type));
+}
+
+// An attention operand: 4-d [batch, seq, heads, dim] ("bshd") or [batch, heads, seq, dim] ("bhsd"); 3-d for varlen
+// ([total, heads, dim] or [heads, total, dim]) with batch 1.
+omniattn::tensor to_tensor(const std::string& name, const array& a, bool bhsd) {
+  omniattn::tensor t;
+  switch (a.type) {
+    case elem::f32: t.type = dtype::f32; break;
+    case elem::bf16: t.type = dtype::bf16; break;
+    case elem::f16: t.type = dtype::f16; break;
+    default:
+      throw py::type_error("omniattn: " + name + " has dtype " + format_desc(a) +
+                           "; supported: float32, float16, bfloat16 (torch.bfloat16, or numpy uint16 holding bf16 "
+                           "bits with dtype='bf16')");
+  }
+  t.data = a.data;
+  const auto& s = a.shape;
+  const auto& st = a.strides;
+  if (s.size() == 4) {
+    const int seq = bhsd ? 2 : 1, head = bhsd ? 1 : 2;
+    t.batch = s[0], t.seq = s[seq], t.heads = s[head], t.dim = s[3];
+    t.stride_batch = st[0], t.stride_seq = st[seq], t.stride_head = st[head], t.stride_dim = st[3];
+  } else if (s.size() == 3) {
+    const int seq = bhsd ? 1 : 0, head = bhsd ? 0 : 1;
+    t.batch = 1, t.seq = s[seq], t.heads = s[head], t.dim = s[2];
+    t.stride_batch = 0, t.stride_seq = st[seq], t.stride_head = st[head], t.stride_dim = st[2];
+  } else {
+    throw py::value_error("omniattn: " + name + " must be 4-d (3-d with cu_seqlens), got shape " + shape_str(s));
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tables: [batch, heads, seq_q, seq_k] views (broadcast dims have stride 0) read by masks and scores.
+
+struct table4 {
+  const void* data = nullptr;
+  bool f64 = true;
+  std::int64_t s[4] = {};
+
+  explicit operator bool() const { return data != nullptr; }
+  std::int64_t offset(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) const {
+    return b * s[0] + h * s[1] + i * s[2] + j * s[3];
+  }
+  double at(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) const {
+    const std::int64_t o = offset(b, h, i, j);
+    return f64 ? static_cast<const double*>(data)[o] : static_cast<const float*>(data)[o];
+  }
+};
+
+using shape4 = std::array<std::int64_t, 4>;
+
+table4 make_table(const std::string& name, const array& a, bool boolean, shape4& shape) {
+  if (a.shape.size() != 4)
+    throw py::value_error("omniattn: " + name + " table must be 4-d [batch, heads, seq_q, seq_k], got shape " + shape_str(a.shape));
+  for (int d = 0; d < 4; ++d) {
+    if (a.strides[static_cast<std::size_t>(d)] < 0) throw py::value_error("omniattn: " + name + " table has a negative stride");
+    shape[static_cast<std::size_t>(d)] = a.shape[static_cast<std::size_t>(d)];
+  }
+  table4 t;
+  if (boolean) {
+    if (a.type != elem::boolean && a.type != elem::u8)
+      throw py::type_error("omniattn: " + name + " table has dtype " + format_desc(a) + ", expected bool");
+  } else {
+    if (a.type != elem::f64 && a.type != elem::f32)
+      throw py::type_error("omniattn: " + name + " table has dtype " + format_desc(a) + ", expected float64 or float32");
+    t.f64 = a.type == elem::f64;
+  }
+  t.data = a.data;
+  for (int d = 0; d < 4; ++d) t.s[d] = shape[static_cast<std::size_t>(d)] == 1 ? 0 : a.strides[static_cast<std::size_t>(d)];
+  return t;
+}
+
+// A table dimension must match the call's or be 1 (broadcast: make_table gave it stride 0).
+void check_table_shape(const std::string& name, const shape4& got, const shape4& want) {
+  bool ok = true;
+  for (std::size_t d = 0; d < 4; ++d) ok = ok && (got[d] == want[d] || got[d] == 1);
+  if (!ok)
+    throw py::value_error("omniattn: " + name + " table has shape " + shape_str({got.begin(), got.end()}) +
+                          ", the call needs [batch, heads_q, seq_q, seq_k] = " + shape_str({want.begin(), want.end()}));
+}
+
+causal_mode parse_causal(const std::string& s) {
+  if (s == "none") return causal_mode::none;
+  if (s == "top_left") return causal_mode::top_left;
+  if (s == "bottom_right") return causal_mode::bottom_right;
+  throw py::value_error("omniattn: causal must be 'none', 'top_left' or 'bottom_right', got '" + s + "'");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Masks: an omniattn::mask_expr built once from the Python tree; owns the views of its table leaves.
+
+struct py_mask {
+  omniattn::mask_expr expr;
+  buffers keep;
+  std::vector<std::pair<std::string, shape4>> tables;  // name and shape of every table leaf
+
+  void check_shapes(const shape4& want) const {
+    for (const auto& [name, shape] : tables) check_table_shape("mask '" + name + "'", shape, want);
+  }
+};
+
+std::int64_t int_at(const py::tuple& t, std::size_t i) { return t[i].cast<std::int64_t>(); }
+
+omniattn::mask_expr build_mask(py::handle node, py_mask& m) {
+  if (!py::isinstance<py::tuple>(node) || py::len(node) == 0)
+    throw py::type_error("omniattn: a mask node is a tuple (op, args...), got " + type_name(node));
+  const auto t = py::reinterpret_borrow<py::tuple>(node);
+  const std::string op = t[0].cast<std::string>();
+  const auto need = [&](std::size_t n) {
+    if (t.size() != n) throw py::value_error("omniattn: mask node '" + op + "' takes " + std::to_string(n - 1) + " arguments");
+  };
+  using omniattn::mask_expr;
+  if (op == "full") return need(1), mask_expr::full();
+  if (op == "causal") return need(2), mask_expr::causal(parse_causal(t[1].cast<std::string>()));
+  if (op == "window") return need(4), mask_expr::window(int_at(t, 1), int_at(t, 2), parse_causal(t[3].cast<std::string>()));
+  if (op == "sinks") return need(2), mask_expr::sinks(int_at(t, 1));
+  if (op == "prefix_lm") return need(3), mask_expr::prefix_lm(int_at(t, 1), parse_causal(t[2].cast<std::string>()));
+  if (op == "document") return need(2), mask_expr::document(t[1].cast<std::vector<std::int64_t>>());
+  if (op == "block_causal") return need(2), mask_expr::block_causal(int_at(t, 1));
+  if (op == "dilated") return need(2), mask_expr::dilated(int_at(t, 1));
+  if (op == "segments") return need(2), mask_expr::segments(t[1].cast<std::vector<std::int64_t>>());
+  if (op == "and") return need(3), build_mask(t[1], m) & build_mask(t[2], m);
+  if (op == "or") return need(3), build_mask(t[1], m) | build_mask(t[2], m);
+  if (op == "not") return need(2), ~build_mask(t[1], m);
+  if (op == "table") {
+    need(3);
+    const std::string name = t[2].cast<std::string>();
+    shape4 shape{};
+    const table4 tab = make_table("mask '" + name + "'", describe(t[1], "mask table", false, false, m.keep), true, shape);
+    m.tables.emplace_back(name, shape);
+    const auto* data = static_cast<const std::uint8_t*>(tab.data);
+    const std::int64_t s0 = tab.s[0], s1 = tab.s[1], s2 = tab.s[2], s3 = tab.s[3];
+    return mask_expr::predicate(
+        [data, s0, s1, s2, s3](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
+          return data[b * s0 + h * s1 + i * s2 + j * s3] != 0;
+        },
+        name);
+  }
+  throw py::value_error("omniattn: unknown mask node '" + op + "'");
+}
+
+std::unique_ptr<py_mask> make_mask(py::handle tree) {
+  auto m = std::make_unique<py_mask>();
+  m->expr = build_mask(tree, *m);
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scores: a chain of stages, each a built-in omniattn::scores modifier or a table-driven affine map.
+
+struct affine_table {  // a[b, h, i, j] * s + c[b, h, i, j] (absent a = 1, absent c = 0)
+  table4 a, c;
+  double operator()(double s, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) const {
+    const double av = a ? a.at(b, h, i, j) : 1.0, cv = c ? c.at(b, h, i, j) : 0.0;
+    return av == 0.0 ? cv : av * s + cv;  // a = 0 keeps a masking c = -inf exact
+  }
+};
+
+std::vector<double> finite_values(py::handle obj, const std::string& what, bool positive) {
+  auto v = obj.cast<std::vector<double>>();
+  if (v.empty()) throw py::value_error("omniattn: " + what + " is empty");
+  for (double x : v)
+    if (!std::isfinite(x) || (positive && !(x > 0)))
+      throw py::value_error("omniattn: " + what + " must be finite" + (positive ? " and > 0" : ""));
+  return v;
+}
+
+omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shape4>& shapes) {
+  namespace sc = omniattn::scores;
+  omniattn::score_fn chain;
+  for (py::handle item : stages) {
+    const auto t = item.cast<py::tuple>();
+    const std::string kind = t[0].cast<std::string>();
+    omniattn::score_fn f;
+    if (kind == "softcap" && t.size() == 2) {
+      const double cap = t[1].cast<double>();
+      if (!(cap > 0) || !std::isfinite(cap))
+        throw py::value_error("omniattn: softcap cap must be a finite number > 0, got " + py::repr(t[1]).cast<std::string>());
+      f = sc::softcap(cap);
+    } else if (kind == "alibi" && t.size() == 3) {
+      f = sc::alibi(finite_values(t[1], "alibi slopes", false), t[2].cast<std::int64_t>());
+    } else if (kind == "temperature" && t.size() == 2) {
+      f = sc::temperature(finite_values(t[1], "temperature", true));
+    } else if (kind == "key_bias" && t.size() == 2) {
+      f = sc::key_bias(t[1].cast<std::vector<double>>());
+    } else if (kind == "affine" && t.size() == 3) {
+      affine_table at;
+      for (int x = 0; x < 2; ++x) {
+        py::handle tab = t[static_cast<std::size_t>(1 + x)];
+        if (tab.is_none()) continue;
+        shape4 shape{};
+        (x == 0 ? at.a : at.c) = make_table("score", describe(tab, "score table", false, false, keep), false, shape);
+        shapes.push_back(shape);
+      }
+      f = at;
+    } else {
+      throw py::value_error("omniattn: unknown score stage '" + kind + "'");
+    }
+    chain = chain ? sc::then(std::move(chain), std::move(f)) : std::move(f);
+  }
+  return chain;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Errors
+
+[[noreturn]] void raise_status(const std::string& error) {
+  // "[attention] k.type bf16 != q.type f32": a dtype problem, TypeError; everything else is a ValueError.
+  const std::string prefix = "[attention] ";
+  if (error.rfind(prefix, 0) == 0) {
+    const std::size_t end = error.find(' ', prefix.size());
+    const std::string subject = error.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
+    if (subject.size() > 5 && subject.compare(subject.size() - 5, 5, ".type") == 0) throw py::type_error(error);
+  }
+  throw py::value_error(error);
+}
+
+omniattn::backend parse_backend(const std::string& s) {
+  if (s == "auto") return omniattn::backend::automatic;
+  if (s == "reference") return omniattn::backend::reference;
+  if (s == "cpu") return omniattn::backend::cpu;
+  throw py::value_error("omniattn: backend must be 'auto', 'cpu' or 'reference', got '" + s + "'");
+}
+
+std::vector<std::int64_t> cu_seqlens(py::handle obj, const char* name) {
+  const auto a = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
+  if (!a || a.ndim() != 1) throw py::value_error(std::string("omniattn: ") + name + " must be a 1-d integer array");
+  return {a.data(), a.data() + a.size()};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One call: validate, explain, or run.
+
+py::object call(const std::string& mode, py::handle q, py::handle k, py::handle v, py::handle out, const std::string& layout,
+                bool as_bf16, std::optional<double> scale, const std::string& causal, py::handle mask,
+                py::handle score, py::handle blocks, py::handle lse, const std::string& backend, int threads,
+                py::handle cu_q, py::handle cu_k) {
+  if (layout != "bshd" && layout != "bhsd")
+    throw py::value_error("omniattn: layout must be 'bshd' or 'bhsd', got '" + layout + "'");
+  const bool bhsd = layout == "bhsd";
+  buffers keep;
+  const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), bhsd);
+  const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), bhsd);
+  const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), bhsd);
+  const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), bhsd);
+
+  omniattn::spec s;
+  s.scale = scale;
+  s.causal = parse_causal(causal);
+  if (!blocks.is_none()) s.blocks = &blocks.cast<const omniattn::block_mask&>();
+  omniattn::options opt;
+  opt.use = parse_backend(backend);
+  opt.threads = threads;
+
+  omniattn::lse_tensor l;
+  if (!lse.is_none()) {
+    const array a = describe(lse, "lse", true, false, keep);
+    if (a.type != elem::f32) throw py::type_error("omniattn: lse has dtype " + format_desc(a) + ", expected float32");
+    l.data = static_cast<float*>(a.data);
+    if (a.shape.size() == 3) {
+      l.stride_batch = a.strides[0], l.stride_head = a.strides[1], l.stride_seq = a.strides[2];
+    } else if (a.shape.size() == 2) {  // varlen: [heads, total_q]
+      l.stride_batch = 0, l.stride_head = a.strides[0], l.stride_seq = a.strides[1];
+    } else {
+      throw py::value_error("omniattn: lse must be [batch, heads, seq_q] (or [heads, total_q] with cu_seqlens)");
+    }
+    opt.lse = &l;
+  }
+
+  omniattn::varlen vl;
+  std::vector<std::int64_t> cuq, cuk;
+  if (!cu_q.is_none() || !cu_k.is_none()) {
+    if (cu_q.is_none() || cu_k.is_none()) throw py::value_error("omniattn: pass both cu_seqlens_q and cu_seqlens_k");
+    cuq = cu_seqlens(cu_q, "cu_seqlens_q");
+    cuk = cu_seqlens(cu_k, "cu_seqlens_k");
+    if (cuq.size() < 2 || cuq.size() != cuk.size())
+      throw py::value_error("omniattn: cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 >= 2 entries, got " +
+                            std::to_string(cuq.size()) + " and " + std::to_string(cuk.size()));
+    vl.cu_seqlens_q = cuq.data();
+    vl.cu_seqlens_k = cuk.data();
+    vl.num_seqs = static_cast<std::int64_t>(cuq.size()) - 1;
+    opt.packed = &vl;
+  }
+
+  // Everything but the mask and the score first: their tables are shaped after the validated problem.
+  omniattn::attn_params p;
+  if (const omniattn::status st = omniattn::make_params(tq, tk, tv, to, s, opt, p); !st) raise_status(st.error);
+  if (mode == "validate")
+    return py::dict("batch"_a = p.batch, "heads_q"_a = p.heads_q, "heads_kv"_a = p.heads_kv, "seq_q"_a = p.seq_q,
+                    "seq_k"_a = p.seq_k, "dim_qk"_a = p.dim_qk, "dim_v"_a = p.dim_v, "scale"_a = p.scale,
+                    "threads"_a = p.threads);
+
+  const shape4 want{p.batch, p.heads_q, p.seq_q, p.seq_k};
+  if (!mask.is_none()) {
+    const py_mask& m = mask.cast<const py_mask&>();
+    m.check_shapes(want);
+    s.mask = m.expr;
+  }
+  std::vector<shape4> score_shapes;
+  if (!score.is_none()) {
+    s.score = make_score(score, keep, score_shapes);  // empty when there are no stages
+    for (const shape4& sh : score_shapes) check_table_shape("score", sh, want);
+  }
+
+  if (mode == "explain") {
+    if (const omniattn::status st = omniattn::make_params(tq, tk, tv, to, s, opt, p); !st) raise_status(st.error);
+    const omniattn::selection sel = omniattn::select(p, opt.use);
+    return py::dict("ok"_a = sel.ok(), "name"_a = sel.name, "reasons"_a = sel.reasons, "threads"_a = p.threads,
+                    "mask"_a = p.mask ? p.mask->str() : std::string("none"));
+  }
+  if (mode != "run") throw py::value_error("omniattn: unknown mode '" + mode + "'");
+  omniattn::status st;
+  {
+    py::gil_scoped_release release;
+    st = omniattn::attention(tq, tk, tv, to, s, opt);
+  }
+  if (!st) raise_status(st.error);
+  return py::none();
+}
+
+// Tile classification of a mask (and causal flag) for a problem size, by omniattn::build_block_mask.
+omniattn::block_mask build_blocks(py::handle mask, const std::string& causal, std::int64_t batch, std::int64_t heads,
+                                  std::int64_t seq_q, std::int64_t seq_k, std::int64_t q_tile, std::int64_t kv_tile,
+                                  py::handle cu_q, py::handle cu_k) {
+  if (q_tile <= 0 || kv_tile <= 0)
+    throw py::value_error("omniattn: q_tile and kv_tile must be > 0, got " + std::to_string(q_tile) + " and " + std::to_string(kv_tile));
+  omniattn::attn_params p;
+  std::vector<std::int64_t> cuq, cuk;
+  p.batch = batch, p.heads_q = heads, p.heads_kv = heads, p.seq_q = seq_q, p.seq_k = seq_k;
+  if (!cu_q.is_none()) {
+    cuq = cu_seqlens(cu_q, "cu_seqlens_q");
+    cuk = cu_seqlens(cu_k, "cu_seqlens_k");
+    if (cuq.size() < 2 || cuq.size() != cuk.size())
+      throw py::value_error("omniattn: cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 >= 2 entries");
+    p.batch = static_cast<std::int64_t>(cuq.size()) - 1;
+    p.seq_q = p.seq_k = 0;
+    for (std::size_t x = 0; x + 1 < cuq.size(); ++x) {
+      if (cuq[x + 1] < cuq[x] || cuk[x + 1] < cuk[x] || cuq[0] != 0 || cuk[0] != 0)
+        throw py::value_error("omniattn: cu_seqlens must start at 0 and be non-decreasing");
+      p.seq_q = std::max(p.seq_q, cuq[x + 1] - cuq[x]);
+      p.seq_k = std::max(p.seq_k, cuk[x + 1] - cuk[x]);
+    }
+    p.cu_seqlens_q = cuq.data();
+    p.cu_seqlens_k = cuk.data();
+  }
+  if (p.batch <= 0 || p.heads_q <= 0 || p.seq_q <= 0 || p.seq_k <= 0)
+    throw py::value_error("omniattn: batch, heads, seq_q and seq_k must be > 0");
+  p.causal = parse_causal(causal);
+  if (!mask.is_none()) {
+    const py_mask& m = mask.cast<const py_mask&>();
+    if (const std::string why = m.expr.check(); !why.empty()) throw py::value_error("omniattn: mask " + why);
+    m.check_shapes({p.batch, p.heads_q, p.seq_q, p.seq_k});
+    p.mask = &m.expr;
+  }
+  py::gil_scoped_release release;
+  return omniattn::build_block_mask(p, q_tile, kv_tile);
+}
+
+py::array_t<std::uint8_t> kinds_array(const omniattn::block_mask& bm) {
+  py::array_t<std::uint8_t> a({bm.batch, bm.heads, bm.q_tiles, bm.kv_tiles});
+  auto* d = a.mutable_data();
+  for (std::size_t x = 0; x < bm.kinds.size(); ++x) d[x] = static_cast<std::uint8_t>(bm.kinds[x]);
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_omniattn, m) {
+  m.doc() = "omniattn C++ binding (use the omniattn package, not this module)";
+  m.attr("__version__") = std::to_string(OMNIATTN_VERSION_MAJOR) + "." + std::to_string(OMNIATTN_VERSION_MINOR) + "." +
+                          std::to_string(OMNIATTN_VERSION_PATCH);
+
+  m.def("call", &call, "mode"_a, "q"_a, "k"_a, "v"_a, "out"_a, py::kw_only(), "layout"_a = "bshd", "as_bf16"_a = false,
+        "scale"_a = py::none(), "causal"_a = "none", "mask"_a = py::none(), "score"_a = py::none(),
+        "blocks"_a = py::none(), "lse"_a = py::none(), "backend"_a = "auto", "threads"_a = 0,
+        "cu_seqlens_q"_a = py::none(), "cu_seqlens_k"_a = py::none(),
+        "Validates ('validate': returns the problem's sizes), explains ('explain': select()'s kernel and reasons) or runs "
+        "('run') one attention call.");
+
+  py::class_<py_mask>(m, "Mask", "A mask expression built from a lowered omniattn.masks tree.")
+      .def(py::init(&make_mask), "tree"_a)
+      .def("__str__", [](const py_mask& self) { return self.expr.str(); })
+      .def("check", [](const py_mask& self) { return self.expr.check(); })
+      .def("allows", [](const py_mask& self, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j, std::int64_t lq,
+                        std::int64_t lk) { return self.expr.allows(b, h, i, j, lq, lk); },
+           "b"_a, "h"_a, "i"_a, "j"_a, "lq"_a, "lk"_a)
+      .def_property_readonly("table_shapes", [](const py_mask& self) {
+        std::vector<shape4> out;
+        for (const auto& t : self.tables) out.push_back(t.second);
+        return out;
+      });
+
+  py::class_<omniattn::block_mask>(m, "BlockMask", "omniattn::block_mask: tile kinds [batch, heads, q_tiles, kv_tiles]")
+      .def(py::init([](const py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>& kinds, std::int64_t q_tile,
+                       std::int64_t kv_tile) {
+             if (kinds.ndim() != 4) throw py::value_error("omniattn: block mask kinds must be 4-d [batch, heads, q_tiles, kv_tiles]");
+             omniattn::block_mask bm;
+             bm.q_tile = q_tile, bm.kv_tile = kv_tile;
+             bm.batch = kinds.shape(0), bm.heads = kinds.shape(1), bm.q_tiles = kinds.shape(2), bm.kv_tiles = kinds.shape(3);
+             bm.kinds.resize(static_cast<std::size_t>(kinds.size()));
+             for (std::size_t x = 0; x < bm.kinds.size(); ++x)
+               bm.kinds[x] = static_cast<omniattn::tile_kind>(kinds.data()[x]);  // values are validated per call
+             return bm;
+           }),
+           "kinds"_a, "q_tile"_a, "kv_tile"_a)
+      .def_readonly("q_tile", &omniattn::block_mask::q_tile)
+      .def_readonly("kv_tile", &omniattn::block_mask::kv_tile)
+      .def_readonly("batch", &omniattn::block_mask::batch)
+      .def_readonly("heads", &omniattn::block_mask::heads)
+      .def_readonly("q_tiles", &omniattn::block_mask::q_tiles)
+      .def_readonly("kv_tiles", &omniattn::block_mask::kv_tiles)
+      .def_property_readonly("kinds", &kinds_array);
+
+  m.def("build_block_mask", &build_blocks, "mask"_a, "causal"_a, "batch"_a, "heads"_a, "seq_q"_a, "seq_k"_a, "q_tile"_a,
+        "kv_tile"_a, "cu_seqlens_q"_a = py::none(), "cu_seqlens_k"_a = py::none());
+
+  m.def("describe", [](py::handle obj, bool as_bf16) {
+    buffers keep;
+    const array a = describe(obj, "array", false, as_bf16, keep);
+    return py::dict("data"_a = reinterpret_cast<std::uintptr_t>(a.data), "dtype"_a = elem_name(a.type),
+                    "shape"_a = a.shape, "strides"_a = a.strides);
+  }, "obj"_a, "as_bf16"_a = false, "What the binding sees of an array: pointer, dtype, shape, element strides (no copy).");
+
+  m.def("alibi_slopes", &omniattn::scores::alibi_slopes, "heads"_a, "The ALiBi paper's slopes for `heads` heads.");
+
+  m.def("f32_to_bf16", py::vectorize(omniattn::f32_to_bf16), "Round float32 to bf16 bits (nearest even).");
+  m.def("bf16_to_f32", py::vectorize(omniattn::bf16_to_f32), "Widen bf16 bits to float32.");
+}

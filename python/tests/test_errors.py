@@ -1,0 +1,191 @@
+"""Every error path: the library's own message (ValueError, TypeError for dtypes), or the binding's."""
+
+import numpy as np
+import pytest
+
+import omniattn
+from omniattn import masks, scores
+
+from _helpers import qkv
+
+
+@pytest.fixture
+def data(rng):
+    return qkv(rng)  # q [2, 9, 4, 16], k [2, 13, 2, 16], v [2, 13, 2, 8]
+
+
+def raises(exc, message, *args, **kwargs):
+    """The exact message, start to end."""
+    with pytest.raises(exc) as info:
+        omniattn.attention(*args, **kwargs)
+    assert str(info.value) == message
+    return info
+
+
+# --- the C++ library's validation, passed through verbatim ----------------------------------------------------------
+
+
+def test_shape_mismatches(data):
+    q, k, v = data
+    raises(ValueError, "[attention] k.dim 8 != q.dim 16", q, k[..., :8], v)
+    raises(ValueError, "[attention] k.batch 1 != q.batch 2", q, k[:1], v[:1])
+    raises(ValueError, "[attention] v.seq 12 != k.seq 13", q, k, v[:, :12])
+    raises(ValueError, "[attention] v.heads 1 != k.heads 2", q, k, v[:, :, :1])
+    raises(ValueError, "[attention] q.heads 3 is not a multiple of k.heads 2", q[:, :, :3], k, v)
+    raises(ValueError, "[attention] q.seq 0 must be > 0", q[:, :0], k, v)
+
+
+def test_out_mismatches(data):
+    q, k, v = data
+    raises(ValueError, "[attention] out.seq 8 != q.seq 9", q, k, v, out=np.empty((2, 8, 4, 8), np.float32))
+    raises(ValueError, "[attention] out.dim 16 != v.dim 8", q, k, v, out=np.empty((2, 9, 4, 16), np.float32))
+    raises(TypeError, "[attention] out.type f16 must be q.type f32 or f32", q, k, v,
+           out=np.empty((2, 9, 4, 8), np.float16))
+    overlapping = np.lib.stride_tricks.as_strided(np.empty(64, np.float32), (2, 9, 4, 8), (0, 0, 0, 4))
+    with pytest.raises(ValueError, match=r"^\[attention\] out\.stride_.* makes the output overlap itself"):
+        omniattn.attention(q, k, v, out=overlapping)
+
+
+def test_out_aliases_input(rng):
+    buf = rng.standard_normal((2, 9, 4, 16)).astype(np.float32)
+    q = buf
+    k = v = buf[:, :, :2]
+    raises(ValueError, "[attention] out aliases q: the output must not overlap an input", q, k, v, out=buf)
+
+
+def test_negative_strides(data):
+    q, k, v = data
+    raises(ValueError, "[attention] q.stride_seq -64 must be >= 0", q[:, ::-1], k, v)
+
+
+def test_dtype_mismatch_is_type_error(data):
+    q, k, v = data
+    raises(TypeError, "[attention] k.type f16 != q.type f32", q, k.astype(np.float16), v.astype(np.float16))
+
+
+def test_spec_and_options(data):
+    q, k, v = data
+    raises(ValueError, "[attention] spec.scale inf must be finite", q, k, v, scale=float("inf"))
+    raises(ValueError, "[attention] options.threads -1 must be >= 0 (0 = all cores)", q, k, v, threads=-1)
+    with pytest.raises(ValueError, match=r"^\[attention\] spec\.mask document: offsets must start at 0$"):
+        omniattn.attention(q, k, v, mask=masks.document([1, 5, 13]))
+
+
+def test_varlen_errors(rng):
+    q, k, v = (rng.standard_normal((10, 2, 8)).astype(np.float32) for _ in range(3))
+    raises(ValueError, "[attention] varlen.cu_seqlens_q[2] 9 != total tokens 10", q, k, v,
+           cu_seqlens_q=[0, 4, 9], cu_seqlens_k=[0, 4, 10])
+    raises(ValueError, "[attention] varlen.cu_seqlens_k[2] 3 < [1] 4: must be non-decreasing", q, k, v,
+           cu_seqlens_q=[0, 4, 10], cu_seqlens_k=[0, 4, 3])
+    raises(ValueError, "omniattn: pass both cu_seqlens_q and cu_seqlens_k, or neither", q, k, v, cu_seqlens_q=[0, 10])
+    raises(ValueError, "omniattn: cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 >= 2 entries, got 2 and 3",
+           q, k, v, cu_seqlens_q=[0, 10], cu_seqlens_k=[0, 5, 10])
+    with pytest.raises(ValueError, match="must be 3-d"):
+        omniattn.attention(q[None], k[None], v[None], cu_seqlens_q=[0, 10], cu_seqlens_k=[0, 10])
+
+
+# --- dtypes -----------------------------------------------------------------------------------------------------------
+
+
+def test_unsupported_numpy_dtypes(data):
+    q, k, v = data
+    with pytest.raises(TypeError, match="q has dtype float64; supported: float32, float16, and bfloat16"):
+        omniattn.attention(q.astype(np.float64), k, v)
+    with pytest.raises(TypeError, match="k has dtype int32"):
+        omniattn.attention(q, k.astype(np.int32), v)
+    with pytest.raises(TypeError, match="pass dtype='bf16'"):
+        omniattn.attention(*(x.view(np.uint16)[..., ::2] for x in data))
+    with pytest.raises(TypeError, match="has dtype >f4"):
+        omniattn.attention(q.astype(">f4"), k, v)
+
+
+def test_unsupported_torch_dtypes(data):
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.from_numpy(x) for x in data)
+    with pytest.raises(TypeError, match=r"q has dtype torch.float64; supported: torch.float32, torch.bfloat16"):
+        omniattn.attention(q.double(), k, v)
+    with pytest.raises(TypeError, match="v has dtype torch.int64"):
+        omniattn.attention(q, k, v.long())
+    with pytest.raises(TypeError, match=r"^\[attention\] k.type bf16 != q.type f32$"):
+        omniattn.attention(q, k.bfloat16(), v.bfloat16())
+
+
+def test_binding_rejects_other_formats_too(data):
+    # The C++ side checks formats on its own, whatever the Python layer lets through.
+    q, k, v = data
+    from omniattn import _omniattn as C
+    with pytest.raises(TypeError, match="q has dtype float64"):
+        C.call("run", q.astype(np.float64), k, v, np.empty((2, 9, 4, 8), np.float32))
+    with pytest.raises(TypeError, match="must be a numpy array or a torch tensor, not int"):
+        C.call("run", 3, k, v, np.empty((2, 9, 4, 8), np.float32))
+
+
+def test_bad_arguments(data):
+    q, k, v = data
+    with pytest.raises(TypeError, match="q must be a numpy array or a torch tensor, not list"):
+        omniattn.attention(q.tolist(), k, v)
+    with pytest.raises(ValueError, match=r"q must be 4-d \[batch, seq, heads, dim\] for layout='bshd'"):
+        omniattn.attention(q[0], k, v)
+    with pytest.raises(ValueError, match="layout must be"):
+        omniattn.attention(q, k, v, layout="sbhd")
+    with pytest.raises(ValueError, match="backend must be"):
+        omniattn.attention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="causal must be"):
+        omniattn.attention(q, k, v, causal="left")
+    with pytest.raises(ValueError, match="dtype must be None or 'bf16'"):
+        omniattn.attention(q, k, v, dtype="f8")
+    with pytest.raises(ValueError, match="out is read-only"):
+        out = np.empty((2, 9, 4, 8), np.float32)
+        out.flags.writeable = False
+        omniattn.attention(q, k, v, out=out)
+
+
+def test_mask_errors(data):
+    q, k, v = data
+    with pytest.raises(ValueError, match=r"mask array\(3, 5\) of shape \(3, 5\) does not broadcast to .* \(2, 4, 9, 13\)"):
+        omniattn.attention(q, k, v, mask=np.ones((3, 5), dtype=bool))
+    with pytest.raises(TypeError, match="mask array must be boolean"):
+        omniattn.attention(q, k, v, mask=np.ones((9, 13), dtype=np.float32))
+    with pytest.raises(TypeError, match="mask <lambda> gave float64 values, expected bool"):
+        omniattn.attention(q, k, v, mask=lambda b, h, i, j: (i - j) * 1.0)
+    with pytest.raises(TypeError, match="a mask must be"):
+        omniattn.attention(q, k, v, mask="causal")
+    with pytest.raises(ValueError, match="align must be"):
+        masks.causal("left")
+    with pytest.raises(TypeError, match="left must be an int"):
+        masks.sliding_window(2.5)
+
+
+def test_score_errors(data):
+    q, k, v = data
+    with pytest.raises(ValueError, match="score function <lambda> is not affine in s"):
+        omniattn.attention(q, k, v, score=lambda s, b, h, i, j: s * s)
+    with pytest.raises(ValueError, match="softcap cap must be a finite number > 0"):
+        scores.softcap(0)
+    with pytest.raises(ValueError, match=r"alibi slopes has 3 values for 4 query heads \(give 1 or one per head\)"):
+        omniattn.attention(q, k, v, score=scores.alibi([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"does not broadcast to \[batch, heads, seq_q, seq_k\]"):
+        omniattn.attention(q, k, v, score=np.zeros((9, 12)))
+    with pytest.raises(TypeError, match="only additive score modifiers add"):
+        scores.softcap(3.0) + scores.alibi([1.0])
+    with pytest.raises(ValueError, match="alibi slopes is empty"):
+        scores.alibi([])
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        scores.temperature([1.0, 0.0])
+
+
+def test_block_mask_errors(data):
+    q, k, v = data
+    bm = omniattn.build_block_mask(masks.causal(), 2, 4, 9, 14, q_tile=4, kv_tile=4)
+    with pytest.raises(ValueError, match=r"block_mask was built for \[batch, heads, seq_q, seq_k\] = \(2, 4, 9, 14\)"):
+        omniattn.attention(q, k, v, block_mask=bm)
+    bm = omniattn.build_block_mask(masks.causal(), 2, 4, 9, 13, q_tile=8, kv_tile=8)
+    with pytest.raises(ValueError, match=r"^\[attention\] spec.blocks.batch 3 must be 1 or 2$"):
+        bad = omniattn.BlockMask.from_kinds(np.full((3, 1, 2, 2), 2), 8, 8)
+        omniattn.attention(q, k, v, block_mask=bad)
+    with pytest.raises(ValueError, match=r"^\[attention\] spec.blocks.kv_tiles 3 != ceil\(seq_k 13 / kv_tile 8\) = 2$"):
+        omniattn.attention(q, k, v, block_mask=omniattn.BlockMask.from_kinds(np.full((1, 1, 2, 3), 2), 8, 8))
+    with pytest.raises(TypeError, match="block_mask must be an omniattn.BlockMask"):
+        omniattn.attention(q, k, v, block_mask=np.zeros((1, 1, 2, 2)))
+    with pytest.raises(ValueError, match="q_tile and kv_tile must be > 0"):
+        omniattn.build_block_mask(masks.causal(), 2, 4, 9, 13, q_tile=0)

@@ -1,0 +1,69 @@
+// Small shared helpers of the unit tests (the tolerance policy itself lives in tolerance.h).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "omniattn/omniattn.h"
+
+namespace omniattn::test {
+
+// OMNIATTN_TEST_INTENSITY=full enables the larger sweeps; the default ("quick") keeps the whole suite fast enough for
+// the sanitizer build.
+inline bool full_intensity() {
+  const char* e = std::getenv("OMNIATTN_TEST_INTENSITY");
+  return e && std::string(e) == "full";
+}
+
+// N values of `axis` such that every value appears at least floor(N / axis.size()) times (concatenated seeded
+// shuffles): independent shuffles per axis give random combinations with full coverage of each axis.
+template <class T>
+std::vector<T> covering_sequence(const std::vector<T>& axis, std::size_t n, std::mt19937_64& rng) {
+  std::vector<T> out;
+  while (out.size() < n) {
+    std::vector<T> perm = axis;
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (const T& x : perm)
+      if (out.size() < n) out.push_back(x);
+  }
+  return out;
+}
+
+inline const char* causal_name(causal_mode c) {
+  return c == causal_mode::none ? "none" : c == causal_mode::top_left ? "top_left" : "bottom_right";
+}
+
+// Sets an environment variable for the lifetime of the guard, restoring the previous state afterwards
+// (e.g. OMNIATTN_BF16_DOT=1 forces the cpu backend's bf16 dot-product kernel where the CPU has it).
+class scoped_env {
+ public:
+  scoped_env(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) {
+      had_ = true;
+      old_ = old;
+    }
+    ::setenv(name, value, 1);
+  }
+  ~scoped_env() {
+    if (had_) ::setenv(name_.c_str(), old_.c_str(), 1);
+    else ::unsetenv(name_.c_str());
+  }
+  scoped_env(const scoped_env&) = delete;
+  scoped_env& operator=(const scoped_env&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
+template <class T>
+bool bytes_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+}  // namespace omniattn::test

@@ -1,0 +1,404 @@
+// Every validation rule of src/core/validate.cc: the call is rejected, the message starts with "[attention]" and names
+// the argument, and nothing is written: the output (and LSE) buffers, and the inputs, are unchanged byte for byte.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "omniattn/omniattn.h"
+
+namespace omniattn {
+namespace {
+
+constexpr std::int64_t B = 2, LQ = 5, LK = 7, HQ = 4, HKV = 2, D = 8, DV = 6;
+constexpr std::size_t k_slack = 4096;  // every buffer is oversized so a wrongly accepted call cannot write out of bounds
+constexpr std::uint8_t k_sentinel = 0xa5;
+
+// One attention call over caller-owned buffers, valid as constructed; tests break one rule at a time.
+// Not copyable: options and spec point into it.
+struct call {
+  std::vector<float> qb, kb, vb, ob, lb;
+  tensor q, k, v, out;
+  lse_tensor l;
+  spec s;
+  options o;
+  varlen vl;
+  std::vector<std::int64_t> cu_q, cu_k;
+  block_mask bm;
+
+  // packed: a varlen call (two sequences 4:5 and 5:7), else a fixed-length [B, LQ/LK] batch.
+  explicit call(bool packed = false)
+      : qb(B * LQ * HQ * D + k_slack), kb(B * LK * HKV * D + k_slack), vb(B * LK * HKV * DV + k_slack),
+        ob(B * LQ * HQ * DV + k_slack), lb(B * HQ * LQ + k_slack) {
+    std::mt19937_64 rng(7);
+    std::uniform_real_distribution<float> u(-1, 1);
+    for (auto* buf : {&qb, &kb, &vb})
+      for (float& x : *buf) x = u(rng);
+    std::memset(ob.data(), k_sentinel, ob.size() * sizeof(float));
+    std::memset(lb.data(), k_sentinel, lb.size() * sizeof(float));
+    if (packed) {
+      cu_q = {0, 4, 9};
+      cu_k = {0, 5, 12};
+      vl = {cu_q.data(), cu_k.data(), 2};
+      q = make_bshd(qb.data(), dtype::f32, 1, 9, HQ, D);
+      k = make_bshd(kb.data(), dtype::f32, 1, 12, HKV, D);
+      v = make_bshd(vb.data(), dtype::f32, 1, 12, HKV, DV);
+      out = make_bshd(ob.data(), dtype::f32, 1, 9, HQ, DV);
+      l = make_lse(lb.data(), HQ, 9);
+      o.packed = &vl;
+    } else {
+      q = make_bshd(qb.data(), dtype::f32, B, LQ, HQ, D);
+      k = make_bshd(kb.data(), dtype::f32, B, LK, HKV, D);
+      v = make_bshd(vb.data(), dtype::f32, B, LK, HKV, DV);
+      out = make_bshd(ob.data(), dtype::f32, B, LQ, HQ, DV);
+      l = make_lse(lb.data(), HQ, LQ);
+    }
+    o.lse = &l;
+    o.use = backend::reference;
+    o.threads = 1;
+  }
+  call(const call&) = delete;
+  call& operator=(const call&) = delete;
+
+  // A valid block mask for the fixed-length call: tiles 2 x 4 -> 3 x 2 tiles, broadcast over batch and heads.
+  void add_block_mask() {
+    bm.q_tile = 2;
+    bm.kv_tile = 4;
+    bm.batch = 1;
+    bm.heads = 1;
+    bm.q_tiles = 3;
+    bm.kv_tiles = 2;
+    bm.kinds.assign(6, tile_kind::partial);
+    s.blocks = &bm;
+  }
+
+  // Makes q, k, v, out bf16 views over the same buffers (sizes unchanged), refilling the inputs with bf16 values.
+  void to_bf16() {
+    std::mt19937_64 rng(8);
+    std::uniform_real_distribution<float> u(-1, 1);
+    for (auto* buf : {&qb, &kb, &vb}) {
+      auto* h = reinterpret_cast<std::uint16_t*>(buf->data());
+      for (std::size_t n = 0; n < 2 * buf->size(); ++n) h[n] = f32_to_bf16(u(rng));
+    }
+    for (tensor* t : {&q, &k, &v, &out}) *t = make_bshd(t->data, dtype::bf16, t->batch, t->seq, t->heads, t->dim);
+  }
+
+  std::vector<std::uint8_t> snapshot() const {
+    std::vector<std::uint8_t> all;
+    for (const auto* buf : {&qb, &kb, &vb, &ob, &lb}) {
+      const auto* p = reinterpret_cast<const std::uint8_t*>(buf->data());
+      all.insert(all.end(), p, p + buf->size() * sizeof(float));
+    }
+    return all;
+  }
+};
+
+bool all_sentinel(const std::vector<float>& buf) {
+  const auto* p = reinterpret_cast<const std::uint8_t*>(buf.data());
+  for (std::size_t n = 0; n < buf.size() * sizeof(float); ++n)
+    if (p[n] != k_sentinel) return false;
+  return true;
+}
+
+// The call after `mutate` must be rejected by attention() and make_params() with a message that starts with
+// "[attention]" and contains `needle`, and must not write a byte anywhere.
+void expect_rejected(const std::function<void(call&)>& mutate, const std::string& needle, bool packed = false) {
+  SCOPED_TRACE(needle);
+  call c(packed);
+  mutate(c);
+  const std::vector<std::uint8_t> before = c.snapshot();
+  const status st = attention(c.q, c.k, c.v, c.out, c.s, c.o);
+  EXPECT_FALSE(st.ok());
+  EXPECT_FALSE(static_cast<bool>(st));
+  EXPECT_EQ(st.error.rfind("[attention] ", 0), 0u) << st.error;
+  EXPECT_NE(st.error.find(needle), std::string::npos) << "message: " << st.error;
+  EXPECT_TRUE(c.snapshot() == before) << "a rejected call wrote to memory";
+  EXPECT_TRUE(all_sentinel(c.ob)) << "output written";
+  EXPECT_TRUE(all_sentinel(c.lb)) << "lse written";
+  // make_params reports the same rule and leaves the params struct alone.
+  attn_params p;
+  p.batch = 12345;
+  p.out = &p;
+  const status sp = make_params(c.q, c.k, c.v, c.out, c.s, c.o, p);
+  EXPECT_EQ(sp.error, st.error);
+  EXPECT_EQ(p.batch, 12345);
+  EXPECT_EQ(p.out, static_cast<void*>(&p));
+  // Every backend validates the same way (unless the rule broken is the backend itself).
+  if (c.o.use == backend::reference) {
+    for (backend b : {backend::automatic, backend::cpu}) {
+      c.o.use = b;
+      const status sb = attention(c.q, c.k, c.v, c.out, c.s, c.o);
+      EXPECT_FALSE(sb.ok());
+      EXPECT_NE(sb.error.find(needle), std::string::npos) << backend_name(b) << ": " << sb.error;
+    }
+  }
+  EXPECT_TRUE(c.snapshot() == before) << "a rejected call wrote to memory";
+}
+
+void expect_accepted(const std::function<void(call&)>& mutate, bool packed = false) {
+  for (backend b : {backend::reference, backend::cpu, backend::automatic}) {
+    call c(packed);
+    mutate(c);
+    c.o.use = b;
+    const status st = attention(c.q, c.k, c.v, c.out, c.s, c.o);
+    EXPECT_TRUE(st.ok()) << backend_name(b) << ": " << st.error;
+    EXPECT_FALSE(all_sentinel(c.ob)) << backend_name(b) << ": the output was not written";
+  }
+}
+
+tensor& pick(call& c, int which) { return which == 0 ? c.q : which == 1 ? c.k : which == 2 ? c.v : c.out; }
+const char* const k_names[4] = {"q", "k", "v", "out"};
+
+// ------------------------------------------------------------------------------------------------------------------
+
+TEST(Validation, ValidCallsSucceed) {
+  expect_accepted([](call&) {});
+  expect_accepted([](call&) {}, /*packed=*/true);
+  expect_accepted([](call& c) { c.o.lse = nullptr; });
+  expect_accepted([](call& c) { c.add_block_mask(); });
+  expect_accepted([](call& c) { c.to_bf16(); });
+  expect_accepted([](call& c) {  // bf16 inputs, f32 output
+    c.to_bf16();
+    c.out.type = dtype::f32;
+  });
+  expect_accepted([](call& c) {  // inputs may broadcast with stride 0
+    c.k.stride_batch = 0;
+    c.v.stride_batch = 0;
+  });
+  expect_accepted([](call& c) { c.o.threads = 0; });
+  expect_accepted([](call& c) { c.s.scale = 0.0; });
+}
+
+TEST(Validation, NullPointers) {
+  for (int t = 0; t < 4; ++t)
+    expect_rejected([t](call& c) { pick(c, t).data = nullptr; }, std::string(k_names[t]) + ".data is null");
+}
+
+TEST(Validation, UnknownDtype) {
+  for (int t = 0; t < 4; ++t)
+    expect_rejected([t](call& c) { pick(c, t).type = static_cast<dtype>(9); }, std::string(k_names[t]) + ".type 9 is not a known dtype");
+}
+
+TEST(Validation, NonPositiveSizes) {
+  const char* const dims[4] = {"batch", "seq", "heads", "dim"};
+  for (int t = 0; t < 4; ++t)
+    for (int d = 0; d < 4; ++d)
+      for (std::int64_t bad : {0, -3}) {
+        expect_rejected(
+            [t, d, bad](call& c) {
+              tensor& x = pick(c, t);
+              std::int64_t* f[4] = {&x.batch, &x.seq, &x.heads, &x.dim};
+              *f[d] = bad;
+            },
+            std::string(k_names[t]) + "." + dims[d] + " " + std::to_string(bad) + " must be > 0");
+      }
+}
+
+TEST(Validation, ShapeMismatches) {
+  expect_rejected([](call& c) { c.k = make_bshd(c.kb.data(), dtype::f32, B, LK, HKV, 4); }, "k.dim 4 != q.dim 8");
+  expect_rejected([](call& c) { c.k = make_bshd(c.kb.data(), dtype::f32, 1, LK, HKV, D); }, "k.batch 1 != q.batch 2");
+  expect_rejected([](call& c) { c.v = make_bshd(c.vb.data(), dtype::f32, 1, LK, HKV, DV); }, "v.batch 1 != k.batch 2");
+  expect_rejected([](call& c) { c.v = make_bshd(c.vb.data(), dtype::f32, B, LK - 1, HKV, DV); }, "v.seq 6 != k.seq 7");
+  expect_rejected([](call& c) { c.v = make_bshd(c.vb.data(), dtype::f32, B, LK, 1, DV); }, "v.heads 1 != k.heads 2");
+  expect_rejected(
+      [](call& c) {
+        c.q = make_bshd(c.qb.data(), dtype::f32, B, LQ, 3, D);
+        c.out = make_bshd(c.ob.data(), dtype::f32, B, LQ, 3, DV);
+      },
+      "q.heads 3 is not a multiple of k.heads 2");
+  expect_rejected([](call& c) { c.out = make_bshd(c.ob.data(), dtype::f32, 1, LQ, HQ, DV); }, "out.batch 1 != q.batch 2");
+  expect_rejected([](call& c) { c.out = make_bshd(c.ob.data(), dtype::f32, B, LQ - 1, HQ, DV); }, "out.seq 4 != q.seq 5");
+  expect_rejected([](call& c) { c.out = make_bshd(c.ob.data(), dtype::f32, B, LQ, 2, DV); }, "out.heads 2 != q.heads 4");
+  expect_rejected([](call& c) { c.out = make_bshd(c.ob.data(), dtype::f32, B, LQ, HQ, D); }, "out.dim 8 != v.dim 6");
+}
+
+TEST(Validation, DtypeMismatches) {
+  expect_rejected([](call& c) { c.k.type = dtype::bf16; }, "k.type bf16 != q.type f32");
+  expect_rejected([](call& c) { c.v.type = dtype::f16; }, "v.type f16 != q.type f32");
+  expect_rejected([](call& c) { c.out.type = dtype::bf16; }, "out.type bf16 must be q.type f32 or f32");
+  expect_rejected(
+      [](call& c) {
+        c.to_bf16();
+        c.out.type = dtype::f16;
+      },
+      "out.type f16 must be q.type bf16 or f32");
+  expect_rejected(
+      [](call& c) {
+        c.to_bf16();
+        c.q.type = dtype::f16;
+        c.out.type = dtype::f16;
+      },
+      "k.type bf16 != q.type f16");
+}
+
+TEST(Validation, NegativeStrides) {
+  expect_rejected([](call& c) { c.q.stride_seq = -32; }, "q.stride_seq -32 must be >= 0");
+  expect_rejected([](call& c) { c.k.stride_batch = -1; }, "k.stride_batch -1 must be >= 0");
+  expect_rejected([](call& c) { c.v.stride_head = -6; }, "v.stride_head -6 must be >= 0");
+  expect_rejected([](call& c) { c.out.stride_dim = -1; }, "out.stride_dim -1 must be >= 0");
+}
+
+TEST(Validation, OverflowingStrides) {
+  constexpr std::int64_t huge = std::numeric_limits<std::int64_t>::max();
+  expect_rejected([](call& c) { c.q.stride_seq = huge; }, "q strides overflow int64 addressing");
+  expect_rejected([](call& c) { c.k.stride_batch = huge / 2; }, "k strides overflow int64 addressing");  // in bytes
+  expect_rejected([](call& c) { c.v.stride_dim = huge / 4; }, "v strides overflow int64 addressing");
+  expect_rejected([](call& c) { c.out.stride_head = huge / 3 + 1; }, "out strides overflow int64 addressing");
+  expect_rejected(
+      [](call& c) {
+        // Each product fits, their sum does not.
+        c.q.stride_batch = huge / 2;
+        c.q.stride_seq = huge / 8;
+      },
+      "q strides overflow int64 addressing");
+}
+
+TEST(Validation, ViewPastTheEndOfTheAddressSpace) {
+  expect_rejected([](call& c) { c.k.data = reinterpret_cast<void*>(std::numeric_limits<std::uintptr_t>::max() - 64); },
+                  "k extends past the end of the address space");
+}
+
+TEST(Validation, OutputOverlapsItself) {
+  expect_rejected([](call& c) { c.out.stride_dim = 0; }, "out.stride_dim 0 makes the output overlap itself");
+  expect_rejected([](call& c) { c.out.stride_seq = 0; }, "out.stride_seq 0 makes the output overlap itself");
+  expect_rejected([](call& c) { c.out.stride_batch = 0; }, "out.stride_batch 0 makes the output overlap itself");
+  expect_rejected([](call& c) { c.out.stride_head = 3; }, "out.stride_head 3 makes the output overlap itself (needs >= 6)");
+  // A size-1 dimension may have any stride.
+  expect_accepted([](call& c) {
+    c.q = make_bshd(c.qb.data(), dtype::f32, B, 1, HQ, D);
+    c.out = make_bshd(c.ob.data(), dtype::f32, B, 1, HQ, DV);
+    c.out.stride_seq = 0;
+    c.l = make_lse(c.lb.data(), HQ, 1);
+  });
+}
+
+TEST(Validation, OutputAliasesAnInput) {
+  expect_rejected([](call& c) { c.out.data = c.qb.data(); }, "out aliases q");
+  expect_rejected([](call& c) { c.out.data = c.kb.data() + 10; }, "out aliases k");
+  expect_rejected([](call& c) { c.out.data = c.vb.data(); }, "out aliases v");
+  // Partial overlap: the output ends one element into q.
+  expect_rejected([](call& c) { c.q.data = c.ob.data() + (B * LQ * HQ * DV - 1); }, "out aliases q");
+  // Adjacent but disjoint is fine.
+  expect_accepted([](call& c) { c.q.data = c.ob.data() + B * LQ * HQ * DV; });
+}
+
+TEST(Validation, LseErrors) {
+  expect_rejected([](call& c) { c.l.data = nullptr; }, "lse.data is null");
+  expect_rejected([](call& c) { c.l.stride_head = -1; }, "lse.stride_head -1 must be >= 0");
+  expect_rejected([](call& c) { c.l.stride_batch = std::numeric_limits<std::int64_t>::max(); }, "lse strides overflow int64 addressing");
+  expect_rejected([](call& c) { c.l.stride_seq = 0; }, "lse.stride_seq 0 makes the output overlap itself");
+  expect_rejected([](call& c) { c.l.stride_head = 2; }, "lse.stride_head 2 makes the output overlap itself");
+  expect_rejected([](call& c) { c.l.data = c.qb.data(); }, "lse aliases an input");
+  expect_rejected([](call& c) { c.l.data = c.kb.data() + 3; }, "lse aliases an input");
+  expect_rejected([](call& c) { c.l.data = c.vb.data(); }, "lse aliases an input");
+  expect_rejected([](call& c) { c.l.data = c.ob.data() + 7; }, "lse aliases out");
+}
+
+TEST(Validation, NonFiniteScale) {
+  expect_rejected([](call& c) { c.s.scale = std::numeric_limits<double>::infinity(); }, "spec.scale inf must be finite");
+  expect_rejected([](call& c) { c.s.scale = -std::numeric_limits<double>::infinity(); }, "spec.scale -inf must be finite");
+  expect_rejected([](call& c) { c.s.scale = std::numeric_limits<double>::quiet_NaN(); }, "must be finite");
+  expect_rejected([](call& c) { c.s.scale = std::numeric_limits<double>::quiet_NaN(); }, "spec.scale");
+}
+
+TEST(Validation, BadEnums) {
+  expect_rejected([](call& c) { c.s.causal = static_cast<causal_mode>(5); }, "spec.causal 5 is not a causal_mode");
+  expect_rejected([](call& c) { c.o.use = static_cast<backend>(7); }, "options.use 7 is not a backend");
+}
+
+TEST(Validation, InvalidMaskExpression) {
+  expect_rejected([](call& c) { c.s.mask = mask_expr::sinks(-1); }, "spec.mask sinks: n -1 must be >= 0");
+  expect_rejected([](call& c) { c.s.mask = mask_expr::block_causal(0); }, "spec.mask block_causal: block 0 must be > 0");
+  expect_rejected([](call& c) { c.s.mask = mask_expr::dilated(0) | mask_expr::full(); }, "spec.mask dilated: dilation 0 must be > 0");
+  expect_rejected([](call& c) { c.s.mask = mask_expr::document({2, 5}); }, "spec.mask document: offsets must start at 0");
+  expect_rejected([](call& c) { c.s.mask = mask_expr::document({0, 5, 3}); }, "spec.mask document: offsets must be non-decreasing");
+  expect_accepted([](call& c) { c.s.mask = mask_expr::window(2, -1, causal_mode::bottom_right) & mask_expr::document({0, 3, 7}); });
+}
+
+TEST(Validation, NegativeThreads) {
+  expect_rejected([](call& c) { c.o.threads = -1; }, "options.threads -1 must be >= 0");
+  expect_rejected([](call& c) { c.o.threads = std::numeric_limits<int>::min(); }, "options.threads");
+}
+
+TEST(Validation, Varlen) {
+  constexpr bool packed = true;
+  expect_rejected([](call& c) { c.vl.num_seqs = 0; }, "varlen.num_seqs 0 must be > 0", packed);
+  expect_rejected([](call& c) { c.vl.num_seqs = -2; }, "varlen.num_seqs -2 must be > 0", packed);
+  expect_rejected([](call& c) { c.vl.cu_seqlens_q = nullptr; }, "varlen.cu_seqlens_q is null", packed);
+  expect_rejected([](call& c) { c.vl.cu_seqlens_k = nullptr; }, "varlen.cu_seqlens_k is null", packed);
+  expect_rejected(
+      [](call& c) {
+        c.q.batch = c.k.batch = c.v.batch = c.out.batch = 2;
+        c.q.seq = c.out.seq = 4;
+        c.k.seq = c.v.seq = 6;
+        c.l = make_lse(c.lb.data(), HQ, 4);
+      },
+      "q.batch 2 must be 1 with varlen", packed);
+  expect_rejected([](call& c) { c.cu_q[0] = 1; }, "varlen.cu_seqlens_q[0] 1 must be 0", packed);
+  expect_rejected([](call& c) { c.cu_k[0] = -1; }, "varlen.cu_seqlens_k[0] -1 must be 0", packed);
+  expect_rejected(
+      [](call& c) {
+        c.cu_q = {0, 6, 4, 9};
+        c.cu_k = {0, 5, 6, 12};
+        c.vl = {c.cu_q.data(), c.cu_k.data(), 3};
+      },
+      "varlen.cu_seqlens_q[2] 4 < [1] 6: must be non-decreasing", packed);
+  expect_rejected(
+      [](call& c) {
+        c.cu_k = {0, 7, 5};
+        c.vl.cu_seqlens_k = c.cu_k.data();
+      },
+      "varlen.cu_seqlens_k[2] 5 < [1] 7: must be non-decreasing", packed);
+  expect_rejected([](call& c) { c.cu_k[2] = 11; }, "varlen.cu_seqlens_k[2] 11 != total tokens 12", packed);
+  expect_rejected([](call& c) { c.cu_q[2] = 10; }, "varlen.cu_seqlens_q[2] 10 != total tokens 9", packed);
+  // Empty sequences are fine.
+  expect_accepted(
+      [](call& c) {
+        c.cu_q = {0, 0, 4, 9};
+        c.cu_k = {0, 5, 5, 12};
+        c.vl = {c.cu_q.data(), c.cu_k.data(), 3};
+      },
+      packed);
+}
+
+TEST(Validation, BlockMaskDimensions) {
+  expect_rejected([](call& c) { c.add_block_mask(); c.bm.q_tile = 0; }, "spec.blocks.q_tile 0 must be > 0");
+  expect_rejected([](call& c) { c.add_block_mask(); c.bm.kv_tile = -4; }, "spec.blocks.kv_tile -4 must be > 0");
+  expect_rejected([](call& c) { c.add_block_mask(); c.bm.q_tiles = 2; }, "spec.blocks.q_tiles 2 != ceil(seq_q 5 / q_tile 2) = 3");
+  expect_rejected([](call& c) { c.add_block_mask(); c.bm.kv_tiles = 3; }, "spec.blocks.kv_tiles 3 != ceil(seq_k 7 / kv_tile 4) = 2");
+  expect_rejected([](call& c) { c.add_block_mask(); c.bm.batch = 3; }, "spec.blocks.batch 3 must be 1 or 2");
+  expect_rejected([](call& c) { c.add_block_mask(); c.bm.heads = 2; }, "spec.blocks.heads 2 must be 1 or 4");
+  expect_rejected([](call& c) { c.add_block_mask(); c.bm.kinds.pop_back(); }, "spec.blocks.kinds has 5 entries, expected 6");
+  expect_rejected([](call& c) { c.add_block_mask(); c.bm.kinds[4] = static_cast<tile_kind>(3); }, "spec.blocks.kinds holds 3, not a tile_kind");
+  // Per-batch, per-head masks are fine.
+  expect_accepted([](call& c) {
+    c.add_block_mask();
+    c.bm.batch = B;
+    c.bm.heads = HQ;
+    c.bm.kinds.assign(static_cast<std::size_t>(B * HQ * 6), tile_kind::full);
+  });
+}
+
+TEST(Validation, NoKernelFitsLeavesOutputUntouched) {
+  // Passes validation but no cpu kernel takes head dim 600: the error is reported before anything runs.
+  call c;
+  std::vector<float> qb(B * LQ * HQ * 600), kb(B * LK * HKV * 600);
+  c.q = make_bshd(qb.data(), dtype::f32, B, LQ, HQ, 600);
+  c.k = make_bshd(kb.data(), dtype::f32, B, LK, HKV, 600);
+  c.o.use = backend::cpu;
+  const status st = attention(c.q, c.k, c.v, c.out, c.s, c.o);
+  EXPECT_FALSE(st.ok());
+  EXPECT_EQ(st.error.rfind("[attention] no cpu kernel fits:", 0), 0u) << st.error;
+  EXPECT_NE(st.error.find("q.dim 600 > 512"), std::string::npos) << st.error;
+  EXPECT_TRUE(all_sentinel(c.ob));
+  EXPECT_TRUE(all_sentinel(c.lb));
+}
+
+}  // namespace
+}  // namespace omniattn

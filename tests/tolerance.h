@@ -1,0 +1,235 @@
+// THE tolerance policy of the omniattn tests. Every numerical comparison of a kernel against the fp64 oracle goes
+// through this file; no test defines its own ad-hoc epsilon for kernel output.
+//
+// Rule (FlashAttention's: "the error of the fused kernel is at most a small multiple of the error of a straightforward
+// implementation in the same precision"), for one problem and one spec:
+//
+//   oracle = backend::reference (fp64 accumulation) with an f32 output, i.e. the exact result rounded once to f32;
+//   naive  = naive_attention_f32 (materialized scores, float softmax, float PV) writing the problem's output dtype;
+//   kernel = the backend under test writing the problem's output dtype.
+//
+//   max|kernel.out - oracle.out| <= 2 * max|naive.out - oracle.out| + k_out_floor_eps * eps(out dtype) * max|oracle.out|
+//   max|kernel.lse - oracle.lse| <= 2 * max|naive.lse - oracle.lse| + k_lse_floor_eps * eps(f32) * max(1, max|oracle.lse|)
+//
+//   eps(f32) = 2^-23, eps(bf16) = 2^-8, eps(f16) = 2^-11 (the per-dtype units of the absolute floor).
+//   The output floor absorbs the case where the naive path happens to round every output exactly like the oracle
+//   (its error, and thus the 2x term, is then ~0) while the kernel's different summation order legitimately lands on
+//   the neighbouring value of the output dtype. The LSE is always f32 (computed from the same, already rounded
+//   inputs), so its floor is in f32 units for every dtype.
+//
+// Closed forms (test_oracle.cc): the oracle accumulates in fp64 and rounds once to the output dtype, so against a
+// value computed exactly in the test it may differ by one rounding of that dtype plus fp64 noise:
+//   |oracle - want| <= eps(out dtype) * |want| + 2^-40 * magnitude         (magnitude: the largest |v| / |score| involved)
+// and its LSE (f32) likewise with eps(f32). Oracle-vs-oracle identities that are exact in real arithmetic (GQA vs
+// repeated heads, varlen vs separate runs, layouts, shift invariance, masked keys vs removed keys) use the same bound.
+//
+// Hard rules, independent of any tolerance:
+//   * NaN anywhere (kernel, naive or oracle; out or lse) is a failure.
+//   * an LSE of -inf (row with no allowed key) must be matched by exactly -inf, and a finite LSE by a finite one;
+//     +inf is never valid.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+
+#include "core/problem.h"
+
+namespace omniattn::test {
+
+// Floors, in units of eps(dtype) times the output magnitude (see above).
+inline constexpr double k_out_floor_eps = 1.0;
+inline constexpr double k_lse_floor_eps = 4.0;
+
+inline double dtype_eps(dtype t) {
+  switch (t) {
+    case dtype::f32: return 0x1p-23;
+    case dtype::bf16: return 0x1p-8;
+    case dtype::f16: return 0x1p-11;
+  }
+  return 1.0;
+}
+
+inline dtype out_dtype(const problem& p) { return p.out_f32 ? dtype::f32 : p.type; }
+
+// Result of comparing one output (out or lse) of `got` against `ref`.
+struct error_stats {
+  double max_abs = 0.0;       // max |got - ref| over finite pairs
+  double ref_max = 0.0;       // max |ref| over finite ref values (the magnitude the floor scales with)
+  std::int64_t nan = 0;       // NaNs in got or ref
+  std::int64_t inf_mismatch = 0;  // -inf vs finite, or any +inf
+  std::int64_t count = 0;     // elements compared
+  std::string worst;          // where max_abs (or the first hard failure) happened
+  bool hard_ok() const { return nan == 0 && inf_mismatch == 0; }
+};
+
+// Max abs error of the outputs of two runs of the same problem shape (dtypes and out_f32 may differ).
+inline error_stats out_error(const problem_data& got, const problem_data& ref) {
+  error_stats e;
+  const tensor o = got.out_view();
+  for (std::int64_t b = 0; b < o.batch; ++b)
+    for (std::int64_t s = 0; s < o.seq; ++s)
+      for (std::int64_t h = 0; h < o.heads; ++h)
+        for (std::int64_t d = 0; d < o.dim; ++d) {
+          const double g = got.out_at(b, s, h, d), r = ref.out_at(b, s, h, d);
+          ++e.count;
+          std::ostringstream at;
+          if (std::isnan(g) || std::isnan(r)) {
+            if (e.hard_ok()) {
+              at << "out[" << b << "," << s << "," << h << "," << d << "]: got " << g << ", ref " << r << " (NaN)";
+              e.worst = at.str();
+            }
+            ++e.nan;
+            continue;
+          }
+          if (std::isinf(g) || std::isinf(r)) {
+            if (e.hard_ok()) {
+              at << "out[" << b << "," << s << "," << h << "," << d << "]: got " << g << ", ref " << r << " (inf)";
+              e.worst = at.str();
+            }
+            ++e.inf_mismatch;
+            continue;
+          }
+          e.ref_max = std::max(e.ref_max, std::fabs(r));
+          const double err = std::fabs(g - r);
+          if (err > e.max_abs) {
+            e.max_abs = err;
+            if (e.hard_ok()) {
+              at << "out[" << b << "," << s << "," << h << "," << d << "]: got " << g << ", ref " << r;
+              e.worst = at.str();
+            }
+          }
+        }
+  return e;
+}
+
+// Max abs error of the LSEs ([batch, heads, seq_q] contiguous in problem_data). -inf must match -inf exactly.
+inline error_stats lse_error(const problem_data& got, const problem_data& ref) {
+  error_stats e;
+  const std::size_t n = std::min(got.lse.size(), ref.lse.size());
+  if (got.lse.size() != ref.lse.size()) {
+    ++e.inf_mismatch;
+    e.worst = "lse sizes differ";
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    const double g = got.lse[i], r = ref.lse[i];
+    ++e.count;
+    std::ostringstream at;
+    at << "lse[" << i << "]: got " << g << ", ref " << r;
+    if (std::isnan(g) || std::isnan(r)) {
+      if (e.hard_ok()) e.worst = at.str() + " (NaN)";
+      ++e.nan;
+      continue;
+    }
+    const bool g_ninf = g == -std::numeric_limits<double>::infinity(), r_ninf = r == -std::numeric_limits<double>::infinity();
+    if (g == std::numeric_limits<double>::infinity() || r == std::numeric_limits<double>::infinity() || g_ninf != r_ninf) {
+      if (e.hard_ok()) e.worst = at.str() + " (inf mismatch)";
+      ++e.inf_mismatch;
+      continue;
+    }
+    if (g_ninf) continue;  // both -inf: exact match
+    e.ref_max = std::max(e.ref_max, std::fabs(r));
+    const double err = std::fabs(g - r);
+    if (err > e.max_abs) {
+      e.max_abs = err;
+      if (e.hard_ok()) e.worst = at.str();
+    }
+  }
+  return e;
+}
+
+// The closed-form bound above, as a gtest predicate: EXPECT_TRUE(oracle_near(got, want, magnitude, dtype::f32)).
+inline ::testing::AssertionResult oracle_near(double got, double want, double magnitude, dtype t = dtype::f32) {
+  if (std::isnan(got) || std::isnan(want)) return ::testing::AssertionFailure() << "NaN: got " << got << ", want " << want;
+  if (std::isinf(want) || std::isinf(got)) {
+    if (got == want) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "got " << got << ", want " << want;
+  }
+  const double tol = dtype_eps(t) * std::fabs(want) + 0x1p-40 * std::fabs(magnitude);
+  if (std::fabs(got - want) <= tol) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "got " << got << ", want " << want << " (|diff| " << std::fabs(got - want)
+                                       << " > tol " << tol << ")";
+}
+
+// The two references of a problem: the fp64 oracle (f32 output) and the naive f32 path (problem's output dtype).
+struct references {
+  problem prob;
+  problem_data oracle;
+  problem_data naive;
+  error_stats naive_out, naive_lse;  // naive vs oracle
+
+  double out_tolerance() const {
+    return 2.0 * naive_out.max_abs + k_out_floor_eps * dtype_eps(out_dtype(prob)) * naive_out.ref_max;
+  }
+  double lse_tolerance() const {
+    return 2.0 * naive_lse.max_abs + k_lse_floor_eps * dtype_eps(dtype::f32) * std::max(1.0, naive_lse.ref_max);
+  }
+};
+
+inline problem oracle_problem(problem p) {
+  p.out_f32 = true;  // same seeded inputs (they are drawn before the output is sized), exact result rounded to f32
+  p.lse = true;
+  return p;
+}
+
+// Builds both references. Failures (a status error, NaN in the oracle) are reported through gtest.
+inline references make_references(const problem& p, const spec& s) {
+  problem pl = p;
+  pl.lse = true;
+  references r{pl, problem_data(oracle_problem(pl)), problem_data(pl), {}, {}};
+  const status so = run_problem(r.oracle, s, backend::reference, 1);
+  EXPECT_TRUE(so.ok()) << p.describe() << ": oracle: " << so.error;
+  options o = r.naive.make_options(backend::reference, 1);
+  const lse_tensor l = r.naive.lse_view();
+  o.lse = &l;
+  attn_params ap;
+  const status sn = make_params(r.naive.q_view(), r.naive.k_view(), r.naive.v_view(), r.naive.out_view(), s, o, ap);
+  EXPECT_TRUE(sn.ok()) << p.describe() << ": naive: " << sn.error;
+  if (sn.ok()) naive_attention_f32(ap);
+  r.naive_out = out_error(r.naive, r.oracle);
+  r.naive_lse = lse_error(r.naive, r.oracle);
+  EXPECT_TRUE(r.naive_out.hard_ok() && r.naive_lse.hard_ok())
+      << p.describe() << ": naive f32 path vs oracle: " << r.naive_out.worst << " / " << r.naive_lse.worst;
+  return r;
+}
+
+// The policy check: kernel output `got` (same problem as r.prob, LSE requested) against the references.
+inline ::testing::AssertionResult within_tolerance(const problem_data& got, const references& r) {
+  const error_stats eo = out_error(got, r.oracle), el = lse_error(got, r.oracle);
+  const double to = r.out_tolerance(), tl = r.lse_tolerance();
+  const bool ok = eo.hard_ok() && el.hard_ok() && eo.max_abs <= to && el.max_abs <= tl;
+  std::ostringstream os;
+  os << r.prob.describe() << "\n  out: max err " << eo.max_abs << " (tol " << to << " = 2 * naive " << r.naive_out.max_abs
+     << " + floor; |ref| max " << eo.ref_max << "; NaN " << eo.nan << ", inf mismatch " << eo.inf_mismatch << "; worst "
+     << eo.worst << ")\n  lse: max err " << el.max_abs << " (tol " << tl << " = 2 * naive " << r.naive_lse.max_abs
+     << " + floor; NaN " << el.nan << ", inf mismatch " << el.inf_mismatch << "; worst " << el.worst << ")";
+  if (ok) return ::testing::AssertionSuccess() << os.str();
+  return ::testing::AssertionFailure() << os.str();
+}
+
+// Runs a problem on a backend and checks it against the policy. `threads` as in options (0: all cores).
+inline ::testing::AssertionResult check_backend(const problem& p, const spec& s, backend b, int threads = 0) {
+  const references r = make_references(p, s);
+  problem pl = p;
+  pl.lse = true;
+  problem_data got(pl);
+  // Poison the outputs so a row the kernel forgets to write cannot pass by accident.
+  std::fill(got.out.begin(), got.out.end(), std::uint8_t{0x7f});
+  std::int64_t tq = pl.seq_q;
+  if (pl.is_varlen()) {
+    tq = 0;
+    for (std::int64_t l : pl.seqlens_q) tq += l;
+  }
+  const std::int64_t rows = (pl.is_varlen() ? 1 : pl.batch) * pl.heads_q * tq;  // the lse entries that exist
+  std::fill(got.lse.begin(), got.lse.begin() + rows, std::numeric_limits<float>::quiet_NaN());
+  const status st = run_problem(got, s, b, threads);
+  if (!st.ok()) return ::testing::AssertionFailure() << p.describe() << ": " << backend_name(b) << ": " << st.error;
+  return within_tolerance(got, r);
+}
+
+}  // namespace omniattn::test
