@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
   cmake ninja-build g++ clang libclang-rt-14-dev pkg-config git
   libhwy-dev libgtest-dev libgmock-dev libomp-dev libopenblas-dev
-  python3 python3-dev python3-numpy python3-pybind11 python3-pytest python3-matplotlib
+  python3 python3-dev python3-numpy python3-pybind11 python3-pytest python3-matplotlib python3-torch
 )
 
 missing=()

@@ -18,6 +18,9 @@ Built-in patterns (positions are 0-based inside the sequence, also for varlen; L
 patterns and their compositions run in closed form inside the C++ kernels, per tile and per row: no memory, exact
 tile classification.
 
+A string such as ``"causal & window(256, 0) | sinks(4)"`` is parsed by the C++ library (grammar in the top-level
+README); :func:`parse` does it explicitly, and ``mask="..."`` is accepted wherever a mask is.
+
 Anything else is a *table* mask: a Python function ``fn(b, h, q, k) -> bool`` or a boolean array broadcastable to
 ``[batch, heads, seq_q, seq_k]`` (True = may attend, like SDPA's boolean attn_mask). A function is called ONCE per
 attention call with broadcastable int64 numpy index grids ``b[:, None, None, None]``, ``h[None, :, None, None]``,
@@ -32,7 +35,7 @@ import numpy as np
 
 from ._arrays import broadcast_table, is_array, to_numpy
 
-__all__ = ["Mask", "Grid", "as_mask", "predicate", "full", "causal", "sliding_window", "sinks", "prefix_lm", "document",
+__all__ = ["Mask", "Grid", "as_mask", "parse", "predicate", "full", "causal", "sliding_window", "sinks", "prefix_lm", "document",
            "block_causal", "dilated", "segments"]
 
 ALIGNS = ("bottom_right", "top_left")
@@ -205,10 +208,41 @@ class _Array(Mask):
         return f"array{tuple(self.values.shape)}"
 
 
+class _Spec(Mask):
+    """A mask spec string, parsed and evaluated by the C++ library (closed forms, like the built-in patterns)."""
+
+    def __init__(self, text):
+        from . import _omniattn  # the extension validates the string now, so errors surface at parse time
+        self._text = text
+        self._native_mask = _omniattn.Mask(("spec", text))
+
+    def evaluate(self, grid):
+        allows = np.vectorize(self._native_mask.allows, otypes=[bool])
+        return allows(grid.b, grid.h, grid.q, grid.k, grid.lq, grid.lk)
+
+    def _native(self, grid):
+        return ("spec", self._text)
+
+    def is_native(self):
+        return True
+
+    def __repr__(self):
+        return str(self._native_mask)
+
+
+def parse(text):
+    """A Mask from a spec string, e.g. ``parse("causal & window(256, 0) | sinks(4)")``; ValueError on bad input."""
+    if not isinstance(text, str):
+        raise TypeError(f"omniattn: a mask spec must be a str, got {type(text).__name__}")
+    return _Spec(text)
+
+
 def as_mask(x):
-    """A Mask from a Mask, a function fn(b, h, q, k) -> bool, or a boolean numpy array / torch tensor."""
+    """A Mask from a Mask, a spec string, a function fn(b, h, q, k) -> bool, or a boolean numpy array / torch tensor."""
     if isinstance(x, Mask):
         return x
+    if isinstance(x, str):
+        return _Spec(x)
     if is_array(x):
         return _Array(x)
     if callable(x):

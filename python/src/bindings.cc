@@ -270,6 +270,12 @@ omniattn::mask_expr build_mask(py::handle node, py_mask& m) {
   if (op == "block_causal") return need(2), mask_expr::block_causal(int_at(t, 1));
   if (op == "dilated") return need(2), mask_expr::dilated(int_at(t, 1));
   if (op == "segments") return need(2), mask_expr::segments(t[1].cast<std::vector<std::int64_t>>());
+  if (op == "spec") {  // a spec string, parsed by the library (errors name the position)
+    need(2);
+    mask_expr parsed;
+    if (const std::string err = omniattn::parse_mask(t[1].cast<std::string>(), parsed); !err.empty()) throw py::value_error(err);
+    return parsed;
+  }
   if (op == "and") return need(3), build_mask(t[1], m) & build_mask(t[2], m);
   if (op == "or") return need(3), build_mask(t[1], m) | build_mask(t[2], m);
   if (op == "not") return need(2), ~build_mask(t[1], m);

@@ -149,7 +149,9 @@ def test_mask_errors(data):
     with pytest.raises(TypeError, match="mask <lambda> gave float64 values, expected bool"):
         omniattn.attention(q, k, v, mask=lambda b, h, i, j: (i - j) * 1.0)
     with pytest.raises(TypeError, match="a mask must be"):
-        omniattn.attention(q, k, v, mask="causal")
+        omniattn.attention(q, k, v, mask=3.5)
+    with pytest.raises(ValueError, match=r"\[spec\] at 0: unknown pattern 'causl'"):
+        omniattn.attention(q, k, v, mask="causl")
     with pytest.raises(ValueError, match="align must be"):
         masks.causal("left")
     with pytest.raises(TypeError, match="left must be an int"):

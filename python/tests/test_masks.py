@@ -157,3 +157,29 @@ def test_block_mask_varlen(rng):
                                                        backend="reference"), atol=3e-5)
     with pytest.raises(ValueError, match="other cu_seqlens"):
         omniattn.attention(q, k, v, cu_seqlens_q=[0, 33, 40, 60], cu_seqlens_k=[0, 33, 40, 60], block_mask=bm)
+
+
+def test_spec_string_masks_match_built_in_patterns():
+    import omniattn
+    from omniattn import masks
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 150, 4, 32), dtype=np.float32)
+    k = rng.standard_normal((1, 150, 2, 32), dtype=np.float32)
+    v = rng.standard_normal((1, 150, 2, 32), dtype=np.float32)
+    built = masks.causal() & masks.sliding_window(40) | masks.sinks(3)
+    text = "causal & window(40, 0) | sinks(3)"
+    want = omniattn.reference_attention(q, k, v, mask=built)
+    np.testing.assert_allclose(omniattn.attention(q, k, v, mask=text), want, atol=2e-6)
+    np.testing.assert_allclose(omniattn.attention(q, k, v, mask=masks.parse(text)), want, atol=2e-6)
+    # A string mask composes with a Python predicate (then it is evaluated into a table).
+    mixed = masks.parse("block_causal(16)") & (lambda b, h, i, j: (i + j) % 3 != 0)
+    np.testing.assert_allclose(omniattn.attention(q, k, v, mask=mixed),
+                               omniattn.reference_attention(q, k, v, mask=mixed), atol=2e-6)
+
+
+def test_spec_string_errors_point_at_the_character():
+    from omniattn import masks
+    with pytest.raises(ValueError, match=r"\[spec\] at 7"):
+        masks.parse("window(")
+    with pytest.raises(ValueError, match="unknown pattern 'nope'"):
+        masks.parse("causal & nope")
