@@ -1,7 +1,7 @@
 // The omniattn command-line tool: what the subcommands share.
 //
-//   omniattn explain <problem> [--backend B] [--threads N]     which kernel runs, why, and the tile structure
-//   omniattn check [<problem>...] [--backend B] [--threads N]  backend vs fp64 oracle vs naive f32, PASS/FAIL table
+//   omniattn explain <problem> [--backend B] [--threads N] [--mask SPEC]     which kernel runs, why, and the tile structure
+//   omniattn check [<problem>...] [--backend B] [--threads N] [--mask SPEC]  backend vs fp64 oracle vs naive f32, PASS/FAIL table
 //
 // Exit codes: 0 success / all PASS, 1 a problem cannot run or fails, 2 bad command-line input.
 #pragma once
@@ -24,18 +24,20 @@ struct command_line {
   backend use = backend::automatic;
   int threads = 0;  // 0: all cores
   bool help = false;
+  mask_expr mask;  // --mask "causal & window(256, 0) | sinks(4)": applied to every problem
   std::vector<std::string> problems;
 };
 
-// Parses argv[first..argc): --backend auto|cpu|reference, --threads N (also --opt=value), -h/--help, positionals.
+// Parses argv[first..argc): --backend auto|cpu|reference, --threads N, --mask SPEC (also --opt=value), -h/--help,
+// positionals.
 // On failure returns false with a message naming the offending argument.
 bool parse_command_line(int argc, char** argv, int first, command_line& out, std::string& error);
 
 // Parses every problem string; on failure the message names the argument and carries parse_problem's error.
 bool parse_problems(const std::vector<std::string>& texts, std::vector<problem>& out, std::string& error);
 
-// The spec a problem describes (scale and causal mode).
-spec make_spec(const problem& p);
+// The spec a problem describes (scale and causal mode), with the command line's mask.
+spec make_spec(const problem& p, const mask_expr& mask);
 
 // Refuses problems whose buffers would overflow int64 or exceed the tool's memory limit, before allocating them.
 status check_footprint(const problem& p);

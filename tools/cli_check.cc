@@ -135,13 +135,13 @@ status run_naive(problem_data& data, const spec& s, int threads) {
   return {};
 }
 
-row_result check_problem(const problem& prob, backend use, int threads) {
+row_result check_problem(const problem& prob, backend use, int threads, const mask_expr& mask) {
   row_result r;
   if (const status st = check_footprint(prob); !st) {
     r.notes.push_back(st.error);
     return r;
   }
-  const spec s = make_spec(prob);
+  const spec s = make_spec(prob, mask);
 
   problem_data data(prob);
   {  // the kernel name, as attention() will select it
@@ -258,7 +258,7 @@ int run_check(const command_line& cl) {
   std::size_t passed = 0;
   std::vector<std::pair<std::size_t, std::string>> notes;
   for (std::size_t i = 0; i < probs.size(); ++i) {
-    const row_result r = check_problem(probs[i], cl.use, cl.threads);
+    const row_result r = check_problem(probs[i], cl.use, cl.threads, cl.mask);
     std::printf("%3zu  %-*s  %-20s %9s  %9s  %9s  %6s  %9s  %s\n", i + 1, nw, names[i].c_str(), r.kernel.c_str(),
                 fmt("%.3f", r.ms).c_str(), fmt("%.2e", r.err).c_str(), fmt("%.2e", r.naive_err).c_str(),
                 ratio(r.err, r.naive_err).c_str(), fmt("%.2e", r.lse_err).c_str(), r.pass ? "PASS" : "FAIL");

@@ -68,7 +68,7 @@ int run_explain(const command_line& cl) {
   const lse_tensor lse = data.lse_view();
   options with_lse = opt;
   if (prob.lse) with_lse.lse = &lse;
-  const spec s = make_spec(prob);
+  const spec s = make_spec(prob, cl.mask);
   attn_params p;
   if (const status st = make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, with_lse, p); !st) {
     std::cout << "invalid   " << st.error << "\n";

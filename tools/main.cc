@@ -63,7 +63,7 @@ bool parse_command_line(int argc, char** argv, int first, command_line& out, std
         value = arg.substr(eq + 1);
         has_value = true;
       }
-      if (name != "--backend" && name != "--threads") {
+      if (name != "--backend" && name != "--threads" && name != "--mask") {
         error = "unknown option '" + std::string(arg) + "'";
         return false;
       }
@@ -77,6 +77,13 @@ bool parse_command_line(int argc, char** argv, int first, command_line& out, std
       if (name == "--backend" && !parse_backend(value, out.use)) {
         error = "--backend '" + std::string(value) + "': expected auto, cpu or reference";
         return false;
+      }
+      if (name == "--mask") {
+        if (const std::string err = parse_mask(value, out.mask); !err.empty()) {
+          error = "--mask: " + err;
+          return false;
+        }
+        continue;
       }
       if (name == "--threads" && !parse_threads(value, out.threads)) {
         error = "--threads '" + std::string(value) + "': expected an integer in 0.." + std::to_string(k_max_threads) +
@@ -103,8 +110,9 @@ bool parse_problems(const std::vector<std::string>& texts, std::vector<problem>&
   return true;
 }
 
-spec make_spec(const problem& p) {
+spec make_spec(const problem& p, const mask_expr& mask) {
   spec s;
+  s.mask = mask;
   s.scale = p.scale;
   s.causal = p.causal;
   return s;
@@ -181,9 +189,9 @@ void print_usage(std::ostream& os) {
         "usage: omniattn <command> [arguments]\n"
         "\n"
         "commands:\n"
-        "  explain <problem> [--backend B] [--threads N]\n"
+        "  explain <problem> [--backend B] [--threads N] [--mask SPEC]\n"
         "      Which kernel runs the problem on each backend and why (or why none fits), and its tile structure.\n"
-        "  check [<problem>...] [--backend B] [--threads N]\n"
+        "  check [<problem>...] [--backend B] [--threads N] [--mask SPEC]\n"
         "      Runs each problem (default: a built-in suite) on the backend, the fp64 oracle and the naive f32 path\n"
         "      and prints errors and timings with a PASS/FAIL verdict per problem.\n"
         "  bench [--kernel] [--quick] [--n ...] [--d ...] [--dtype ...] [--threads ...] [--mask ...] [--json FILE]\n"
@@ -195,6 +203,7 @@ void print_usage(std::ostream& os) {
         "options:\n"
         "  --backend auto|cpu|reference   backend to select (default auto)\n"
         "  --threads N                    threads, 0 = all cores (default 0)\n"
+        "  --mask SPEC                    a mask spec string for every problem, e.g. \"causal & window(256,0) | sinks(4)\"\n"
         "\n"
         "problem: comma-separated key=value, unspecified keys take defaults, e.g.\n"
         "  b=2,lq=128,lk=96,hq=8,hkv=2,d=64,dv=32,dtype=bf16,causal=bottom_right,layout=bhsd,seed=3\n"
