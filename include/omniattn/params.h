@@ -37,6 +37,8 @@ struct attn_params {
   const mask_expr* mask = nullptr;  // null when absent
   const score_fn* score = nullptr;
   const block_mask* blocks = nullptr;
+  const float* sink_logits = nullptr;  // per query head, natural-log units; null when absent
+  run_stats* stats = nullptr;
   int threads = 1;
 };
 

@@ -7,6 +7,9 @@
 //     s_ij     = score(scale * <q_i, k_j>, b, h, i, j)          for allowed j; a score of -inf masks the pair
 //     out_i    = sum_j softmax_j(s_ij) * v_j                    (0 if no j is allowed)
 //     lse_i    = log(sum_j exp(s_ij))                           (-inf if no j is allowed)
+//   With sink logits (a learnable sink, gpt-oss / StreamingLLM calibration), the row's softmax has one more logit,
+//   sink[h], that takes probability mass but has no value: lse_i = log(exp(sink[h]) + sum_j exp(s_ij)),
+//   out_i = sum_j exp(s_ij - lse_i) v_j; a row with nothing allowed then gives out_i = 0 and lse_i = sink[h].
 //   i and j are positions inside the sequence (0-based), also for varlen.
 //   causal top_left:     j <= i                  (FlashAttention < 2.1, PyTorch is_causal)
 //   causal bottom_right: j <= i + Lk - Lq        (FlashAttention >= 2.1: the last query sees the last key)
@@ -51,6 +54,7 @@ struct spec {
   mask_expr mask;                      // optional mask: built-in patterns, compositions, user predicates (masks.h)
   score_fn score;                      // optional score modifier
   const block_mask* blocks = nullptr;  // optional tile structure (user-provided block sparsity)
+  const float* sink_logits = nullptr;  // optional, one logit per query head (see the contract above)
 };
 
 // Variable-length batches (FlashAttention's varlen API): q/k/v/out have batch 1 and seq = total tokens;
@@ -64,11 +68,17 @@ struct varlen {
 enum class backend : std::uint8_t { automatic, reference, cpu };
 const char* backend_name(backend b);
 
+// What a kernel did, for tests and the benchmark: key tiles visited per (query tile, head), by class.
+struct run_stats {
+  std::int64_t tiles_full = 0, tiles_partial = 0, tiles_skipped = 0;
+};
+
 struct options {
   backend use = backend::automatic;
   int threads = 0;                      // 0: all cores
   const lse_tensor* lse = nullptr;      // optional LSE output
   const varlen* packed = nullptr;       // optional varlen description
+  run_stats* stats = nullptr;           // optional: filled by the CPU kernels (left zero by the oracle)
 };
 
 }  // namespace omniattn

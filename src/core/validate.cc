@@ -211,6 +211,11 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   p.score = s.score ? &s.score : nullptr;
   if (s.blocks) check_block_mask(*s.blocks, p);
   p.blocks = s.blocks;
+  if (s.sink_logits)
+    for (std::int64_t h = 0; h < q.heads; ++h)
+      if (!std::isfinite(s.sink_logits[h])) fail("spec.sink_logits[", h, "] ", s.sink_logits[h], " must be finite");
+  p.sink_logits = s.sink_logits;
+  p.stats = opt.stats;
   if (opt.threads < 0) fail("options.threads ", opt.threads, " must be >= 0 (0 = all cores)");
   if (opt.threads > 1024) fail("options.threads ", opt.threads, " must be <= 1024");
   p.threads = detail::resolve_threads(opt.threads);

@@ -214,6 +214,7 @@ struct thread_scratch {
   hwy::AlignedFreeUniquePtr<float[]> q, s, o;
   hwy::AlignedFreeUniquePtr<std::uint32_t[]> p16;  // P as bf16 pairs (bf16-dot kernel only)
   float m[k_bq], l[k_bq], alpha[k_bq];
+  std::int64_t tiles[3] = {};  // key tiles seen, by tile_kind (empty ones are skipped)
 };
 
 // Packed K/V of a range of kv heads for every sequence. Per (sequence, kv head) slot: K transposed per key tile
@@ -266,12 +267,14 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
     }
   }
   std::fill(o, o + k_bq * dim_vp, 0.0f);
-  std::fill(ts.m, ts.m + k_bq, neg_inf);
-  std::fill(ts.l, ts.l + k_bq, 0.0f);
   const float log2e = 1.4426950408889634f;
+  // A sink logit starts the row's running max and sum: exp2(sink - m) = 1 at m = sink, and it never meets V.
+  std::fill(ts.m, ts.m + k_bq, p.sink_logits ? p.sink_logits[h] * log2e : neg_inf);
+  std::fill(ts.l, ts.l + k_bq, p.sink_logits ? 1.0f : 0.0f);
 
   for (std::int64_t kt = 0; kt < bm.kv_tiles; ++kt) {
     const tile_kind kind = bm.at(b, h, qt, kt);
+    ++ts.tiles[static_cast<int>(kind)];
     if (kind == tile_kind::empty) continue;
     const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
     const float* kt_tile = kv.k_tile(b, h / p.group, kt);
@@ -330,7 +333,7 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
 
   for (std::int64_t i = 0; i < rows; ++i) {
     const std::int64_t off = e.tensor_batch * p.o_stride[0] + (e.q_begin + q0 + i) * p.o_stride[1] + h * p.o_stride[2];
-    const bool empty = ts.l[i] == 0.0f;
+    const bool empty = ts.l[i] == 0.0f;  // nothing allowed and no sink
     const float inv = empty ? 0.0f : 1.0f / ts.l[i];
     for (std::int64_t dd = 0; dd < p.dim_v; ++dd)
       detail::store_element(p.out, p.out_type, off + dd * p.o_stride[3], o[i * dim_vp + dd] * inv);
@@ -444,6 +447,14 @@ void flash_fwd(const attn_params& p) {
         const work_item& w = items[static_cast<std::size_t>(it)];
         run_q_tile<Bf16Dot>(p, bm, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
       }
+    }
+  }
+  if (p.stats) {
+    *p.stats = {};
+    for (const thread_scratch& ts : scratch) {
+      p.stats->tiles_skipped += ts.tiles[static_cast<int>(tile_kind::empty)];
+      p.stats->tiles_partial += ts.tiles[static_cast<int>(tile_kind::partial)];
+      p.stats->tiles_full += ts.tiles[static_cast<int>(tile_kind::full)];
     }
   }
 }

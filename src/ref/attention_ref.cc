@@ -3,7 +3,8 @@
 // Math contract (see include/omniattn/spec.h): for each sequence b, query head h and query row i,
 //   s_j   = score(scale * <q_i, k_j>, b, h, i, j) for every j with element_allowed(b, h, i, j); -inf masks too
 //   lse_i = log(sum_j exp(s_j)),  out_i = sum_j exp(s_j - lse_i) v_j
-// Rows with no allowed key (or only -inf scores) give out_i = 0 and lse_i = -inf.
+// Rows with no allowed key (or only -inf scores) give out_i = 0 and lse_i = -inf (= sink[h] with sink logits, which
+// join the normalizer but carry no value).
 // Everything is accumulated in double; inputs are widened exactly, the output is rounded once at the end.
 #include <cmath>
 #include <limits>
@@ -47,8 +48,10 @@ void reference_attention(const attn_params& p) {
 
         double lse = neg_inf;
         std::fill(acc.begin(), acc.end(), 0.0);
-        if (!scores.empty()) {
-          double sum = 0.0;
+        const double sink = p.sink_logits ? static_cast<double>(p.sink_logits[h]) : neg_inf;
+        if (p.sink_logits) row_max = std::max(row_max, sink);
+        if (!scores.empty() || p.sink_logits) {
+          double sum = p.sink_logits ? std::exp(sink - row_max) : 0.0;
           for (double s : scores) sum += std::exp(s - row_max);
           lse = row_max + std::log(sum);
           for (std::size_t n = 0; n < keys.size(); ++n) {

@@ -36,7 +36,9 @@ void naive_attention_f32(const attn_params& p) {
           s[static_cast<std::size_t>(j)] = x;
           mx = std::max(mx, x);
         }
-        float sum = 0.0f;
+        const float sink = p.sink_logits ? p.sink_logits[h] : neg_inf;
+        mx = std::max(mx, sink);
+        float sum = p.sink_logits ? std::exp(sink - mx) : 0.0f;
         for (std::int64_t j = 0; j < e.k_len; ++j) {
           const float w = mx == neg_inf ? 0.0f : std::exp(s[static_cast<std::size_t>(j)] - mx);
           s[static_cast<std::size_t>(j)] = w;
