@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "omniattn/spec.h"
 #include "omniattn/tensor.h"
@@ -23,6 +24,7 @@ struct attn_params {
   std::int64_t seq_q = 0, seq_k = 0;  // per-sequence lengths for fixed-length batches; max lengths for varlen
   std::int64_t heads_q = 0, heads_kv = 0, group = 1;  // group = heads_q / heads_kv
   std::int64_t dim_qk = 0, dim_v = 0;
+  std::int64_t seq_rows_q = 0, seq_rows_k = 0;  // rows of the q / k tensors' seq dimension (total tokens for varlen)
 
   // Strides in elements, order: batch, seq, head, dim.
   std::int64_t q_stride[4] = {}, k_stride[4] = {}, v_stride[4] = {}, o_stride[4] = {};
@@ -38,6 +40,8 @@ struct attn_params {
   const score_fn* score = nullptr;
   const block_mask* blocks = nullptr;
   const float* sink_logits = nullptr;  // per query head, natural-log units; null when absent
+  const rope_spec* rope = nullptr;     // null when absent; rotary_dim resolved (> 0)
+  std::int64_t rope_dim = 0;           // resolved rotary dim
   run_stats* stats = nullptr;
   int threads = 1;
 };
@@ -54,6 +58,21 @@ inline seq_extent sequence(const attn_params& p, std::int64_t b) {
   }
   return {0, p.seq_q, 0, p.seq_k, b};
 }
+
+// RoPE angle of rotary pair `pair` for a token (row index `row` in its tensor, sequence-local position `local`):
+// pos * theta^(-2 pair / R). q_side picks pos_q and the default query alignment. Shared by the oracle and the kernels.
+double rope_angle(const attn_params& p, bool q_side, std::int64_t tensor_batch, std::int64_t row, std::int64_t local,
+                  std::int64_t lq, std::int64_t lk, std::int64_t pair);
+// Rotates one row of dim_qk values in place (double, for the oracle) / (float, for the kernels).
+void rope_rotate(const attn_params& p, bool q_side, std::int64_t tensor_batch, std::int64_t row, std::int64_t local,
+                 std::int64_t lq, std::int64_t lk, double* x);
+void rope_rotate(const attn_params& p, bool q_side, std::int64_t tensor_batch, std::int64_t row, std::int64_t local,
+                 std::int64_t lq, std::int64_t lk, float* x);
+
+// Per-token cos / sin tables of the RoPE angles, [rows of the tensor (all batches)][rope_dim / 2], for the kernels.
+void rope_tables(const attn_params& p, bool q_side, std::vector<float>& cos_table, std::vector<float>& sin_table);
+// Rotates x in place with one token's table rows.
+void rope_apply(const attn_params& p, const float* cos_row, const float* sin_row, float* x);
 
 // Causal predicate shared by every backend.
 inline bool causal_allows(causal_mode c, std::int64_t i, std::int64_t j, std::int64_t lq, std::int64_t lk) {

@@ -4,7 +4,8 @@
 //   for each batch b (or varlen sequence), query head h, query i < Lq:
 //     kvh      = h / (heads_q / heads_kv)                      (GQA / MQA grouping)
 //     allowed  = causal(i, j) && block(i, j) && mask(b, h, i, j)
-//     s_ij     = score(scale * <q_i, k_j>, b, h, i, j)          for allowed j; a score of -inf masks the pair
+//     s_ij     = score(scale * <R(q_i), R(k_j)>, b, h, i, j)    for allowed j; a score of -inf masks the pair
+//                (R = the RoPE rotation of rope.h when spec.rope is set, identity otherwise)
 //     out_i    = sum_j softmax_j(s_ij) * v_j                    (0 if no j is allowed)
 //     lse_i    = log(sum_j exp(s_ij))                           (-inf if no j is allowed)
 //   With sink logits (a learnable sink, gpt-oss / StreamingLLM calibration), the row's softmax has one more logit,
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "omniattn/masks.h"
+#include "omniattn/rope.h"
 #include "omniattn/tensor.h"
 
 namespace omniattn {
@@ -55,6 +57,7 @@ struct spec {
   score_fn score;                      // optional score modifier
   const block_mask* blocks = nullptr;  // optional tile structure (user-provided block sparsity)
   const float* sink_logits = nullptr;  // optional, one logit per query head (see the contract above)
+  const rope_spec* rope = nullptr;     // optional rotary embedding of q and k (rope.h), applied before q.k
 };
 
 // Variable-length batches (FlashAttention's varlen API): q/k/v/out have batch 1 and seq = total tokens;

@@ -171,6 +171,8 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   p.heads_kv = k.heads;
   p.group = q.heads / k.heads;
   p.dim_qk = q.dim;
+  p.seq_rows_q = q.seq;
+  p.seq_rows_k = k.seq;
   p.dim_v = v.dim;
   const tensor* views[4] = {&q, &k, &v, &out};
   std::int64_t* strides[4] = {p.q_stride, p.k_stride, p.v_stride, p.o_stride};
@@ -215,6 +217,25 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
     for (std::int64_t h = 0; h < q.heads; ++h)
       if (!std::isfinite(s.sink_logits[h])) fail("spec.sink_logits[", h, "] ", s.sink_logits[h], " must be finite");
   p.sink_logits = s.sink_logits;
+  if (s.rope) {
+    const rope_spec& r = *s.rope;
+    const std::int64_t dim = r.rotary_dim == 0 ? q.dim : r.rotary_dim;
+    if (dim <= 0 || dim % 2 != 0 || dim > q.dim)
+      fail("spec.rope.rotary_dim ", r.rotary_dim, " must be even and in 2..q.dim ", q.dim, " (0 = q.dim)");
+    if (!(r.theta > 0.0) || !std::isfinite(r.theta)) fail("spec.rope.theta ", r.theta, " must be finite and > 0");
+    if (!r.sections.empty()) {
+      std::int64_t pairs = 0;
+      for (std::int64_t sec : r.sections) {
+        if (sec < 0) fail("spec.rope.sections holds ", sec, ": must be >= 0");
+        pairs += sec;
+      }
+      if (pairs != dim / 2) fail("spec.rope.sections sum to ", pairs, " != rotary pairs ", dim / 2);
+      if (!r.pos_q || !r.pos_k) fail("spec.rope.sections needs pos_q and pos_k (one id array per axis)");
+    }
+    if ((r.pos_q == nullptr) != (r.pos_k == nullptr)) fail("spec.rope: give both pos_q and pos_k, or neither");
+    p.rope = &r;
+    p.rope_dim = dim;
+  }
   p.stats = opt.stats;
   if (opt.threads < 0) fail("options.threads ", opt.threads, " must be >= 0 (0 = all cores)");
   if (opt.threads > 1024) fail("options.threads ", opt.threads, " must be <= 1024");

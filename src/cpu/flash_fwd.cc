@@ -225,6 +225,8 @@ struct packed_kv {
   std::int64_t kvh_begin = 0, tiles_total = 0;
   std::vector<std::int64_t> tile_offset;  // first kv tile of each sequence within a head's slot
   std::int64_t dim_qk = 0, dim_vp = 0;
+  // RoPE cos / sin per token row and rotary pair, shared by every head (empty without RoPE).
+  std::vector<float> q_cos, q_sin, k_cos, k_sin;
 
   std::int64_t tile_index(std::int64_t b, std::int64_t kvh, std::int64_t kt) const {
     return (kvh - kvh_begin) * tiles_total + tile_offset[static_cast<std::size_t>(b)] + kt;
@@ -264,6 +266,10 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
         q16[i * dim_pairs + dp] = bf16_pair(p.q, off + 2 * dp * p.q_stride[3], off + (2 * dp + 1) * p.q_stride[3], 2 * dp + 1 < dim);
     } else {
       load_row(p.q, p.in_type, off, p.q_stride[3], dim, qp + i * dim);
+      if (p.rope) {
+        const std::size_t at = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_q + e.q_begin + q0 + i) * (p.rope_dim / 2));
+        rope_apply(p, kv.q_cos.data() + at, kv.q_sin.data() + at, qp + i * dim);
+      }
     }
   }
   std::fill(o, o + k_bq * dim_vp, 0.0f);
@@ -370,6 +376,10 @@ void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::i
   }
   for (std::int64_t j = 0; j < keys; ++j) {
     load_row(p.k, p.in_type, k_base + j * p.k_stride[1], p.k_stride[3], p.dim_qk, row);
+    if (p.rope) {
+      const std::size_t at = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_k + e.k_begin + k0 + j) * (p.rope_dim / 2));
+      rope_apply(p, kv.k_cos.data() + at, kv.k_sin.data() + at, row);
+    }
     for (std::int64_t dd = 0; dd < p.dim_qk; ++dd) ktile[dd * k_bk + j] = row[dd];
   }
   for (std::int64_t j = 0; j < keys; ++j)
@@ -398,6 +408,10 @@ void flash_fwd(const attn_params& p) {
   for (std::int64_t b = 0; b < p.batch; ++b) {
     kv.tile_offset.push_back(kv.tiles_total);
     kv.tiles_total += (sequence(p, b).k_len + k_bk - 1) / k_bk;
+  }
+  if (p.rope) {
+    rope_tables(p, true, kv.q_cos, kv.q_sin);
+    rope_tables(p, false, kv.k_cos, kv.k_sin);
   }
   const std::int64_t head_bytes = std::max<std::int64_t>(kv.tiles_total, 1) * k_bk * (p.dim_qk + kv.dim_vp) * 4;
   const std::int64_t heads_per_chunk = std::clamp<std::int64_t>(k_pack_budget_bytes / head_bytes, 1, p.heads_kv);
@@ -502,7 +516,9 @@ selection select(const attn_params& p) {
   if (p.dim_v > k_max_dim) sel.reasons.push_back("cpu.flash_fwd: v.dim " + std::to_string(p.dim_v) + " > " + std::to_string(k_max_dim));
   if (!sel.reasons.empty()) return sel;
   // The bf16-dot kernel rounds P to bf16, an error an f32 output would show: it serves bf16 outputs only.
-  const bf16_dot_choice dot = p.in_type == dtype::bf16 && p.out_type == dtype::bf16 ? bf16_dot_decision() : bf16_dot_choice{};
+  // RoPE rotates in fp32 while packing, which the bf16 pair packing skips: such calls widen to fp32.
+  const bf16_dot_choice dot =
+      p.in_type == dtype::bf16 && p.out_type == dtype::bf16 && !p.rope ? bf16_dot_decision() : bf16_dot_choice{};
   const bool bf16_dot = dot.use;
   sel.run = bf16_dot ? run_flash_fwd_bf16_dot : run_flash_fwd;
   sel.name = std::string("cpu.flash_fwd<") + dtype_name(p.in_type) + (bf16_dot ? ",bf16dot>" : ">");
@@ -512,6 +528,7 @@ selection select(const attn_params& p) {
     sel.reasons.push_back(sel.name + ": mask " + p.mask->str() +
                           " classified per tile; on PARTIAL tiles only, one allowed-key word per row (built-in patterns in "
                           "closed form, a user mask functor called per element)");
+  if (p.rope) sel.reasons.push_back(sel.name + ": RoPE (rotary dim " + std::to_string(p.rope_dim) + ") applied to Q and K while packing, from per-token cos/sin tables");
   if (p.score) sel.reasons.push_back(sel.name + ": score functor evaluated per element (type-erased call, slow path)");
   if (bf16_dot)
     sel.reasons.push_back(sel.name + ": QK^T and PV on the AVX512-BF16 dot product (P rounded to bf16), fp32 softmax and accumulation (" +

@@ -18,7 +18,7 @@ namespace omniattn {
 void reference_attention(const attn_params& p) {
   using detail::load_element;
   using detail::store_element;
-  std::vector<double> qrow(static_cast<std::size_t>(p.dim_qk)), scores, acc(static_cast<std::size_t>(p.dim_v));
+  std::vector<double> qrow(static_cast<std::size_t>(p.dim_qk)), krow(qrow.size()), scores, acc(static_cast<std::size_t>(p.dim_v));
   std::vector<std::int64_t> keys;
   constexpr double neg_inf = -std::numeric_limits<double>::infinity();
 
@@ -29,6 +29,7 @@ void reference_attention(const attn_params& p) {
       for (std::int64_t i = 0; i < e.q_len; ++i) {
         const std::int64_t q_row = e.tensor_batch * p.q_stride[0] + (e.q_begin + i) * p.q_stride[1] + h * p.q_stride[2];
         for (std::int64_t d = 0; d < p.dim_qk; ++d) qrow[d] = load_element(p.q, p.in_type, q_row + d * p.q_stride[3]);
+        if (p.rope) rope_rotate(p, true, e.tensor_batch, e.q_begin + i, i, e.q_len, e.k_len, qrow.data());
 
         scores.clear();
         keys.clear();
@@ -36,8 +37,10 @@ void reference_attention(const attn_params& p) {
         for (std::int64_t j = 0; j < e.k_len; ++j) {
           if (!element_allowed(p, b, h, i, j, e.q_len, e.k_len)) continue;
           const std::int64_t k_row = e.tensor_batch * p.k_stride[0] + (e.k_begin + j) * p.k_stride[1] + kvh * p.k_stride[2];
+          for (std::int64_t d = 0; d < p.dim_qk; ++d) krow[d] = load_element(p.k, p.in_type, k_row + d * p.k_stride[3]);
+          if (p.rope) rope_rotate(p, false, e.tensor_batch, e.k_begin + j, j, e.q_len, e.k_len, krow.data());
           double dot = 0.0;
-          for (std::int64_t d = 0; d < p.dim_qk; ++d) dot += qrow[d] * load_element(p.k, p.in_type, k_row + d * p.k_stride[3]);
+          for (std::int64_t d = 0; d < p.dim_qk; ++d) dot += qrow[d] * krow[d];
           double s = p.scale * dot;
           if (p.score) s = (*p.score)(s, b, h, i, j);
           if (s == neg_inf) continue;
