@@ -86,7 +86,7 @@ class _Call:
 
     def __init__(self, q, k, v, *, scale=None, causal=False, mask=None, score=None, block_mask=None, return_lse=False,
                  layout="bshd", out=None, backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None,
-                 dtype=None, _allow_grad=False):
+                 dtype=None, sink_logits=None, rope=None, _allow_grad=False):
         if not _allow_grad:
             _check_no_grad(q, k, v, out)
         if layout not in _LAYOUTS:
@@ -133,7 +133,8 @@ class _Call:
                        scale=None if scale is None else float(scale), causal=_causal_mode(causal),
                        blocks=block_mask._cxx if block_mask is not None else None,
                        lse=None if self.lse is None else _operand_lse(self.lse), backend=backend, threads=int(threads),
-                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, sink_logits=_float_vector(sink_logits, "sink_logits"),
+                       rope=_rope_dict(rope))
         self.dims = _C.call("validate", **self.kw)  # the C++ rules first, with their messages
 
         d = self.dims
@@ -159,6 +160,33 @@ class _Call:
         return _C.call("explain", **self.kw)
 
 
+def _float_vector(x, name):
+    if x is None:
+        return None
+    if is_torch(x):
+        x = x.detach().cpu().float().numpy()
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
+
+
+def _rope_dict(rope):
+    """rope=True (defaults), a dict with any of theta, rotary_dim, interleaved, pos_q, pos_k, sections, or None."""
+    if rope is None or rope is False:
+        return None
+    spec = {} if rope is True else dict(rope)
+    unknown = set(spec) - {"theta", "rotary_dim", "interleaved", "pos_q", "pos_k", "sections"}
+    if unknown:
+        raise ValueError(f"omniattn: unknown rope keys {sorted(unknown)}")
+    def ids(x):
+        if x is None:
+            return None
+        if is_torch(x):
+            x = x.detach().cpu().numpy()
+        return np.asarray(x, dtype=np.int64).reshape(-1).tolist()
+    return dict(theta=float(spec.get("theta", 10000.0)), rotary_dim=int(spec.get("rotary_dim", 0)),
+                interleaved=bool(spec.get("interleaved", False)), pos_q=ids(spec.get("pos_q")),
+                pos_k=ids(spec.get("pos_k")), sections=[int(v) for v in spec.get("sections", [])])
+
+
 def _operand_lse(lse):
     if is_torch(lse):
         return (lse.data_ptr(), "f32", tuple(lse.shape), tuple(lse.stride()))
@@ -166,7 +194,8 @@ def _operand_lse(lse):
 
 
 def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block_mask=None, return_lse=False,
-              layout="bshd", out=None, backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None, dtype=None):
+              layout="bshd", out=None, backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None, dtype=None,
+              sink_logits=None, rope=None):
     """Attention over numpy arrays or CPU torch tensors, without copying them.
 
     q [batch, seq_q, heads_q, dim], k [batch, seq_k, heads_kv, dim], v [batch, seq_k, heads_kv, dim_v]
@@ -189,6 +218,10 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block
     threads     0 = all cores
     cu_seqlens_q, cu_seqlens_k   varlen: q/k/v are [total_tokens, heads, dim] and sequence s owns rows
                 [cu[s], cu[s+1])
+    sink_logits one extra logit per query head that takes probability mass without a value (learnable sinks)
+    rope        rotary embedding of q and k inside the call: True, or a dict with theta (10000), rotary_dim (0 = all),
+                interleaved (False = NeoX halves), pos_q / pos_k (int ids, [axes, batch, seq]; default: key j at j,
+                query i at i + Lk - Lq), sections (multi-axis M-RoPE: rotary pairs per axis)
 
     Returns out (numpy in, numpy out; torch in, torch out; the dtype of q), or (out, lse). Invalid calls raise
     ValueError (TypeError for dtypes) with the library's message, e.g. "[attention] k.dim 96 != q.dim 128".
@@ -196,7 +229,8 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block
     """
     call = _Call(q, k, v, scale=scale, causal=causal, mask=mask, score=score, block_mask=block_mask,
                  return_lse=return_lse, layout=layout, out=out, backend=backend, threads=threads,
-                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=dtype)
+                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=dtype, sink_logits=sink_logits,
+                 rope=rope)
     call.run()
     return call.result()
 

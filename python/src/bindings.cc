@@ -391,7 +391,7 @@ std::vector<std::int64_t> cu_seqlens(py::handle obj, const char* name) {
 py::object call(const std::string& mode, py::handle q, py::handle k, py::handle v, py::handle out, const std::string& layout,
                 bool as_bf16, std::optional<double> scale, const std::string& causal, py::handle mask,
                 py::handle score, py::handle blocks, py::handle lse, const std::string& backend, int threads,
-                py::handle cu_q, py::handle cu_k) {
+                py::handle cu_q, py::handle cu_k, py::handle sinks, py::handle rope) {
   if (layout != "bshd" && layout != "bhsd")
     throw py::value_error("omniattn: layout must be 'bshd' or 'bhsd', got '" + layout + "'");
   const bool bhsd = layout == "bhsd";
@@ -408,6 +408,39 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
   omniattn::options opt;
   opt.use = parse_backend(backend);
   opt.threads = threads;
+
+  // Sink logits: float32, one per query head (the C++ side checks they are finite).
+  py::array_t<float, py::array::c_style | py::array::forcecast> sink_array;
+  if (!sinks.is_none()) {
+    sink_array = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(sinks);
+    if (!sink_array || sink_array.ndim() != 1 || sink_array.shape(0) != tq.heads)
+      throw py::value_error("omniattn: sink_logits must be a 1-d float array with one logit per query head (" +
+                            std::to_string(tq.heads) + ")");
+    s.sink_logits = sink_array.data();
+  }
+  // RoPE: a dict (theta, rotary_dim, interleaved, pos_q, pos_k, sections), already normalized by the Python layer.
+  omniattn::rope_spec rs;
+  std::vector<std::int64_t> pos_q, pos_k;
+  if (!rope.is_none()) {
+    const auto d = rope.cast<py::dict>();
+    rs.theta = d["theta"].cast<double>();
+    rs.rotary_dim = d["rotary_dim"].cast<std::int64_t>();
+    rs.interleaved = d["interleaved"].cast<bool>();
+    rs.sections = d["sections"].cast<std::vector<std::int64_t>>();
+    if (!d["pos_q"].is_none()) pos_q = d["pos_q"].cast<std::vector<std::int64_t>>();
+    if (!d["pos_k"].is_none()) pos_k = d["pos_k"].cast<std::vector<std::int64_t>>();
+    const std::int64_t axes = rs.sections.empty() ? 1 : static_cast<std::int64_t>(rs.sections.size());
+    const std::int64_t batches = cu_q.is_none() ? tq.batch : 1;
+    if (!pos_q.empty() && static_cast<std::int64_t>(pos_q.size()) != axes * batches * tq.seq)
+      throw py::value_error("omniattn: rope pos_q has " + std::to_string(pos_q.size()) + " ids, expected " +
+                            std::to_string(axes * batches * tq.seq) + " ([axes, batch, seq_q])");
+    if (!pos_k.empty() && static_cast<std::int64_t>(pos_k.size()) != axes * batches * tk.seq)
+      throw py::value_error("omniattn: rope pos_k has " + std::to_string(pos_k.size()) + " ids, expected " +
+                            std::to_string(axes * batches * tk.seq) + " ([axes, batch, seq_k])");
+    rs.pos_q = pos_q.empty() ? nullptr : pos_q.data();
+    rs.pos_k = pos_k.empty() ? nullptr : pos_k.data();
+    s.rope = &rs;
+  }
 
   omniattn::lse_tensor l;
   if (!lse.is_none()) {
@@ -530,7 +563,7 @@ PYBIND11_MODULE(_omniattn, m) {
   m.def("call", &call, "mode"_a, "q"_a, "k"_a, "v"_a, "out"_a, py::kw_only(), "layout"_a = "bshd", "as_bf16"_a = false,
         "scale"_a = py::none(), "causal"_a = "none", "mask"_a = py::none(), "score"_a = py::none(),
         "blocks"_a = py::none(), "lse"_a = py::none(), "backend"_a = "auto", "threads"_a = 0,
-        "cu_seqlens_q"_a = py::none(), "cu_seqlens_k"_a = py::none(),
+        "cu_seqlens_q"_a = py::none(), "cu_seqlens_k"_a = py::none(), "sink_logits"_a = py::none(), "rope"_a = py::none(),
         "Validates ('validate': returns the problem's sizes), explains ('explain': select()'s kernel and reasons) or runs "
         "('run') one attention call.");
 
