@@ -335,3 +335,53 @@ TEST(Masks, VarlenUsesPerSequenceLengths) {
 
 }  // namespace
 }  // namespace omniattn
+
+namespace omniattn {
+namespace {
+
+TEST(MaskLibrary, GlobalMutualAndRandomBlocksMatchTheirDefinitions) {
+  const std::vector<std::int64_t> ids = {0, 0, 1, 1, 1, 0, 2, 1, 1, 0, 0, 2, 2, 1, 0, 0, 1, 1, 0, 2};
+  const mask_expr global = mask_expr::global_tokens(3), mutual = mask_expr::mutual(ids, 0, 1),
+                  rnd = mask_expr::random_blocks(4, 0.5, 77);
+  std::int64_t kept = 0, total = 0;
+  for (std::int64_t i = 0; i < 20; ++i)
+    for (std::int64_t j = 0; j < 20; ++j) {
+      EXPECT_EQ(global.allows(0, 0, i, j, 20, 20), i < 3 || j < 3);
+      EXPECT_EQ(mutual.allows(0, 0, i, j, 20, 20), ids[static_cast<std::size_t>(i)] == 0 && ids[static_cast<std::size_t>(j)] == 1);
+      // random blocks are constant over each 4x4 block and seeded
+      EXPECT_EQ(rnd.allows(0, 0, i, j, 20, 20), rnd.allows(0, 0, i / 4 * 4, j / 4 * 4, 20, 20));
+      kept += rnd.allows(0, 0, i, j, 20, 20);
+      ++total;
+    }
+  EXPECT_GT(kept, total / 5);
+  EXPECT_LT(kept, total * 4 / 5);
+  EXPECT_NE(rnd.str(), mask_expr::random_blocks(4, 0.5, 78).str());
+}
+
+TEST(MaskLibrary, NewPatternsRunOnTheKernelAndParse) {
+  std::vector<std::int64_t> ids(150);
+  for (std::size_t x = 0; x < ids.size(); ++x) ids[x] = (x * 7 / 11) % 3;
+  const mask_expr masks[] = {
+      mask_expr::global_tokens(5) | mask_expr::window(20, 0, causal_mode::bottom_right),
+      mask_expr::causal(causal_mode::top_left) | mask_expr::mutual(ids, 1, 2),
+      mask_expr::random_blocks(16, 0.3, 9) | mask_expr::window(8, 8, causal_mode::top_left) | mask_expr::global_tokens(2)};
+  std::uint64_t seed = 40;
+  for (const mask_expr& m : masks) {
+    problem p;
+    p.seq_q = p.seq_k = 150;
+    p.heads_q = 2;
+    p.heads_kv = 1;
+    p.dim_qk = p.dim_v = 32;
+    p.seed = seed++;
+    spec s;
+    s.mask = m;
+    EXPECT_TRUE(test::check_backend(p, s, backend::cpu)) << m.str();
+  }
+  mask_expr parsed;
+  EXPECT_EQ(parse_mask("global_tokens(4) | random_blocks(64, 10, 3) & causal", parsed), "");
+  EXPECT_EQ(parsed.str(), "(global_tokens(4) | (random_blocks(64,10,3) & causal(bottom_right)))");
+  EXPECT_NE(parse_mask("random_blocks(64, 101, 3)", parsed).find("density must be a percentage"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace omniattn

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 #include <vector>
 
 #include "core/problem.h"
@@ -115,6 +116,49 @@ TEST(TileStats, EmptyTilesAreSkippedAndCountsMatchTheBlockMask) {
   EXPECT_EQ(stats.tiles_skipped, empty);
   EXPECT_GT(stats.tiles_skipped, 2 * (stats.tiles_full + stats.tiles_partial));  // the window really prunes
   EXPECT_TRUE(test::check_backend(p, s, backend::cpu));
+}
+
+}  // namespace
+}  // namespace omniattn
+
+namespace omniattn {
+namespace {
+
+TEST(ScoreLibrary, T5BucketsFollowTheirDefinition) {
+  // Bidirectional, 32 buckets, max distance 128: 8 exact buckets per side, then log-spaced, saturating at 15 / 31.
+  EXPECT_EQ(scores::relative_bucket(0, 32, 128, true), 0);
+  EXPECT_EQ(scores::relative_bucket(-7, 32, 128, true), 7);
+  EXPECT_EQ(scores::relative_bucket(7, 32, 128, true), 16 + 7);
+  EXPECT_EQ(scores::relative_bucket(-8, 32, 128, true), 8);
+  EXPECT_EQ(scores::relative_bucket(-1000, 32, 128, true), 15);
+  EXPECT_EQ(scores::relative_bucket(1000, 32, 128, true), 31);
+  EXPECT_EQ(scores::relative_bucket(5, 32, 128, false), 0);  // unidirectional: the future shares bucket 0
+  for (std::int64_t r = -200; r < 0; ++r)  // monotone in distance
+    EXPECT_GE(scores::relative_bucket(r - 1, 32, 128, true), scores::relative_bucket(r, 32, 128, true));
+  EXPECT_THROW(scores::relative_bias({1.0, 2.0, 3.0}, 32, 128, true), std::invalid_argument);
+  EXPECT_THROW(scores::logn(1.0), std::invalid_argument);
+}
+
+TEST(ScoreLibrary, ModifiersOnTheKernelMatchTheOracle) {
+  std::vector<double> table(2 * 16);
+  for (std::size_t x = 0; x < table.size(); ++x) table[x] = 0.1 * static_cast<double>(x % 7) - 0.3;
+  const score_fn mods[] = {scores::logn(16.0), scores::relative_bias(table, 16, 64, true),
+                           scores::then(scores::alibi(scores::alibi_slopes(2)), scores::softcap(5.0))};
+  std::uint64_t seed = 90;
+  for (const score_fn& f : mods) {
+    problem p;
+    p.seq_q = 80;
+    p.seq_k = 100;
+    p.heads_q = 2;
+    p.heads_kv = 2;
+    p.dim_qk = p.dim_v = 24;
+    p.causal = causal_mode::bottom_right;
+    p.seed = seed++;
+    spec s;
+    s.causal = p.causal;
+    s.score = f;
+    EXPECT_TRUE(test::check_backend(p, s, backend::cpu));
+  }
 }
 
 }  // namespace

@@ -18,7 +18,13 @@
 //   document(offsets)            i and j in the same document; offsets = cumulative lengths [0, ..., L]
 //   block_causal(block)          j / block <= i / block    (bidirectional inside blocks of `block` tokens)
 //   dilated(dilation)            (j - i) % dilation == 0
-//   segments(ids)                ids[i] == ids[j]          (segment-bidirectional, e.g. PINE; ids per position)
+//   segments(ids)                ids[i] == ids[j]          (segment-bidirectional, e.g. PINE; ids per position; Group
+//                                Pose's two group attentions are segments(instance) and segments(type))
+//   global_tokens(n)             i < n or j < n            (global / landmark tokens at the front: they see and are seen)
+//   mutual(ids, a, b)            ids[i] == a and ids[j] == b  (modality-mutual, AKI: causal | mutual(ids, image, text)
+//                                lets image tokens also read later text)
+//   random_blocks(block, density, seed)  tile (i / block, j / block) kept with probability density, by a seeded hash
+//                                (BigBird's random attention; combine with window and global_tokens)
 //   predicate(f)                 f(b, h, i, j)             (user code; evaluated exactly, never guessed)
 #pragma once
 
@@ -55,6 +61,9 @@ class mask_expr {
   static mask_expr block_causal(std::int64_t block);
   static mask_expr dilated(std::int64_t dilation);
   static mask_expr segments(std::vector<std::int64_t> ids);
+  static mask_expr global_tokens(std::int64_t n);
+  static mask_expr mutual(std::vector<std::int64_t> ids, std::int64_t a, std::int64_t b);
+  static mask_expr random_blocks(std::int64_t block, double density, std::uint64_t seed);
   static mask_expr predicate(mask_fn f, std::string name = "predicate");
 
   friend mask_expr operator&(const mask_expr& a, const mask_expr& b);
@@ -79,13 +88,14 @@ class mask_expr {
   std::string check() const;
 
   enum class op : std::uint8_t { full, causal, window, sinks, prefix_lm, document, block_causal, dilated, segments,
-                                 predicate, and_, or_, not_ };
+                                 global_tokens, mutual, random_blocks, predicate, and_, or_, not_ };
   struct node {
     op kind = op::full;
-    std::int64_t a = 0, b = 0;  // pattern parameters
+    std::int64_t a = 0, b = 0;  // pattern parameters (random_blocks: a = block, b = density in ppm)
     std::uint8_t align = 0;     // causal_mode as a number
     int lhs = -1, rhs = -1;     // children of and / or / not
     int table = -1;             // index into tables_ (document offsets, segment ids) or fns_
+    std::uint64_t seed = 0;     // random_blocks
   };
 
  private:
@@ -114,7 +124,8 @@ class mask_expr {
 //   unary   := '~' unary | '(' expr ')' | pattern
 //   pattern := name | name '(' arg (',' arg)* ')'        arg := integer | top_left | bottom_right | tl | br
 //   names   : full, causal[(align)], window(left[, right[, align]]), sinks(n), prefix_lm(n[, align]),
-//             document(o0, o1, ...), block_causal(block), dilated(d), segments(id0, id1, ...)
+//             document(o0, o1, ...), block_causal(block), dilated(d), segments(id0, id1, ...), global_tokens(n),
+//             random_blocks(block, density_percent, seed)
 // e.g. "causal & window(256, 0) | sinks(4)". On error returns a message naming the offending character's position
 // and showing it under a caret; `out` is untouched.
 std::string parse_mask(std::string_view text, mask_expr& out);

@@ -6,6 +6,7 @@
 // Compositions classify their children and, when that leaves the tile PARTIAL, settle it exactly from the row bits.
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdlib>
 #include <sstream>
 
@@ -111,6 +112,21 @@ mask_expr mask_expr::segments(std::vector<std::int64_t> ids) {
   return m;
 }
 
+mask_expr mask_expr::global_tokens(std::int64_t n) { return leaf({op::global_tokens, n}); }
+
+mask_expr mask_expr::mutual(std::vector<std::int64_t> ids, std::int64_t a, std::int64_t b) {
+  mask_expr m = leaf({op::mutual, a, b});
+  m.nodes_[0].table = 0;
+  m.tables_.push_back(std::make_shared<const std::vector<std::int64_t>>(std::move(ids)));
+  return m;
+}
+
+mask_expr mask_expr::random_blocks(std::int64_t block, double density, std::uint64_t seed) {
+  node n{op::random_blocks, block, std::llround(std::clamp(density, 0.0, 1.0) * 1e6)};  // parts per million
+  n.seed = seed;
+  return leaf(n);
+}
+
 mask_expr mask_expr::predicate(mask_fn f, std::string name) {
   mask_expr m = leaf({op::predicate});
   m.nodes_[0].table = 0;
@@ -158,6 +174,21 @@ bool mask_expr::allows_node(int n, std::int64_t b, std::int64_t h, std::int64_t 
       const auto n_ids = static_cast<std::int64_t>(ids.size());
       return i < n_ids && j < n_ids && ids[static_cast<std::size_t>(i)] == ids[static_cast<std::size_t>(j)];
     }
+    case op::global_tokens: return i < nd.a || j < nd.a;
+    case op::mutual: {
+      const std::vector<std::int64_t>& ids = *tables_[static_cast<std::size_t>(nd.table)];
+      const auto n_ids = static_cast<std::int64_t>(ids.size());
+      return i < n_ids && j < n_ids && ids[static_cast<std::size_t>(i)] == nd.a && ids[static_cast<std::size_t>(j)] == nd.b;
+    }
+    case op::random_blocks: {
+      // splitmix64 of (seed, block row, block column): a fixed pseudo-random choice per block pair.
+      std::uint64_t x = nd.seed ^ (static_cast<std::uint64_t>(i / nd.a) * 0x9e3779b97f4a7c15ull) ^
+                        (static_cast<std::uint64_t>(j / nd.a) * 0xc2b2ae3d27d4eb4full);
+      x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+      x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+      x ^= x >> 31;
+      return static_cast<double>(x & 0xffffffffull) < static_cast<double>(nd.b) * (4294967296.0 / 1e6);
+    }
     case op::predicate: return (*fns_[static_cast<std::size_t>(nd.table)])(b, h, i, j);
     case op::and_: return allows_node(nd.lhs, b, h, i, j, lq, lk) && allows_node(nd.rhs, b, h, i, j, lq, lk);
     case op::or_: return allows_node(nd.lhs, b, h, i, j, lq, lk) || allows_node(nd.rhs, b, h, i, j, lq, lk);
@@ -175,6 +206,7 @@ std::uint64_t mask_expr::bits_node(int n, std::int64_t b, std::int64_t h, std::i
     case op::and_: return bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) & bits_node(nd.rhs, b, h, i, k0, cnt, lq, lk);
     case op::or_: return bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) | bits_node(nd.rhs, b, h, i, k0, cnt, lq, lk);
     case op::not_: return ~bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) & low_bits(cnt);
+    case op::global_tokens: return i < nd.a ? low_bits(cnt) : span_bits(0, nd.a, k0, cnt);
     case op::dilated: {
       std::uint64_t bits = 0;
       const std::int64_t first = k0 + (((i - k0) % nd.a) + nd.a) % nd.a;  // first key >= k0 with (j - i) % a == 0
@@ -271,6 +303,11 @@ std::string mask_expr::str_node(int n) const {
       os << ")";
       break;
     }
+    case op::global_tokens: os << "global_tokens(" << nd.a << ")"; break;
+    case op::mutual: os << "mutual(<" << tables_[static_cast<std::size_t>(nd.table)]->size() << " ids>," << nd.a << "," << nd.b << ")"; break;
+    case op::random_blocks:
+      os << "random_blocks(" << nd.a << "," << static_cast<double>(nd.b) / 1e4 << "," << nd.seed << ")";
+      break;
     case op::predicate: os << names_[static_cast<std::size_t>(nd.table)]; break;
     case op::and_: os << "(" << str_node(nd.lhs) << " & " << str_node(nd.rhs) << ")"; break;
     case op::or_: os << "(" << str_node(nd.lhs) << " | " << str_node(nd.rhs) << ")"; break;
@@ -293,6 +330,12 @@ std::string mask_expr::check() const {
         break;
       case op::block_causal:
         if (nd.a <= 0) return "block_causal: block " + std::to_string(nd.a) + " must be > 0";
+        break;
+      case op::random_blocks:
+        if (nd.a <= 0) return "random_blocks: block " + std::to_string(nd.a) + " must be > 0";
+        break;
+      case op::global_tokens:
+        if (nd.a < 0) return "global_tokens: n " + std::to_string(nd.a) + " must be >= 0";
         break;
       case op::dilated:
         if (nd.a <= 0) return "dilated: dilation " + std::to_string(nd.a) + " must be > 0";

@@ -163,6 +163,18 @@ class parser {
     } else if (name == "dilated") {
       arity(a, 1, 1, name, pos);
       m = mask_expr::dilated(integer(a, 0, "dilated"));
+    } else if (name == "global_tokens") {
+      arity(a, 1, 1, name, pos);
+      m = mask_expr::global_tokens(integer(a, 0, "global_tokens"));
+    } else if (name == "random_blocks") {
+      arity(a, 3, 3, name, pos);
+      const std::int64_t percent = integer(a, 1, "random_blocks");
+      if (percent < 0 || percent > 100) {
+        i_ = a[1].pos;
+        fail("random_blocks: density must be a percentage 0..100");
+      }
+      m = mask_expr::random_blocks(integer(a, 0, "random_blocks"), static_cast<double>(percent) / 100.0,
+                                   static_cast<std::uint64_t>(integer(a, 2, "random_blocks")));
     } else if (name == "document" || name == "segments") {
       arity(a, 1, 1u << 20, name, pos);
       std::vector<std::int64_t> values;
@@ -171,7 +183,8 @@ class parser {
     } else {
       i_ = pos;
       fail("unknown pattern '" + name +
-           "' (known: full causal window sinks prefix_lm document block_causal dilated segments)");
+           "' (known: full causal window sinks prefix_lm document block_causal dilated segments global_tokens "
+           "random_blocks)");
     }
     if (const std::string why = m.check(); !why.empty()) {
       i_ = pos;
