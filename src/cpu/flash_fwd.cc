@@ -61,11 +61,15 @@ using vf_t = hn::Vec<df_t>;
 // 2^x for x <= 0 (the softmax argument), exact to about 1 ulp: x = n + f with f in [-0.5, 0.5], 2^f by a degree-7
 // Taylor polynomial of e^(f ln 2) (truncation error < 1e-9), 2^n by building the exponent field. x < -126 gives 0,
 // which also maps masked (-inf) scores to exactly zero probability.
+// Rounding uses the shifter trick: adding 1.5 * 2^23 + 127 leaves round(x) + 127 in the low mantissa bits, so one add
+// yields both n (subtract the shifter back) and the biased exponent (shift those bits up), without float-int
+// conversions (Highway 1.0.3's ConvertTo adds overflow fix-ups that cost more than the polynomial's FMAs).
 HWY_INLINE vf_t exp2_neg(df_t d, vf_t x) {
-  const hn::RebindToSigned<df_t> di;
+  const hn::RebindToUnsigned<df_t> du;
+  const vf_t shifter = hn::Set(d, 12582912.0f + 127.0f);
   x = hn::Max(x, hn::Set(d, -127.0f));
-  const vf_t n = hn::Round(x);
-  const vf_t f = hn::Sub(x, n);
+  const vf_t t = hn::Add(x, shifter);
+  const vf_t f = hn::Sub(x, hn::Sub(t, shifter));
   vf_t p = hn::Set(d, 1.5252733804059841e-05f);  // ln2^7 / 7!
   p = hn::MulAdd(p, f, hn::Set(d, 1.5403530393381610e-04f));
   p = hn::MulAdd(p, f, hn::Set(d, 1.3333558146428443e-03f));
@@ -74,8 +78,7 @@ HWY_INLINE vf_t exp2_neg(df_t d, vf_t x) {
   p = hn::MulAdd(p, f, hn::Set(d, 2.4022650695910071e-01f));
   p = hn::MulAdd(p, f, hn::Set(d, 6.9314718055994531e-01f));
   p = hn::MulAdd(p, f, hn::Set(d, 1.0f));
-  const auto bits = hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127)));
-  return hn::Mul(p, hn::BitCast(d, bits));
+  return hn::Mul(p, hn::BitCast(d, hn::ShiftLeft<23>(hn::BitCast(du, t))));
 }
 
 // Register blocking: MR query rows x NV vectors of keys (S) or of value dims (O). 4 x 4 accumulators leave room for
@@ -205,7 +208,8 @@ HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t all
     hn::Store(pv, d, srow + v * L);
     vsum = hn::Add(vsum, pv);
   }
-  alpha = m_old == neg_inf ? 0.0f : std::exp2(m_old - m_new);
+  // exp2_neg on one lane instead of a libm call: this runs once per row and key tile.
+  alpha = m_old == neg_inf ? 0.0f : hn::GetLane(exp2_neg(d, hn::Set(d, m_old - m_new)));
   l = l * alpha + hn::GetLane(hn::SumOfLanes(d, vsum));
   return m_new;
 }
