@@ -174,9 +174,9 @@ constexpr std::size_t k_row_vecs = static_cast<std::size_t>(k_bk) / hn::MaxLanes
 
 // One row of the online softmax over a key tile, in registers. On entry srow holds the raw scores q.k of the tile's
 // keys; `allowed` has one bit per key. On exit srow holds P = exp2(s * c - m_new) (0 where not allowed), and
-// l is rescaled and accumulated; alpha = exp2(m_old - m_new) rescales the row's output accumulator. Returns m_new.
+// l (one vector of lane partial sums) is rescaled and accumulated; alpha = exp2(m_old - m_new) rescales the row's output accumulator. Returns m_new.
 // A row with nothing allowed so far keeps m = -inf, P = 0 and alpha = 1, so it contributes nothing and stays finite.
-HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t allowed, float c, float m_old, float& l,
+HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t allowed, float c, float m_old, float* HWY_RESTRICT l,
                              float& alpha) {
   constexpr std::size_t L = hn::MaxLanes(df_t());
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
@@ -210,14 +210,16 @@ HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t all
   }
   // exp2_neg on one lane instead of a libm call: this runs once per row and key tile.
   alpha = m_old == neg_inf ? 0.0f : hn::GetLane(exp2_neg(d, hn::Set(d, m_old - m_new)));
-  l = l * alpha + hn::GetLane(hn::SumOfLanes(d, vsum));
+  // l stays a vector of per-lane partial sums until the row is finished: no horizontal sum per tile.
+  hn::Store(hn::MulAdd(hn::Load(d, l), hn::Set(d, alpha), vsum), d, l);
   return m_new;
 }
 
 struct thread_scratch {
   hwy::AlignedFreeUniquePtr<float[]> q, s, o;
   hwy::AlignedFreeUniquePtr<std::uint32_t[]> p16;  // P as bf16 pairs (bf16-dot kernel only)
-  float m[k_bq], l[k_bq], alpha[k_bq];
+  float m[k_bq], alpha[k_bq];
+  hwy::AlignedFreeUniquePtr<float[]> l;  // [k_bq][lanes]: per-row softmax denominators as lane partial sums
   std::int64_t tiles[3] = {};  // key tiles seen, by tile_kind (empty ones are skipped)
 };
 
@@ -280,7 +282,10 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
   const float log2e = 1.4426950408889634f;
   // A sink logit starts the row's running max and sum: exp2(sink - m) = 1 at m = sink, and it never meets V.
   std::fill(ts.m, ts.m + k_bq, p.sink_logits ? p.sink_logits[h] * log2e : neg_inf);
-  std::fill(ts.l, ts.l + k_bq, p.sink_logits ? 1.0f : 0.0f);
+  const std::size_t lanes = hn::Lanes(d);
+  std::fill(ts.l.get(), ts.l.get() + k_bq * lanes, 0.0f);
+  if (p.sink_logits)
+    for (std::int64_t i = 0; i < k_bq; ++i) ts.l[static_cast<std::size_t>(i) * lanes] = 1.0f;
 
   for (std::int64_t kt = 0; kt < bm.kv_tiles; ++kt) {
     const tile_kind kind = bm.at(b, h, qt, kt);
@@ -312,7 +317,7 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
       std::uint64_t allowed = in_range;
       if (kind == tile_kind::partial) allowed = row_allowed_bits(p, b, h, q0 + i, k0, keys, e.q_len, e.k_len);
       // With a score functor srow already holds the modified logits in base 2.
-      const float m_new = softmax_row(d, srow, allowed, p.score ? 1.0f : p.scale_log2, ts.m[i], ts.l[i], ts.alpha[i]);
+      const float m_new = softmax_row(d, srow, allowed, p.score ? 1.0f : p.scale_log2, ts.m[i], ts.l.get() + static_cast<std::size_t>(i) * lanes, ts.alpha[i]);
       ts.m[i] = m_new;
     }
     const float* vt = kv.v_tile(b, h / p.group, kt);
@@ -343,13 +348,14 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
 
   for (std::int64_t i = 0; i < rows; ++i) {
     const std::int64_t off = e.tensor_batch * p.o_stride[0] + (e.q_begin + q0 + i) * p.o_stride[1] + h * p.o_stride[2];
-    const bool empty = ts.l[i] == 0.0f;  // nothing allowed and no sink
-    const float inv = empty ? 0.0f : 1.0f / ts.l[i];
+    const float l = hn::GetLane(hn::SumOfLanes(d, hn::Load(d, ts.l.get() + static_cast<std::size_t>(i) * lanes)));
+    const bool empty = l == 0.0f;  // nothing allowed and no sink
+    const float inv = empty ? 0.0f : 1.0f / l;
     for (std::int64_t dd = 0; dd < p.dim_v; ++dd)
       detail::store_element(p.out, p.out_type, off + dd * p.o_stride[3], o[i * dim_vp + dd] * inv);
     if (p.lse)
       p.lse[e.tensor_batch * p.lse_stride[0] + h * p.lse_stride[1] + (e.q_begin + q0 + i) * p.lse_stride[2]] =
-          empty ? neg_inf : (ts.m[i] + std::log2(ts.l[i])) * 0.6931471805599453f;
+          empty ? neg_inf : (ts.m[i] + std::log2(l)) * 0.6931471805599453f;
   }
 }
 
@@ -426,6 +432,7 @@ void flash_fwd(const attn_params& p) {
     ts.q = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * p.dim_qk));
     ts.s = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk));
     ts.o = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * kv.dim_vp));
+    ts.l = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq) * hn::Lanes(d));
     if (Bf16Dot) ts.p16 = hwy::AllocateAligned<std::uint32_t>(static_cast<std::size_t>(k_bq * k_bk / 2));
   }
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads),
