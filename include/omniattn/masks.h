@@ -25,6 +25,13 @@
 //                                lets image tokens also read later text)
 //   random_blocks(block, density, seed)  tile (i / block, j / block) kept with probability density, by a seeded hash
 //                                (BigBird's random attention; combine with window and global_tokens)
+//   neighborhood(grid, kernel, dilation, causal)   NATTEN's neighborhood attention over a row-major token grid of
+//                                rank 1..3 (i, j are raster indices). Per axis, tokens are grouped by coordinate modulo
+//                                dilation; inside its group a query at group coordinate c sees the kernel keys of the
+//                                window [start, start + kernel) with start = clamp(c - kernel / 2, 0, n - kernel)
+//                                (n = the group's length): the window is shifted, not clipped, at borders, so every
+//                                query sees kernel keys per axis. A causal axis sees [c - kernel + 1, c] clipped at 0.
+//                                kernel = grid size (dilation 1) is dense attention.
 //   predicate(f)                 f(b, h, i, j)             (user code; evaluated exactly, never guessed)
 #pragma once
 
@@ -64,6 +71,8 @@ class mask_expr {
   static mask_expr global_tokens(std::int64_t n);
   static mask_expr mutual(std::vector<std::int64_t> ids, std::int64_t a, std::int64_t b);
   static mask_expr random_blocks(std::int64_t block, double density, std::uint64_t seed);
+  static mask_expr neighborhood(std::vector<std::int64_t> grid, std::vector<std::int64_t> kernel,
+                                std::vector<std::int64_t> dilation = {}, std::vector<bool> causal = {});
   static mask_expr predicate(mask_fn f, std::string name = "predicate");
 
   friend mask_expr operator&(const mask_expr& a, const mask_expr& b);
@@ -88,7 +97,7 @@ class mask_expr {
   std::string check() const;
 
   enum class op : std::uint8_t { full, causal, window, sinks, prefix_lm, document, block_causal, dilated, segments,
-                                 global_tokens, mutual, random_blocks, predicate, and_, or_, not_ };
+                                 global_tokens, mutual, random_blocks, neighborhood, predicate, and_, or_, not_ };
   struct node {
     op kind = op::full;
     std::int64_t a = 0, b = 0;  // pattern parameters (random_blocks: a = block, b = density in ppm)

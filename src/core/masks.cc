@@ -127,6 +127,37 @@ mask_expr mask_expr::random_blocks(std::int64_t block, double density, std::uint
   return leaf(n);
 }
 
+mask_expr mask_expr::neighborhood(std::vector<std::int64_t> grid, std::vector<std::int64_t> kernel,
+                                  std::vector<std::int64_t> dilation, std::vector<bool> causal) {
+  // Table layout: [rank, grid[rank], kernel[rank], dilation[rank], causal[rank]]; check() validates it.
+  const std::size_t rank = grid.size();
+  std::vector<std::int64_t> t{static_cast<std::int64_t>(rank)};
+  t.insert(t.end(), grid.begin(), grid.end());
+  t.insert(t.end(), kernel.begin(), kernel.end());
+  for (std::size_t a = 0; a < rank; ++a) t.push_back(a < dilation.size() ? dilation[a] : 1);
+  for (std::size_t a = 0; a < rank; ++a) t.push_back(a < causal.size() && causal[a] ? 1 : 0);
+  mask_expr m = leaf({op::neighborhood, static_cast<std::int64_t>(kernel.size()), static_cast<std::int64_t>(dilation.size())});
+  m.nodes_[0].table = 0;
+  m.tables_.push_back(std::make_shared<const std::vector<std::int64_t>>(std::move(t)));
+  return m;
+}
+
+namespace {
+
+// NATTEN's rule on one axis: may a query at coordinate qc see the key at kc (grid length n)?
+bool neighborhood_axis(std::int64_t qc, std::int64_t kc, std::int64_t n, std::int64_t kernel, std::int64_t dilation,
+                       bool causal) {
+  if (qc % dilation != kc % dilation) return false;
+  const std::int64_t group = qc % dilation;
+  const std::int64_t len = (n - group + dilation - 1) / dilation;  // tokens in this dilation group
+  const std::int64_t q = qc / dilation, k = kc / dilation;
+  if (causal) return k <= q && k > q - kernel;
+  const std::int64_t start = std::clamp<std::int64_t>(q - kernel / 2, 0, std::max<std::int64_t>(len - kernel, 0));
+  return k >= start && k < start + kernel;
+}
+
+}  // namespace
+
 mask_expr mask_expr::predicate(mask_fn f, std::string name) {
   mask_expr m = leaf({op::predicate});
   m.nodes_[0].table = 0;
@@ -188,6 +219,23 @@ bool mask_expr::allows_node(int n, std::int64_t b, std::int64_t h, std::int64_t 
       x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
       x ^= x >> 31;
       return static_cast<double>(x & 0xffffffffull) < static_cast<double>(nd.b) * (4294967296.0 / 1e6);
+    }
+    case op::neighborhood: {
+      const std::vector<std::int64_t>& t = *tables_[static_cast<std::size_t>(nd.table)];
+      const std::int64_t rank = t[0];
+      std::int64_t tokens = 1;
+      for (std::int64_t a = 0; a < rank; ++a) tokens *= t[static_cast<std::size_t>(1 + a)];
+      if (i >= tokens || j >= tokens) return false;  // outside the grid
+      std::int64_t qi = i, kj = j;
+      for (std::int64_t a = rank - 1; a >= 0; --a) {  // row-major: the last axis varies fastest
+        const std::int64_t n = t[static_cast<std::size_t>(1 + a)];
+        if (!neighborhood_axis(qi % n, kj % n, n, t[static_cast<std::size_t>(1 + rank + a)],
+                               t[static_cast<std::size_t>(1 + 2 * rank + a)], t[static_cast<std::size_t>(1 + 3 * rank + a)] != 0))
+          return false;
+        qi /= n;
+        kj /= n;
+      }
+      return true;
     }
     case op::predicate: return (*fns_[static_cast<std::size_t>(nd.table)])(b, h, i, j);
     case op::and_: return allows_node(nd.lhs, b, h, i, j, lq, lk) && allows_node(nd.rhs, b, h, i, j, lq, lk);
@@ -304,6 +352,18 @@ std::string mask_expr::str_node(int n) const {
       break;
     }
     case op::global_tokens: os << "global_tokens(" << nd.a << ")"; break;
+    case op::neighborhood: {
+      const auto& t = *tables_[static_cast<std::size_t>(nd.table)];
+      const std::int64_t rank = t[0];
+      const char* parts[4] = {"grid", "kernel", "dilation", "causal"};
+      os << "neighborhood(";
+      for (std::int64_t part = 0; part < 4; ++part) {
+        os << (part ? ";" : "") << parts[part] << "=";
+        for (std::int64_t a = 0; a < rank; ++a) os << (a ? "x" : "") << t[static_cast<std::size_t>(1 + part * rank + a)];
+      }
+      os << ")";
+      break;
+    }
     case op::mutual: os << "mutual(<" << tables_[static_cast<std::size_t>(nd.table)]->size() << " ids>," << nd.a << "," << nd.b << ")"; break;
     case op::random_blocks:
       os << "random_blocks(" << nd.a << "," << static_cast<double>(nd.b) / 1e4 << "," << nd.seed << ")";
@@ -337,6 +397,25 @@ std::string mask_expr::check() const {
       case op::global_tokens:
         if (nd.a < 0) return "global_tokens: n " + std::to_string(nd.a) + " must be >= 0";
         break;
+      case op::neighborhood: {
+        const auto& t = *tables_[static_cast<std::size_t>(nd.table)];
+        const std::int64_t rank = t[0];
+        if (rank < 1 || rank > 3) return "neighborhood: grid rank " + std::to_string(rank) + " must be 1, 2 or 3";
+        if (nd.a != rank) return "neighborhood: kernel has " + std::to_string(nd.a) + " sizes for a rank-" + std::to_string(rank) + " grid";
+        if (nd.b != 0 && nd.b != rank)
+          return "neighborhood: dilation has " + std::to_string(nd.b) + " entries for a rank-" + std::to_string(rank) + " grid";
+        for (std::int64_t a = 0; a < rank; ++a) {
+          const std::int64_t n = t[static_cast<std::size_t>(1 + a)], k = t[static_cast<std::size_t>(1 + rank + a)],
+                             dil = t[static_cast<std::size_t>(1 + 2 * rank + a)];
+          const std::string axis = " (axis " + std::to_string(a) + ")";
+          if (n <= 0) return "neighborhood: grid size " + std::to_string(n) + " must be > 0" + axis;
+          if (dil <= 0) return "neighborhood: dilation " + std::to_string(dil) + " must be > 0" + axis;
+          if (k <= 0 || k * dil > n)
+            return "neighborhood: kernel " + std::to_string(k) + " x dilation " + std::to_string(dil) + " must be in 1..grid " +
+                   std::to_string(n) + axis;
+        }
+        break;
+      }
       case op::dilated:
         if (nd.a <= 0) return "dilated: dilation " + std::to_string(nd.a) + " must be > 0";
         break;
