@@ -156,6 +156,72 @@ bool neighborhood_axis(std::int64_t qc, std::int64_t kc, std::int64_t n, std::in
   return k >= start && k < start + kernel;
 }
 
+// The keys one query sees on one axis: coordinates first, first + step, ..., `count` of them (NATTEN's rule above).
+struct axis_window {
+  std::int64_t first, step, count;
+};
+
+axis_window neighborhood_window(std::int64_t qc, std::int64_t n, std::int64_t kernel, std::int64_t dilation, bool causal) {
+  const std::int64_t group = qc % dilation, q = qc / dilation;
+  const std::int64_t len = (n - group + dilation - 1) / dilation;
+  std::int64_t start, count;
+  if (causal) {
+    start = std::max<std::int64_t>(q - kernel + 1, 0);
+    count = q - start + 1;
+  } else {
+    start = std::clamp<std::int64_t>(q - kernel / 2, 0, std::max<std::int64_t>(len - kernel, 0));
+    count = std::min(kernel, len - start);
+  }
+  return {start * dilation + group, dilation, count};
+}
+
+// Allowed-key bits of raster query i over keys [k0, k0 + cnt): the window is a product of per-axis progressions, so
+// the outer axes enumerate the (few) window lines that reach into the key range and the last axis sets their bits.
+std::uint64_t neighborhood_bits(const std::vector<std::int64_t>& t, std::int64_t i, std::int64_t k0, std::int64_t cnt) {
+  const std::int64_t rank = t[0];
+  std::int64_t tokens = 1;
+  for (std::int64_t a = 0; a < rank; ++a) tokens *= t[static_cast<std::size_t>(1 + a)];
+  if (i >= tokens) return 0;
+  axis_window w[3];
+  std::int64_t stride[3];
+  std::int64_t rest = i, st = 1;
+  for (std::int64_t a = rank - 1; a >= 0; --a) {
+    const std::int64_t n = t[static_cast<std::size_t>(1 + a)];
+    w[a] = neighborhood_window(rest % n, n, t[static_cast<std::size_t>(1 + rank + a)], t[static_cast<std::size_t>(1 + 2 * rank + a)],
+                               t[static_cast<std::size_t>(1 + 3 * rank + a)] != 0);
+    stride[a] = st;
+    st *= n;
+    rest /= n;
+  }
+  std::uint64_t bits = 0;
+  const std::int64_t k1 = k0 + cnt, last = rank - 1;
+  // Enumerate outer coordinates (up to two outer axes) whose line [base, base + stride[last-1]) meets [k0, k1).
+  const auto line = [&](std::int64_t base) {
+    const axis_window& lw = w[last];
+    if (base + (lw.first + (lw.count - 1) * lw.step) < k0 || base + lw.first >= k1) return;
+    if (lw.step == 1) {
+      bits |= span_bits(base + lw.first, base + lw.first + lw.count, k0, cnt);
+      return;
+    }
+    for (std::int64_t c = 0; c < lw.count; ++c) {
+      const std::int64_t key = base + lw.first + c * lw.step;
+      if (key >= k0 && key < k1) bits |= std::uint64_t{1} << (key - k0);
+    }
+  };
+  if (rank == 1) {
+    line(0);
+  } else if (rank == 2) {
+    for (std::int64_t r = 0; r < w[0].count; ++r) line((w[0].first + r * w[0].step) * stride[0]);
+  } else {
+    for (std::int64_t r = 0; r < w[0].count; ++r) {
+      const std::int64_t base0 = (w[0].first + r * w[0].step) * stride[0];
+      if (base0 + stride[0] <= k0 || base0 >= k1) continue;  // this whole plane misses the key range
+      for (std::int64_t c = 0; c < w[1].count; ++c) line(base0 + (w[1].first + c * w[1].step) * stride[1]);
+    }
+  }
+  return bits;
+}
+
 }  // namespace
 
 mask_expr mask_expr::predicate(mask_fn f, std::string name) {
@@ -255,6 +321,7 @@ std::uint64_t mask_expr::bits_node(int n, std::int64_t b, std::int64_t h, std::i
     case op::or_: return bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) | bits_node(nd.rhs, b, h, i, k0, cnt, lq, lk);
     case op::not_: return ~bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) & low_bits(cnt);
     case op::global_tokens: return i < nd.a ? low_bits(cnt) : span_bits(0, nd.a, k0, cnt);
+    case op::neighborhood: return neighborhood_bits(*tables_[static_cast<std::size_t>(nd.table)], i, k0, cnt);
     case op::dilated: {
       std::uint64_t bits = 0;
       const std::int64_t first = k0 + (((i - k0) % nd.a) + nd.a) % nd.a;  // first key >= k0 with (j - i) % a == 0
@@ -293,6 +360,36 @@ tile_kind mask_expr::classify_node(int n, std::int64_t b, std::int64_t h, std::i
     if (lo >= k1) return tile_kind::empty;
     if (lo < hi) return tile_kind::partial;
     // Row `a` allows nothing (e.g. past the last document): the two-row argument does not hold; settle exactly below.
+  } else if (nd.kind == op::neighborhood) {
+    // Every query's keys lie between its window's first and last corner: a tile whose key range misses the union of
+    // those spans is EMPTY without looking at elements.
+    const std::vector<std::int64_t>& t = *tables_[static_cast<std::size_t>(nd.table)];
+    // The span depends on the query rows only; block-mask builders walk all key tiles of one query tile in a row,
+    // so the last span is remembered (per thread, keyed by the table and the rows).
+    thread_local struct {
+      const void* table = nullptr;
+      std::int64_t q0 = -1, q1 = -1, lo = 0, hi = 0;
+    } memo;
+    if (memo.table != &t || memo.q0 != q0 || memo.q1 != q1) {
+      std::int64_t lo = k_unbounded, hi = -1;
+      for (std::int64_t i = q0; i < q1; ++i) {
+        std::int64_t rest = i, st = 1, first = 0, final_key = 0;
+        const std::int64_t rank = t[0];
+        for (std::int64_t a = rank - 1; a >= 0; --a) {
+          const std::int64_t n2 = t[static_cast<std::size_t>(1 + a)];
+          const axis_window w = neighborhood_window(rest % n2, n2, t[static_cast<std::size_t>(1 + rank + a)],
+                                                    t[static_cast<std::size_t>(1 + 2 * rank + a)], t[static_cast<std::size_t>(1 + 3 * rank + a)] != 0);
+          first += w.first * st;
+          final_key += (w.first + (w.count - 1) * w.step) * st;
+          st *= n2;
+          rest /= n2;
+        }
+        lo = std::min(lo, first);
+        hi = std::max(hi, final_key);
+      }
+      memo = {&t, q0, q1, lo, hi};
+    }
+    if (memo.hi < k0 || memo.lo >= k1) return tile_kind::empty;
   } else if (nd.kind == op::and_ || nd.kind == op::or_) {
     const tile_kind l = classify_node(nd.lhs, b, h, q0, q1, k0, k1, lq, lk);
     const tile_kind r = classify_node(nd.rhs, b, h, q0, q1, k0, k1, lq, lk);
