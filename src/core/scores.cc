@@ -1,6 +1,8 @@
 // Built-in score modifiers (see include/omniattn/scores.h).
 #include "omniattn/scores.h"
 
+#include "core/score_kinds.h"
+
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -18,11 +20,7 @@ void require(bool ok, const char* what) {
 
 score_fn alibi(std::vector<double> slopes, std::int64_t offset) {
   require(!slopes.empty(), "[scores::alibi] slopes is empty (one slope per head, or one for all)");
-  auto s = std::make_shared<const std::vector<double>>(std::move(slopes));
-  return [s, offset](double x, std::int64_t, std::int64_t h, std::int64_t q, std::int64_t k) {
-    const double slope = (*s)[static_cast<std::size_t>(h) % s->size()];
-    return x + slope * static_cast<double>(k - q + offset);
-  };
+  return detail::alibi_score{std::make_shared<const std::vector<double>>(std::move(slopes)), offset};
 }
 
 std::vector<double> alibi_slopes(std::int64_t heads) {
@@ -45,7 +43,7 @@ std::vector<double> alibi_slopes(std::int64_t heads) {
 
 score_fn softcap(double cap) {
   require(std::isfinite(cap) && cap > 0.0, "[scores::softcap] cap must be finite and > 0");
-  return [cap](double x, std::int64_t, std::int64_t, std::int64_t, std::int64_t) { return cap * std::tanh(x / cap); };
+  return detail::softcap_score{cap};
 }
 
 score_fn temperature(std::vector<double> per_head) {
@@ -104,8 +102,7 @@ score_fn relative_bias(std::vector<double> table, std::int64_t buckets, std::int
 }
 
 score_fn then(score_fn first, score_fn second) {
-  return [first = std::move(first), second = std::move(second)](double x, std::int64_t b, std::int64_t h, std::int64_t q,
-                                                                 std::int64_t k) { return second(first(x, b, h, q, k), b, h, q, k); };
+  return detail::chained_score{std::move(first), std::move(second)};
 }
 
 }  // namespace omniattn::scores

@@ -22,6 +22,7 @@
 #include <omp.h>
 
 #include "core/backends.h"
+#include "core/score_kinds.h"
 #include "core/storage.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/probe.h"
@@ -31,6 +32,7 @@
 #define HWY_TARGET_INCLUDE "cpu/flash_fwd.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/aligned_allocator.h"
+#include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
 #ifndef OMNIATTN_CPU_FLASH_FWD_SHARED
@@ -231,6 +233,9 @@ struct packed_kv {
   std::int64_t kvh_begin = 0, tiles_total = 0;
   std::vector<std::int64_t> tile_offset;  // first kv tile of each sequence within a head's slot
   std::int64_t dim_qk = 0, dim_vp = 0;
+  // Built-in score modifiers flattened for the vectorized path; fast_score is false for any user score functor.
+  std::vector<detail::score_step> score_steps;
+  bool fast_score = false;
   // RoPE cos / sin per token row and rotary pair, shared by every head (empty without RoPE).
   std::vector<float> q_cos, q_sin, k_cos, k_sin;
 
@@ -308,7 +313,23 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
     const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
     for (std::int64_t i = 0; i < rows; ++i) {
       float* srow = s + i * k_bk;
-      if (p.score) {
+      if (kv.fast_score) {
+        // Built-in modifiers on whole vectors, in natural-log units, then to base 2.
+        const vf_t vscale = hn::Set(d, static_cast<float>(p.scale)), vlog2e = hn::Set(d, log2e);
+        const std::int64_t rel0 = k0 - (q0 + i);
+        for (std::size_t v = 0; v < k_row_vecs; ++v) {
+          vf_t x = hn::Mul(hn::Load(d, srow + v * L), vscale);
+          for (const detail::score_step& st : kv.score_steps) {
+            if (st.op == detail::score_step::kind::alibi) {
+              const vf_t rel = hn::Add(hn::Iota(d, 0.0f), hn::Set(d, static_cast<float>(rel0 + st.alibi->offset + static_cast<std::int64_t>(v * L))));
+              x = hn::MulAdd(hn::Set(d, static_cast<float>(st.alibi->slope(h))), rel, x);
+            } else {
+              x = hn::Mul(hn::Set(d, static_cast<float>(st.cap)), hn::Tanh(d, hn::Mul(x, hn::Set(d, static_cast<float>(1.0 / st.cap)))));
+            }
+          }
+          hn::Store(hn::Mul(x, vlog2e), d, srow + v * L);
+        }
+      } else if (p.score) {
         for (std::int64_t j = 0; j < keys; ++j)
           srow[j] = static_cast<float>((*p.score)(static_cast<double>(srow[j]) * p.scale, b, h, q0 + i, k0 + j)) * log2e;
       }
@@ -419,6 +440,7 @@ void flash_fwd(const attn_params& p) {
     kv.tile_offset.push_back(kv.tiles_total);
     kv.tiles_total += (sequence(p, b).k_len + k_bk - 1) / k_bk;
   }
+  kv.fast_score = p.score && detail::lower_score(*p.score, kv.score_steps);
   if (p.rope) {
     rope_tables(p, true, kv.q_cos, kv.q_sin);
     rope_tables(p, false, kv.k_cos, kv.k_sin);
@@ -540,7 +562,12 @@ selection select(const attn_params& p) {
                           " classified per tile; on PARTIAL tiles only, one allowed-key word per row (built-in patterns in "
                           "closed form, a user mask functor called per element)");
   if (p.rope) sel.reasons.push_back(sel.name + ": RoPE (rotary dim " + std::to_string(p.rope_dim) + ") applied to Q and K while packing, from per-token cos/sin tables");
-  if (p.score) sel.reasons.push_back(sel.name + ": score functor evaluated per element (type-erased call, slow path)");
+  if (p.score) {
+    std::vector<detail::score_step> steps;
+    sel.reasons.push_back(detail::lower_score(*p.score, steps)
+                              ? sel.name + ": built-in score modifiers (ALiBi / softcap chain) applied to whole score rows, vectorized"
+                              : sel.name + ": user score functor evaluated per element (type-erased call, slow path)");
+  }
   if (bf16_dot)
     sel.reasons.push_back(sel.name + ": QK^T and PV on the AVX512-BF16 dot product (P rounded to bf16), fp32 softmax and accumulation (" +
                           dot.why + ")");
