@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/problem.h"
 #include "omniattn/omniattn.h"
 
 namespace omniattn::test {
@@ -64,6 +65,21 @@ class scoped_env {
 template <class T>
 bool bytes_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+// A single-batch problem with dim_v = dim_qk, for the focused feature tests.
+inline problem small_problem(std::int64_t lq, std::int64_t lk, std::int64_t hq, std::int64_t hkv, std::int64_t d, dtype t,
+                             causal_mode c, std::uint64_t seed) {
+  problem p;
+  p.seq_q = lq;
+  p.seq_k = lk;
+  p.heads_q = hq;
+  p.heads_kv = hkv;
+  p.dim_qk = p.dim_v = d;
+  p.type = t;
+  p.causal = c;
+  p.seed = seed;
+  return p;
 }
 
 }  // namespace omniattn::test

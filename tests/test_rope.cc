@@ -8,24 +8,12 @@
 #include "core/problem.h"
 #include "core/storage.h"
 #include "omniattn/omniattn.h"
+#include "test_common.h"
 #include "tolerance.h"
 
 namespace omniattn {
 namespace {
 
-problem rope_problem(std::int64_t lq, std::int64_t lk, std::int64_t hq, std::int64_t hkv, std::int64_t d, dtype t,
-                     causal_mode c, std::uint64_t seed) {
-  problem p;
-  p.seq_q = lq;
-  p.seq_k = lk;
-  p.heads_q = hq;
-  p.heads_kv = hkv;
-  p.dim_qk = p.dim_v = d;
-  p.type = t;
-  p.causal = c;
-  p.seed = seed;
-  return p;
-}
 
 // Rotates f32 rows of a bshd buffer the textbook way (NeoX halves), positions pos[row].
 void rotate_buffer(std::vector<std::uint8_t>& buf, std::int64_t rows, std::int64_t heads, std::int64_t dim,
@@ -44,7 +32,7 @@ void rotate_buffer(std::vector<std::uint8_t>& buf, std::int64_t rows, std::int64
 }
 
 TEST(Rope, OracleMatchesPreRotatedInputs) {
-  const problem p = rope_problem(9, 13, 2, 2, 8, dtype::f32, causal_mode::none, 4);
+  const problem p = test::small_problem(9, 13, 2, 2, 8, dtype::f32, causal_mode::none, 4);
   problem_data with(p), pre(p);
   std::vector<std::int64_t> pos_q(9), pos_k(13);
   for (std::int64_t i = 0; i < 9; ++i) pos_q[static_cast<std::size_t>(i)] = 3 * i + 1;
@@ -66,7 +54,7 @@ TEST(Rope, OracleMatchesPreRotatedInputs) {
 
 TEST(Rope, ShiftingEveryPositionLeavesTheOutputUnchanged) {
   // RoPE scores depend on position differences only.
-  const problem p = rope_problem(17, 17, 2, 1, 16, dtype::f32, causal_mode::top_left, 8);
+  const problem p = test::small_problem(17, 17, 2, 1, 16, dtype::f32, causal_mode::top_left, 8);
   std::vector<std::int64_t> a(17), b(17);
   for (std::int64_t i = 0; i < 17; ++i) a[static_cast<std::size_t>(i)] = i, b[static_cast<std::size_t>(i)] = i + 1000;
   problem_data x(p), y(p);
@@ -90,7 +78,7 @@ TEST(Rope, KernelMatchesOracleForEveryOption) {
       for (std::int64_t rotary : {0, 32})
         for (bool ids : {false, true})
           for (auto [lq, lk] : {std::pair<std::int64_t, std::int64_t>{70, 70}, {5, 130}}) {
-            const problem p = rope_problem(lq, lk, 4, 2, 64, t, causal_mode::bottom_right, seed++);
+            const problem p = test::small_problem(lq, lk, 4, 2, 64, t, causal_mode::bottom_right, seed++);
             std::vector<std::int64_t> pos_q, pos_k;
             for (std::int64_t i = 0; i < lq; ++i) pos_q.push_back((i * 7) % 23 + 100);
             for (std::int64_t j = 0; j < lk; ++j) pos_k.push_back((j * 5) % 31);
@@ -107,7 +95,7 @@ TEST(Rope, KernelMatchesOracleForEveryOption) {
 }
 
 TEST(Rope, MultiAxisSectionsAndVarlen) {
-  problem p = rope_problem(0, 0, 2, 2, 32, dtype::f32, causal_mode::none, 21);
+  problem p = test::small_problem(0, 0, 2, 2, 32, dtype::f32, causal_mode::none, 21);
   p.seqlens_q = {40, 0, 77};
   p.seqlens_k = {40, 9, 77};
   p.batch = 3;
@@ -127,7 +115,7 @@ TEST(Rope, MultiAxisSectionsAndVarlen) {
 }
 
 TEST(Rope, BadSpecsAreRejected) {
-  const problem p = rope_problem(8, 8, 2, 2, 16, dtype::f32, causal_mode::none, 1);
+  const problem p = test::small_problem(8, 8, 2, 2, 16, dtype::f32, causal_mode::none, 1);
   problem_data d(p);
   std::vector<std::int64_t> pos(8, 0);
   const auto error_of = [&](const rope_spec& r) {

@@ -8,24 +8,12 @@
 
 #include "core/problem.h"
 #include "omniattn/omniattn.h"
+#include "test_common.h"
 #include "tolerance.h"
 
 namespace omniattn {
 namespace {
 
-problem small(std::int64_t lq, std::int64_t lk, std::int64_t hq, std::int64_t hkv, std::int64_t d, dtype t, causal_mode c,
-              std::uint64_t seed) {
-  problem p;
-  p.seq_q = lq;
-  p.seq_k = lk;
-  p.heads_q = hq;
-  p.heads_kv = hkv;
-  p.dim_qk = p.dim_v = d;
-  p.type = t;
-  p.causal = c;
-  p.seed = seed;
-  return p;
-}
 
 TEST(Sinks, KernelMatchesOracleIncludingFullyMaskedRows) {
   const std::vector<float> sinks = {-1.5f, 0.0f, 2.0f, 5.0f};
@@ -34,7 +22,7 @@ TEST(Sinks, KernelMatchesOracleIncludingFullyMaskedRows) {
   for (dtype t : types)
     for (causal_mode c : {causal_mode::none, causal_mode::bottom_right})
       for (auto [lq, lk] : {std::pair<std::int64_t, std::int64_t>{97, 97}, {130, 61}, {1, 65}}) {
-        const problem p = small(lq, lk, 4, 2, 48, t, c, seed++);
+        const problem p = test::small_problem(lq, lk, 4, 2, 48, t, c, seed++);
         spec s;
         s.causal = c;
         s.sink_logits = sinks.data();
@@ -44,7 +32,7 @@ TEST(Sinks, KernelMatchesOracleIncludingFullyMaskedRows) {
 
 TEST(Sinks, OracleClosedForm) {
   // q = 0: every score is 0, so with a sink z the weights are 1 / (Lk + e^z) and lse = log(Lk + e^z).
-  problem p = small(3, 5, 1, 1, 4, dtype::f32, causal_mode::none, 7);
+  problem p = test::small_problem(3, 5, 1, 1, 4, dtype::f32, causal_mode::none, 7);
   problem_data d(p);
   std::fill(d.q.begin(), d.q.end(), 0);
   const float sink = 1.25f;
@@ -64,7 +52,7 @@ TEST(Sinks, OracleClosedForm) {
 
 TEST(Sinks, FullyMaskedRowGivesZeroAndTheSinkAsLse) {
   // Bottom-right causal with Lq > Lk masks the first Lq - Lk rows entirely.
-  const problem p = small(70, 10, 2, 2, 16, dtype::f32, causal_mode::bottom_right, 3);
+  const problem p = test::small_problem(70, 10, 2, 2, 16, dtype::f32, causal_mode::bottom_right, 3);
   const float sinks[2] = {0.5f, -2.0f};
   for (backend b : {backend::reference, backend::cpu}) {
     problem_data d(p);
@@ -81,7 +69,7 @@ TEST(Sinks, FullyMaskedRowGivesZeroAndTheSinkAsLse) {
 }
 
 TEST(Sinks, NonFiniteSinkIsRejected) {
-  const problem p = small(8, 8, 2, 2, 8, dtype::f32, causal_mode::none, 1);
+  const problem p = test::small_problem(8, 8, 2, 2, 8, dtype::f32, causal_mode::none, 1);
   problem_data d(p);
   const float sinks[2] = {0.0f, std::numeric_limits<float>::infinity()};
   spec s;
@@ -93,7 +81,7 @@ TEST(Sinks, NonFiniteSinkIsRejected) {
 
 TEST(TileStats, EmptyTilesAreSkippedAndCountsMatchTheBlockMask) {
   // Sliding window on 1000 tokens: most 64x64 tiles are EMPTY; the kernel must visit exactly the non-empty ones.
-  problem p = small(1000, 1000, 2, 1, 32, dtype::f32, causal_mode::none, 5);
+  problem p = test::small_problem(1000, 1000, 2, 1, 32, dtype::f32, causal_mode::none, 5);
   problem_data d(p);
   spec s;
   s.mask = mask_expr::window(100, 0, causal_mode::bottom_right) | mask_expr::sinks(4);
