@@ -16,9 +16,10 @@ void softmax_row(float* row, std::int64_t allowed, std::int64_t n);
 const char* openblas_core();
 
 // The unfused OpenBLAS path per (batch, head): S = scale Q K^T (sgemm), masked softmax, O = P V (sgemm).
-// Materializes Lq x Lk scores per head; f32 inputs with unit dim stride only.
+// Materializes Lq x Lk scores per head; f32 inputs with unit dim stride only; dense or causal (p.mask is ignored).
+// `threads` OpenMP threads split each head's query rows and call single-threaded OpenBLAS (one thread pool).
 void openblas_unfused(const attn_params& p, int threads);
-void set_openblas_threads(int threads);
+void set_openblas_threads(int threads);  // for other OpenBLAS calls; openblas_unfused uses 1 per thread
 
 // `omniattn bench ...` with the whole command line (argv[0] the program, argv[1] "bench"); returns the exit code.
 int bench_main(int argc, char** argv);

@@ -1,7 +1,8 @@
 // `omniattn bench --kernel`: the fused kernel against the oracle, the naive f32 path and the OpenBLAS unfused path,
-// all in one process. GFLOP/s use FLOPs = 2 * mask_area * (dim_qk + dim_v) (= 4 * mask_area * B * H * D for
-// dim_v = dim_qk, mask_area counted per (batch, head)); % of peak uses the fp32 FMA peak measured here for the same
-// thread count. Time is the median of repetitions after one warm-up, run until a time budget is spent.
+// all in one process, over dense/causal (and --pattern masks) x D x N x dtype x threads. GFLOP/s use
+// FLOPs = 2 * mask_area * (dim_qk + dim_v) (= 4 * mask_area * B * H * D for dim_v = dim_qk, mask_area counted per
+// (batch, head)); % of peak uses the fp32 FMA peak of the same thread count (measure.h, cached per machine). Time is
+// the median of repetitions after one warm-up, run until a time budget is spent.
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,44 +18,21 @@
 #include <vector>
 
 #include "bench/bench.h"
+#include "bench/measure.h"
+#include "bench/suite.h"
 #include "core/problem.h"
 #include "core/storage.h"
-#include "cpu/probe.h"
 
 namespace omniattn::bench {
 namespace {
 
-struct timing {
-  double median_s = 0, min_s = 0, max_s = 0;
-  int reps = 0;
-};
-
-timing measure(const std::function<void()>& fn, double budget_s, int min_reps) {
-  fn();  // warm-up: first-touch page faults, thread pool start
-  std::vector<double> t;
-  const auto start = std::chrono::steady_clock::now();
-  while (static_cast<int>(t.size()) < min_reps ||
-         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < budget_s) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    if (t.size() >= 50) break;
-  }
-  std::sort(t.begin(), t.end());
-  return {t[t.size() / 2], t.front(), t.back(), static_cast<int>(t.size())};
-}
-
-// Peak resident memory of the process since the last reset, in MiB (Linux: VmHWM, reset through clear_refs).
-void reset_peak_rss() {
-  std::ofstream f("/proc/self/clear_refs");
-  f << "5";
-}
-double peak_rss_mib() {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;
-  return 0.0;
+timing time_it(const std::function<void()>& fn, double budget_s, int min_reps) {
+  measure_policy policy;
+  policy.budget_s = budget_s;
+  policy.min_reps = min_reps;
+  policy.max_reps = 50;
+  policy.cap_s = 1e9;
+  return measure(fn, policy);
 }
 
 std::vector<std::string> split(const std::string& s) {
@@ -91,29 +69,20 @@ double max_abs_diff(const problem_data& a, const problem_data& b) {
 int usage(const char* msg) {
   if (msg) std::fprintf(stderr, "omniattn bench: %s\n", msg);
   std::fprintf(stderr,
-               "usage: omniattn bench [--kernel] [--quick] [--n 512,1024,...] [--d 64,128] [--dtype f32,bf16]\n"
+               "usage: omniattn bench --kernel [--quick] [--n 512,1024,...] [--d 64,128] [--dtype f32,bf16]\n"
                "                      [--threads 1,2] [--mask dense,causal] [--pattern SPEC]... [--heads 8] [--batch 1]\n"
-               "                      [--budget SECONDS] [--no-baselines] [--json FILE]\n");
+               "                      [--budget SECONDS] [--no-baselines] [--no-cache] [--json FILE]\n");
   return 2;
 }
 
 }  // namespace
 
-int bench_main(int argc, char** argv) {
-  // OpenBLAS picks its kernels when it loads, so the variable must be right before this process starts: an inherited
-  // OPENBLAS_CORETYPE (Haswell here) halves the baseline, and OpenBLAS 0.3.21 with the variable absent does not know
-  // recent Xeons and falls back to Prescott (SSE3). Set but empty, it detects by CPU features (Cooperlake here), which
-  // is its best kernel; restart once that way. The header prints the kernel OpenBLAS ended up with.
-  if (const char* core = std::getenv("OPENBLAS_CORETYPE"); !core || *core) {
-    setenv("OPENBLAS_CORETYPE", "", 1);
-    execv("/proc/self/exe", argv);
-    std::perror("omniattn bench: re-exec without OPENBLAS_CORETYPE failed");
-  }
+int kernel_main(int argc, char** argv) {
   std::vector<std::int64_t> ns = {512, 1024, 2048, 4096, 8192, 16384}, ds = {64, 128}, threads = {1, 2};
   std::vector<std::int64_t> heads = {8}, batch = {1};
   std::vector<std::string> dtypes = {"f32", "bf16"}, masks = {"dense", "causal"};
   double budget = 1.0;
-  bool baselines = true;
+  bool baselines = true, use_cache = true;
   std::string json_path;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
@@ -127,6 +96,8 @@ int bench_main(int argc, char** argv) {
       ns = {256, 1024};
       ds = {64, 128};
       budget = 0.2;
+    } else if (a == "--no-cache") {
+      use_cache = false;
     } else if (a == "--no-baselines") {
       baselines = false;
     } else if (a == "--n" && has_value) {
@@ -161,15 +132,21 @@ int bench_main(int argc, char** argv) {
     }
   }
 
+  // The same peaks as the suite: measured once per machine and thread count, cached (measure.h).
+  std::vector<int> thread_counts;
+  for (const std::int64_t t : threads) thread_counts.push_back(static_cast<int>(t));
+  std::string peak_note;
+  const std::vector<machine_peak> machine = machine_peaks(thread_counts, use_cache, isa_name(), peak_note);
+  if (!peak_note.empty()) std::fprintf(stderr, "omniattn bench: note: %s\n", peak_note.c_str());
   std::vector<double> peaks, bf16_peaks;
-  for (std::int64_t t : threads) {
-    peaks.push_back(cpu::measure_fp32_peak(static_cast<int>(t)));
-    bf16_peaks.push_back(cpu::measure_bf16_dot_peak(static_cast<int>(t)));
+  for (const machine_peak& mp : machine) {
+    peaks.push_back(mp.fp32_fma_gflops);
+    bf16_peaks.push_back(mp.bf16_dot_gflops);
   }
   std::printf("omniattn bench --kernel   isa=%s   openblas=%s\n", isa_name(), openblas_core());
   for (std::size_t i = 0; i < threads.size(); ++i)
-    std::printf("peak with %lld thread(s): fp32 FMA %.0f GFLOP/s, bf16 dot %.0f GFLOP/s\n", static_cast<long long>(threads[i]),
-                peaks[i], bf16_peaks[i]);
+    std::printf("peak with %lld thread(s): fp32 FMA %.0f GFLOP/s, bf16 dot %.0f GFLOP/s (%s)\n", static_cast<long long>(threads[i]),
+                peaks[i], bf16_peaks[i], machine[i].source.c_str());
   std::printf("\nB=%lld H=%lld; GFLOP/s = 4*mask_area*B*H*D / median time; %%peak against the peak of the kernel's arithmetic\n"
               "(bf16 dot for bf16dot kernels, fp32 FMA otherwise); naive f32 for N<=1024, oracle for N<=512\n\n",
               static_cast<long long>(batch[0]), static_cast<long long>(heads[0]));
@@ -204,7 +181,7 @@ int bench_main(int argc, char** argv) {
           }
           const selection sel = select(p, backend::cpu);
           const bool on_bf16_dot = sel.name.find("bf16dot") != std::string::npos;
-          const double flops = 2.0 * static_cast<double>(mask_area(p)) * static_cast<double>(p.dim_qk + p.dim_v);
+          const double flops = 2.0 * static_cast<double>(useful_pairs(p)) * static_cast<double>(p.dim_qk + p.dim_v);
           for (std::size_t ti = 0; ti < threads.size(); ++ti) {
             const int thr = static_cast<int>(threads[ti]);
             reset_peak_rss();
@@ -214,7 +191,7 @@ int bench_main(int argc, char** argv) {
               o.stats = &stats;
               (void)attention(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, o);
             };
-            const timing fused = measure(run_fused, budget, 3);
+            const timing fused = time_it(run_fused, budget, 3);
             const double tiles = static_cast<double>(stats.tiles_full + stats.tiles_partial + stats.tiles_skipped);
             const double skipped = tiles > 0 ? 100.0 * static_cast<double>(stats.tiles_skipped) / tiles : 0.0;
             const double mem = peak_rss_mib();
@@ -224,7 +201,7 @@ int bench_main(int argc, char** argv) {
             if (baselines) {
               if (n <= 512) {
                 problem_data ref(pr);
-                const timing t = measure([&] { (void)run_problem(ref, s, backend::reference, 1); }, 0.0, 1);
+                const timing t = time_it([&] { (void)run_problem(ref, s, backend::reference, 1); }, 0.0, 1);
                 oracle_gf = flops / t.median_s * 1e-9;
                 err = max_abs_diff(data, ref);
               }
@@ -232,7 +209,7 @@ int bench_main(int argc, char** argv) {
                 problem_data nv(pr);
                 attn_params pn = p;
                 pn.out = nv.out.data();
-                const timing t = measure([&] { naive_attention_f32(pn); }, 0.0, 1);
+                const timing t = time_it([&] { naive_attention_f32(pn); }, 0.0, 1);
                 naive_gf = flops / t.median_s * 1e-9;
                 if (std::isnan(err)) err = max_abs_diff(data, nv);
               }
@@ -245,7 +222,7 @@ int bench_main(int argc, char** argv) {
               blas_spec.causal = s.causal;
               (void)make_params(fb.q_view(), fb.k_view(), fb.v_view(), fb.out_view(), blas_spec, fb.make_options(backend::cpu), pb);
               set_openblas_threads(thr);
-              const timing t = measure([&] { openblas_unfused(pb, thr); }, budget, 3);
+              const timing t = time_it([&] { openblas_unfused(pb, thr); }, budget, 3);
               blas_gf = flops / t.median_s * 1e-9;
             }
             std::printf("%-22s %-5s %4lld %6lld %3d | %9.2f %8.1f %5.0f%% %5.1f%% %8.0f | %8.2f %8.2f %8.1f %7.2f | %9.2e\n",

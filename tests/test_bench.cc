@@ -1,0 +1,641 @@
+// The benchmark harness (bench/): FLOP counts per mask, the JSON reader and results.json schema, workload templates,
+// the built-in table, the workload file, command-line parsing and its errors, crossovers, timing and the peak cache.
+// Needs the omniattn_bench library (CMake: target_link_libraries(omniattn_tests PRIVATE omniattn_bench)); without it
+// this file compiles to one skipped test.
+#include <gtest/gtest.h>
+
+#if __has_include("bench/suite.h")
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/json.h"
+#include "bench/measure.h"
+#include "bench/report.h"
+#include "bench/suite.h"
+#include "bench/workloads.h"
+#include "core/problem.h"
+
+namespace omniattn::bench {
+namespace {
+
+// A scratch directory removed at the end of the test.
+class scratch_dir {
+ public:
+  scratch_dir() {
+    char tmpl[] = "/tmp/omniattn_test_bench_XXXXXX";
+    path_ = mkdtemp(tmpl);
+  }
+  ~scratch_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+  std::string write(const std::string& name, const std::string& text) const {
+    const std::string p = path_ + "/" + name;
+    std::ofstream(p) << text;
+    return p;
+  }
+
+ private:
+  std::string path_;
+};
+
+class env_guard {
+ public:
+  env_guard(const char* name, const std::string& value) : name_(name) {
+    if (const char* old = std::getenv(name)) {
+      had_ = true;
+      old_ = old;
+    }
+    setenv(name, value.c_str(), 1);
+  }
+  ~env_guard() {
+    if (had_) setenv(name_.c_str(), old_.c_str(), 1);
+    else unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
+// argv from strings ("omniattn", "bench", args...); parse_suite_args reads from index 2.
+bool parse_args(const std::vector<std::string>& args, suite_options& o, std::string& error) {
+  std::vector<std::string> all = {"omniattn", "bench"};
+  all.insert(all.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& a : all) argv.push_back(a.data());
+  return parse_suite_args(static_cast<int>(argv.size()), argv.data(), 2, o, error);
+}
+
+std::string parse_error(const std::vector<std::string>& args) {
+  suite_options o;
+  std::string error;
+  EXPECT_FALSE(parse_args(args, o, error)) << "accepted: " << args.front();
+  return error;
+}
+
+const workload* find_workload(const std::vector<workload>& ws, const std::string& name) {
+  for (const workload& w : ws)
+    if (w.name == name) return &w;
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// FLOP counts: the harness's fast count (row words) against the library's brute-force mask_area.
+
+struct area_case {
+  const char* problem;
+  const char* mask;
+};
+
+TEST(BenchFlops, UsefulPairsMatchBruteForceMaskArea) {
+  const area_case cases[] = {
+      {"b=2,n=300,hq=4,hkv=2,d=16", "window(64,0)"},
+      {"b=1,n=257,h=2,d=16", "window(32,0) | sinks(4)"},
+      {"b=1,n=200,h=2,d=16", "window(17,9)"},
+      {"b=1,n=256,h=2,d=16", "prefix_lm(64)"},
+      {"b=1,n=300,h=2,d=16", "document(0,50,51,170,300)"},
+      {"b=1,n=300,h=2,d=16", "causal & document(0,50,51,170,300)"},
+      {"b=1,n=333,h=2,d=16", "block_causal(128)"},
+      {"b=1,n=190,h=2,d=16", "dilated(4)"},
+      {"b=1,n=256,h=2,d=16", "global_tokens(16) | window(32,32) | random_blocks(32,20,7)"},
+      {"b=1,lq=64,lk=300,h=2,d=16,causal=br", "window(100,0)"},
+      {"b=1,lq=300,lk=64,h=2,d=16,causal=tl", ""},
+      {"b=1,lq=70,lk=300,h=3,d=16,causal=br", ""},
+      {"h=2,d=16,causal=br,varlen=100:100/37:37/130:130", ""},
+      {"h=2,d=16,varlen=100:120/37:5/130:64", "window(20,0)"},
+  };
+  for (const area_case& c : cases) {
+    problem pr;
+    ASSERT_TRUE(parse_problem(c.problem, pr).ok()) << c.problem;
+    problem_data data(pr);
+    spec s;
+    s.causal = pr.causal;
+    if (*c.mask) {
+      ASSERT_EQ(parse_mask(c.mask, s.mask), "") << c.mask;
+    }
+    attn_params p;
+    ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p).ok());
+    std::int64_t brute = 0;  // element by element, independent of row_bits and the closed forms
+    for (std::int64_t b = 0; b < p.batch; ++b) {
+      const seq_extent e = sequence(p, b);
+      for (std::int64_t h = 0; h < p.heads_q; ++h)
+        for (std::int64_t i = 0; i < e.q_len; ++i)
+          for (std::int64_t j = 0; j < e.k_len; ++j) brute += element_allowed(p, b, h, i, j, e.q_len, e.k_len);
+    }
+    EXPECT_EQ(useful_pairs(p), brute) << c.problem << " mask " << c.mask;
+    EXPECT_EQ(mask_area(p), brute) << c.problem << " mask " << c.mask;
+  }
+}
+
+TEST(BenchFlops, DenseFlopsAreFourNSquaredBHD) {
+  problem pr;
+  ASSERT_TRUE(parse_problem("b=3,n=128,hq=4,hkv=2,d=32", pr).ok());
+  problem_data data(pr);
+  attn_params p;
+  ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), {}, data.make_options(backend::cpu), p).ok());
+  const double flops = 2.0 * static_cast<double>(useful_pairs(p)) * static_cast<double>(p.dim_qk + p.dim_v);
+  EXPECT_EQ(flops, 4.0 * 128 * 128 * 3 * 4 * 32);
+  // Causal bottom-right with lq = lk: N (N + 1) / 2 pairs per head.
+  spec s;
+  s.causal = causal_mode::bottom_right;
+  ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p).ok());
+  EXPECT_EQ(useful_pairs(p), 128 * 129 / 2 * 3 * 4);
+  // A window of w keys left of the diagonal: min(i, w) + 1 keys for row i.
+  ASSERT_EQ(parse_mask("window(16,0)", s.mask), "");
+  s.causal = causal_mode::none;
+  ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p).ok());
+  std::int64_t per_head = 0;
+  for (std::int64_t i = 0; i < 128; ++i) per_head += std::min<std::int64_t>(i, 16) + 1;
+  EXPECT_EQ(useful_pairs(p), per_head * 3 * 4);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// JSON reader and writer.
+
+TEST(BenchJson, ParsesValuesEscapesAndNesting) {
+  json doc;
+  std::string error;
+  ASSERT_TRUE(json::parse(R"( {"a": [1, -2.5e3, true, false, null], "s": "x\"y\\z\n\u00e9\ud83d\ude00", "o": {}} )", doc, error))
+      << error;
+  ASSERT_TRUE(doc.is_object());
+  const json* a = doc.find("a");
+  ASSERT_TRUE(a && a->is_array());
+  ASSERT_EQ(a->items().size(), 5u);
+  EXPECT_EQ(a->items()[1].as_number(), -2500.0);
+  EXPECT_TRUE(a->items()[2].as_bool());
+  EXPECT_TRUE(a->items()[4].is_null());
+  EXPECT_EQ(doc.find("s")->as_string(), "x\"y\\z\n\xc3\xa9\xf0\x9f\x98\x80");
+  EXPECT_TRUE(doc.find("o")->is_object());
+  json back;
+  ASSERT_TRUE(json::parse(doc.dump(), back, error)) << error;
+  EXPECT_EQ(back.dump(), doc.dump());
+}
+
+TEST(BenchJson, ErrorsNameLineAndColumn) {
+  json doc;
+  std::string error;
+  EXPECT_FALSE(json::parse("{\n  \"a\": 1,\n  \"b\": ]\n}", doc, error));
+  EXPECT_NE(error.find("line 3"), std::string::npos) << error;
+  EXPECT_FALSE(json::parse("{\"a\": 1} x", doc, error));
+  EXPECT_NE(error.find("after the document"), std::string::npos) << error;
+  EXPECT_FALSE(json::parse("{\"a\": 1, \"a\": 2}", doc, error));
+  EXPECT_NE(error.find("duplicate key \"a\""), std::string::npos) << error;
+  EXPECT_FALSE(json::parse("[1, 2", doc, error));
+  EXPECT_FALSE(json::parse("\"abc", doc, error));
+  EXPECT_FALSE(json::parse("01x", doc, error));
+}
+
+TEST(BenchJson, NumbersAreExactIntegersOrSixDigitsAndNonFiniteIsNull) {
+  EXPECT_EQ(json_number(549755813888.0), "549755813888");
+  EXPECT_EQ(json_number(0.1234567), "0.123457");
+  EXPECT_EQ(json_number(NAN), "null");
+  EXPECT_EQ(json_number(INFINITY), "null");
+}
+
+result_row sample_row(const std::string& name, std::int64_t n, double ms, double blas_ms) {
+  result_row r;
+  r.workload = name;
+  r.group = name.substr(0, name.find('/'));
+  r.mask = name == "mask/window" ? "window(256,0) | sinks(4)" : "";
+  r.problem = "b=1,lq=" + std::to_string(n);
+  r.n = n;
+  r.batch = 1;
+  r.seq_q = r.seq_k = n;
+  r.heads_q = r.heads_kv = 8;
+  r.dim_qk = r.dim_v = 64;
+  r.dtype = "f32";
+  r.causal = "none";
+  r.threads = 2;
+  r.kernel = "cpu.flash_fwd<f32>";
+  r.useful_pairs = n * n * 8;
+  r.dense_pairs = n * n * 8;
+  r.useful_flops = 2.0 * static_cast<double>(r.useful_pairs) * 128;
+  r.fused.median_s = r.fused.min_s = r.fused.max_s = r.fused.q1_s = r.fused.q3_s = ms * 1e-3;
+  r.fused.reps = 3;
+  r.gflops = r.useful_flops / r.fused.median_s * 1e-9;
+  r.peak_gflops = 340;
+  r.pct_peak = 100 * r.gflops / 340;
+  r.peak_kind = "fp32_fma";
+  r.check.rows = 8;
+  r.check.tolerance = 1e-4;
+  r.openblas_ms = blas_ms;
+  r.openblas_speedup = blas_ms / ms;
+  r.openblas_heads_measured = 8;
+  r.openblas_cost = "dense";
+  return r;
+}
+
+run_info sample_info() {
+  run_info info;
+  info.version = "9.9.9";
+  info.command = "omniattn bench --quick";
+  info.started = "2025-01-01T00:00:00Z";
+  info.cpu = "Test CPU";
+  info.isa = "AVX3";
+  info.openblas_core = "Cooperlake";
+  info.cpus = 2;
+  info.peaks = {{2, 340.0, 168.0, "cache"}};
+  info.threads = {2};
+  info.budget_s = 0.1;
+  return info;
+}
+
+TEST(BenchReport, ResultsJsonHasTheDocumentedSchema) {
+  const std::vector<result_row> rows = {sample_row("mask/full", 256, 1.0, 2.0), sample_row("mask/window", 256, 1.5, 2.0),
+                                        sample_row("mask/full", 1024, 10.0, 20.0), sample_row("mask/window", 1024, 4.0, 20.0)};
+  workload w;
+  w.name = "mask/window";
+  w.refs = {"mask/full"};
+  const std::vector<efficiency_row> eff = efficiency_lengths({w}, rows);
+  json doc;
+  std::string error;
+  ASSERT_TRUE(json::parse(results_json(sample_info(), rows, eff).dump(), doc, error)) << error;
+  for (const char* key : {"schema", "version", "command", "started", "total_s", "machine", "settings", "rows", "efficiency_lengths"})
+    EXPECT_TRUE(doc.find(key)) << key;
+  EXPECT_EQ(doc.find("schema")->as_string(), "omniattn-bench/1");
+  const json& machine = *doc.find("machine");
+  for (const char* key : {"cpu", "cpus", "isa", "openblas_core", "peak_cache", "peaks"}) EXPECT_TRUE(machine.find(key)) << key;
+  const json& peak = machine.find("peaks")->items().at(0);
+  EXPECT_EQ(peak.find("threads")->as_number(), 2);
+  EXPECT_EQ(peak.find("fp32_fma_gflops")->as_number(), 340);
+  EXPECT_EQ(peak.find("bf16_dot_gflops")->as_number(), 168);
+  for (const char* key : {"quick", "baselines", "budget_s", "threads", "filters"}) EXPECT_TRUE(doc.find("settings")->find(key)) << key;
+  const json& jrows = *doc.find("rows");
+  ASSERT_EQ(jrows.items().size(), rows.size());
+  for (const json& r : jrows.items()) {
+    std::vector<std::string> keys;
+    for (const auto& [k, v] : r.members()) keys.push_back(k);
+    EXPECT_EQ(keys, row_keys());
+  }
+  const json& r1 = jrows.items()[1];
+  EXPECT_EQ(r1.find("workload")->as_string(), "mask/window");
+  EXPECT_EQ(r1.find("mask")->as_string(), "window(256,0) | sinks(4)");
+  EXPECT_TRUE(jrows.items()[0].find("mask")->is_null());
+  EXPECT_EQ(r1.find("useful_flops")->as_number(), 2.0 * 256 * 256 * 8 * 128);
+  EXPECT_EQ(r1.find("median_ms")->as_number(), 1.5);
+  EXPECT_TRUE(r1.find("naive_ms")->is_null());  // not run: null, never NaN
+  EXPECT_TRUE(r1.find("check_ok")->as_bool());
+  const json& e = doc.find("efficiency_lengths")->items().at(0);
+  EXPECT_EQ(e.find("workload")->as_string(), "mask/window");
+  const json& vs0 = e.find("vs")->items().at(0);
+  EXPECT_EQ(vs0.find("reference")->as_string(), "mask/full");
+  EXPECT_EQ(vs0.find("status")->as_string(), "crossed");
+  EXPECT_GT(vs0.find("n")->as_number(), 256);
+  EXPECT_LT(vs0.find("n")->as_number(), 1024);
+  EXPECT_EQ(e.find("vs")->items().at(1).find("reference")->as_string(), "openblas");
+}
+
+TEST(BenchReport, WriteReportWritesJsonAndMarkdownWithoutPlots) {
+  scratch_dir dir;
+  const std::vector<result_row> rows = {sample_row("mask/full", 256, 1.0, 2.0), sample_row("mask/window", 256, 1.5, 2.0)};
+  std::string error;
+  ASSERT_TRUE(write_report(dir.path() + "/out", sample_info(), rows, {}, false, error)) << error;
+  std::ifstream j(dir.path() + "/out/results.json"), m(dir.path() + "/out/report.md");
+  ASSERT_TRUE(j && m);
+  std::stringstream js, ms;
+  js << j.rdbuf();
+  ms << m.rdbuf();
+  json doc;
+  ASSERT_TRUE(json::parse(js.str(), doc, error)) << error;
+  EXPECT_EQ(doc.find("rows")->items().size(), 2u);
+  EXPECT_NE(ms.str().find("| mask/window | 256 |"), std::string::npos);
+  EXPECT_NE(ms.str().find("window(256,0) \\| sinks(4)"), std::string::npos);  // '|' escaped inside the table
+}
+
+TEST(BenchReport, CrossoverInterpolatesAndClassifies) {
+  const std::vector<std::int64_t> ns = {256, 512, 1024, 2048};
+  crossover c = find_crossover(ns, {2, 2, 1, 1}, {1, 1, 2, 4});
+  EXPECT_EQ(c.status, "crossed");
+  EXPECT_GT(c.n, 512);
+  EXPECT_LT(c.n, 1024);
+  // Ratio 2 at 512 and 0.5 at 1024: linear in the ratio, the 0.95 threshold is 70% of the way (in log N).
+  EXPECT_NEAR(std::log2(c.n), 9.7, 1e-9);
+  EXPECT_EQ(find_crossover(ns, {1, 1, 1, 1}, {2, 2, 2, 2}).status, "always_faster");
+  EXPECT_EQ(find_crossover(ns, {3, 3, 3, 3}, {2, 2, 2, 2}).status, "never_faster");
+  EXPECT_EQ(find_crossover(ns, {1.97, 1.97, 1.97, 1.97}, {2, 2, 2, 2}).status, "never_faster");  // within the noise margin
+  // Faster once, then slower again: not crossed until it stays faster.
+  c = find_crossover(ns, {1, 3, 1, 1}, {2, 2, 2, 2});
+  EXPECT_EQ(c.status, "crossed");
+  EXPECT_GT(c.n, 512);
+  EXPECT_EQ(find_crossover(ns, {NAN, NAN, NAN, NAN}, {1, 1, 1, 1}).status, "no_data");
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Workloads: templates, the built-in table, globs, the workload file.
+
+TEST(BenchWorkloads, TemplatesExpand) {
+  std::string out, error;
+  ASSERT_TRUE(expand_templates("n={n},lq={n/4},lk={n*2}", 1000, true, out, error)) << error;
+  EXPECT_EQ(out, "n=1000,lq=250,lk=2000");
+  ASSERT_TRUE(expand_templates("document({docs:1:1:2})", 1000, true, out, error)) << error;
+  EXPECT_EQ(out, "document(0,250,500,1000)");
+  ASSERT_TRUE(expand_templates("varlen={varlen:1:3}", 100, true, out, error)) << error;
+  EXPECT_EQ(out, "varlen=25:25/75:75");
+  ASSERT_TRUE(expand_templates("b=1,n=64", 0, false, out, error));
+  EXPECT_EQ(out, "b=1,n=64");
+  EXPECT_FALSE(expand_templates("n={n}", 0, false, out, error));
+  EXPECT_NE(error.find("needs an N sweep"), std::string::npos) << error;
+  EXPECT_FALSE(expand_templates("n={m}", 8, true, out, error));
+  EXPECT_NE(error.find("unknown template {m}"), std::string::npos) << error;
+  EXPECT_FALSE(expand_templates("n={n/0}", 8, true, out, error));
+  EXPECT_FALSE(expand_templates("n={n", 8, true, out, error));
+  EXPECT_FALSE(expand_templates("{docs:1:x}", 8, true, out, error));
+}
+
+TEST(BenchWorkloads, BuiltInTableInstantiatesInBothModes) {
+  const std::vector<workload>& all = built_in_workloads();
+  std::vector<std::string> names;
+  for (const workload& w : all) {
+    EXPECT_EQ(std::count(names.begin(), names.end(), w.name), 0) << "duplicate " << w.name;
+    names.push_back(w.name);
+    for (const std::string& ref : w.refs) EXPECT_TRUE(find_workload(all, ref)) << w.name << " -> " << ref;
+    for (const bool quick : {false, true}) {
+      std::vector<instance> inst;
+      std::string error;
+      EXPECT_TRUE(instantiate(w, quick, "", inst, error)) << error;
+      EXPECT_EQ(inst.size(), std::max<std::size_t>(1, sweep_points(w, quick).size())) << w.name;
+    }
+  }
+  for (const char* group : {"cab/", "mask/", "model/"})
+    EXPECT_TRUE(std::any_of(names.begin(), names.end(), [&](const std::string& n) { return n.rfind(group, 0) == 0; })) << group;
+  // The catalogue's templated shapes: prefix_lm(N/4) and 6 documents summing to N.
+  std::vector<instance> inst;
+  std::string error;
+  ASSERT_TRUE(instantiate(*find_workload(all, "mask/prefix-lm"), false, "", inst, error)) << error;
+  EXPECT_EQ(inst.back().mask_text, "prefix_lm(" + std::to_string(inst.back().n / 4) + ")");
+  ASSERT_TRUE(instantiate(*find_workload(all, "mask/varlen"), true, "", inst, error)) << error;
+  std::int64_t total = 0;
+  for (const std::int64_t l : inst.front().prob.seqlens_q) total += l;
+  EXPECT_EQ(total, inst.front().n);
+  EXPECT_EQ(inst.front().prob.seqlens_q.size(), 6u);
+  // --quick scales the Llama heads down, keeping N.
+  ASSERT_TRUE(instantiate(*find_workload(all, "model/llama3-8b-prefill-8k"), true, "", inst, error)) << error;
+  EXPECT_EQ(inst.front().prob.heads_q, 4);
+  EXPECT_EQ(inst.front().prob.seq_q, 8192);
+  ASSERT_TRUE(instantiate(*find_workload(all, "model/llama3-8b-prefill-8k"), false, "", inst, error)) << error;
+  EXPECT_EQ(inst.front().prob.heads_q, 32);
+  EXPECT_EQ(inst.front().prob.heads_kv, 8);
+}
+
+TEST(BenchWorkloads, GlobMatching) {
+  EXPECT_TRUE(glob_match("mask/*", "mask/window"));
+  EXPECT_FALSE(glob_match("mask/*", "model/vit"));
+  EXPECT_TRUE(glob_match("*", "cab/self-causal"));
+  EXPECT_TRUE(glob_match("*/self-*", "cab/self-causal"));
+  EXPECT_TRUE(glob_match("mask/?indow", "mask/window"));
+  EXPECT_TRUE(glob_match("model/[lm]*", "model/llama3"));
+  EXPECT_FALSE(glob_match("model/[v]*", "model/llama3"));
+  EXPECT_FALSE(glob_match("mask/full", "mask/full2"));
+  EXPECT_TRUE(glob_match("mask/full*", "mask/full"));
+}
+
+TEST(BenchWorkloads, WorkloadFileParses) {
+  scratch_dir dir;
+  const std::string path = dir.write("w.json", R"J({"workloads": [
+    {"name": "mine/swa", "problem": "b=1,n={n},hq=8,hkv=2,d=64", "mask": "window(128,0)", "n": [256, 512],
+     "quick_n": 256, "refs": ["mine/dense"], "note": "a test"},
+    {"name": "mine/dense", "problem": "b=1,n={n},hq=8,hkv=2,d=64", "n": [256, 512]},
+    {"name": "mine/fixed", "problem": "b=2,n=100,h=2,d=32,causal=br"}
+  ]})J");
+  std::vector<workload> ws;
+  std::string error;
+  ASSERT_TRUE(read_workload_file(path, ws, error)) << error;
+  ASSERT_EQ(ws.size(), 3u);
+  EXPECT_EQ(ws[0].mask, "window(128,0)");
+  EXPECT_EQ(ws[0].ns, (std::vector<std::int64_t>{256, 512}));
+  EXPECT_EQ(ws[0].quick_ns, (std::vector<std::int64_t>{256}));
+  EXPECT_EQ(ws[0].refs, (std::vector<std::string>{"mine/dense"}));
+  EXPECT_EQ(ws[0].note, "a test");
+  EXPECT_TRUE(ws[2].ns.empty());
+  std::vector<instance> inst;
+  ASSERT_TRUE(instantiate(ws[2], false, "", inst, error)) << error;
+  EXPECT_EQ(inst.front().n, 100);
+  // A bare array is accepted too.
+  ws.clear();
+  ASSERT_TRUE(read_workload_file(dir.write("a.json", R"([{"name": "x/y", "problem": "n=64"}])"), ws, error)) << error;
+  EXPECT_EQ(ws.size(), 1u);
+}
+
+TEST(BenchWorkloads, TheExampleFileInBenchIsValid) {
+  const std::string path = (std::filesystem::path(__FILE__).parent_path().parent_path() / "bench/workloads.example.json").string();
+  std::vector<workload> ws;
+  std::string error;
+  ASSERT_TRUE(read_workload_file(path, ws, error)) << error;
+  ASSERT_FALSE(ws.empty());
+  suite_options o;
+  ASSERT_TRUE(parse_args({"--workloads", path}, o, error)) << error;  // validates every workload (instantiate)
+  std::vector<workload> sel;
+  ASSERT_TRUE(select_workloads(o, sel, error)) << error;
+  EXPECT_EQ(sel.size(), ws.size());
+}
+
+TEST(BenchWorkloads, WorkloadFileErrorsNameFileWorkloadAndKey) {
+  scratch_dir dir;
+  std::vector<workload> ws;
+  std::string error;
+  const auto bad = [&](const std::string& text) {
+    const std::string p = dir.write("bad.json", text);
+    EXPECT_FALSE(read_workload_file(p, ws, error)) << text;
+    EXPECT_NE(error.find("bad.json"), std::string::npos) << error;
+    return error;
+  };
+  EXPECT_NE(bad(R"({"workloads": [{"name": "a/b", "problem": "n=64", "maks": "causal"}]})").find("unknown key \"maks\""),
+            std::string::npos);
+  EXPECT_NE(bad(R"({"workloads": [{"name": "a/b"}]})").find("workload 'a/b': needs \"problem\""), std::string::npos);
+  EXPECT_NE(bad(R"({"workloads": [{"name": "a/b", "problem": "n=64", "n": [0]}]})").find("\"n\""), std::string::npos);
+  EXPECT_NE(bad(R"({"workloads": [{"problem": "n=64"}]})").find("workload 0"), std::string::npos);
+  EXPECT_NE(bad(R"({"workload": []})").find("unknown top-level key \"workload\""), std::string::npos);
+  EXPECT_NE(bad("{\"workloads\": [\n{\"name\": \"a\",}\n]}").find("line 2"), std::string::npos);
+  EXPECT_FALSE(read_workload_file(dir.path() + "/missing.json", ws, error));
+  EXPECT_NE(error.find("cannot open"), std::string::npos) << error;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Command line.
+
+TEST(BenchArgs, CustomProblemsMasksSweepsAndFilters) {
+  suite_options o;
+  std::string error;
+  ASSERT_TRUE(parse_args({"--problem", "b=1,n=2048,h=8,d=128", "--mask", "causal & window(512,0)", "--problem=b=2,h=4,d=64",
+                          "--n", "256,512", "--quick", "--filter", "custom/*,mask/full", "--threads", "1,2", "--out", "/tmp/x",
+                          "--set", "dtype=bf16", "--no-plots"},
+                         o, error))
+      << error;
+  ASSERT_EQ(o.custom.size(), 2u);
+  EXPECT_EQ(o.custom[0].name, "custom/1");
+  EXPECT_EQ(o.custom[0].mask, "causal & window(512,0)");
+  EXPECT_EQ(o.custom[1].problem, "b=2,h=4,d=64");
+  EXPECT_TRUE(o.custom[1].mask.empty());
+  EXPECT_EQ(o.ns, (std::vector<std::int64_t>{256, 512}));
+  EXPECT_TRUE(o.quick);
+  EXPECT_DOUBLE_EQ(o.budget_s, 0.1);
+  EXPECT_EQ(o.filters, (std::vector<std::string>{"custom/*", "mask/full"}));
+  EXPECT_EQ(o.threads, (std::vector<int>{1, 2}));
+  EXPECT_EQ(o.out_dir, "/tmp/x");
+  EXPECT_EQ(o.overrides, "dtype=bf16");
+  EXPECT_FALSE(o.plots);
+  std::vector<workload> sel;
+  ASSERT_TRUE(select_workloads(o, sel, error)) << error;
+  ASSERT_EQ(sel.size(), 3u);  // mask/full, custom/1, custom/2
+  const workload* c2 = find_workload(sel, "custom/2");
+  ASSERT_TRUE(c2);
+  std::vector<instance> inst;
+  ASSERT_TRUE(instantiate(*c2, o.quick, o.overrides, inst, error)) << error;
+  ASSERT_EQ(inst.size(), 2u);  // --n gives the custom problem its sweep
+  EXPECT_EQ(inst[1].prob.seq_q, 512);
+  EXPECT_EQ(inst[1].prob.batch, 2);
+  EXPECT_EQ(inst[1].prob.type, dtype::bf16);
+}
+
+TEST(BenchArgs, SelectionAddsReferencesAndDefaultsToCustomWorkloads) {
+  suite_options o;
+  std::string error;
+  ASSERT_TRUE(parse_args({"--filter", "mask/window"}, o, error)) << error;
+  std::vector<workload> sel;
+  ASSERT_TRUE(select_workloads(o, sel, error)) << error;
+  std::vector<std::string> names;
+  for (const workload& w : sel) names.push_back(w.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"mask/full", "mask/causal", "mask/window"}));
+  suite_options custom;
+  ASSERT_TRUE(parse_args({"--problem", "n=64,h=2,d=16"}, custom, error)) << error;
+  ASSERT_TRUE(select_workloads(custom, sel, error)) << error;
+  ASSERT_EQ(sel.size(), 1u);
+  EXPECT_EQ(sel[0].name, "custom/1");
+  suite_options none;
+  ASSERT_TRUE(parse_args({"--filter", "nothing/*"}, none, error)) << error;
+  EXPECT_FALSE(select_workloads(none, sel, error));
+  EXPECT_NE(error.find("--filter 'nothing/*' matches no workload"), std::string::npos) << error;
+  suite_options defaults;
+  ASSERT_TRUE(parse_args({}, defaults, error)) << error;
+  ASSERT_TRUE(select_workloads(defaults, sel, error)) << error;
+  EXPECT_EQ(sel.size(), built_in_workloads().size());
+}
+
+TEST(BenchArgs, BadInputNamesTheArgument) {
+  std::string e = parse_error({"--problem", "b=1,n=x,h=8"});
+  EXPECT_NE(e.find("--problem 'b=1,n=x,h=8'"), std::string::npos) << e;
+  EXPECT_NE(e.find("n=x: not an integer"), std::string::npos) << e;
+  e = parse_error({"--problem", "n=64,h=2,d=16", "--mask", "window(3"});
+  EXPECT_NE(e.find("--mask 'window(3'"), std::string::npos) << e;
+  EXPECT_NE(e.find("[spec]"), std::string::npos) << e;
+  e = parse_error({"--problem", "n=64,hq=6,hkv=4,d=16"});
+  EXPECT_NE(e.find("--problem"), std::string::npos) << e;
+  e = parse_error({"--mask", "causal"});
+  EXPECT_NE(e.find("--mask 'causal' needs a --problem before it"), std::string::npos) << e;
+  e = parse_error({"--problem", "b=1,n={n},h=2,d=16"});
+  EXPECT_NE(e.find("{n}"), std::string::npos) << e;
+  EXPECT_NE(parse_error({"--frobnicate"}).find("unknown argument '--frobnicate'"), std::string::npos);
+  EXPECT_NE(parse_error({"--budget", "-1"}).find("--budget '-1'"), std::string::npos);
+  EXPECT_NE(parse_error({"--budget"}).find("--budget needs a value"), std::string::npos);
+  EXPECT_NE(parse_error({"--threads", "0"}).find("--threads '0'"), std::string::npos);
+  EXPECT_NE(parse_error({"--n", "1,x"}).find("--n '1,x'"), std::string::npos);
+  EXPECT_NE(parse_error({"--set", "nonsense"}).find("--set 'nonsense'"), std::string::npos);
+  EXPECT_NE(parse_error({"--set", "q=1"}).find("unknown key 'q'"), std::string::npos);
+  EXPECT_NE(parse_error({"--quick=yes"}).find("--quick takes no value"), std::string::npos);
+  EXPECT_NE(parse_error({"--workloads", "/nonexistent/w.json"}).find("--workloads /nonexistent/w.json: cannot open"),
+            std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Measurement.
+
+TEST(BenchMeasure, TimingRespectsRepsAndOrdersStatistics) {
+  int calls = 0;
+  measure_policy p;
+  p.budget_s = 0;
+  p.min_reps = 5;
+  const timing t = measure([&] { ++calls; }, p);
+  EXPECT_EQ(t.reps, 5);
+  EXPECT_EQ(calls, 6);  // one warm-up
+  EXPECT_LE(t.min_s, t.q1_s);
+  EXPECT_LE(t.q1_s, t.median_s);
+  EXPECT_LE(t.median_s, t.q3_s);
+  EXPECT_LE(t.q3_s, t.max_s);
+  p.warm_up = false;
+  p.min_reps = 1000;
+  p.max_reps = 7;
+  calls = 0;
+  EXPECT_EQ(measure([&] { ++calls; }, p).reps, 7);
+  EXPECT_EQ(calls, 7);
+}
+
+TEST(BenchMeasure, DisturbanceCountsOthersAndStealBeyondIdleCpus) {
+  const int cpus = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  cpu_sample a, b;
+  b.wall_s = 1.0;
+  EXPECT_EQ(disturbed_pct(a, b, cpus), 0.0);  // a quiet machine
+  b.busy_s = 2.0;
+  b.self_s = 2.0;
+  EXPECT_EQ(disturbed_pct(a, b, cpus), 0.0);  // all the busy time was ours
+  b.busy_s = 2.5;
+  EXPECT_NEAR(disturbed_pct(a, b, cpus), 50.0 / cpus, 1e-9);  // others took 0.5 CPU-seconds of cpus
+  b.steal_s = 0.5;
+  EXPECT_NEAR(disturbed_pct(a, b, cpus), 100.0 / cpus, 1e-9);  // and the hypervisor as much again
+  if (cpus >= 2) {
+    EXPECT_EQ(disturbed_pct(a, b, 1), 0.0);  // one thread: an idle CPU absorbed it
+  }
+  const cpu_sample now = sample_cpu();
+  EXPECT_GT(now.wall_s, 0.0);
+  EXPECT_GE(now.self_s, 0.0);
+}
+
+TEST(BenchMeasure, SampledCheckPassesTheKernelAndCatchesACorruptOutput) {
+  problem pr;
+  ASSERT_TRUE(parse_problem("b=2,n=150,hq=4,hkv=2,d=32,causal=br", pr).ok());
+  problem_data data(pr);
+  spec s;
+  s.causal = pr.causal;
+  ASSERT_EQ(parse_mask("window(40,0) | sinks(2)", s.mask), "");
+  ASSERT_TRUE(run_problem(data, s, backend::cpu).ok());
+  attn_params p;
+  ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p).ok());
+  check_result c = check_sampled_rows(p, 64);
+  EXPECT_EQ(c.rows, 64);
+  EXPECT_TRUE(c.ok) << c.max_abs_err;
+  EXPECT_LT(c.max_abs_err, 1e-5);
+  std::fill(data.out.begin(), data.out.end(), std::uint8_t{0});
+  c = check_sampled_rows(p, 64);
+  EXPECT_FALSE(c.ok);
+}
+
+TEST(BenchMeasure, PeaksAreCachedPerMachineAndThreads) {
+  scratch_dir dir;
+  const std::string path = dir.path() + "/sub/peak.json";
+  env_guard env("OMNIATTN_PEAK_CACHE", path);
+  EXPECT_EQ(peak_cache_path(), path);
+  std::string note;
+  const std::vector<machine_peak> first = machine_peaks({1}, true, "TESTISA", note);
+  ASSERT_EQ(first.size(), 1u);
+  EXPECT_EQ(first[0].source, "measured");
+  EXPECT_GT(first[0].fp32_fma_gflops, 0);
+  ASSERT_TRUE(std::filesystem::exists(path));
+  const std::vector<machine_peak> second = machine_peaks({1}, true, "TESTISA", note);
+  EXPECT_EQ(second[0].source, "cache");
+  EXPECT_NEAR(second[0].fp32_fma_gflops, first[0].fp32_fma_gflops, 1e-3 * first[0].fp32_fma_gflops);
+  EXPECT_EQ(machine_peaks({1}, false, "TESTISA", note)[0].source, "measured");  // --no-cache
+  EXPECT_EQ(machine_peaks({1}, true, "OTHERISA", note)[0].source, "measured");  // keyed by ISA too
+  std::ofstream(path) << "{ not json";
+  EXPECT_EQ(machine_peaks({1}, true, "TESTISA", note)[0].source, "measured");
+  EXPECT_NE(note.find("unreadable"), std::string::npos) << note;
+}
+
+}  // namespace
+}  // namespace omniattn::bench
+
+#else
+
+TEST(BenchHarness, NotLinked) {
+  GTEST_SKIP() << "tests/test_bench.cc needs omniattn_bench: target_link_libraries(omniattn_tests PRIVATE omniattn_bench)";
+}
+
+#endif
