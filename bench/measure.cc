@@ -147,8 +147,6 @@ std::string peak_cache_path() {
   return "";
 }
 
-namespace {
-
 std::string utc_now() {
   const std::time_t now = std::time(nullptr);
   std::tm tm{};
@@ -157,6 +155,8 @@ std::string utc_now() {
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
   return buf;
 }
+
+namespace {
 
 bool same_key(const json& e, const std::string& cpu, const std::string& isa, int threads) {
   const json *c = e.find("cpu"), *i = e.find("isa"), *t = e.find("threads");
@@ -257,15 +257,6 @@ std::int64_t useful_pairs(const attn_params& p) {
 
 namespace {
 
-double rounding_unit(dtype t) {
-  switch (t) {
-    case dtype::f32: return std::ldexp(1.0, -23);
-    case dtype::bf16: return std::ldexp(1.0, -8);
-    case dtype::f16: return std::ldexp(1.0, -11);
-  }
-  return 0.0;
-}
-
 }  // namespace
 
 check_result check_sampled_rows(const attn_params& p, int max_rows) {
@@ -328,7 +319,7 @@ check_result check_sampled_rows(const attn_params& p, int max_rows) {
     ++r.rows;
   }
   // fp32 accumulation error over long rows plus the output dtype's rounding.
-  r.tolerance = 1e-4 * std::max(1.0, max_ref) + 2.0 * rounding_unit(p.out_type) * max_ref;
+  r.tolerance = 1e-4 * std::max(1.0, max_ref) + 2.0 * dtype_epsilon(p.out_type) * max_ref;
   r.ok = r.max_abs_err <= r.tolerance;
   return r;
 }

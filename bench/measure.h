@@ -57,6 +57,8 @@ double current_rss_mib();
 
 // "model name" of /proc/cpuinfo (the cache key of the peaks), and the CPUs this process may run on.
 std::string cpu_model();
+// The current time as ISO 8601 UTC, e.g. "2026-11-23T13:47:57Z".
+std::string utc_now();
 int available_cpus();
 
 struct machine_peak {

@@ -374,15 +374,6 @@ const char* causal_text(causal_mode c) {
   return c == causal_mode::none ? "none" : c == causal_mode::top_left ? "top_left" : "bottom_right";
 }
 
-std::string utc_now() {
-  const std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 
 // One workload point on every thread count: rows appended to `rows` and printed.
 void run_instance(run_context& ctx, const workload& w, const instance& inst, std::vector<result_row>& rows) {

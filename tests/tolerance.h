@@ -46,14 +46,7 @@ namespace omniattn::test {
 inline constexpr double k_out_floor_eps = 1.0;
 inline constexpr double k_lse_floor_eps = 4.0;
 
-inline double dtype_eps(dtype t) {
-  switch (t) {
-    case dtype::f32: return 0x1p-23;
-    case dtype::bf16: return 0x1p-8;
-    case dtype::f16: return 0x1p-11;
-  }
-  return 1.0;
-}
+inline double dtype_eps(dtype t) { return ::omniattn::dtype_epsilon(t); }
 
 inline dtype out_dtype(const problem& p) { return p.out_f32 ? dtype::f32 : p.type; }
 

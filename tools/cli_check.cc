@@ -31,16 +31,6 @@ const char* const k_default_suite[] = {
 constexpr int k_min_runs = 3, k_max_runs = 5;
 constexpr double k_time_budget_ms = 50.0, k_slow_ms = 250.0;
 
-// Rounding unit of the output dtype: the error floor a correctly rounded output may show.
-double rounding_unit(dtype t) {
-  switch (t) {
-    case dtype::f32: return std::ldexp(1.0, -23);
-    case dtype::bf16: return std::ldexp(1.0, -8);
-    case dtype::f16: return std::ldexp(1.0, -11);
-  }
-  return 0.0;
-}
-
 struct row_result {
   std::string kernel = "-";
   double ms = std::numeric_limits<double>::quiet_NaN();
@@ -196,7 +186,7 @@ row_result check_problem(const problem& prob, backend use, int threads, const ma
   const out_compare kc = compare_out(data, oracle), nc = compare_out(naive, oracle);
   r.err = kc.max_err;
   r.naive_err = nc.max_err;
-  const double floor = rounding_unit(prob.out_f32 ? dtype::f32 : prob.type) * kc.max_ref;
+  const double floor = dtype_epsilon(prob.out_f32 ? dtype::f32 : prob.type) * kc.max_ref;
   bool ok = true;
   if (kc.nans) {
     r.notes.push_back("output holds " + group_digits(kc.nans) + " NaN(s)");

@@ -14,6 +14,8 @@ enum class dtype : std::uint8_t { f32, bf16, f16 };
 
 const char* dtype_name(dtype t);
 int dtype_size(dtype t);
+// Rounding unit (2^-mantissa bits) of a storage dtype: f32 2^-23, bf16 2^-8, f16 2^-11.
+double dtype_epsilon(dtype t);
 
 // A non-owning view of a [batch, seq, heads, dim] tensor.
 struct tensor {

@@ -17,6 +17,15 @@ const char* dtype_name(dtype t) {
 
 int dtype_size(dtype t) { return t == dtype::f32 ? 4 : 2; }
 
+double dtype_epsilon(dtype t) {
+  switch (t) {
+    case dtype::f32: return 0x1p-23;
+    case dtype::bf16: return 0x1p-8;
+    case dtype::f16: return 0x1p-11;
+  }
+  return 1.0;
+}
+
 const char* backend_name(backend b) {
   switch (b) {
     case backend::automatic: return "auto";
