@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "omniattn/params.h"
 
@@ -20,6 +21,14 @@ const char* openblas_core();
 // `threads` OpenMP threads split each head's query rows and call single-threaded OpenBLAS (one thread pool).
 void openblas_unfused(const attn_params& p, int threads);
 void set_openblas_threads(int threads);  // for other OpenBLAS calls; openblas_unfused uses 1 per thread
+
+// The naive neighborhood baseline (naive_local.cc), NATTEN's "naive" CPU backend in spirit: per query, its keys from
+// grid_local::window on each axis (the same windows the mask evaluates), the window's K/V rows gathered (read in place
+// for f32), fp32 dot products, softmax, weighted sum; OpenMP `threads` split the (head, query) rows. Any grid-local
+// mask (neighborhood with dilation / causal axes, halo), any dtype and layout, varlen, GQA; the spec's causal flag
+// is applied too. naive_local_unsupported says why a problem is out of its reach (empty: it runs).
+std::string naive_local_unsupported(const attn_params& p);
+void naive_local_attention(const attn_params& p, int threads);
 
 // `omniattn bench ...` with the whole command line (argv[0] the program, argv[1] "bench"); returns the exit code.
 int bench_main(int argc, char** argv);

@@ -70,7 +70,7 @@ int usage(const char* msg) {
   if (msg) std::fprintf(stderr, "omniattn bench: %s\n", msg);
   std::fprintf(stderr,
                "usage: omniattn bench --kernel [--quick] [--n 512,1024,...] [--d 64,128] [--dtype f32,bf16]\n"
-               "                      [--threads 1,2] [--mask dense,causal] [--pattern SPEC]... [--heads 8] [--batch 1]\n"
+               "                      [--threads 1,2] [--mask dense,causal|none] [--pattern SPEC]... [--heads 8] [--batch 1]\n"
                "                      [--budget SECONDS] [--no-baselines] [--no-cache] [--json FILE]\n");
   return 2;
 }
@@ -114,8 +114,10 @@ int kernel_main(int argc, char** argv) {
       dtypes = split(argv[++i]);
       for (const auto& t : dtypes) if (t != "f32" && t != "bf16" && t != "f16") return usage("--dtype expects f32, bf16, f16");
     } else if (a == "--mask" && has_value) {
+      // "none": only the --pattern rows (a neighborhood pattern at N = its grid's tokens needs no dense row).
       masks = split(argv[++i]);
-      for (const auto& m : masks) if (m != "dense" && m != "causal") return usage("--mask expects dense, causal");
+      if (masks.size() == 1 && masks[0] == "none") masks.clear();
+      for (const auto& m : masks) if (m != "dense" && m != "causal") return usage("--mask expects dense, causal or none");
     } else if (a == "--pattern" && has_value) {
       // Any mask spec string (README grammar); repeatable. Its rows report useful GFLOP/s (mask area only), the
       // share of key tiles skipped, and OpenBLAS at the dense cost an unfused path pays for any mask.
@@ -148,9 +150,13 @@ int kernel_main(int argc, char** argv) {
     std::printf("peak with %lld thread(s): fp32 FMA %.0f GFLOP/s, bf16 dot %.0f GFLOP/s (%s)\n", static_cast<long long>(threads[i]),
                 peaks[i], bf16_peaks[i], machine[i].source.c_str());
   std::printf("\nB=%lld H=%lld; GFLOP/s = 4*mask_area*B*H*D / median time; %%peak against the peak of the kernel's arithmetic\n"
-              "(bf16 dot for bf16dot kernels, fp32 FMA otherwise); naive f32 for N<=1024, oracle for N<=512\n\n",
+              "(bf16 dot for bf16dot kernels, fp32 FMA otherwise); naive f32 for N<=1024 (for neighborhood / halo patterns:\n"
+              "the naive per-query neighborhood baseline on the same threads, every N), oracle for N<=512\n\n",
               static_cast<long long>(batch[0]), static_cast<long long>(heads[0]));
-  std::printf("%-22s %-5s %4s %6s %3s | %9s %8s %6s %6s %8s | %8s %8s %8s %7s | %9s\n", "mask", "dtype", "D", "N", "thr",
+  // The mask column fits the longest label (pattern spec strings such as neighborhood(...) are long).
+  int label_width = 22;
+  for (const std::string& m : masks) label_width = std::max(label_width, static_cast<int>(m.size()) - (m.rfind("spec:", 0) == 0 ? 5 : 0));
+  std::printf("%-*s %-5s %4s %6s %3s | %9s %8s %6s %6s %8s | %8s %8s %8s %7s | %9s\n", label_width, "mask", "dtype", "D", "N", "thr",
               "fused ms", "GFLOP/s", "%peak", "skip%", "mem MiB", "oracle", "naive", "openblas", "x blas", "max err");
   std::ostringstream json;
   json << "{\n  \"isa\": \"" << isa_name() << "\",\n  \"rows\": [";
@@ -205,7 +211,16 @@ int kernel_main(int argc, char** argv) {
                 oracle_gf = flops / t.median_s * 1e-9;
                 err = max_abs_diff(data, ref);
               }
-              if (n <= 1024) {
+              if (naive_local_unsupported(p).empty()) {
+                // Grid-local patterns: the naive neighborhood baseline on the same threads, at any N (its work is
+                // the mask area, not N^2).
+                problem_data nv(pr);
+                attn_params pn = p;
+                pn.out = nv.out.data();
+                const timing t = time_it([&] { naive_local_attention(pn, thr); }, budget, 3);
+                naive_gf = flops / t.median_s * 1e-9;
+                if (std::isnan(err)) err = max_abs_diff(data, nv);
+              } else if (n <= 1024) {
                 problem_data nv(pr);
                 attn_params pn = p;
                 pn.out = nv.out.data();
@@ -225,15 +240,17 @@ int kernel_main(int argc, char** argv) {
               const timing t = time_it([&] { openblas_unfused(pb, thr); }, budget, 3);
               blas_gf = flops / t.median_s * 1e-9;
             }
-            std::printf("%-22s %-5s %4lld %6lld %3d | %9.2f %8.1f %5.0f%% %5.1f%% %8.0f | %8.2f %8.2f %8.1f %7.2f | %9.2e\n",
-                        label.c_str(), dt.c_str(), static_cast<long long>(d), static_cast<long long>(n), thr, fused.median_s * 1e3,
+            std::printf("%-*s %-5s %4lld %6lld %3d | %9.2f %8.1f %5.0f%% %5.1f%% %8.0f | %8.2f %8.2f %8.1f %7.2f | %9.2e\n",
+                        label_width, label.c_str(), dt.c_str(), static_cast<long long>(d), static_cast<long long>(n), thr, fused.median_s * 1e3,
                         gf, 100.0 * gf / peak, skipped, mem, oracle_gf, naive_gf, blas_gf, gf / blas_gf, err);
             std::fflush(stdout);
             json << (first_row ? "\n" : ",\n") << "    {\"mask\": \"" << label << "\", \"tiles_skipped_pct\": " << skipped << ", \"useful_flops\": " << flops << ", \"dtype\": \"" << dt << "\", \"d\": " << d
                  << ", \"n\": " << n << ", \"threads\": " << thr << ", \"median_ms\": " << fused.median_s * 1e3
                  << ", \"min_ms\": " << fused.min_s * 1e3 << ", \"max_ms\": " << fused.max_s * 1e3 << ", \"reps\": " << fused.reps
                  << ", \"kernel\": \"" << sel.name << "\", \"gflops\": " << gf << ", \"peak_gflops\": " << peak << ", \"peak_rss_mib\": " << mem
-                 << ", \"openblas_gflops\": " << (std::isnan(blas_gf) ? 0.0 : blas_gf) << "}";
+                 << ", \"openblas_gflops\": " << (std::isnan(blas_gf) ? 0.0 : blas_gf)
+                 << ", \"naive_gflops\": " << (std::isnan(naive_gf) ? 0.0 : naive_gf) << ", \"naive_kind\": \""
+                 << (std::isnan(naive_gf) ? "" : naive_local_unsupported(p).empty() ? "local" : "f32") << "\"}";
             first_row = false;
           }
         }

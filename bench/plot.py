@@ -8,6 +8,7 @@ Writes into OUT_DIR (default: the directory of RESULTS_JSON):
   peak_pct.png    % of the machine peak vs N (swept workloads) and per fixed-shape workload (bars)
   memory.png      workspace memory vs N: the fused kernel against the unfused OpenBLAS path
   efficiency.png  time vs N of each swept pattern against the dense and causal references (efficiency length)
+  naive_local.png useful GFLOP/s of the fused kernel and the naive neighborhood baseline, per grid-local row
 Rows of the largest thread count in the run are plotted. Exit status 3 when matplotlib is missing (the benchmark
 then notes it and skips the plots), 1 on unreadable input.
 """
@@ -194,6 +195,28 @@ def main(argv):
         ax.set_title("efficiency length: where a pattern drops below dense / causal - " + subtitle, fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "efficiency.png"), dpi=110)
+        plt.close(fig)
+
+    # Neighborhood / halo rows: the fused kernel against the naive per-query baseline, speedup written at the bar.
+    local = [r for r in rows if r.get("naive_local_gflops") is not None]
+    if local:
+        fig, ax = plt.subplots(figsize=(8, 0.55 * len(local) + 1.6))
+        labels = [r["workload"] for r in local]
+        ys = list(range(len(local)))
+        ax.barh([y + 0.2 for y in ys], [r["gflops"] for r in local], height=0.4, label="fused")
+        ax.barh([y - 0.2 for y in ys], [r["naive_local_gflops"] for r in local], height=0.4, color="grey",
+                label="naive neighborhood baseline")
+        for y, r in zip(ys, local):
+            ax.text(r["gflops"], y + 0.2, f" {r['naive_local_speedup']:.1f}x", va="center", fontsize=7)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("useful GFLOP/s")
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title("fused vs naive neighborhood (x = naive time / fused time) - " + subtitle, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "naive_local.png"), dpi=110)
         plt.close(fig)
     return 0
 

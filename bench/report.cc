@@ -156,32 +156,34 @@ std::string shape_label(const result_row& r) {
 }
 
 void print_table_header(std::FILE* f) {
-  std::fprintf(f, "%-29s %6s %-26s %3s | %9s %5s %5s %8s %5s %5s %7s | %9s %7s %7s | %7s | %-10s\n", "workload", "N", "shape",
-               "thr", "fused ms", "iqr%", "dist%", "GFLOP/s", "%peak", "skip%", "wsMiB", "blas ms", "x blas", "blasMiB", "naiveGF",
-               "check");
+  std::fprintf(f, "%-36s %6s %-26s %3s | %9s %5s %5s %8s %5s %5s %7s | %9s %7s %7s | %7s %9s %7s | %-10s\n", "workload", "N",
+               "shape", "thr", "fused ms", "iqr%", "dist%", "GFLOP/s", "%peak", "skip%", "wsMiB", "blas ms", "x blas", "blasMiB",
+               "naiveGF", "nloc ms", "x nloc", "check");
 }
 
 void print_table_row(std::FILE* f, const result_row& r) {
   if (!r.error.empty()) {
-    std::fprintf(f, "%-29s %6lld %-26s %3d | ERROR %s\n", r.workload.c_str(), static_cast<long long>(r.n), shape_label(r).c_str(),
+    std::fprintf(f, "%-36s %6lld %-26s %3d | ERROR %s\n", r.workload.c_str(), static_cast<long long>(r.n), shape_label(r).c_str(),
                  r.threads, r.error.c_str());
     return;
   }
   std::string check = r.check.rows ? fmt("%.1e", r.check.max_abs_err) + (r.check.ok ? " ok" : " FAIL") : "-";
   std::string blas_ms = fmt("%.2f", r.openblas_ms);
   if (std::isfinite(r.openblas_ms) && r.openblas_heads_measured < r.heads_q) blas_ms += "*";
-  std::fprintf(f, "%-29s %6lld %-26s %3d | %9.2f %5.1f %5.0f %8.1f %4.0f%% %5.1f %7.1f | %9s %7s %7s | %7s | %-10s\n",
+  if (std::isfinite(r.naive_local_ms) && !r.naive_local_check_ok) check += " nloc FAIL";
+  std::fprintf(f, "%-36s %6lld %-26s %3d | %9.2f %5.1f %5.0f %8.1f %4.0f%% %5.1f %7.1f | %9s %7s %7s | %7s %9s %7s | %-10s\n",
                r.workload.c_str(), static_cast<long long>(r.n), shape_label(r).c_str(), r.threads, r.fused.median_s * 1e3,
                r.fused.iqr_pct(), r.disturbed_pct, r.gflops, r.pct_peak, r.tiles_skipped_pct, r.workspace_mib, blas_ms.c_str(),
                fmt("%.2fx", r.openblas_speedup).c_str(), fmt("%.0f", r.openblas_workspace_mib).c_str(),
-               fmt("%.2f", r.naive_gflops).c_str(), check.c_str());
+               fmt("%.2f", r.naive_gflops).c_str(), fmt("%.2f", r.naive_local_ms).c_str(),
+               fmt("%.1fx", r.naive_local_speedup).c_str(), check.c_str());
 }
 
 void print_efficiency(std::FILE* f, const std::vector<efficiency_row>& eff) {
   if (eff.empty()) return;
   std::fprintf(f, "\nefficiency length (CAB): the N from which the pattern's fused time stays >= 5%% below the reference's\n");
   for (const efficiency_row& e : eff) {
-    std::fprintf(f, "  %-29s thr %d:", e.workload.c_str(), e.threads);
+    std::fprintf(f, "  %-36s thr %d:", e.workload.c_str(), e.threads);
     for (const crossover& c : e.vs)
       std::fprintf(f, "  vs %s %s", reference_label(c.reference).c_str(), crossover_text(c).c_str());
     std::fprintf(f, "\n");
@@ -218,7 +220,8 @@ const std::vector<std::string>& row_keys() {
       "useful_flops", "median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "iqr_pct", "reps", "disturbed_pct",
       "attempts", "gflops", "peak_gflops", "peak_kind", "pct_peak", "tiles_skipped_pct", "inputs_mib", "peak_rss_mib",
       "workspace_mib", "check_rows", "check_max_abs_err", "check_tolerance", "check_ok", "check_skipped", "naive_ms",
-      "naive_gflops", "openblas_ms", "openblas_gflops", "openblas_speedup", "openblas_workspace_mib",
+      "naive_gflops", "naive_local_ms", "naive_local_gflops", "naive_local_speedup", "naive_local_max_abs_err",
+      "naive_local_check_ok", "naive_local_disturbed_pct", "naive_local_note", "openblas_ms", "openblas_gflops", "openblas_speedup", "openblas_workspace_mib",
       "openblas_max_abs_err", "openblas_disturbed_pct", "openblas_cost", "openblas_heads_measured", "openblas_note",
       "error"};
   return keys;
@@ -274,6 +277,14 @@ json row_json(const result_row& r) {
   j.set("check_skipped", opt_string(r.check.skipped));
   j.set("naive_ms", r.naive_ms);
   j.set("naive_gflops", r.naive_gflops);
+  const bool local_ran = std::isfinite(r.naive_local_ms);
+  j.set("naive_local_ms", r.naive_local_ms);
+  j.set("naive_local_gflops", r.naive_local_gflops);
+  j.set("naive_local_speedup", r.naive_local_speedup);
+  j.set("naive_local_max_abs_err", r.naive_local_max_abs_err);
+  j.set("naive_local_check_ok", local_ran ? json(r.naive_local_check_ok) : json());
+  j.set("naive_local_disturbed_pct", r.naive_local_disturbed_pct);
+  j.set("naive_local_note", opt_string(r.naive_local_note));
   j.set("openblas_ms", r.openblas_ms);
   j.set("openblas_gflops", r.openblas_gflops);
   j.set("openblas_speedup", r.openblas_speedup);
@@ -373,23 +384,41 @@ std::string report_markdown(const run_info& info, const std::vector<result_row>&
         "handles dense and causal only; for any other mask it is timed at the dense cost (every pair computed, the mask "
         "not applied), the least an unfused implementation pays. `x OpenBLAS` = OpenBLAS time / fused time. Times "
         "marked * ran on fewer heads and were scaled by the head count (the unfused path runs heads one after another). "
-        "The naive f32 path (single thread) runs only where its work is small.\n";
+        "The naive f32 path (single thread) runs only where its work is small.\n\n"
+     << "Naive local (grid-local masks: neighborhood, halo): the per-query baseline of bench/naive_local.cc, on the "
+        "row's thread count: each query's window from grid_local::window per axis, its K/V rows gathered, fp32 dot "
+        "products, softmax, weighted sum. `x naive local` = its time / the fused time (issue #5's target: >= 10 for 2D "
+        "7x7); its own output is checked against fp64 like the kernel's.\n";
   std::vector<std::string> groups;
   for (const result_row& r : rows)
     if (std::find(groups.begin(), groups.end(), r.group) == groups.end()) groups.push_back(r.group);
   for (const std::string& g : groups) {
+    // Groups with grid-local masks get the naive neighborhood baseline's columns; the others stay as they were.
+    const bool local = std::any_of(rows.begin(), rows.end(), [&](const result_row& r) {
+      return r.group == g && (std::isfinite(r.naive_local_ms) || !r.naive_local_note.empty());
+    });
     md << "\n## " << g << "\n\n"
        << "| workload | N | shape | mask | kernel | thr | median ms | IQR % | min-max ms | reps | disturbed % | GFLOP/s | % "
-          "peak | tiles skipped | workspace MiB | OpenBLAS ms | x OpenBLAS | OpenBLAS MiB | naive GFLOP/s | check |\n"
-       << "|---|---:|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+          "peak | tiles skipped | workspace MiB | OpenBLAS ms | x OpenBLAS | OpenBLAS MiB | naive GFLOP/s | "
+       << (local ? "naive local ms | naive local GFLOP/s | x naive local | " : "") << "check |\n"
+       << "|---|---:|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+       << (local ? "---:|---:|---:|" : "") << "---|\n";
     for (const result_row& r : rows) {
       if (r.group != g) continue;
       md << "| " << r.workload << " | " << r.n << " | " << shape_label(r) << " | "
          << (r.mask.empty() ? "-" : "`" + md_cell(r.mask) + "`") << " | ";
-      if (!r.error.empty()) {
-        md << "ERROR: " << md_cell(r.error) << " |" << std::string(15, '|') << "\n";  // the remaining 15 columns empty
+      if (!r.error.empty()) {  // the remaining columns empty
+        md << "ERROR: " << md_cell(r.error) << " |" << std::string(local ? 18 : 15, '|') << "\n";
         continue;
       }
+      std::string local_cells;
+      if (local) {
+        local_cells = r.naive_local_note.empty() ? fmt("%.2f", r.naive_local_ms) : md_cell(r.naive_local_note);
+        local_cells += " | " + fmt("%.2f", r.naive_local_gflops) + " | " + fmt("%.1f", r.naive_local_speedup) + " | ";
+      }
+      std::string check = r.check.rows ? fmt("%.1e", r.check.max_abs_err) + (r.check.ok ? " ok" : " **FAIL**") : "-";
+      if (std::isfinite(r.naive_local_ms) && !r.naive_local_check_ok)
+        check += ", naive local **FAIL** (" + fmt("%.1e", r.naive_local_max_abs_err) + ")";
       std::string blas = fmt("%.2f", r.openblas_ms);
       if (std::isfinite(r.openblas_ms) && r.openblas_heads_measured < r.heads_q) blas += "*";
       if (!r.openblas_note.empty()) blas = md_cell(r.openblas_note);
@@ -399,8 +428,7 @@ std::string report_markdown(const run_info& info, const std::vector<result_row>&
          << (r.attempts > 1 ? " (" + std::to_string(r.attempts) + " tries)" : "") << " | " << fmt("%.1f", r.gflops) << " | " << fmt("%.0f", r.pct_peak) << " | "
          << fmt("%.1f", r.tiles_skipped_pct) << " | " << fmt("%.1f", r.workspace_mib) << " | " << blas << " | "
          << fmt("%.2f", r.openblas_speedup) << " | " << fmt("%.0f", r.openblas_workspace_mib) << " | "
-         << fmt("%.2f", r.naive_gflops) << " | "
-         << (r.check.rows ? fmt("%.1e", r.check.max_abs_err) + (r.check.ok ? " ok" : " **FAIL**") : "-") << " |\n";
+         << fmt("%.2f", r.naive_gflops) << " | " << local_cells << check << " |\n";
     }
   }
   if (!eff.empty()) {
@@ -441,7 +469,7 @@ std::string report_markdown(const run_info& info, const std::vector<result_row>&
 
 namespace {
 
-const char* const k_plot_files[] = {"throughput.png", "peak_pct.png", "memory.png", "efficiency.png"};
+const char* const k_plot_files[] = {"throughput.png", "peak_pct.png", "memory.png", "efficiency.png", "naive_local.png"};
 
 std::string find_plot_script() {
   namespace fs = std::filesystem;

@@ -39,6 +39,13 @@ struct result_row {
   check_result check;
   // Baselines; NaN when not run.
   double naive_ms = NAN, naive_gflops = NAN;
+  // The naive neighborhood baseline (grid-local masks only; naive_local.cc), on the row's thread count.
+  double naive_local_ms = NAN, naive_local_gflops = NAN;
+  double naive_local_speedup = NAN;      // its time / the fused time
+  double naive_local_max_abs_err = NAN;  // its own output on sampled rows vs fp64
+  bool naive_local_check_ok = true;
+  double naive_local_disturbed_pct = NAN;
+  std::string naive_local_note;  // why it did not run on a grid-local row
   double openblas_ms = NAN, openblas_gflops = NAN, openblas_speedup = NAN, openblas_workspace_mib = NAN;
   std::string openblas_cost;  // "dense", "causal" or "dense (mask not applied)"; empty when not run
   double openblas_max_abs_err = NAN;

@@ -10,6 +10,7 @@
 #include "bench/bench.h"
 #include "bench/measure.h"
 #include "bench/report.h"
+#include "core/grid_local.h"
 #include "omniattn/version.h"
 
 namespace omniattn::bench {
@@ -48,13 +49,14 @@ void print_suite_usage(std::FILE* f) {
                "                      [--no-cache] [--no-baselines]\n"
                "       omniattn bench --kernel [--help]      the kernel table (dense/causal x D x N x dtype x threads)\n"
                "\n"
-               "Runs the workload suite (CAB's four patterns, the mask catalogue swept over N, model shapes) on the fused\n"
-               "kernel with, in the same run, the unfused OpenBLAS path and the naive f32 path, checks sampled rows against\n"
+               "Runs the workload suite (CAB's four patterns, the mask catalogue swept over N, neighborhood attention in\n"
+               "1-3 D, model shapes) on the fused kernel with, in the same run, the unfused OpenBLAS path, the naive f32 path\n"
+               "and, for neighborhood / halo masks, the naive per-query neighborhood baseline; checks sampled rows against\n"
                "an fp64 oracle, reports efficiency lengths, prints a table and writes DIR/results.json, DIR/report.md and\n"
                "PNG plots (bench/plot.py, matplotlib). bench/README.md documents the workloads and results.json.\n"
                "\n"
                "  --quick             CI-sized: short sweeps, fewer heads, 0.1 s per measurement\n"
-               "  --filter GLOB       workloads whose name matches ('mask/*', 'model/llama*', 'cab/*,mask/full'); repeatable\n"
+               "  --filter GLOB       workloads whose name matches ('mask/*', 'neighborhood*', 'cab/*,mask/full'); repeatable\n"
                "  --list              print the workloads (with --quick: the quick sweep) and exit\n"
                "  --problem SPEC      a custom workload, e.g. \"b=1,n=2048,h=8,d=128,causal=br\" (keys: omniattn --help);\n"
                "                      templates {n} {n/K} {n*K} {docs:W:W..} {varlen:W:W..} take the --n sweep\n"
@@ -66,7 +68,7 @@ void print_suite_usage(std::FILE* f) {
                "  --budget SECONDS    time per measurement after one warm-up, at least 3 runs (default 0.4; --quick 0.1)\n"
                "  --out DIR           report directory (default bench-report)   --no-report  no report directory\n"
                "  --no-plots          skip the PNG plots              --no-cache  re-measure the peaks (and update the cache)\n"
-               "  --no-baselines      fused kernel only (no OpenBLAS, no naive f32)\n"
+               "  --no-baselines      fused kernel only (no OpenBLAS, no naive f32, no naive neighborhood)\n"
                "\n"
                "Exit codes: 0 ok, 1 a workload failed to run or failed its check, 2 bad command-line input.\n",
                available_cpus());
@@ -263,9 +265,9 @@ void print_workload_list(std::FILE* f, const std::vector<workload>& all, bool qu
     }
     std::string problem = w.problem;
     if (quick && !w.quick_problem.empty()) problem += "," + w.quick_problem;
-    std::fprintf(f, "%-29s %s%s%s%s%s\n", w.name.c_str(), problem.c_str(), w.mask.empty() ? "" : "  mask: ", w.mask.c_str(),
+    std::fprintf(f, "%-36s %s%s%s%s%s\n", w.name.c_str(), problem.c_str(), w.mask.empty() ? "" : "  mask: ", w.mask.c_str(),
                  ns.empty() ? "" : "  N: ", ns.c_str());
-    if (!w.note.empty()) std::fprintf(f, "%-29s %s\n", "", w.note.c_str());
+    if (!w.note.empty()) std::fprintf(f, "%-36s %s\n", "", w.note.c_str());
   }
 }
 
@@ -425,6 +427,7 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
   base.useful_flops = 2.0 * static_cast<double>(base.useful_pairs) * static_cast<double>(p.dim_qk + p.dim_v);
   base.inputs_mib = buffer_mib(data);
   const bool bf16_dot = base.kernel.find("bf16dot") != std::string::npos;
+  const bool local_mask = p.mask && detail::as_grid_local(*p.mask).has_value();
   const double dense_gflop = 2.0 * static_cast<double>(base.dense_pairs) * static_cast<double>(p.dim_qk + p.dim_v) * 1e-9;
 
   // The naive f32 path is single-threaded: run it once per point, where its work is small.
@@ -476,9 +479,31 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
         r.naive_ms = naive_ms;
         r.naive_gflops = r.useful_flops / naive_ms * 1e-6;
       }
+      if (ctx.opt.baselines && local_mask) {
+        if (const std::string why = naive_local_unsupported(p); !why.empty()) {
+          r.naive_local_note = "not run: " + why;
+        } else {
+          // Same inputs and threads as the fused kernel, its own output buffer, timed the same way.
+          ctx.progress.show(ctx.done, label + " thr=" + std::to_string(thr) + ": naive neighborhood baseline");
+          std::vector<std::uint8_t> out(data.out.size());
+          attn_params pl = p;
+          pl.out = out.data();
+          const steady_timing nl = ctx.measure([&] { naive_local_attention(pl, thr); }, thr, {});
+          r.naive_local_ms = nl.t.median_s * 1e3;
+          r.naive_local_disturbed_pct = nl.disturbed_pct;
+          r.naive_local_gflops = r.useful_flops / r.naive_local_ms * 1e-6;
+          r.naive_local_speedup = r.naive_local_ms / (r.fused.median_s * 1e3);
+          const check_result c = check_sampled_rows(pl, 64);
+          r.naive_local_max_abs_err = c.max_abs_err;
+          r.naive_local_check_ok = c.ok;
+        }
+      }
       if (ctx.opt.baselines) {
+        // The unfused path runs in f32 whatever the problem's dtype, so f32 and bf16 rows of a shape share it.
         problem key_prob = prob;
         key_prob.seed = 1;
+        key_prob.type = dtype::f32;
+        key_prob.out_f32 = false;
         const std::string key = key_prob.describe() + "|" + std::to_string(thr);
         auto it = ctx.blas_cache.find(key);
         if (it == ctx.blas_cache.end()) {
@@ -575,7 +600,8 @@ int run_suite(const suite_options& o) {
   info.total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
 
   int failures = 0;
-  for (const result_row& r : rows) failures += !r.error.empty() || (r.check.rows && !r.check.ok);
+  for (const result_row& r : rows)
+    failures += !r.error.empty() || (r.check.rows && !r.check.ok) || (std::isfinite(r.naive_local_ms) && !r.naive_local_check_ok);
   if (!o.out_dir.empty()) {
     ctx.progress.show(ctx.done, "writing the report");
     const bool ok = write_report(o.out_dir, info, rows, eff, o.plots, error);

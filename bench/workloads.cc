@@ -63,6 +63,28 @@ const table_row k_table[] = {
     {"mask/bigbird", k_catalogue_shape, "global_tokens(64) | window(64,64) | random_blocks(64,10,7)", k_catalogue_ns,
      k_catalogue_quick_ns, "", k_catalogue_refs, "BigBird block-sparse: 64 global tokens, local window, 10% random blocks"},
 
+    // Neighborhood attention (NATTEN's rule: a window shifted, not clipped, at the borders), issue #5's shapes. One
+    // layer shape for all of them, B=1, H=4, D=64: a DiNAT / NAT stage has 2-16 heads of 32 and video DiTs with
+    // neighborhood attention use heads of 64-128; 64 is the common head size, and 4 heads keep each row under a
+    // second for the naive baseline. Every row also runs the naive per-query baseline (naive_local.cc) on the same
+    // threads, for the fused / naive speedup.
+    {"neighborhood/1d-8192-k127", "b=1,n=8192,h=4,d=64", "neighborhood(grid=8192, kernel=127)", "", "", "", "",
+     "1D neighborhood, 8192 tokens, kernel 127"},
+    {"neighborhood/2d-64x64-k7", "b=1,n=4096,h=4,d=64", "neighborhood(grid=64x64, kernel=7x7)", "", "", "", "",
+     "2D neighborhood over a 64x64 feature map, 7x7 kernel (NAT / DiNAT)"},
+    {"neighborhood/2d-64x64-k13", "b=1,n=4096,h=4,d=64", "neighborhood(grid=64x64, kernel=13x13)", "", "", "", "",
+     "2D neighborhood over a 64x64 feature map, 13x13 kernel"},
+    {"neighborhood/3d-16x32x32-k3x7x7", "b=1,n=16384,h=4,d=64", "neighborhood(grid=16x32x32, kernel=3x7x7)", "", "", "",
+     "", "3D neighborhood over 16 frames of 32x32 latents, 3x7x7 kernel (video)"},
+    {"neighborhood/1d-8192-k127-bf16", "b=1,n=8192,h=4,d=64,dtype=bf16", "neighborhood(grid=8192, kernel=127)", "", "",
+     "", "", "the 1D row in bf16"},
+    {"neighborhood/2d-64x64-k7-bf16", "b=1,n=4096,h=4,d=64,dtype=bf16", "neighborhood(grid=64x64, kernel=7x7)", "", "",
+     "", "", "the 2D 7x7 row in bf16"},
+    {"neighborhood/2d-64x64-k13-bf16", "b=1,n=4096,h=4,d=64,dtype=bf16", "neighborhood(grid=64x64, kernel=13x13)", "",
+     "", "", "", "the 2D 13x13 row in bf16"},
+    {"neighborhood/3d-16x32x32-k3x7x7-bf16", "b=1,n=16384,h=4,d=64,dtype=bf16", "neighborhood(grid=16x32x32, kernel=3x7x7)",
+     "", "", "", "", "the 3D row in bf16"},
+
     // Named model shapes (the models' own head counts, head dims and dtype); --quick scales heads down.
     {"model/llama3-8b-prefill-8k", "b=1,n=8192,hq=32,hkv=8,d=128,causal=br,dtype=bf16", "", "", "", "hq=4,hkv=1", "",
      "Llama-3-8B prefill of 8k tokens: GQA 32:8, D=128, causal, bf16"},

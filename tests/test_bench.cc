@@ -12,16 +12,20 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "bench/bench.h"
 #include "bench/json.h"
 #include "bench/measure.h"
 #include "bench/report.h"
 #include "bench/suite.h"
 #include "bench/workloads.h"
+#include "core/grid_local.h"
 #include "core/problem.h"
+#include "core/storage.h"
 
 namespace omniattn::bench {
 namespace {
@@ -366,7 +370,7 @@ TEST(BenchWorkloads, BuiltInTableInstantiatesInBothModes) {
       EXPECT_EQ(inst.size(), std::max<std::size_t>(1, sweep_points(w, quick).size())) << w.name;
     }
   }
-  for (const char* group : {"cab/", "mask/", "model/"})
+  for (const char* group : {"cab/", "mask/", "model/", "neighborhood/"})
     EXPECT_TRUE(std::any_of(names.begin(), names.end(), [&](const std::string& n) { return n.rfind(group, 0) == 0; })) << group;
   // The catalogue's templated shapes: prefix_lm(N/4) and 6 documents summing to N.
   std::vector<instance> inst;
@@ -458,6 +462,146 @@ TEST(BenchWorkloads, WorkloadFileErrorsNameFileWorkloadAndKey) {
   EXPECT_NE(bad("{\"workloads\": [\n{\"name\": \"a\",}\n]}").find("line 2"), std::string::npos);
   EXPECT_FALSE(read_workload_file(dir.path() + "/missing.json", ws, error));
   EXPECT_NE(error.find("cannot open"), std::string::npos) << error;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Neighborhood workloads and the naive neighborhood baseline.
+
+// The benchmark's mask areas are exact: NATTEN's windows are shifted, not clipped, so without dilation or causal axes
+// every query sees exactly prod(kernel) keys.
+TEST(BenchNeighborhood, WorkloadsCountExactlyKernelKeysPerQuery) {
+  const std::vector<workload>& all = built_in_workloads();
+  int found = 0;
+  for (const workload& w : all) {
+    if (w.group() != "neighborhood") continue;
+    ++found;
+    std::vector<instance> inst;
+    std::string error;
+    ASSERT_TRUE(instantiate(w, false, "", inst, error)) << error;
+    ASSERT_EQ(inst.size(), 1u);
+    const std::optional<detail::grid_local> g = detail::as_grid_local(inst[0].mask);
+    ASSERT_TRUE(g) << w.name;
+    EXPECT_EQ(g->tokens(), inst[0].prob.seq_q) << w.name;  // the grid covers the sequence
+    if (w.name.find("bf16") != std::string::npos) continue;  // the same masks as the f32 rows: counted once
+    std::int64_t kernel_keys = 1;
+    for (int a = 0; a < g->rank; ++a) kernel_keys *= g->kernel[a];
+    problem pr = inst[0].prob;
+    pr.heads_q = pr.heads_kv = 1;  // the count is per head; one head keeps the buffers small
+    problem_data data(pr);
+    spec s;
+    s.mask = inst[0].mask;
+    attn_params p;
+    ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p).ok());
+    EXPECT_EQ(useful_pairs(p), g->tokens() * kernel_keys) << w.name;
+  }
+  EXPECT_EQ(found, 8);
+  // --filter 'neighborhood*' selects exactly these rows (they have no references).
+  suite_options o;
+  std::string error;
+  ASSERT_TRUE(parse_args({"--filter", "neighborhood*"}, o, error)) << error;
+  std::vector<workload> sel;
+  ASSERT_TRUE(select_workloads(o, sel, error)) << error;
+  EXPECT_EQ(sel.size(), 8u);
+  for (const workload& w : sel) EXPECT_EQ(w.group(), "neighborhood") << w.name;
+}
+
+// The naive baseline against the fp64 oracle on small grids: every rank, dilation, a causal axis, GQA, bf16, the BHSD
+// layout, the spec's causal flag on top, a grid smaller than the sequence, varlen, one and two threads.
+TEST(BenchNeighborhood, NaiveBaselineMatchesTheOracle) {
+  struct local_case {
+    const char* problem;
+    mask_expr mask;
+  };
+  std::vector<local_case> cases = {
+      {"b=2,n=30,hq=4,hkv=2,d=16", mask_expr::neighborhood({30}, {7})},
+      {"b=1,n=48,h=2,d=16", mask_expr::neighborhood({6, 8}, {3, 5})},
+      {"b=1,n=90,h=2,d=16", mask_expr::neighborhood({9, 10}, {3, 3}, {2, 3})},
+      {"b=1,n=36,h=2,d=16", mask_expr::neighborhood({6, 6}, {3, 3}, {1, 1}, {true, false})},
+      {"b=1,n=120,h=2,d=16", mask_expr::neighborhood({4, 5, 6}, {3, 3, 5})},
+      {"b=1,n=120,h=2,d=16", mask_expr::neighborhood({4, 5, 6}, {1, 5, 3}, {1, 1, 2}, {true, false, false})},
+      {"b=1,n=64,h=2,d=32,dtype=bf16", mask_expr::neighborhood({8, 8}, {5, 5})},
+      {"b=1,n=64,h=2,d=32,dtype=bf16,out=f32", mask_expr::neighborhood({8, 8}, {3, 7})},
+      {"b=2,n=64,h=2,d=16,layout=bhsd", mask_expr::neighborhood({8, 8}, {5, 3})},
+      {"b=1,n=64,h=2,d=16,causal=br", mask_expr::neighborhood({8, 8}, {5, 5})},
+      {"b=1,n=30,h=2,d=16", mask_expr::neighborhood({5, 5}, {3, 3})},  // rows 25..29 are outside the grid: zeros
+      {"h=2,d=16,varlen=25:25/20:20", mask_expr::neighborhood({5, 5}, {3, 3})},
+      {"b=1,n=64,h=2,d=16", mask_expr::halo({8, 8}, {4, 4}, {1, 1})},
+  };
+  for (const local_case& c : cases) {
+    problem pr;
+    ASSERT_TRUE(parse_problem(c.problem, pr).ok()) << c.problem;
+    pr.lse = false;
+    spec s;
+    s.causal = pr.causal;
+    s.mask = c.mask;
+    const std::string what = std::string(c.problem) + " " + c.mask.str();
+    problem_data oracle(pr);
+    ASSERT_TRUE(run_problem(oracle, s, backend::reference).ok()) << what;
+    for (const int threads : {1, 2}) {
+      problem_data data(pr);
+      attn_params p;
+      ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p).ok())
+          << what;
+      ASSERT_EQ(naive_local_unsupported(p), "") << what;
+      std::fill(data.out.begin(), data.out.end(), std::uint8_t{0xff});  // every element must be written
+      naive_local_attention(p, threads);
+      const tensor o = data.out_view();
+      const std::int64_t total_q = pr.is_varlen() ? oracle.cu_q.back() : pr.seq_q;
+      double max_err = 0.0, max_ref = 0.0;
+      for (std::int64_t b = 0; b < (pr.is_varlen() ? 1 : pr.batch); ++b)
+        for (std::int64_t i = 0; i < total_q; ++i)
+          for (std::int64_t h = 0; h < pr.heads_q; ++h)
+            for (std::int64_t d = 0; d < pr.dim_v; ++d) {
+              const double ref = oracle.out_at(b, i, h, d), got = data.out_at(b, i, h, d);
+              max_err = std::max(max_err, std::isnan(got) ? INFINITY : std::fabs(got - ref));
+              max_ref = std::max(max_ref, std::fabs(ref));
+            }
+      EXPECT_LE(max_err, 1e-5 + 2.0 * dtype_epsilon(o.type) * max_ref) << what << " threads " << threads;
+    }
+  }
+  // Masks it does not cover say so instead of running.
+  problem pr;
+  ASSERT_TRUE(parse_problem("b=1,n=16,h=1,d=8", pr).ok());
+  problem_data data(pr);
+  spec s;
+  s.mask = mask_expr::window(3, 0, causal_mode::bottom_right);
+  attn_params p;
+  ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p).ok());
+  EXPECT_NE(naive_local_unsupported(p), "");
+  s.mask = mask_expr::neighborhood({4, 4}, {3, 3}) & mask_expr::causal(causal_mode::bottom_right);  // not a single pattern
+  ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p).ok());
+  EXPECT_NE(naive_local_unsupported(p), "");
+}
+
+TEST(BenchNeighborhood, ReportShowsTheNaiveBaselineColumns) {
+  scratch_dir dir;
+  result_row local = sample_row("neighborhood/2d-64x64-k7", 4096, 2.0, 20.0);
+  local.mask = "neighborhood(grid=64x64, kernel=7x7)";
+  local.naive_local_ms = 30.0;
+  local.naive_local_gflops = local.useful_flops / 30.0 * 1e-6;
+  local.naive_local_speedup = 15.0;
+  local.naive_local_max_abs_err = 1e-7;
+  const std::vector<result_row> rows = {sample_row("mask/full", 256, 1.0, 2.0), local};
+  std::string error;
+  ASSERT_TRUE(write_report(dir.path() + "/out", sample_info(), rows, {}, false, error)) << error;
+  std::ifstream m(dir.path() + "/out/report.md"), j(dir.path() + "/out/results.json");
+  std::stringstream ms, js;
+  ms << m.rdbuf();
+  js << j.rdbuf();
+  const std::string md = ms.str();
+  const std::size_t section = md.find("## neighborhood");
+  ASSERT_NE(section, std::string::npos);
+  EXPECT_NE(md.find("x naive local", section), std::string::npos);
+  EXPECT_NE(md.find("| 30.00 |", section), std::string::npos);
+  EXPECT_NE(md.find("| 15.0 |", section), std::string::npos);
+  EXPECT_EQ(md.substr(md.find("## mask"), section - md.find("## mask")).find("x naive local"), std::string::npos);
+  json doc;
+  ASSERT_TRUE(json::parse(js.str(), doc, error)) << error;
+  const json& r = doc.find("rows")->items().at(1);
+  EXPECT_EQ(r.find("naive_local_speedup")->as_number(), 15.0);
+  EXPECT_TRUE(r.find("naive_local_check_ok")->as_bool());
+  EXPECT_TRUE(doc.find("rows")->items().at(0).find("naive_local_ms")->is_null());
+  EXPECT_TRUE(doc.find("rows")->items().at(0).find("naive_local_check_ok")->is_null());
 }
 
 // ---------------------------------------------------------------------------------------------------------------------

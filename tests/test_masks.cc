@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <functional>
 #include <memory>
 #include <random>
@@ -381,6 +383,134 @@ TEST(MaskLibrary, NewPatternsRunOnTheKernelAndParse) {
   EXPECT_EQ(parse_mask("global_tokens(4) | random_blocks(64, 10, 3) & causal", parsed), "");
   EXPECT_EQ(parsed.str(), "(global_tokens(4) | (random_blocks(64,10,3) & causal(bottom_right)))");
   EXPECT_NE(parse_mask("random_blocks(64, 101, 3)", parsed).find("density must be a percentage"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace omniattn
+
+namespace omniattn {
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------------
+// Dense boolean tables with broadcasting.
+
+// A table [B, H, Lq, Lk] with some dimensions of size 1, in a row-major or a key-major (strided) layout; values are
+// 0 / 1 mostly, with other non-zero bytes mixed in (any non-zero byte allows).
+struct dense_table {
+  std::vector<std::uint8_t> bytes;
+  std::array<std::int64_t, 4> shape{}, strides{};
+  std::uint8_t at(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) const {
+    const std::int64_t idx[4] = {b, h, i, j};
+    std::int64_t off = 0;
+    for (std::size_t d = 0; d < 4; ++d) off += (shape[d] == 1 ? 0 : idx[d]) * strides[d];
+    return bytes[static_cast<std::size_t>(off)];
+  }
+};
+
+dense_table random_table(std::array<std::int64_t, 4> shape, bool key_major, double density, std::mt19937_64& rng) {
+  dense_table t;
+  t.shape = shape;
+  // row-major strides, or with the two sequence axes swapped in memory (the key axis is then not contiguous)
+  const std::int64_t lq = shape[2], lk = shape[3];
+  t.strides = key_major ? std::array<std::int64_t, 4>{shape[1] * lq * lk, lq * lk, 1, lq}
+                        : std::array<std::int64_t, 4>{shape[1] * lq * lk, lq * lk, lk, 1};
+  t.bytes.resize(static_cast<std::size_t>(shape[0] * shape[1] * lq * lk));
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (auto& x : t.bytes) x = u(rng) < density ? (u(rng) < 0.2 ? static_cast<std::uint8_t>(2 + rng() % 254) : 1) : 0;
+  return t;
+}
+
+TEST(DenseMask, BroadcastingOnEachAxisMatchesTheTableInEveryReader) {
+  std::mt19937_64 rng(7100);
+  const std::int64_t lq = 70, lk = 135;
+  for (int broadcast = 0; broadcast < 16; ++broadcast)
+    for (bool key_major : {false, true})
+      for (double density : {0.03, 0.5, 0.97}) {
+        const std::array<std::int64_t, 4> shape{broadcast & 1 ? 1 : 2, broadcast & 2 ? 1 : 3, broadcast & 4 ? 1 : lq,
+                                                broadcast & 8 ? 1 : lk};
+        auto t = std::make_shared<dense_table>(random_table(shape, key_major, density, rng));
+        pair_expr e{mask_expr::dense(t->bytes.data(), t->shape, t->strides, "table"),
+                    [t](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j, auto, auto) { return t->at(b, h, i, j) != 0; },
+                    "dense broadcast=" + std::to_string(broadcast) + (key_major ? " key-major" : "")};
+        EXPECT_EQ(e.m.uses_batch(), shape[0] > 1);
+        EXPECT_EQ(e.m.uses_head(), shape[1] > 1);
+        check_expression(e, lq, lk, rng);
+        if (HasFatalFailure()) return;
+        // Composed with built-in patterns.
+        ref_fn r = e.ref;
+        check_expression({e.m & mask_expr::causal(causal_mode::top_left),
+                          [r](auto b, auto h, std::int64_t i, std::int64_t j, auto lq_, auto lk_) { return r(b, h, i, j, lq_, lk_) && j <= i; },
+                          e.what + " & causal"},
+                         lq, lk, rng);
+        check_expression({~e.m | mask_expr::sinks(3),
+                          [r](auto b, auto h, auto i, std::int64_t j, auto lq_, auto lk_) { return !r(b, h, i, j, lq_, lk_) || j < 3; },
+                          "~" + e.what + " | sinks"},
+                         lq, lk, rng);
+        if (HasFatalFailure()) return;
+      }
+}
+
+TEST(DenseMask, IndicesPastTheTableAreNotAllowed) {
+  const std::vector<std::uint8_t> ones(4 * 5, 1);
+  const mask_expr m = mask_expr::dense(ones.data(), {1, 1, 4, 5}, {0, 0, 5, 1});
+  EXPECT_TRUE(m.allows(7, 9, 3, 4, 4, 5));    // batch and head broadcast
+  EXPECT_FALSE(m.allows(0, 0, 4, 0, 8, 8));   // row past the table
+  EXPECT_FALSE(m.allows(0, 0, 0, 5, 8, 8));   // key past the table
+  EXPECT_EQ(m.row_bits(0, 0, 1, 3, 10, 8, 8), 0x3u);  // keys 3, 4 only
+  EXPECT_EQ(m.row_bits(0, 0, 4, 0, 5, 8, 8), 0u);
+  EXPECT_EQ(static_cast<int>(m.classify(0, 0, 0, 4, 0, 5, 4, 5)), static_cast<int>(tile_kind::full));
+  EXPECT_EQ(static_cast<int>(m.classify(0, 0, 0, 4, 0, 6, 8, 8)), static_cast<int>(tile_kind::partial));
+  EXPECT_EQ(static_cast<int>(m.classify(0, 0, 4, 8, 0, 5, 8, 8)), static_cast<int>(tile_kind::empty));
+}
+
+TEST(DenseMask, CheckNamesShapeProblems) {
+  const std::vector<std::uint8_t> bytes(64, 1);
+  EXPECT_NE(mask_expr::dense(nullptr, {1, 1, 2, 2}, {0, 0, 2, 1}).check().find("dense 'dense': data is null"), std::string::npos);
+  EXPECT_NE(mask_expr::dense(bytes.data(), {1, 0, 2, 2}, {0, 0, 2, 1}, "m").check().find("dense 'm': shape[1] 0 must be in 1..2^40"),
+            std::string::npos);
+  const mask_expr m = mask_expr::sinks(1) | mask_expr::dense(bytes.data(), {2, 1, 4, 8}, {32, 0, 8, 1}, "pad");
+  EXPECT_EQ(m.check(), "");
+  EXPECT_EQ(m.check(2, 8, 4, 8), "");
+  EXPECT_EQ(m.check(2, 8, 4, 8), "");
+  EXPECT_NE(m.check(3, 8, 4, 8).find("dense 'pad': shape[0] 2 must be 1 or batch 3"), std::string::npos);
+  EXPECT_NE(m.check(2, 8, 4, 9).find("dense 'pad': shape[3] 8 must be 1 or seq_k 9"), std::string::npos);
+  EXPECT_EQ(m.str(), "(sinks(1) | pad)");
+}
+
+TEST(DenseMask, KernelAndOracleWithPerHeadTablesAndFullyMaskedRows) {
+  std::mt19937_64 rng(7200);
+  problem p = mask_problem(75, 130, dtype::f32, 7200);  // batch 2, 4 query heads sharing 2 K/V heads
+  dense_table t = random_table({2, 4, 75, 130}, false, 0.3, rng);
+  // Rows with no allowed key: all of row 5 in every (batch, head), row 9 in batch 1 head 2 only.
+  for (std::int64_t b = 0; b < 2; ++b)
+    for (std::int64_t h = 0; h < 4; ++h)
+      for (std::int64_t j = 0; j < 130; ++j) {
+        t.bytes[static_cast<std::size_t>(((b * 4 + h) * 75 + 5) * 130 + j)] = 0;
+        if (b == 1 && h == 2) t.bytes[static_cast<std::size_t>(((b * 4 + h) * 75 + 9) * 130 + j)] = 0;
+      }
+  spec s;
+  s.mask = mask_expr::dense(t.bytes.data(), t.shape, t.strides);
+  EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2));
+  p.type = dtype::bf16;
+  EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2));
+  for (backend be : {backend::reference, backend::cpu}) {
+    problem_data d(p);
+    ASSERT_TRUE(run_problem(d, s, be, 2).ok());
+    for (std::int64_t b = 0; b < 2; ++b)
+      for (std::int64_t h = 0; h < 4; ++h)
+        for (std::int64_t i : {5, 9}) {
+          const bool masked = i == 5 || (b == 1 && h == 2);
+          const float lse = d.lse[static_cast<std::size_t>((b * 4 + h) * 75 + i)];
+          EXPECT_EQ(std::isinf(lse) && lse < 0, masked) << "b=" << b << " h=" << h << " i=" << i;
+          if (masked)
+            for (std::int64_t x = 0; x < 32; ++x) EXPECT_EQ(d.out_at(b, i, h, x), 0.0);
+        }
+  }
+  // Broadcast over batch and heads with a key-major layout.
+  dense_table shared = random_table({1, 1, 75, 130}, true, 0.6, rng);
+  spec s2;
+  s2.mask = mask_expr::dense(shared.bytes.data(), shared.shape, shared.strides) & mask_expr::causal(causal_mode::bottom_right);
+  EXPECT_TRUE(test::check_backend(mask_problem(75, 130, dtype::f32, 7201), s2, backend::cpu, 2));
 }
 
 }  // namespace

@@ -25,6 +25,7 @@ struct command_line {
   int threads = 0;  // 0: all cores
   bool help = false;
   mask_expr mask;  // --mask "causal & window(256, 0) | sinks(4)": applied to every problem
+  std::string score;  // --score "alibi + softcap(30)": applied to every problem (parsed per problem for its heads)
   std::vector<std::string> problems;
 };
 
@@ -34,9 +35,11 @@ struct command_line {
 bool parse_command_line(int argc, char** argv, int first, command_line& out, std::string& error);
 
 // Parses every problem string; on failure the message names the argument and carries parse_problem's error.
-bool parse_problems(const std::vector<std::string>& texts, std::vector<problem>& out, std::string& error);
+// A non-empty `score` spec replaces every problem's score modifier.
+bool parse_problems(const std::vector<std::string>& texts, std::vector<problem>& out, std::string& error,
+                    const std::string& score = "");
 
-// The spec a problem describes (scale and causal mode), with the command line's mask.
+// The spec a problem describes (scale, causal mode, score modifier), with the command line's mask.
 spec make_spec(const problem& p, const mask_expr& mask);
 
 // Refuses problems whose buffers would overflow int64 or exceed the tool's memory limit, before allocating them.

@@ -226,7 +226,7 @@ int run_check(const command_line& cl) {
   if (texts.empty()) texts.assign(std::begin(k_default_suite), std::end(k_default_suite));
   std::vector<problem> probs;
   std::string error;
-  if (!parse_problems(texts, probs, error)) {
+  if (!parse_problems(texts, probs, error, cl.score)) {
     std::cerr << "omniattn check: " << error << "\n";
     return k_exit_usage;
   }

@@ -52,7 +52,7 @@ int run_explain(const command_line& cl) {
   }
   std::vector<problem> probs;
   std::string error;
-  if (!parse_problems(cl.problems, probs, error)) {
+  if (!parse_problems(cl.problems, probs, error, cl.score)) {
     std::cerr << "omniattn explain: " << error << "\n";
     return k_exit_usage;
   }

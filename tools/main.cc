@@ -63,7 +63,7 @@ bool parse_command_line(int argc, char** argv, int first, command_line& out, std
         value = arg.substr(eq + 1);
         has_value = true;
       }
-      if (name != "--backend" && name != "--threads" && name != "--mask") {
+      if (name != "--backend" && name != "--threads" && name != "--mask" && name != "--score") {
         error = "unknown option '" + std::string(arg) + "'";
         return false;
       }
@@ -85,6 +85,15 @@ bool parse_command_line(int argc, char** argv, int first, command_line& out, std
         }
         continue;
       }
+      if (name == "--score") {
+        score_fn syntax_only;  // the real parse is per problem (ALiBi slopes depend on its heads)
+        if (const std::string err = parse_score(value, 1, syntax_only); !err.empty()) {
+          error = "--score: " + err;
+          return false;
+        }
+        out.score = std::string(value);
+        continue;
+      }
       if (name == "--threads" && !parse_threads(value, out.threads)) {
         error = "--threads '" + std::string(value) + "': expected an integer in 0.." + std::to_string(k_max_threads) +
                 " (0 = all cores)";
@@ -97,11 +106,14 @@ bool parse_command_line(int argc, char** argv, int first, command_line& out, std
   return true;
 }
 
-bool parse_problems(const std::vector<std::string>& texts, std::vector<problem>& out, std::string& error) {
+bool parse_problems(const std::vector<std::string>& texts, std::vector<problem>& out, std::string& error,
+                    const std::string& score) {
   out.clear();
   for (const std::string& text : texts) {
     problem p;
-    if (const status st = parse_problem(text, p); !st) {
+    status st = parse_problem(text, p);
+    if (st && !score.empty()) st = set_problem_score(p, score);
+    if (!st) {
       error = "cannot parse problem '" + text + "': " + st.error;
       return false;
     }
@@ -113,6 +125,7 @@ bool parse_problems(const std::vector<std::string>& texts, std::vector<problem>&
 spec make_spec(const problem& p, const mask_expr& mask) {
   spec s;
   s.mask = mask;
+  s.score = p.score;
   s.scale = p.scale;
   s.causal = p.causal;
   return s;
@@ -189,9 +202,9 @@ void print_usage(std::ostream& os) {
         "usage: omniattn <command> [arguments]\n"
         "\n"
         "commands:\n"
-        "  explain <problem> [--backend B] [--threads N] [--mask SPEC]\n"
+        "  explain <problem> [--backend B] [--threads N] [--mask SPEC] [--score SPEC]\n"
         "      Which kernel runs the problem on each backend and why (or why none fits), and its tile structure.\n"
-        "  check [<problem>...] [--backend B] [--threads N] [--mask SPEC]\n"
+        "  check [<problem>...] [--backend B] [--threads N] [--mask SPEC] [--score SPEC]\n"
         "      Runs each problem (default: a built-in suite) on the backend, the fp64 oracle and the naive f32 path\n"
         "      and prints errors and timings with a PASS/FAIL verdict per problem.\n"
         "  bench [--quick] [--filter GLOB] [--problem SPEC [--mask SPEC]] [--workloads FILE] [--out DIR] ...\n"
@@ -206,11 +219,13 @@ void print_usage(std::ostream& os) {
         "  --backend auto|cpu|reference   backend to select (default auto)\n"
         "  --threads N                    threads, 0 = all cores (default 0)\n"
         "  --mask SPEC                    a mask spec string for every problem, e.g. \"causal & window(256,0) | sinks(4)\"\n"
+        "  --score SPEC                   a score modifier spec string for every problem, e.g. \"alibi + softcap(30)\"\n"
         "\n"
         "problem: comma-separated key=value, unspecified keys take defaults, e.g.\n"
         "  b=2,lq=128,lk=96,hq=8,hkv=2,d=64,dv=32,dtype=bf16,causal=bottom_right,layout=bhsd,seed=3\n"
         "  keys: b n(=lq=lk) lq lk h(=hq=hkv) hq hkv d dv dtype=f32|bf16|f16 out=f32|input\n"
         "        causal=none|top_left|tl|bottom_right|br layout=bshd|bhsd scale=X varlen=LQ:LK/LQ:LK/... seed=N\n"
+        "        score=SPEC (commas inside parentheses allowed, e.g. score=alibi_slope(0.5, 2) + softcap(30))\n"
         "  defaults: b=1,n=128,h=8,d=64,dtype=f32,causal=none,layout=bshd,seed=1 (lk=lq, hkv=hq, dv=d)\n"
         "\n"
         "exit codes: 0 ok / all PASS, 1 a problem cannot run or FAILs, 2 bad command-line input\n";

@@ -25,16 +25,45 @@
 //                                lets image tokens also read later text)
 //   random_blocks(block, density, seed)  tile (i / block, j / block) kept with probability density, by a seeded hash
 //                                (BigBird's random attention; combine with window and global_tokens)
-//   neighborhood(grid, kernel, dilation, causal)   NATTEN's neighborhood attention over a row-major token grid of
-//                                rank 1..3 (i, j are raster indices). Per axis, tokens are grouped by coordinate modulo
-//                                dilation; inside its group a query at group coordinate c sees the kernel keys of the
-//                                window [start, start + kernel) with start = clamp(c - kernel / 2, 0, n - kernel)
-//                                (n = the group's length): the window is shifted, not clipped, at borders, so every
-//                                query sees kernel keys per axis. A causal axis sees [c - kernel + 1, c] clipped at 0.
-//                                kernel = grid size (dilation 1) is dense attention.
+//   neighborhood(grid, kernel, dilation, causal, stride)   NATTEN's neighborhood attention (NA / dilated NA / causal
+//                                NA / strided NA, as in NATTEN's reference mask and "Generalized Neighborhood Attention",
+//                                arXiv 2504.16922) over a row-major token grid of rank 1..3: i, j are raster indices
+//                                (the last axis is contiguous), so the layouts [batch, X*Y*Z, heads, dim] and NATTEN's
+//                                [batch, X, Y, Z, heads, dim] number tokens alike. Per axis, for a grid length n and a
+//                                query coordinate x, key coordinate y:
+//                                  dilation d: tokens form d groups by x % d; a query sees only its own group, in which
+//                                    it has coordinate q = x / d and the group length is len = ceil((n - x % d) / d);
+//                                    the key's group coordinate is k = y / d.
+//                                  stride s: queries q with the same q / s share one window, the window of their
+//                                    "leader": non-causal, the centre query L = min((q / s) * s + s / 2, len - 1);
+//                                    causal, the last one L = min((q / s) * s + s - 1, len - 1).
+//                                  kernel w, non-causal: keys [start, start + w) with
+//                                    start = clamp(L - w / 2, 0, len - w): the window is shifted, not clipped, at a
+//                                    border, so every query sees exactly w keys per axis (even w: w / 2 left of L,
+//                                    w / 2 - 1 right).
+//                                  kernel w, causal: keys [max(L - w + 1, 0), q]: it ends at the query itself (not at
+//                                    the leader), so a query sees between 1 and w keys per axis.
+//                                A pair is allowed iff it is allowed on every axis. Parameters are per axis; an empty
+//                                vector means the default (dilation 1, stride 1, not causal), a single value applies to
+//                                every axis. Valid: 1 <= w, d >= 1, w * d <= n, 1 <= s <= w (NATTEN's rules), grid
+//                                tokens <= 2^40. Special cases: w = n (d = 1, not causal) is dense attention on that axis;
+//                                s = w (non-causal, d = 1) is blocked, Swin-style window attention when w divides n (the
+//                                last, partial block otherwise shares the window of the final w tokens); s = 1 is plain
+//                                NA. Queries or keys at raster index >= the grid's token count see / are seen by nothing.
+//   halo(grid, block, halo)      HaloNet's blocked local attention over the same row-major grid (rank 1..3): per axis
+//                                queries form blocks of `block` coordinates (the last one partial when block does not
+//                                divide n); a query in block [b0, b0 + block) sees keys [b0 - halo, b0 + block + halo)
+//                                clipped to [0, n) (HaloNet pads with masked zeros, i.e. clipping). Valid: 1 <= block <= n,
+//                                0 <= halo. halo = 0 is non-overlapping block attention.
+//   dense(data, shape, strides)  a boolean table: data[b * s0 + h * s1 + i * s2 + j * s3] != 0, with shape [B, H, Lq, Lk]
+//                                where a size-1 dimension broadcasts (its index and stride are ignored). The data is
+//                                BORROWED: the caller keeps it alive and unchanged while the expression (or a copy of it,
+//                                e.g. in a spec) is used. h is the query head, b the batch entry (the sequence index for
+//                                varlen batches); an index past a dimension of size > 1 is not allowed.
 //   predicate(f)                 f(b, h, i, j)             (user code; evaluated exactly, never guessed)
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -71,8 +100,16 @@ class mask_expr {
   static mask_expr global_tokens(std::int64_t n);
   static mask_expr mutual(std::vector<std::int64_t> ids, std::int64_t a, std::int64_t b);
   static mask_expr random_blocks(std::int64_t block, double density, std::uint64_t seed);
+  // NATTEN's neighborhood attention (documented above); stride comes last so that calls written before it keep working.
   static mask_expr neighborhood(std::vector<std::int64_t> grid, std::vector<std::int64_t> kernel,
-                                std::vector<std::int64_t> dilation = {}, std::vector<bool> causal = {});
+                                std::vector<std::int64_t> dilation = {}, std::vector<bool> causal = {},
+                                std::vector<std::int64_t> stride = {});
+  static mask_expr halo(std::vector<std::int64_t> grid, std::vector<std::int64_t> block, std::vector<std::int64_t> halo);
+  // A borrowed boolean table [B, H, Lq, Lk] (strides in bytes = elements; size-1 dimensions broadcast). Borrowed, not
+  // copied, because masks here are views like the q / k / v tensors: a B*H*Lq*Lk table can be gigabytes, Python passes
+  // numpy / torch bool arrays zero-copy, and the caller already manages the lifetime of every other operand.
+  static mask_expr dense(const std::uint8_t* data, std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> strides,
+                         std::string name = "dense");
   static mask_expr predicate(mask_fn f, std::string name = "predicate");
 
   friend mask_expr operator&(const mask_expr& a, const mask_expr& b);
@@ -95,23 +132,34 @@ class mask_expr {
   std::string str() const;
   // Empty when the expression is valid; otherwise what is wrong (e.g. "window: left -3 ... ").
   std::string check() const;
+  // check(), plus the dense tables' shapes against a problem: each dimension equal to the problem's or 1.
+  std::string check(std::int64_t batch, std::int64_t heads_q, std::int64_t seq_q, std::int64_t seq_k) const;
 
   enum class op : std::uint8_t { full, causal, window, sinks, prefix_lm, document, block_causal, dilated, segments,
-                                 global_tokens, mutual, random_blocks, neighborhood, predicate, and_, or_, not_ };
+                                 global_tokens, mutual, random_blocks, neighborhood, predicate, and_, or_, not_, halo, dense };
   struct node {
     op kind = op::full;
     std::int64_t a = 0, b = 0;  // pattern parameters (random_blocks: a = block, b = density in ppm)
     std::uint8_t align = 0;     // causal_mode as a number
     int lhs = -1, rhs = -1;     // children of and / or / not
-    int table = -1;             // index into tables_ (document offsets, segment ids) or fns_
+    int table = -1;             // index into tables_ (offsets, ids, grid parameters), fns_ (predicate) or dense_ (dense)
     std::uint64_t seed = 0;     // random_blocks
   };
+  // The root node and a node's table, for code that recognises a pattern (core/grid_local.h); null when empty.
+  const node* root_node() const { return root_ >= 0 ? &nodes_[static_cast<std::size_t>(root_)] : nullptr; }
+  const std::vector<std::int64_t>* table(int index) const { return tables_[static_cast<std::size_t>(index)].get(); }
 
  private:
   std::vector<node> nodes_;
   std::vector<std::shared_ptr<const std::vector<std::int64_t>>> tables_;
   std::vector<std::shared_ptr<const mask_fn>> fns_;
   std::vector<std::string> names_;  // predicate names, parallel to fns_
+  struct dense_view {
+    const std::uint8_t* data = nullptr;
+    std::array<std::int64_t, 4> shape{}, strides{};  // strides of size-1 dimensions are stored as 0
+    std::string name;
+  };
+  std::vector<dense_view> dense_;
   int root_ = -1;
 
   static mask_expr leaf(node n);
@@ -125,6 +173,8 @@ class mask_expr {
                           std::int64_t k1, std::int64_t lq, std::int64_t lk) const;
   bool interval(const node& nd, std::int64_t i, std::int64_t lq, std::int64_t lk, std::int64_t& lo, std::int64_t& hi) const;
   std::string str_node(int n) const;
+  std::uint64_t dense_bits(const dense_view& d, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0,
+                           std::int64_t cnt) const;
 };
 
 // Parses a mask spec string into an expression. Grammar (whitespace ignored):
@@ -135,6 +185,11 @@ class mask_expr {
 //   names   : full, causal[(align)], window(left[, right[, align]]), sinks(n), prefix_lm(n[, align]),
 //             document(o0, o1, ...), block_causal(block), dilated(d), segments(id0, id1, ...), global_tokens(n),
 //             random_blocks(block, density_percent, seed)
+//   grid patterns take per-axis sizes "AxBxC" (one number applies to every axis), positionally in this order and/or
+//   as key=value (positional ones first, each at most once; causal values are 0 or 1):
+//             neighborhood(grid, kernel[, dilation[, stride[, causal]]])     halo(grid, block, halo)
+//   e.g. "neighborhood(64x64, 7x7)", "neighborhood(grid=16x32x32, kernel=3x7x7, stride=1x2x2, causal=1x0x0)",
+//   "halo(grid=64x64, block=8x8, halo=3)". str() prints every key, so its output parses back to itself.
 // e.g. "causal & window(256, 0) | sinks(4)". On error returns a message naming the offending character's position
 // and showing it under a caret; `out` is untouched.
 std::string parse_mask(std::string_view text, mask_expr& out);

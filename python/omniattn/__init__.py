@@ -15,9 +15,12 @@ from . import masks, scores
 from ._core import (BlockMask, attention, build_block_mask, explain, from_bf16, reference_attention,
                     scaled_dot_product_attention, to_bf16)
 from ._omniattn import __version__
+from .neighborhood import (halo1d, halo2d, halo3d, halo_attention, na1d, na2d, na3d,
+                           neighborhood_attention)
 
 __all__ = ["attention", "scaled_dot_product_attention", "explain", "reference_attention", "BlockMask",
-           "build_block_mask", "masks", "scores", "nn", "to_bf16", "from_bf16", "__version__"]
+           "build_block_mask", "masks", "scores", "nn", "to_bf16", "from_bf16", "__version__", "na1d", "na2d", "na3d",
+           "neighborhood_attention", "halo_attention", "halo1d", "halo2d", "halo3d"]
 
 
 def __getattr__(name):

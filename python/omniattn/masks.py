@@ -12,6 +12,10 @@ Built-in patterns (positions are 0-based inside the sequence, also for varlen; L
     block_causal(block)              k // block <= q // block
     dilated(dilation)                (k - q) % dilation == 0
     segments(ids)                    ids[q] == ids[k]
+    neighborhood(grid, kernel_size, dilation=1, stride=1, is_causal=False)
+                                     NATTEN's neighborhood attention over a row-major token grid of rank 1..3 (q, k are
+                                     raster indices); the exact per-axis rule is in include/omniattn/masks.h
+    halo(grid, block, halo)          HaloNet's blocked local attention: query blocks see their block widened by `halo`
     full()                           every pair
 
 ``&``, ``|`` and ``~`` compose masks (and plain functions or boolean arrays, which are wrapped on the fly). Built-in
@@ -22,7 +26,8 @@ A string such as ``"causal & window(256, 0) | sinks(4)"`` is parsed by the C++ l
 README); :func:`parse` does it explicitly, and ``mask="..."`` is accepted wherever a mask is.
 
 Anything else is a *table* mask: a Python function ``fn(b, h, q, k) -> bool`` or a boolean array broadcastable to
-``[batch, heads, seq_q, seq_k]`` (True = may attend, like SDPA's boolean attn_mask). A function is called ONCE per
+``[batch, heads, seq_q, seq_k]`` (True = may attend, like SDPA's boolean attn_mask). A boolean array is read in place
+by the C++ library (a dense mask over a broadcast view, no copy); a size-1 batch / head axis broadcasts. A function is called ONCE per
 attention call with broadcastable int64 numpy index grids ``b[:, None, None, None]``, ``h[None, :, None, None]``,
 ``q[None, None, :, None]``, ``k[None, None, None, :]`` and must compute with numpy operations; the result is kept as a
 boolean table that the kernels read. Its cost is the size of that result: ``Lq * Lk`` bytes for a function of q and k,
@@ -36,7 +41,7 @@ import numpy as np
 from ._arrays import broadcast_table, is_array, to_numpy
 
 __all__ = ["Mask", "Grid", "as_mask", "parse", "predicate", "full", "causal", "sliding_window", "sinks", "prefix_lm", "document",
-           "block_causal", "dilated", "segments"]
+           "block_causal", "dilated", "segments", "neighborhood", "halo"]
 
 ALIGNS = ("bottom_right", "top_left")
 
@@ -347,3 +352,82 @@ def segments(ids):
         return (g.q < n) & (g.k < n) & (table[iq] == table[ik])
 
     return _Pattern(("segments", ids), f"segments(<{len(ids)} ids>)", fn)
+
+
+def _per_axis(value, what):
+    """An int or a sequence of ints (or bools) as a list; the C++ library checks counts and ranges."""
+    if isinstance(value, (bool, np.bool_, int, np.integer)):
+        return [int(value)]
+    try:
+        return [int(x) for x in value]
+    except TypeError:
+        raise TypeError(f"omniattn: {what} must be an int or a sequence of ints, got {type(value).__name__}") from None
+
+
+def _grid_coords(index, grid):
+    """Row-major coordinates of raster indices (numpy arrays), last axis fastest."""
+    coords = []
+    for n in reversed(grid):
+        coords.append(index % n)
+        index = index // n
+    return coords[::-1]
+
+
+def _broadcast_axes(values, rank):
+    return values * rank if len(values) == 1 else values
+
+
+def _natten_axis(x, y, n, w, d, s, causal):
+    """NATTEN's rule on one axis (masks.h), vectorized."""
+    group = x % d
+    length = n // d + (group < n % d)
+    q, k = x // d, y // d
+    if causal:
+        leader = np.minimum(q // s * s + s - 1, length - 1)
+        ok = (k <= q) & (leader - k < w)
+    else:
+        leader = np.minimum(q // s * s + s // 2, length - 1)
+        start = np.clip(leader - w // 2, 0, np.maximum(length - w, 0))
+        ok = (k >= start) & (k < start + w)
+    return ok & (group == y % d)
+
+
+def neighborhood(grid, kernel_size, dilation=1, stride=1, is_causal=False):
+    """NATTEN's neighborhood attention over a row-major grid of tokens (rank 1..3): per axis a kernel_size window
+    around the query (shifted, not clipped, at borders), dilation, stride (queries in groups of `stride` share their
+    leader's window) and causality, exactly NATTEN's semantics. Each parameter is an int (every axis) or one value per
+    axis; the C++ library validates them (kernel * dilation <= grid, 1 <= stride <= kernel)."""
+    g, k, d = _per_axis(grid, "grid"), _per_axis(kernel_size, "kernel_size"), _per_axis(dilation, "dilation")
+    s, c = _per_axis(stride, "stride"), [bool(x) for x in _per_axis(is_causal, "is_causal")]
+    node = ("neighborhood", g, k, d, s, c)
+
+    def fn(gr):
+        rank, tokens = len(g), int(np.prod(g))
+        kk, dd, ss, cc = (_broadcast_axes(v, rank) for v in (k, d, s, c))
+        qc, kc = _grid_coords(gr.q, g), _grid_coords(gr.k, g)
+        ok = (gr.q < tokens) & (gr.k < tokens)
+        for a in range(rank):
+            ok = ok & _natten_axis(qc[a], kc[a], g[a], kk[a], dd[a], ss[a], cc[a])
+        return ok
+
+    text = f"neighborhood({g}, kernel_size={k}, dilation={d}, stride={s}, is_causal={c})"
+    return _Pattern(node, text, fn)
+
+
+def halo(grid, block, halo):
+    """HaloNet's blocked local attention over a row-major grid (rank 1..3): queries in blocks of `block` tokens per
+    axis see their block widened by `halo` on each side, clipped at the grid border."""
+    g, b, h = _per_axis(grid, "grid"), _per_axis(block, "block"), _per_axis(halo, "halo")
+    node = ("halo", g, b, h)
+
+    def fn(gr):
+        rank, tokens = len(g), int(np.prod(g))
+        bb, hh = _broadcast_axes(b, rank), _broadcast_axes(h, rank)
+        qc, kc = _grid_coords(gr.q, g), _grid_coords(gr.k, g)
+        ok = (gr.q < tokens) & (gr.k < tokens)
+        for a in range(rank):
+            lo = qc[a] // bb[a] * bb[a]
+            ok = ok & (kc[a] >= lo - hh[a]) & (kc[a] < lo + bb[a] + hh[a])
+        return ok
+
+    return _Pattern(node, f"halo({g}, block={b}, halo={h})", fn)

@@ -10,11 +10,22 @@ Built in (run natively in the kernels, no memory; the same formulas as the C++ o
     temperature(t)         s / t[h]                            (one temperature, or one per query head)
     key_bias(bias)         s + bias[k]                         (per-key bias; 0 past the end of `bias`)
 
+    reweight(w, keys_per_head=0)
+                           post-softmax per-key reweighting with renormalisation, p'_j = w_j p_j / sum w_j' p_j',
+                           computed exactly as s + log(w_j) (the LSE is then that of the reweighted logits); w_j = 0
+                           removes key j. w: one weight per key (>= seq_k values), or rows of keys_per_head weights,
+                           one per query head ([h * keys_per_head + k]). Weights must be finite and >= 0.
+    bias(array)            s + array[b, h, q, k]: a dense additive float tensor broadcastable to [B, H, Lq, Lk]
+                           (numpy or CPU torch; FlexAttention / xFormers attn_bias, SDPA's float attn_mask). Read in
+                           place as float32 (other dtypes are converted once) by the vectorized kernels; the Score
+                           keeps the array alive.
+    parse(text) / "..."    a score spec string parsed by the C++ library, e.g. "alibi + softcap(30)" (README grammar):
+                           terms applied left to right; `attention(score="...")` accepts the string directly.
+
 Tables (evaluated once per call over numpy index grids, kept as float64 [B, H, Lq, Lk] tables that the kernels read;
 memory and time in the size of the result, up to B * H * Lq * Lk values):
 
-    bias(values)           s + values[b, h, q, k]   (a float array broadcastable to [B, H, Lq, Lk], or a function
-                                                    (b, h, q, k) -> float; like SDPA's additive float attn_mask)
+    bias(fn)               s + fn(b, h, q, k)       (a function evaluated over numpy index grids)
     function(fn) / any fn(s, b, h, q, k)     must be affine in s: omniattn probes it at a few values of s and keeps
                            a[b, h, q, k] * s + c[b, h, q, k]; anything else raises ValueError (build it from the
                            built-ins instead)
@@ -30,7 +41,8 @@ from . import _omniattn as _C
 from ._arrays import broadcast_table, is_array, to_numpy
 from .masks import ALIGNS, Grid
 
-__all__ = ["Score", "as_score", "alibi", "alibi_slopes", "softcap", "temperature", "key_bias", "bias", "function"]
+__all__ = ["Score", "as_score", "alibi", "alibi_slopes", "softcap", "temperature", "key_bias", "bias", "reweight", "parse",
+           "function"]
 
 
 class Score:
@@ -178,6 +190,86 @@ class _Bias(Score):
         return self._text
 
 
+class _BiasArray(Score):
+    """s + array[b, h, q, k], lowered to omniattn::scores::bias over the (float32) array itself."""
+
+    additive = True
+
+    def __init__(self, arr, text):
+        if arr.ndim > 4:
+            raise ValueError(f"omniattn: a score bias has {arr.ndim} dimensions; it must broadcast to "
+                             "[batch, heads, seq_q, seq_k]")
+        if arr.dtype != np.float32 or any(st < 0 for st in arr.strides):
+            arr = np.ascontiguousarray(arr, dtype=np.float32)  # the kernels read float32 with non-negative strides
+        self.array = arr  # kept alive as long as this Score: the C++ side borrows it during each call
+        self._text = text
+
+    def _view4(self):
+        return self.array[(None,) * (4 - self.array.ndim)]  # leading broadcast dims, a view (no copy)
+
+    def evaluate(self, s, grid):
+        return s + self._view4().astype(np.float64)
+
+    def lower(self, grid):
+        broadcast_table(self._view4(), grid.shape, f"score {self._text}")  # the shape rule, checked here (a view)
+        return [("bias", self._view4())]
+
+    def __repr__(self):
+        return self._text
+
+
+class _Reweight(Score):
+    def __init__(self, weights, keys_per_head):
+        w = np.asarray(to_numpy(weights, "reweight weights") if is_array(weights) else weights, dtype=np.float64).reshape(-1)
+        if w.size == 0:
+            raise ValueError("[scores::reweight] weights is empty (one weight per key, or per head and key)")
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("[scores::reweight] weights must be finite and >= 0 (0 removes a key)")
+        kph = int(keys_per_head)
+        if kph < 0:
+            raise ValueError("[scores::reweight] keys_per_head must be >= 0 (0: one row of weights for all heads)")
+        if kph and w.size % kph:
+            raise ValueError("[scores::reweight] weights must hold a whole number of rows of keys_per_head values")
+        self.weights, self.keys_per_head = w, kph
+
+    def evaluate(self, s, grid):
+        row = self.keys_per_head or self.weights.size
+        table = self.weights.reshape(-1, row)
+        rows, heads, keys = table.shape[0], grid.shape[1], grid.shape[3]
+        if row < keys:
+            raise ValueError(f"omniattn: reweight has {row} weights per head row, fewer than seq_k {keys}")
+        if rows != 1 and rows != heads:
+            raise ValueError(f"omniattn: reweight has {rows} rows of {row} weights, expected 1 or heads_q {heads}")
+        with np.errstate(divide="ignore"):
+            logw = np.log(table)  # log 0 = -inf: the key is removed
+        return s + logw[grid.h if rows > 1 else np.zeros_like(grid.h), grid.k]
+
+    def lower(self, grid):
+        return [("reweight", self.weights.tolist(), self.keys_per_head)]
+
+    def __repr__(self):
+        return f"reweight(<{self.weights.size} weights>)"
+
+
+class _Spec(Score):
+    """A score spec string, parsed (and, for the kernels, run natively) by the C++ library."""
+
+    def __init__(self, text):
+        self.text = text
+        _C.score_eval(text, 1, np.zeros(1), *([np.zeros(1, dtype=np.int64)] * 4))  # ValueError with the caret now
+
+    def evaluate(self, s, grid):
+        arrays = np.broadcast_arrays(np.asarray(s, dtype=np.float64), grid.b, grid.h, grid.q, grid.k)
+        flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
+        return _C.score_eval(self.text, grid.shape[1], *flat).reshape(arrays[0].shape)
+
+    def lower(self, grid):
+        return [("spec", self.text)]
+
+    def __repr__(self):
+        return repr(self.text)
+
+
 class _Chain(Score):
     def __init__(self, parts, additive=False):
         self.parts = []
@@ -264,16 +356,33 @@ def key_bias(values):
 
 def bias(values, name=None):
     """Additive bias: s + values[b, h, q, k]. values: a float array broadcastable to [batch, heads, seq_q, seq_k]
-    (numpy or torch), or a function (b, h, q, k) -> float evaluated over numpy index grids."""
+    (numpy or CPU torch; read in place as float32 by the vectorized kernels, other dtypes converted once), or a
+    function (b, h, q, k) -> float evaluated over numpy index grids."""
     if is_array(values):
         arr = to_numpy(values, "score bias")
         if arr.dtype.kind not in "fiu":
             raise TypeError(f"omniattn: a score bias must be a float array, got {arr.dtype}")
-        return _Bias(lambda g: arr, name or f"bias(array{tuple(arr.shape)})")
+        return _BiasArray(arr, name or f"bias(array{tuple(arr.shape)})")
     if callable(values):
         fn_name = name or getattr(values, "__name__", "bias")
         return _Bias(lambda g: values(g.b, g.h, g.q, g.k), fn_name)
     raise TypeError(f"omniattn: bias() takes a float array or a function (b, h, q, k), not {type(values).__name__}")
+
+
+def reweight(weights, keys_per_head=0):
+    """Post-softmax per-key reweighting with renormalisation: p'_j = w_j p_j / sum_j' w_j' p_j', computed as
+    s + log(w_j) (identical; the LSE is that of the reweighted logits). weights: one per key (keys_per_head=0, at
+    least seq_k of them), or rows of keys_per_head weights, one row for all heads or one per query head. Finite and
+    >= 0; a weight of 0 removes the key. Apply it last when chaining."""
+    return _Reweight(weights, keys_per_head)
+
+
+def parse(text):
+    """A Score from a spec string, e.g. ``parse("alibi + softcap(30)")`` (README grammar); ValueError with the
+    position and a caret on bad input."""
+    if not isinstance(text, str):
+        raise TypeError(f"omniattn: a score spec must be a str, got {type(text).__name__}")
+    return _Spec(text)
 
 
 def function(fn):
@@ -282,12 +391,14 @@ def function(fn):
 
 
 def as_score(x):
-    """A Score from a Score, a function fn(s, b, h, q, k), or a float array (an additive bias)."""
+    """A Score from a Score, a spec string, a function fn(s, b, h, q, k), or a float array (an additive bias)."""
     if isinstance(x, Score):
         return x
+    if isinstance(x, str):
+        return parse(x)
     if is_array(x):
         return bias(x)
     if callable(x):
         return _Function(x)
-    raise TypeError(f"omniattn: a score must be an omniattn.scores.Score, a function (s, b, h, q, k) or a float array, "
-                    f"not {type(x).__name__}")
+    raise TypeError(f"omniattn: a score must be an omniattn.scores.Score, a spec string, a function (s, b, h, q, k) or "
+                    f"a float array, not {type(x).__name__}")

@@ -11,7 +11,9 @@
 // patterns map onto omniattn::mask_expr's closed forms, and a ("table", array, name) leaf, the result of evaluating
 // a Python predicate or a boolean array once, becomes a predicate reading that table. Scores arrive as a list of
 // stages: the built-in omniattn::scores modifiers ("alibi", "softcap", "temperature", "key_bias") and ("affine", a, c),
-// a[b,h,i,j] * s + c[b,h,i,j] read from tables (a Python score function or bias array evaluated once), chained in order.
+// a[b,h,i,j] * s + c[b,h,i,j] read from tables (a Python score function evaluated once), ("reweight", weights,
+// keys_per_head), ("bias", float32 4-d array: omniattn::scores::bias over the array, no copy) and ("spec", text), a
+// score spec string parsed by omniattn::parse_score, chained in order.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -270,6 +272,13 @@ omniattn::mask_expr build_mask(py::handle node, py_mask& m) {
   if (op == "block_causal") return need(2), mask_expr::block_causal(int_at(t, 1));
   if (op == "dilated") return need(2), mask_expr::dilated(int_at(t, 1));
   if (op == "segments") return need(2), mask_expr::segments(t[1].cast<std::vector<std::int64_t>>());
+  if (op == "neighborhood")  // ("neighborhood", grid, kernel, dilation, stride, causal), NATTEN's argument order
+    return need(6), mask_expr::neighborhood(t[1].cast<std::vector<std::int64_t>>(), t[2].cast<std::vector<std::int64_t>>(),
+                                            t[3].cast<std::vector<std::int64_t>>(), t[5].cast<std::vector<bool>>(),
+                                            t[4].cast<std::vector<std::int64_t>>());
+  if (op == "halo")
+    return need(4), mask_expr::halo(t[1].cast<std::vector<std::int64_t>>(), t[2].cast<std::vector<std::int64_t>>(),
+                                    t[3].cast<std::vector<std::int64_t>>());
   if (op == "spec") {  // a spec string, parsed by the library (errors name the position)
     need(2);
     mask_expr parsed;
@@ -285,13 +294,9 @@ omniattn::mask_expr build_mask(py::handle node, py_mask& m) {
     shape4 shape{};
     const table4 tab = make_table("mask '" + name + "'", describe(t[1], "mask table", false, false, m.keep), true, shape);
     m.tables.emplace_back(name, shape);
-    const auto* data = static_cast<const std::uint8_t*>(tab.data);
-    const std::int64_t s0 = tab.s[0], s1 = tab.s[1], s2 = tab.s[2], s3 = tab.s[3];
-    return mask_expr::predicate(
-        [data, s0, s1, s2, s3](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
-          return data[b * s0 + h * s1 + i * s2 + j * s3] != 0;
-        },
-        name);
+    // A dense mask reading the array in place (m.keep holds the buffer view as long as the mask lives): its rows are
+    // read 8 bytes at a time and its tiles classified exactly, and only tables with a batch / head axis are per head.
+    return mask_expr::dense(static_cast<const std::uint8_t*>(tab.data), shape, {tab.s[0], tab.s[1], tab.s[2], tab.s[3]}, name);
   }
   throw py::value_error("omniattn: unknown mask node '" + op + "'");
 }
@@ -322,7 +327,7 @@ std::vector<double> finite_values(py::handle obj, const std::string& what, bool 
   return v;
 }
 
-omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shape4>& shapes) {
+omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shape4>& shapes, std::int64_t heads) {
   namespace sc = omniattn::scores;
   omniattn::score_fn chain;
   for (py::handle item : stages) {
@@ -350,6 +355,18 @@ omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shap
         shapes.push_back(shape);
       }
       f = at;
+    } else if (kind == "spec" && t.size() == 2) {  // a spec string, parsed by the library (errors name the position)
+      if (const std::string err = omniattn::parse_score(t[1].cast<std::string>(), heads, f); !err.empty())
+        throw py::value_error(err);
+      if (!f) continue;  // "none"
+    } else if (kind == "reweight" && t.size() == 3) {  // std::invalid_argument from the constructor -> ValueError
+      f = sc::reweight(t[1].cast<std::vector<double>>(), t[2].cast<std::int64_t>());
+    } else if (kind == "bias" && t.size() == 2) {  // a float32 4-d view, borrowed for the call (held by `keep`)
+      const array a = describe(t[1], "score bias", false, false, keep);
+      if (a.type != elem::f32 || a.shape.size() != 4)
+        throw py::type_error("omniattn: a score bias stage is a 4-d float32 array, got " + format_desc(a));
+      f = sc::bias(static_cast<const float*>(a.data), {a.shape[0], a.shape[1], a.shape[2], a.shape[3]},
+                   {a.strides[0], a.strides[1], a.strides[2], a.strides[3]});
     } else {
       throw py::value_error("omniattn: unknown score stage '" + kind + "'");
     }
@@ -488,7 +505,7 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
   }
   std::vector<shape4> score_shapes;
   if (!score.is_none()) {
-    s.score = make_score(score, keep, score_shapes);  // empty when there are no stages
+    s.score = make_score(score, keep, score_shapes, p.heads_q);  // empty when there are no stages
     for (const shape4& sh : score_shapes) check_table_shape("score", sh, want);
   }
 
@@ -612,6 +629,24 @@ PYBIND11_MODULE(_omniattn, m) {
   }, "obj"_a, "as_bf16"_a = false, "What the binding sees of an array: pointer, dtype, shape, element strides (no copy).");
 
   m.def("alibi_slopes", &omniattn::scores::alibi_slopes, "heads"_a, "The ALiBi paper's slopes for `heads` heads.");
+
+  m.def("score_eval", [](const std::string& text, std::int64_t heads, const py::array_t<double, py::array::c_style | py::array::forcecast>& s,
+                         const py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>& b,
+                         const py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>& h,
+                         const py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>& q,
+                         const py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>& k) {
+    omniattn::score_fn f;
+    if (const std::string err = omniattn::parse_score(text, heads, f); !err.empty()) throw py::value_error(err);
+    const py::ssize_t n = s.size();
+    if (b.size() != n || h.size() != n || q.size() != n || k.size() != n)
+      throw py::value_error("omniattn: score_eval needs s, b, h, q, k of one size (broadcast them first)");
+    py::array_t<double> out(n);
+    double* o = out.mutable_data();
+    for (py::ssize_t x = 0; x < n; ++x)
+      o[x] = f ? f(s.data()[x], b.data()[x], h.data()[x], q.data()[x], k.data()[x]) : s.data()[x];
+    return out;
+  }, "text"_a, "heads"_a, "s"_a, "b"_a, "h"_a, "q"_a, "k"_a,
+        "Evaluates a score spec string in float64 on flat arrays of logits and indices (the oracle's formula).");
 
   m.def("f32_to_bf16", py::vectorize(omniattn::f32_to_bf16), "Round float32 to bf16 bits (nearest even).");
   m.def("bf16_to_f32", py::vectorize(omniattn::bf16_to_f32), "Widen bf16 bits to float32.");

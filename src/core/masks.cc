@@ -4,12 +4,17 @@
 // never decrease as i grows. That gives exact tile classes from two rows: a tile [q0, q1) x [k0, k1) is FULL iff
 // lo(q1 - 1) <= k0 and hi(q0) >= k1, and non-empty iff the first row whose interval ends after k0 starts before k1.
 // Compositions classify their children and, when that leaves the tile PARTIAL, settle it exactly from the row bits.
+// The grid patterns (neighborhood, halo) are products of per-axis windows (detail::grid_local::window, shared with the
+// kernels' gather path): one function per reader works on the N-d coordinates of any rank, and tiles classify exactly
+// per axis. Dense tables are read 8 bytes at a time per row and classified from those bits.
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <sstream>
 
+#include "core/grid_local.h"
 #include "omniattn/masks.h"
 #include "omniattn/spec.h"
 
@@ -49,15 +54,17 @@ mask_expr mask_expr::leaf(node n) {
 int mask_expr::append(const mask_expr& other) {
   const int base = static_cast<int>(nodes_.size());
   const int tbase = static_cast<int>(tables_.size()), fbase = static_cast<int>(fns_.size());
+  const int dbase = static_cast<int>(dense_.size());
   for (node n : other.nodes_) {
     if (n.lhs >= 0) n.lhs += base;
     if (n.rhs >= 0) n.rhs += base;
-    if (n.table >= 0) n.table += n.kind == op::predicate ? fbase : tbase;
+    if (n.table >= 0) n.table += n.kind == op::predicate ? fbase : n.kind == op::dense ? dbase : tbase;
     nodes_.push_back(n);
   }
   tables_.insert(tables_.end(), other.tables_.begin(), other.tables_.end());
   fns_.insert(fns_.end(), other.fns_.begin(), other.fns_.end());
   names_.insert(names_.end(), other.names_.begin(), other.names_.end());
+  dense_.insert(dense_.end(), other.dense_.begin(), other.dense_.end());
   return other.root_ + base;
 }
 
@@ -127,99 +134,284 @@ mask_expr mask_expr::random_blocks(std::int64_t block, double density, std::uint
   return leaf(n);
 }
 
+namespace {
+
+// Table layouts of the grid patterns; check() validates them, evaluation decodes them into a detail::grid_local:
+//   neighborhood: [rank, #kernel, #dilation, #stride, #causal, grid[rank], kernel[rank], dilation[rank], stride[rank],
+//                  causal[rank]]
+//   halo:         [rank, #block, #halo, grid[rank], block[rank], halo[rank]]
+// #x is how many values the caller gave (0: the default, 1: every axis), kept so check() can name a wrong count.
+constexpr std::size_t k_neighborhood_head = 5, k_halo_head = 3;
+constexpr std::int64_t k_max_tokens = std::int64_t{1} << 40;  // keeps raster indices and their products far from overflow
+
+void put_per_axis(std::vector<std::int64_t>& t, const std::vector<std::int64_t>& v, std::size_t rank, std::int64_t fallback) {
+  for (std::size_t a = 0; a < rank; ++a)
+    t.push_back(v.empty() ? fallback : v.size() == 1 ? v[0] : a < v.size() ? v[a] : 0);  // 0: a count check() reports
+}
+
+}  // namespace
+
 mask_expr mask_expr::neighborhood(std::vector<std::int64_t> grid, std::vector<std::int64_t> kernel,
-                                  std::vector<std::int64_t> dilation, std::vector<bool> causal) {
-  // Table layout: [rank, grid[rank], kernel[rank], dilation[rank], causal[rank]]; check() validates it.
+                                  std::vector<std::int64_t> dilation, std::vector<bool> causal,
+                                  std::vector<std::int64_t> stride) {
   const std::size_t rank = grid.size();
-  std::vector<std::int64_t> t{static_cast<std::int64_t>(rank)};
+  const std::vector<std::int64_t> causal_values(causal.begin(), causal.end());
+  std::vector<std::int64_t> t{static_cast<std::int64_t>(rank), static_cast<std::int64_t>(kernel.size()),
+                              static_cast<std::int64_t>(dilation.size()), static_cast<std::int64_t>(stride.size()),
+                              static_cast<std::int64_t>(causal.size())};
   t.insert(t.end(), grid.begin(), grid.end());
-  t.insert(t.end(), kernel.begin(), kernel.end());
-  for (std::size_t a = 0; a < rank; ++a) t.push_back(a < dilation.size() ? dilation[a] : 1);
-  for (std::size_t a = 0; a < rank; ++a) t.push_back(a < causal.size() && causal[a] ? 1 : 0);
-  mask_expr m = leaf({op::neighborhood, static_cast<std::int64_t>(kernel.size()), static_cast<std::int64_t>(dilation.size())});
+  put_per_axis(t, kernel, rank, 0);
+  put_per_axis(t, dilation, rank, 1);
+  put_per_axis(t, stride, rank, 1);
+  put_per_axis(t, causal_values, rank, 0);
+  mask_expr m = leaf({op::neighborhood});
   m.nodes_[0].table = 0;
   m.tables_.push_back(std::make_shared<const std::vector<std::int64_t>>(std::move(t)));
   return m;
 }
 
+mask_expr mask_expr::halo(std::vector<std::int64_t> grid, std::vector<std::int64_t> block, std::vector<std::int64_t> halo) {
+  const std::size_t rank = grid.size();
+  std::vector<std::int64_t> t{static_cast<std::int64_t>(rank), static_cast<std::int64_t>(block.size()),
+                              static_cast<std::int64_t>(halo.size())};
+  t.insert(t.end(), grid.begin(), grid.end());
+  put_per_axis(t, block, rank, 0);
+  put_per_axis(t, halo, rank, -1);  // no halo given: -1, which check() reports
+  mask_expr m = leaf({op::halo});
+  m.nodes_[0].table = 0;
+  m.tables_.push_back(std::make_shared<const std::vector<std::int64_t>>(std::move(t)));
+  return m;
+}
+
+mask_expr mask_expr::dense(const std::uint8_t* data, std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> strides,
+                           std::string name) {
+  mask_expr m = leaf({op::dense});
+  m.nodes_[0].table = 0;
+  for (std::size_t d = 0; d < 4; ++d)
+    if (shape[d] == 1) strides[d] = 0;  // broadcast: every index reads entry 0
+  m.dense_.push_back({data, shape, strides, std::move(name)});
+  return m;
+}
+
 namespace {
 
-// NATTEN's rule on one axis: may a query at coordinate qc see the key at kc (grid length n)?
-bool neighborhood_axis(std::int64_t qc, std::int64_t kc, std::int64_t n, std::int64_t kernel, std::int64_t dilation,
-                       bool causal) {
-  if (qc % dilation != kc % dilation) return false;
-  const std::int64_t group = qc % dilation;
-  const std::int64_t len = (n - group + dilation - 1) / dilation;  // tokens in this dilation group
-  const std::int64_t q = qc / dilation, k = kc / dilation;
-  if (causal) return k <= q && k > q - kernel;
-  const std::int64_t start = std::clamp<std::int64_t>(q - kernel / 2, 0, std::max<std::int64_t>(len - kernel, 0));
-  return k >= start && k < start + kernel;
+using detail::axis_window;
+using detail::grid_local;
+
+grid_local decode_grid(mask_expr::op kind, const std::vector<std::int64_t>& t) {
+  grid_local g;
+  const auto r = static_cast<std::size_t>(t[0]);
+  g.rank = static_cast<int>(std::min<std::size_t>(r, 3));  // an invalid rank (check() reports it) stays in bounds
+  const auto at = [&](std::size_t head, std::size_t part, int a) { return t[head + part * r + static_cast<std::size_t>(a)]; };
+  // Sizes, dilations, strides and blocks below 1 are invalid (check() says why); clamping them keeps a premature
+  // evaluation of an unchecked expression free of divisions by zero.
+  const auto positive = [](std::int64_t x) { return std::max<std::int64_t>(x, 1); };
+  for (int a = 0; a < g.rank; ++a) {
+    if (kind == mask_expr::op::neighborhood) {
+      g.type = grid_local::kind::neighborhood;
+      g.grid[a] = positive(at(k_neighborhood_head, 0, a));
+      g.kernel[a] = positive(at(k_neighborhood_head, 1, a));
+      g.dilation[a] = positive(at(k_neighborhood_head, 2, a));
+      g.stride[a] = positive(at(k_neighborhood_head, 3, a));
+      g.causal[a] = at(k_neighborhood_head, 4, a) != 0;
+    } else {
+      g.type = grid_local::kind::halo;
+      g.grid[a] = positive(at(k_halo_head, 0, a));
+      g.block[a] = positive(at(k_halo_head, 1, a));
+      g.halo[a] = at(k_halo_head, 2, a);
+    }
+  }
+  return g;
 }
 
-// The keys one query sees on one axis: coordinates first, first + step, ..., `count` of them (NATTEN's rule above).
-struct axis_window {
-  std::int64_t first, step, count;
-};
+std::int64_t floor_div(std::int64_t a, std::int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }  // b > 0
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return -floor_div(-a, b); }
 
-axis_window neighborhood_window(std::int64_t qc, std::int64_t n, std::int64_t kernel, std::int64_t dilation, bool causal) {
-  const std::int64_t group = qc % dilation, q = qc / dilation;
-  const std::int64_t len = (n - group + dilation - 1) / dilation;
+// NATTEN's window on one axis (the rule documented in masks.h): the key coordinates first, first + step, ...
+axis_window neighborhood_window(std::int64_t x, std::int64_t n, std::int64_t kernel, std::int64_t dilation,
+                                std::int64_t stride, bool causal) {
+  const std::int64_t group = x % dilation, q = x / dilation;
+  const std::int64_t len = (n - group + dilation - 1) / dilation;  // tokens in this dilation group
   std::int64_t start, count;
   if (causal) {
-    start = std::max<std::int64_t>(q - kernel + 1, 0);
-    count = q - start + 1;
+    const std::int64_t leader = std::min(q / stride * stride + stride - 1, len - 1);  // the group's last query
+    start = std::max<std::int64_t>(leader - kernel + 1, 0);
+    count = q - start + 1;  // the window ends at the query itself, not at its leader
   } else {
-    start = std::clamp<std::int64_t>(q - kernel / 2, 0, std::max<std::int64_t>(len - kernel, 0));
+    const std::int64_t leader = std::min(q / stride * stride + stride / 2, len - 1);  // the group's centre query
+    start = std::clamp<std::int64_t>(leader - kernel / 2, 0, std::max<std::int64_t>(len - kernel, 0));
     count = std::min(kernel, len - start);
   }
-  return {start * dilation + group, dilation, count};
+  return {start * dilation + group, dilation, std::max<std::int64_t>(count, 0)};
 }
 
-// Allowed-key bits of raster query i over keys [k0, k0 + cnt): the window is a product of per-axis progressions, so
-// the outer axes enumerate the (few) window lines that reach into the key range and the last axis sets their bits.
-std::uint64_t neighborhood_bits(const std::vector<std::int64_t>& t, std::int64_t i, std::int64_t k0, std::int64_t cnt) {
-  const std::int64_t rank = t[0];
-  std::int64_t tokens = 1;
-  for (std::int64_t a = 0; a < rank; ++a) tokens *= t[static_cast<std::size_t>(1 + a)];
-  if (i >= tokens) return 0;
-  axis_window w[3];
-  std::int64_t stride[3];
-  std::int64_t rest = i, st = 1;
-  for (std::int64_t a = rank - 1; a >= 0; --a) {
-    const std::int64_t n = t[static_cast<std::size_t>(1 + a)];
-    w[a] = neighborhood_window(rest % n, n, t[static_cast<std::size_t>(1 + rank + a)], t[static_cast<std::size_t>(1 + 2 * rank + a)],
-                               t[static_cast<std::size_t>(1 + 3 * rank + a)] != 0);
-    stride[a] = st;
-    st *= n;
-    rest /= n;
+bool in_window(const axis_window& w, std::int64_t y) {
+  if (y < w.first) return false;
+  const std::int64_t off = y - w.first;
+  return off % w.step == 0 && off / w.step < w.count;
+}
+
+// Tokens per step of axis a (the product of the later axes' lengths).
+std::int64_t slab(const grid_local& g, int a) {
+  std::int64_t s = 1;
+  for (int x = a + 1; x < g.rank; ++x) s *= g.grid[x];
+  return s;
+}
+
+void coords_of(const grid_local& g, std::int64_t i, std::int64_t c[3]) {
+  for (int a = g.rank - 1; a >= 0; --a) {  // row-major: the last axis varies fastest
+    c[a] = i % g.grid[a];
+    i /= g.grid[a];
   }
+}
+
+bool grid_allows(const grid_local& g, std::int64_t i, std::int64_t j) {
+  const std::int64_t tokens = g.tokens();
+  if (i < 0 || j < 0 || i >= tokens || j >= tokens) return false;  // outside the grid
+  std::int64_t qc[3], kc[3];
+  coords_of(g, i, qc);
+  coords_of(g, j, kc);
+  for (int a = 0; a < g.rank; ++a)
+    if (!in_window(g.window(a, qc[a]), kc[a])) return false;
+  return true;
+}
+
+// Allowed-key bits of query i over keys [k0, k0 + cnt): the window is a product of per-axis progressions, so each
+// axis visits only the window coordinates whose slab of keys meets the range (at most about cnt / slab + 2 of them),
+// and the last axis sets bits; the cost is bounded by the 64 keys, not by the kernel.
+struct bits_walk {
+  const axis_window* win;
+  const std::int64_t* slabs;
+  int last;
+  std::int64_t k0, k1, cnt;
   std::uint64_t bits = 0;
-  const std::int64_t k1 = k0 + cnt, last = rank - 1;
-  // Enumerate outer coordinates (up to two outer axes) whose line [base, base + stride[last-1]) meets [k0, k1).
-  const auto line = [&](std::int64_t base) {
-    const axis_window& lw = w[last];
-    if (base + (lw.first + (lw.count - 1) * lw.step) < k0 || base + lw.first >= k1) return;
-    if (lw.step == 1) {
-      bits |= span_bits(base + lw.first, base + lw.first + lw.count, k0, cnt);
+
+  template <int a>  // the axis, at compile time: the recursion ends at axis 2 (grids have rank <= 3)
+  void visit(std::int64_t base) {
+    const axis_window& w = win[a];
+    if (w.count <= 0) return;
+    const std::int64_t s = slabs[a];
+    const std::int64_t c_lo = floor_div(k0 - base, s), c_hi = floor_div(k1 - 1 - base, s);
+    const std::int64_t t_lo = std::max<std::int64_t>(0, ceil_div(c_lo - w.first, w.step));
+    const std::int64_t t_hi = std::min(w.count - 1, floor_div(c_hi - w.first, w.step));
+    if (t_lo > t_hi) return;
+    if (a == last) {
+      if (w.step == 1) {
+        bits |= span_bits(base + w.first + t_lo, base + w.first + t_hi + 1, k0, cnt);
+      } else {
+        for (std::int64_t t = t_lo; t <= t_hi; ++t) bits |= std::uint64_t{1} << (base + w.first + t * w.step - k0);
+      }
       return;
     }
-    for (std::int64_t c = 0; c < lw.count; ++c) {
-      const std::int64_t key = base + lw.first + c * lw.step;
-      if (key >= k0 && key < k1) bits |= std::uint64_t{1} << (key - k0);
-    }
-  };
-  if (rank == 1) {
-    line(0);
-  } else if (rank == 2) {
-    for (std::int64_t r = 0; r < w[0].count; ++r) line((w[0].first + r * w[0].step) * stride[0]);
-  } else {
-    for (std::int64_t r = 0; r < w[0].count; ++r) {
-      const std::int64_t base0 = (w[0].first + r * w[0].step) * stride[0];
-      if (base0 + stride[0] <= k0 || base0 >= k1) continue;  // this whole plane misses the key range
-      for (std::int64_t c = 0; c < w[1].count; ++c) line(base0 + (w[1].first + c * w[1].step) * stride[1]);
-    }
+    if constexpr (a < 2)
+      for (std::int64_t t = t_lo; t <= t_hi; ++t) visit<a + 1>(base + (w.first + t * w.step) * s);
   }
-  return bits;
+};
+
+std::uint64_t grid_bits(const grid_local& g, std::int64_t i, std::int64_t k0, std::int64_t cnt) {
+  const std::int64_t tokens = g.tokens();
+  if (i < 0 || i >= tokens || k0 >= tokens || cnt <= 0) return 0;
+  std::int64_t qc[3], slabs[3];
+  axis_window win[3];
+  coords_of(g, i, qc);
+  for (int a = 0; a < g.rank; ++a) {
+    win[a] = g.window(a, qc[a]);
+    slabs[a] = slab(g, a);
+  }
+  bits_walk walk{win, slabs, g.rank - 1, k0, std::min(k0 + cnt, tokens), cnt};
+  walk.visit<0>(0);
+  return walk.bits;
+}
+
+// A raster range of a grid as at most 2 * rank - 1 boxes (products of per-axis coordinate ranges).
+struct box {
+  std::int64_t lo[3] = {0, 0, 0}, hi[3] = {1, 1, 1};
+};
+struct box_list {
+  box items[8];
+  int size = 0;
+};
+
+void raster_boxes(const grid_local& g, int a, std::int64_t s, std::int64_t e, box b, box_list& out) {
+  // [s, e) is a non-empty range of the sub-grid of axes a.. ; b fixes the axes before a.
+  if (a == g.rank - 1) {
+    b.lo[a] = s, b.hi[a] = e;
+    out.items[out.size++] = b;
+    return;
+  }
+  const std::int64_t sl = slab(g, a), first = s / sl, final_slab = (e - 1) / sl;
+  if (first == final_slab) {
+    b.lo[a] = first, b.hi[a] = first + 1;
+    raster_boxes(g, a + 1, s - first * sl, e - first * sl, b, out);
+    return;
+  }
+  std::int64_t whole_lo = first, whole_hi = final_slab + 1;
+  if (s % sl != 0) {  // a partial leading slab
+    b.lo[a] = first, b.hi[a] = first + 1;
+    raster_boxes(g, a + 1, s - first * sl, sl, b, out);
+    whole_lo = first + 1;
+  }
+  const bool partial_tail = e % sl != 0;
+  if (partial_tail) whole_hi = final_slab;
+  if (whole_lo < whole_hi) {
+    box f = b;
+    f.lo[a] = whole_lo, f.hi[a] = whole_hi;
+    for (int x = a + 1; x < g.rank; ++x) f.lo[x] = 0, f.hi[x] = g.grid[x];
+    out.items[out.size++] = f;
+  }
+  if (partial_tail) {
+    b.lo[a] = final_slab, b.hi[a] = final_slab + 1;
+    raster_boxes(g, a + 1, 0, e - final_slab * sl, b, out);
+  }
+}
+
+// Over query coordinates [x0, x1) and key coordinates [y0, y1) of one axis: does some query see some key (any), and
+// does every query see every key (all)?
+void axis_cover(const grid_local& g, int a, std::int64_t x0, std::int64_t x1, std::int64_t y0, std::int64_t y1, bool& any,
+                bool& all) {
+  any = false, all = true;
+  for (std::int64_t x = x0; x < x1 && (all || !any); ++x) {
+    const axis_window w = g.window(a, x);
+    const std::int64_t t = std::max<std::int64_t>(0, ceil_div(y0 - w.first, w.step));
+    any |= t < w.count && w.first + t * w.step < y1;
+    const std::int64_t last = w.first + (w.count - 1) * w.step;
+    all &= w.count > 0 && w.first <= y0 && last >= y1 - 1 && (w.step == 1 || (y1 - y0 == 1 && in_window(w, y0)));
+  }
+}
+
+// Exact tile class: both raster ranges split into boxes, and a box pair's class follows per axis (the allowed set is
+// a product over axes): some pair allowed iff on every axis some pair is, all allowed iff on every axis all are.
+tile_kind grid_classify(const grid_local& g, std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1) {
+  const std::int64_t tokens = g.tokens();
+  const std::int64_t qe = std::min(q1, tokens), ke = std::min(k1, tokens);
+  if (q0 >= qe || k0 >= ke) return tile_kind::empty;
+  bool any = false, all = q1 <= tokens && k1 <= tokens;  // rows or keys past the grid allow nothing
+  box_list qb, kb;
+  raster_boxes(g, 0, q0, qe, box{}, qb);
+  raster_boxes(g, 0, k0, ke, box{}, kb);
+  for (int x = 0; x < qb.size && (all || !any); ++x)
+    for (int y = 0; y < kb.size && (all || !any); ++y) {
+      bool pair_any = true, pair_all = true;
+      for (int a = 0; a < g.rank; ++a) {
+        bool axis_any, axis_all;
+        axis_cover(g, a, qb.items[x].lo[a], qb.items[x].hi[a], kb.items[y].lo[a], kb.items[y].hi[a], axis_any, axis_all);
+        pair_any &= axis_any;
+        pair_all &= axis_all;
+      }
+      any |= pair_any;
+      all &= pair_all;
+    }
+  return all ? tile_kind::full : any ? tile_kind::partial : tile_kind::empty;
+}
+
+// Bits of the 8 bytes at p that are non-zero (bit t for byte t), on a little-endian host: each byte is folded to 0 / 1
+// in its lowest bit, and one multiplication gathers the eight lowest bits into the top byte without carries.
+std::uint64_t nonzero_byte_bits(const std::uint8_t* p) {
+  std::uint64_t w;
+  std::memcpy(&w, p, 8);
+  constexpr std::uint64_t low7 = 0x7f7f7f7f7f7f7f7full;
+  const std::uint64_t high = (((w & low7) + low7) | w) & ~low7;  // the high bit of each byte: byte != 0
+  return ((high >> 7) * 0x0102040810204080ull) >> 56;
 }
 
 }  // namespace
@@ -286,22 +478,18 @@ bool mask_expr::allows_node(int n, std::int64_t b, std::int64_t h, std::int64_t 
       x ^= x >> 31;
       return static_cast<double>(x & 0xffffffffull) < static_cast<double>(nd.b) * (4294967296.0 / 1e6);
     }
-    case op::neighborhood: {
-      const std::vector<std::int64_t>& t = *tables_[static_cast<std::size_t>(nd.table)];
-      const std::int64_t rank = t[0];
-      std::int64_t tokens = 1;
-      for (std::int64_t a = 0; a < rank; ++a) tokens *= t[static_cast<std::size_t>(1 + a)];
-      if (i >= tokens || j >= tokens) return false;  // outside the grid
-      std::int64_t qi = i, kj = j;
-      for (std::int64_t a = rank - 1; a >= 0; --a) {  // row-major: the last axis varies fastest
-        const std::int64_t n = t[static_cast<std::size_t>(1 + a)];
-        if (!neighborhood_axis(qi % n, kj % n, n, t[static_cast<std::size_t>(1 + rank + a)],
-                               t[static_cast<std::size_t>(1 + 2 * rank + a)], t[static_cast<std::size_t>(1 + 3 * rank + a)] != 0))
-          return false;
-        qi /= n;
-        kj /= n;
+    case op::neighborhood:
+    case op::halo: return grid_allows(decode_grid(nd.kind, *tables_[static_cast<std::size_t>(nd.table)]), i, j);
+    case op::dense: {
+      const dense_view& d = dense_[static_cast<std::size_t>(nd.table)];
+      const std::int64_t idx[4] = {b, h, i, j};
+      std::int64_t off = 0;
+      for (std::size_t x = 0; x < 4; ++x) {
+        if (d.shape[x] == 1) continue;  // broadcast
+        if (idx[x] < 0 || idx[x] >= d.shape[x]) return false;
+        off += idx[x] * d.strides[x];
       }
-      return true;
+      return d.data[off] != 0;
     }
     case op::predicate: return (*fns_[static_cast<std::size_t>(nd.table)])(b, h, i, j);
     case op::and_: return allows_node(nd.lhs, b, h, i, j, lq, lk) && allows_node(nd.rhs, b, h, i, j, lq, lk);
@@ -321,7 +509,9 @@ std::uint64_t mask_expr::bits_node(int n, std::int64_t b, std::int64_t h, std::i
     case op::or_: return bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) | bits_node(nd.rhs, b, h, i, k0, cnt, lq, lk);
     case op::not_: return ~bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) & low_bits(cnt);
     case op::global_tokens: return i < nd.a ? low_bits(cnt) : span_bits(0, nd.a, k0, cnt);
-    case op::neighborhood: return neighborhood_bits(*tables_[static_cast<std::size_t>(nd.table)], i, k0, cnt);
+    case op::neighborhood:
+    case op::halo: return grid_bits(decode_grid(nd.kind, *tables_[static_cast<std::size_t>(nd.table)]), i, k0, cnt);
+    case op::dense: return dense_bits(dense_[static_cast<std::size_t>(nd.table)], b, h, i, k0, cnt);
     case op::dilated: {
       std::uint64_t bits = 0;
       const std::int64_t first = k0 + (((i - k0) % nd.a) + nd.a) % nd.a;  // first key >= k0 with (j - i) % a == 0
@@ -360,36 +550,8 @@ tile_kind mask_expr::classify_node(int n, std::int64_t b, std::int64_t h, std::i
     if (lo >= k1) return tile_kind::empty;
     if (lo < hi) return tile_kind::partial;
     // Row `a` allows nothing (e.g. past the last document): the two-row argument does not hold; settle exactly below.
-  } else if (nd.kind == op::neighborhood) {
-    // Every query's keys lie between its window's first and last corner: a tile whose key range misses the union of
-    // those spans is EMPTY without looking at elements.
-    const std::vector<std::int64_t>& t = *tables_[static_cast<std::size_t>(nd.table)];
-    // The span depends on the query rows only; block-mask builders walk all key tiles of one query tile in a row,
-    // so the last span is remembered (per thread, keyed by the table and the rows).
-    thread_local struct {
-      const void* table = nullptr;
-      std::int64_t q0 = -1, q1 = -1, lo = 0, hi = 0;
-    } memo;
-    if (memo.table != &t || memo.q0 != q0 || memo.q1 != q1) {
-      std::int64_t lo = k_unbounded, hi = -1;
-      for (std::int64_t i = q0; i < q1; ++i) {
-        std::int64_t rest = i, st = 1, first = 0, final_key = 0;
-        const std::int64_t rank = t[0];
-        for (std::int64_t a = rank - 1; a >= 0; --a) {
-          const std::int64_t n2 = t[static_cast<std::size_t>(1 + a)];
-          const axis_window w = neighborhood_window(rest % n2, n2, t[static_cast<std::size_t>(1 + rank + a)],
-                                                    t[static_cast<std::size_t>(1 + 2 * rank + a)], t[static_cast<std::size_t>(1 + 3 * rank + a)] != 0);
-          first += w.first * st;
-          final_key += (w.first + (w.count - 1) * w.step) * st;
-          st *= n2;
-          rest /= n2;
-        }
-        lo = std::min(lo, first);
-        hi = std::max(hi, final_key);
-      }
-      memo = {&t, q0, q1, lo, hi};
-    }
-    if (memo.hi < k0 || memo.lo >= k1) return tile_kind::empty;
+  } else if (nd.kind == op::neighborhood || nd.kind == op::halo) {
+    return grid_classify(decode_grid(nd.kind, *tables_[static_cast<std::size_t>(nd.table)]), q0, q1, k0, k1);
   } else if (nd.kind == op::and_ || nd.kind == op::or_) {
     const tile_kind l = classify_node(nd.lhs, b, h, q0, q1, k0, k1, lq, lk);
     const tile_kind r = classify_node(nd.rhs, b, h, q0, q1, k0, k1, lq, lk);
@@ -426,8 +588,12 @@ tile_kind mask_expr::classify(std::int64_t b, std::int64_t h, std::int64_t q0, s
   return root_ < 0 ? tile_kind::full : classify_node(root_, b, h, q0, q1, k0, k1, lq, lk);
 }
 
-bool mask_expr::uses_head() const { return !fns_.empty(); }
-bool mask_expr::uses_batch() const { return !fns_.empty(); }
+bool mask_expr::uses_head() const {
+  return !fns_.empty() || std::any_of(dense_.begin(), dense_.end(), [](const dense_view& d) { return d.shape[1] > 1; });
+}
+bool mask_expr::uses_batch() const {
+  return !fns_.empty() || std::any_of(dense_.begin(), dense_.end(), [](const dense_view& d) { return d.shape[0] > 1; });
+}
 
 std::string mask_expr::str_node(int n) const {
   const node& nd = nodes_[static_cast<std::size_t>(n)];
@@ -449,18 +615,24 @@ std::string mask_expr::str_node(int n) const {
       break;
     }
     case op::global_tokens: os << "global_tokens(" << nd.a << ")"; break;
-    case op::neighborhood: {
+    case op::neighborhood:
+    case op::halo: {
+      // Every key, per-axis values joined by 'x': the form parse_mask reads back to the same expression.
       const auto& t = *tables_[static_cast<std::size_t>(nd.table)];
-      const std::int64_t rank = t[0];
-      const char* parts[4] = {"grid", "kernel", "dilation", "causal"};
-      os << "neighborhood(";
-      for (std::int64_t part = 0; part < 4; ++part) {
-        os << (part ? ";" : "") << parts[part] << "=";
-        for (std::int64_t a = 0; a < rank; ++a) os << (a ? "x" : "") << t[static_cast<std::size_t>(1 + part * rank + a)];
+      const auto rank = static_cast<std::size_t>(t[0]);
+      const bool nb = nd.kind == op::neighborhood;
+      const char* const nb_keys[] = {"grid", "kernel", "dilation", "stride", "causal"};
+      const char* const halo_keys[] = {"grid", "block", "halo"};
+      const std::size_t head = nb ? k_neighborhood_head : k_halo_head, parts = nb ? 5 : 3;
+      os << (nb ? "neighborhood(" : "halo(");
+      for (std::size_t part = 0; part < parts; ++part) {
+        os << (part ? "," : "") << (nb ? nb_keys[part] : halo_keys[part]) << "=";
+        for (std::size_t a = 0; a < rank; ++a) os << (a ? "x" : "") << t[head + part * rank + a];
       }
       os << ")";
       break;
     }
+    case op::dense: os << dense_[static_cast<std::size_t>(nd.table)].name; break;
     case op::mutual: os << "mutual(<" << tables_[static_cast<std::size_t>(nd.table)]->size() << " ids>," << nd.a << "," << nd.b << ")"; break;
     case op::random_blocks:
       os << "random_blocks(" << nd.a << "," << static_cast<double>(nd.b) / 1e4 << "," << nd.seed << ")";
@@ -474,6 +646,78 @@ std::string mask_expr::str_node(int n) const {
 }
 
 std::string mask_expr::str() const { return root_ < 0 ? "none" : str_node(root_); }
+
+namespace {
+
+// The parameter rules of the grid patterns (documented in masks.h), one message per broken rule.
+std::string check_grid(mask_expr::op kind, const std::vector<std::int64_t>& t) {
+  const bool nb = kind == mask_expr::op::neighborhood;
+  const std::string name = nb ? "neighborhood" : "halo";
+  const std::int64_t rank = t[0];
+  if (rank < 1 || rank > 3) return name + ": grid rank " + std::to_string(rank) + " must be 1, 2 or 3";
+  const char* const nb_parts[] = {"kernel", "dilation", "stride", "causal"};
+  const char* const halo_parts[] = {"block", "halo"};
+  for (std::size_t part = 0; part < (nb ? 4u : 2u); ++part) {
+    const std::int64_t given = t[1 + part];
+    const bool required = nb ? part == 0 : true;
+    if ((given == 0 && required) || (given > 1 && given != rank))
+      return name + ": " + (nb ? nb_parts[part] : halo_parts[part]) + " has " + std::to_string(given) + " values for a rank-" +
+             std::to_string(rank) + " grid (give 1 for every axis" + (required ? "" : ", 0 for the default") + ", or " +
+             std::to_string(rank) + ")";
+  }
+  // The raw values (decode_grid clamps invalid ones).
+  const auto r = static_cast<std::size_t>(rank);
+  const std::size_t head = nb ? k_neighborhood_head : k_halo_head;
+  const auto raw = [&](std::size_t part, std::int64_t a) { return t[head + part * r + static_cast<std::size_t>(a)]; };
+  std::int64_t tokens = 1;
+  for (std::int64_t a = 0; a < rank; ++a) {
+    const std::string axis = " (axis " + std::to_string(a) + ")";
+    const std::int64_t n = raw(0, a);
+    if (n <= 0 || n > k_max_tokens) return name + ": grid size " + std::to_string(n) + " must be in 1..2^40" + axis;
+    if (tokens > k_max_tokens / n) return name + ": the grid has more than 2^40 tokens";
+    tokens *= n;
+    if (nb) {
+      const std::int64_t k = raw(1, a), d = raw(2, a), s = raw(3, a), c = raw(4, a);
+      if (d <= 0 || d > n) return name + ": dilation " + std::to_string(d) + " must be in 1..grid " + std::to_string(n) + axis;
+      if (k <= 0 || k > n / d)
+        return name + ": kernel " + std::to_string(k) + " x dilation " + std::to_string(d) + " must be in 1..grid " +
+               std::to_string(n) + axis;
+      if (s <= 0 || s > k)
+        return name + ": stride " + std::to_string(s) + " must be in 1..kernel " + std::to_string(k) + axis;
+      if (c != 0 && c != 1) return name + ": causal " + std::to_string(c) + " must be 0 or 1" + axis;
+    } else {
+      const std::int64_t block = raw(1, a), halo = raw(2, a);
+      if (block <= 0 || block > n)
+        return name + ": block " + std::to_string(block) + " must be in 1..grid " + std::to_string(n) + axis;
+      if (halo < 0 || halo > n) return name + ": halo " + std::to_string(halo) + " must be in 0..grid " + std::to_string(n) + axis;
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+std::uint64_t mask_expr::dense_bits(const dense_view& d, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0,
+                                    std::int64_t cnt) const {
+  const std::int64_t idx[3] = {b, h, i};
+  std::int64_t off = 0;
+  for (std::size_t x = 0; x < 3; ++x) {
+    if (d.shape[x] == 1) continue;
+    if (idx[x] < 0 || idx[x] >= d.shape[x]) return 0;
+    off += idx[x] * d.strides[x];
+  }
+  const std::uint8_t* row = d.data + off;
+  if (d.shape[3] == 1) return row[0] ? low_bits(cnt) : 0;  // one value for every key
+  const std::int64_t n = std::clamp<std::int64_t>(d.shape[3] - k0, 0, cnt);  // keys past the table are not allowed
+  const std::int64_t s3 = d.strides[3];
+  std::uint64_t bits = 0;
+  std::int64_t t = 0;
+  if (s3 == 1 && std::endian::native == std::endian::little) {
+    for (; t + 8 <= n; t += 8) bits |= nonzero_byte_bits(row + k0 + t) << t;  // 8 keys per load
+  }
+  for (; t < n; ++t) bits |= static_cast<std::uint64_t>(row[(k0 + t) * s3] != 0) << t;
+  return bits;
+}
 
 std::string mask_expr::check() const {
   constexpr std::int64_t k_limit = std::int64_t{1} << 40;  // keeps i + offset +- parameter far from int64 overflow
@@ -494,23 +738,18 @@ std::string mask_expr::check() const {
       case op::global_tokens:
         if (nd.a < 0) return "global_tokens: n " + std::to_string(nd.a) + " must be >= 0";
         break;
-      case op::neighborhood: {
-        const auto& t = *tables_[static_cast<std::size_t>(nd.table)];
-        const std::int64_t rank = t[0];
-        if (rank < 1 || rank > 3) return "neighborhood: grid rank " + std::to_string(rank) + " must be 1, 2 or 3";
-        if (nd.a != rank) return "neighborhood: kernel has " + std::to_string(nd.a) + " sizes for a rank-" + std::to_string(rank) + " grid";
-        if (nd.b != 0 && nd.b != rank)
-          return "neighborhood: dilation has " + std::to_string(nd.b) + " entries for a rank-" + std::to_string(rank) + " grid";
-        for (std::int64_t a = 0; a < rank; ++a) {
-          const std::int64_t n = t[static_cast<std::size_t>(1 + a)], k = t[static_cast<std::size_t>(1 + rank + a)],
-                             dil = t[static_cast<std::size_t>(1 + 2 * rank + a)];
-          const std::string axis = " (axis " + std::to_string(a) + ")";
-          if (n <= 0) return "neighborhood: grid size " + std::to_string(n) + " must be > 0" + axis;
-          if (dil <= 0) return "neighborhood: dilation " + std::to_string(dil) + " must be > 0" + axis;
-          if (k <= 0 || k * dil > n)
-            return "neighborhood: kernel " + std::to_string(k) + " x dilation " + std::to_string(dil) + " must be in 1..grid " +
-                   std::to_string(n) + axis;
-        }
+      case op::neighborhood:
+      case op::halo: {
+        if (std::string why = check_grid(nd.kind, *tables_[static_cast<std::size_t>(nd.table)]); !why.empty()) return why;
+        break;
+      }
+      case op::dense: {
+        const dense_view& d = dense_[static_cast<std::size_t>(nd.table)];
+        if (!d.data) return "dense '" + d.name + "': data is null";
+        for (std::size_t x = 0; x < 4; ++x)
+          if (d.shape[x] < 1 || d.shape[x] > k_max_tokens)
+            return "dense '" + d.name + "': shape[" + std::to_string(x) + "] " + std::to_string(d.shape[x]) +
+                   " must be in 1..2^40";
         break;
       }
       case op::dilated:
@@ -528,5 +767,37 @@ std::string mask_expr::check() const {
   }
   return {};
 }
+
+std::string mask_expr::check(std::int64_t batch, std::int64_t heads_q, std::int64_t seq_q, std::int64_t seq_k) const {
+  if (std::string why = check(); !why.empty()) return why;
+  const std::int64_t want[4] = {batch, heads_q, seq_q, seq_k};
+  const char* const dims[4] = {"batch", "heads_q", "seq_q", "seq_k"};
+  for (const dense_view& d : dense_)
+    for (std::size_t x = 0; x < 4; ++x)
+      if (d.shape[x] != 1 && d.shape[x] != want[x])
+        return "dense '" + d.name + "': shape[" + std::to_string(x) + "] " + std::to_string(d.shape[x]) + " must be 1 or " +
+               dims[x] + " " + std::to_string(want[x]);
+  return {};
+}
+
+namespace detail {
+
+axis_window grid_local::window(int axis, std::int64_t qc) const {
+  if (type == kind::neighborhood)
+    return neighborhood_window(qc, grid[axis], kernel[axis], dilation[axis], stride[axis], causal[axis]);
+  const std::int64_t lo = std::max<std::int64_t>(qc / block[axis] * block[axis] - halo[axis], 0);
+  const std::int64_t hi = std::min<std::int64_t>((qc / block[axis] + 1) * block[axis] + halo[axis], grid[axis]);
+  return {lo, 1, hi - lo};
+}
+
+std::optional<grid_local> as_grid_local(const mask_expr& m) {
+  const mask_expr::node* root = m.root_node();
+  if (!root || (root->kind != mask_expr::op::neighborhood && root->kind != mask_expr::op::halo)) return std::nullopt;
+  const std::vector<std::int64_t>& t = *m.table(root->table);
+  if (!check_grid(root->kind, t).empty()) return std::nullopt;  // an invalid pattern has no windows to gather
+  return decode_grid(root->kind, t);
+}
+
+}  // namespace detail
 
 }  // namespace omniattn

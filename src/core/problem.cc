@@ -3,10 +3,13 @@
 
 #include <algorithm>
 #include <charconv>
+#include <optional>
 #include <random>
 #include <sstream>
+#include <vector>
 
 #include "core/storage.h"
+#include "omniattn/scores.h"
 
 namespace omniattn {
 
@@ -24,6 +27,7 @@ std::string problem::describe() const {
   if (out_f32) os << ",out=f32";
   if (scale) os << ",scale=" << *scale;
   os << ",seed=" << seed;
+  if (!score_spec.empty()) os << ",score=" << score_spec;
   return os.str();
 }
 
@@ -39,14 +43,34 @@ std::string problem_error(const std::string& key, const std::string& value, cons
   return "[problem] " + key + "=" + value + ": " + rule;
 }
 
+// Items separated by commas outside parentheses ("score=alibi_slope(0.5, 2)" stays one item).
+std::vector<std::string> split_items(const std::string& text) {
+  std::vector<std::string> items(1);
+  int depth = 0;
+  for (char c : text) {
+    depth += c == '(' ? 1 : c == ')' && depth > 0 ? -1 : 0;
+    if (c == ',' && depth == 0) items.emplace_back();
+    else items.back() += c;
+  }
+  return items;
+}
+
 }  // namespace
+
+status set_problem_score(problem& p, const std::string& spec_text) {
+  score_fn f;
+  if (const std::string err = parse_score(spec_text, p.heads_q, f); !err.empty())
+    return {problem_error("score", spec_text, err.c_str())};
+  p.score = std::move(f);
+  p.score_spec = p.score ? spec_text : std::string();
+  return {};
+}
 
 status parse_problem(const std::string& text, problem& out) {
   problem p;
   bool lk_set = false, hkv_set = false, dv_set = false;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
+  std::optional<std::string> score_text;
+  for (const std::string& item : split_items(text)) {
     if (item.empty()) continue;
     const auto eq = item.find('=');
     if (eq == std::string::npos) return {"[problem] '" + item + "' is not key=value"};
@@ -111,14 +135,18 @@ status parse_problem(const std::string& text, problem& out) {
         p.seqlens_k.push_back(c);
       }
       if (p.seqlens_q.empty()) return {problem_error(key, value, "needs at least one lq:lk pair")};
+    } else if (key == "score") {
+      score_text = value;  // parsed once heads_q is known
     } else {
-      return {"[problem] unknown key '" + key + "' (known: b n lq lk h hq hkv d dv dtype out causal layout scale varlen seed)"};
+      return {"[problem] unknown key '" + key + "' (known: b n lq lk h hq hkv d dv dtype out causal layout scale varlen seed score)"};
     }
   }
   if (!lk_set) p.seq_k = p.seq_q;
   if (!hkv_set) p.heads_kv = p.heads_q;
   if (!dv_set) p.dim_v = p.dim_qk;
   if (p.is_varlen()) p.batch = static_cast<std::int64_t>(p.seqlens_q.size());
+  if (score_text)
+    if (const status st = set_problem_score(p, *score_text); !st) return st;
   out = p;
   return {};
 }

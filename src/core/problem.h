@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "omniattn/attention.h"
+#include "omniattn/scores.h"
 
 namespace omniattn {
 
@@ -24,14 +25,21 @@ struct problem {
   bool lse = true;
   std::uint64_t seed = 1;
   double input_range = 1.0;  // inputs uniform in [-range, range]
+  std::string score_spec;    // score modifier spec string (README grammar, parse_score), "" for none
+  score_fn score;            // score_spec parsed for heads_q (set by parse_problem / set_problem_score)
 
   bool is_varlen() const { return !seqlens_q.empty(); }
   std::string describe() const;
 };
 
-// Parses "b=2,lq=128,lk=96,hq=8,hkv=2,d=64,dv=32,dtype=bf16,causal=bottom_right,layout=bhsd,varlen=3:5/7:2,seed=3".
+// Parses "b=2,lq=128,lk=96,hq=8,hkv=2,d=64,dv=32,dtype=bf16,causal=bottom_right,layout=bhsd,varlen=3:5/7:2,seed=3,
+// score=alibi + softcap(30)". Items are split at commas outside parentheses, so a score spec may hold argument lists.
 // Unknown keys or malformed values give an error naming the key.
 status parse_problem(const std::string& text, problem& out);
+
+// Sets the problem's score modifier from a spec string (parse_score with the problem's heads_q; "" or "none" clears
+// it). The error is "[problem] score=...: [spec] at N: ..." with the caret.
+status set_problem_score(problem& p, const std::string& spec_text);
 
 // Owned buffers for a problem, filled with seeded uniform values (rounded to the storage dtype).
 struct problem_data {

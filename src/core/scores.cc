@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <sstream>
 #include <stdexcept>
 
 namespace omniattn::scores {
@@ -49,25 +50,63 @@ score_fn softcap(double cap) {
 score_fn temperature(std::vector<double> per_head) {
   require(!per_head.empty(), "[scores::temperature] per_head is empty (one temperature per head, or one for all)");
   for (double t : per_head) require(std::isfinite(t) && t != 0.0, "[scores::temperature] temperatures must be finite and != 0");
-  auto t = std::make_shared<const std::vector<double>>(std::move(per_head));
-  return [t](double x, std::int64_t, std::int64_t h, std::int64_t, std::int64_t) {
-    return x / (*t)[static_cast<std::size_t>(h) % t->size()];
-  };
+  return detail::temperature_score{std::make_shared<const std::vector<double>>(std::move(per_head))};
 }
 
+namespace {
+
+detail::key_table make_table(std::vector<double> values, std::int64_t row) {
+  std::vector<float> f(values.begin(), values.end());
+  detail::key_table t;
+  t.values = std::make_shared<const std::vector<double>>(std::move(values));
+  t.values_f = std::make_shared<const std::vector<float>>(std::move(f));
+  t.row = row;
+  return t;
+}
+
+}  // namespace
+
 score_fn key_bias(std::vector<double> bias) {
-  auto b = std::make_shared<const std::vector<double>>(std::move(bias));
-  return [b](double x, std::int64_t, std::int64_t, std::int64_t, std::int64_t k) {
-    return x + (static_cast<std::size_t>(k) < b->size() ? (*b)[static_cast<std::size_t>(k)] : 0.0);
-  };
+  if (bias.empty()) bias.push_back(0.0);  // no values: every key adds 0 (keeps the one-row table non-empty)
+  const auto n = static_cast<std::int64_t>(bias.size());
+  return detail::key_bias_score{make_table(std::move(bias), n)};
 }
 
 score_fn logn(double base) {
   require(std::isfinite(base) && base > 1.0, "[scores::logn] base must be finite and > 1");
-  const double inv_log_base = 1.0 / std::log(base);
-  return [inv_log_base](double x, std::int64_t, std::int64_t, std::int64_t q, std::int64_t) {
-    return x * std::max(1.0, std::log(static_cast<double>(q + 1)) * inv_log_base);
-  };
+  return detail::logn_score{1.0 / std::log(base)};
+}
+
+score_fn reweight(std::vector<double> weights, std::int64_t keys_per_head) {
+  require(!weights.empty(), "[scores::reweight] weights is empty (one weight per key, or per head and key)");
+  require(keys_per_head >= 0, "[scores::reweight] keys_per_head must be >= 0 (0: one row of weights for all heads)");
+  const auto n = static_cast<std::int64_t>(weights.size());
+  const std::int64_t row = keys_per_head == 0 ? n : keys_per_head;
+  require(n % row == 0, "[scores::reweight] weights must hold a whole number of rows of keys_per_head values");
+  for (double& w : weights) {
+    require(std::isfinite(w) && w >= 0.0, "[scores::reweight] weights must be finite and >= 0 (0 removes a key)");
+    w = std::log(w);  // log(0) = -inf: the key's logit becomes -inf, which every backend treats as masked
+  }
+  detail::reweight_score r{make_table(std::move(weights), row)};
+  r.table.reweight = true;
+  return r;
+}
+
+score_fn bias(const float* data, std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> strides) {
+  require(data != nullptr, "[scores::bias] data is null");
+  for (int d = 0; d < 4; ++d) {
+    require(shape[static_cast<std::size_t>(d)] > 0, "[scores::bias] every shape entry must be > 0 (1 broadcasts)");
+    require(strides[static_cast<std::size_t>(d)] >= 0, "[scores::bias] strides must be >= 0");
+  }
+  detail::bias_score b;
+  b.data = data;
+  b.shape = shape;
+  for (std::size_t d = 0; d < 4; ++d) b.strides[d] = shape[d] == 1 ? 0 : strides[d];
+  return b;
+}
+
+score_fn bias(const float* data, std::array<std::int64_t, 4> shape) {
+  return bias(data, shape, {shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1});
 }
 
 std::int64_t relative_bucket(std::int64_t relative, std::int64_t buckets, std::int64_t max_distance, bool bidirectional) {
@@ -106,3 +145,61 @@ score_fn then(score_fn first, score_fn second) {
 }
 
 }  // namespace omniattn::scores
+
+namespace omniattn::detail {
+
+std::string describe_score(const score_fn& f) {
+  std::vector<score_step> steps;
+  const bool no_element = lower_score(f, steps);
+  std::string names;
+  bool tile = false;
+  for (const score_step& st : steps) {
+    static const char* const k_names[] = {"alibi", "softcap", "temperature", "logn", "key table", "bias", "inlined", "functor"};
+    names += (names.empty() ? "" : " -> ") + std::string(k_names[static_cast<int>(st.op)]);
+    tile |= st.op == score_step::kind::tile;
+  }
+  if (!no_element)
+    return "score modifier " + names + ": user score functor called per element (type-erased call, slow path; "
+           "scores::inlined avoids it)";
+  return "score modifier " + names + ": applied to whole score rows, vectorized" +
+         (tile ? std::string(" (user code through one inlined tile function per score tile)") : std::string());
+}
+
+std::string check_score(const score_fn& f, const attn_params& p) {
+  std::vector<score_step> steps;
+  lower_score(f, steps);
+  std::ostringstream os;
+  for (const score_step& st : steps) {
+    if (st.op != score_step::kind::key_table || !st.table->reweight) continue;
+    const key_table& t = *st.table;
+    if (t.row < p.seq_k) {
+      os << "reweight has " << t.row << " weights per head row, fewer than seq_k " << p.seq_k
+         << " (every key needs a weight)";
+      return os.str();
+    }
+    if (t.rows() != 1 && t.rows() != p.heads_q) {
+      os << "reweight has " << t.rows() << " rows of " << t.row << " weights, expected 1 (all heads) or heads_q "
+         << p.heads_q;
+      return os.str();
+    }
+  }
+  for (const score_step& st : steps) {
+    if (st.op == score_step::kind::bias) {
+      static const char* const k_dims[] = {"batch", "heads_q", "seq_q", "seq_k"};
+      const std::int64_t want[4] = {p.batch, p.heads_q, p.seq_q, p.seq_k};
+      for (std::size_t d = 0; d < 4; ++d) {
+        const std::int64_t got = st.bias->shape[d];
+        if (got != 1 && got != want[d]) {
+          os << "bias shape [" << st.bias->shape[0] << ", " << st.bias->shape[1] << ", " << st.bias->shape[2] << ", "
+             << st.bias->shape[3] << "] does not broadcast to [batch, heads_q, seq_q, seq_k] = [" << want[0] << ", "
+             << want[1] << ", " << want[2] << ", " << want[3] << "]: dim " << d << " (" << k_dims[d] << ") is " << got
+             << ", must be 1 or " << want[d];
+          return os.str();
+        }
+      }
+    }
+  }
+  return {};
+}
+
+}  // namespace omniattn::detail

@@ -1,10 +1,14 @@
-// The mask spec-string parser: a small recursive-descent parser over the grammar in include/omniattn/masks.h.
+// The spec-string parsers: small recursive-descent parsers over the mask grammar (include/omniattn/masks.h) and the
+// score grammar (README.md), sharing one lexer and one error format (position, text, caret).
 #include <cctype>
 #include <charconv>
+#include <cmath>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "omniattn/masks.h"
+#include "omniattn/scores.h"
 #include "omniattn/spec.h"
 
 namespace omniattn {
@@ -15,21 +19,14 @@ struct parse_error {
   std::string what;
 };
 
-class parser {
+// Position, whitespace, punctuation and identifiers; every error is a parse_error at the current position.
+class lexer {
  public:
-  explicit parser(std::string_view text) : t_(text) {}
+  explicit lexer(std::string_view text) : t_(text) {}
 
-  mask_expr parse() {
-    mask_expr m = expr();
-    skip();
-    if (i_ != t_.size()) fail("unexpected '" + std::string(1, t_[i_]) + "' (expected '&', '|' or the end)");
-    return m;
-  }
-
- private:
+ protected:
   std::string_view t_;
   std::size_t i_ = 0;
-  int depth_ = 0;
 
   [[noreturn]] void fail(std::string what) const { throw parse_error{i_, std::move(what)}; }
   void skip() {
@@ -46,6 +43,40 @@ class parser {
   void expect(char c) {
     if (!eat(c)) fail(std::string("expected '") + c + "'");
   }
+  std::string ident() {
+    skip();
+    const std::size_t start = i_;
+    while (i_ < t_.size() && (std::isalnum(static_cast<unsigned char>(t_[i_])) || t_[i_] == '_')) ++i_;
+    return std::string(t_.substr(start, i_ - start));
+  }
+  template <class Args>
+  void arity(const Args& a, std::size_t lo, std::size_t hi, const std::string& name, std::size_t pos) {
+    if (a.size() < lo || a.size() > hi) {
+      i_ = pos;
+      fail(name + " takes " + (lo == hi ? std::to_string(lo) : std::to_string(lo) + " to " + std::to_string(hi)) +
+           " argument(s), got " + std::to_string(a.size()));
+    }
+  }
+};
+
+std::string format_error(std::string_view text, const parse_error& e) {
+  return "[spec] at " + std::to_string(e.pos) + ": " + e.what + "\n  " + std::string(text) + "\n  " +
+         std::string(e.pos, ' ') + "^";
+}
+
+class parser : lexer {
+ public:
+  explicit parser(std::string_view text) : lexer(text) {}
+
+  mask_expr parse() {
+    mask_expr m = expr();
+    skip();
+    if (i_ != t_.size()) fail("unexpected '" + std::string(1, t_[i_]) + "' (expected '&', '|' or the end)");
+    return m;
+  }
+
+ private:
+  int depth_ = 0;
 
   mask_expr expr() {
     mask_expr m = term();
@@ -71,13 +102,6 @@ class parser {
     }
     --depth_;
     return m;
-  }
-
-  std::string ident() {
-    skip();
-    const std::size_t start = i_;
-    while (i_ < t_.size() && (std::isalnum(static_cast<unsigned char>(t_[i_])) || t_[i_] == '_')) ++i_;
-    return std::string(t_.substr(start, i_ - start));
   }
 
   struct arg {
@@ -126,12 +150,78 @@ class parser {
     fail("expected an alignment: top_left, tl, bottom_right or br");
   }
 
-  void arity(const std::vector<arg>& a, std::size_t lo, std::size_t hi, const std::string& name, std::size_t pos) {
-    if (a.size() < lo || a.size() > hi) {
-      i_ = pos;
-      fail(name + " takes " + (lo == hi ? std::to_string(lo) : std::to_string(lo) + " to " + std::to_string(hi)) +
-           " argument(s), got " + std::to_string(a.size()));
+  // Per-axis sizes "A" or "AxBxC" (at most 3 axes: grids have rank 1..3).
+  std::vector<std::int64_t> sizes(const std::string& name) {
+    std::vector<std::int64_t> out;
+    do {
+      skip();
+      if (i_ >= t_.size() || !(t_[i_] == '-' || std::isdigit(static_cast<unsigned char>(t_[i_]))))
+        fail(name + ": expected per-axis sizes, e.g. 7 or 7x7");
+      if (out.size() == 3) fail(name + ": more than 3 axes");
+      std::int64_t v = 0;
+      const char* first = t_.data() + i_;
+      const auto [ptr, ec] = std::from_chars(first, t_.data() + t_.size(), v);
+      if (ec != std::errc()) fail("not a 64-bit integer");
+      i_ += static_cast<std::size_t>(ptr - first);
+      out.push_back(v);
+    } while (eat('x'));
+    return out;
+  }
+
+  // neighborhood(grid, kernel[, dilation[, stride[, causal]]]) and halo(grid, block, halo): values positionally in this
+  // order and/or as key=value, positional ones first, each at most once.
+  mask_expr grid_pattern(const std::string& name, std::size_t pos) {
+    const bool nb = name == "neighborhood";
+    const std::vector<std::string> keys =
+        nb ? std::vector<std::string>{"grid", "kernel", "dilation", "stride", "causal"} : std::vector<std::string>{"grid", "block", "halo"};
+    std::vector<std::vector<std::int64_t>> values(keys.size());
+    std::vector<bool> given(keys.size(), false);
+    expect('(');
+    std::size_t next = 0;
+    bool keyword_seen = false;
+    do {
+      skip();
+      const std::size_t at = i_;
+      std::size_t slot = 0;
+      if (i_ < t_.size() && std::isalpha(static_cast<unsigned char>(t_[i_]))) {
+        const std::string key = ident();
+        while (slot < keys.size() && keys[slot] != key) ++slot;
+        if (slot == keys.size()) {
+          std::string known;
+          for (const std::string& k : keys) known += (known.empty() ? "" : " ") + k;
+          i_ = at;
+          fail(name + ": unknown key '" + key + "' (known: " + known + ")");
+        }
+        expect('=');
+        keyword_seen = true;
+      } else {
+        if (keyword_seen) fail(name + ": a positional value after key=value ones");
+        if (next == keys.size()) fail(name + " takes at most " + std::to_string(keys.size()) + " values");
+        slot = next++;
+      }
+      if (given[slot]) {
+        i_ = at;
+        fail(name + ": " + keys[slot] + " given twice");
+      }
+      given[slot] = true;
+      values[slot] = sizes(name);
+    } while (eat(','));
+    expect(')');
+    for (std::size_t k = 0; k < (nb ? 2u : 3u); ++k)
+      if (!given[k]) {
+        i_ = pos;
+        fail(name + ": " + keys[k] + " is required");
+      }
+    if (!nb) return mask_expr::halo(values[0], values[1], values[2]);
+    std::vector<bool> causal;
+    for (std::int64_t c : values[4]) {
+      if (c != 0 && c != 1) {
+        i_ = pos;
+        fail("neighborhood: causal values must be 0 or 1");
+      }
+      causal.push_back(c == 1);
     }
+    return mask_expr::neighborhood(values[0], values[1], values[2], causal, values[3]);
   }
 
   mask_expr pattern() {
@@ -140,9 +230,12 @@ class parser {
     const std::string name = ident();
     if (name.empty()) fail(i_ < t_.size() ? "unexpected '" + std::string(1, t_[i_]) + "' (expected a pattern name, '~' or '(')"
                                           : "unexpected end (expected a pattern name, '~' or '(')");
-    const std::vector<arg> a = args();
+    const bool grid = name == "neighborhood" || name == "halo";  // per-axis sizes and key=value: their own arguments
+    const std::vector<arg> a = grid ? std::vector<arg>{} : args();
     mask_expr m;
-    if (name == "full") {
+    if (grid) {
+      m = grid_pattern(name, pos);
+    } else if (name == "full") {
       arity(a, 0, 0, name, pos);
       m = mask_expr::full();
     } else if (name == "causal") {
@@ -184,13 +277,131 @@ class parser {
       i_ = pos;
       fail("unknown pattern '" + name +
            "' (known: full causal window sinks prefix_lm document block_causal dilated segments global_tokens "
-           "random_blocks)");
+           "random_blocks neighborhood halo)");
     }
     if (const std::string why = m.check(); !why.empty()) {
       i_ = pos;
       fail(why);
     }
     return m;
+  }
+};
+
+// score := term ('+' term)*,  term := name ['(' number (',' number)* ')']: terms apply left to right (scores::then).
+class score_parser : lexer {
+ public:
+  score_parser(std::string_view text, std::int64_t heads) : lexer(text), heads_(heads) {}
+
+  score_fn parse() {
+    score_fn chain = term();
+    std::size_t terms = 1;
+    while (eat('+')) {
+      // Each term nests the chain one level deeper (evaluation and destruction recurse through it): bound it.
+      if (++terms > k_max_terms) fail("more than " + std::to_string(k_max_terms) + " terms");
+      score_fn next = term();
+      if (!chain) chain = std::move(next);
+      else if (next) chain = scores::then(std::move(chain), std::move(next));
+    }
+    skip();
+    if (i_ != t_.size()) fail("unexpected '" + std::string(1, t_[i_]) + "' (expected '+' or the end)");
+    return chain;
+  }
+
+ private:
+  static constexpr std::size_t k_max_terms = 64;
+  // ALiBi offsets are key - query distances: far beyond any sequence, and small enough that k - q + offset cannot
+  // overflow int64.
+  static constexpr std::int64_t k_max_offset = std::int64_t{1} << 40;
+  std::int64_t heads_;
+
+  struct number {
+    double value = 0.0;
+    bool is_int = false;
+    std::size_t pos = 0;
+  };
+
+  std::vector<number> args() {
+    std::vector<number> out;
+    if (!eat('(')) return out;
+    do {
+      skip();
+      number a;
+      a.pos = i_;
+      const char* first = t_.data() + i_;
+      const char* last = t_.data() + t_.size();
+      const bool numeric = i_ < t_.size() && (t_[i_] == '-' || t_[i_] == '.' || std::isdigit(static_cast<unsigned char>(t_[i_])));
+      // Only digits, '.', '-' may start a number: from_chars alone would also take "inf" and "nan".
+      if (!numeric || (t_[i_] == '-' && (i_ + 1 >= t_.size() || !(t_[i_ + 1] == '.' || std::isdigit(static_cast<unsigned char>(t_[i_ + 1]))))))
+        fail("expected a number");
+      const auto [ptr, ec] = std::from_chars(first, last, a.value);
+      if (ec == std::errc::result_out_of_range) fail("number out of range");
+      if (ec != std::errc()) fail("expected a number");
+      const std::string_view token(first, static_cast<std::size_t>(ptr - first));
+      a.is_int = token.find_first_of(".eE") == std::string_view::npos;
+      i_ += token.size();
+      out.push_back(a);
+    } while (eat(','));
+    expect(')');
+    return out;
+  }
+
+  std::int64_t offset_arg(const std::vector<number>& a, std::size_t k, const std::string& name) {
+    if (k >= a.size()) return 0;
+    if (!a[k].is_int || std::fabs(a[k].value) > static_cast<double>(k_max_offset)) {
+      i_ = a[k].pos;
+      fail(name + ": the offset must be an integer with |offset| <= 2^40");
+    }
+    return static_cast<std::int64_t>(a[k].value);
+  }
+
+  score_fn term() {
+    skip();
+    const std::size_t pos = i_;
+    const std::string name = ident();
+    if (name.empty())
+      fail(i_ < t_.size() ? "unexpected '" + std::string(1, t_[i_]) + "' (expected a score modifier name)"
+                          : "unexpected end (expected a score modifier name)");
+    const std::vector<number> a = args();
+    try {
+      if (name == "none") {
+        arity(a, 0, 0, name, pos);
+        return {};
+      }
+      if (name == "alibi") {
+        arity(a, 0, 1, name, pos);
+        if (heads_ <= 0) {
+          i_ = pos;
+          fail("alibi: the standard slopes need the number of query heads (got " + std::to_string(heads_) + ")");
+        }
+        return scores::alibi(scores::alibi_slopes(heads_), offset_arg(a, 0, name));
+      }
+      if (name == "alibi_slope") {
+        arity(a, 1, 2, name, pos);
+        if (!std::isfinite(a[0].value)) {
+          i_ = a[0].pos;
+          fail("alibi_slope: the slope must be finite");
+        }
+        return scores::alibi({a[0].value}, offset_arg(a, 1, name));
+      }
+      if (name == "softcap") {
+        arity(a, 1, 1, name, pos);
+        return scores::softcap(a[0].value);
+      }
+      if (name == "temperature") {
+        arity(a, 1, 1, name, pos);
+        return scores::temperature({a[0].value});
+      }
+      if (name == "logn") {
+        arity(a, 1, 1, name, pos);
+        return scores::logn(a[0].value);
+      }
+    } catch (const std::invalid_argument& e) {
+      // The constructors' own rule ("[scores::softcap] cap must be finite and > 0"), pointing at the argument.
+      i_ = a.empty() ? pos : a[0].pos;
+      fail(e.what());
+    }
+    i_ = pos;
+    fail("unknown score modifier '" + name + "' (known: none alibi alibi_slope softcap temperature logn)");
   }
 };
 
@@ -201,9 +412,16 @@ std::string parse_mask(std::string_view text, mask_expr& out) {
     out = parser(text).parse();
     return {};
   } catch (const parse_error& e) {
-    std::string msg = "[spec] at " + std::to_string(e.pos) + ": " + e.what + "\n  " + std::string(text) + "\n  " +
-                      std::string(e.pos, ' ') + "^";
-    return msg;
+    return format_error(text, e);
+  }
+}
+
+std::string parse_score(std::string_view text, std::int64_t heads, score_fn& out) {
+  try {
+    out = score_parser(text, heads).parse();
+    return {};
+  } catch (const parse_error& e) {
+    return format_error(text, e);
   }
 }
 

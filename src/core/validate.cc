@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/backends.h"
+#include "core/score_kinds.h"
 #include "omniattn/attention.h"
 
 namespace omniattn {
@@ -211,6 +212,9 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   }
   p.mask = s.mask ? &s.mask : nullptr;
   p.score = s.score ? &s.score : nullptr;
+  if (s.score) {
+    if (const std::string why = detail::check_score(s.score, p); !why.empty()) fail("spec.score ", why);
+  }
   if (s.blocks) check_block_mask(*s.blocks, p);
   p.blocks = s.blocks;
   if (s.sink_logits)

@@ -16,12 +16,14 @@
 #include <cstring>
 #include <string>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include <omp.h>
 
 #include "core/backends.h"
+#include "core/grid_tiles.h"
 #include "core/score_kinds.h"
 #include "core/storage.h"
 #include "cpu/bf16_dot.h"
@@ -34,6 +36,7 @@
 #include "hwy/aligned_allocator.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
+#include "cpu/score_tile-inl.h"
 
 #ifndef OMNIATTN_CPU_FLASH_FWD_SHARED
 #define OMNIATTN_CPU_FLASH_FWD_SHARED
@@ -98,12 +101,17 @@ constexpr std::size_t k_nv = 4;
 // The small loops over these are fully unrolled (HWY_UNROLL) so the accumulator arrays live in registers: GCC keeps
 // vector arrays it does not unroll on the stack, which costs a load and a store per FMA.
 
-// S[r][c0 .. c0 + NV*L) = sum_d Q[r][d] * Kt[d][c0 ..], for MR rows starting at q.
+// S[r][c0 .. c0 + NV*L) = sum_d Q[r][d] * Kt[d][c0 ..], for MR rows starting at q. Key vector v of the block is
+// read at kb[v] + d * k_ld: consecutive keys of one packed tile (raster path) or a segment of a key line read in
+// place from the packed sequence (grid path).
 template <std::size_t MR>
-HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t dim, const float* HWY_RESTRICT kt,
+HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t dim, const float* const* kb, std::int64_t k_ld,
                          float* HWY_RESTRICT s) {
   const std::size_t L = hn::Lanes(d);
   vf_t acc[MR][k_nv];
+  const float* kp[k_nv];
+  HWY_UNROLL(16)
+  for (std::size_t v = 0; v < k_nv; ++v) kp[v] = kb[v];
   HWY_UNROLL(16)
   for (std::size_t r = 0; r < MR; ++r)
     HWY_UNROLL(16)
@@ -111,7 +119,7 @@ HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t dim, 
   for (std::int64_t e = 0; e < dim; ++e) {
     vf_t kv[k_nv];
     HWY_UNROLL(16)
-    for (std::size_t v = 0; v < k_nv; ++v) kv[v] = hn::Load(d, kt + e * k_bk + v * L);
+    for (std::size_t v = 0; v < k_nv; ++v) kv[v] = hn::LoadU(d, kp[v] + e * k_ld);
     HWY_UNROLL(16)
     for (std::size_t r = 0; r < MR; ++r) {
       const vf_t qb = hn::Set(d, q[static_cast<std::int64_t>(r) * dim + e]);
@@ -125,9 +133,10 @@ HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t dim, 
     for (std::size_t v = 0; v < k_nv; ++v) hn::Store(acc[r][v], d, s + r * k_bk + v * L);
 }
 
-// O[r][c .. c + NVO*L) = O[r][..] * alpha[r] + sum_j P[r][j] * V[j][c ..], for MR rows.
+// O[r][c .. c + NVO*L) = O[r][..] * alpha[r] + sum_j P[r][j] * V[j][c ..], for MR rows. Key j's V row is
+// vseg[j / 16] + (j % 16) * v_ld: 16-key segments, consecutive rows of one packed tile or of the packed sequence.
 template <std::size_t MR, std::size_t NVO>
-HWY_INLINE void pv_block(df_t d, const float* HWY_RESTRICT pr, std::int64_t keys, const float* HWY_RESTRICT v,
+HWY_INLINE void pv_block(df_t d, const float* HWY_RESTRICT pr, std::int64_t keys, const float* const* vseg, std::int64_t col,
                          std::int64_t v_ld, const float* HWY_RESTRICT alpha, float* HWY_RESTRICT o, std::int64_t o_ld) {
   const std::size_t L = hn::Lanes(d);
   vf_t acc[MR][NVO];
@@ -137,15 +146,19 @@ HWY_INLINE void pv_block(df_t d, const float* HWY_RESTRICT pr, std::int64_t keys
     HWY_UNROLL(16)
     for (std::size_t c = 0; c < NVO; ++c) acc[r][c] = hn::Mul(hn::Load(d, o + r * o_ld + c * L), a);
   }
-  for (std::int64_t j = 0; j < keys; ++j) {
-    vf_t vv[NVO];
-    HWY_UNROLL(16)
-    for (std::size_t c = 0; c < NVO; ++c) vv[c] = hn::Load(d, v + j * v_ld + c * L);
-    HWY_UNROLL(16)
-    for (std::size_t r = 0; r < MR; ++r) {
-      const vf_t pb = hn::Set(d, pr[r * k_bk + j]);
+  for (std::int64_t s0 = 0; s0 < keys; s0 += 16) {
+    const float* HWY_RESTRICT v = vseg[s0 / 16] + col;
+    const std::int64_t n = std::min<std::int64_t>(16, keys - s0);
+    for (std::int64_t j = 0; j < n; ++j) {
+      vf_t vv[NVO];
       HWY_UNROLL(16)
-      for (std::size_t c = 0; c < NVO; ++c) acc[r][c] = hn::MulAdd(pb, vv[c], acc[r][c]);
+      for (std::size_t c = 0; c < NVO; ++c) vv[c] = hn::Load(d, v + j * v_ld + c * L);
+      HWY_UNROLL(16)
+      for (std::size_t r = 0; r < MR; ++r) {
+        const vf_t pb = hn::Set(d, pr[r * k_bk + s0 + j]);
+        HWY_UNROLL(16)
+        for (std::size_t c = 0; c < NVO; ++c) acc[r][c] = hn::MulAdd(pb, vv[c], acc[r][c]);
+      }
     }
   }
   HWY_UNROLL(16)
@@ -233,9 +246,7 @@ struct packed_kv {
   std::int64_t kvh_begin = 0, tiles_total = 0;
   std::vector<std::int64_t> tile_offset;  // first kv tile of each sequence within a head's slot
   std::int64_t dim_qk = 0, dim_vp = 0;
-  // Built-in score modifiers flattened for the vectorized path; fast_score is false for any user score functor.
-  std::vector<detail::score_step> score_steps;
-  bool fast_score = false;
+  score_plan score;  // the score modifier, lowered once per call
   // RoPE cos / sin per token row and rotary pair, shared by every head (empty without RoPE).
   std::vector<float> q_cos, q_sin, k_cos, k_sin;
 
@@ -253,37 +264,34 @@ inline std::uint32_t bf16_pair(const void* base, std::int64_t lo, std::int64_t h
   return static_cast<std::uint32_t>(x[lo]) | (hi_valid ? static_cast<std::uint32_t>(x[hi]) << 16 : 0u);
 }
 
-// One query tile of one head: the online-softmax loop over the tile's non-empty key tiles.
-// Bf16Dot: Q/K/V/P are bf16 pairs and both products run on vdpbf16ps (bf16 storage only); otherwise fp32 FMA.
-template <bool Bf16Dot>
-void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv, thread_scratch& ts, std::int64_t b,
-                std::int64_t h, std::int64_t qt, const seq_extent& e, std::int64_t dim_vp) {
+// A query tile runs in three steps that both work decompositions share (raster tiles of the block mask, gathered
+// grid boxes): begin_rows loads its Q rows and resets the softmax state, key_tile folds in one packed key tile,
+// end_rows normalises and stores. pos(i) is the sequence position of tile row i.
+template <bool Bf16Dot, class Pos>
+void begin_rows(const attn_params& p, const packed_kv& kv, thread_scratch& ts, const seq_extent& e, std::int64_t h,
+                std::int64_t rows, std::int64_t dim_vp, Pos&& pos) {
   const df_t d;
-  const std::size_t L = hn::Lanes(d);
-  const std::int64_t q0 = qt * k_bq, rows = std::min(k_bq, e.q_len - q0);
   const std::int64_t dim = p.dim_qk;
   float* HWY_RESTRICT qp = ts.q.get();
-  float* HWY_RESTRICT s = ts.s.get();
-  float* HWY_RESTRICT o = ts.o.get();
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-
   const std::int64_t dim_pairs = (dim + 1) / 2;
   auto* q16 = reinterpret_cast<std::uint32_t*>(qp);
-  std::fill(qp, qp + k_bq * dim, 0.0f);
+  std::fill(qp, qp + rows * dim, 0.0f);
   for (std::int64_t i = 0; i < rows; ++i) {
-    const std::int64_t off = e.tensor_batch * p.q_stride[0] + (e.q_begin + q0 + i) * p.q_stride[1] + h * p.q_stride[2];
+    const std::int64_t at = e.q_begin + pos(i);
+    const std::int64_t off = e.tensor_batch * p.q_stride[0] + at * p.q_stride[1] + h * p.q_stride[2];
     if constexpr (Bf16Dot) {
       for (std::int64_t dp = 0; dp < dim_pairs; ++dp)
         q16[i * dim_pairs + dp] = bf16_pair(p.q, off + 2 * dp * p.q_stride[3], off + (2 * dp + 1) * p.q_stride[3], 2 * dp + 1 < dim);
     } else {
       load_row(p.q, p.in_type, off, p.q_stride[3], dim, qp + i * dim);
       if (p.rope) {
-        const std::size_t at = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_q + e.q_begin + q0 + i) * (p.rope_dim / 2));
-        rope_apply(p, kv.q_cos.data() + at, kv.q_sin.data() + at, qp + i * dim);
+        const std::size_t t = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_q + at) * (p.rope_dim / 2));
+        rope_apply(p, kv.q_cos.data() + t, kv.q_sin.data() + t, qp + i * dim);
       }
     }
   }
-  std::fill(o, o + k_bq * dim_vp, 0.0f);
+  std::fill(ts.o.get(), ts.o.get() + rows * dim_vp, 0.0f);
   const float log2e = 1.4426950408889634f;
   // A sink logit starts the row's running max and sum: exp2(sink - m) = 1 at m = sink, and it never meets V.
   std::fill(ts.m, ts.m + k_bq, p.sink_logits ? p.sink_logits[h] * log2e : neg_inf);
@@ -291,93 +299,133 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
   std::fill(ts.l.get(), ts.l.get() + k_bq * lanes, 0.0f);
   if (p.sink_logits)
     for (std::int64_t i = 0; i < k_bq; ++i) ts.l[static_cast<std::size_t>(i) * lanes] = 1.0f;
+}
 
+// One tile of up to BK keys as four 16-key segments: key 16 s + j has K column kseg[s] + j (dims k_ld apart) and
+// V row vseg[s] + j * v_ld. A packed raster tile is kseg[s] = kt + 16 s, k_ld = BK, vseg[s] = vt + 16 s * dim_vp.
+struct key_segments {
+  const float* kseg[4];
+  const float* vseg[4];
+  std::int64_t k_ld, v_ld;
+};
+
+// Folds one key tile (keys <= BK real keys) into the rows' online softmax; allowed(i) gives row i's key bits.
+// q0 / k0 are the positions score modifiers see (the raster decomposition only: rows and keys are contiguous there).
+// The bf16-dot kernel reads packed raster tiles only (kt_tile / vt).
+template <bool Bf16Dot, class Allowed>
+HWY_INLINE void key_tile(const attn_params& p, const packed_kv& kv, thread_scratch& ts, std::int64_t b, std::int64_t h,
+                         std::int64_t rows, std::int64_t q0, std::int64_t k0, std::int64_t keys, const key_segments& ks,
+                         std::int64_t dim_vp, Allowed&& allowed) {
+  const float* kt_tile = ks.kseg[0];
+  const float* vt = ks.vseg[0];
+  const df_t d;
+  const std::size_t L = hn::Lanes(d);
+  const std::int64_t dim = p.dim_qk;
+  float* HWY_RESTRICT qp = ts.q.get();
+  float* HWY_RESTRICT s = ts.s.get();
+  float* HWY_RESTRICT o = ts.o.get();
+  const std::size_t lanes = hn::Lanes(d);
+  if constexpr (Bf16Dot) {
+    const std::int64_t dim_pairs = (dim + 1) / 2;
+    for (std::int64_t r0 = 0; r0 < rows; r0 += 6)
+      bf16_qk_tile(static_cast<int>(std::min<std::int64_t>(6, rows - r0)), reinterpret_cast<std::uint32_t*>(qp) + r0 * dim_pairs,
+                   dim_pairs, reinterpret_cast<const std::uint32_t*>(kt_tile), s + r0 * k_bk);
+  } else {
+    // Pointers of every key vector of the tile, in groups of k_nv per micro-kernel call.
+    const float* kb[k_bk];
+    const auto n_vec = static_cast<std::int64_t>(k_bk) / static_cast<std::int64_t>(L);
+    for (std::int64_t v = 0; v < n_vec; ++v) kb[v] = ks.kseg[v * static_cast<std::int64_t>(L) / 16] + v * static_cast<std::int64_t>(L) % 16;
+    for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
+      with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
+        for (std::int64_t c0 = 0; c0 < k_bk; c0 += static_cast<std::int64_t>(k_nv * L))
+          qk_block<mr()>(d, qp + r0 * dim, dim, kb + c0 / static_cast<std::int64_t>(L), ks.k_ld, s + r0 * k_bk + c0);
+      });
+  }
+  if (p.score) score_tile(p, kv.score, s, k_bk, rows, k_bk, keys, b, h, q0, k0);
+  for (std::int64_t i = 0; i < rows; ++i) {
+    // The whole row stays in registers: scale, mask, max, exp2, sum, one store. With a score functor srow already
+    // holds the modified logits in base 2.
+    ts.m[i] = softmax_row(d, s + i * k_bk, allowed(i), p.score ? 1.0f : p.scale_log2, ts.m[i],
+                          ts.l.get() + static_cast<std::size_t>(i) * lanes, ts.alpha[i]);
+  }
+  if constexpr (Bf16Dot) {
+    bf16_pack_p(static_cast<int>(rows), s, ts.p16.get());
+    for (std::int64_t r0 = 0; r0 < rows; r0 += 6)
+      bf16_pv_tile(static_cast<int>(std::min<std::int64_t>(6, rows - r0)), ts.p16.get() + r0 * (k_bk / 2), (keys + 1) / 2,
+                   reinterpret_cast<const std::uint32_t*>(vt), dim_vp, ts.alpha + r0, o + r0 * dim_vp);
+    return;
+  }
+  const std::int64_t nvec = dim_vp / static_cast<std::int64_t>(L);
+  for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
+    with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
+      const float* pr = s + r0 * k_bk;
+      const float* al = ts.alpha + r0;
+      float* orow = o + r0 * dim_vp;
+      std::int64_t cv = 0;
+      for (; cv + static_cast<std::int64_t>(k_nv) <= nvec; cv += k_nv)
+        pv_block<mr(), k_nv>(d, pr, keys, ks.vseg, cv * L, ks.v_ld, al, orow + cv * L, dim_vp);
+      switch (nvec - cv) {
+        case 3: pv_block<mr(), 3>(d, pr, keys, ks.vseg, cv * L, ks.v_ld, al, orow + cv * L, dim_vp); break;
+        case 2: pv_block<mr(), 2>(d, pr, keys, ks.vseg, cv * L, ks.v_ld, al, orow + cv * L, dim_vp); break;
+        case 1: pv_block<mr(), 1>(d, pr, keys, ks.vseg, cv * L, ks.v_ld, al, orow + cv * L, dim_vp); break;
+        default: break;
+      }
+    });
+}
+
+template <class Pos>
+void end_rows(const attn_params& p, thread_scratch& ts, const seq_extent& e, std::int64_t h, std::int64_t rows,
+              std::int64_t dim_vp, Pos&& pos) {
+  const df_t d;
+  const std::size_t lanes = hn::Lanes(d);
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  for (std::int64_t i = 0; i < rows; ++i) {
+    const std::int64_t at = e.q_begin + pos(i);
+    const std::int64_t off = e.tensor_batch * p.o_stride[0] + at * p.o_stride[1] + h * p.o_stride[2];
+    const float l = hn::GetLane(hn::SumOfLanes(d, hn::Load(d, ts.l.get() + static_cast<std::size_t>(i) * lanes)));
+    const bool empty = l == 0.0f;  // nothing allowed and no sink
+    const float inv = empty ? 0.0f : 1.0f / l;
+    const float* orow = ts.o.get() + i * dim_vp;
+    std::int64_t dd = 0;
+    if (p.out_type == dtype::f32 && p.o_stride[3] == 1) {
+      // Whole vectors: with few keys per row (local attention) the epilogue is a visible share of the work.
+      float* dst = static_cast<float*>(p.out) + off;
+      const vf_t vinv = hn::Set(d, inv);
+      for (; dd + static_cast<std::int64_t>(lanes) <= p.dim_v; dd += static_cast<std::int64_t>(lanes))
+        hn::StoreU(hn::Mul(hn::Load(d, orow + dd), vinv), d, dst + dd);
+    }
+    for (; dd < p.dim_v; ++dd) detail::store_element(p.out, p.out_type, off + dd * p.o_stride[3], orow[dd] * inv);
+    if (p.lse)
+      p.lse[e.tensor_batch * p.lse_stride[0] + h * p.lse_stride[1] + at * p.lse_stride[2]] =
+          empty ? neg_inf : (ts.m[i] + std::log2(l)) * 0.6931471805599453f;
+  }
+}
+
+// One raster query tile of one head: the online-softmax loop over the tile's non-empty key tiles of the block mask.
+// Bf16Dot: Q/K/V/P are bf16 pairs and both products run on vdpbf16ps (bf16 storage only); otherwise fp32 FMA.
+template <bool Bf16Dot>
+void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv, thread_scratch& ts, std::int64_t b,
+                std::int64_t h, std::int64_t qt, const seq_extent& e, std::int64_t dim_vp) {
+  const std::int64_t q0 = qt * k_bq, rows = std::min(k_bq, e.q_len - q0);
+  const auto pos = [q0](std::int64_t i) { return q0 + i; };
+  begin_rows<Bf16Dot>(p, kv, ts, e, h, rows, dim_vp, pos);
   for (std::int64_t kt = 0; kt < bm.kv_tiles; ++kt) {
     const tile_kind kind = bm.at(b, h, qt, kt);
     ++ts.tiles[static_cast<int>(kind)];
     if (kind == tile_kind::empty) continue;
     const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
-    const float* kt_tile = kv.k_tile(b, h / p.group, kt);
-    if constexpr (Bf16Dot) {
-      for (std::int64_t r0 = 0; r0 < rows; r0 += 6)
-        bf16_qk_tile(static_cast<int>(std::min<std::int64_t>(6, rows - r0)), q16 + r0 * dim_pairs, dim_pairs,
-                     reinterpret_cast<const std::uint32_t*>(kt_tile), s + r0 * k_bk);
-    } else {
-      for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
-        with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
-          for (std::int64_t c0 = 0; c0 < k_bk; c0 += static_cast<std::int64_t>(k_nv * L))
-            qk_block<mr()>(d, qp + r0 * dim, dim, kt_tile + c0, s + r0 * k_bk + c0);
-        });
-    }
-
     const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
-    for (std::int64_t i = 0; i < rows; ++i) {
-      float* srow = s + i * k_bk;
-      if (kv.fast_score) {
-        // Built-in modifiers on whole vectors, in natural-log units, then to base 2.
-        const vf_t vscale = hn::Set(d, static_cast<float>(p.scale)), vlog2e = hn::Set(d, log2e);
-        const std::int64_t rel0 = k0 - (q0 + i);
-        for (std::size_t v = 0; v < k_row_vecs; ++v) {
-          vf_t x = hn::Mul(hn::Load(d, srow + v * L), vscale);
-          for (const detail::score_step& st : kv.score_steps) {
-            if (st.op == detail::score_step::kind::alibi) {
-              const vf_t rel = hn::Add(hn::Iota(d, 0.0f), hn::Set(d, static_cast<float>(rel0 + st.alibi->offset + static_cast<std::int64_t>(v * L))));
-              x = hn::MulAdd(hn::Set(d, static_cast<float>(st.alibi->slope(h))), rel, x);
-            } else {
-              x = hn::Mul(hn::Set(d, static_cast<float>(st.cap)), hn::Tanh(d, hn::Mul(x, hn::Set(d, static_cast<float>(1.0 / st.cap)))));
-            }
-          }
-          hn::Store(hn::Mul(x, vlog2e), d, srow + v * L);
-        }
-      } else if (p.score) {
-        for (std::int64_t j = 0; j < keys; ++j)
-          srow[j] = static_cast<float>((*p.score)(static_cast<double>(srow[j]) * p.scale, b, h, q0 + i, k0 + j)) * log2e;
-      }
-      // Allowed keys of this row as one bit per key: every key in range on FULL tiles, the element predicate on
-      // PARTIAL ones. The whole row then stays in registers: scale, mask, max, exp2, sum, one store.
-      std::uint64_t allowed = in_range;
-      if (kind == tile_kind::partial) allowed = row_allowed_bits(p, b, h, q0 + i, k0, keys, e.q_len, e.k_len);
-      // With a score functor srow already holds the modified logits in base 2.
-      const float m_new = softmax_row(d, srow, allowed, p.score ? 1.0f : p.scale_log2, ts.m[i], ts.l.get() + static_cast<std::size_t>(i) * lanes, ts.alpha[i]);
-      ts.m[i] = m_new;
-    }
-    const float* vt = kv.v_tile(b, h / p.group, kt);
-    if constexpr (Bf16Dot) {
-      bf16_pack_p(static_cast<int>(rows), s, ts.p16.get());
-      for (std::int64_t r0 = 0; r0 < rows; r0 += 6)
-        bf16_pv_tile(static_cast<int>(std::min<std::int64_t>(6, rows - r0)), ts.p16.get() + r0 * (k_bk / 2), (keys + 1) / 2,
-                     reinterpret_cast<const std::uint32_t*>(vt), dim_vp, ts.alpha + r0, o + r0 * dim_vp);
-      continue;
-    }
-    const std::int64_t nvec = dim_vp / static_cast<std::int64_t>(L);
-    for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
-      with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
-        const float* pr = s + r0 * k_bk;
-        const float* al = ts.alpha + r0;
-        float* orow = o + r0 * dim_vp;
-        std::int64_t cv = 0;
-        for (; cv + static_cast<std::int64_t>(k_nv) <= nvec; cv += k_nv)
-          pv_block<mr(), k_nv>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp);
-        switch (nvec - cv) {
-          case 3: pv_block<mr(), 3>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
-          case 2: pv_block<mr(), 2>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
-          case 1: pv_block<mr(), 1>(d, pr, keys, vt + cv * L, dim_vp, al, orow + cv * L, dim_vp); break;
-          default: break;
-        }
-      });
+    // Allowed keys of a row as one bit per key: every key in range on FULL tiles, the element predicate on PARTIAL ones.
+    const float* ktile = kv.k_tile(b, h / p.group, kt);
+    const float* vtile = kv.v_tile(b, h / p.group, kt);
+    const key_segments ks{{ktile, ktile + 16, ktile + 32, ktile + 48},
+                          {vtile, vtile + 16 * dim_vp, vtile + 32 * dim_vp, vtile + 48 * dim_vp}, k_bk, dim_vp};
+    key_tile<Bf16Dot>(p, kv, ts, b, h, rows, q0, k0, keys, ks, dim_vp,
+                      [&](std::int64_t i) {
+                        return kind == tile_kind::partial ? row_allowed_bits(p, b, h, q0 + i, k0, keys, e.q_len, e.k_len) : in_range;
+                      });
   }
-
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const std::int64_t off = e.tensor_batch * p.o_stride[0] + (e.q_begin + q0 + i) * p.o_stride[1] + h * p.o_stride[2];
-    const float l = hn::GetLane(hn::SumOfLanes(d, hn::Load(d, ts.l.get() + static_cast<std::size_t>(i) * lanes)));
-    const bool empty = l == 0.0f;  // nothing allowed and no sink
-    const float inv = empty ? 0.0f : 1.0f / l;
-    for (std::int64_t dd = 0; dd < p.dim_v; ++dd)
-      detail::store_element(p.out, p.out_type, off + dd * p.o_stride[3], o[i * dim_vp + dd] * inv);
-    if (p.lse)
-      p.lse[e.tensor_batch * p.lse_stride[0] + h * p.lse_stride[1] + (e.q_begin + q0 + i) * p.lse_stride[2]] =
-          empty ? neg_inf : (ts.m[i] + std::log2(l)) * 0.6931471805599453f;
-  }
+  end_rows(p, ts, e, h, rows, dim_vp, pos);
 }
 
 template <bool Bf16Dot>
@@ -440,7 +488,7 @@ void flash_fwd(const attn_params& p) {
     kv.tile_offset.push_back(kv.tiles_total);
     kv.tiles_total += (sequence(p, b).k_len + k_bk - 1) / k_bk;
   }
-  kv.fast_score = p.score && detail::lower_score(*p.score, kv.score_steps);
+  kv.score = plan_score(p);
   if (p.rope) {
     rope_tables(p, true, kv.q_cos, kv.q_sin);
     rope_tables(p, false, kv.k_cos, kv.k_sin);
@@ -506,6 +554,117 @@ void flash_fwd(const attn_params& p) {
   }
 }
 
+// Grid-local masks (neighborhood, halo) on query boxes (core/grid_tiles.h): each work item is one box of the grid
+// plan for one kv head. K (transposed, [dim][packed key]) and V ([packed key][dim_vp]) of a sequence and kv head are
+// packed once in the plan's packed order, where every line of a key box is consecutive; the micro-kernels then read
+// a box's 16-key segments in place, with no gather, and every q head of the GQA group reuses them. The allowed-key
+// words come from the plan, so no mask is evaluated here. Rows of a box are not contiguous positions, so score
+// modifiers stay on the raster path.
+void flash_fwd_grid(const attn_params& p) {
+  const df_t d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  const detail::grid_plan plan = detail::plan_grid_tiles(*detail::as_grid_local(*p.mask), k_bq, 6);
+  const int threads = p.threads;
+  const std::int64_t dim = p.dim_qk;
+  packed_kv kv;
+  kv.dim_qk = dim;
+  kv.dim_vp = (p.dim_v + L - 1) / L * L;
+  const std::int64_t dim_vp = kv.dim_vp;
+  if (p.rope) {
+    rope_tables(p, true, kv.q_cos, kv.q_sin);
+    rope_tables(p, false, kv.k_cos, kv.k_sin);
+  }
+  // A segment reads 16 packed keys from its start, up to 15 past the last token: zero padding keeps them finite
+  // (they are masked, and meet P = 0 in the PV product).
+  const std::int64_t n = p.seq_k, n_pad = n + detail::k_segment, k_ld = (n_pad + L - 1) / L * L;
+  const std::int64_t head_floats = dim * k_ld + n_pad * dim_vp;
+  const std::int64_t heads_per_chunk = std::clamp<std::int64_t>(k_pack_budget_bytes / (4 * head_floats), 1, p.heads_kv);
+  auto packed = hwy::AllocateAligned<float>(static_cast<std::size_t>(heads_per_chunk * head_floats));
+  std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
+  std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads), std::vector<float>(static_cast<std::size_t>(dim)));
+  for (thread_scratch& ts : scratch) {
+    ts.q = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim));
+    ts.s = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk));
+    ts.o = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim_vp));
+    ts.l = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq) * hn::Lanes(d));
+  }
+  const auto n_tiles = static_cast<std::int64_t>(plan.tiles.size());
+  const std::int64_t pack_blocks = (n_pad + k_bk - 1) / k_bk;
+
+  for (std::int64_t b = 0; b < p.batch; ++b) {
+    const seq_extent e = sequence(p, b);
+    for (std::int64_t kvh0 = 0; kvh0 < p.heads_kv; kvh0 += heads_per_chunk) {
+      const std::int64_t chunk = std::min(heads_per_chunk, p.heads_kv - kvh0);
+#pragma omp parallel num_threads(threads)
+      {
+        const int tid = omp_get_thread_num();
+        thread_scratch& ts = scratch[static_cast<std::size_t>(tid)];
+#pragma omp for schedule(static)
+        for (std::int64_t it = 0; it < chunk * pack_blocks; ++it) {
+          const std::int64_t c = it / pack_blocks, j0 = it % pack_blocks * k_bk;
+          float* kp = packed.get() + c * head_floats;
+          float* vp = kp + dim * k_ld;
+          float* row = rows[static_cast<std::size_t>(tid)].data();
+          for (std::int64_t j = j0; j < std::min(n_pad, j0 + k_bk); ++j) {
+            float* vrow = vp + j * dim_vp;
+            std::fill(vrow, vrow + dim_vp, 0.0f);
+            if (j >= n) {
+              for (std::int64_t dd = 0; dd < dim; ++dd) kp[dd * k_ld + j] = 0.0f;
+              continue;
+            }
+            const std::int64_t at = e.k_begin + plan.packed_token[static_cast<std::size_t>(j)];
+            load_row(p.k, p.in_type, e.tensor_batch * p.k_stride[0] + at * p.k_stride[1] + (kvh0 + c) * p.k_stride[2], p.k_stride[3], dim, row);
+            if (p.rope) {
+              const std::size_t r = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_k + at) * (p.rope_dim / 2));
+              rope_apply(p, kv.k_cos.data() + r, kv.k_sin.data() + r, row);
+            }
+            for (std::int64_t dd = 0; dd < dim; ++dd) kp[dd * k_ld + j] = row[dd];
+            load_row(p.v, p.in_type, e.tensor_batch * p.v_stride[0] + at * p.v_stride[1] + (kvh0 + c) * p.v_stride[2], p.v_stride[3],
+                     p.dim_v, vrow);
+          }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (std::int64_t it = 0; it < chunk * n_tiles; ++it) {
+          const std::int64_t kvh = kvh0 + it / n_tiles;
+          const detail::grid_tile& t = plan.tiles[static_cast<std::size_t>(it % n_tiles)];
+          const float* kp = packed.get() + (kvh - kvh0) * head_floats;
+          const float* vp = kp + dim * k_ld;
+          const std::int64_t slots = t.seg_count * detail::k_segment, tiles_k = (slots + k_bk - 1) / k_bk;
+          const std::int64_t words = detail::grid_plan::words(t);
+          const auto pos = [&](std::int64_t i) { return plan.q_tokens[static_cast<std::size_t>(t.q_begin + i)]; };
+          for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
+            begin_rows<false>(p, kv, ts, e, h, t.q_count, dim_vp, pos);
+            for (std::int64_t kt = 0; kt < tiles_k; ++kt) {
+              const std::int64_t keys = std::min(k_bk, slots - kt * k_bk);
+              key_segments ks{{}, {}, k_ld, dim_vp};
+              for (std::int64_t sg = 0; sg < 4; ++sg) {
+                // Slots past the box's segments point at segment 0: finite values, masked by the bits.
+                const std::int64_t at = kt * 4 + sg < t.seg_count ? kt * 4 + sg : 0;
+                const std::int64_t start = plan.segments[static_cast<std::size_t>(t.seg_begin + at)];
+                ks.kseg[sg] = kp + start;
+                ks.vseg[sg] = vp + start * dim_vp;
+              }
+              const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
+              ++ts.tiles[static_cast<int>(t.full ? tile_kind::full : tile_kind::partial)];
+              key_tile<false>(p, kv, ts, b, h, t.q_count, 0, 0, keys, ks, dim_vp, [&](std::int64_t i) {
+                return t.full ? in_range : plan.bits[static_cast<std::size_t>(t.bits_begin + i * words + kt)];
+              });
+            }
+            end_rows(p, ts, e, h, t.q_count, dim_vp, pos);
+          }
+        }
+      }
+    }
+  }
+  if (p.stats) {
+    *p.stats = {};
+    for (const thread_scratch& ts : scratch) {
+      p.stats->tiles_partial += ts.tiles[static_cast<int>(tile_kind::partial)];
+      p.stats->tiles_full += ts.tiles[static_cast<int>(tile_kind::full)];
+    }
+  }
+}
+
 void flash_fwd_f32(const attn_params& p) { flash_fwd<false>(p); }
 void flash_fwd_bf16_dot(const attn_params& p) { flash_fwd<true>(p); }
 
@@ -517,9 +676,24 @@ namespace omniattn::cpu {
 
 HWY_EXPORT(flash_fwd_f32);
 HWY_EXPORT(flash_fwd_bf16_dot);
+HWY_EXPORT(flash_fwd_grid);
 
 static void run_flash_fwd(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_f32)(p); }
 static void run_flash_fwd_bf16_dot(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_bf16_dot)(p); }
+static void run_flash_fwd_grid(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_grid)(p); }
+
+// Whether a call can run on query boxes of its grid (flash_fwd_grid); otherwise why not, for explain.
+static std::string grid_path_blocker(const attn_params& p, const detail::grid_local& g) {
+  const char* env = std::getenv("OMNIATTN_GRID");
+  if (env && std::string(env) == "0") return "OMNIATTN_GRID=0";
+  if (p.score) return "a score modifier sees raster positions of contiguous rows";
+  if (p.blocks) return "a user block mask is given";
+  if (p.causal != causal_mode::none) return "spec.causal is set (use the neighborhood's per-axis causal flag)";
+  if (p.cu_seqlens_q) return "varlen batches";
+  if (p.seq_q != g.tokens() || p.seq_k != g.tokens())
+    return "q/k lengths " + std::to_string(p.seq_q) + "/" + std::to_string(p.seq_k) + " != grid tokens " + std::to_string(g.tokens());
+  return {};
+}
 
 // bf16 inputs run on the bf16 dot product where it is faster than fp32 FMA on this CPU: vdpbf16ps does twice the
 // FLOPs of an FMA, but some cores issue it on one port only, so both peaks are measured once per process and
@@ -550,6 +724,20 @@ selection select(const attn_params& p) {
   if (!sel.reasons.empty()) return sel;
   // The bf16-dot kernel rounds P to bf16, an error an f32 output would show: it serves bf16 outputs only.
   // RoPE rotates in fp32 while packing, which the bf16 pair packing skips: such calls widen to fp32.
+  if (p.mask) {
+    if (const std::optional<detail::grid_local> g = detail::as_grid_local(*p.mask)) {
+      const std::string blocker = grid_path_blocker(p, *g);
+      if (blocker.empty()) {
+        sel.run = run_flash_fwd_grid;
+        sel.name = std::string("cpu.flash_fwd_grid<") + dtype_name(p.in_type) + ">";
+        sel.reasons.push_back(sel.name + ": " + p.mask->str() + " on query boxes of the grid, each with its gathered key box: " +
+                              detail::plan_grid_tiles(*g, k_bq, 6).describe());
+        if (p.in_type != dtype::f32) sel.reasons.push_back(sel.name + ": inputs widened to f32 while gathering; compute in f32");
+        return sel;
+      }
+      sel.reasons.push_back("cpu.flash_fwd_grid: not used: " + blocker);
+    }
+  }
   const bf16_dot_choice dot =
       p.in_type == dtype::bf16 && p.out_type == dtype::bf16 && !p.rope ? bf16_dot_decision() : bf16_dot_choice{};
   const bool bf16_dot = dot.use;
@@ -562,12 +750,7 @@ selection select(const attn_params& p) {
                           " classified per tile; on PARTIAL tiles only, one allowed-key word per row (built-in patterns in "
                           "closed form, a user mask functor called per element)");
   if (p.rope) sel.reasons.push_back(sel.name + ": RoPE (rotary dim " + std::to_string(p.rope_dim) + ") applied to Q and K while packing, from per-token cos/sin tables");
-  if (p.score) {
-    std::vector<detail::score_step> steps;
-    sel.reasons.push_back(detail::lower_score(*p.score, steps)
-                              ? sel.name + ": built-in score modifiers (ALiBi / softcap chain) applied to whole score rows, vectorized"
-                              : sel.name + ": user score functor evaluated per element (type-erased call, slow path)");
-  }
+  if (p.score) sel.reasons.push_back(sel.name + ": " + detail::describe_score(*p.score));
   if (bf16_dot)
     sel.reasons.push_back(sel.name + ": QK^T and PV on the AVX512-BF16 dot product (P rounded to bf16), fp32 softmax and accumulation (" +
                           dot.why + ")");

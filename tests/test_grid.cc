@@ -1,0 +1,183 @@
+// The grid path of the CPU kernel (query boxes with gathered key boxes, core/grid_tiles.h, cpu.flash_fwd_grid):
+// the plan against the mask predicate pair by pair, the kernel against the oracle, and when the path is (not) taken.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "core/grid_tiles.h"
+#include "omniattn/omniattn.h"
+#include "test_common.h"
+#include "tolerance.h"
+
+namespace omniattn {
+namespace {
+
+struct grid_case {
+  std::vector<std::int64_t> grid, kernel, dilation;
+  std::vector<bool> causal;
+};
+
+// Awkward grids: odd and prime sizes, kernels up to the grid, dilations that do not divide it, causal axes.
+const grid_case k_cases[] = {
+    {{97}, {13}, {1}, {false}},
+    {{101}, {7}, {3}, {true}},
+    {{130}, {127}, {1}, {false}},
+    {{13, 11}, {5, 3}, {1, 2}, {false, false}},
+    {{17, 19}, {7, 7}, {2, 1}, {false, true}},
+    {{9, 10}, {9, 10}, {1, 1}, {false, false}},
+    {{4, 6, 5}, {3, 3, 3}, {1, 1, 1}, {true, false, false}},
+    {{5, 7, 6}, {3, 5, 3}, {1, 1, 2}, {false, false, false}},
+};
+
+mask_expr mask_of(const grid_case& c) { return mask_expr::neighborhood(c.grid, c.kernel, c.dilation, c.causal); }
+
+std::int64_t tokens_of(const grid_case& c) {
+  std::int64_t n = 1;
+  for (std::int64_t x : c.grid) n *= x;
+  return n;
+}
+
+// Every query is in exactly one box; the keys behind its set bits (slot 16 s + lane is packed key segments[s] + lane)
+// are exactly the keys the mask allows it, each once, so nothing allowed is left outside its box.
+void expect_plan_exact(const mask_expr& m, std::int64_t n) {
+  const std::optional<detail::grid_local> g = detail::as_grid_local(m);
+  ASSERT_TRUE(g.has_value()) << m.str();
+  const detail::grid_plan plan = detail::plan_grid_tiles(*g, 64, 6);
+  ASSERT_EQ(static_cast<std::int64_t>(plan.packed_token.size()), n);
+  std::vector<int> seen(static_cast<std::size_t>(n), 0);
+  for (std::int64_t t : plan.packed_token) ++seen[static_cast<std::size_t>(t)];
+  for (std::int64_t t = 0; t < n; ++t) ASSERT_EQ(seen[static_cast<std::size_t>(t)], 1) << m.str() << " packed order, token " << t;
+  std::fill(seen.begin(), seen.end(), 0);
+  std::int64_t area = 0;
+  for (const detail::grid_tile& t : plan.tiles) {
+    ASSERT_LE(t.q_count, 64);
+    const std::int64_t words = detail::grid_plan::words(t);
+    for (std::int64_t i = 0; i < t.q_count; ++i) {
+      const std::int64_t q = plan.q_tokens[static_cast<std::size_t>(t.q_begin + i)];
+      ++seen[static_cast<std::size_t>(q)];
+      std::vector<int> hit(static_cast<std::size_t>(n), 0);
+      for (std::int64_t slot = 0; slot < t.seg_count * detail::k_segment; ++slot) {
+        const bool bit = t.full || ((plan.bits[static_cast<std::size_t>(t.bits_begin + i * words + slot / 64)] >> (slot % 64)) & 1);
+        if (!bit) continue;
+        const std::int64_t packed = plan.segments[static_cast<std::size_t>(t.seg_begin + slot / detail::k_segment)] + slot % detail::k_segment;
+        ASSERT_LT(packed, n) << m.str() << " q " << q << " slot " << slot << " past the sequence";
+        const std::int64_t k = plan.packed_token[static_cast<std::size_t>(packed)];
+        ASSERT_TRUE(m.allows(0, 0, q, k, n, n)) << m.str() << " q " << q << " k " << k;
+        ASSERT_EQ(hit[static_cast<std::size_t>(k)]++, 0) << m.str() << " q " << q << " k " << k << " in two slots";
+      }
+      for (std::int64_t k = 0; k < n; ++k) {
+        const bool allowed = m.allows(0, 0, q, k, n, n);
+        ASSERT_EQ(hit[static_cast<std::size_t>(k)] == 1, allowed) << m.str() << " q " << q << " k " << k << " outside its box";
+        area += allowed;
+      }
+    }
+  }
+  for (std::int64_t q = 0; q < n; ++q) ASSERT_EQ(seen[static_cast<std::size_t>(q)], 1) << m.str() << " query " << q;
+  EXPECT_EQ(plan.pairs_allowed, area);
+  EXPECT_GE(plan.pairs_computed, area);
+}
+
+TEST(GridPlan, BitsAreTheMaskPredicate) {
+  for (const grid_case& c : k_cases) expect_plan_exact(mask_of(c), tokens_of(c));
+}
+
+TEST(GridPlan, PicksBoxesNotRasterRows) {
+  // 64x64 image, 7x7 window: a box of queries needs far fewer keys than a 64-token raster strip (7 x 64 = 448).
+  const mask_expr m = mask_expr::neighborhood({64, 64}, {7, 7});
+  const detail::grid_plan plan = detail::plan_grid_tiles(*detail::as_grid_local(m), 64, 6);
+  EXPECT_GT(plan.patch[0], 1);
+  EXPECT_LE(plan.max_segments * detail::k_segment, 256);
+  EXPECT_GT(static_cast<double>(plan.pairs_allowed) / static_cast<double>(plan.pairs_computed), 0.25) << plan.describe();
+}
+
+selection selected(const problem& p, const spec& s) {
+  problem_data d(p);
+  attn_params ap;
+  EXPECT_TRUE(make_params(d.q_view(), d.k_view(), d.v_view(), d.out_view(), s, d.make_options(backend::cpu, 2), ap).ok());
+  return select(ap, backend::cpu);
+}
+
+std::string selected_name(const problem& p, const spec& s) { return selected(p, s).name; }
+
+TEST(GridKernel, NeighborhoodsAgainstTheOracle) {
+  std::uint64_t seed = 900;
+  for (const grid_case& c : k_cases) {
+    problem p = test::small_problem(tokens_of(c), tokens_of(c), 4, 2, 24, dtype::f32, causal_mode::none, seed++);
+    p.batch = 2;
+    spec s;
+    s.mask = mask_of(c);
+    ASSERT_EQ(selected_name(p, s), "cpu.flash_fwd_grid<f32>") << s.mask.str();
+    EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2)) << s.mask.str();
+    problem pb = p;
+    pb.type = dtype::bf16;
+    pb.dim_qk = pb.dim_v = 17;  // not a multiple of the vector width
+    EXPECT_TRUE(test::check_backend(pb, s, backend::cpu, 1)) << s.mask.str() << " bf16";
+  }
+}
+
+TEST(GridKernel, SinksRopeGqaAndLayouts) {
+  const grid_case c{{12, 15}, {5, 7}, {1, 2}, {false, false}};
+  problem p = test::small_problem(180, 180, 6, 2, 32, dtype::f32, causal_mode::none, 77);
+  p.lay = layout::bhsd;
+  spec s;
+  s.mask = mask_of(c);
+  const std::vector<float> sinks = {0.5f, -1.0f, 2.0f, 0.0f, 1.0f, -0.5f};
+  s.sink_logits = sinks.data();
+  rope_spec r;
+  s.rope = &r;
+  ASSERT_EQ(selected_name(p, s), "cpu.flash_fwd_grid<f32>");
+  EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2));
+}
+
+TEST(GridKernel, SameResultAsTheRasterPath) {
+  const grid_case c{{20, 21}, {7, 7}, {1, 1}, {false, false}};
+  problem p = test::small_problem(420, 420, 2, 2, 64, dtype::f32, causal_mode::none, 5);
+  spec s;
+  s.mask = mask_of(c);
+  problem_data grid(p), raster(p);
+  ASSERT_TRUE(run_problem(grid, s, backend::cpu, 2).ok());
+  {
+    const test::scoped_env off("OMNIATTN_GRID", "0");
+    EXPECT_EQ(selected_name(p, s), "cpu.flash_fwd<f32>");
+    ASSERT_TRUE(run_problem(raster, s, backend::cpu, 2).ok());
+  }
+  const test::error_stats e = test::out_error(grid, raster);
+  EXPECT_LT(e.max_abs, 1e-5);
+}
+
+TEST(GridKernel, FallsBackWithReasons) {
+  const grid_case c{{8, 8}, {3, 3}, {1, 1}, {false, false}};
+  spec s;
+  s.mask = mask_of(c);
+  // Cross attention to a different length: not the grid's token count.
+  problem cross = test::small_problem(64, 70, 2, 2, 16, dtype::f32, causal_mode::none, 1);
+  EXPECT_EQ(selected_name(cross, s), "cpu.flash_fwd<f32>");
+  EXPECT_TRUE(test::check_backend(cross, s, backend::cpu, 2));
+  // A score modifier sees raster positions: raster path, still exact.
+  problem p = test::small_problem(64, 64, 2, 2, 16, dtype::f32, causal_mode::none, 2);
+  s.score = scores::softcap(5.0);
+  EXPECT_EQ(selected_name(p, s), "cpu.flash_fwd<f32>");
+  const selection sel = selected(p, s);
+  EXPECT_TRUE(std::any_of(sel.reasons.begin(), sel.reasons.end(),
+                          [](const std::string& r) { return r.find("cpu.flash_fwd_grid: not used: a score modifier") != std::string::npos; }));
+  EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2));
+}
+
+TEST(GridKernel, StatsCountVisitedKeyTiles) {
+  const grid_case c{{16, 16}, {16, 16}, {1, 1}, {false, false}};  // kernel = grid: every box sees all 256 keys
+  problem p = test::small_problem(256, 256, 1, 1, 16, dtype::f32, causal_mode::none, 3);
+  problem_data d(p);
+  spec s;
+  s.mask = mask_of(c);
+  run_stats st;
+  options o = d.make_options(backend::cpu, 1);
+  o.stats = &st;
+  ASSERT_TRUE(attention(d.q_view(), d.k_view(), d.v_view(), d.out_view(), s, o).ok());
+  const detail::grid_plan plan = detail::plan_grid_tiles(*detail::as_grid_local(s.mask), 64, 6);
+  EXPECT_EQ(st.tiles_full + st.tiles_partial, static_cast<std::int64_t>(plan.tiles.size()) * 4);
+  EXPECT_EQ(st.tiles_partial, 0);  // every query sees every key of its box
+}
+
+}  // namespace
+}  // namespace omniattn
