@@ -16,6 +16,7 @@ namespace {
 struct grid_case {
   std::vector<std::int64_t> grid, kernel, dilation;
   std::vector<bool> causal;
+  std::vector<std::int64_t> stride = {};
 };
 
 // Awkward grids: odd and prime sizes, kernels up to the grid, dilations that do not divide it, causal axes.
@@ -28,9 +29,20 @@ const grid_case k_cases[] = {
     {{9, 10}, {9, 10}, {1, 1}, {false, false}},
     {{4, 6, 5}, {3, 3, 3}, {1, 1, 1}, {true, false, false}},
     {{5, 7, 6}, {3, 5, 3}, {1, 1, 2}, {false, false, false}},
+    {{23, 18}, {7, 5}, {1, 2}, {false, false}, {3, 5}},           // NATTEN strided windows
+    {{31}, {9}, {1}, {true}, {4}},                               // strided and causal
+    {{12, 12}, {4, 4}, {1, 1}, {false, false}, {4, 4}},           // stride = kernel: blocked (Swin) windows
 };
 
-mask_expr mask_of(const grid_case& c) { return mask_expr::neighborhood(c.grid, c.kernel, c.dilation, c.causal); }
+// HaloNet blocks (the grid path's FULL boxes), including blocks that do not divide the grid.
+const mask_expr k_halos[] = {
+    mask_expr::halo({16, 16}, {8, 8}, {2, 2}),
+    mask_expr::halo({13, 17}, {4, 5}, {1, 2}),
+    mask_expr::halo({40}, {8}, {3}),
+    mask_expr::halo({6, 8, 8}, {2, 4, 4}, {1, 1, 1}),
+};
+
+mask_expr mask_of(const grid_case& c) { return mask_expr::neighborhood(c.grid, c.kernel, c.dilation, c.causal, c.stride); }
 
 std::int64_t tokens_of(const grid_case& c) {
   std::int64_t n = 1;
@@ -80,6 +92,7 @@ void expect_plan_exact(const mask_expr& m, std::int64_t n) {
 
 TEST(GridPlan, BitsAreTheMaskPredicate) {
   for (const grid_case& c : k_cases) expect_plan_exact(mask_of(c), tokens_of(c));
+  for (const mask_expr& m : k_halos) expect_plan_exact(m, detail::as_grid_local(m)->tokens());
 }
 
 TEST(GridPlan, PicksBoxesNotRasterRows) {
@@ -114,6 +127,23 @@ TEST(GridKernel, NeighborhoodsAgainstTheOracle) {
     pb.dim_qk = pb.dim_v = 17;  // not a multiple of the vector width
     EXPECT_TRUE(test::check_backend(pb, s, backend::cpu, 1)) << s.mask.str() << " bf16";
   }
+}
+
+TEST(GridKernel, HaloBlocksAgainstTheOracle) {
+  std::uint64_t seed = 950;
+  for (const mask_expr& m : k_halos) {
+    const std::int64_t n = detail::as_grid_local(m)->tokens();
+    problem p = test::small_problem(n, n, 4, 1, 20, dtype::f32, causal_mode::none, seed++);
+    spec s;
+    s.mask = m;
+    ASSERT_EQ(selected_name(p, s), "cpu.flash_fwd_grid<f32>") << m.str();
+    EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2)) << m.str();
+  }
+  // Aligned 8x8 blocks with halo 0 are Swin's window attention: each query's 64 keys are 8 lines of 8, half of the
+  // 16-key segments they occupy, so at best half of the computed pairs are allowed; the plan must reach that.
+  const mask_expr blocks = mask_expr::halo({16, 16}, {8, 8}, {0, 0});
+  const detail::grid_plan plan = detail::plan_grid_tiles(*detail::as_grid_local(blocks), 64, 6);
+  EXPECT_EQ(plan.pairs_allowed * 2, plan.pairs_computed) << plan.describe();
 }
 
 TEST(GridKernel, SinksRopeGqaAndLayouts) {

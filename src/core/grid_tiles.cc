@@ -2,6 +2,8 @@
 #include "core/grid_tiles.h"
 
 #include <algorithm>
+#include <cmath>
+#include <mutex>
 #include <sstream>
 
 namespace omniattn::detail {
@@ -42,9 +44,9 @@ std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m *
 // Modelled kernel work per query of a box, in units of one row x one key slot of the micro-kernels: every row runs
 // every key slot (segments padded to whole 64-key tiles), row blocks are padded to the register blocking, +2 rows
 // stand for the per-tile softmax bookkeeping, and a box has a fixed cost (loading and storing its rows) of about 256.
-double box_cost(std::int64_t rows, std::int64_t slots, std::int64_t row_block) {
-  const auto work = static_cast<double>(round_up(slots, 64)) * static_cast<double>(round_up(rows, row_block) + 2);
-  return (work + 256.0) / static_cast<double>(rows);
+double box_cost(double rows, double slots, std::int64_t row_block) {
+  const double padded_rows = std::ceil(rows / static_cast<double>(row_block)) * static_cast<double>(row_block);
+  return (std::ceil(slots / 64.0) * 64.0 * (padded_rows + 2.0) + 256.0) / rows;
 }
 
 }  // namespace
@@ -83,21 +85,32 @@ grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64
   for (std::int64_t t = 0; t < tokens; ++t)
     plan.packed_token[static_cast<std::size_t>(t / n[last] * n[last] + last_perm[static_cast<std::size_t>(t % n[last])])] = t;
 
-  // Box shape: the cheapest by the cost model for a box in the middle of the grid (border boxes reach fewer keys).
+  // Box shape: the cheapest by the cost model, with each axis's key extent and query count averaged over the boxes
+  // that tile it (border boxes reach fewer keys; with halo or stride, boxes that straddle blocks reach more).
   std::int64_t glen[3] = {1, 1, 1};  // length of the longest dilation group per axis
   for (int a = 0; a < rank; ++a) glen[a] = group_length(n[a], dil[a], 0);
-  double best = -1.0;
   const std::int64_t cap = std::min<std::int64_t>(max_rows, 64);
+  double mean_keys[3][65] = {}, mean_rows[3][65] = {};
+  for (int a = 0; a < rank; ++a)
+    for (std::int64_t p = 1; p <= std::min(cap, glen[a]); ++p) {
+      double keys = 0, rows = 0, boxes = 0;
+      for (std::int64_t u0 = 0; u0 < glen[a]; u0 += p, ++boxes) {
+        const std::int64_t u1 = std::min(u0 + p, glen[a]), e = box_axis(g, a, 0, u0, u1).extent;
+        keys += static_cast<double>(a == last ? round_up(e, k_segment) : e);
+        rows += static_cast<double>(u1 - u0);
+      }
+      mean_keys[a][p] = keys / boxes;
+      mean_rows[a][p] = rows / boxes;
+    }
+  double best = -1.0;
   for (std::int64_t p0 = 1; p0 <= std::min(cap, glen[0]); ++p0)
     for (std::int64_t p1 = 1; p1 <= (rank > 1 ? std::min(cap / p0, glen[1]) : 1); ++p1)
       for (std::int64_t p2 = 1; p2 <= (rank > 2 ? std::min(cap / (p0 * p1), glen[2]) : 1); ++p2) {
         const std::int64_t p[3] = {p0, p1, p2};
-        std::int64_t slots = 1, rows = 1;
+        double slots = 1, rows = 1;
         for (int a = 0; a < rank; ++a) {
-          const std::int64_t u0 = glen[a] / 2 / p[a] * p[a], u1 = std::min(u0 + p[a], glen[a]);
-          const std::int64_t e = box_axis(g, a, 0, u0, u1).extent;
-          slots *= a == last ? round_up(e, k_segment) : e;
-          rows *= u1 - u0;
+          slots *= mean_keys[a][p[a]];
+          rows *= mean_rows[a][p[a]];
         }
         const double c = box_cost(rows, slots, row_block);
         if (best < 0 || c < best - 1e-9) {
@@ -183,6 +196,24 @@ grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64
               plan.tiles.push_back(t);
             }
       }
+  return plan;
+}
+
+std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int64_t max_rows, std::int64_t row_block) {
+  std::vector<std::int64_t> key = {static_cast<std::int64_t>(g.type), g.rank, max_rows, row_block};
+  for (int a = 0; a < 3; ++a)
+    key.insert(key.end(), {g.grid[a], g.kernel[a], g.dilation[a], g.stride[a], std::int64_t{g.causal[a]}, g.block[a], g.halo[a]});
+  static std::mutex mu;
+  static std::vector<std::pair<std::vector<std::int64_t>, std::shared_ptr<const grid_plan>>> cache;  // most recent last
+  std::lock_guard<std::mutex> lock(mu);
+  for (std::size_t i = 0; i < cache.size(); ++i)
+    if (cache[i].first == key) {
+      std::rotate(cache.begin() + static_cast<std::ptrdiff_t>(i), cache.begin() + static_cast<std::ptrdiff_t>(i) + 1, cache.end());
+      return cache.back().second;
+    }
+  auto plan = std::make_shared<const grid_plan>(plan_grid_tiles(g, max_rows, row_block));
+  if (cache.size() == 4) cache.erase(cache.begin());
+  cache.emplace_back(std::move(key), plan);
   return plan;
 }
 

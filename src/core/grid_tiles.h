@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -43,5 +44,9 @@ struct grid_plan {
 // Covers every token of the grid by query boxes of at most max_rows (<= 64) queries, shaped by a cost model of the
 // fused kernel (64-key tiles, register blocks of row_block rows), in raster order of the boxes.
 grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64_t row_block);
+
+// The same plan from a small process-wide cache (the last few grids): selection and every call of a layer that
+// runs the same grid reuse one plan instead of rebuilding it. Thread-safe.
+std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int64_t max_rows, std::int64_t row_block);
 
 }  // namespace omniattn::detail

@@ -208,7 +208,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
     fail("spec.causal ", static_cast<int>(s.causal), " is not a causal_mode");
   p.causal = s.causal;
   if (s.mask) {
-    if (const std::string why = s.mask.check(); !why.empty()) fail("spec.mask ", why);
+    if (const std::string why = s.mask.check(p.batch, p.heads_q, p.seq_q, p.seq_k); !why.empty()) fail("spec.mask ", why);
   }
   p.mask = s.mask ? &s.mask : nullptr;
   p.score = s.score ? &s.score : nullptr;

@@ -242,7 +242,8 @@ struct thread_scratch {
 // ([tile][dim][BK], so the S micro-kernel loads BK consecutive keys of one dim) and V row-major ([tile][BK][dim_vp]).
 // The bf16-dot kernel stores bf16 pairs in the same slots (see cpu/bf16_dot.h), using half of each.
 struct packed_kv {
-  hwy::AlignedFreeUniquePtr<float[]> kt, v;
+  float* kt = nullptr;  // reusable_buffer slots 0 and 1
+  float* v = nullptr;
   std::int64_t kvh_begin = 0, tiles_total = 0;
   std::vector<std::int64_t> tile_offset;  // first kv tile of each sequence within a head's slot
   std::int64_t dim_qk = 0, dim_vp = 0;
@@ -255,8 +256,8 @@ struct packed_kv {
   }
   float* k_tile(std::int64_t b, std::int64_t kvh, std::int64_t kt) const { return kt_ptr() + tile_index(b, kvh, kt) * dim_qk * k_bk; }
   float* v_tile(std::int64_t b, std::int64_t kvh, std::int64_t kt) const { return v_ptr() + tile_index(b, kvh, kt) * k_bk * dim_vp; }
-  float* kt_ptr() const { return kt.get(); }
-  float* v_ptr() const { return v.get(); }
+  float* kt_ptr() const { return kt; }
+  float* v_ptr() const { return v; }
 };
 
 inline std::uint32_t bf16_pair(const void* base, std::int64_t lo, std::int64_t hi, bool hi_valid) {
@@ -428,6 +429,35 @@ void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv,
   end_rows(p, ts, e, h, rows, dim_vp, pos);
 }
 
+// K of up to BK keys of one kv head, transposed: dst[dd * dst_ld + j] = K[pos[j]][dd] (RoPE applied). f32 storage
+// without RoPE uses vector gathers (one per dim and L keys) instead of a load and L scalar stores per key: for local
+// attention, where each key meets few queries, packing is a visible share of the work.
+HWY_INLINE void transpose_k(const attn_params& p, const packed_kv& kv, std::int64_t tensor_batch, std::int64_t kvh,
+                            const std::int64_t* pos, std::int64_t n, float* HWY_RESTRICT dst, std::int64_t dst_ld, float* row) {
+  const df_t d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  const std::int64_t base = tensor_batch * p.k_stride[0] + kvh * p.k_stride[2];
+  std::int64_t j = 0;
+  if (p.in_type == dtype::f32 && !p.rope && (p.seq_rows_k + 1) * p.k_stride[1] < (std::int64_t{1} << 31)) {
+    const hn::RebindToSigned<df_t> di;
+    const float* kb = static_cast<const float*>(p.k) + base;
+    alignas(64) std::int32_t idx[k_bk];
+    for (std::int64_t t = 0; t < n; ++t) idx[t] = static_cast<std::int32_t>(pos[t] * p.k_stride[1]);
+    for (; j + L <= n; j += L) {
+      const auto vi = hn::Load(di, idx + j);
+      for (std::int64_t dd = 0; dd < p.dim_qk; ++dd) hn::StoreU(hn::GatherIndex(d, kb + dd * p.k_stride[3], vi), d, dst + dd * dst_ld + j);
+    }
+  }
+  for (; j < n; ++j) {
+    load_row(p.k, p.in_type, base + pos[j] * p.k_stride[1], p.k_stride[3], p.dim_qk, row);
+    if (p.rope) {
+      const std::size_t at = static_cast<std::size_t>((tensor_batch * p.seq_rows_k + pos[j]) * (p.rope_dim / 2));
+      rope_apply(p, kv.k_cos.data() + at, kv.k_sin.data() + at, row);
+    }
+    for (std::int64_t dd = 0; dd < p.dim_qk; ++dd) dst[dd * dst_ld + j] = row[dd];
+  }
+}
+
 template <bool Bf16Dot>
 void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::int64_t kt, const packed_kv& kv, float* row) {
   const seq_extent e = sequence(p, b);
@@ -453,14 +483,9 @@ void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::i
     }
     return;
   }
-  for (std::int64_t j = 0; j < keys; ++j) {
-    load_row(p.k, p.in_type, k_base + j * p.k_stride[1], p.k_stride[3], p.dim_qk, row);
-    if (p.rope) {
-      const std::size_t at = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_k + e.k_begin + k0 + j) * (p.rope_dim / 2));
-      rope_apply(p, kv.k_cos.data() + at, kv.k_sin.data() + at, row);
-    }
-    for (std::int64_t dd = 0; dd < p.dim_qk; ++dd) ktile[dd * k_bk + j] = row[dd];
-  }
+  std::int64_t pos[k_bk];
+  for (std::int64_t j = 0; j < keys; ++j) pos[j] = e.k_begin + k0 + j;
+  transpose_k(p, kv, e.tensor_batch, kvh, pos, keys, ktile, k_bk, row);
   for (std::int64_t j = 0; j < keys; ++j)
     load_row(p.v, p.in_type, v_base + j * p.v_stride[1], p.v_stride[3], p.dim_v, vtile + j * kv.dim_vp);
 }
@@ -468,6 +493,19 @@ void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::i
 // Packed K/V is kept under this many bytes by packing kv heads in chunks; each chunk costs two barriers, so small
 // problems run as one chunk (two barriers per call) and large ones stay O(N) in memory.
 constexpr std::int64_t k_pack_budget_bytes = std::int64_t{64} << 20;
+
+// Packed K/V buffers are kept per calling thread and reused by its next calls: a fresh multi-MiB allocation per call
+// pays a page fault and a page clear per 4 KiB on first touch (about 5% of a local-attention call). They hold at most
+// k_pack_budget_bytes (plus one kv head) each, until the thread exits.
+inline float* reusable_buffer(int slot, std::size_t floats) {
+  thread_local hwy::AlignedFreeUniquePtr<float[]> buffers[2];
+  thread_local std::size_t capacity[2] = {0, 0};
+  if (capacity[slot] < floats) {
+    buffers[slot] = hwy::AllocateAligned<float>(floats);
+    capacity[slot] = floats;
+  }
+  return buffers[slot].get();
+}
 
 struct work_item {
   std::int64_t b, h, qt, cost;
@@ -495,8 +533,8 @@ void flash_fwd(const attn_params& p) {
   }
   const std::int64_t head_bytes = std::max<std::int64_t>(kv.tiles_total, 1) * k_bk * (p.dim_qk + kv.dim_vp) * 4;
   const std::int64_t heads_per_chunk = std::clamp<std::int64_t>(k_pack_budget_bytes / head_bytes, 1, p.heads_kv);
-  kv.kt = hwy::AllocateAligned<float>(static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * p.dim_qk * k_bk, 1)));
-  kv.v = hwy::AllocateAligned<float>(static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * k_bk * kv.dim_vp, 1)));
+  kv.kt = reusable_buffer(0, static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * p.dim_qk * k_bk, 1)));
+  kv.v = reusable_buffer(1, static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * k_bk * kv.dim_vp, 1)));
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
   for (thread_scratch& ts : scratch) {
     ts.q = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * p.dim_qk));
@@ -563,7 +601,8 @@ void flash_fwd(const attn_params& p) {
 void flash_fwd_grid(const attn_params& p) {
   const df_t d;
   const auto L = static_cast<std::int64_t>(hn::Lanes(d));
-  const detail::grid_plan plan = detail::plan_grid_tiles(*detail::as_grid_local(*p.mask), k_bq, 6);
+  const std::shared_ptr<const detail::grid_plan> plan_ptr = detail::cached_grid_plan(*detail::as_grid_local(*p.mask), k_bq, 6);
+  const detail::grid_plan& plan = *plan_ptr;
   const int threads = p.threads;
   const std::int64_t dim = p.dim_qk;
   packed_kv kv;
@@ -579,7 +618,7 @@ void flash_fwd_grid(const attn_params& p) {
   const std::int64_t n = p.seq_k, n_pad = n + detail::k_segment, k_ld = (n_pad + L - 1) / L * L;
   const std::int64_t head_floats = dim * k_ld + n_pad * dim_vp;
   const std::int64_t heads_per_chunk = std::clamp<std::int64_t>(k_pack_budget_bytes / (4 * head_floats), 1, p.heads_kv);
-  auto packed = hwy::AllocateAligned<float>(static_cast<std::size_t>(heads_per_chunk * head_floats));
+  float* const packed = reusable_buffer(0, static_cast<std::size_t>(heads_per_chunk * head_floats));
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads), std::vector<float>(static_cast<std::size_t>(dim)));
   for (thread_scratch& ts : scratch) {
@@ -602,32 +641,27 @@ void flash_fwd_grid(const attn_params& p) {
 #pragma omp for schedule(static)
         for (std::int64_t it = 0; it < chunk * pack_blocks; ++it) {
           const std::int64_t c = it / pack_blocks, j0 = it % pack_blocks * k_bk;
-          float* kp = packed.get() + c * head_floats;
+          float* kp = packed + c * head_floats;
           float* vp = kp + dim * k_ld;
           float* row = rows[static_cast<std::size_t>(tid)].data();
-          for (std::int64_t j = j0; j < std::min(n_pad, j0 + k_bk); ++j) {
-            float* vrow = vp + j * dim_vp;
-            std::fill(vrow, vrow + dim_vp, 0.0f);
-            if (j >= n) {
-              for (std::int64_t dd = 0; dd < dim; ++dd) kp[dd * k_ld + j] = 0.0f;
-              continue;
-            }
-            const std::int64_t at = e.k_begin + plan.packed_token[static_cast<std::size_t>(j)];
-            load_row(p.k, p.in_type, e.tensor_batch * p.k_stride[0] + at * p.k_stride[1] + (kvh0 + c) * p.k_stride[2], p.k_stride[3], dim, row);
-            if (p.rope) {
-              const std::size_t r = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_k + at) * (p.rope_dim / 2));
-              rope_apply(p, kv.k_cos.data() + r, kv.k_sin.data() + r, row);
-            }
-            for (std::int64_t dd = 0; dd < dim; ++dd) kp[dd * k_ld + j] = row[dd];
-            load_row(p.v, p.in_type, e.tensor_batch * p.v_stride[0] + at * p.v_stride[1] + (kvh0 + c) * p.v_stride[2], p.v_stride[3],
-                     p.dim_v, vrow);
-          }
+          const std::int64_t j1 = std::min(n, j0 + k_bk);
+          std::int64_t pos[k_bk];
+          for (std::int64_t j = j0; j < j1; ++j) pos[j - j0] = e.k_begin + plan.packed_token[static_cast<std::size_t>(j)];
+          if (j1 > j0) transpose_k(p, kv, e.tensor_batch, kvh0 + c, pos, j1 - j0, kp + j0, k_ld, row);
+          for (std::int64_t j = j0; j < j1; ++j)
+            load_row(p.v, p.in_type, e.tensor_batch * p.v_stride[0] + pos[j - j0] * p.v_stride[1] + (kvh0 + c) * p.v_stride[2],
+                     p.v_stride[3], p.dim_v, vp + j * dim_vp);
+          // Padding past the sequence (read by segments that reach past the last key) and past dim_v: zeros.
+          for (std::int64_t j = std::max(j0, n); j < std::min(n_pad, j0 + k_bk); ++j)
+            for (std::int64_t dd = 0; dd < dim; ++dd) kp[dd * k_ld + j] = 0.0f;
+          for (std::int64_t j = j0; j < std::min(n_pad, j0 + k_bk); ++j)
+            std::fill(vp + j * dim_vp + (j < n ? p.dim_v : 0), vp + (j + 1) * dim_vp, 0.0f);
         }
 #pragma omp for schedule(dynamic, 1)
         for (std::int64_t it = 0; it < chunk * n_tiles; ++it) {
           const std::int64_t kvh = kvh0 + it / n_tiles;
           const detail::grid_tile& t = plan.tiles[static_cast<std::size_t>(it % n_tiles)];
-          const float* kp = packed.get() + (kvh - kvh0) * head_floats;
+          const float* kp = packed + (kvh - kvh0) * head_floats;
           const float* vp = kp + dim * k_ld;
           const std::int64_t slots = t.seg_count * detail::k_segment, tiles_k = (slots + k_bk - 1) / k_bk;
           const std::int64_t words = detail::grid_plan::words(t);
@@ -731,7 +765,7 @@ selection select(const attn_params& p) {
         sel.run = run_flash_fwd_grid;
         sel.name = std::string("cpu.flash_fwd_grid<") + dtype_name(p.in_type) + ">";
         sel.reasons.push_back(sel.name + ": " + p.mask->str() + " on query boxes of the grid, each with its gathered key box: " +
-                              detail::plan_grid_tiles(*g, k_bq, 6).describe());
+                              detail::cached_grid_plan(*g, k_bq, 6)->describe());
         if (p.in_type != dtype::f32) sel.reasons.push_back(sel.name + ": inputs widened to f32 while gathering; compute in f32");
         return sel;
       }
