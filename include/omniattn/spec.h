@@ -71,7 +71,9 @@ struct varlen {
 enum class backend : std::uint8_t { automatic, reference, cpu };
 const char* backend_name(backend b);
 
-// What a kernel did, for tests and the benchmark: key tiles visited per (query tile, head), by class.
+// What a kernel did, for tests and the benchmark: key tiles visited per (query tile, head), by class. The grid path
+// (neighborhood / halo masks on query boxes) reports the pairs it computed in units of 64 x 64 tiles, and as skipped
+// the rest of the dense problem's tiles.
 struct run_stats {
   std::int64_t tiles_full = 0, tiles_partial = 0, tiles_skipped = 0;
 };

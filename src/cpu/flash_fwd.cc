@@ -236,6 +236,7 @@ struct thread_scratch {
   float m[k_bq], alpha[k_bq];
   hwy::AlignedFreeUniquePtr<float[]> l;  // [k_bq][lanes]: per-row softmax denominators as lane partial sums
   std::int64_t tiles[3] = {};  // key tiles seen, by tile_kind (empty ones are skipped)
+  std::int64_t pairs[3] = {};  // grid path: query x key-slot pairs computed, by tile_kind
 };
 
 // Packed K/V of a range of kv heads for every sequence. Per (sequence, kv head) slot: K transposed per key tile
@@ -679,7 +680,7 @@ void flash_fwd_grid(const attn_params& p) {
                 ks.vseg[sg] = vp + start * dim_vp;
               }
               const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
-              ++ts.tiles[static_cast<int>(t.full ? tile_kind::full : tile_kind::partial)];
+              ts.pairs[static_cast<int>(t.full ? tile_kind::full : tile_kind::partial)] += t.q_count * k_bk;
               key_tile<false>(p, kv, ts, b, h, t.q_count, 0, 0, keys, ks, dim_vp, [&](std::int64_t i) {
                 return t.full ? in_range : plan.bits[static_cast<std::size_t>(t.bits_begin + i * words + kt)];
               });
@@ -691,11 +692,18 @@ void flash_fwd_grid(const attn_params& p) {
     }
   }
   if (p.stats) {
-    *p.stats = {};
+    // In units of BQ x BK tiles, so the share skipped compares with the raster path: the dense problem's tiles minus
+    // the pairs computed (boxes have fewer rows than a tile).
+    std::int64_t full = 0, partial = 0;
     for (const thread_scratch& ts : scratch) {
-      p.stats->tiles_partial += ts.tiles[static_cast<int>(tile_kind::partial)];
-      p.stats->tiles_full += ts.tiles[static_cast<int>(tile_kind::full)];
+      full += ts.pairs[static_cast<int>(tile_kind::full)];
+      partial += ts.pairs[static_cast<int>(tile_kind::partial)];
     }
+    const std::int64_t dense = p.batch * p.heads_q * ((p.seq_q + k_bq - 1) / k_bq) * ((p.seq_k + k_bk - 1) / k_bk);
+    *p.stats = {};
+    p.stats->tiles_full = (full + k_bq * k_bk - 1) / (k_bq * k_bk);
+    p.stats->tiles_partial = (partial + k_bq * k_bk - 1) / (k_bq * k_bk);
+    p.stats->tiles_skipped = std::max<std::int64_t>(dense - p.stats->tiles_full - p.stats->tiles_partial, 0);
   }
 }
 
