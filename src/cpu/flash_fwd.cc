@@ -86,6 +86,24 @@ HWY_INLINE vf_t exp2_neg(df_t d, vf_t x) {
   return hn::Mul(p, hn::BitCast(d, hn::ShiftLeft<23>(hn::BitCast(du, t))));
 }
 
+// load_row on whole vectors for unit-stride bf16 / f16 rows (widening is a shift / a conversion per lane): the scalar
+// per-element path costs more than the attention itself on local masks, where each row meets few keys.
+HWY_INLINE void load_row_v(const void* base, dtype t, std::int64_t offset, std::int64_t stride, std::int64_t n, float* dst) {
+  const df_t d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  std::int64_t i = 0;
+  if (stride == 1 && t == dtype::bf16) {
+    const hn::Rebind<hwy::bfloat16_t, df_t> dh;
+    const auto* src = static_cast<const hwy::bfloat16_t*>(base) + offset;
+    for (; i + L <= n; i += L) hn::StoreU(hn::PromoteTo(d, hn::LoadU(dh, src + i)), d, dst + i);
+  } else if (stride == 1 && t == dtype::f16) {
+    const hn::Rebind<hwy::float16_t, df_t> dh;
+    const auto* src = static_cast<const hwy::float16_t*>(base) + offset;
+    for (; i + L <= n; i += L) hn::StoreU(hn::PromoteTo(d, hn::LoadU(dh, src + i)), d, dst + i);
+  }
+  load_row(base, t, offset + i * stride, stride, n - i, dst + i);
+}
+
 // Register blocking: MR query rows x NV vectors of keys (S) or of value dims (O). 4 x 4 accumulators leave room for
 // the operands in 16 (AVX2) and 32 (AVX-512) registers.
 #if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
@@ -286,7 +304,7 @@ void begin_rows(const attn_params& p, const packed_kv& kv, thread_scratch& ts, c
       for (std::int64_t dp = 0; dp < dim_pairs; ++dp)
         q16[i * dim_pairs + dp] = bf16_pair(p.q, off + 2 * dp * p.q_stride[3], off + (2 * dp + 1) * p.q_stride[3], 2 * dp + 1 < dim);
     } else {
-      load_row(p.q, p.in_type, off, p.q_stride[3], dim, qp + i * dim);
+      load_row_v(p.q, p.in_type, off, p.q_stride[3], dim, qp + i * dim);
       if (p.rope) {
         const std::size_t t = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_q + at) * (p.rope_dim / 2));
         rope_apply(p, kv.q_cos.data() + t, kv.q_sin.data() + t, qp + i * dim);
@@ -450,7 +468,7 @@ HWY_INLINE void transpose_k(const attn_params& p, const packed_kv& kv, std::int6
     }
   }
   for (; j < n; ++j) {
-    load_row(p.k, p.in_type, base + pos[j] * p.k_stride[1], p.k_stride[3], p.dim_qk, row);
+    load_row_v(p.k, p.in_type, base + pos[j] * p.k_stride[1], p.k_stride[3], p.dim_qk, row);
     if (p.rope) {
       const std::size_t at = static_cast<std::size_t>((tensor_batch * p.seq_rows_k + pos[j]) * (p.rope_dim / 2));
       rope_apply(p, kv.k_cos.data() + at, kv.k_sin.data() + at, row);
@@ -488,7 +506,7 @@ void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::i
   for (std::int64_t j = 0; j < keys; ++j) pos[j] = e.k_begin + k0 + j;
   transpose_k(p, kv, e.tensor_batch, kvh, pos, keys, ktile, k_bk, row);
   for (std::int64_t j = 0; j < keys; ++j)
-    load_row(p.v, p.in_type, v_base + j * p.v_stride[1], p.v_stride[3], p.dim_v, vtile + j * kv.dim_vp);
+    load_row_v(p.v, p.in_type, v_base + j * p.v_stride[1], p.v_stride[3], p.dim_v, vtile + j * kv.dim_vp);
 }
 
 // Packed K/V is kept under this many bytes by packing kv heads in chunks; each chunk costs two barriers, so small
@@ -650,7 +668,7 @@ void flash_fwd_grid(const attn_params& p) {
           for (std::int64_t j = j0; j < j1; ++j) pos[j - j0] = e.k_begin + plan.packed_token[static_cast<std::size_t>(j)];
           if (j1 > j0) transpose_k(p, kv, e.tensor_batch, kvh0 + c, pos, j1 - j0, kp + j0, k_ld, row);
           for (std::int64_t j = j0; j < j1; ++j)
-            load_row(p.v, p.in_type, e.tensor_batch * p.v_stride[0] + pos[j - j0] * p.v_stride[1] + (kvh0 + c) * p.v_stride[2],
+            load_row_v(p.v, p.in_type, e.tensor_batch * p.v_stride[0] + pos[j - j0] * p.v_stride[1] + (kvh0 + c) * p.v_stride[2],
                      p.v_stride[3], p.dim_v, vp + j * dim_vp);
           // Padding past the sequence (read by segments that reach past the last key) and past dim_v: zeros.
           for (std::int64_t j = std::max(j0, n); j < std::min(n_pad, j0 + k_bk); ++j)
