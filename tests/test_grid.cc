@@ -3,7 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
+
+#include "hwy/targets.h"
 
 #include "core/grid_tiles.h"
 #include "omniattn/omniattn.h"
@@ -32,6 +35,10 @@ const grid_case k_cases[] = {
     {{23, 18}, {7, 5}, {1, 2}, {false, false}, {3, 5}},           // NATTEN strided windows
     {{31}, {9}, {1}, {true}, {4}},                               // strided and causal
     {{12, 12}, {4, 4}, {1, 1}, {false, false}, {4, 4}},           // stride = kernel: blocked (Swin) windows
+    {{1}, {1}, {1}, {false}},                                    // one token
+    {{7}, {2}, {3}, {true}},                                     // dilation not dividing a short last axis
+    {{1, 100}, {1, 33}, {1, 3}, {false, false}},                 // degenerate axes
+    {{100, 1}, {33, 1}, {3, 1}, {false, false}},
 };
 
 // HaloNet blocks (the grid path's FULL boxes), including blocks that do not divide the grid.
@@ -59,6 +66,8 @@ void expect_plan_exact(const mask_expr& m, std::int64_t n) {
   ASSERT_EQ(static_cast<std::int64_t>(plan.packed_token.size()), n);
   std::vector<int> seen(static_cast<std::size_t>(n), 0);
   for (std::int64_t t : plan.packed_token) ++seen[static_cast<std::size_t>(t)];
+  // A segment reads 16 packed keys from its start; the kernel pads 16 past the sequence, so every start must be a key.
+  for (std::int64_t start : plan.segments) ASSERT_LT(start, n) << m.str();
   for (std::int64_t t = 0; t < n; ++t) ASSERT_EQ(seen[static_cast<std::size_t>(t)], 1) << m.str() << " packed order, token " << t;
   std::fill(seen.begin(), seen.end(), 0);
   std::int64_t area = 0;
@@ -129,6 +138,45 @@ TEST(GridKernel, NeighborhoodsAgainstTheOracle) {
   }
 }
 
+TEST(GridKernel, EveryCompiledTargetAgainstTheOracle) {
+  // The register blocking and segment pointers differ per ISA (16 / 8 / 4 / 1 lanes): run each compiled target.
+  const grid_case cases[] = {{{7}, {2}, {3}, {false}}, {{9, 13}, {3, 5}, {1, 2}, {true, false}, {1, 2}}, {{3, 4, 37}, {3, 3, 11}, {1, 1, 3}, {false, false, false}}};
+  for (const std::int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    std::uint64_t seed = 970;
+    for (const grid_case& c : cases) {
+      problem p = test::small_problem(tokens_of(c), tokens_of(c), 4, 2, 20, dtype::f32, causal_mode::none, seed++);
+      p.dim_v = 73;  // several PV column blocks and a ragged one
+      spec s;
+      s.mask = mask_of(c);
+      ASSERT_EQ(selected_name(p, s), "cpu.flash_fwd_grid<f32>");
+      EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2)) << s.mask.str() << " on " << hwy::TargetName(target);
+    }
+  }
+  hwy::SetSupportedTargetsForTest(0);
+}
+
+TEST(GridKernel, NestedCallFromAFunctorLeavesTheOuterCallIntact) {
+  // A user score functor that itself calls attention (on the same thread, inside the outer call) must not disturb the
+  // outer call's packed K/V, which live in a per-thread reusable buffer.
+  problem outer = test::small_problem(300, 300, 2, 2, 32, dtype::f32, causal_mode::bottom_right, 21);
+  problem inner = test::small_problem(2048, 2048, 2, 1, 64, dtype::f32, causal_mode::none, 22);
+  problem_data inner_data(inner);
+  std::atomic<int> nested_calls{0};
+  bool nest = true;
+  spec s;
+  s.score = [&](double x, std::int64_t, std::int64_t, std::int64_t, std::int64_t) {
+    if (nest && nested_calls.fetch_add(1) == 0) EXPECT_TRUE(run_problem(inner_data, spec{}, backend::cpu, 1).ok());
+    return x;
+  };
+  problem_data with_nested(outer), plain(outer);
+  ASSERT_TRUE(run_problem(with_nested, s, backend::cpu, 2).ok());
+  EXPECT_EQ(nested_calls.load() > 0, true);
+  nest = false;
+  ASSERT_TRUE(run_problem(plain, s, backend::cpu, 2).ok());
+  EXPECT_TRUE(test::bytes_equal(with_nested.out, plain.out));
+}
+
 TEST(GridKernel, HaloBlocksAgainstTheOracle) {
   std::uint64_t seed = 950;
   for (const mask_expr& m : k_halos) {
@@ -192,6 +240,18 @@ TEST(GridKernel, FallsBackWithReasons) {
   EXPECT_TRUE(std::any_of(sel.reasons.begin(), sel.reasons.end(),
                           [](const std::string& r) { return r.find("cpu.flash_fwd_grid: not used: a score modifier") != std::string::npos; }));
   EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2));
+  // spec.causal on top of a neighborhood, and varlen batches of grids: the raster path, still exact.
+  s.score = nullptr;
+  problem causal = test::small_problem(64, 64, 2, 2, 16, dtype::f32, causal_mode::top_left, 6);
+  spec with_causal = s;
+  with_causal.causal = causal_mode::top_left;
+  EXPECT_EQ(selected_name(causal, with_causal), "cpu.flash_fwd<f32>");
+  EXPECT_TRUE(test::check_backend(causal, with_causal, backend::cpu, 2));
+  problem packed = test::small_problem(64, 64, 2, 1, 16, dtype::f32, causal_mode::none, 7);
+  packed.seqlens_q = packed.seqlens_k = {64, 64};
+  packed.batch = 2;
+  EXPECT_EQ(selected_name(packed, s), "cpu.flash_fwd<f32>");
+  EXPECT_TRUE(test::check_backend(packed, s, backend::cpu, 2));
 }
 
 TEST(GridKernel, StatsCountComputedPairsInTileUnits) {

@@ -16,6 +16,8 @@
 //   causal bottom_right: j <= i + Lk - Lq        (FlashAttention >= 2.1: the last query sees the last key)
 //   block(i, j): with a block mask, EMPTY tiles are masked, FULL tiles are allowed without evaluating `mask`,
 //   PARTIAL tiles evaluate `mask` (FlexAttention's BlockMask contract).
+//   Inputs are assumed finite. As in FlashAttention, kernels compute masked pairs of a visited tile and give them
+//   probability exactly 0, so an inf / NaN in a masked key's K or V row can still reach an output (0 * inf).
 #pragma once
 
 #include <cstdint>

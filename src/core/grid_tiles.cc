@@ -54,7 +54,7 @@ double box_cost(double rows, double slots, std::int64_t row_block) {
 std::string grid_plan::describe() const {
   std::ostringstream os;
   os << tiles.size() << " query boxes of " << patch[0];
-  for (int a = 1; a < 3 && patch[a] > 1; ++a) os << "x" << patch[a];
+  for (int a = 1; a < rank; ++a) os << "x" << patch[a];
   os.precision(3);
   os << " (at most " << max_rows << " queries, " << max_segments * k_segment << " key slots); "
      << (pairs_computed ? 100.0 * static_cast<double>(pairs_allowed) / static_cast<double>(pairs_computed) : 0.0)
@@ -70,6 +70,7 @@ grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64
     dil[a] = g.dilation[a];
   }
   grid_plan plan;
+  plan.rank = rank;
 
   // Packed order: raster, with the last axis grouped by dilation so each group's line is contiguous.
   std::vector<std::int64_t> last_perm(static_cast<std::size_t>(n[last]));
@@ -199,21 +200,37 @@ grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64
   return plan;
 }
 
+std::size_t grid_plan::bytes() const {
+  return (packed_token.size() + q_tokens.size() + segments.size() + bits.size()) * 8 + tiles.size() * sizeof(grid_tile);
+}
+
 std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int64_t max_rows, std::int64_t row_block) {
   std::vector<std::int64_t> key = {static_cast<std::int64_t>(g.type), g.rank, max_rows, row_block};
   for (int a = 0; a < 3; ++a)
     key.insert(key.end(), {g.grid[a], g.kernel[a], g.dilation[a], g.stride[a], std::int64_t{g.causal[a]}, g.block[a], g.halo[a]});
+  using entry = std::pair<std::vector<std::int64_t>, std::shared_ptr<const grid_plan>>;
   static std::mutex mu;
-  static std::vector<std::pair<std::vector<std::int64_t>, std::shared_ptr<const grid_plan>>> cache;  // most recent last
-  std::lock_guard<std::mutex> lock(mu);
-  for (std::size_t i = 0; i < cache.size(); ++i)
-    if (cache[i].first == key) {
-      std::rotate(cache.begin() + static_cast<std::ptrdiff_t>(i), cache.begin() + static_cast<std::ptrdiff_t>(i) + 1, cache.end());
-      return cache.back().second;
-    }
+  static std::vector<entry> cache;  // most recently used last
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (std::size_t i = 0; i < cache.size(); ++i)
+      if (cache[i].first == key) {
+        std::rotate(cache.begin() + static_cast<std::ptrdiff_t>(i), cache.begin() + static_cast<std::ptrdiff_t>(i) + 1, cache.end());
+        return cache.back().second;
+      }
+  }
+  // Built without the lock: a large plan (tens of MiB for big 3-D grids) must not stall callers of other grids.
   auto plan = std::make_shared<const grid_plan>(plan_grid_tiles(g, max_rows, row_block));
-  if (cache.size() == 4) cache.erase(cache.begin());
+  constexpr std::size_t k_cache_bytes = std::size_t{64} << 20;
+  if (plan->bytes() > k_cache_bytes) return plan;
+  std::lock_guard<std::mutex> lock(mu);
   cache.emplace_back(std::move(key), plan);
+  std::size_t total = 0;
+  for (const entry& e : cache) total += e.second->bytes();
+  while (cache.size() > 4 || total > k_cache_bytes) {
+    total -= cache.front().second->bytes();
+    cache.erase(cache.begin());
+  }
   return plan;
 }
 

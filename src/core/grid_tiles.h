@@ -28,6 +28,7 @@ struct grid_tile {
 };
 
 struct grid_plan {
+  int rank = 1;
   std::int64_t patch[3] = {1, 1, 1};  // query box per axis, in tokens of one dilation group
   std::int64_t max_rows = 0, max_segments = 0;
   std::int64_t pairs_allowed = 0;     // mask area: sum over queries of the keys they see
@@ -39,14 +40,16 @@ struct grid_plan {
 
   static std::int64_t words(const grid_tile& t) { return (t.seg_count * k_segment + 63) / 64; }
   std::string describe() const;
+  std::size_t bytes() const;
 };
 
 // Covers every token of the grid by query boxes of at most max_rows (<= 64) queries, shaped by a cost model of the
 // fused kernel (64-key tiles, register blocks of row_block rows), in raster order of the boxes.
 grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64_t row_block);
 
-// The same plan from a small process-wide cache (the last few grids): selection and every call of a layer that
-// runs the same grid reuse one plan instead of rebuilding it. Thread-safe.
+// The same plan from a small process-wide cache (the last few grids, at most 64 MiB of plans): selection and every
+// call of a layer that runs the same grid reuse one plan instead of rebuilding it. Thread-safe; plans are built
+// outside the cache's lock.
 std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int64_t max_rows, std::int64_t row_block);
 
 }  // namespace omniattn::detail

@@ -45,6 +45,9 @@ namespace omniattn::cpu {
 constexpr std::int64_t k_bq = 64;  // query rows per tile
 constexpr std::int64_t k_bk = 64;  // keys per tile
 constexpr std::int64_t k_max_dim = 512;
+// Register-block rows the grid plan's cost model assumes on every ISA (AVX-512's; 16-register ISAs use 4): the plan,
+// and with it the summation order, then does not depend on the CPU.
+constexpr std::int64_t k_plan_row_block = 6;
 
 // Converts one strided row of a storage dtype into contiguous floats.
 inline void load_row(const void* base, dtype t, std::int64_t offset, std::int64_t stride, std::int64_t n, float* dst) {
@@ -202,6 +205,9 @@ HWY_INLINE void with_rows(std::int64_t rows, Fn&& fn) {
   }
 }
 
+// Key tiles are read as 16-key segments (grid path) through per-vector pointers: a vector must not span two segments.
+static_assert(hn::MaxLanes(df_t()) <= 16, "vectors wider than 16 floats would span two 16-key segments");
+
 // Keys per tile in whole vectors of this target.
 constexpr std::size_t k_row_vecs = static_cast<std::size_t>(k_bk) / hn::MaxLanes(df_t());
 
@@ -261,7 +267,7 @@ struct thread_scratch {
 // ([tile][dim][BK], so the S micro-kernel loads BK consecutive keys of one dim) and V row-major ([tile][BK][dim_vp]).
 // The bf16-dot kernel stores bf16 pairs in the same slots (see cpu/bf16_dot.h), using half of each.
 struct packed_kv {
-  float* kt = nullptr;  // reusable_buffer slots 0 and 1
+  float* kt = nullptr;  // pack_lease slots 0 and 1
   float* v = nullptr;
   std::int64_t kvh_begin = 0, tiles_total = 0;
   std::vector<std::int64_t> tile_offset;  // first kv tile of each sequence within a head's slot
@@ -344,7 +350,6 @@ HWY_INLINE void key_tile(const attn_params& p, const packed_kv& kv, thread_scrat
   float* HWY_RESTRICT qp = ts.q.get();
   float* HWY_RESTRICT s = ts.s.get();
   float* HWY_RESTRICT o = ts.o.get();
-  const std::size_t lanes = hn::Lanes(d);
   if constexpr (Bf16Dot) {
     const std::int64_t dim_pairs = (dim + 1) / 2;
     for (std::int64_t r0 = 0; r0 < rows; r0 += 6)
@@ -366,7 +371,7 @@ HWY_INLINE void key_tile(const attn_params& p, const packed_kv& kv, thread_scrat
     // The whole row stays in registers: scale, mask, max, exp2, sum, one store. With a score functor srow already
     // holds the modified logits in base 2.
     ts.m[i] = softmax_row(d, s + i * k_bk, allowed(i), p.score ? 1.0f : p.scale_log2, ts.m[i],
-                          ts.l.get() + static_cast<std::size_t>(i) * lanes, ts.alpha[i]);
+                          ts.l.get() + static_cast<std::size_t>(i) * L, ts.alpha[i]);
   }
   if constexpr (Bf16Dot) {
     bf16_pack_p(static_cast<int>(rows), s, ts.p16.get());
@@ -514,17 +519,48 @@ void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::i
 constexpr std::int64_t k_pack_budget_bytes = std::int64_t{64} << 20;
 
 // Packed K/V buffers are kept per calling thread and reused by its next calls: a fresh multi-MiB allocation per call
-// pays a page fault and a page clear per 4 KiB on first touch (about 5% of a local-attention call). They hold at most
-// k_pack_budget_bytes (plus one kv head) each, until the thread exits.
-inline float* reusable_buffer(int slot, std::size_t floats) {
-  thread_local hwy::AlignedFreeUniquePtr<float[]> buffers[2];
-  thread_local std::size_t capacity[2] = {0, 0};
-  if (capacity[slot] < floats) {
-    buffers[slot] = hwy::AllocateAligned<float>(floats);
-    capacity[slot] = floats;
+// pays a page fault and a page clear per 4 KiB on first touch (about 5% of a local-attention call). A lease owns the
+// thread's buffer for one call; a call made while it is leased (a score or mask functor that calls attention) and a
+// request over the budget get a buffer of their own, freed on return, so at most k_pack_budget_bytes stay per thread.
+class pack_lease {
+ public:
+  pack_lease(int slot, std::size_t floats) : slot_(slot) {
+    thread_local_state& st = state();
+    if (!st.leased[slot] && floats * sizeof(float) <= static_cast<std::size_t>(k_pack_budget_bytes)) {
+      st.leased[slot] = true;
+      leased_ = true;
+      if (st.capacity[slot] < floats) {
+        st.buffers[slot] = hwy::AllocateAligned<float>(floats);
+        st.capacity[slot] = floats;
+      }
+      ptr_ = st.buffers[slot].get();
+    } else {
+      own_ = hwy::AllocateAligned<float>(floats);
+      ptr_ = own_.get();
+    }
   }
-  return buffers[slot].get();
-}
+  ~pack_lease() {
+    if (leased_) state().leased[slot_] = false;
+  }
+  pack_lease(const pack_lease&) = delete;
+  pack_lease& operator=(const pack_lease&) = delete;
+  float* get() const { return ptr_; }
+
+ private:
+  struct thread_local_state {
+    hwy::AlignedFreeUniquePtr<float[]> buffers[2];
+    std::size_t capacity[2] = {0, 0};
+    bool leased[2] = {false, false};
+  };
+  static thread_local_state& state() {
+    thread_local thread_local_state st;
+    return st;
+  }
+  int slot_;
+  bool leased_ = false;
+  hwy::AlignedFreeUniquePtr<float[]> own_;
+  float* ptr_ = nullptr;
+};
 
 struct work_item {
   std::int64_t b, h, qt, cost;
@@ -552,8 +588,10 @@ void flash_fwd(const attn_params& p) {
   }
   const std::int64_t head_bytes = std::max<std::int64_t>(kv.tiles_total, 1) * k_bk * (p.dim_qk + kv.dim_vp) * 4;
   const std::int64_t heads_per_chunk = std::clamp<std::int64_t>(k_pack_budget_bytes / head_bytes, 1, p.heads_kv);
-  kv.kt = reusable_buffer(0, static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * p.dim_qk * k_bk, 1)));
-  kv.v = reusable_buffer(1, static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * k_bk * kv.dim_vp, 1)));
+  const pack_lease kt_buffer(0, static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * p.dim_qk * k_bk, 1)));
+  const pack_lease v_buffer(1, static_cast<std::size_t>(std::max<std::int64_t>(heads_per_chunk * kv.tiles_total * k_bk * kv.dim_vp, 1)));
+  kv.kt = kt_buffer.get();
+  kv.v = v_buffer.get();
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
   for (thread_scratch& ts : scratch) {
     ts.q = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * p.dim_qk));
@@ -620,7 +658,7 @@ void flash_fwd(const attn_params& p) {
 void flash_fwd_grid(const attn_params& p) {
   const df_t d;
   const auto L = static_cast<std::int64_t>(hn::Lanes(d));
-  const std::shared_ptr<const detail::grid_plan> plan_ptr = detail::cached_grid_plan(*detail::as_grid_local(*p.mask), k_bq, 6);
+  const std::shared_ptr<const detail::grid_plan> plan_ptr = detail::cached_grid_plan(*detail::as_grid_local(*p.mask), k_bq, k_plan_row_block);
   const detail::grid_plan& plan = *plan_ptr;
   const int threads = p.threads;
   const std::int64_t dim = p.dim_qk;
@@ -637,7 +675,8 @@ void flash_fwd_grid(const attn_params& p) {
   const std::int64_t n = p.seq_k, n_pad = n + detail::k_segment, k_ld = (n_pad + L - 1) / L * L;
   const std::int64_t head_floats = dim * k_ld + n_pad * dim_vp;
   const std::int64_t heads_per_chunk = std::clamp<std::int64_t>(k_pack_budget_bytes / (4 * head_floats), 1, p.heads_kv);
-  float* const packed = reusable_buffer(0, static_cast<std::size_t>(heads_per_chunk * head_floats));
+  const pack_lease packed_buffer(0, static_cast<std::size_t>(heads_per_chunk * head_floats));
+  float* const packed = packed_buffer.get();
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads), std::vector<float>(static_cast<std::size_t>(dim)));
   for (thread_scratch& ts : scratch) {
@@ -790,9 +829,13 @@ selection select(const attn_params& p) {
       if (blocker.empty()) {
         sel.run = run_flash_fwd_grid;
         sel.name = std::string("cpu.flash_fwd_grid<") + dtype_name(p.in_type) + ">";
-        sel.reasons.push_back(sel.name + ": " + p.mask->str() + " on query boxes of the grid, each with its gathered key box: " +
-                              detail::cached_grid_plan(*g, k_bq, 6)->describe());
-        if (p.in_type != dtype::f32) sel.reasons.push_back(sel.name + ": inputs widened to f32 while gathering; compute in f32");
+        sel.reasons.push_back(sel.name + ": " + p.mask->str() + " on query boxes of the grid, each reading the box of keys " +
+                              "its queries reach in place (16-key line segments of K/V packed once per call): " +
+                              detail::cached_grid_plan(*g, k_bq, k_plan_row_block)->describe());
+        if (p.rope)
+          sel.reasons.push_back(sel.name + ": RoPE (rotary dim " + std::to_string(p.rope_dim) +
+                                ") applied to Q when loaded and to K while packing, from per-token cos/sin tables");
+        if (p.in_type != dtype::f32) sel.reasons.push_back(sel.name + ": inputs widened to f32 while packing; compute in f32");
         return sel;
       }
       sel.reasons.push_back("cpu.flash_fwd_grid: not used: " + blocker);
