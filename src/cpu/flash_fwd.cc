@@ -36,6 +36,7 @@
 #include "hwy/aligned_allocator.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
+#include "cpu/math-inl.h"
 #include "cpu/score_tile-inl.h"
 
 #ifndef OMNIATTN_CPU_FLASH_FWD_SHARED
@@ -65,29 +66,6 @@ namespace omniattn::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using df_t = hn::ScalableTag<float>;
 using vf_t = hn::Vec<df_t>;
-
-// 2^x for x <= 0 (the softmax argument), exact to about 1 ulp: x = n + f with f in [-0.5, 0.5], 2^f by a degree-7
-// Taylor polynomial of e^(f ln 2) (truncation error < 1e-9), 2^n by building the exponent field. x < -126 gives 0,
-// which also maps masked (-inf) scores to exactly zero probability.
-// Rounding uses the shifter trick: adding 1.5 * 2^23 + 127 leaves round(x) + 127 in the low mantissa bits, so one add
-// yields both n (subtract the shifter back) and the biased exponent (shift those bits up), without float-int
-// conversions (Highway 1.0.3's ConvertTo adds overflow fix-ups that cost more than the polynomial's FMAs).
-HWY_INLINE vf_t exp2_neg(df_t d, vf_t x) {
-  const hn::RebindToUnsigned<df_t> du;
-  const vf_t shifter = hn::Set(d, 12582912.0f + 127.0f);
-  x = hn::Max(x, hn::Set(d, -127.0f));
-  const vf_t t = hn::Add(x, shifter);
-  const vf_t f = hn::Sub(x, hn::Sub(t, shifter));
-  vf_t p = hn::Set(d, 1.5252733804059841e-05f);  // ln2^7 / 7!
-  p = hn::MulAdd(p, f, hn::Set(d, 1.5403530393381610e-04f));
-  p = hn::MulAdd(p, f, hn::Set(d, 1.3333558146428443e-03f));
-  p = hn::MulAdd(p, f, hn::Set(d, 9.6181291076284772e-03f));
-  p = hn::MulAdd(p, f, hn::Set(d, 5.5504108664821580e-02f));
-  p = hn::MulAdd(p, f, hn::Set(d, 2.4022650695910071e-01f));
-  p = hn::MulAdd(p, f, hn::Set(d, 6.9314718055994531e-01f));
-  p = hn::MulAdd(p, f, hn::Set(d, 1.0f));
-  return hn::Mul(p, hn::BitCast(d, hn::ShiftLeft<23>(hn::BitCast(du, t))));
-}
 
 // load_row on whole vectors for unit-stride bf16 / f16 rows (widening is a shift / a conversion per lane): the scalar
 // per-element path costs more than the attention itself on local masks, where each row meets few keys.

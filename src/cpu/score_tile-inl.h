@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "core/score_kinds.h"
+#include "cpu/math-inl.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 #include "omniattn/params.h"
@@ -84,7 +85,7 @@ inline score_row_const score_row(const score_plan& sp, std::size_t u, std::int64
       break;
     case kind::softcap:
       rc.a = static_cast<float>(st.cap);
-      // A multiply by 1 / cap: a divide measured no more accurate here (Tanh's own error dominates) and costs more.
+      // A multiply by 1 / cap: a divide measured no more accurate here (tanh's own error dominates) and costs more.
       rc.c = static_cast<float>(1.0 / st.cap);
       break;
     case kind::temperature:
@@ -131,7 +132,7 @@ HWY_INLINE hn::Vec<D> score_apply(D d, const detail::score_step& st, const score
       const auto rel = hn::Add(hn::Iota(d, 0.0f), hn::Set(d, static_cast<float>(rc.rel + col)));
       return hn::MulAdd(hn::Set(d, rc.a), rel, x);
     }
-    case kind::softcap: return hn::Mul(hn::Set(d, rc.a), hn::Tanh(d, hn::Mul(x, hn::Set(d, rc.c))));
+    case kind::softcap: return hn::Mul(hn::Set(d, rc.a), tanh_fast(d, hn::Mul(x, hn::Set(d, rc.c))));
     case kind::temperature:
     case kind::logn: return hn::Mul(x, hn::Set(d, rc.a));
     case kind::key_table:
