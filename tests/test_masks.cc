@@ -1,11 +1,15 @@
 // Mask expressions (include/omniattn/masks.h): every built-in pattern and random compositions against definitions
 // written here from the header's documentation, for all three readers (allows, row_bits, classify); the cpu backend
-// with built-in masks against the oracle under the tolerance policy; readable names.
+// with built-in masks against the oracle under the tolerance policy; readable names; user predicates compiled into a
+// row loop (mask_expr::inlined) against the same functions as plain predicates, and their cost (MaskPerf, disabled).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <array>
+#include <bit>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <memory>
 #include <random>
@@ -511,6 +515,218 @@ TEST(DenseMask, KernelAndOracleWithPerHeadTablesAndFullyMaskedRows) {
   spec s2;
   s2.mask = mask_expr::dense(shared.bytes.data(), shared.shape, shared.strides) & mask_expr::causal(causal_mode::bottom_right);
   EXPECT_TRUE(test::check_backend(mask_problem(75, 130, dtype::f32, 7201), s2, backend::cpu, 2));
+}
+
+}  // namespace
+}  // namespace omniattn
+
+namespace omniattn {
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------------
+// User predicates compiled into a row loop (mask_expr::inlined) against the same functions as plain predicates.
+
+// Predicates with different shapes of allowed sets: scattered (every tile PARTIAL), head / batch dependent, rows
+// with nothing allowed, nothing at all, everything.
+const auto xor3 = [](auto, auto, auto q, auto k) { return (q ^ k) % 3 != 0; };
+const auto per_head = [](std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k) { return (q * 5 + k * 3 + b + 2 * h) % 7 < 4; };
+const auto holes = [](auto, auto, std::int64_t q, std::int64_t k) { return q % 7 != 3 && k % 5 != 1; };  // rows 3, 10, ... see nothing
+const auto nothing = [](auto, auto, auto, auto) { return false; };
+const auto everything = [](auto, auto, auto, auto) { return true; };
+
+// The same function three ways: inlined, as a plain predicate, and as the test's reference.
+template <class F>
+std::array<pair_expr, 2> both_ways(F f, const std::string& what) {
+  ref_fn ref = [f](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j, auto, auto) { return static_cast<bool>(f(b, h, i, j)); };
+  return {pair_expr{mask_expr::inlined(f, what), ref, "inlined " + what}, pair_expr{mask_expr::predicate(f, what), ref, "predicate " + what}};
+}
+
+TEST(MaskInlined, RowBitsEqualThePlainPredicatesForEveryWindow) {
+  std::mt19937_64 rng(9100);
+  const auto compare = [&](auto f, const char* what) {
+    const auto [inl, pred] = both_ways(f, what);
+    for (int t = 0; t < 3000; ++t) {
+      const std::int64_t b = static_cast<std::int64_t>(rng() % 3), h = static_cast<std::int64_t>(rng() % 5);
+      const std::int64_t i = static_cast<std::int64_t>(rng() % 300), k0 = static_cast<std::int64_t>(rng() % 300);
+      // Every n from 0 to 64 appears, the ragged ones (n < 64) as often as whole words.
+      const std::int64_t n = t % 2 ? 64 : static_cast<std::int64_t>(rng() % 65);
+      const std::uint64_t got = inl.m.row_bits(b, h, i, k0, n, 300, 364), want = pred.m.row_bits(b, h, i, k0, n, 300, 364);
+      ASSERT_EQ(got, want) << what << " b=" << b << " h=" << h << " i=" << i << " k0=" << k0 << " n=" << n;
+      ASSERT_EQ(got & ~(n >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << n) - 1), 0u) << "bits at or above n";
+      for (std::int64_t x = 0; x < n; ++x)
+        ASSERT_EQ((got >> x) & 1u, static_cast<std::uint64_t>(inl.m.allows(b, h, i, k0 + x, 300, 364))) << what << " x=" << x;
+    }
+  };
+  compare(xor3, "xor3");
+  compare(per_head, "per_head");
+  compare(holes, "holes");
+  compare(nothing, "nothing");
+  compare(everything, "everything");
+}
+
+TEST(MaskInlined, AllReadersMatchTheDefinitionAloneAndComposed) {
+  std::mt19937_64 rng(9200);
+  for (const std::int64_t lq : {1, 63, 65, 130})
+    for (const std::int64_t lk : {1, 64, 65, 130}) {
+      for (const pair_expr& e : both_ways(per_head, "per_head")) check_expression(e, lq, lk, rng);
+      for (const pair_expr& e : both_ways(holes, "holes")) check_expression(e, lq, lk, rng);
+      if (HasFatalFailure()) return;
+    }
+  // Inside random compositions of built-in patterns, on either side of & and |, and negated.
+  const int n = test::full_intensity() ? 600 : 120;
+  for (int it = 0; it < n; ++it) {
+    const std::int64_t lq = 1 + static_cast<std::int64_t>(rng() % 150), lk = 1 + static_cast<std::int64_t>(rng() % 150);
+    const pair_expr other = random_expr(rng, std::max(lq, lk), 2);
+    const pair_expr inl = it % 2 ? both_ways(xor3, "f")[0] : both_ways(holes, "f")[0];
+    const ref_fn a = other.ref, f = inl.ref;
+    switch (it % 4) {
+      case 0:
+        check_expression({other.m & inl.m, [a, f](auto b, auto h, auto i, auto j, auto x, auto y) { return a(b, h, i, j, x, y) && f(b, h, i, j, x, y); },
+                          other.what + " & inlined"},
+                         lq, lk, rng);
+        break;
+      case 1:
+        check_expression({inl.m | other.m, [a, f](auto b, auto h, auto i, auto j, auto x, auto y) { return f(b, h, i, j, x, y) || a(b, h, i, j, x, y); },
+                          "inlined | " + other.what},
+                         lq, lk, rng);
+        break;
+      case 2:
+        check_expression({~inl.m & other.m, [a, f](auto b, auto h, auto i, auto j, auto x, auto y) { return !f(b, h, i, j, x, y) && a(b, h, i, j, x, y); },
+                          "~inlined & " + other.what},
+                         lq, lk, rng);
+        break;
+      default:
+        check_expression({(other.m | inl.m) & inl.m, [a, f](auto b, auto h, auto i, auto j, auto x, auto y) { return f(b, h, i, j, x, y); },
+                          "(" + other.what + " | inlined) & inlined"},
+                         lq, lk, rng);
+        break;
+    }
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST(MaskInlined, NamesAndHeadUse) {
+  const mask_expr m = mask_expr::inlined(xor3);
+  EXPECT_EQ(m.str(), "inlined");
+  EXPECT_EQ(mask_expr::inlined(xor3, "xor3").str(), "xor3");
+  EXPECT_EQ((mask_expr::causal(causal_mode::bottom_right) & ~mask_expr::inlined(xor3, "xor3")).str(), "(causal(bottom_right) & ~xor3)");
+  EXPECT_TRUE(m.uses_head());
+  EXPECT_TRUE(m.uses_batch());
+  EXPECT_TRUE((mask_expr::sinks(2) | m).uses_head());
+  EXPECT_TRUE(m.check().empty());
+  // A copy shares the functions and keeps working after the original is gone.
+  mask_expr copy;
+  {
+    const mask_expr tmp = mask_expr::window(3, 3, causal_mode::top_left) & mask_expr::inlined(per_head, "h");
+    copy = tmp;
+  }
+  for (std::int64_t i = 0; i < 20; ++i)
+    EXPECT_EQ(copy.row_bits(1, 2, i, 0, 20, 20, 20), mask_expr::window(3, 3, causal_mode::top_left).row_bits(1, 2, i, 0, 20, 20, 20) &
+                                                          mask_expr::predicate(per_head).row_bits(1, 2, i, 0, 20, 20, 20));
+}
+
+TEST(MaskInlined, KernelMatchesTheOracleOnAwkwardSizes) {
+  const std::vector<std::pair<std::int64_t, std::int64_t>> sizes = {{1, 1}, {1, 65}, {65, 1}, {63, 65}, {65, 63}, {130, 130}, {64, 200}, {130, 63}};
+  const std::vector<std::pair<const char*, mask_expr>> masks = {
+      {"xor3", mask_expr::inlined(xor3, "xor3")},
+      {"causal & xor3", mask_expr::causal(causal_mode::bottom_right) & mask_expr::inlined(xor3, "xor3")},
+      {"per_head | sinks", mask_expr::inlined(per_head, "per_head") | mask_expr::sinks(2)},
+      {"window & ~holes", mask_expr::window(40, 5, causal_mode::top_left) & ~mask_expr::inlined(holes, "holes")},
+      {"holes", mask_expr::inlined(holes, "holes")},
+  };
+  std::uint64_t seed = 9300;
+  for (const auto& [lq, lk] : sizes)
+    for (const auto& [name, m] : masks) {
+      ++seed;
+      const problem p = mask_problem(lq, lk, seed % 4 == 0 ? dtype::bf16 : dtype::f32, seed);
+      spec s;
+      s.causal = seed % 3 == 0 ? causal_mode::top_left : causal_mode::none;
+      s.mask = m;
+      SCOPED_TRACE(testing::Message() << name << " lq=" << lq << " lk=" << lk << " causal=" << test::causal_name(s.causal));
+      for (int threads : {1, 2}) EXPECT_TRUE(test::check_backend(p, s, backend::cpu, threads));
+    }
+}
+
+TEST(MaskInlined, FullyMaskedRowsGiveZeroOutputAndMinusInfinityLse) {
+  // Rows 3, 10, ... see nothing in every (batch, head); row 9 of batch 1, head 2 sees nothing either; `nothing`
+  // masks every row.
+  const auto mixed = [](std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k) {
+    return q % 7 != 3 && !(b == 1 && h == 2 && q == 9) && (q ^ k) % 3 != 0;
+  };
+  const problem p = mask_problem(75, 130, dtype::f32, 9400);
+  for (const bool all_masked : {false, true}) {
+    spec s;
+    s.mask = all_masked ? mask_expr::inlined(nothing, "nothing") : mask_expr::inlined(mixed, "mixed") & mask_expr::sinks(200);
+    EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2)) << s.mask.str();
+    for (backend be : {backend::reference, backend::cpu}) {
+      problem_data d(p);
+      ASSERT_TRUE(run_problem(d, s, be, 2).ok());
+      for (std::int64_t b = 0; b < 2; ++b)
+        for (std::int64_t h = 0; h < 4; ++h)
+          for (std::int64_t i = 0; i < 75; ++i) {
+            const bool masked = all_masked || i % 7 == 3 || (b == 1 && h == 2 && i == 9);
+            const float lse = d.lse[static_cast<std::size_t>((b * 4 + h) * 75 + i)];
+            ASSERT_EQ(std::isinf(lse) && lse < 0, masked) << "b=" << b << " h=" << h << " i=" << i << " " << s.mask.str();
+            if (masked)
+              for (std::int64_t x = 0; x < 32; ++x) ASSERT_EQ(d.out_at(b, i, h, x), 0.0);
+          }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Cost of a user predicate (prints timings; run with --gtest_also_run_disabled_tests). (q ^ k) % 3 != 0 makes every
+// tile PARTIAL, so every row of every tile asks the mask for its bits: N=2048, D=64, H=1, fp32, 1 thread. Variants:
+// no mask, the predicate type-erased (mask_expr::predicate), inlined (mask_expr::inlined), and the same mask as a
+// dense table (a built-in reader) for scale; then row_bits alone over the whole N x N mask.
+
+TEST(MaskPerf, DISABLED_PredicateVsInlinedXor3N2048) {
+  problem p = test::small_problem(2048, 2048, 1, 1, 64, dtype::f32, causal_mode::none, 95);
+  if (const char* n = std::getenv("OMNIATTN_MASK_PERF_N")) p.seq_q = p.seq_k = std::atoll(n);
+  p.lse = false;
+  const std::int64_t n = p.seq_q;
+  std::vector<std::uint8_t> table(static_cast<std::size_t>(n * n));
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t j = 0; j < n; ++j) table[static_cast<std::size_t>(i * n + j)] = xor3(0, 0, i, j);
+  const std::vector<std::pair<const char*, mask_expr>> variants = {
+      {"none", mask_expr{}},
+      {"predicate", mask_expr::predicate(xor3)},
+      {"inlined", mask_expr::inlined(xor3)},
+      {"dense table", mask_expr::dense(table.data(), {1, 1, n, n}, {0, 0, n, 1})},
+  };
+  problem_data d(p);
+  const auto time_ms = [&](const mask_expr& m) {
+    spec s;
+    s.mask = m;
+    const auto t0 = std::chrono::steady_clock::now();
+    const status st = run_problem(d, s, backend::cpu, 1);
+    const auto t1 = std::chrono::steady_clock::now();
+    EXPECT_TRUE(st.ok()) << st.error;
+    return std::chrono::duration<double, std::milli>(t1 - t0).count();
+  };
+  // Rounds over all variants, best time per variant: load from other processes hits every variant alike.
+  std::vector<double> best(variants.size(), 1e30);
+  for (const auto& v : variants) (void)time_ms(v.second);  // warm-up
+  for (int round = 0; round < 5; ++round)
+    for (std::size_t v = 0; v < variants.size(); ++v) best[v] = std::min(best[v], time_ms(variants[v].second));
+  const double flops = 4.0 * static_cast<double>(n * n * p.dim_qk);
+  for (std::size_t v = 0; v < variants.size(); ++v)
+    std::printf("attention %-12s %9.2f ms  %6.1f GFLOP/s (dense count)  %+7.1f%% vs none\n", variants[v].first, best[v],
+                flops / (best[v] * 1e6), 100.0 * (best[v] / best[0] - 1.0));
+  // The mask alone: row_bits for every row and 64-key chunk, as the kernel asks on PARTIAL tiles.
+  for (std::size_t v = 1; v < 3; ++v) {
+    double ms = 1e30;
+    std::uint64_t sink = 0;
+    for (int round = 0; round < 5; ++round) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t k0 = 0; k0 < n; k0 += 64) sink += static_cast<std::uint64_t>(std::popcount(variants[v].second.row_bits(0, 0, i, k0, std::min<std::int64_t>(64, n - k0), n, n)));
+      const auto t1 = std::chrono::steady_clock::now();
+      ms = std::min(ms, std::chrono::duration<double, std::milli>(t1 - t0).count());
+    }
+    std::printf("row_bits  %-12s %9.2f ms  %6.2f ns/key  (%llu keys allowed per pass)\n", variants[v].first, ms,
+                ms * 1e6 / static_cast<double>(n * n), static_cast<unsigned long long>(sink / 5));
+  }
 }
 
 }  // namespace

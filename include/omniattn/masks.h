@@ -61,6 +61,18 @@
 //                                e.g. in a spec) is used. h is the query head, b the batch entry (the sequence index for
 //                                varlen batches); an index past a dimension of size > 1 is not allowed.
 //   predicate(f)                 f(b, h, i, j)             (user code; evaluated exactly, never guessed)
+//   inlined(f)                   f(b, h, i, j)             (the same, compiled into a row loop: see below)
+//
+// User predicates. predicate(f) (and the implicit conversion from a lambda) stores f behind a std::function, so the
+// kernels' PARTIAL tiles and classify() pay one type-erased call per key: 64 per row of a tile. inlined(f) keeps that
+// element function for allows() (the oracle) and adds a row function, instantiated in the caller's translation unit,
+// whose loop over up to 64 keys calls f directly: the compiler inlines f into it (and can vectorize it), and
+// row_bits() / classify() pay one type-erased call per row and 64-key chunk instead of 64. Both compose with & | ~,
+// print their name in str(), and make uses_head() / uses_batch() true (f may read h and b). f must be a pure,
+// thread-safe function of its arguments (the kernel calls it from several threads, for keys a composed pattern then
+// drops, and more than once per pair), e.g.
+//   s.mask = mask_expr::causal(causal_mode::bottom_right) &
+//            mask_expr::inlined([](auto, auto, auto q, auto k) { return (q ^ k) % 3 != 0; }, "xor3");
 #pragma once
 
 #include <array>
@@ -70,6 +82,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace omniattn {
@@ -78,6 +91,9 @@ enum class causal_mode : std::uint8_t;
 enum class tile_kind : std::uint8_t;
 
 using mask_fn = std::function<bool(std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k)>;
+// Allowed-key bits of query i over keys k0 .. k0 + n - 1 (bit t for key k0 + t, n <= 64, bits at or above n zero).
+using mask_row_fn =
+    std::function<std::uint64_t(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0, std::int64_t n)>;
 
 class mask_expr {
  public:
@@ -111,6 +127,23 @@ class mask_expr {
   static mask_expr dense(const std::uint8_t* data, std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> strides,
                          std::string name = "dense");
   static mask_expr predicate(mask_fn f, std::string name = "predicate");
+  // A user predicate compiled into a row loop (documented above), e.g. mask_expr::inlined([](auto b, auto h, auto q,
+  // auto k) { return (q ^ k) % 3 != 0; }). Same results as predicate(f, name) in every reader.
+  template <class F>
+    requires std::is_invocable_r_v<bool, const F&, std::int64_t, std::int64_t, std::int64_t, std::int64_t>
+  static mask_expr inlined(F f, std::string name = "inlined") {
+    mask_fn element = [f](std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k) -> bool {
+      return static_cast<bool>(f(b, h, q, k));
+    };
+    mask_row_fn row = [f = std::move(f)](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0,
+                                         std::int64_t n) -> std::uint64_t {
+      // f called directly in a straight loop: after inlining, the compiler sees the whole body per key.
+      std::uint64_t bits = 0;
+      for (std::int64_t t = 0; t < n; ++t) bits |= static_cast<std::uint64_t>(static_cast<bool>(f(b, h, i, k0 + t))) << t;
+      return bits;
+    };
+    return predicate_rows(std::move(element), std::move(row), std::move(name));
+  }
 
   friend mask_expr operator&(const mask_expr& a, const mask_expr& b);
   friend mask_expr operator|(const mask_expr& a, const mask_expr& b);
@@ -154,6 +187,7 @@ class mask_expr {
   std::vector<std::shared_ptr<const std::vector<std::int64_t>>> tables_;
   std::vector<std::shared_ptr<const mask_fn>> fns_;
   std::vector<std::string> names_;  // predicate names, parallel to fns_
+  std::vector<std::shared_ptr<const mask_row_fn>> rows_;  // row functions of inlined(), parallel to fns_ (null: none)
   struct dense_view {
     const std::uint8_t* data = nullptr;
     std::array<std::int64_t, 4> shape{}, strides{};  // strides of size-1 dimensions are stored as 0
@@ -163,6 +197,7 @@ class mask_expr {
   int root_ = -1;
 
   static mask_expr leaf(node n);
+  static mask_expr predicate_rows(mask_fn f, mask_row_fn row, std::string name);  // a predicate with a row function
   static mask_expr combine(op kind, const mask_expr& a, const mask_expr* b);
   int append(const mask_expr& other);  // copies other's nodes in, returns its root's new index
 

@@ -64,6 +64,7 @@ int mask_expr::append(const mask_expr& other) {
   tables_.insert(tables_.end(), other.tables_.begin(), other.tables_.end());
   fns_.insert(fns_.end(), other.fns_.begin(), other.fns_.end());
   names_.insert(names_.end(), other.names_.begin(), other.names_.end());
+  rows_.insert(rows_.end(), other.rows_.begin(), other.rows_.end());
   dense_.insert(dense_.end(), other.dense_.begin(), other.dense_.end());
   return other.root_ + base;
 }
@@ -416,11 +417,14 @@ std::uint64_t nonzero_byte_bits(const std::uint8_t* p) {
 
 }  // namespace
 
-mask_expr mask_expr::predicate(mask_fn f, std::string name) {
+mask_expr mask_expr::predicate(mask_fn f, std::string name) { return predicate_rows(std::move(f), nullptr, std::move(name)); }
+
+mask_expr mask_expr::predicate_rows(mask_fn f, mask_row_fn row, std::string name) {
   mask_expr m = leaf({op::predicate});
   m.nodes_[0].table = 0;
   m.fns_.push_back(std::make_shared<const mask_fn>(std::move(f)));
   m.names_.push_back(std::move(name));
+  m.rows_.push_back(row ? std::make_shared<const mask_row_fn>(std::move(row)) : nullptr);
   return m;
 }
 
@@ -516,6 +520,15 @@ std::uint64_t mask_expr::bits_node(int n, std::int64_t b, std::int64_t h, std::i
       std::uint64_t bits = 0;
       const std::int64_t first = k0 + (((i - k0) % nd.a) + nd.a) % nd.a;  // first key >= k0 with (j - i) % a == 0
       for (std::int64_t j = first; j < k0 + cnt; j += nd.a) bits |= std::uint64_t{1} << (j - k0);
+      return bits;
+    }
+    case op::predicate: {
+      // An inlined() predicate: one call for the whole row. A plain one: one call per key, straight to the function
+      // (not through allows_node, whose pattern dispatch would run per key too).
+      if (const auto& row = rows_[static_cast<std::size_t>(nd.table)]) return cnt > 0 ? (*row)(b, h, i, k0, cnt) : 0;
+      const mask_fn& f = *fns_[static_cast<std::size_t>(nd.table)];
+      std::uint64_t bits = 0;
+      for (std::int64_t t = 0; t < cnt; ++t) bits |= static_cast<std::uint64_t>(f(b, h, i, k0 + t)) << t;
       return bits;
     }
     default: {
