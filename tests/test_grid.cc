@@ -177,6 +177,33 @@ TEST(GridKernel, NestedCallFromAFunctorLeavesTheOuterCallIntact) {
   EXPECT_TRUE(test::bytes_equal(with_nested.out, plain.out));
 }
 
+TEST(GridKernel, AdditionalKeysEveryQuerySees) {
+  // NATTEN's additional KV: keys past the grid's tokens that every query attends to, written grid | ~sinks(tokens).
+  std::uint64_t seed = 990;
+  for (const grid_case& c : {grid_case{{9, 11}, {3, 5}, {1, 2}, {false, false}}, grid_case{{40}, {7}, {1}, {true}}}) {
+    const std::int64_t n = tokens_of(c);
+    for (const std::int64_t extra : {1, 16, 37}) {
+      problem p = test::small_problem(n, n + extra, 4, 2, 24, dtype::f32, causal_mode::none, seed++);
+      spec s;
+      s.mask = mask_of(c) | ~mask_expr::sinks(n);
+      ASSERT_EQ(selected_name(p, s), "cpu.flash_fwd_grid<f32>") << s.mask.str();
+      EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2)) << s.mask.str() << " + " << extra;
+      const detail::grid_plan plan = detail::plan_grid_tiles(*detail::as_grid_local(s.mask), 64, 6, extra);
+      std::int64_t area = 0;
+      for (std::int64_t q = 0; q < n; ++q)
+        for (std::int64_t k = 0; k < n + extra; ++k) area += s.mask.allows(0, 0, q, k, n, n + extra);
+      EXPECT_EQ(plan.pairs_allowed, area);
+    }
+  }
+  // Global keys inside the grid are not additional keys: the raster path runs them.
+  const grid_case c{{8, 8}, {3, 3}, {1, 1}, {false, false}};
+  spec s;
+  s.mask = mask_of(c) | ~mask_expr::sinks(10);
+  problem p = test::small_problem(64, 64, 2, 2, 16, dtype::f32, causal_mode::none, 9);
+  EXPECT_EQ(selected_name(p, s), "cpu.flash_fwd<f32>");
+  EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2));
+}
+
 TEST(GridKernel, HaloBlocksAgainstTheOracle) {
   std::uint64_t seed = 950;
   for (const mask_expr& m : k_halos) {

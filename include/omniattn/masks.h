@@ -181,6 +181,7 @@ class mask_expr {
   // The root node and a node's table, for code that recognises a pattern (core/grid_local.h); null when empty.
   const node* root_node() const { return root_ >= 0 ? &nodes_[static_cast<std::size_t>(root_)] : nullptr; }
   const std::vector<std::int64_t>* table(int index) const { return tables_[static_cast<std::size_t>(index)].get(); }
+  const node* node_at(int index) const { return index >= 0 ? &nodes_[static_cast<std::size_t>(index)] : nullptr; }
 
  private:
   std::vector<node> nodes_;

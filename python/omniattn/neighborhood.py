@@ -27,7 +27,17 @@ def _flatten(x, rank, name):
     return x.reshape(shape[0], tokens, shape[-2], shape[-1])
 
 
-def _grid_attention(q, k, v, rank, mask, scale, return_lse, kwargs):
+def _concat(a, b):
+    if is_torch(a):
+        import torch
+
+        return torch.cat((a, b), dim=1)
+    import numpy as np
+
+    return np.concatenate((a, b), axis=1)
+
+
+def _grid_attention(q, k, v, rank, mask, scale, return_lse, kwargs, additional_keys=None, additional_values=None):
     from ._core import attention
 
     spatial = tuple(q.shape[1:1 + rank])
@@ -35,8 +45,16 @@ def _grid_attention(q, k, v, rank, mask, scale, return_lse, kwargs):
         if tuple(x.shape[1:1 + rank]) != spatial:
             raise ValueError(f"omniattn: {name} has spatial shape {tuple(x.shape[1:1 + rank])}, q has {spatial}: "
                              "neighborhood attention needs one token grid")
-    result = attention(_flatten(q, rank, "q"), _flatten(k, rank, "k"), _flatten(v, rank, "v"), mask=mask, scale=scale,
-                       return_lse=return_lse, **kwargs)
+    kf, vf = _flatten(k, rank, "k"), _flatten(v, rank, "v")
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError("omniattn: additional_keys and additional_values go together")
+    if additional_keys is not None:
+        # NATTEN's additional KV: [batch, extra, heads_kv, dim] keys every query also sees, after the grid's keys
+        # (one concatenated copy of K and V; the library runs grid | ~sinks(tokens) on its grid path).
+        tokens = kf.shape[1]
+        kf, vf = _concat(kf, additional_keys), _concat(vf, additional_values)
+        mask = mask | ~masks.sinks(tokens)
+    result = attention(_flatten(q, rank, "q"), kf, vf, mask=mask, scale=scale, return_lse=return_lse, **kwargs)
     out, lse = result if return_lse else (result, None)
     batch, heads = q.shape[0], q.shape[-2]
     out = out.reshape((batch,) + spatial + (heads, out.shape[-1]))
@@ -49,22 +67,26 @@ def _grid_attention(q, k, v, rank, mask, scale, return_lse, kwargs):
 
 
 def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, return_lse=False,
-                           **kwargs):
+                           additional_keys=None, additional_values=None, **kwargs):
     """Neighborhood attention over heads-last [batch, *spatial, heads, dim] tensors with 1 to 3 spatial axes (the rank
     is q.ndim - 3). kernel_size, stride, dilation and is_causal are an int / bool for every axis or one per axis, with
-    NATTEN's semantics. Extra keyword arguments (backend, threads, dtype, ...) go to omniattn.attention."""
+    NATTEN's semantics. additional_keys / additional_values ([batch, extra, heads_kv, dim], NATTEN's additional KV)
+    are keys every query sees besides its neighborhood. Extra keyword arguments (backend, threads, ...) go to
+    omniattn.attention."""
     rank = q.ndim - 3
     mask = masks.neighborhood(tuple(q.shape[1:1 + rank]), kernel_size, dilation=dilation, stride=stride, is_causal=is_causal)
-    return _grid_attention(q, k, v, rank, mask, scale, return_lse, kwargs)
+    return _grid_attention(q, k, v, rank, mask, scale, return_lse, kwargs, additional_keys, additional_values)
 
 
 def _na(rank):
-    def na(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, return_lse=False, **kwargs):
+    def na(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, return_lse=False,
+           additional_keys=None, additional_values=None, **kwargs):
         if q.ndim != rank + 3:
             raise ValueError(f"omniattn: na{rank}d takes {rank + 3}-d [batch, {rank} spatial axes, heads, dim] tensors, "
                              f"got q of shape {tuple(q.shape)}")
         return neighborhood_attention(q, k, v, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
-                                      scale=scale, return_lse=return_lse, **kwargs)
+                                      scale=scale, return_lse=return_lse, additional_keys=additional_keys,
+                                      additional_values=additional_values, **kwargs)
 
     na.__name__ = f"na{rank}d"
     na.__doc__ = (f"{rank}-D neighborhood attention (NATTEN's na{rank}d): q, k, v are [batch, {rank} spatial axes, heads, "

@@ -192,3 +192,22 @@ def test_bool_array_masks_are_read_in_place_with_broadcasting(rng):
     assert not cmask.allows(0, 0, 2, 5, lq, lk)
     table[2, 5] = True
     assert cmask.allows(0, 0, 2, 5, lq, lk)
+
+
+def test_additional_keys_are_seen_by_every_query(rng):
+    # NATTEN's additional KV: [batch, extra, heads_kv, dim] keys every query attends to besides its neighborhood.
+    grid, kernel = (6, 7), (3, 5)
+    q = heads_last(rng, 2, grid, 4, 16)
+    k, v = heads_last(rng, 2, grid, 2, 16), heads_last(rng, 2, grid, 2, 8)
+    extra_k = rng.standard_normal((2, 5, 2, 16)).astype(np.float32)
+    extra_v = rng.standard_normal((2, 5, 2, 8)).astype(np.float32)
+    out, lse = omniattn.na2d(q, k, v, kernel, return_lse=True, additional_keys=extra_k, additional_values=extra_v)
+    n = int(np.prod(grid))
+    allowed = np.concatenate([na_allowed(grid, kernel, (1, 1), (1, 1), (False, False)), np.ones((n, 5), dtype=bool)], axis=1)
+    flat = [x.reshape(2, -1, x.shape[-2], x.shape[-1]) for x in (q, k, v)]
+    want_out, want_lse = ref_attention(flat[0], np.concatenate([flat[1], extra_k], axis=1),
+                                       np.concatenate([flat[2], extra_v], axis=1), allowed=allowed, lse=True)
+    np.testing.assert_allclose(out.reshape(2, n, 4, 8), want_out, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.moveaxis(lse.reshape(2, n, 4), 1, 2), want_lse, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="go together"):
+        omniattn.na2d(q, k, v, kernel, additional_keys=extra_k)

@@ -28,12 +28,16 @@ struct grid_local {
   // halo (HaloNet): query blocks of `block` tokens per axis see their block widened by `halo` on each side (clipped)
   std::int64_t block[3] = {1, 1, 1}, halo[3] = {0, 0, 0};
 
+  bool extra_keys = false;  // keys at or past tokens() are seen by every query (their count is Lk - tokens())
+
   std::int64_t tokens() const { return grid[0] * (rank > 1 ? grid[1] : 1) * (rank > 2 ? grid[2] : 1); }
   // The keys a query at coordinate qc (0 <= qc < grid[axis]) sees on `axis`.
   axis_window window(int axis, std::int64_t qc) const;
 };
 
-// The grid-local pattern when the mask is exactly one neighborhood or halo pattern; nullopt otherwise.
+// The grid-local pattern when the mask is exactly one neighborhood or halo pattern, or one of them | ~sinks(t) with
+// t = the grid's tokens (NATTEN's additional KV: keys past the grid that every query sees; extra_keys is then set);
+// nullopt otherwise.
 std::optional<grid_local> as_grid_local(const mask_expr& m);
 
 }  // namespace omniattn::detail

@@ -62,7 +62,7 @@ std::string grid_plan::describe() const {
   return os.str();
 }
 
-grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64_t row_block) {
+grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64_t row_block, std::int64_t extra_keys) {
   const int rank = g.rank, last = rank - 1;
   std::int64_t n[3] = {1, 1, 1}, dil[3] = {1, 1, 1};
   for (int a = 0; a < rank; ++a) {
@@ -82,9 +82,10 @@ grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64
       last_perm[static_cast<std::size_t>(c)] = off[static_cast<std::size_t>(c % dil[last])] + c / dil[last];
   }
   const std::int64_t tokens = g.tokens();
-  plan.packed_token.resize(static_cast<std::size_t>(tokens));
+  plan.packed_token.resize(static_cast<std::size_t>(tokens + extra_keys));
   for (std::int64_t t = 0; t < tokens; ++t)
     plan.packed_token[static_cast<std::size_t>(t / n[last] * n[last] + last_perm[static_cast<std::size_t>(t % n[last])])] = t;
+  for (std::int64_t t = tokens; t < tokens + extra_keys; ++t) plan.packed_token[static_cast<std::size_t>(t)] = t;
 
   // Box shape: the cheapest by the cost model, with each axis's key extent and query count averaged over the boxes
   // that tile it (border boxes reach fewer keys; with halo or stride, boxes that straddle blocks reach more).
@@ -157,6 +158,8 @@ grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64
                     const std::int64_t start = line + last_perm[static_cast<std::size_t>(grp[last])] + box[last].lo;
                     for (std::int64_t s = 0; s < seg_per_line; ++s) plan.segments.push_back(start + s * k_segment);
                   }
+              const std::int64_t box_segments = static_cast<std::int64_t>(plan.segments.size()) - t.seg_begin;
+              for (std::int64_t x0 = 0; x0 < extra_keys; x0 += k_segment) plan.segments.push_back(tokens + x0);
               t.seg_count = static_cast<std::int64_t>(plan.segments.size()) - t.seg_begin;
               const std::int64_t words = grid_plan::words(t), line_slots = seg_per_line * k_segment;
               std::int64_t q[3] = {0, 0, 0};
@@ -174,10 +177,12 @@ grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64
                       cnt[a] = box[a].count[q[a]];
                       seen *= cnt[a];
                     }
-                    plan.pairs_allowed += seen;
-                    full = full && seen == t.seg_count * k_segment;
+                    plan.pairs_allowed += seen + extra_keys;
+                    full = full && seen + extra_keys == t.seg_count * k_segment;
                     const std::size_t row = plan.bits.size();
                     plan.bits.resize(row + static_cast<std::size_t>(words), 0);
+                    for (std::int64_t kk = box_segments * k_segment; kk < box_segments * k_segment + extra_keys; ++kk)
+                      plan.bits[row + static_cast<std::size_t>(kk / 64)] |= std::uint64_t{1} << (kk % 64);
                     if (seen == 0) continue;
                     const std::int64_t o0 = rank > 1 ? f[0] : 0, c0 = rank > 1 ? cnt[0] : 1;
                     const std::int64_t o1 = rank > 2 ? f[1] : 0, c1 = rank > 2 ? cnt[1] : 1;
@@ -204,8 +209,9 @@ std::size_t grid_plan::bytes() const {
   return (packed_token.size() + q_tokens.size() + segments.size() + bits.size()) * 8 + tiles.size() * sizeof(grid_tile);
 }
 
-std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int64_t max_rows, std::int64_t row_block) {
-  std::vector<std::int64_t> key = {static_cast<std::int64_t>(g.type), g.rank, max_rows, row_block};
+std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int64_t max_rows, std::int64_t row_block,
+                                                  std::int64_t extra_keys) {
+  std::vector<std::int64_t> key = {static_cast<std::int64_t>(g.type), g.rank, max_rows, row_block, extra_keys};
   for (int a = 0; a < 3; ++a)
     key.insert(key.end(), {g.grid[a], g.kernel[a], g.dilation[a], g.stride[a], std::int64_t{g.causal[a]}, g.block[a], g.halo[a]});
   using entry = std::pair<std::vector<std::int64_t>, std::shared_ptr<const grid_plan>>;
@@ -220,7 +226,7 @@ std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int6
       }
   }
   // Built without the lock: a large plan (tens of MiB for big 3-D grids) must not stall callers of other grids.
-  auto plan = std::make_shared<const grid_plan>(plan_grid_tiles(g, max_rows, row_block));
+  auto plan = std::make_shared<const grid_plan>(plan_grid_tiles(g, max_rows, row_block, extra_keys));
   constexpr std::size_t k_cache_bytes = std::size_t{64} << 20;
   if (plan->bytes() > k_cache_bytes) return plan;
   std::lock_guard<std::mutex> lock(mu);

@@ -45,11 +45,14 @@ struct grid_plan {
 
 // Covers every token of the grid by query boxes of at most max_rows (<= 64) queries, shaped by a cost model of the
 // fused kernel (64-key tiles, register blocks of row_block rows), in raster order of the boxes.
-grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64_t row_block);
+// extra_keys: keys past the grid (packed as themselves, after it) that every query sees, appended to every box as
+// whole segments (g.extra_keys; NATTEN's additional KV).
+grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64_t row_block, std::int64_t extra_keys = 0);
 
 // The same plan from a small process-wide cache (the last few grids, at most 64 MiB of plans): selection and every
 // call of a layer that runs the same grid reuse one plan instead of rebuilding it. Thread-safe; plans are built
 // outside the cache's lock.
-std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int64_t max_rows, std::int64_t row_block);
+std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int64_t max_rows, std::int64_t row_block,
+                                                  std::int64_t extra_keys = 0);
 
 }  // namespace omniattn::detail

@@ -804,11 +804,30 @@ axis_window grid_local::window(int axis, std::int64_t qc) const {
 }
 
 std::optional<grid_local> as_grid_local(const mask_expr& m) {
+  using op = mask_expr::op;
+  const auto is_grid = [](const mask_expr::node* nd) { return nd && (nd->kind == op::neighborhood || nd->kind == op::halo); };
   const mask_expr::node* root = m.root_node();
-  if (!root || (root->kind != mask_expr::op::neighborhood && root->kind != mask_expr::op::halo)) return std::nullopt;
-  const std::vector<std::int64_t>& t = *m.table(root->table);
-  if (!check_grid(root->kind, t).empty()) return std::nullopt;  // an invalid pattern has no windows to gather
-  return decode_grid(root->kind, t);
+  const mask_expr::node* grid = root;
+  const mask_expr::node* extra = nullptr;  // ~sinks(t) of "grid | ~sinks(t)"
+  if (root && root->kind == op::or_) {
+    const mask_expr::node* a = m.node_at(root->lhs);
+    const mask_expr::node* b = m.node_at(root->rhs);
+    if (!is_grid(a)) std::swap(a, b);
+    grid = a;
+    extra = b;
+    const mask_expr::node* inner = extra && extra->kind == op::not_ ? m.node_at(extra->lhs) : nullptr;
+    if (!inner || inner->kind != op::sinks) return std::nullopt;
+    extra = inner;
+  }
+  if (!is_grid(grid)) return std::nullopt;
+  const std::vector<std::int64_t>& t = *m.table(grid->table);
+  if (!check_grid(grid->kind, t).empty()) return std::nullopt;  // an invalid pattern has no windows to gather
+  grid_local g = decode_grid(grid->kind, t);
+  if (extra) {
+    if (extra->a != g.tokens()) return std::nullopt;  // global keys inside the grid are not "additional" keys
+    g.extra_keys = true;
+  }
+  return g;
 }
 
 }  // namespace detail

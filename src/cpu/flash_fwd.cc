@@ -636,7 +636,9 @@ void flash_fwd(const attn_params& p) {
 void flash_fwd_grid(const attn_params& p) {
   const df_t d;
   const auto L = static_cast<std::int64_t>(hn::Lanes(d));
-  const std::shared_ptr<const detail::grid_plan> plan_ptr = detail::cached_grid_plan(*detail::as_grid_local(*p.mask), k_bq, k_plan_row_block);
+  const detail::grid_local g = *detail::as_grid_local(*p.mask);
+  const std::shared_ptr<const detail::grid_plan> plan_ptr =
+      detail::cached_grid_plan(g, k_bq, k_plan_row_block, g.extra_keys ? p.seq_k - g.tokens() : 0);
   const detail::grid_plan& plan = *plan_ptr;
   const int threads = p.threads;
   const std::int64_t dim = p.dim_qk;
@@ -767,8 +769,9 @@ static std::string grid_path_blocker(const attn_params& p, const detail::grid_lo
   if (p.blocks) return "a user block mask is given";
   if (p.causal != causal_mode::none) return "spec.causal is set (use the neighborhood's per-axis causal flag)";
   if (p.cu_seqlens_q) return "varlen batches";
-  if (p.seq_q != g.tokens() || p.seq_k != g.tokens())
-    return "q/k lengths " + std::to_string(p.seq_q) + "/" + std::to_string(p.seq_k) + " != grid tokens " + std::to_string(g.tokens());
+  if (p.seq_q != g.tokens() || (g.extra_keys ? p.seq_k < g.tokens() : p.seq_k != g.tokens()))
+    return "q/k lengths " + std::to_string(p.seq_q) + "/" + std::to_string(p.seq_k) + " do not match the grid's " +
+           std::to_string(g.tokens()) + " tokens" + (g.extra_keys ? " (+ additional keys)" : "");
   return {};
 }
 
@@ -809,7 +812,7 @@ selection select(const attn_params& p) {
         sel.name = std::string("cpu.flash_fwd_grid<") + dtype_name(p.in_type) + ">";
         sel.reasons.push_back(sel.name + ": " + p.mask->str() + " on query boxes of the grid, each reading the box of keys " +
                               "its queries reach in place (16-key line segments of K/V packed once per call): " +
-                              detail::cached_grid_plan(*g, k_bq, k_plan_row_block)->describe());
+                              detail::cached_grid_plan(*g, k_bq, k_plan_row_block, g->extra_keys ? p.seq_k - g->tokens() : 0)->describe());
         if (p.rope)
           sel.reasons.push_back(sel.name + ": RoPE (rotary dim " + std::to_string(p.rope_dim) +
                                 ") applied to Q when loaded and to K while packing, from per-token cos/sin tables");
