@@ -654,8 +654,11 @@ void flash_fwd_grid(const attn_params& p) {
   // (they are masked, and meet P = 0 in the PV product).
   const std::int64_t n = p.seq_k, n_pad = n + detail::k_segment, k_ld = (n_pad + L - 1) / L * L;
   const std::int64_t head_floats = dim * k_ld + n_pad * dim_vp;
-  const std::int64_t heads_per_chunk = std::clamp<std::int64_t>(k_pack_budget_bytes / (4 * head_floats), 1, p.heads_kv);
-  const pack_lease packed_buffer(0, static_cast<std::size_t>(heads_per_chunk * head_floats));
+  // Packed (sequence, kv head) pairs, as many per chunk as the budget holds: one chunk (two barriers) for a batch of
+  // small grids (window attention over many images) as well as for one large grid's heads.
+  const std::int64_t pairs = p.batch * p.heads_kv;
+  const std::int64_t pairs_per_chunk = std::clamp<std::int64_t>(k_pack_budget_bytes / (4 * head_floats), 1, pairs);
+  const pack_lease packed_buffer(0, static_cast<std::size_t>(pairs_per_chunk * head_floats));
   float* const packed = packed_buffer.get();
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads), std::vector<float>(static_cast<std::size_t>(dim)));
@@ -668,62 +671,62 @@ void flash_fwd_grid(const attn_params& p) {
   const auto n_tiles = static_cast<std::int64_t>(plan.tiles.size());
   const std::int64_t pack_blocks = (n_pad + k_bk - 1) / k_bk;
 
-  for (std::int64_t b = 0; b < p.batch; ++b) {
-    const seq_extent e = sequence(p, b);
-    for (std::int64_t kvh0 = 0; kvh0 < p.heads_kv; kvh0 += heads_per_chunk) {
-      const std::int64_t chunk = std::min(heads_per_chunk, p.heads_kv - kvh0);
+  for (std::int64_t pair0 = 0; pair0 < pairs; pair0 += pairs_per_chunk) {
+    const std::int64_t chunk = std::min(pairs_per_chunk, pairs - pair0);
 #pragma omp parallel num_threads(threads)
-      {
-        const int tid = omp_get_thread_num();
-        thread_scratch& ts = scratch[static_cast<std::size_t>(tid)];
+    {
+      const int tid = omp_get_thread_num();
+      thread_scratch& ts = scratch[static_cast<std::size_t>(tid)];
 #pragma omp for schedule(static)
-        for (std::int64_t it = 0; it < chunk * pack_blocks; ++it) {
-          const std::int64_t c = it / pack_blocks, j0 = it % pack_blocks * k_bk;
-          float* kp = packed + c * head_floats;
-          float* vp = kp + dim * k_ld;
-          float* row = rows[static_cast<std::size_t>(tid)].data();
-          const std::int64_t j1 = std::min(n, j0 + k_bk);
-          std::int64_t pos[k_bk];
-          for (std::int64_t j = j0; j < j1; ++j) pos[j - j0] = e.k_begin + plan.packed_token[static_cast<std::size_t>(j)];
-          if (j1 > j0) transpose_k(p, kv, e.tensor_batch, kvh0 + c, pos, j1 - j0, kp + j0, k_ld, row);
-          for (std::int64_t j = j0; j < j1; ++j)
-            load_row_v(p.v, p.in_type, e.tensor_batch * p.v_stride[0] + pos[j - j0] * p.v_stride[1] + (kvh0 + c) * p.v_stride[2],
-                     p.v_stride[3], p.dim_v, vp + j * dim_vp);
-          // Padding past the sequence (read by segments that reach past the last key) and past dim_v: zeros.
-          for (std::int64_t j = std::max(j0, n); j < std::min(n_pad, j0 + k_bk); ++j)
-            for (std::int64_t dd = 0; dd < dim; ++dd) kp[dd * k_ld + j] = 0.0f;
-          for (std::int64_t j = j0; j < std::min(n_pad, j0 + k_bk); ++j)
-            std::fill(vp + j * dim_vp + (j < n ? p.dim_v : 0), vp + (j + 1) * dim_vp, 0.0f);
-        }
+      for (std::int64_t it = 0; it < chunk * pack_blocks; ++it) {
+        const std::int64_t c = it / pack_blocks, j0 = it % pack_blocks * k_bk;
+        const std::int64_t kvh = (pair0 + c) % p.heads_kv;
+        const seq_extent e = sequence(p, (pair0 + c) / p.heads_kv);
+        float* kp = packed + c * head_floats;
+        float* vp = kp + dim * k_ld;
+        float* row = rows[static_cast<std::size_t>(tid)].data();
+        const std::int64_t j1 = std::min(n, j0 + k_bk);
+        std::int64_t pos[k_bk];
+        for (std::int64_t j = j0; j < j1; ++j) pos[j - j0] = e.k_begin + plan.packed_token[static_cast<std::size_t>(j)];
+        if (j1 > j0) transpose_k(p, kv, e.tensor_batch, kvh, pos, j1 - j0, kp + j0, k_ld, row);
+        for (std::int64_t j = j0; j < j1; ++j)
+          load_row_v(p.v, p.in_type, e.tensor_batch * p.v_stride[0] + pos[j - j0] * p.v_stride[1] + kvh * p.v_stride[2],
+                   p.v_stride[3], p.dim_v, vp + j * dim_vp);
+        // Padding past the sequence (read by segments that reach past the last key) and past dim_v: zeros.
+        for (std::int64_t j = std::max(j0, n); j < std::min(n_pad, j0 + k_bk); ++j)
+          for (std::int64_t dd = 0; dd < dim; ++dd) kp[dd * k_ld + j] = 0.0f;
+        for (std::int64_t j = j0; j < std::min(n_pad, j0 + k_bk); ++j)
+          std::fill(vp + j * dim_vp + (j < n ? p.dim_v : 0), vp + (j + 1) * dim_vp, 0.0f);
+      }
 #pragma omp for schedule(dynamic, 1)
-        for (std::int64_t it = 0; it < chunk * n_tiles; ++it) {
-          const std::int64_t kvh = kvh0 + it / n_tiles;
-          const detail::grid_tile& t = plan.tiles[static_cast<std::size_t>(it % n_tiles)];
-          const float* kp = packed + (kvh - kvh0) * head_floats;
-          const float* vp = kp + dim * k_ld;
-          const std::int64_t slots = t.seg_count * detail::k_segment, tiles_k = (slots + k_bk - 1) / k_bk;
-          const std::int64_t words = detail::grid_plan::words(t);
-          const auto pos = [&](std::int64_t i) { return plan.q_tokens[static_cast<std::size_t>(t.q_begin + i)]; };
-          for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
-            begin_rows<false>(p, kv, ts, e, h, t.q_count, dim_vp, pos);
-            for (std::int64_t kt = 0; kt < tiles_k; ++kt) {
-              const std::int64_t keys = std::min(k_bk, slots - kt * k_bk);
-              key_segments ks{{}, {}, k_ld, dim_vp};
-              for (std::int64_t sg = 0; sg < 4; ++sg) {
-                // Slots past the box's segments point at segment 0: finite values, masked by the bits.
-                const std::int64_t at = kt * 4 + sg < t.seg_count ? kt * 4 + sg : 0;
-                const std::int64_t start = plan.segments[static_cast<std::size_t>(t.seg_begin + at)];
-                ks.kseg[sg] = kp + start;
-                ks.vseg[sg] = vp + start * dim_vp;
-              }
-              const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
-              ts.pairs[static_cast<int>(t.full ? tile_kind::full : tile_kind::partial)] += t.q_count * k_bk;
-              key_tile<false>(p, kv, ts, b, h, t.q_count, 0, 0, keys, ks, dim_vp, [&](std::int64_t i) {
-                return t.full ? in_range : plan.bits[static_cast<std::size_t>(t.bits_begin + i * words + kt)];
-              });
+      for (std::int64_t it = 0; it < chunk * n_tiles; ++it) {
+        const std::int64_t c = it / n_tiles, b = (pair0 + c) / p.heads_kv, kvh = (pair0 + c) % p.heads_kv;
+        const seq_extent e = sequence(p, b);
+        const detail::grid_tile& t = plan.tiles[static_cast<std::size_t>(it % n_tiles)];
+        const float* kp = packed + c * head_floats;
+        const float* vp = kp + dim * k_ld;
+        const std::int64_t slots = t.seg_count * detail::k_segment, tiles_k = (slots + k_bk - 1) / k_bk;
+        const std::int64_t words = detail::grid_plan::words(t);
+        const auto pos = [&](std::int64_t i) { return plan.q_tokens[static_cast<std::size_t>(t.q_begin + i)]; };
+        for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
+          begin_rows<false>(p, kv, ts, e, h, t.q_count, dim_vp, pos);
+          for (std::int64_t kt = 0; kt < tiles_k; ++kt) {
+            const std::int64_t keys = std::min(k_bk, slots - kt * k_bk);
+            key_segments ks{{}, {}, k_ld, dim_vp};
+            for (std::int64_t sg = 0; sg < 4; ++sg) {
+              // Slots past the box's segments point at segment 0: finite values, masked by the bits.
+              const std::int64_t at = kt * 4 + sg < t.seg_count ? kt * 4 + sg : 0;
+              const std::int64_t start = plan.segments[static_cast<std::size_t>(t.seg_begin + at)];
+              ks.kseg[sg] = kp + start;
+              ks.vseg[sg] = vp + start * dim_vp;
             }
-            end_rows(p, ts, e, h, t.q_count, dim_vp, pos);
+            const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
+            ts.pairs[static_cast<int>(t.full ? tile_kind::full : tile_kind::partial)] += t.q_count * k_bk;
+            key_tile<false>(p, kv, ts, b, h, t.q_count, 0, 0, keys, ks, dim_vp, [&](std::int64_t i) {
+              return t.full ? in_range : plan.bits[static_cast<std::size_t>(t.bits_begin + i * words + kt)];
+            });
           }
+          end_rows(p, ts, e, h, t.q_count, dim_vp, pos);
         }
       }
     }
