@@ -13,6 +13,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -64,6 +65,14 @@ double max_abs_diff(const problem_data& a, const problem_data& b) {
     err = std::isnan(x) || std::isnan(y) ? INFINITY : std::max(err, std::fabs(x - y));
   }
   return err;
+}
+
+// JSON has no NaN: a value that was not measured is null.
+std::string number_or_null(double x) {
+  if (!std::isfinite(x)) return "null";
+  std::ostringstream ss;
+  ss << x;
+  return ss.str();
 }
 
 int usage(const char* msg) {
@@ -120,7 +129,8 @@ int kernel_main(int argc, char** argv) {
       for (const auto& m : masks) if (m != "dense" && m != "causal") return usage("--mask expects dense, causal or none");
     } else if (a == "--pattern" && has_value) {
       // Any mask spec string (README grammar); repeatable. Its rows report useful GFLOP/s (mask area only), the
-      // share of key tiles skipped, and OpenBLAS at the dense cost an unfused path pays for any mask.
+      // share of key tiles skipped, the time against the dense run of the shape, and OpenBLAS at the dense cost an
+      // unfused path pays for any mask.
       mask_expr m;
       if (const std::string err = parse_mask(argv[++i], m); !err.empty()) return usage(("--pattern: " + err).c_str());
       masks.push_back(std::string("spec:") + argv[i]);
@@ -145,19 +155,29 @@ int kernel_main(int argc, char** argv) {
     peaks.push_back(mp.fp32_fma_gflops);
     bf16_peaks.push_back(mp.bf16_dot_gflops);
   }
+  // With --pattern rows the table compares every masked row (patterns, causal) with the dense run of its shape (issue
+  // #4: time against the dense run); the dense row's time is reused when the table has it, else it is measured.
+  const bool against_dense = std::any_of(masks.begin(), masks.end(), [](const std::string& m) { return m.rfind("spec:", 0) == 0; });
   std::printf("omniattn bench --kernel   isa=%s   openblas=%s\n", isa_name(), openblas_core());
   for (std::size_t i = 0; i < threads.size(); ++i)
     std::printf("peak with %lld thread(s): fp32 FMA %.0f GFLOP/s, bf16 dot %.0f GFLOP/s (%s)\n", static_cast<long long>(threads[i]),
                 peaks[i], bf16_peaks[i], machine[i].source.c_str());
   std::printf("\nB=%lld H=%lld; GFLOP/s = 4*mask_area*B*H*D / median time; %%peak against the peak of the kernel's arithmetic\n"
               "(bf16 dot for bf16dot kernels, fp32 FMA otherwise); naive f32 for N<=1024 (for neighborhood / halo patterns:\n"
-              "the naive per-query neighborhood baseline on the same threads, every N), oracle for N<=512\n\n",
+              "the naive per-query neighborhood baseline on the same threads, every N), oracle for N<=512\n",
               static_cast<long long>(batch[0]), static_cast<long long>(heads[0]));
+  if (against_dense)
+    std::printf("density = useful pairs / N^2; dense ms = the same shape without mask or causal flag (the dense row's, else "
+                "run);\nx dense = dense ms / fused ms (> 1: faster than dense; ideal 1 / density)\n");
+  std::printf("\n");
   // The mask column fits the longest label (pattern spec strings such as neighborhood(...) are long).
   int label_width = 22;
   for (const std::string& m : masks) label_width = std::max(label_width, static_cast<int>(m.size()) - (m.rfind("spec:", 0) == 0 ? 5 : 0));
-  std::printf("%-*s %-5s %4s %6s %3s | %9s %8s %6s %6s %8s | %8s %8s %8s %7s | %9s\n", label_width, "mask", "dtype", "D", "N", "thr",
-              "fused ms", "GFLOP/s", "%peak", "skip%", "mem MiB", "oracle", "naive", "openblas", "x blas", "max err");
+  std::map<std::string, double> dense_ms_of;  // dtype|D|N|threads -> fused median ms without mask or causal flag
+  std::printf("%-*s %-5s %4s %6s %3s | %9s %8s %6s %6s %8s |", label_width, "mask", "dtype", "D", "N", "thr", "fused ms",
+              "GFLOP/s", "%peak", "skip%", "mem MiB");
+  if (against_dense) std::printf(" %7s %9s %7s |", "density", "dense ms", "x dense");
+  std::printf(" %8s %8s %8s %7s | %9s\n", "oracle", "naive", "openblas", "x blas", "max err");
   std::ostringstream json;
   json << "{\n  \"isa\": \"" << isa_name() << "\",\n  \"rows\": [";
   bool first_row = true;
@@ -240,9 +260,34 @@ int kernel_main(int argc, char** argv) {
               const timing t = time_it([&] { openblas_unfused(pb, thr); }, budget, 3);
               blas_gf = flops / t.median_s * 1e-9;
             }
-            std::printf("%-*s %-5s %4lld %6lld %3d | %9.2f %8.1f %5.0f%% %5.1f%% %8.0f | %8.2f %8.2f %8.1f %7.2f | %9.2e\n",
-                        label_width, label.c_str(), dt.c_str(), static_cast<long long>(d), static_cast<long long>(n), thr, fused.median_s * 1e3,
-                        gf, 100.0 * gf / peak, skipped, mem, oracle_gf, naive_gf, blas_gf, gf / blas_gf, err);
+            const std::string dense_key = dt + "|" + std::to_string(d) + "|" + std::to_string(n) + "|" + std::to_string(thr);
+            const double density = flops / (2.0 * static_cast<double>(pr.batch * pr.heads_q * n * n) *
+                                            static_cast<double>(p.dim_qk + p.dim_v));
+            double dense_ms = NAN;
+            if (mask == "dense") {
+              dense_ms_of.emplace(dense_key, fused.median_s * 1e3);
+            } else if (against_dense) {
+              auto it = dense_ms_of.find(dense_key);
+              if (it == dense_ms_of.end()) {
+                // After the baselines: it overwrites data.out, which their error comparison has read.
+                spec dense_spec;
+                const auto run_dense = [&] {
+                  (void)attention(data.q_view(), data.k_view(), data.v_view(), data.out_view(), dense_spec,
+                                  data.make_options(backend::cpu, thr));
+                };
+                it = dense_ms_of.emplace(dense_key, time_it(run_dense, budget, 3).median_s * 1e3).first;
+              }
+              dense_ms = it->second;
+            }
+            const double x_dense = dense_ms / (fused.median_s * 1e3);
+            std::printf("%-*s %-5s %4lld %6lld %3d | %9.2f %8.1f %5.0f%% %5.1f%% %8.0f |", label_width, label.c_str(), dt.c_str(),
+                        static_cast<long long>(d), static_cast<long long>(n), thr, fused.median_s * 1e3, gf, 100.0 * gf / peak,
+                        skipped, mem);
+            if (against_dense) {
+              if (std::isnan(dense_ms)) std::printf(" %7.4f %9s %7s |", density, "-", "-");
+              else std::printf(" %7.4f %9.2f %6.2fx |", density, dense_ms, x_dense);
+            }
+            std::printf(" %8.2f %8.2f %8.1f %7.2f | %9.2e\n", oracle_gf, naive_gf, blas_gf, gf / blas_gf, err);
             std::fflush(stdout);
             json << (first_row ? "\n" : ",\n") << "    {\"mask\": \"" << label << "\", \"tiles_skipped_pct\": " << skipped << ", \"useful_flops\": " << flops << ", \"dtype\": \"" << dt << "\", \"d\": " << d
                  << ", \"n\": " << n << ", \"threads\": " << thr << ", \"median_ms\": " << fused.median_s * 1e3
@@ -250,7 +295,9 @@ int kernel_main(int argc, char** argv) {
                  << ", \"kernel\": \"" << sel.name << "\", \"gflops\": " << gf << ", \"peak_gflops\": " << peak << ", \"peak_rss_mib\": " << mem
                  << ", \"openblas_gflops\": " << (std::isnan(blas_gf) ? 0.0 : blas_gf)
                  << ", \"naive_gflops\": " << (std::isnan(naive_gf) ? 0.0 : naive_gf) << ", \"naive_kind\": \""
-                 << (std::isnan(naive_gf) ? "" : naive_local_unsupported(p).empty() ? "local" : "f32") << "\"}";
+                 << (std::isnan(naive_gf) ? "" : naive_local_unsupported(p).empty() ? "local" : "f32") << "\", \"density\": "
+                 << density << ", \"dense_ms\": " << number_or_null(dense_ms) << ", \"x_dense\": " << number_or_null(x_dense)
+                 << "}";
             first_row = false;
           }
         }

@@ -76,6 +76,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) fl
 std::string naive_local_unsupported(const attn_params& p) {
   if (!p.mask || !detail::as_grid_local(*p.mask))
     return "the mask is not a single grid-local pattern (neighborhood or halo)";
+  if (detail::as_grid_local(*p.mask)->extra_keys) return "additional keys (grid | ~sinks(tokens)) are not in the naive baseline";
   if (p.score || p.rope || p.sink_logits || p.blocks)
     return "score modifiers, RoPE, sinks and block masks are not in the naive neighborhood baseline";
   return {};

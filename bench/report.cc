@@ -12,6 +12,8 @@
 #include <map>
 #include <sstream>
 
+#include "bench/suite.h"
+
 extern char** environ;
 
 namespace omniattn::bench {
@@ -156,9 +158,9 @@ std::string shape_label(const result_row& r) {
 }
 
 void print_table_header(std::FILE* f) {
-  std::fprintf(f, "%-36s %6s %-26s %3s | %9s %5s %5s %8s %5s %5s %7s | %9s %7s %7s | %7s %9s %7s | %-10s\n", "workload", "N",
-               "shape", "thr", "fused ms", "iqr%", "dist%", "GFLOP/s", "%peak", "skip%", "wsMiB", "blas ms", "x blas", "blasMiB",
-               "naiveGF", "nloc ms", "x nloc", "check");
+  std::fprintf(f, "%-36s %6s %-26s %3s | %9s %5s %5s %8s %5s %5s %7s | %7s %9s %7s | %9s %7s %7s | %7s %9s %7s | %-10s\n",
+               "workload", "N", "shape", "thr", "fused ms", "iqr%", "dist%", "GFLOP/s", "%peak", "skip%", "wsMiB", "density",
+               "dense ms", "x dense", "blas ms", "x blas", "blasMiB", "naiveGF", "nloc ms", "x nloc", "check");
 }
 
 void print_table_row(std::FILE* f, const result_row& r) {
@@ -168,12 +170,17 @@ void print_table_row(std::FILE* f, const result_row& r) {
     return;
   }
   std::string check = r.check.rows ? fmt("%.1e", r.check.max_abs_err) + (r.check.ok ? " ok" : " FAIL") : "-";
+  // '?': the dense time came from a disturbed measurement (possibly another row's), so the ratio is suspect.
+  const std::string x_dense = fmt("%.2fx", r.x_dense) + (r.dense_disturbed_pct > k_max_disturbed_pct ? "?" : "");
   std::string blas_ms = fmt("%.2f", r.openblas_ms);
   if (std::isfinite(r.openblas_ms) && r.openblas_heads_measured < r.heads_q) blas_ms += "*";
   if (std::isfinite(r.naive_local_ms) && !r.naive_local_check_ok) check += " nloc FAIL";
-  std::fprintf(f, "%-36s %6lld %-26s %3d | %9.2f %5.1f %5.0f %8.1f %4.0f%% %5.1f %7.1f | %9s %7s %7s | %7s %9s %7s | %-10s\n",
+  std::fprintf(f,
+               "%-36s %6lld %-26s %3d | %9.2f %5.1f %5.0f %8.1f %4.0f%% %5.1f %7.1f | %7s %9s %7s | %9s %7s %7s | %7s %9s %7s | "
+               "%-10s\n",
                r.workload.c_str(), static_cast<long long>(r.n), shape_label(r).c_str(), r.threads, r.fused.median_s * 1e3,
-               r.fused.iqr_pct(), r.disturbed_pct, r.gflops, r.pct_peak, r.tiles_skipped_pct, r.workspace_mib, blas_ms.c_str(),
+               r.fused.iqr_pct(), r.disturbed_pct, r.gflops, r.pct_peak, r.tiles_skipped_pct, r.workspace_mib,
+               fmt("%.4f", r.density()).c_str(), fmt("%.2f", r.dense_ms).c_str(), x_dense.c_str(), blas_ms.c_str(),
                fmt("%.2fx", r.openblas_speedup).c_str(), fmt("%.0f", r.openblas_workspace_mib).c_str(),
                fmt("%.2f", r.naive_gflops).c_str(), fmt("%.2f", r.naive_local_ms).c_str(),
                fmt("%.1fx", r.naive_local_speedup).c_str(), check.c_str());
@@ -218,7 +225,8 @@ const std::vector<std::string>& row_keys() {
       "workload", "group", "note", "problem", "mask", "n", "batch", "seq_q", "seq_k", "heads_q", "heads_kv", "dim_qk",
       "dim_v", "dtype", "causal", "varlen", "threads", "kernel", "useful_pairs", "dense_pairs", "density",
       "useful_flops", "median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "iqr_pct", "reps", "disturbed_pct",
-      "attempts", "gflops", "peak_gflops", "peak_kind", "pct_peak", "tiles_skipped_pct", "inputs_mib", "peak_rss_mib",
+      "attempts", "gflops", "peak_gflops", "peak_kind", "pct_peak", "tiles_skipped_pct", "dense_ms", "x_dense",
+      "dense_disturbed_pct", "dense_note", "inputs_mib", "peak_rss_mib",
       "workspace_mib", "check_rows", "check_max_abs_err", "check_tolerance", "check_ok", "check_skipped", "naive_ms",
       "naive_gflops", "naive_local_ms", "naive_local_gflops", "naive_local_speedup", "naive_local_max_abs_err",
       "naive_local_check_ok", "naive_local_disturbed_pct", "naive_local_note", "openblas_ms", "openblas_gflops", "openblas_speedup", "openblas_workspace_mib",
@@ -250,7 +258,7 @@ json row_json(const result_row& r) {
   j.set("kernel", r.kernel);
   j.set("useful_pairs", r.useful_pairs);
   j.set("dense_pairs", r.dense_pairs);
-  j.set("density", r.dense_pairs > 0 ? static_cast<double>(r.useful_pairs) / static_cast<double>(r.dense_pairs) : NAN);
+  j.set("density", r.density());
   j.set("useful_flops", r.useful_flops);
   const bool ran = r.error.empty();
   j.set("median_ms", ran ? r.fused.median_s * 1e3 : NAN);
@@ -267,6 +275,10 @@ json row_json(const result_row& r) {
   j.set("peak_kind", r.peak_kind);
   j.set("pct_peak", ran ? r.pct_peak : NAN);
   j.set("tiles_skipped_pct", ran ? r.tiles_skipped_pct : NAN);
+  j.set("dense_ms", r.dense_ms);
+  j.set("x_dense", r.x_dense);
+  j.set("dense_disturbed_pct", r.dense_disturbed_pct);
+  j.set("dense_note", opt_string(r.dense_note));
   j.set("inputs_mib", r.inputs_mib);
   j.set("peak_rss_mib", ran ? r.peak_rss_mib : NAN);
   j.set("workspace_mib", ran ? r.workspace_mib : NAN);
@@ -385,6 +397,13 @@ std::string report_markdown(const run_info& info, const std::vector<result_row>&
         "not applied), the least an unfused implementation pays. `x OpenBLAS` = OpenBLAS time / fused time. Times "
         "marked * ran on fewer heads and were scaled by the head count (the unfused path runs heads one after another). "
         "The naive f32 path (single thread) runs only where its work is small.\n\n"
+     << "Against dense: on masked rows (a mask or the causal flag), `dense ms` is the fused kernel on the same shape, "
+        "dtype and threads with no mask and no causal flag, timed the same way (measured once per shape, or the "
+        "unmasked row of that shape); `x dense` = dense time / fused time (> 1: faster than dense), to compare with the "
+        "ideal 1 / `density` (useful pairs / all pairs); `?` marks a dense time whose measurement was disturbed "
+        "(over 10%). Dense runs estimated at over "
+     << fmt("%.2g", k_dense_max_budgets * info.budget_s)
+     << " s each at the fp32 FMA peak are not measured (the note says so).\n\n"
      << "Naive local (grid-local masks: neighborhood, halo): the per-query baseline of bench/naive_local.cc, on the "
         "row's thread count: each query's window from grid_local::window per axis, its K/V rows gathered, fp32 dot "
         "products, softmax, weighted sum. `x naive local` = its time / the fused time (issue #5's target: >= 10 for 2D "
@@ -399,16 +418,16 @@ std::string report_markdown(const run_info& info, const std::vector<result_row>&
     });
     md << "\n## " << g << "\n\n"
        << "| workload | N | shape | mask | kernel | thr | median ms | IQR % | min-max ms | reps | disturbed % | GFLOP/s | % "
-          "peak | tiles skipped | workspace MiB | OpenBLAS ms | x OpenBLAS | OpenBLAS MiB | naive GFLOP/s | "
+          "peak | tiles skipped | density | dense ms | x dense | workspace MiB | OpenBLAS ms | x OpenBLAS | OpenBLAS MiB | naive GFLOP/s | "
        << (local ? "naive local ms | naive local GFLOP/s | x naive local | " : "") << "check |\n"
-       << "|---|---:|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+       << "|---|---:|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
        << (local ? "---:|---:|---:|" : "") << "---|\n";
     for (const result_row& r : rows) {
       if (r.group != g) continue;
       md << "| " << r.workload << " | " << r.n << " | " << shape_label(r) << " | "
          << (r.mask.empty() ? "-" : "`" + md_cell(r.mask) + "`") << " | ";
       if (!r.error.empty()) {  // the remaining columns empty
-        md << "ERROR: " << md_cell(r.error) << " |" << std::string(local ? 18 : 15, '|') << "\n";
+        md << "ERROR: " << md_cell(r.error) << " |" << std::string(local ? 21 : 18, '|') << "\n";
         continue;
       }
       std::string local_cells;
@@ -422,11 +441,14 @@ std::string report_markdown(const run_info& info, const std::vector<result_row>&
       std::string blas = fmt("%.2f", r.openblas_ms);
       if (std::isfinite(r.openblas_ms) && r.openblas_heads_measured < r.heads_q) blas += "*";
       if (!r.openblas_note.empty()) blas = md_cell(r.openblas_note);
+      const std::string dense = r.dense_note.empty() ? fmt("%.3f", r.dense_ms) : md_cell(r.dense_note);
       md << "`" << r.kernel << "` | " << r.threads << " | " << fmt("%.3f", r.fused.median_s * 1e3) << " | "
          << fmt("%.1f", r.fused.iqr_pct()) << " | " << fmt("%.3f", r.fused.min_s * 1e3) << "-" << fmt("%.3f", r.fused.max_s * 1e3)
          << " | " << r.fused.reps << " | " << fmt("%.0f", r.disturbed_pct)
          << (r.attempts > 1 ? " (" + std::to_string(r.attempts) + " tries)" : "") << " | " << fmt("%.1f", r.gflops) << " | " << fmt("%.0f", r.pct_peak) << " | "
-         << fmt("%.1f", r.tiles_skipped_pct) << " | " << fmt("%.1f", r.workspace_mib) << " | " << blas << " | "
+         << fmt("%.1f", r.tiles_skipped_pct) << " | " << fmt("%.4f", r.density()) << " | " << dense << " | "
+         << fmt("%.2f", r.x_dense) << (r.dense_disturbed_pct > k_max_disturbed_pct ? "?" : "") << " | "
+         << fmt("%.1f", r.workspace_mib) << " | " << blas << " | "
          << fmt("%.2f", r.openblas_speedup) << " | " << fmt("%.0f", r.openblas_workspace_mib) << " | "
          << fmt("%.2f", r.naive_gflops) << " | " << local_cells << check << " |\n";
     }

@@ -15,6 +15,9 @@
 
 namespace omniattn::bench {
 
+// A measurement whose disturbance (CPU share others took) is above this is retried; a kept one above it is marked.
+constexpr double k_max_disturbed_pct = 10.0;
+
 struct result_row {
   // What ran.
   std::string workload, group, note;
@@ -35,6 +38,11 @@ struct result_row {
   double gflops = 0, peak_gflops = 0, pct_peak = 0;
   std::string peak_kind;  // "fp32_fma" or "bf16_dot"
   double tiles_skipped_pct = 0;
+  // The dense run of the same shape, dtype and threads (no mask, no causal flag; suite.h dense_key), on masked rows:
+  // issue #4's "time against the dense run". x_dense = dense_ms / fused median (> 1: faster than dense); the ideal is
+  // 1 / density. NaN on unmasked rows (they are the dense run) and where it was not measured (dense_note says why).
+  double dense_ms = NAN, x_dense = NAN, dense_disturbed_pct = NAN;
+  std::string dense_note;
   double inputs_mib = 0, peak_rss_mib = 0, workspace_mib = 0;
   check_result check;
   // Baselines; NaN when not run.
@@ -53,6 +61,11 @@ struct result_row {
   std::int64_t openblas_heads_measured = 0;  // < heads_q: timed on fewer heads and scaled
   std::string openblas_note;                 // why it did not run, when it did not
   std::string error;                         // the row could not run
+
+  // Useful pairs over all pairs of the shape (mask area / (Lq * Lk) per batch and head); NaN for an empty shape.
+  double density() const {
+    return dense_pairs > 0 ? static_cast<double>(useful_pairs) / static_cast<double>(dense_pairs) : NAN;
+  }
 };
 
 // Where an efficient pattern becomes faster than a reference on the same shape, from the N sweep.

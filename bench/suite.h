@@ -35,6 +35,19 @@ bool select_workloads(const suite_options& o, std::vector<workload>& out, std::s
 void print_suite_usage(std::FILE* f);
 void print_workload_list(std::FILE* f, const std::vector<workload>& all, bool quick);
 
+// The dense run a masked row is compared with ("x dense"): the same problem (shape, dtype, layout, varlen lengths)
+// without its causal flag and mask, on the same thread count. dense_key names it, so rows of one shape share one
+// measurement (the seed does not change the cost and is left out).
+std::string dense_key(const problem& p, int threads);
+// Dense runs estimated to take more than this many budgets each are not measured: a measurement is a warm-up and at
+// least three runs, and the estimate (dense FLOPs at the fp32 FMA peak; bf16 kernels reach about that, far from the
+// bf16 dot peak) is 1.5-3x below the real time, so a 1 s estimate costs 6-12 s. With 5 budgets the 3D neighborhood
+// rows' dense runs (275 GFLOP, 2-3.7 s each) took 24 of 211 s of a default suite. Default budget 0.4 s: 1 s, which
+// skips the 8k-token model rows and the 3D neighborhood rows; --budget 1 includes the latter.
+constexpr double k_dense_max_budgets = 2.5;
+// Why the dense run is not measured (its estimate is over the limit), or "" to measure it.
+std::string dense_skip_reason(double dense_flops, double peak_gflops, double budget_s);
+
 // Runs the suite; returns the exit code (0 ok, 1 a row failed or a check failed).
 int run_suite(const suite_options& o);
 

@@ -334,6 +334,195 @@ TEST(BenchReport, CrossoverInterpolatesAndClassifies) {
   EXPECT_EQ(find_crossover(ns, {NAN, NAN, NAN, NAN}, {1, 1, 1, 1}).status, "no_data");
 }
 
+// The row printed by print_table_row, as text.
+std::string table_text(const result_row& r) {
+  std::FILE* f = std::tmpfile();
+  print_table_header(f);
+  print_table_row(f, r);
+  std::rewind(f);
+  std::string out;
+  for (int c; (c = std::fgetc(f)) != EOF;) out += static_cast<char>(c);
+  std::fclose(f);
+  return out;
+}
+
+TEST(BenchReport, MaskedRowsCarryTheDenseRunInJsonTableAndMarkdown) {
+  result_row masked = sample_row("mask/window", 1024, 2.0, 20.0);
+  masked.useful_pairs = masked.dense_pairs / 8;  // density 0.125: the ideal x dense is 8
+  masked.useful_flops = 2.0 * static_cast<double>(masked.useful_pairs) * 128;
+  masked.dense_ms = 10.0;
+  masked.x_dense = 5.0;
+  masked.dense_disturbed_pct = 1.0;
+  result_row skipped = sample_row("mask/window", 4096, 3.0, 20.0);
+  skipped.dense_note = "not run: 2199 GFLOP take >= 6.5 s at the 340 GFLOP/s peak, over the 2.0 s limit";
+  const std::vector<result_row> rows = {sample_row("mask/full", 1024, 10.0, 20.0), masked, skipped};
+  json doc;
+  std::string error;
+  ASSERT_TRUE(json::parse(results_json(sample_info(), rows, {}).dump(), doc, error)) << error;
+  const json& full = doc.find("rows")->items().at(0);
+  EXPECT_TRUE(full.find("dense_ms")->is_null());  // the unmasked row is the dense run itself
+  EXPECT_TRUE(full.find("x_dense")->is_null());
+  EXPECT_TRUE(full.find("dense_note")->is_null());
+  EXPECT_EQ(full.find("density")->as_number(), 1.0);
+  const json& w = doc.find("rows")->items().at(1);
+  EXPECT_EQ(w.find("dense_ms")->as_number(), 10.0);
+  EXPECT_EQ(w.find("x_dense")->as_number(), 5.0);
+  EXPECT_EQ(w.find("dense_disturbed_pct")->as_number(), 1.0);
+  EXPECT_EQ(w.find("density")->as_number(), 0.125);
+  const json& s = doc.find("rows")->items().at(2);
+  EXPECT_TRUE(s.find("dense_ms")->is_null());
+  EXPECT_TRUE(s.find("x_dense")->is_null());
+  EXPECT_NE(s.find("dense_note")->as_string().find("over the 2.0 s limit"), std::string::npos);
+
+  const std::string table = table_text(masked);
+  EXPECT_NE(table.find("density"), std::string::npos) << table;
+  EXPECT_NE(table.find("x dense"), std::string::npos) << table;
+  EXPECT_NE(table.find(" 0.1250     10.00   5.00x |"), std::string::npos) << table;
+  EXPECT_NE(table_text(skipped).find(" 1.0000         -       - |"), std::string::npos) << table_text(skipped);
+
+  const std::string md = report_markdown(sample_info(), rows, {}, {});
+  EXPECT_NE(md.find("| tiles skipped | density | dense ms | x dense |"), std::string::npos);
+  EXPECT_NE(md.find("| 0.0 | 0.1250 | 10.000 | 5.00 |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| 0.0 | 1.0000 | not run: 2199 GFLOP"), std::string::npos) << md;
+  EXPECT_NE(md.find("over 0.25 s each at the fp32 FMA peak"), std::string::npos);  // 2.5 budgets of 0.1 s
+  // A dense time from a disturbed measurement is marked.
+  masked.dense_disturbed_pct = 40.0;
+  EXPECT_NE(table_text(masked).find("  5.00x? |"), std::string::npos) << table_text(masked);
+  EXPECT_NE(report_markdown(sample_info(), {masked}, {}, {}).find("| 10.000 | 5.00? |"), std::string::npos);
+}
+
+TEST(BenchSuite, DenseRunIsKeyedByShapeDtypeAndThreadsAndSkippedWhenTooLong) {
+  problem causal, plain, other_seed, bf16, longer;
+  ASSERT_TRUE(parse_problem("b=1,n=1024,hq=8,hkv=2,d=64,causal=br", causal).ok());
+  ASSERT_TRUE(parse_problem("b=1,n=1024,hq=8,hkv=2,d=64", plain).ok());
+  ASSERT_TRUE(parse_problem("b=1,n=1024,hq=8,hkv=2,d=64,seed=7", other_seed).ok());
+  ASSERT_TRUE(parse_problem("b=1,n=1024,hq=8,hkv=2,d=64,dtype=bf16", bf16).ok());
+  ASSERT_TRUE(parse_problem("b=1,n=2048,hq=8,hkv=2,d=64", longer).ok());
+  EXPECT_EQ(dense_key(causal, 2), dense_key(plain, 2));  // the causal flag is what the dense run leaves out
+  EXPECT_EQ(dense_key(other_seed, 2), dense_key(plain, 2));
+  EXPECT_NE(dense_key(plain, 1), dense_key(plain, 2));
+  EXPECT_NE(dense_key(bf16, 2), dense_key(plain, 2));
+  EXPECT_NE(dense_key(longer, 2), dense_key(plain, 2));
+  // The 8k-token model shape: 1100 GFLOP at a 215 GFLOP/s peak is >= 5.1 s a run, over 2.5 budgets of 0.4 s.
+  const double llama = 4.0 * 8192.0 * 8192.0 * 32 * 128;
+  const std::string why = dense_skip_reason(llama, 215, 0.4);
+  EXPECT_NE(why.find("not run: 1100 GFLOP take >= 5.1 s at the 215 GFLOP/s peak, over the 1 s limit"), std::string::npos)
+      << why;
+  EXPECT_EQ(dense_skip_reason(llama, 215, 2.4), "");  // 6 s allowed
+  // The 3D neighborhood shape (275 GFLOP, 1.3 s at the peak): skipped at the default budget, run with --budget 1.
+  const double video = 4.0 * 16384.0 * 16384.0 * 4 * 64;
+  EXPECT_NE(dense_skip_reason(video, 215, 0.4), "");
+  EXPECT_EQ(dense_skip_reason(video, 215, 1.0), "");
+  EXPECT_EQ(dense_skip_reason(4.0 * 4096.0 * 4096.0 * 8 * 64, 215, 0.4), "");
+  EXPECT_EQ(dense_skip_reason(llama, 0, 0.4), "");  // no peak: no estimate, run it
+}
+
+// A peak cache entry for this machine (1 thread) with a made-up peak, so a test run needs no probe and its dense-run
+// estimates are predictable.
+void write_fake_peak(const std::string& path, double gflops) {
+  json entry = json::object();
+  entry.set("cpu", cpu_model());
+  entry.set("isa", std::string(isa_name()));
+  entry.set("threads", 1);
+  entry.set("fp32_fma_gflops", gflops);
+  entry.set("bf16_dot_gflops", gflops);
+  json entries = json::array();
+  entries.push(std::move(entry));
+  json doc = json::object();
+  doc.set("schema", "omniattn-peak-cache/1");
+  doc.set("entries", std::move(entries));
+  std::ofstream(path) << doc.dump() << "\n";
+}
+
+json read_json_file(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  json doc;
+  std::string error;
+  EXPECT_TRUE(json::parse(ss.str(), doc, error)) << path << ": " << error;
+  return doc;
+}
+
+TEST(BenchSuite, MaskedRowsShareOneDenseRunPerShapeAndSkipTooLongOnes) {
+  scratch_dir dir;
+  env_guard env("OMNIATTN_PEAK_CACHE", dir.path() + "/peak.json");
+  // A 1 GFLOP/s peak and a 2 ms budget: dense runs estimated over 5 ms are skipped, i.e. 4 * N^2 * H * D > 5e6.
+  write_fake_peak(dir.path() + "/peak.json", 1.0);
+  suite_options o;
+  std::string error;
+  ASSERT_TRUE(parse_args({"--problem", "n=256,h=2,d=32", "--problem", "n=256,h=2,d=32,causal=br", "--problem", "n=256,h=2,d=32",
+                          "--mask", "window(32,0)", "--problem", "n=128,h=2,d=32", "--mask", "window(16,0)", "--problem",
+                          "n=512,h=2,d=32", "--mask", "window(16,0)", "--threads", "1", "--budget", "0.002", "--no-baselines",
+                          "--no-plots", "--out", dir.path() + "/out"},
+                         o, error))
+      << error;
+  ASSERT_EQ(run_suite(o), 0);
+  const json doc = read_json_file(dir.path() + "/out/results.json");
+  const std::vector<json>& rows = doc.find("rows")->items();
+  ASSERT_EQ(rows.size(), 5u);
+  const auto num = [&](std::size_t i, const char* key) { return rows[i].find(key)->as_number(); };
+  // custom/1 is the dense run of its shape; custom/2 (causal) and custom/3 (window) reuse its time exactly, although
+  // a fresh dense run of that shape (4 * 256^2 * 2 * 32 = 16.8 MFLOP, 16.8 ms at 1 GFLOP/s) would be over the limit.
+  EXPECT_TRUE(rows[0].find("dense_ms")->is_null());
+  for (const std::size_t i : {1u, 2u}) {
+    EXPECT_EQ(num(i, "dense_ms"), num(0, "median_ms")) << i;
+    EXPECT_NEAR(num(i, "x_dense"), num(i, "dense_ms") / num(i, "median_ms"), 1e-5 * num(i, "x_dense")) << i;
+    EXPECT_TRUE(rows[i].find("dense_note")->is_null()) << i;
+  }
+  EXPECT_NEAR(num(1, "density"), (256.0 * 257 / 2) / (256.0 * 256), 1e-6);
+  // custom/4: a shape of its own, measured (4.2 MFLOP, under the limit).
+  EXPECT_GT(num(3, "dense_ms"), 0.0);
+  EXPECT_NEAR(num(3, "x_dense"), num(3, "dense_ms") / num(3, "median_ms"), 1e-5 * num(3, "x_dense"));
+  EXPECT_LT(num(3, "density"), 0.2);
+  // custom/5: 67 MFLOP, >= 67 ms at 1 GFLOP/s: not run, with the reason.
+  EXPECT_TRUE(rows[4].find("dense_ms")->is_null());
+  EXPECT_TRUE(rows[4].find("x_dense")->is_null());
+  EXPECT_NE(rows[4].find("dense_note")->as_string().find("over the 0.005 s limit"), std::string::npos)
+      << rows[4].find("dense_note")->as_string();
+}
+
+TEST(BenchKernelTable, PatternRowsGetTheDenseRunOfTheirShape) {
+  scratch_dir dir;
+  env_guard env("OMNIATTN_PEAK_CACHE", dir.path() + "/peak.json");
+  write_fake_peak(dir.path() + "/peak.json", 100.0);
+  const auto run_table = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), {"omniattn", "bench", "--kernel", "--n", "128,256", "--d", "32", "--heads", "2", "--threads", "1",
+                               "--dtype", "f32", "--budget", "0.002", "--no-baselines", "--json", dir.path() + "/k.json"});
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    EXPECT_EQ(kernel_main(static_cast<int>(argv.size()), argv.data()), 0);
+    return read_json_file(dir.path() + "/k.json");
+  };
+  // With the dense rows in the table: the pattern rows reuse their times.
+  json doc = run_table({"--mask", "dense", "--pattern", "window(16,0)"});
+  std::vector<json> rows = doc.find("rows")->items();
+  ASSERT_EQ(rows.size(), 4u);  // dense 128, dense 256, pattern 128, pattern 256
+  for (const std::size_t i : {0u, 1u}) {
+    EXPECT_EQ(rows[i].find("mask")->as_string(), "dense");
+    EXPECT_TRUE(rows[i].find("dense_ms")->is_null());
+    EXPECT_EQ(rows[i].find("density")->as_number(), 1.0);
+    const json& pat = rows[i + 2];
+    EXPECT_EQ(pat.find("mask")->as_string(), "window(16,0)");
+    EXPECT_EQ(pat.find("n")->as_number(), rows[i].find("n")->as_number());
+    EXPECT_EQ(pat.find("dense_ms")->as_number(), rows[i].find("median_ms")->as_number());
+    EXPECT_NEAR(pat.find("x_dense")->as_number(), pat.find("dense_ms")->as_number() / pat.find("median_ms")->as_number(),
+                1e-4 * pat.find("x_dense")->as_number());
+    EXPECT_LT(pat.find("density")->as_number(), 0.15);
+  }
+  // --mask none: no dense row, so the table runs the dense shape itself.
+  doc = run_table({"--mask", "none", "--pattern", "window(16,0)"});
+  rows = doc.find("rows")->items();
+  ASSERT_EQ(rows.size(), 2u);
+  for (const json& r : rows) {
+    EXPECT_GT(r.find("dense_ms")->as_number(), 0.0);
+    EXPECT_GT(r.find("x_dense")->as_number(), 0.0);
+  }
+  // No pattern: the plain dense/causal table, no comparison.
+  doc = run_table({"--mask", "causal"});
+  EXPECT_TRUE(doc.find("rows")->items().at(0).find("dense_ms")->is_null());
+}
+
 // ---------------------------------------------------------------------------------------------------------------------
 // Workloads: templates, the built-in table, globs, the workload file.
 
