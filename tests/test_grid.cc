@@ -281,33 +281,29 @@ TEST(GridKernel, FallsBackWithReasons) {
   EXPECT_TRUE(test::check_backend(packed, s, backend::cpu, 2));
 }
 
-TEST(GridKernel, StatsCountComputedPairsInTileUnits) {
-  // kernel = grid: every box computes every key, nothing is skipped and every box is FULL (16 keys a line).
-  {
-    const grid_case c{{16, 16}, {16, 16}, {1, 1}, {false, false}};
-    problem p = test::small_problem(256, 256, 1, 1, 16, dtype::f32, causal_mode::none, 3);
-    problem_data d(p);
-    spec s;
-    s.mask = mask_of(c);
-    run_stats st;
-    options o = d.make_options(backend::cpu, 1);
-    o.stats = &st;
-    ASSERT_TRUE(attention(d.q_view(), d.k_view(), d.v_view(), d.out_view(), s, o).ok());
-    EXPECT_EQ(st.tiles_full, 16);  // (256 / 64)^2 tiles' worth of pairs
-    EXPECT_EQ(st.tiles_partial, 0);
-    EXPECT_EQ(st.tiles_skipped, 0);
-  }
-  // A 3x3 neighborhood on 32x32: most of the dense problem is skipped, and what is computed matches the plan.
-  const grid_case c{{32, 32}, {3, 3}, {1, 1}, {false, false}};
-  problem p = test::small_problem(1024, 1024, 2, 1, 16, dtype::f32, causal_mode::none, 4);
+// The run_stats of one CPU call of a grid case.
+run_stats stats_of(const grid_case& c, const problem& p, int threads) {
   problem_data d(p);
   spec s;
   s.mask = mask_of(c);
   run_stats st;
-  options o = d.make_options(backend::cpu, 2);
+  options o = d.make_options(backend::cpu, threads);
   o.stats = &st;
-  ASSERT_TRUE(attention(d.q_view(), d.k_view(), d.v_view(), d.out_view(), s, o).ok());
-  const detail::grid_plan plan = detail::plan_grid_tiles(*detail::as_grid_local(s.mask), 64, 6);
+  EXPECT_TRUE(attention(d.q_view(), d.k_view(), d.v_view(), d.out_view(), s, o).ok());
+  return st;
+}
+
+TEST(GridKernel, StatsCountComputedPairsInTileUnits) {
+  // kernel = grid: every box computes every key, nothing is skipped and every box is FULL (16 keys a line).
+  const run_stats dense = stats_of({{16, 16}, {16, 16}, {1, 1}, {false, false}},
+                                   test::small_problem(256, 256, 1, 1, 16, dtype::f32, causal_mode::none, 3), 1);
+  EXPECT_EQ(dense.tiles_full, 16);  // (256 / 64)^2 tiles' worth of pairs
+  EXPECT_EQ(dense.tiles_partial, 0);
+  EXPECT_EQ(dense.tiles_skipped, 0);
+  // A 3x3 neighborhood on 32x32: most of the dense problem is skipped, and what is computed matches the plan.
+  const grid_case c{{32, 32}, {3, 3}, {1, 1}, {false, false}};
+  const run_stats st = stats_of(c, test::small_problem(1024, 1024, 2, 1, 16, dtype::f32, causal_mode::none, 4), 2);
+  const detail::grid_plan plan = detail::plan_grid_tiles(*detail::as_grid_local(mask_of(c)), 64, 6);
   EXPECT_EQ(st.tiles_full + st.tiles_partial, (2 * plan.pairs_computed + 4095) / 4096);
   EXPECT_EQ(st.tiles_full + st.tiles_partial + st.tiles_skipped, 2 * 16 * 16);
   EXPECT_GT(st.tiles_skipped, 2 * 16 * 16 * 8 / 10);
