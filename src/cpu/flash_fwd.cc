@@ -268,8 +268,8 @@ inline std::uint32_t bf16_pair(const void* base, std::int64_t lo, std::int64_t h
   return static_cast<std::uint32_t>(x[lo]) | (hi_valid ? static_cast<std::uint32_t>(x[hi]) << 16 : 0u);
 }
 
-// A query tile runs in three steps that both work decompositions share (raster tiles of the block mask, gathered
-// grid boxes): begin_rows loads its Q rows and resets the softmax state, key_tile folds in one packed key tile,
+// A query tile runs in three steps that both work decompositions share (raster tiles of the block mask, query boxes
+// of a grid): begin_rows loads its Q rows and resets the softmax state, key_tile folds in one tile of 16-key segments,
 // end_rows normalises and stores. pos(i) is the sequence position of tile row i.
 template <bool Bf16Dot, class Pos>
 void begin_rows(const attn_params& p, const packed_kv& kv, thread_scratch& ts, const seq_extent& e, std::int64_t h,
