@@ -5,11 +5,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "core/problem.h"
+#include "hwy/targets.h"
 #include "omniattn/omniattn.h"
 
 namespace omniattn::test {
@@ -61,6 +63,24 @@ class scoped_env {
   std::string name_, old_;
   bool had_ = false;
 };
+
+// Runs fn(target_name) once per Highway target this binary was compiled for and this CPU runs (AVX3_ZEN4 ... SSE2,
+// EMU128), with dynamic dispatch pinned to that target, and prints which ran: the kernels' register blocking and vector
+// widths differ per target, so every kernel test that covers arithmetic runs on each. Dispatch returns to the best
+// target afterwards, also when fn fails.
+template <class Fn>
+void for_each_target(const char* test_name, Fn&& fn) {
+  struct reset {
+    ~reset() { hwy::SetSupportedTargetsForTest(0); }
+  } const guard;
+  std::string ran;
+  for (const std::int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    fn(hwy::TargetName(target));
+    ran += std::string(ran.empty() ? "" : " ") + hwy::TargetName(target);
+  }
+  std::printf("[  targets ] %s ran on: %s\n", test_name, ran.c_str());
+}
 
 template <class T>
 bool bytes_equal(const std::vector<T>& a, const std::vector<T>& b) {

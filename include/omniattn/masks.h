@@ -161,6 +161,8 @@ class mask_expr {
   // Whether the answer can change with the head / batch index (only user predicates can).
   bool uses_head() const;
   bool uses_batch() const;
+  // Whether a user predicate is part of the expression (user code can throw: such calls stage their output).
+  bool has_user_code() const;
   // A readable form, e.g. "(causal(bottom_right) & window(256,0,bottom_right)) | sinks(4)".
   std::string str() const;
   // Empty when the expression is valid; otherwise what is wrong (e.g. "window: left -3 ... ").

@@ -86,6 +86,9 @@ struct options {
   const lse_tensor* lse = nullptr;      // optional LSE output
   const varlen* packed = nullptr;       // optional varlen description
   run_stats* stats = nullptr;           // optional: filled by the CPU kernels (left zero by the oracle)
+  // backend::automatic runs the fp64 oracle when no fast kernel fits a call (select() and `omniattn explain` say so);
+  // false makes such a call fail instead, with every reason in the status.
+  bool allow_fallback = true;
 };
 
 }  // namespace omniattn

@@ -140,7 +140,10 @@ class _Call:
         d = self.dims
         lens_q = None if cu_q is None else np.diff(cu_q)
         lens_k = None if cu_k is None else np.diff(cu_k)
-        grid = Grid(d["batch"], d["heads_q"], d["seq_q"], d["seq_k"], lens_q, lens_k)
+        # The index grids are built only for the masks and scores lowered here (a plain call allocates nothing).
+        grid = None
+        if mask is not None or score is not None or block_mask is not None:
+            grid = Grid(d["batch"], d["heads_q"], d["seq_q"], d["seq_k"], lens_q, lens_k)
         if block_mask is not None:
             block_mask._check_call(grid, cu_q, cu_k)
         if mask is not None:

@@ -295,10 +295,20 @@ def test_explain(rng):
     assert ref.splitlines()[0] == "kernel: reference"
 
 
-def test_explain_rejection_reasons(rng):
+def test_large_head_dims_run_on_the_cpu_kernel(rng):
     q, k, v = qkv(rng, d=1024, dv=8)
-    text = omniattn.explain(q, k, v, backend="cpu")
-    assert text.startswith("no cpu kernel fits") and "q.dim 1024" in text
+    assert omniattn.explain(q, k, v).startswith("kernel: cpu.flash_fwd<f32>")
+    np.testing.assert_allclose(omniattn.attention(q, k, v), omniattn.reference_attention(q, k, v), atol=1e-5)
+
+
+def test_explain_rejection_reasons(rng):
+    # K / V broadcast (stride 0) to 2^40 keys: no input memory, but the kernel would have to pack terabytes.
+    q, k, v = qkv(rng)
+    huge = (k.shape[0], 1 << 40) + k.shape[2:]
+    kb = np.lib.stride_tricks.as_strided(k, shape=huge, strides=(k.strides[0], 0) + k.strides[2:])
+    vb = np.lib.stride_tricks.as_strided(v, shape=huge, strides=(v.strides[0], 0) + v.strides[2:])
+    text = omniattn.explain(q, kb, vb, backend="cpu")
+    assert text.startswith("no cpu kernel fits") and "GiB of working memory" in text
     with pytest.raises(ValueError, match=r"^\[attention\] no cpu kernel fits:"):
-        omniattn.attention(q, k, v, backend="cpu")
-    assert omniattn.explain(q, k, v).startswith("kernel: reference")  # auto falls back to the oracle
+        omniattn.attention(q, kb, vb, backend="cpu")
+    assert omniattn.explain(q, kb, vb).startswith("kernel: reference")  # auto falls back to the oracle, and says so

@@ -1,7 +1,14 @@
-// The public entry point: validate once, select once, run.
+// The public entry point: validate once, select once, run; whatever goes wrong comes back as a status.
 #include <omp.h>
 
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
 #include "core/backends.h"
+#include "core/parallel.h"
+#include "core/score_kinds.h"
 #include "omniattn/attention.h"
 
 namespace omniattn {
@@ -20,19 +27,107 @@ selection select(const attn_params& p, backend b) {
   return ref;
 }
 
-status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt) {
+namespace {
+
+// A call whose spec runs user code (a mask predicate, a score functor) may fail half-way; it writes into staging
+// buffers that are copied to out / lse only when the kernel returns, so a failing call leaves both untouched. The copy
+// is O(output), small against the O(Lq Lk D) kernel.
+class output_stage {
+ public:
+  explicit output_stage(attn_params& p) : p_(p), user_out_(p.out), user_lse_(p.lse) {
+    std::memcpy(o_stride_, p.o_stride, sizeof o_stride_);
+    std::memcpy(lse_stride_, p.lse_stride, sizeof lse_stride_);
+    const std::int64_t tb = tensor_batches(p);
+    out_.resize(static_cast<std::size_t>(tb * p.seq_rows_q * p.heads_q * p.dim_v) * static_cast<std::size_t>(dtype_size(p.out_type)));
+    p.out = out_.data();
+    const std::int64_t st[4] = {p.seq_rows_q * p.heads_q * p.dim_v, p.heads_q * p.dim_v, p.dim_v, 1};
+    std::memcpy(p.o_stride, st, sizeof st);
+    if (p.lse) {
+      lse_.resize(static_cast<std::size_t>(tb * p.heads_q * p.seq_rows_q));
+      p.lse = lse_.data();
+      const std::int64_t ls[3] = {p.heads_q * p.seq_rows_q, p.seq_rows_q, 1};
+      std::memcpy(p.lse_stride, ls, sizeof ls);
+    }
+  }
+
+  // Copies the staged rows the kernel wrote (every row of every sequence) to the caller's tensors.
+  void commit() const {
+    const auto es = static_cast<std::size_t>(dtype_size(p_.out_type));
+    for (std::int64_t b = 0; b < p_.batch; ++b) {
+      const seq_extent e = sequence(p_, b);
+      for (std::int64_t i = e.q_begin; i < e.q_begin + e.q_len; ++i)
+        for (std::int64_t h = 0; h < p_.heads_q; ++h) {
+          const std::int64_t src = e.tensor_batch * p_.o_stride[0] + i * p_.o_stride[1] + h * p_.o_stride[2];
+          const std::int64_t dst = e.tensor_batch * o_stride_[0] + i * o_stride_[1] + h * o_stride_[2];
+          for (std::int64_t d = 0; d < p_.dim_v; ++d)
+            std::memcpy(static_cast<char*>(user_out_) + (dst + d * o_stride_[3]) * static_cast<std::int64_t>(es),
+                        out_.data() + static_cast<std::size_t>(src + d) * es, es);
+          if (user_lse_)
+            user_lse_[e.tensor_batch * lse_stride_[0] + h * lse_stride_[1] + i * lse_stride_[2]] =
+                lse_[static_cast<std::size_t>(e.tensor_batch * p_.lse_stride[0] + h * p_.lse_stride[1] + i)];
+        }
+    }
+  }
+
+  static bool needed(const attn_params& p) {
+    return (p.mask && p.mask->has_user_code()) || (p.score && detail::score_has_user_code(*p.score));
+  }
+
+ private:
+  static std::int64_t tensor_batches(const attn_params& p) { return p.cu_seqlens_q ? 1 : p.batch; }
+
+  const attn_params& p_;
+  void* user_out_;
+  float* user_lse_;
+  std::int64_t o_stride_[4], lse_stride_[3];
+  std::vector<unsigned char> out_;
+  std::vector<float> lse_;
+};
+
+std::string shape_of(const tensor& t) {
+  return std::string(dtype_name(t.type)) + "[" + std::to_string(t.batch) + ", " + std::to_string(t.seq) + ", " +
+         std::to_string(t.heads) + ", " + std::to_string(t.dim) + "]";
+}
+
+status run(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt) {
   attn_params p;
   if (status st = make_params(q, k, v, out, s, opt, p); !st) return st;
   const selection sel = select(p, opt.use);
-  if (!sel.ok()) {
+  const bool refused_fallback = opt.use == backend::automatic && !opt.allow_fallback && sel.run == &reference_attention;
+  if (!sel.ok() || refused_fallback) {
     std::string msg = "[attention] no ";
-    msg += backend_name(opt.use);
-    msg += " kernel fits:";
+    msg += refused_fallback ? "fast" : backend_name(opt.use);
+    msg += refused_fallback ? " kernel fits and options.allow_fallback is false:" : " kernel fits:";
     for (const std::string& r : sel.reasons) msg += "\n  " + r;
     return {msg};
   }
-  sel.run(p);
+  if (output_stage::needed(p)) {
+    const output_stage stage(p);
+    sel.run(p);
+    stage.commit();
+  } else {
+    sel.run(p);
+  }
   return {};
+}
+
+}  // namespace
+
+status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt) {
+  // Nothing may escape: a throwing user callback, a failed allocation or a size the machine cannot serve all become
+  // a status naming what happened.
+  try {
+    return run(q, k, v, out, s, opt);
+  } catch (const detail::callback_error& e) {
+    return {std::string("[attention] ") + e.what() + " (output untouched)"};
+  } catch (const std::bad_alloc&) {
+    return {"[attention] out of memory: the working buffers for q " + shape_of(q) + ", k " + shape_of(k) + ", v " + shape_of(v) +
+            " could not be allocated"};
+  } catch (const std::exception& e) {
+    return {std::string("[attention] failed: ") + e.what()};
+  } catch (...) {
+    return {"[attention] failed with an exception that is not a std::exception"};
+  }
 }
 
 }  // namespace omniattn

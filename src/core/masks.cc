@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "core/grid_local.h"
+#include "core/parallel.h"
 #include "omniattn/masks.h"
 #include "omniattn/spec.h"
 
@@ -495,7 +496,10 @@ bool mask_expr::allows_node(int n, std::int64_t b, std::int64_t h, std::int64_t 
       }
       return d.data[off] != 0;
     }
-    case op::predicate: return (*fns_[static_cast<std::size_t>(nd.table)])(b, h, i, j);
+    case op::predicate: {
+      const auto at = static_cast<std::size_t>(nd.table);
+      return detail::call_user("spec.mask predicate", names_[at], [&] { return (*fns_[at])(b, h, i, j); });
+    }
     case op::and_: return allows_node(nd.lhs, b, h, i, j, lq, lk) && allows_node(nd.rhs, b, h, i, j, lq, lk);
     case op::or_: return allows_node(nd.lhs, b, h, i, j, lq, lk) || allows_node(nd.rhs, b, h, i, j, lq, lk);
     case op::not_: return !allows_node(nd.lhs, b, h, i, j, lq, lk);
@@ -525,11 +529,14 @@ std::uint64_t mask_expr::bits_node(int n, std::int64_t b, std::int64_t h, std::i
     case op::predicate: {
       // An inlined() predicate: one call for the whole row. A plain one: one call per key, straight to the function
       // (not through allows_node, whose pattern dispatch would run per key too).
-      if (const auto& row = rows_[static_cast<std::size_t>(nd.table)]) return cnt > 0 ? (*row)(b, h, i, k0, cnt) : 0;
-      const mask_fn& f = *fns_[static_cast<std::size_t>(nd.table)];
-      std::uint64_t bits = 0;
-      for (std::int64_t t = 0; t < cnt; ++t) bits |= static_cast<std::uint64_t>(f(b, h, i, k0 + t)) << t;
-      return bits;
+      const auto at = static_cast<std::size_t>(nd.table);
+      return detail::call_user("spec.mask predicate", names_[at], [&] {
+        if (const auto& row = rows_[at]) return cnt > 0 ? (*row)(b, h, i, k0, cnt) : std::uint64_t{0};
+        const mask_fn& f = *fns_[at];
+        std::uint64_t bits = 0;
+        for (std::int64_t t = 0; t < cnt; ++t) bits |= static_cast<std::uint64_t>(f(b, h, i, k0 + t)) << t;
+        return bits;
+      });
     }
     default: {
       std::uint64_t bits = 0;
@@ -604,6 +611,7 @@ tile_kind mask_expr::classify(std::int64_t b, std::int64_t h, std::int64_t q0, s
 bool mask_expr::uses_head() const {
   return !fns_.empty() || std::any_of(dense_.begin(), dense_.end(), [](const dense_view& d) { return d.shape[1] > 1; });
 }
+bool mask_expr::has_user_code() const { return !fns_.empty(); }
 bool mask_expr::uses_batch() const {
   return !fns_.empty() || std::any_of(dense_.begin(), dense_.end(), [](const dense_view& d) { return d.shape[0] > 1; });
 }

@@ -132,6 +132,13 @@ inline bool lower_score(const score_fn& f, std::vector<score_step>& out) {
   return st.op != k::element;
 }
 
+// Whether any step is user code (a tile function or a per-element functor), which can throw.
+inline bool score_has_user_code(const score_fn& f) {
+  std::vector<score_step> steps;
+  lower_score(f, steps);
+  return std::any_of(steps.begin(), steps.end(), [](const score_step& st) { return !st.vector(); });
+}
+
 // One line for select()'s reasons: how the kernel runs the modifier.
 std::string describe_score(const score_fn& f);
 

@@ -12,6 +12,7 @@
 // computed by exactly one thread in a fixed order, so results do not depend on the thread count.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -21,9 +22,11 @@
 #include <vector>
 
 #include <omp.h>
+#include <unistd.h>
 
 #include "core/backends.h"
 #include "core/grid_tiles.h"
+#include "core/parallel.h"
 #include "core/score_kinds.h"
 #include "core/storage.h"
 #include "cpu/bf16_dot.h"
@@ -45,7 +48,6 @@ namespace omniattn::cpu {
 // Tile sizes are the same on every ISA so the block structure (and the rounding order) does not depend on the target.
 constexpr std::int64_t k_bq = 64;  // query rows per tile
 constexpr std::int64_t k_bk = 64;  // keys per tile
-constexpr std::int64_t k_max_dim = 512;
 // Register-block rows the grid plan's cost model assumes on every ISA (AVX-512's; 16-register ISAs use 4): the plan,
 // and with it the summation order, then does not depend on the CPU.
 constexpr std::int64_t k_plan_row_block = 6;
@@ -407,7 +409,7 @@ void end_rows(const attn_params& p, thread_scratch& ts, const seq_extent& e, std
 // One raster query tile of one head: the online-softmax loop over the tile's non-empty key tiles of the block mask.
 // Bf16Dot: Q/K/V/P are bf16 pairs and both products run on vdpbf16ps (bf16 storage only); otherwise fp32 FMA.
 template <bool Bf16Dot>
-void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv, thread_scratch& ts, std::int64_t b,
+HWY_NOINLINE void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv, thread_scratch& ts, std::int64_t b,
                 std::int64_t h, std::int64_t qt, const seq_extent& e, std::int64_t dim_vp) {
   const std::int64_t q0 = qt * k_bq, rows = std::min(k_bq, e.q_len - q0);
   const auto pos = [q0](std::int64_t i) { return q0 + i; };
@@ -461,7 +463,7 @@ HWY_INLINE void transpose_k(const attn_params& p, const packed_kv& kv, std::int6
 }
 
 template <bool Bf16Dot>
-void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::int64_t kt, const packed_kv& kv, float* row) {
+HWY_NOINLINE void pack_kv_tile(const attn_params& p, std::int64_t b, std::int64_t kvh, std::int64_t kt, const packed_kv& kv, float* row) {
   const seq_extent e = sequence(p, b);
   const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
   float* ktile = kv.k_tile(b, kvh, kt);
@@ -508,12 +510,12 @@ class pack_lease {
       st.leased[slot] = true;
       leased_ = true;
       if (st.capacity[slot] < floats) {
-        st.buffers[slot] = hwy::AllocateAligned<float>(floats);
+        st.buffers[slot] = detail::checked(hwy::AllocateAligned<float>(floats));
         st.capacity[slot] = floats;
       }
       ptr_ = st.buffers[slot].get();
     } else {
-      own_ = hwy::AllocateAligned<float>(floats);
+      own_ = detail::checked(hwy::AllocateAligned<float>(floats));
       ptr_ = own_.get();
     }
   }
@@ -572,16 +574,17 @@ void flash_fwd(const attn_params& p) {
   kv.v = v_buffer.get();
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
   for (thread_scratch& ts : scratch) {
-    ts.q = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * p.dim_qk));
-    ts.s = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk));
-    ts.o = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * kv.dim_vp));
-    ts.l = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq) * hn::Lanes(d));
-    if (Bf16Dot) ts.p16 = hwy::AllocateAligned<std::uint32_t>(static_cast<std::size_t>(k_bq * k_bk / 2));
+    ts.q = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * p.dim_qk)));
+    ts.s = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk)));
+    ts.o = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * kv.dim_vp)));
+    ts.l = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq) * hn::Lanes(d)));
+    if (Bf16Dot) ts.p16 = detail::checked(hwy::AllocateAligned<std::uint32_t>(static_cast<std::size_t>(k_bq * k_bk / 2)));
   }
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads),
                                        std::vector<float>(static_cast<std::size_t>(std::max(p.dim_qk, p.dim_v))));
 
-  for (std::int64_t kvh0 = 0; kvh0 < p.heads_kv; kvh0 += heads_per_chunk) {
+  detail::parallel_errors errors;
+  for (std::int64_t kvh0 = 0; kvh0 < p.heads_kv && !errors.failed(); kvh0 += heads_per_chunk) {
     const std::int64_t kvh1 = std::min(p.heads_kv, kvh0 + heads_per_chunk);
     kv.kvh_begin = kvh0;
     // Work items of this chunk, heaviest first (causal: later q tiles see more keys) so no thread idles at the end.
@@ -604,19 +607,22 @@ void flash_fwd(const attn_params& p) {
     {
       const int tid = omp_get_thread_num();
 #pragma omp for schedule(static)
-      for (std::int64_t it = 0; it < pack_items; ++it) {
-        const std::int64_t kvh = kvh0 + it / kv.tiles_total, flat = it % kv.tiles_total;
-        const auto next = std::upper_bound(kv.tile_offset.begin(), kv.tile_offset.end(), flat);
-        const auto b = static_cast<std::int64_t>(next - kv.tile_offset.begin()) - 1;
-        pack_kv_tile<Bf16Dot>(p, b, kvh, flat - kv.tile_offset[static_cast<std::size_t>(b)], kv, rows[static_cast<std::size_t>(tid)].data());
-      }
+      for (std::int64_t it = 0; it < pack_items; ++it)
+        errors.run([&] {
+          const std::int64_t kvh = kvh0 + it / kv.tiles_total, flat = it % kv.tiles_total;
+          const auto next = std::upper_bound(kv.tile_offset.begin(), kv.tile_offset.end(), flat);
+          const auto b = static_cast<std::int64_t>(next - kv.tile_offset.begin()) - 1;
+          pack_kv_tile<Bf16Dot>(p, b, kvh, flat - kv.tile_offset[static_cast<std::size_t>(b)], kv, rows[static_cast<std::size_t>(tid)].data());
+        });
 #pragma omp for schedule(dynamic, 1)
-      for (std::int64_t it = 0; it < n_items; ++it) {
-        const work_item& w = items[static_cast<std::size_t>(it)];
-        run_q_tile<Bf16Dot>(p, bm, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
-      }
+      for (std::int64_t it = 0; it < n_items; ++it)
+        errors.run([&] {
+          const work_item& w = items[static_cast<std::size_t>(it)];
+          run_q_tile<Bf16Dot>(p, bm, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
+        });
     }
   }
+  errors.rethrow();
   if (p.stats) {
     *p.stats = {};
     for (const thread_scratch& ts : scratch) {
@@ -624,6 +630,71 @@ void flash_fwd(const attn_params& p) {
       p.stats->tiles_partial += ts.tiles[static_cast<int>(tile_kind::partial)];
       p.stats->tiles_full += ts.tiles[static_cast<int>(tile_kind::full)];
     }
+  }
+}
+
+// Where the grid path packs K/V: per (sequence, kv head) pair of a chunk, head_floats floats at packed + c *
+// head_floats: K transposed ([dim][k_ld]) then V ([n_pad][dim_vp]).
+struct grid_layout {
+  float* packed;
+  std::int64_t head_floats, k_ld, n, n_pad, dim_vp;
+};
+
+// Packs keys j0 .. j0 + BK of pair pair0 + c in the plan's packed order (K transposed, V row-major), zero-padded.
+// Kept out of line (as run_grid_tile): the OpenMP region calls them, and its outlined function carries no target
+// attribute, so Highway code inlined into it would not compile for the vector ISA (clang rejects it).
+HWY_NOINLINE void pack_grid_block(const attn_params& p, const detail::grid_plan& plan, const packed_kv& kv,
+                                  const grid_layout& lay, std::int64_t pair0, std::int64_t c, std::int64_t j0, float* row) {
+  const std::int64_t dim = p.dim_qk, k_ld = lay.k_ld, n = lay.n, n_pad = lay.n_pad, dim_vp = lay.dim_vp;
+  const std::int64_t kvh = (pair0 + c) % p.heads_kv;
+  const seq_extent e = sequence(p, (pair0 + c) / p.heads_kv);
+  float* kp = lay.packed + c * lay.head_floats;
+  float* vp = kp + dim * k_ld;
+  const std::int64_t j1 = std::min(n, j0 + k_bk);
+  std::int64_t pos[k_bk];
+  for (std::int64_t j = j0; j < j1; ++j) pos[j - j0] = e.k_begin + plan.packed_token[static_cast<std::size_t>(j)];
+  if (j1 > j0) transpose_k(p, kv, e.tensor_batch, kvh, pos, j1 - j0, kp + j0, k_ld, row);
+  for (std::int64_t j = j0; j < j1; ++j)
+    load_row_v(p.v, p.in_type, e.tensor_batch * p.v_stride[0] + pos[j - j0] * p.v_stride[1] + kvh * p.v_stride[2],
+               p.v_stride[3], p.dim_v, vp + j * dim_vp);
+  // Padding past the sequence (read by segments that reach past the last key) and past dim_v: zeros.
+  for (std::int64_t j = std::max(j0, n); j < std::min(n_pad, j0 + k_bk); ++j)
+    for (std::int64_t dd = 0; dd < dim; ++dd) kp[dd * k_ld + j] = 0.0f;
+  for (std::int64_t j = j0; j < std::min(n_pad, j0 + k_bk); ++j)
+    std::fill(vp + j * dim_vp + (j < n ? p.dim_v : 0), vp + (j + 1) * dim_vp, 0.0f);
+}
+
+// One query box of the plan for every q head of pair pair0 + c's GQA group.
+HWY_NOINLINE void run_grid_tile(const attn_params& p, const detail::grid_plan& plan, const packed_kv& kv, thread_scratch& ts,
+                                const grid_layout& lay, std::int64_t pair0, std::int64_t c, std::int64_t tile) {
+  const std::int64_t dim = p.dim_qk, k_ld = lay.k_ld, dim_vp = lay.dim_vp;
+  const std::int64_t b = (pair0 + c) / p.heads_kv, kvh = (pair0 + c) % p.heads_kv;
+  const seq_extent e = sequence(p, b);
+  const detail::grid_tile& t = plan.tiles[static_cast<std::size_t>(tile)];
+  const float* kp = lay.packed + c * lay.head_floats;
+  const float* vp = kp + dim * k_ld;
+  const std::int64_t slots = t.seg_count * detail::k_segment, tiles_k = (slots + k_bk - 1) / k_bk;
+  const std::int64_t words = detail::grid_plan::words(t);
+  const auto pos = [&](std::int64_t i) { return plan.q_tokens[static_cast<std::size_t>(t.q_begin + i)]; };
+  for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
+    begin_rows<false>(p, kv, ts, e, h, t.q_count, dim_vp, pos);
+    for (std::int64_t kt = 0; kt < tiles_k; ++kt) {
+      const std::int64_t keys = std::min(k_bk, slots - kt * k_bk);
+      key_segments ks{{}, {}, k_ld, dim_vp};
+      for (std::int64_t sg = 0; sg < 4; ++sg) {
+        // Slots past the box's segments point at segment 0: finite values, masked by the bits.
+        const std::int64_t at = kt * 4 + sg < t.seg_count ? kt * 4 + sg : 0;
+        const std::int64_t start = plan.segments[static_cast<std::size_t>(t.seg_begin + at)];
+        ks.kseg[sg] = kp + start;
+        ks.vseg[sg] = vp + start * dim_vp;
+      }
+      const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
+      ts.pairs[static_cast<int>(t.full ? tile_kind::full : tile_kind::partial)] += t.q_count * k_bk;
+      key_tile<false>(p, kv, ts, b, h, t.q_count, 0, 0, keys, ks, dim_vp, [&](std::int64_t i) {
+        return t.full ? in_range : plan.bits[static_cast<std::size_t>(t.bits_begin + i * words + kt)];
+      });
+    }
+    end_rows(p, ts, e, h, t.q_count, dim_vp, pos);
   }
 }
 
@@ -663,74 +734,32 @@ void flash_fwd_grid(const attn_params& p) {
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads), std::vector<float>(static_cast<std::size_t>(dim)));
   for (thread_scratch& ts : scratch) {
-    ts.q = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim));
-    ts.s = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk));
-    ts.o = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim_vp));
-    ts.l = hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq) * hn::Lanes(d));
+    ts.q = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim)));
+    ts.s = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk)));
+    ts.o = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim_vp)));
+    ts.l = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq) * hn::Lanes(d)));
   }
   const auto n_tiles = static_cast<std::int64_t>(plan.tiles.size());
   const std::int64_t pack_blocks = (n_pad + k_bk - 1) / k_bk;
 
-  for (std::int64_t pair0 = 0; pair0 < pairs; pair0 += pairs_per_chunk) {
+  const grid_layout lay{packed, head_floats, k_ld, n, n_pad, dim_vp};
+  detail::parallel_errors errors;
+  for (std::int64_t pair0 = 0; pair0 < pairs && !errors.failed(); pair0 += pairs_per_chunk) {
     const std::int64_t chunk = std::min(pairs_per_chunk, pairs - pair0);
 #pragma omp parallel num_threads(threads)
     {
       const int tid = omp_get_thread_num();
       thread_scratch& ts = scratch[static_cast<std::size_t>(tid)];
+      float* row = rows[static_cast<std::size_t>(tid)].data();
 #pragma omp for schedule(static)
-      for (std::int64_t it = 0; it < chunk * pack_blocks; ++it) {
-        const std::int64_t c = it / pack_blocks, j0 = it % pack_blocks * k_bk;
-        const std::int64_t kvh = (pair0 + c) % p.heads_kv;
-        const seq_extent e = sequence(p, (pair0 + c) / p.heads_kv);
-        float* kp = packed + c * head_floats;
-        float* vp = kp + dim * k_ld;
-        float* row = rows[static_cast<std::size_t>(tid)].data();
-        const std::int64_t j1 = std::min(n, j0 + k_bk);
-        std::int64_t pos[k_bk];
-        for (std::int64_t j = j0; j < j1; ++j) pos[j - j0] = e.k_begin + plan.packed_token[static_cast<std::size_t>(j)];
-        if (j1 > j0) transpose_k(p, kv, e.tensor_batch, kvh, pos, j1 - j0, kp + j0, k_ld, row);
-        for (std::int64_t j = j0; j < j1; ++j)
-          load_row_v(p.v, p.in_type, e.tensor_batch * p.v_stride[0] + pos[j - j0] * p.v_stride[1] + kvh * p.v_stride[2],
-                   p.v_stride[3], p.dim_v, vp + j * dim_vp);
-        // Padding past the sequence (read by segments that reach past the last key) and past dim_v: zeros.
-        for (std::int64_t j = std::max(j0, n); j < std::min(n_pad, j0 + k_bk); ++j)
-          for (std::int64_t dd = 0; dd < dim; ++dd) kp[dd * k_ld + j] = 0.0f;
-        for (std::int64_t j = j0; j < std::min(n_pad, j0 + k_bk); ++j)
-          std::fill(vp + j * dim_vp + (j < n ? p.dim_v : 0), vp + (j + 1) * dim_vp, 0.0f);
-      }
+      for (std::int64_t it = 0; it < chunk * pack_blocks; ++it)
+        errors.run([&] { pack_grid_block(p, plan, kv, lay, pair0, it / pack_blocks, it % pack_blocks * k_bk, row); });
 #pragma omp for schedule(dynamic, 1)
-      for (std::int64_t it = 0; it < chunk * n_tiles; ++it) {
-        const std::int64_t c = it / n_tiles, b = (pair0 + c) / p.heads_kv, kvh = (pair0 + c) % p.heads_kv;
-        const seq_extent e = sequence(p, b);
-        const detail::grid_tile& t = plan.tiles[static_cast<std::size_t>(it % n_tiles)];
-        const float* kp = packed + c * head_floats;
-        const float* vp = kp + dim * k_ld;
-        const std::int64_t slots = t.seg_count * detail::k_segment, tiles_k = (slots + k_bk - 1) / k_bk;
-        const std::int64_t words = detail::grid_plan::words(t);
-        const auto pos = [&](std::int64_t i) { return plan.q_tokens[static_cast<std::size_t>(t.q_begin + i)]; };
-        for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
-          begin_rows<false>(p, kv, ts, e, h, t.q_count, dim_vp, pos);
-          for (std::int64_t kt = 0; kt < tiles_k; ++kt) {
-            const std::int64_t keys = std::min(k_bk, slots - kt * k_bk);
-            key_segments ks{{}, {}, k_ld, dim_vp};
-            for (std::int64_t sg = 0; sg < 4; ++sg) {
-              // Slots past the box's segments point at segment 0: finite values, masked by the bits.
-              const std::int64_t at = kt * 4 + sg < t.seg_count ? kt * 4 + sg : 0;
-              const std::int64_t start = plan.segments[static_cast<std::size_t>(t.seg_begin + at)];
-              ks.kseg[sg] = kp + start;
-              ks.vseg[sg] = vp + start * dim_vp;
-            }
-            const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
-            ts.pairs[static_cast<int>(t.full ? tile_kind::full : tile_kind::partial)] += t.q_count * k_bk;
-            key_tile<false>(p, kv, ts, b, h, t.q_count, 0, 0, keys, ks, dim_vp, [&](std::int64_t i) {
-              return t.full ? in_range : plan.bits[static_cast<std::size_t>(t.bits_begin + i * words + kt)];
-            });
-          }
-          end_rows(p, ts, e, h, t.q_count, dim_vp, pos);
-        }
-      }
+      for (std::int64_t it = 0; it < chunk * n_tiles; ++it)
+        errors.run([&] { run_grid_tile(p, plan, kv, ts, lay, pair0, it / n_tiles, it % n_tiles); });
     }
   }
+  errors.rethrow();
   if (p.stats) {
     // In units of BQ x BK tiles, so the share skipped compares with the raster path: the dense problem's tiles minus
     // the pairs computed (boxes have fewer rows than a tile).
@@ -778,6 +807,31 @@ static std::string grid_path_blocker(const attn_params& p, const detail::grid_lo
   return {};
 }
 
+// Sizes the kernels cannot serve are refused here, before anything is allocated: the packed K/V of one kv head
+// (the smallest chunk the kernels pack) and the tile map must fit this machine's physical memory. A broadcast K/V of
+// a huge virtual length (stride 0) costs no input memory but would need all of it packed. Head dims have no limit:
+// the micro-kernels loop over the head dim and the PV product over column blocks of the register plan.
+static std::string working_memory_blocker(const attn_params& p) {
+  constexpr double gib = 1024.0 * 1024.0 * 1024.0;
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  const double machine = pages > 0 && page > 0 ? static_cast<double>(pages) * static_cast<double>(page) : 0.0;
+  double keys = 0, tiles = 0;
+  for (std::int64_t b = 0; b < p.batch; ++b) {
+    const seq_extent e = sequence(p, b);
+    keys += static_cast<double>(e.k_len) + static_cast<double>(k_bk);
+    tiles += std::ceil(static_cast<double>(e.q_len) / k_bq) * std::ceil(static_cast<double>(e.k_len) / k_bk);
+  }
+  const double packed = keys * static_cast<double>(p.dim_qk + p.dim_v + 16) * 4.0;
+  const double tile_map = tiles * static_cast<double>(p.heads_q);
+  if (machine == 0.0 || packed + tile_map <= machine) return {};
+  char buf[256];
+  std::snprintf(buf, sizeof buf,
+                "needs %.1f GiB of working memory (packed K/V of one kv head %.1f GiB, tile map %.1f GiB), more than "
+                "this machine's %.1f GiB",
+                (packed + tile_map) / gib, packed / gib, tile_map / gib, machine / gib);
+  return buf;
+}
+
 // bf16 inputs run on the bf16 dot product where it is faster than fp32 FMA on this CPU: vdpbf16ps does twice the
 // FLOPs of an FMA, but some cores issue it on one port only, so both peaks are measured once per process and
 // compared. OMNIATTN_BF16_DOT=1 / =0 forces the choice (tests run both kernels that way).
@@ -802,9 +856,10 @@ static bf16_dot_choice bf16_dot_decision() {
 
 selection select(const attn_params& p) {
   selection sel;
-  if (p.dim_qk > k_max_dim) sel.reasons.push_back("cpu.flash_fwd: q.dim " + std::to_string(p.dim_qk) + " > " + std::to_string(k_max_dim));
-  if (p.dim_v > k_max_dim) sel.reasons.push_back("cpu.flash_fwd: v.dim " + std::to_string(p.dim_v) + " > " + std::to_string(k_max_dim));
-  if (!sel.reasons.empty()) return sel;
+  if (const std::string too_big = working_memory_blocker(p); !too_big.empty()) {
+    sel.reasons.push_back("cpu.flash_fwd: " + too_big);
+    return sel;
+  }
   // The bf16-dot kernel rounds P to bf16, an error an f32 output would show: it serves bf16 outputs only.
   // RoPE rotates in fp32 while packing, which the bf16 pair packing skips: such calls widen to fp32.
   if (p.mask) {

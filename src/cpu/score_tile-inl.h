@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/parallel.h"
 #include "core/score_kinds.h"
 #include "cpu/math-inl.h"
 #include "hwy/contrib/math/math-inl.h"
@@ -158,15 +159,17 @@ HWY_INLINE void score_tile(const attn_params& p, const score_plan& sp, float* HW
   while (u < n) {
     const detail::score_step& st = sp.steps[u];
     if (st.op == kind::tile) {
-      st.tile->tile(s, ld, rows, keys, b, h, q0, k0, first ? static_cast<float>(p.scale) : 1.0f);
+      detail::call_user("spec.score functor", "inlined", [&] { st.tile->tile(s, ld, rows, keys, b, h, q0, k0, first ? static_cast<float>(p.scale) : 1.0f); });
       ++u;
     } else if (st.op == kind::element) {
       const double in_scale = first ? p.scale : 1.0, out_scale = u + 1 == n ? 1.4426950408889634 : 1.0;
-      for (std::int64_t i = 0; i < rows; ++i) {
-        float* srow = s + i * ld;
-        for (std::int64_t j = 0; j < keys; ++j)
-          srow[j] = static_cast<float>((*st.element)(static_cast<double>(srow[j]) * in_scale, b, h, q0 + i, k0 + j) * out_scale);
-      }
+      detail::call_user("spec.score functor", "score_fn", [&] {
+        for (std::int64_t i = 0; i < rows; ++i) {
+          float* srow = s + i * ld;
+          for (std::int64_t j = 0; j < keys; ++j)
+            srow[j] = static_cast<float>((*st.element)(static_cast<double>(srow[j]) * in_scale, b, h, q0 + i, k0 + j) * out_scale);
+        }
+      });
       ++u;
       if (u == n) return;  // the base-2 conversion is done
     } else {

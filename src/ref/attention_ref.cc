@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "core/parallel.h"
 #include "core/storage.h"
 #include "omniattn/attention.h"
 
@@ -42,7 +43,7 @@ void reference_attention(const attn_params& p) {
           double dot = 0.0;
           for (std::int64_t d = 0; d < p.dim_qk; ++d) dot += qrow[d] * krow[d];
           double s = p.scale * dot;
-          if (p.score) s = (*p.score)(s, b, h, i, j);
+          if (p.score) s = detail::call_user("spec.score functor", "score_fn", [&] { return (*p.score)(s, b, h, i, j); });
           if (s == neg_inf) continue;
           scores.push_back(s);
           keys.push_back(j);
