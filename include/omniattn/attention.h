@@ -46,6 +46,11 @@ selection select(const attn_params& p, backend b);
 // The fp64 oracle (plain loops, no SIMD, no threads). Also reachable as backend::reference.
 void reference_attention(const attn_params& p);
 
+// Memory kept between calls. Each calling thread keeps its packed K/V buffers for its next call (a fresh multi-MiB
+// buffer costs a page fault per 4 KiB on first touch), up to this many bytes; larger buffers are freed when their call
+// returns. Default 32 MiB per thread, or OMNIATTN_SCRATCH_RETAIN_MB; 0 keeps nothing. Returns the previous limit.
+std::int64_t set_scratch_retention(std::int64_t bytes);
+
 // Build the tile structure of the spec in params (causal, block mask, mask functor) for the given tile sizes.
 // Causal tiles are classified analytically; a mask functor is evaluated exactly on the tiles causal leaves non-empty.
 // Throws std::invalid_argument for tile sizes <= 0.

@@ -1,12 +1,15 @@
 // The public entry point: validate once, select once, run; whatever goes wrong comes back as a status.
 #include <omp.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <string>
 #include <vector>
 
 #include "core/backends.h"
+#include "core/grid_tiles.h"
 #include "core/parallel.h"
 #include "core/score_kinds.h"
 #include "omniattn/attention.h"
@@ -15,7 +18,29 @@ namespace omniattn {
 
 namespace detail {
 int resolve_threads(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+
+namespace {
+std::int64_t default_retention() {
+  constexpr std::int64_t mib = std::int64_t{1} << 20;
+  if (const char* env = std::getenv("OMNIATTN_SCRATCH_RETAIN_MB")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    if (end != env && *end == '\0' && v >= 0 && v <= (std::int64_t{1} << 20)) return static_cast<std::int64_t>(v) * mib;
+  }
+  return 32 * mib;
+}
+std::atomic<std::int64_t>& retention() {
+  static std::atomic<std::int64_t> bytes{default_retention()};
+  return bytes;
+}
+}  // namespace
+
+std::int64_t scratch_retention() { return retention().load(std::memory_order_relaxed); }
 }  // namespace detail
+
+std::int64_t set_scratch_retention(std::int64_t bytes) {
+  return detail::retention().exchange(bytes < 0 ? 0 : bytes, std::memory_order_relaxed);
+}
 
 selection select(const attn_params& p, backend b) {
   if (b == backend::reference) return {reference_attention, "reference", {"reference: fp64 oracle, supports every spec"}};
@@ -92,6 +117,7 @@ std::string shape_of(const tensor& t) {
 status run(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt) {
   attn_params p;
   if (status st = make_params(q, k, v, out, s, opt, p); !st) return st;
+  const detail::call_plan_scope plans;  // select() and the kernel share one grid plan
   const selection sel = select(p, opt.use);
   const bool refused_fallback = opt.use == backend::automatic && !opt.allow_fallback && sel.run == &reference_attention;
   if (!sel.ok() || refused_fallback) {

@@ -13,6 +13,8 @@ selection select(const attn_params& p);
 namespace detail {
 // Threads a call will use: options.threads, or every core when it is 0.
 int resolve_threads(int requested);
+// Bytes of packed K/V a calling thread may keep between calls (set_scratch_retention).
+std::int64_t scratch_retention();
 }  // namespace detail
 
 }  // namespace omniattn

@@ -209,6 +209,24 @@ std::size_t grid_plan::bytes() const {
   return (packed_token.size() + q_tokens.size() + segments.size() + bits.size()) * 8 + tiles.size() * sizeof(grid_tile);
 }
 
+namespace {
+using plan_key = std::vector<std::int64_t>;
+// Plans pinned for the current call of this thread (only while a call_plan_scope is active).
+struct call_pins {
+  int depth = 0;
+  std::vector<std::pair<plan_key, std::shared_ptr<const grid_plan>>> plans;
+};
+call_pins& pins() {
+  thread_local call_pins p;
+  return p;
+}
+}  // namespace
+
+call_plan_scope::call_plan_scope() { ++pins().depth; }
+call_plan_scope::~call_plan_scope() {
+  if (--pins().depth == 0) pins().plans.clear();
+}
+
 std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int64_t max_rows, std::int64_t row_block,
                                                   std::int64_t extra_keys) {
   std::vector<std::int64_t> key = {static_cast<std::int64_t>(g.type), g.rank, max_rows, row_block, extra_keys};
@@ -217,6 +235,9 @@ std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int6
   using entry = std::pair<std::vector<std::int64_t>, std::shared_ptr<const grid_plan>>;
   static std::mutex mu;
   static std::vector<entry> cache;  // most recently used last
+  call_pins& pinned = pins();
+  for (const auto& [k, plan] : pinned.plans)
+    if (k == key) return plan;
   {
     std::lock_guard<std::mutex> lock(mu);
     for (std::size_t i = 0; i < cache.size(); ++i)
@@ -228,7 +249,10 @@ std::shared_ptr<const grid_plan> cached_grid_plan(const grid_local& g, std::int6
   // Built without the lock: a large plan (tens of MiB for big 3-D grids) must not stall callers of other grids.
   auto plan = std::make_shared<const grid_plan>(plan_grid_tiles(g, max_rows, row_block, extra_keys));
   constexpr std::size_t k_cache_bytes = std::size_t{64} << 20;
-  if (plan->bytes() > k_cache_bytes) return plan;
+  if (plan->bytes() > k_cache_bytes) {
+    if (pinned.depth > 0) pinned.plans.emplace_back(std::move(key), plan);
+    return plan;
+  }
   std::lock_guard<std::mutex> lock(mu);
   cache.emplace_back(std::move(key), plan);
   std::size_t total = 0;

@@ -49,6 +49,17 @@ struct grid_plan {
 // whole segments (g.extra_keys; NATTEN's additional KV).
 grid_plan plan_grid_tiles(const grid_local& g, std::int64_t max_rows, std::int64_t row_block, std::int64_t extra_keys = 0);
 
+// Within one attention() call, selection and the kernel share a plan too large for the cache: a call_plan_scope on
+// the calling thread keeps the plans built during the call (select() builds one to describe it), and drops them when
+// the call returns, so a large plan is built once per call and retained by nobody afterwards.
+class call_plan_scope {
+ public:
+  call_plan_scope();
+  ~call_plan_scope();
+  call_plan_scope(const call_plan_scope&) = delete;
+  call_plan_scope& operator=(const call_plan_scope&) = delete;
+};
+
 // The same plan from a small process-wide cache (the last few grids, at most 64 MiB of plans): selection and every
 // call of a layer that runs the same grid reuse one plan instead of rebuilding it. Thread-safe; plans are built
 // outside the cache's lock.

@@ -501,7 +501,9 @@ constexpr std::int64_t k_pack_budget_bytes = std::int64_t{64} << 20;
 // Packed K/V buffers are kept per calling thread and reused by its next calls: a fresh multi-MiB allocation per call
 // pays a page fault and a page clear per 4 KiB on first touch (about 5% of a local-attention call). A lease owns the
 // thread's buffer for one call; a call made while it is leased (a score or mask functor that calls attention) and a
-// request over the budget get a buffer of their own, freed on return, so at most k_pack_budget_bytes stay per thread.
+// request over the budget get a buffer of their own, freed on return. When the lease ends, the thread's buffers are
+// kept only while both slots together fit the retention limit (set_scratch_retention), so an idle thread holds at most
+// that much after a long call.
 class pack_lease {
  public:
   pack_lease(int slot, std::size_t floats) : slot_(slot) {
@@ -520,7 +522,13 @@ class pack_lease {
     }
   }
   ~pack_lease() {
-    if (leased_) state().leased[slot_] = false;
+    if (!leased_) return;
+    thread_local_state& st = state();
+    st.leased[slot_] = false;
+    if ((st.capacity[0] + st.capacity[1]) * sizeof(float) > static_cast<std::size_t>(detail::scratch_retention())) {
+      st.buffers[slot_].reset();
+      st.capacity[slot_] = 0;
+    }
   }
   pack_lease(const pack_lease&) = delete;
   pack_lease& operator=(const pack_lease&) = delete;
