@@ -27,7 +27,8 @@ endfunction()
 run_step(install "${CMAKE_COMMAND}" --install "${BUILD_DIR}" --prefix "${_prefix}")
 
 foreach(_f include/omniattn/omniattn.h ${LIBDIR}/cmake/omniattn/omniattnConfig.cmake
-           ${LIBDIR}/cmake/omniattn/omniattnConfigVersion.cmake ${LIBDIR}/pkgconfig/omniattn.pc)
+           ${LIBDIR}/cmake/omniattn/omniattnConfigVersion.cmake ${LIBDIR}/pkgconfig/omniattn.pc
+           share/licenses/omniattn/LICENSE)
   if(NOT EXISTS "${_prefix}/${_f}")
     message(FATAL_ERROR "install_consumer: ${_f} was not installed")
   endif()
