@@ -497,6 +497,11 @@ TEST(Kernel, SelectCpuGivesReasons) {
   EXPECT_EQ(f.name, "cpu.flash_fwd<f32>");
   EXPECT_FALSE(any_reason_contains(f, "widened"));
   EXPECT_TRUE(any_reason_contains(f, "1 thread(s)"));
+  // The ISA that will run is named, and follows dispatch (here pinned to each compiled target in turn).
+  test::for_each_target("Kernel.SelectCpuGivesReasons", [&](const char* target) {
+    EXPECT_TRUE(any_reason_contains(select(params_of(df, spec_of(pf), backend::cpu, 1), backend::cpu), std::string("ISA ") + target))
+        << target;
+  });
 }
 
 TEST(Kernel, SelectHonoursTheBf16DotOverride) {

@@ -801,6 +801,12 @@ static void run_flash_fwd(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd
 static void run_flash_fwd_bf16_dot(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_bf16_dot)(p); }
 static void run_flash_fwd_grid(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_grid)(p); }
 
+// The Highway target dynamic dispatch runs on this CPU: the best one (lowest bit) both compiled and supported.
+static std::string dispatch_isa() {
+  const std::int64_t usable = hwy::SupportedTargets() & HWY_TARGETS;
+  return std::string("ISA ") + (usable ? hwy::TargetName(usable & -usable) : "none");
+}
+
 // Whether a call can run on query boxes of its grid (flash_fwd_grid); otherwise why not, for explain.
 static std::string grid_path_blocker(const attn_params& p, const detail::grid_local& g) {
   const char* env = std::getenv("OMNIATTN_GRID");
@@ -876,6 +882,7 @@ selection select(const attn_params& p) {
       if (blocker.empty()) {
         sel.run = run_flash_fwd_grid;
         sel.name = std::string("cpu.flash_fwd_grid<") + dtype_name(p.in_type) + ">";
+        sel.reasons.push_back(sel.name + ": " + dispatch_isa());
         sel.reasons.push_back(sel.name + ": " + p.mask->str() + " on query boxes of the grid, each reading the box of keys " +
                               "its queries reach in place (16-key line segments of K/V packed once per call): " +
                               detail::cached_grid_plan(*g, k_bq, k_plan_row_block, g->extra_keys ? p.seq_k - g->tokens() : 0)->describe());
@@ -894,7 +901,7 @@ selection select(const attn_params& p) {
   sel.run = bf16_dot ? run_flash_fwd_bf16_dot : run_flash_fwd;
   sel.name = std::string("cpu.flash_fwd<") + dtype_name(p.in_type) + (bf16_dot ? ",bf16dot>" : ">");
   sel.reasons.push_back(sel.name + ": fused tiled online-softmax kernel, tiles " + std::to_string(k_bq) + "x" +
-                        std::to_string(k_bk) + ", " + std::to_string(p.threads) + " thread(s)");
+                        std::to_string(k_bk) + ", " + std::to_string(p.threads) + " thread(s), " + dispatch_isa());
   if (p.mask)
     sel.reasons.push_back(sel.name + ": mask " + p.mask->str() +
                           " classified per tile; on PARTIAL tiles only, one allowed-key word per row (built-in patterns in "
