@@ -385,6 +385,59 @@ TEST(Validation, BlockMaskDimensions) {
   });
 }
 
+TEST(Validation, BlockMaskHugeTilesDoNotOverflow) {
+  constexpr std::int64_t huge = std::numeric_limits<std::int64_t>::max();
+  // ceil(5 / INT64_MAX) is 1: a mask that claims 0 tiles (and so holds no kinds) must not pass and be read past its end.
+  expect_rejected(
+      [](call& c) {
+        c.add_block_mask();
+        c.bm.q_tile = huge;
+        c.bm.q_tiles = 0;
+        c.bm.kinds.clear();
+      },
+      "spec.blocks.q_tiles 0 != ceil(seq_q 5 / q_tile 9223372036854775807) = 1");
+  expect_rejected(
+      [](call& c) {
+        c.add_block_mask();
+        c.bm.kv_tile = huge;
+        c.bm.kv_tiles = 0;
+        c.bm.kinds.clear();
+      },
+      "spec.blocks.kv_tiles 0 != ceil(seq_k 7 / kv_tile 9223372036854775807) = 1");
+  // One tile covering everything is a valid mask.
+  expect_accepted([](call& c) {
+    c.add_block_mask();
+    c.bm.q_tile = c.bm.kv_tile = huge;
+    c.bm.q_tiles = c.bm.kv_tiles = 1;
+    c.bm.kinds.assign(1, tile_kind::full);
+  });
+  // A kinds count whose product leaves int64 is reported, not wrapped into a small number: 2^32 x 2^32 one-token
+  // tiles over broadcast (stride 0) q / k / v and an output view that validation never dereferences (the call is
+  // rejected first), placed far from the heap so it overlaps no input.
+  expect_rejected(
+      [](call& c) {
+        constexpr std::int64_t n = std::int64_t{1} << 32;
+        c.q.seq = c.k.seq = c.v.seq = c.out.seq = n;
+        c.q.stride_seq = c.k.stride_seq = c.v.stride_seq = 0;
+        c.out.data = reinterpret_cast<void*>(std::uintptr_t{1} << 46);
+        c.out.stride_batch = n * HQ * DV;
+        c.o.lse = nullptr;
+        c.add_block_mask();
+        c.bm.q_tile = c.bm.kv_tile = 1;
+        c.bm.q_tiles = c.bm.kv_tiles = n;
+        c.bm.kinds.clear();
+      },
+      "spec.blocks: batch * heads * q_tiles * kv_tiles overflows int64");
+  // build_block_mask takes the same tile sizes.
+  call c;
+  attn_params p;
+  ASSERT_TRUE(make_params(c.q, c.k, c.v, c.out, c.s, c.o, p).ok());
+  const block_mask bm = build_block_mask(p, huge, huge);
+  EXPECT_EQ(bm.q_tiles, 1);
+  EXPECT_EQ(bm.kv_tiles, 1);
+  EXPECT_EQ(bm.kinds.size(), 1u);
+}
+
 TEST(Validation, NoKernelFitsLeavesOutputUntouched) {
   // Passes validation but no cpu kernel takes head dim 600: the error is reported before anything runs.
   call c;

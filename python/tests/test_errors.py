@@ -191,3 +191,18 @@ def test_block_mask_errors(data):
         omniattn.attention(q, k, v, block_mask=np.zeros((1, 1, 2, 2)))
     with pytest.raises(ValueError, match="q_tile and kv_tile must be > 0"):
         omniattn.build_block_mask(masks.causal(), 2, 4, 9, 13, q_tile=0)
+
+
+def test_block_mask_huge_tiles(data):
+    """ceil(seq / tile) without overflow: a tile of 2^63 - 1 tokens is one tile, never zero tiles read past the end."""
+    q, k, v = data
+    huge = 2**63 - 1
+    empty = omniattn.BlockMask.from_kinds(np.zeros((1, 1, 0, 2), np.uint8), huge, 8)
+    with pytest.raises(ValueError, match=r"^\[attention\] spec.blocks.q_tiles 0 != ceil\(seq_q 9 / q_tile "
+                                         r"9223372036854775807\) = 1$"):
+        omniattn.attention(q, k, v, block_mask=empty)
+    one = omniattn.BlockMask.from_kinds(np.full((1, 1, 1, 1), 2, np.uint8), huge, huge)
+    np.testing.assert_allclose(omniattn.attention(q, k, v, block_mask=one), omniattn.reference_attention(q, k, v),
+                               atol=1e-5)
+    bm = omniattn.build_block_mask(masks.causal(), 2, 4, 9, 13, q_tile=huge, kv_tile=huge)
+    assert bm.kinds.shape == (1, 1, 1, 1)

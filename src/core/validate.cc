@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/backends.h"
+#include "core/checked_math.h"
 #include "core/score_kinds.h"
 #include "omniattn/attention.h"
 
@@ -31,13 +32,13 @@ struct byte_range {
 
 std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* name) {
   std::int64_t r;
-  if (__builtin_mul_overflow(a, b, &r)) fail(name, " strides overflow int64 addressing");
+  if (!detail::mul_fits(a, b, &r)) fail(name, " strides overflow int64 addressing");
   return r;
 }
 
 std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* name) {
   std::int64_t r;
-  if (__builtin_add_overflow(a, b, &r)) fail(name, " strides overflow int64 addressing");
+  if (!detail::add_fits(a, b, &r)) fail(name, " strides overflow int64 addressing");
   return r;
 }
 
@@ -70,7 +71,7 @@ void check_no_self_overlap(const char* name, const std::int64_t* sizes, const st
     if (sizes[d] == 1) continue;
     if (strides[d] < span)
       fail(name, ".stride_", dim_names[d], " ", strides[d], " makes the output overlap itself (needs >= ", span, ")");
-    span = strides[d] * sizes[d];
+    span = checked_mul(strides[d], sizes[d], name);
   }
 }
 
@@ -119,13 +120,16 @@ void check_varlen(const varlen& vl, const tensor& q, const tensor& k, attn_param
 void check_block_mask(const block_mask& bm, const attn_params& p) {
   if (bm.q_tile <= 0) fail("spec.blocks.q_tile ", bm.q_tile, " must be > 0");
   if (bm.kv_tile <= 0) fail("spec.blocks.kv_tile ", bm.kv_tile, " must be > 0");
-  const std::int64_t want_q = (p.seq_q + bm.q_tile - 1) / bm.q_tile, want_k = (p.seq_k + bm.kv_tile - 1) / bm.kv_tile;
+  const std::int64_t want_q = detail::ceil_div(p.seq_q, bm.q_tile), want_k = detail::ceil_div(p.seq_k, bm.kv_tile);
   if (bm.q_tiles != want_q) fail("spec.blocks.q_tiles ", bm.q_tiles, " != ceil(seq_q ", p.seq_q, " / q_tile ", bm.q_tile, ") = ", want_q);
   if (bm.kv_tiles != want_k) fail("spec.blocks.kv_tiles ", bm.kv_tiles, " != ceil(seq_k ", p.seq_k, " / kv_tile ", bm.kv_tile, ") = ", want_k);
   if (bm.batch != 1 && bm.batch != p.batch) fail("spec.blocks.batch ", bm.batch, " must be 1 or ", p.batch);
   if (bm.heads != 1 && bm.heads != p.heads_q) fail("spec.blocks.heads ", bm.heads, " must be 1 or ", p.heads_q);
-  const auto want = static_cast<std::size_t>(bm.batch * bm.heads * bm.q_tiles * bm.kv_tiles);
-  if (bm.kinds.size() != want) fail("spec.blocks.kinds has ", bm.kinds.size(), " entries, expected ", want);
+  // Each factor is at most the call's size, but their product can still leave int64.
+  std::int64_t want = 0;
+  if (!detail::product_fits({bm.batch, bm.heads, bm.q_tiles, bm.kv_tiles}, &want))
+    fail("spec.blocks: batch * heads * q_tiles * kv_tiles overflows int64");
+  if (bm.kinds.size() != static_cast<std::size_t>(want)) fail("spec.blocks.kinds has ", bm.kinds.size(), " entries, expected ", want);
   for (tile_kind t : bm.kinds)
     if (t != tile_kind::empty && t != tile_kind::partial && t != tile_kind::full)
       fail("spec.blocks.kinds holds ", static_cast<int>(t), ", not a tile_kind");
@@ -231,7 +235,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
       std::int64_t pairs = 0;
       for (std::int64_t sec : r.sections) {
         if (sec < 0) fail("spec.rope.sections holds ", sec, ": must be >= 0");
-        pairs += sec;
+        if (!detail::add_fits(pairs, sec, &pairs)) fail("spec.rope.sections sum overflows int64");
       }
       if (pairs != dim / 2) fail("spec.rope.sections sum to ", pairs, " != rotary pairs ", dim / 2);
       if (!r.pos_q || !r.pos_k) fail("spec.rope.sections needs pos_q and pos_k (one id array per axis)");
