@@ -53,6 +53,22 @@ def test_out_aliases_input(rng):
     raises(ValueError, "[attention] out aliases q: the output must not overlap an input", q, k, v, out=buf)
 
 
+def test_out_aliases_a_spec_input(data):
+    """Buffers the spec borrows without a copy (sink logits, a float32 score bias, a boolean mask table) are inputs
+    too: an output over them is rejected before anything is written."""
+    q, k, v = data
+    out = np.zeros((2, 9, 4, 8), np.float32)
+    raises(ValueError, "[attention] out aliases spec.sink_logits: the output must not overlap an input", q, k, v,
+           out=out, sink_logits=out.reshape(-1)[:4])
+    raises(ValueError, "[attention] out aliases spec.score bias: the output must not overlap an input", q, k, v,
+           out=out, score=scores.bias(out.reshape(-1)[-13:].reshape(1, 1, 1, 13)))
+    table = out.reshape(-1).view(np.bool_)[:9 * 13].reshape(1, 1, 9, 13)
+    with pytest.raises(ValueError, match=r"^\[attention\] out aliases spec.mask dense '.*': the output must not "
+                                         r"overlap an input$"):
+        omniattn.attention(q, k, v, out=out, mask=table)
+    assert not out.any()
+
+
 def test_negative_strides(data):
     q, k, v = data
     raises(ValueError, "[attention] q.stride_seq -64 must be >= 0", q[:, ::-1], k, v)

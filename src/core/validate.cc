@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "core/backends.h"
 #include "core/checked_math.h"
@@ -55,7 +56,83 @@ byte_range extent(const char* name, const void* data, int elem_bytes, const std:
   return {begin, begin + static_cast<std::uintptr_t>(bytes)};
 }
 
-bool overlaps(byte_range a, byte_range b) { return a.begin < b.end && b.begin < a.end; }
+// Empty ranges overlap nothing.
+bool overlaps(byte_range a, byte_range b) {
+  return a.begin < a.end && b.begin < b.end && a.begin < b.end && b.begin < a.end;
+}
+
+// `count` contiguous elements of `elem_bytes` bytes each.
+byte_range array_range(const char* name, const void* data, std::int64_t count, int elem_bytes) {
+  const std::int64_t sizes[1] = {count}, strides[1] = {1};
+  const char* const dims[1] = {"elem"};
+  return extent(name, data, elem_bytes, sizes, strides, dims, 1);
+}
+
+// An input buffer the call reads, by the name an error gives it.
+struct input_range {
+  std::string name;
+  byte_range range;
+};
+
+// Every buffer the spec and options make the kernels read besides q, k and v: varlen offsets, block mask kinds, sink
+// logits, RoPE position ids, score tables (dense bias, key bias / reweight) and dense mask tables. Sizes are validated.
+void spec_inputs(const tensor& q, const tensor& k, const spec& s, const options& opt, const attn_params& p,
+                 std::vector<input_range>& in) {
+  if (opt.packed) {
+    const std::int64_t n = opt.packed->num_seqs + 1;
+    in.push_back({"varlen.cu_seqlens_q", array_range("varlen.cu_seqlens_q", opt.packed->cu_seqlens_q, n, 8)});
+    in.push_back({"varlen.cu_seqlens_k", array_range("varlen.cu_seqlens_k", opt.packed->cu_seqlens_k, n, 8)});
+  }
+  if (s.blocks)
+    in.push_back({"spec.blocks.kinds", array_range("spec.blocks.kinds", s.blocks->kinds.data(),
+                                                   static_cast<std::int64_t>(s.blocks->kinds.size()), 1)});
+  if (s.sink_logits) in.push_back({"spec.sink_logits", array_range("spec.sink_logits", s.sink_logits, q.heads, 4)});
+  if (s.rope) {
+    const rope_spec& r = *s.rope;
+    const std::int64_t axes = r.sections.empty() ? 1 : static_cast<std::int64_t>(r.sections.size());
+    const std::int64_t batches = opt.packed ? 1 : q.batch;
+    const struct {
+      const char* name;
+      const std::int64_t* ids;
+      std::int64_t rows;
+    } pos[2] = {{"spec.rope.pos_q", r.pos_q, q.seq}, {"spec.rope.pos_k", r.pos_k, k.seq}};
+    for (const auto& x : pos) {
+      std::int64_t n = 0;
+      if (!x.ids) continue;
+      if (!detail::product_fits({axes, batches, x.rows}, &n)) fail(x.name, ": axes * batch * seq overflows int64");
+      in.push_back({x.name, array_range(x.name, x.ids, n, 8)});
+    }
+  }
+  if (s.score) {
+    std::vector<detail::score_step> steps;
+    detail::lower_score(s.score, steps);
+    const char* const bias_dims[4] = {"batch", "head", "q", "k"};
+    for (const detail::score_step& st : steps) {
+      if (st.op == detail::score_step::kind::bias) {
+        const detail::bias_score& b = *st.bias;
+        in.push_back({"spec.score bias", extent("spec.score bias", b.data, 4, b.shape.data(), b.strides.data(), bias_dims, 4)});
+      } else if (st.op == detail::score_step::kind::key_table) {
+        const char* name = st.table->reweight ? "spec.score reweight table" : "spec.score key_bias table";
+        const std::vector<double>& d = *st.table->values;
+        const std::vector<float>& f = *st.table->values_f;
+        in.push_back({name, array_range(name, d.data(), static_cast<std::int64_t>(d.size()), 8)});
+        in.push_back({name, array_range(name, f.data(), static_cast<std::int64_t>(f.size()), 4)});
+      }
+    }
+  }
+  if (p.mask) {
+    const char* const mask_dims[4] = {"batch", "head", "q", "k"};
+    for (const mask_expr::dense_view& d : p.mask->dense_tables()) {
+      const std::string name = "spec.mask dense '" + d.name + "'";
+      in.push_back({name, extent(name.c_str(), d.data, 1, d.shape.data(), d.strides.data(), mask_dims, 4)});
+    }
+  }
+}
+
+void check_no_alias(const char* output, byte_range r, const std::vector<input_range>& inputs) {
+  for (const input_range& in : inputs)
+    if (overlaps(r, in.range)) fail(output, " aliases ", in.name, ": the output must not overlap an input");
+}
 
 // An output must not write one element twice: with dims sorted by stride, each stride must step over the whole
 // extent of the smaller ones.
@@ -158,9 +235,8 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
     const std::int64_t strides[4] = {out.stride_batch, out.stride_seq, out.stride_head, out.stride_dim};
     check_no_self_overlap("out", sizes, strides, k_stride_dims, 4);
   }
-  if (overlaps(ro, rq)) fail("out aliases q: the output must not overlap an input");
-  if (overlaps(ro, rk)) fail("out aliases k: the output must not overlap an input");
-  if (overlaps(ro, rv)) fail("out aliases v: the output must not overlap an input");
+  std::vector<input_range> inputs = {{"q", rq}, {"k", rk}, {"v", rv}};
+  check_no_alias("out", ro, inputs);
 
   p = attn_params{};
   p.q = q.data;
@@ -189,14 +265,15 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   }
   if (opt.packed) check_varlen(*opt.packed, q, k, p);
 
+  byte_range rl;
   if (opt.lse) {
     const lse_tensor& l = *opt.lse;
     if (!l.data) fail("lse.data is null");
     const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
     const std::int64_t lstrides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
-    const byte_range rl = extent("lse", l.data, 4, sizes, lstrides, k_lse_dims, 3);
+    rl = extent("lse", l.data, 4, sizes, lstrides, k_lse_dims, 3);
     check_no_self_overlap("lse", sizes, lstrides, k_lse_dims, 3);
-    if (overlaps(rl, rq) || overlaps(rl, rk) || overlaps(rl, rv)) fail("lse aliases an input");
+    check_no_alias("lse", rl, inputs);
     if (overlaps(rl, ro)) fail("lse aliases out");
     p.lse = l.data;
     p.lse_stride[0] = l.stride_batch;
@@ -250,6 +327,11 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   p.threads = detail::resolve_threads(opt.threads);
   if (opt.use != backend::automatic && opt.use != backend::reference && opt.use != backend::cpu)
     fail("options.use ", static_cast<int>(opt.use), " is not a backend");
+  // Last, once every size is known: no output may overlap any other buffer the call reads.
+  std::vector<input_range> spec_buffers;
+  spec_inputs(q, k, s, opt, p, spec_buffers);
+  check_no_alias("out", ro, spec_buffers);
+  if (opt.lse) check_no_alias("lse", rl, spec_buffers);
 }
 
 }  // namespace
