@@ -8,6 +8,7 @@
 #include <functional>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -374,6 +375,59 @@ TEST(Validation, NonFiniteScale) {
   expect_rejected([](call& c) { c.s.scale = -std::numeric_limits<double>::infinity(); }, "spec.scale -inf must be finite");
   expect_rejected([](call& c) { c.s.scale = std::numeric_limits<double>::quiet_NaN(); }, "must be finite");
   expect_rejected([](call& c) { c.s.scale = std::numeric_limits<double>::quiet_NaN(); }, "spec.scale");
+}
+
+TEST(Validation, ScalarsOutOfFloatRange) {
+  // Finite as double, not as float: the kernels would silently compute inf / 0 where the oracle does not.
+  expect_rejected([](call& c) { c.s.scale = 1e39; }, "spec.scale 1e+39 is out of float range (|scale| * log2(e) must be <= 3.40282e+38)");
+  expect_rejected([](call& c) { c.s.scale = -3e38; }, "spec.scale -3e+38 is out of float range");
+  expect_accepted([](call& c) { c.s.scale = 2e38; });
+  static std::vector<float> sinks;
+  sinks.assign(HQ, 0.5f);
+  sinks[2] = 3e38f;
+  expect_rejected([](call& c) { c.s.sink_logits = sinks.data(); }, "spec.sink_logits[2] 3e+38 must be finite with |sink| * log2(e) <= 3.40282e+38");
+  // The softmax scale times the temperature / LogN multipliers.
+  expect_rejected([](call& c) { c.s.scale = 1e10; c.s.score = scores::temperature({1.0, 1e-30}); },
+                  "spec.score the softmax scale 1e+10 times the temperature / logn factors and log2(e) is 1.4427e+40, beyond float range");
+  expect_accepted([](call& c) { c.s.scale = 1e10; c.s.score = scores::temperature({1.0, 1e-20}); });
+  // Modifier parameters that no call could use are rejected when the modifier is built.
+  const auto throws = [](const std::function<void()>& f, const std::string& what) {
+    try {
+      f();
+      ADD_FAILURE() << "no exception: " << what;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()), what);
+    }
+  };
+  throws([] { scores::softcap(1e39); }, "[scores::softcap] cap must be in float range: cap * log2(e) and 1 / cap at most 3.4e38");
+  throws([] { scores::softcap(1e-39); }, "[scores::softcap] cap must be in float range: cap * log2(e) and 1 / cap at most 3.4e38");
+  throws([] { scores::temperature({2.0, 1e-40}); }, "[scores::temperature] 1 / t must be a finite float (|t| >= 3e-39)");
+  throws([] { scores::alibi({0.5, 1e39}); }, "[scores::alibi] slopes must be finite floats (|slope| <= 3.4e38)");
+  throws([] { scores::alibi({std::nan("")}); }, "[scores::alibi] slopes must be finite floats (|slope| <= 3.4e38)");
+  throws([] { scores::key_bias({0.0, -1e40}); }, "[scores::key_bias] values must be floats (|x| <= 3.4e38; -inf masks)");
+  throws([] { scores::relative_bias(std::vector<double>(8, 1e300), 8, 16, false); },
+         "[scores::relative_bias] values must be floats (|x| <= 3.4e38)");
+  std::string err;
+  score_fn f;
+  EXPECT_EQ(parse_score("softcap(1e39)", 4, f).rfind("[spec] at 8: [scores::softcap] cap must be in float range", 0), 0u);
+  // -inf in a key bias masks the key, as documented.
+  EXPECT_NO_THROW(scores::key_bias({0.0, -std::numeric_limits<double>::infinity()}));
+}
+
+TEST(Validation, AlibiOffsetOverflow) {
+  constexpr std::int64_t max = std::numeric_limits<std::int64_t>::max(), min = std::numeric_limits<std::int64_t>::min();
+  // k - q + offset for every key k < seq_k 7 and query q < seq_q 5 must be an int64 (the oracle computes it so).
+  expect_rejected([](call& c) { c.s.score = scores::alibi({1e-12}, max); },
+                  "spec.score alibi offset 9223372036854775807: k - q + offset leaves int64 for seq_q 5, seq_k 7");
+  expect_rejected([](call& c) { c.s.score = scores::alibi({1e-12}, max - 5); }, "spec.score alibi offset 9223372036854775802");
+  expect_rejected([](call& c) { c.s.score = scores::then(scores::softcap(3), scores::alibi({1e-12}, min + 3)); },
+                  "spec.score alibi offset -9223372036854775805");
+  // The extremes that fit: the kernel's ragged last key tile reads past seq_k without overflowing.
+  expect_accepted([](call& c) { c.s.score = scores::alibi({1e-20}, max - (LK - 1)); });
+  expect_accepted([](call& c) { c.s.score = scores::alibi({1e-20}, min + (LQ - 1)); });
+  // The bias slope * (k - q + offset) must also be a float.
+  expect_rejected([](call& c) { c.s.score = scores::alibi({0.25, 1e30}, std::int64_t{1} << 40); },
+                  "spec.score alibi bias reaches 1.09951e+42 (slope 1e+30 times k - q + offset up to 1.09951e+12), beyond float range");
 }
 
 TEST(Validation, BadEnums) {

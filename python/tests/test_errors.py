@@ -1,5 +1,7 @@
 """Every error path: the library's own message (ValueError, TypeError for dtypes), or the binding's."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -172,6 +174,20 @@ def test_mask_errors(data):
         masks.causal("left")
     with pytest.raises(TypeError, match="left must be an int"):
         masks.sliding_window(2.5)
+
+
+def test_scalars_out_of_float_range(data):
+    """Finite as float64 but not as float32 (the kernels' precision): rejected instead of a silent 0 / -inf."""
+    q, k, v = data
+    raises(ValueError, "[attention] spec.scale 1e+39 is out of float range (|scale| * log2(e) must be <= 3.40282e+38)",
+           q, k, v, scale=1e39)
+    for text, message in (("softcap(1e39)", "cap must be in float range"), ("temperature(1e-40)", "1 / t must be a finite float")):
+        with pytest.raises(ValueError, match=r"^\[spec\] at \d+: \[scores::\w+\] " + re.escape(message)):
+            omniattn.attention(q, k, v, score=text)
+    with pytest.raises(ValueError, match=r"^\[scores::softcap\] cap must be in float range"):
+        omniattn.attention(q, k, v, score=scores.softcap(1e39))
+    with pytest.raises(ValueError, match=r"^\[attention\] spec.sink_logits\[1\] 3e\+38 must be finite"):
+        omniattn.attention(q, k, v, sink_logits=np.array([0, 3e38, 0, 0], np.float32))
 
 
 def test_score_errors(data):

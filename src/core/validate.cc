@@ -2,6 +2,7 @@
 // Every rule reports "[attention] <argument> <what is wrong>" and nothing is written to the output.
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -283,6 +284,9 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
 
   const double scale = s.scale ? *s.scale : 1.0 / std::sqrt(static_cast<double>(q.dim));
   if (!std::isfinite(scale)) fail("spec.scale ", scale, " must be finite");
+  // The kernels use scale * log2(e) as a float.
+  if (std::fabs(scale) * 1.4426950408889634 > std::numeric_limits<float>::max())
+    fail("spec.scale ", scale, " is out of float range (|scale| * log2(e) must be <= 3.40282e+38)");
   p.scale = scale;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   if (s.causal != causal_mode::none && s.causal != causal_mode::top_left && s.causal != causal_mode::bottom_right)
@@ -300,7 +304,9 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   p.blocks = s.blocks;
   if (s.sink_logits)
     for (std::int64_t h = 0; h < q.heads; ++h)
-      if (!std::isfinite(s.sink_logits[h])) fail("spec.sink_logits[", h, "] ", s.sink_logits[h], " must be finite");
+      if (!std::isfinite(s.sink_logits[h]) ||
+          std::fabs(static_cast<double>(s.sink_logits[h])) * 1.4426950408889634 > std::numeric_limits<float>::max())
+        fail("spec.sink_logits[", h, "] ", s.sink_logits[h], " must be finite with |sink| * log2(e) <= 3.40282e+38");
   p.sink_logits = s.sink_logits;
   if (s.rope) {
     const rope_spec& r = *s.rope;
