@@ -188,19 +188,24 @@ TEST(Validation, UnknownDtype) {
     expect_rejected([t](call& c) { pick(c, t).type = static_cast<dtype>(9); }, std::string(k_names[t]) + ".type 9 is not a known dtype");
 }
 
-TEST(Validation, NonPositiveSizes) {
+TEST(Validation, NegativeSizes) {
+  // batch, seq and heads may be 0 (an empty call, tests/test_robustness.cc); dim must be > 0.
   const char* const dims[4] = {"batch", "seq", "heads", "dim"};
   for (int t = 0; t < 4; ++t)
     for (int d = 0; d < 4; ++d)
-      for (std::int64_t bad : {0, -3}) {
+      for (std::int64_t bad : {std::int64_t{-3}, std::numeric_limits<std::int64_t>::min()}) {
         expect_rejected(
             [t, d, bad](call& c) {
               tensor& x = pick(c, t);
               std::int64_t* f[4] = {&x.batch, &x.seq, &x.heads, &x.dim};
               *f[d] = bad;
             },
-            std::string(k_names[t]) + "." + dims[d] + " " + std::to_string(bad) + " must be > 0");
+            std::string(k_names[t]) + "." + dims[d] + " " + std::to_string(bad) + (d == 3 ? " must be > 0" : " must be >= 0"));
       }
+  for (int t = 0; t < 4; ++t)
+    expect_rejected([t](call& c) { pick(c, t).dim = 0; }, std::string(k_names[t]) + ".dim 0 must be > 0");
+  // An empty tensor needs no storage (torch gives empty tensors a null data pointer); a non-empty one does.
+  expect_rejected([](call& c) { c.k.heads = c.v.heads = 0; }, "q.heads 4 is not a multiple of k.heads 0");
 }
 
 TEST(Validation, ShapeMismatches) {
@@ -451,8 +456,8 @@ TEST(Validation, NegativeThreads) {
 
 TEST(Validation, Varlen) {
   constexpr bool packed = true;
-  expect_rejected([](call& c) { c.vl.num_seqs = 0; }, "varlen.num_seqs 0 must be > 0", packed);
-  expect_rejected([](call& c) { c.vl.num_seqs = -2; }, "varlen.num_seqs -2 must be > 0", packed);
+  expect_rejected([](call& c) { c.vl.num_seqs = 0; }, "varlen.cu_seqlens_q[0] 0 != total tokens 9", packed);
+  expect_rejected([](call& c) { c.vl.num_seqs = -2; }, "varlen.num_seqs -2 must be >= 0", packed);
   expect_rejected([](call& c) { c.vl.cu_seqlens_q = nullptr; }, "varlen.cu_seqlens_q is null", packed);
   expect_rejected([](call& c) { c.vl.cu_seqlens_k = nullptr; }, "varlen.cu_seqlens_k is null", packed);
   expect_rejected(

@@ -34,7 +34,33 @@ def test_shape_mismatches(data):
     raises(ValueError, "[attention] v.seq 12 != k.seq 13", q, k, v[:, :12])
     raises(ValueError, "[attention] v.heads 1 != k.heads 2", q, k, v[:, :, :1])
     raises(ValueError, "[attention] q.heads 3 is not a multiple of k.heads 2", q[:, :, :3], k, v)
-    raises(ValueError, "[attention] q.seq 0 must be > 0", q[:, :0], k, v)
+    raises(ValueError, "[attention] q.dim 0 must be > 0", q[..., :0], k[..., :0], v)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_zero_length(data, backend):
+    """Empty calls are valid, as in PyTorch SDPA and FlashAttention's varlen: no queries (or batch / heads 0) is a
+    no-op; no keys gives rows with nothing to attend to: out 0, lse -inf."""
+    q, k, v = data
+    for qq, kk, vv, shape in ((q[:, :0], k, v, (2, 0, 4, 8)), (q[:0], k[:0], v[:0], (0, 9, 4, 8)),
+                              (q[:, :, :0], k[:, :, :0], v[:, :, :0], (2, 9, 0, 8))):
+        out, lse = omniattn.attention(qq, kk, vv, backend=backend, return_lse=True)
+        assert out.shape == shape and lse.size == 0
+    out, lse = omniattn.attention(q, k[:, :0], v[:, :0], backend=backend, return_lse=True, causal=True,
+                                  mask=masks.sliding_window(3))
+    assert out.shape == (2, 9, 4, 8) and not out.any() and np.all(lse == -np.inf)
+    out, lse = omniattn.attention(q, k[:, :0], v[:, :0], backend=backend, return_lse=True,
+                                  sink_logits=np.array([0.5, 1, 2, 3], np.float32))
+    assert not out.any() and np.array_equal(lse[0, :, 0], [0.5, 1, 2, 3])
+    # varlen with repeated offsets: sequence 0 has no keys, sequence 1 no queries.
+    qv, kv_, vv = q[0], k[0], v[0]
+    cu_q, cu_k = [0, 4, 4, 9], [0, 0, 6, 13]
+    out, lse = omniattn.attention(qv, kv_, vv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend, return_lse=True)
+    assert not out[:4].any() and np.all(lse[:, :4] == -np.inf)
+    ref = omniattn.reference_attention(qv[None, 4:], kv_[None, 6:], vv[None, 6:])
+    np.testing.assert_allclose(out[None, 4:], ref, atol=1e-5)
+    bm = omniattn.build_block_mask(None, 2, 4, 9, 0)
+    assert bm.kinds.shape == (1, 1, 1, 0)
 
 
 def test_out_mismatches(data):

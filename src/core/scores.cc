@@ -111,7 +111,7 @@ score_fn reweight(std::vector<double> weights, std::int64_t keys_per_head) {
 score_fn bias(const float* data, std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> strides) {
   require(data != nullptr, "[scores::bias] data is null");
   for (int d = 0; d < 4; ++d) {
-    require(shape[static_cast<std::size_t>(d)] > 0, "[scores::bias] every shape entry must be > 0 (1 broadcasts)");
+    require(shape[static_cast<std::size_t>(d)] >= 0, "[scores::bias] every shape entry must be >= 0 (1 broadcasts)");
     require(strides[static_cast<std::size_t>(d)] >= 0, "[scores::bias] strides must be >= 0");
   }
   detail::bias_score b;

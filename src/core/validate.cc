@@ -46,6 +46,8 @@ std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* name) {
 
 byte_range extent(const char* name, const void* data, int elem_bytes, const std::int64_t* sizes,
                   const std::int64_t* strides, const char* const* dim_names, int rank) {
+  for (int d = 0; d < rank; ++d)
+    if (sizes[d] == 0) return {reinterpret_cast<std::uintptr_t>(data), reinterpret_cast<std::uintptr_t>(data)};  // no element
   std::int64_t last = 0;  // largest element offset
   for (int d = 0; d < rank; ++d) {
     if (strides[d] < 0) fail(name, ".stride_", dim_names[d], " ", strides[d], " must be >= 0");
@@ -139,6 +141,8 @@ void check_no_alias(const char* output, byte_range r, const std::vector<input_ra
 // extent of the smaller ones.
 void check_no_self_overlap(const char* name, const std::int64_t* sizes, const std::int64_t* strides,
                            const char* const* dim_names, int rank) {
+  for (int d = 0; d < rank; ++d)
+    if (sizes[d] == 0) return;  // no element to write twice
   int order[4] = {0, 1, 2, 3};
   for (int i = 0; i < rank; ++i)
     for (int j = i + 1; j < rank; ++j)
@@ -161,15 +165,18 @@ byte_range check_tensor(const char* name, const tensor& t) {
   if (t.type != dtype::f32 && t.type != dtype::bf16 && t.type != dtype::f16)
     fail(name, ".type ", static_cast<int>(t.type), " is not a known dtype");
   const std::int64_t sizes[4] = {t.batch, t.seq, t.heads, t.dim};
-  for (int d = 0; d < 4; ++d)
-    if (sizes[d] <= 0) fail(name, ".", k_tensor_dims[d], " ", sizes[d], " must be > 0");
-  if (!t.data) fail(name, ".data is null");
+  // Empty batches, sequences and head sets are valid (as in PyTorch and FlashAttention's varlen); a head needs a dim.
+  for (int d = 0; d < 3; ++d)
+    if (sizes[d] < 0) fail(name, ".", k_tensor_dims[d], " ", sizes[d], " must be >= 0");
+  if (t.dim <= 0) fail(name, ".dim ", t.dim, " must be > 0");
+  const bool empty = t.batch == 0 || t.seq == 0 || t.heads == 0;
+  if (!t.data && !empty) fail(name, ".data is null");  // an empty torch tensor may have no storage
   const std::int64_t strides[4] = {t.stride_batch, t.stride_seq, t.stride_head, t.stride_dim};
   return extent(name, t.data, dtype_size(t.type), sizes, strides, k_stride_dims, 4);
 }
 
 void check_varlen(const varlen& vl, const tensor& q, const tensor& k, attn_params& p) {
-  if (vl.num_seqs <= 0) fail("varlen.num_seqs ", vl.num_seqs, " must be > 0");
+  if (vl.num_seqs < 0) fail("varlen.num_seqs ", vl.num_seqs, " must be >= 0");
   if (!vl.cu_seqlens_q) fail("varlen.cu_seqlens_q is null");
   if (!vl.cu_seqlens_k) fail("varlen.cu_seqlens_k is null");
   if (q.batch != 1) fail("q.batch ", q.batch, " must be 1 with varlen (sequences are packed along seq)");
@@ -226,7 +233,8 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   if (v.batch != k.batch) fail("v.batch ", v.batch, " != k.batch ", k.batch);
   if (v.seq != k.seq) fail("v.seq ", v.seq, " != k.seq ", k.seq);
   if (v.heads != k.heads) fail("v.heads ", v.heads, " != k.heads ", k.heads);
-  if (q.heads % k.heads != 0) fail("q.heads ", q.heads, " is not a multiple of k.heads ", k.heads);
+  if (k.heads == 0 ? q.heads != 0 : q.heads % k.heads != 0)
+    fail("q.heads ", q.heads, " is not a multiple of k.heads ", k.heads);
   if (out.batch != q.batch) fail("out.batch ", out.batch, " != q.batch ", q.batch);
   if (out.seq != q.seq) fail("out.seq ", out.seq, " != q.seq ", q.seq);
   if (out.heads != q.heads) fail("out.heads ", out.heads, " != q.heads ", q.heads);
@@ -251,7 +259,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   p.seq_k = k.seq;
   p.heads_q = q.heads;
   p.heads_kv = k.heads;
-  p.group = q.heads / k.heads;
+  p.group = k.heads == 0 ? 1 : q.heads / k.heads;
   p.dim_qk = q.dim;
   p.seq_rows_q = q.seq;
   p.seq_rows_k = k.seq;
@@ -269,8 +277,8 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   byte_range rl;
   if (opt.lse) {
     const lse_tensor& l = *opt.lse;
-    if (!l.data) fail("lse.data is null");
     const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
+    if (!l.data && q.batch != 0 && q.heads != 0 && q.seq != 0) fail("lse.data is null");
     const std::int64_t lstrides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
     rl = extent("lse", l.data, 4, sizes, lstrides, k_lse_dims, 3);
     check_no_self_overlap("lse", sizes, lstrides, k_lse_dims, 3);
