@@ -246,10 +246,32 @@ TEST(Validation, DtypeMismatches) {
 }
 
 TEST(Validation, NegativeStrides) {
-  expect_rejected([](call& c) { c.q.stride_seq = -32; }, "q.stride_seq -32 must be >= 0");
-  expect_rejected([](call& c) { c.k.stride_batch = -1; }, "k.stride_batch -1 must be >= 0");
-  expect_rejected([](call& c) { c.v.stride_head = -6; }, "v.stride_head -6 must be >= 0");
-  expect_rejected([](call& c) { c.out.stride_dim = -1; }, "out.stride_dim -1 must be >= 0");
+  // Accepted (numpy's x[::-1]): data points at element [0, 0, 0, 0], the view extends below it. Values are checked in
+  // test_robustness.cc; here the byte ranges: overlap and address-space rules see the part below the pointer.
+  expect_accepted([](call& c) {
+    c.q.data = c.qb.data() + (LQ - 1) * HQ * D;
+    c.q.stride_seq = -HQ * D;
+  });
+  expect_rejected(
+      [](call& c) {
+        c.q.data = c.ob.data() + B * LQ * HQ * DV - 1 + (LQ - 1) * HQ * D;  // reaches back into out by one element
+        c.q.stride_seq = -HQ * D;
+      },
+      "out aliases q");
+  expect_rejected([](call& c) { c.out.stride_head = -3; }, "out.stride_head -3 makes the output overlap itself (needs |stride| >= 6)");
+  expect_rejected([](call& c) { c.k.data = reinterpret_cast<void*>(std::uintptr_t{64}); c.k.stride_seq = -HKV * D; },
+                  "k extends below the start of the address space (negative strides)");
+  expect_rejected([](call& c) { c.v.stride_seq = std::numeric_limits<std::int64_t>::min() / 2; }, "v strides overflow int64 addressing");
+  expect_rejected([](call& c) { c.l.stride_seq = std::numeric_limits<std::int64_t>::min(); }, "lse strides overflow int64 addressing");
+  // A size-1 dim may have any stride, also INT64_MIN.
+  expect_accepted([](call& c) {
+    c.q = make_bshd(c.qb.data(), dtype::f32, B, LQ, 1, D);
+    c.k = make_bshd(c.kb.data(), dtype::f32, B, LK, 1, D);
+    c.v = make_bshd(c.vb.data(), dtype::f32, B, LK, 1, DV);
+    c.out = make_bshd(c.ob.data(), dtype::f32, B, LQ, 1, DV);
+    c.q.stride_head = c.k.stride_head = c.out.stride_head = std::numeric_limits<std::int64_t>::min();
+    c.l = make_lse(c.lb.data(), 1, LQ);
+  });
 }
 
 TEST(Validation, OverflowingStrides) {
@@ -276,7 +298,7 @@ TEST(Validation, OutputOverlapsItself) {
   expect_rejected([](call& c) { c.out.stride_dim = 0; }, "out.stride_dim 0 makes the output overlap itself");
   expect_rejected([](call& c) { c.out.stride_seq = 0; }, "out.stride_seq 0 makes the output overlap itself");
   expect_rejected([](call& c) { c.out.stride_batch = 0; }, "out.stride_batch 0 makes the output overlap itself");
-  expect_rejected([](call& c) { c.out.stride_head = 3; }, "out.stride_head 3 makes the output overlap itself (needs >= 6)");
+  expect_rejected([](call& c) { c.out.stride_head = 3; }, "out.stride_head 3 makes the output overlap itself (needs |stride| >= 6)");
   // A size-1 dimension may have any stride.
   expect_accepted([](call& c) {
     c.q = make_bshd(c.qb.data(), dtype::f32, B, 1, HQ, D);
@@ -365,7 +387,7 @@ TEST(Validation, OutputAliasesASpecInput) {
 
 TEST(Validation, LseErrors) {
   expect_rejected([](call& c) { c.l.data = nullptr; }, "lse.data is null");
-  expect_rejected([](call& c) { c.l.stride_head = -1; }, "lse.stride_head -1 must be >= 0");
+  expect_rejected([](call& c) { c.l.stride_head = -1; }, "lse.stride_seq 1 makes the output overlap itself");  // |-1| ties with seq
   expect_rejected([](call& c) { c.l.stride_batch = std::numeric_limits<std::int64_t>::max(); }, "lse strides overflow int64 addressing");
   expect_rejected([](call& c) { c.l.stride_seq = 0; }, "lse.stride_seq 0 makes the output overlap itself");
   expect_rejected([](call& c) { c.l.stride_head = 2; }, "lse.stride_head 2 makes the output overlap itself");

@@ -27,7 +27,8 @@ template <class... Args>
   throw failure{os.str()};
 }
 
-// Byte range [begin, end) a strided view can touch; also rejects negative strides and int64 overflow.
+// Byte range [begin, end) a strided view can touch (data is element [0, ...]; negative strides reach below it);
+// rejects int64 overflow and ranges that leave the address space.
 struct byte_range {
   std::uintptr_t begin = 0, end = 0;
 };
@@ -45,18 +46,22 @@ std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* name) {
 }
 
 byte_range extent(const char* name, const void* data, int elem_bytes, const std::int64_t* sizes,
-                  const std::int64_t* strides, const char* const* dim_names, int rank) {
+                  const std::int64_t* strides, int rank) {
   for (int d = 0; d < rank; ++d)
     if (sizes[d] == 0) return {reinterpret_cast<std::uintptr_t>(data), reinterpret_cast<std::uintptr_t>(data)};  // no element
-  std::int64_t last = 0;  // largest element offset
+  std::int64_t first = 0, last = 0;  // smallest and largest element offset
   for (int d = 0; d < rank; ++d) {
-    if (strides[d] < 0) fail(name, ".stride_", dim_names[d], " ", strides[d], " must be >= 0");
-    last = checked_add(last, checked_mul(sizes[d] - 1, strides[d], name), name);
+    const std::int64_t step = checked_mul(sizes[d] - 1, strides[d], name);
+    if (step < 0) first = checked_add(first, step, name);
+    else last = checked_add(last, step, name);
   }
-  const std::int64_t bytes = checked_mul(checked_add(last, 1, name), elem_bytes, name);
-  const auto begin = reinterpret_cast<std::uintptr_t>(data);
-  if (begin + static_cast<std::uintptr_t>(bytes) < begin) fail(name, " extends past the end of the address space");
-  return {begin, begin + static_cast<std::uintptr_t>(bytes)};
+  const std::int64_t below = checked_mul(first, elem_bytes, name);  // <= 0
+  const std::int64_t above = checked_mul(checked_add(last, 1, name), elem_bytes, name);
+  const auto base = reinterpret_cast<std::uintptr_t>(data);
+  const auto down = static_cast<std::uintptr_t>(-(below + 1)) + 1;  // -below without overflow at INT64_MIN
+  if (base < down) fail(name, " extends below the start of the address space (negative strides)");
+  if (base + static_cast<std::uintptr_t>(above) < base) fail(name, " extends past the end of the address space");
+  return {base - down, base + static_cast<std::uintptr_t>(above)};
 }
 
 // Empty ranges overlap nothing.
@@ -67,8 +72,7 @@ bool overlaps(byte_range a, byte_range b) {
 // `count` contiguous elements of `elem_bytes` bytes each.
 byte_range array_range(const char* name, const void* data, std::int64_t count, int elem_bytes) {
   const std::int64_t sizes[1] = {count}, strides[1] = {1};
-  const char* const dims[1] = {"elem"};
-  return extent(name, data, elem_bytes, sizes, strides, dims, 1);
+  return extent(name, data, elem_bytes, sizes, strides, 1);
 }
 
 // An input buffer the call reads, by the name an error gives it.
@@ -109,11 +113,10 @@ void spec_inputs(const tensor& q, const tensor& k, const spec& s, const options&
   if (s.score) {
     std::vector<detail::score_step> steps;
     detail::lower_score(s.score, steps);
-    const char* const bias_dims[4] = {"batch", "head", "q", "k"};
     for (const detail::score_step& st : steps) {
       if (st.op == detail::score_step::kind::bias) {
         const detail::bias_score& b = *st.bias;
-        in.push_back({"spec.score bias", extent("spec.score bias", b.data, 4, b.shape.data(), b.strides.data(), bias_dims, 4)});
+        in.push_back({"spec.score bias", extent("spec.score bias", b.data, 4, b.shape.data(), b.strides.data(), 4)});
       } else if (st.op == detail::score_step::kind::key_table) {
         const char* name = st.table->reweight ? "spec.score reweight table" : "spec.score key_bias table";
         const std::vector<double>& d = *st.table->values;
@@ -124,10 +127,9 @@ void spec_inputs(const tensor& q, const tensor& k, const spec& s, const options&
     }
   }
   if (p.mask) {
-    const char* const mask_dims[4] = {"batch", "head", "q", "k"};
     for (const mask_expr::dense_view& d : p.mask->dense_tables()) {
       const std::string name = "spec.mask dense '" + d.name + "'";
-      in.push_back({name, extent(name.c_str(), d.data, 1, d.shape.data(), d.strides.data(), mask_dims, 4)});
+      in.push_back({name, extent(name.c_str(), d.data, 1, d.shape.data(), d.strides.data(), 4)});
     }
   }
 }
@@ -143,17 +145,21 @@ void check_no_self_overlap(const char* name, const std::int64_t* sizes, const st
                            const char* const* dim_names, int rank) {
   for (int d = 0; d < rank; ++d)
     if (sizes[d] == 0) return;  // no element to write twice
+  // Negative strides walk the same elements backwards: only |stride| matters. Size-1 dims are skipped (their
+  // stride, even INT64_MIN, is never multiplied by more than 0).
   int order[4] = {0, 1, 2, 3};
+  std::int64_t mag[4] = {};
+  for (int d = 0; d < rank; ++d) mag[d] = sizes[d] == 1 ? 0 : strides[d] < 0 ? -strides[d] : strides[d];
   for (int i = 0; i < rank; ++i)
     for (int j = i + 1; j < rank; ++j)
-      if (strides[order[j]] < strides[order[i]]) std::swap(order[i], order[j]);
+      if (mag[order[j]] < mag[order[i]]) std::swap(order[i], order[j]);
   std::int64_t span = 1;  // elements covered by the dims so far
   for (int i = 0; i < rank; ++i) {
     const int d = order[i];
     if (sizes[d] == 1) continue;
-    if (strides[d] < span)
-      fail(name, ".stride_", dim_names[d], " ", strides[d], " makes the output overlap itself (needs >= ", span, ")");
-    span = checked_mul(strides[d], sizes[d], name);
+    if (mag[d] < span)
+      fail(name, ".stride_", dim_names[d], " ", strides[d], " makes the output overlap itself (needs |stride| >= ", span, ")");
+    span = checked_mul(mag[d], sizes[d], name);
   }
 }
 
@@ -172,7 +178,7 @@ byte_range check_tensor(const char* name, const tensor& t) {
   const bool empty = t.batch == 0 || t.seq == 0 || t.heads == 0;
   if (!t.data && !empty) fail(name, ".data is null");  // an empty torch tensor may have no storage
   const std::int64_t strides[4] = {t.stride_batch, t.stride_seq, t.stride_head, t.stride_dim};
-  return extent(name, t.data, dtype_size(t.type), sizes, strides, k_stride_dims, 4);
+  return extent(name, t.data, dtype_size(t.type), sizes, strides, 4);
 }
 
 void check_varlen(const varlen& vl, const tensor& q, const tensor& k, attn_params& p) {
@@ -267,10 +273,13 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   const tensor* views[4] = {&q, &k, &v, &out};
   std::int64_t* strides[4] = {p.q_stride, p.k_stride, p.v_stride, p.o_stride};
   for (int t = 0; t < 4; ++t) {
-    strides[t][0] = views[t]->stride_batch;
-    strides[t][1] = views[t]->stride_seq;
-    strides[t][2] = views[t]->stride_head;
-    strides[t][3] = views[t]->stride_dim;
+    // A size-1 dim is only ever indexed at 0: its stride is stored as 0, so kernels never meet an arbitrary one
+    // (e.g. INT64_MIN, whose magnitude does not exist in int64).
+    const tensor& x = *views[t];
+    strides[t][0] = x.batch == 1 ? 0 : x.stride_batch;
+    strides[t][1] = x.seq == 1 ? 0 : x.stride_seq;
+    strides[t][2] = x.heads == 1 ? 0 : x.stride_head;
+    strides[t][3] = x.dim == 1 ? 0 : x.stride_dim;
   }
   if (opt.packed) check_varlen(*opt.packed, q, k, p);
 
@@ -280,7 +289,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
     const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
     if (!l.data && q.batch != 0 && q.heads != 0 && q.seq != 0) fail("lse.data is null");
     const std::int64_t lstrides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
-    rl = extent("lse", l.data, 4, sizes, lstrides, k_lse_dims, 3);
+    rl = extent("lse", l.data, 4, sizes, lstrides, 3);
     check_no_self_overlap("lse", sizes, lstrides, k_lse_dims, 3);
     check_no_alias("lse", rl, inputs);
     if (overlaps(rl, ro)) fail("lse aliases out");
