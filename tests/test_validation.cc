@@ -2,6 +2,8 @@
 // the argument, and nothing is written: the output (and LSE) buffers, and the inputs, are unchanged byte for byte.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -474,6 +476,21 @@ TEST(Validation, InvalidMaskExpression) {
 TEST(Validation, NegativeThreads) {
   expect_rejected([](call& c) { c.o.threads = -1; }, "options.threads -1 must be >= 0");
   expect_rejected([](call& c) { c.o.threads = std::numeric_limits<int>::min(); }, "options.threads");
+}
+
+TEST(Validation, TooManyThreads) {
+  // A sane bound instead of trying to start thousands of threads.
+  expect_rejected([](call& c) { c.o.threads = 1024; }, "options.threads 1024 must be <= ");
+  expect_rejected([](call& c) { c.o.threads = std::numeric_limits<int>::max(); }, "options.threads 2147483647 must be <=");
+  // The bound, as the message states it: 4 x the processors, at least 8; it is accepted, one more is not.
+  call c;
+  c.o.threads = 1024;
+  const std::string err = attention(c.q, c.k, c.v, c.out, c.s, c.o).error;
+  const int limit = std::stoi(err.substr(err.find("<= ") + 3));
+  EXPECT_GE(limit, 8);
+  EXPECT_EQ(limit % 4, limit > 8 ? 0 : limit % 4);
+  expect_rejected([limit](call& c) { c.o.threads = limit + 1; }, "processors, at least 8)");
+  expect_accepted([limit](call& c) { c.o.threads = limit; });
 }
 
 TEST(Validation, Varlen) {

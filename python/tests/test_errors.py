@@ -125,6 +125,9 @@ def test_spec_and_options(data):
     q, k, v = data
     raises(ValueError, "[attention] spec.scale inf must be finite", q, k, v, scale=float("inf"))
     raises(ValueError, "[attention] options.threads -1 must be >= 0 (0 = all cores)", q, k, v, threads=-1)
+    with pytest.raises(ValueError, match=r"^\[attention\] options.threads 1024 must be <= \d+ \(4 x the \d+ processors, "
+                                         r"at least 8\)$"):
+        omniattn.attention(q, k, v, threads=1024)
     with pytest.raises(ValueError, match=r"^\[attention\] spec\.mask document: offsets must start at 0$"):
         omniattn.attention(q, k, v, mask=masks.document([1, 5, 13]))
 

@@ -1,6 +1,8 @@
 // The public entry point: validate once, select once, run.
 #include <omp.h>
 
+#include <algorithm>
+
 #include "core/backends.h"
 #include "omniattn/attention.h"
 
@@ -8,6 +10,7 @@ namespace omniattn {
 
 namespace detail {
 int resolve_threads(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+int max_threads() { return std::max(8, 4 * omp_get_num_procs()); }
 }  // namespace detail
 
 selection select(const attn_params& p, backend b) {

@@ -13,6 +13,8 @@ selection select(const attn_params& p);
 namespace detail {
 // Threads a call will use: options.threads, or every core when it is 0.
 int resolve_threads(int requested);
+// The largest options.threads accepted: 4 x the processors OpenMP sees, at least 8 (see options::threads).
+int max_threads();
 }  // namespace detail
 
 }  // namespace omniattn

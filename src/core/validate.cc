@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <omp.h>
+
 #include "core/backends.h"
 #include "core/checked_math.h"
 #include "core/score_kinds.h"
@@ -346,7 +348,9 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   }
   p.stats = opt.stats;
   if (opt.threads < 0) fail("options.threads ", opt.threads, " must be >= 0 (0 = all cores)");
-  if (opt.threads > 1024) fail("options.threads ", opt.threads, " must be <= 1024");
+  if (opt.threads > detail::max_threads())
+    fail("options.threads ", opt.threads, " must be <= ", detail::max_threads(), " (4 x the ", omp_get_num_procs(),
+         " processors, at least 8)");
   p.threads = detail::resolve_threads(opt.threads);
   if (opt.use != backend::automatic && opt.use != backend::reference && opt.use != backend::cpu)
     fail("options.use ", static_cast<int>(opt.use), " is not a backend");
