@@ -470,8 +470,9 @@ TEST(DenseMask, IndicesPastTheTableAreNotAllowed) {
 TEST(DenseMask, CheckNamesShapeProblems) {
   const std::vector<std::uint8_t> bytes(64, 1);
   EXPECT_NE(mask_expr::dense(nullptr, {1, 1, 2, 2}, {0, 0, 2, 1}).check().find("dense 'dense': data is null"), std::string::npos);
-  EXPECT_NE(mask_expr::dense(bytes.data(), {1, 0, 2, 2}, {0, 0, 2, 1}, "m").check().find("dense 'm': shape[1] 0 must be in 1..2^40"),
+  EXPECT_NE(mask_expr::dense(bytes.data(), {1, -1, 2, 2}, {0, 0, 2, 1}, "m").check().find("dense 'm': shape[1] -1 must be in 0..2^40"),
             std::string::npos);
+  EXPECT_EQ(mask_expr::dense(bytes.data(), {1, 1, 0, 2}, {0, 0, 2, 1}, "m").check(), "");  // no queries
   const mask_expr m = mask_expr::sinks(1) | mask_expr::dense(bytes.data(), {2, 1, 4, 8}, {32, 0, 8, 1}, "pad");
   EXPECT_EQ(m.check(), "");
   EXPECT_EQ(m.check(2, 8, 4, 8), "");

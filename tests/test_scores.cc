@@ -341,7 +341,7 @@ TEST(ScoreBias, Errors) {
     }
   };
   throws_with([] { scores::bias(nullptr, {1, 1, 1, 1}); }, "[scores::bias] data is null");
-  throws_with([&] { scores::bias(&x, {1, 0, 1, 1}); }, "[scores::bias] every shape entry must be > 0 (1 broadcasts)");
+  throws_with([&] { scores::bias(&x, {1, -1, 1, 1}, {0, 0, 0, 0}); }, "[scores::bias] every shape entry must be >= 0 (1 broadcasts)");
   throws_with([&] { scores::bias(&x, {1, 1, 1, 2}, {0, 0, 0, -1}); }, "[scores::bias] strides must be >= 0");
 
   problem p = small_problem(5, 7, 4, 2, 8, dtype::f32, causal_mode::none, 61);

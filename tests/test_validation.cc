@@ -2,15 +2,19 @@
 // the argument, and nothing is written: the output (and LSE) buffers, and the inputs, are unchanged byte for byte.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "core/score_kinds.h"
 #include "omniattn/omniattn.h"
 
 namespace omniattn {
@@ -24,6 +28,7 @@ constexpr std::uint8_t k_sentinel = 0xa5;
 // Not copyable: options and spec point into it.
 struct call {
   std::vector<float> qb, kb, vb, ob, lb;
+  std::vector<float> xb = std::vector<float>(k_slack);  // room for the spec's own input buffers (aliasing tests)
   tensor q, k, v, out;
   lse_tensor l;
   spec s;
@@ -148,7 +153,7 @@ void expect_accepted(const std::function<void(call&)>& mutate, bool packed = fal
     c.o.use = b;
     const status st = attention(c.q, c.k, c.v, c.out, c.s, c.o);
     EXPECT_TRUE(st.ok()) << backend_name(b) << ": " << st.error;
-    EXPECT_FALSE(all_sentinel(c.ob)) << backend_name(b) << ": the output was not written";
+    if (c.out.data == c.ob.data()) EXPECT_FALSE(all_sentinel(c.ob)) << backend_name(b) << ": the output was not written";
   }
 }
 
@@ -185,19 +190,24 @@ TEST(Validation, UnknownDtype) {
     expect_rejected([t](call& c) { pick(c, t).type = static_cast<dtype>(9); }, std::string(k_names[t]) + ".type 9 is not a known dtype");
 }
 
-TEST(Validation, NonPositiveSizes) {
+TEST(Validation, NegativeSizes) {
+  // batch, seq and heads may be 0 (an empty call, tests/test_robustness.cc); dim must be > 0.
   const char* const dims[4] = {"batch", "seq", "heads", "dim"};
   for (int t = 0; t < 4; ++t)
     for (int d = 0; d < 4; ++d)
-      for (std::int64_t bad : {0, -3}) {
+      for (std::int64_t bad : {std::int64_t{-3}, std::numeric_limits<std::int64_t>::min()}) {
         expect_rejected(
             [t, d, bad](call& c) {
               tensor& x = pick(c, t);
               std::int64_t* f[4] = {&x.batch, &x.seq, &x.heads, &x.dim};
               *f[d] = bad;
             },
-            std::string(k_names[t]) + "." + dims[d] + " " + std::to_string(bad) + " must be > 0");
+            std::string(k_names[t]) + "." + dims[d] + " " + std::to_string(bad) + (d == 3 ? " must be > 0" : " must be >= 0"));
       }
+  for (int t = 0; t < 4; ++t)
+    expect_rejected([t](call& c) { pick(c, t).dim = 0; }, std::string(k_names[t]) + ".dim 0 must be > 0");
+  // An empty tensor needs no storage (torch gives empty tensors a null data pointer); a non-empty one does.
+  expect_rejected([](call& c) { c.k.heads = c.v.heads = 0; }, "q.heads 4 is not a multiple of k.heads 0");
 }
 
 TEST(Validation, ShapeMismatches) {
@@ -238,10 +248,32 @@ TEST(Validation, DtypeMismatches) {
 }
 
 TEST(Validation, NegativeStrides) {
-  expect_rejected([](call& c) { c.q.stride_seq = -32; }, "q.stride_seq -32 must be >= 0");
-  expect_rejected([](call& c) { c.k.stride_batch = -1; }, "k.stride_batch -1 must be >= 0");
-  expect_rejected([](call& c) { c.v.stride_head = -6; }, "v.stride_head -6 must be >= 0");
-  expect_rejected([](call& c) { c.out.stride_dim = -1; }, "out.stride_dim -1 must be >= 0");
+  // Accepted (numpy's x[::-1]): data points at element [0, 0, 0, 0], the view extends below it. Values are checked in
+  // test_robustness.cc; here the byte ranges: overlap and address-space rules see the part below the pointer.
+  expect_accepted([](call& c) {
+    c.q.data = c.qb.data() + (LQ - 1) * HQ * D;
+    c.q.stride_seq = -HQ * D;
+  });
+  expect_rejected(
+      [](call& c) {
+        c.q.data = c.ob.data() + B * LQ * HQ * DV - 1 + (LQ - 1) * HQ * D;  // reaches back into out by one element
+        c.q.stride_seq = -HQ * D;
+      },
+      "out aliases q");
+  expect_rejected([](call& c) { c.out.stride_head = -3; }, "out.stride_head -3 makes the output overlap itself (needs |stride| >= 6)");
+  expect_rejected([](call& c) { c.k.data = reinterpret_cast<void*>(std::uintptr_t{64}); c.k.stride_seq = -HKV * D; },
+                  "k extends below the start of the address space (negative strides)");
+  expect_rejected([](call& c) { c.v.stride_seq = std::numeric_limits<std::int64_t>::min() / 2; }, "v strides overflow int64 addressing");
+  expect_rejected([](call& c) { c.l.stride_seq = std::numeric_limits<std::int64_t>::min(); }, "lse strides overflow int64 addressing");
+  // A size-1 dim may have any stride, also INT64_MIN.
+  expect_accepted([](call& c) {
+    c.q = make_bshd(c.qb.data(), dtype::f32, B, LQ, 1, D);
+    c.k = make_bshd(c.kb.data(), dtype::f32, B, LK, 1, D);
+    c.v = make_bshd(c.vb.data(), dtype::f32, B, LK, 1, DV);
+    c.out = make_bshd(c.ob.data(), dtype::f32, B, LQ, 1, DV);
+    c.q.stride_head = c.k.stride_head = c.out.stride_head = std::numeric_limits<std::int64_t>::min();
+    c.l = make_lse(c.lb.data(), 1, LQ);
+  });
 }
 
 TEST(Validation, OverflowingStrides) {
@@ -268,7 +300,7 @@ TEST(Validation, OutputOverlapsItself) {
   expect_rejected([](call& c) { c.out.stride_dim = 0; }, "out.stride_dim 0 makes the output overlap itself");
   expect_rejected([](call& c) { c.out.stride_seq = 0; }, "out.stride_seq 0 makes the output overlap itself");
   expect_rejected([](call& c) { c.out.stride_batch = 0; }, "out.stride_batch 0 makes the output overlap itself");
-  expect_rejected([](call& c) { c.out.stride_head = 3; }, "out.stride_head 3 makes the output overlap itself (needs >= 6)");
+  expect_rejected([](call& c) { c.out.stride_head = 3; }, "out.stride_head 3 makes the output overlap itself (needs |stride| >= 6)");
   // A size-1 dimension may have any stride.
   expect_accepted([](call& c) {
     c.q = make_bshd(c.qb.data(), dtype::f32, B, 1, HQ, D);
@@ -288,15 +320,82 @@ TEST(Validation, OutputAliasesAnInput) {
   expect_accepted([](call& c) { c.q.data = c.ob.data() + B * LQ * HQ * DV; });
 }
 
+TEST(Validation, OutputAliasesASpecInput) {
+  // Every buffer a spec or the options make the call read is an input: an output overlapping it is rejected (a kernel
+  // writing out while it reads cu_seqlens or a table would read its own output, or crash).
+  constexpr bool packed = true;
+  const auto at_xb = [](call& c, std::size_t floats_in) { return c.xb.data() + floats_in; };
+  const auto cu_in_xb = [](call& c, std::vector<std::int64_t>& cu, std::size_t floats_in) {
+    auto* dst = reinterpret_cast<std::int64_t*>(c.xb.data() + floats_in);
+    std::copy(cu.begin(), cu.end(), dst);
+    return dst;
+  };
+  expect_rejected([&](call& c) { c.vl.cu_seqlens_q = cu_in_xb(c, c.cu_q, 0); c.out.data = at_xb(c, 0); },
+                  "out aliases varlen.cu_seqlens_q: the output must not overlap an input", packed);
+  expect_rejected([&](call& c) { c.vl.cu_seqlens_k = cu_in_xb(c, c.cu_k, 1000); c.out.data = at_xb(c, 1000 - 9 * HQ * DV + 1); },
+                  "out aliases varlen.cu_seqlens_k", packed);  // out's last element is the first cu_seqlens_k byte
+  expect_rejected([&](call& c) { c.vl.cu_seqlens_k = cu_in_xb(c, c.cu_k, 0); c.l.data = at_xb(c, 2); },
+                  "lse aliases varlen.cu_seqlens_k: the output must not overlap an input", packed);
+  expect_accepted([&](call& c) { c.vl.cu_seqlens_q = cu_in_xb(c, c.cu_q, 0); c.out.data = at_xb(c, 6); }, packed);
+  expect_rejected([](call& c) { c.add_block_mask(); c.out.data = c.bm.kinds.data(); }, "out aliases spec.blocks.kinds");
+  expect_rejected([&](call& c) { c.s.sink_logits = at_xb(c, 0); c.out.data = at_xb(c, HQ - 1); }, "out aliases spec.sink_logits");
+  expect_rejected([&](call& c) { c.s.sink_logits = at_xb(c, 500); c.l.data = at_xb(c, 500); }, "lse aliases spec.sink_logits");
+  expect_accepted([&](call& c) { c.s.sink_logits = at_xb(c, 0); c.out.data = at_xb(c, HQ); });
+  // RoPE position ids: [axes][batch * seq] int64 each for q and k.
+  static rope_spec rope;
+  rope.pos_q = rope.pos_k = nullptr;
+  expect_rejected(
+      [&](call& c) {
+        auto* ids = reinterpret_cast<std::int64_t*>(at_xb(c, 0));
+        for (std::int64_t t = 0; t < B * LK; ++t) ids[t] = t % LK;
+        rope.pos_q = ids;
+        rope.pos_k = ids;
+        c.s.rope = &rope;
+        c.out.data = at_xb(c, 2 * B * LQ - 1);  // the last pos_q id; pos_k (B * LK ids) overlaps it too, later
+      },
+      "out aliases spec.rope.pos_q");
+  expect_rejected(
+      [&](call& c) {
+        auto* ids = reinterpret_cast<std::int64_t*>(at_xb(c, 0));
+        for (std::int64_t t = 0; t < B * LK; ++t) ids[t] = t % LK;
+        rope.pos_q = ids + 3000;  // in xb's slack, far from out
+        rope.pos_k = ids;
+        c.s.rope = &rope;
+        c.l.data = at_xb(c, 2 * B * LK - 2);
+      },
+      "lse aliases spec.rope.pos_k");
+  // Score tables: a dense bias (borrowed) and the key tables a score owns.
+  expect_rejected([&](call& c) { c.s.score = scores::bias(at_xb(c, 0), {1, 1, LQ, LK}); c.out.data = at_xb(c, LQ * LK - 1); },
+                  "out aliases spec.score bias");
+  expect_accepted([&](call& c) { c.s.score = scores::bias(at_xb(c, 0), {1, 1, LQ, LK}); c.out.data = at_xb(c, LQ * LK); });
+  expect_rejected(
+      [](call& c) {
+        c.s.score = scores::then(scores::softcap(5.0), scores::reweight(std::vector<double>(LK, 0.5)));
+        std::vector<detail::score_step> steps;
+        detail::lower_score(c.s.score, steps);
+        c.l.data = const_cast<float*>(steps[1].table->values_f->data());
+      },
+      "lse aliases spec.score reweight table");
+  // A dense mask table (one byte per pair).
+  expect_rejected(
+      [&](call& c) {
+        auto* m = reinterpret_cast<std::uint8_t*>(at_xb(c, 0));
+        std::fill(m, m + LQ * LK, std::uint8_t{1});
+        c.s.mask = mask_expr::dense(m, {1, 1, LQ, LK}, {0, 0, LK, 1}, "allowed") & mask_expr::full();
+        c.out.data = m + LQ * LK - 4;
+      },
+      "out aliases spec.mask dense 'allowed'");
+}
+
 TEST(Validation, LseErrors) {
   expect_rejected([](call& c) { c.l.data = nullptr; }, "lse.data is null");
-  expect_rejected([](call& c) { c.l.stride_head = -1; }, "lse.stride_head -1 must be >= 0");
+  expect_rejected([](call& c) { c.l.stride_head = -1; }, "lse.stride_seq 1 makes the output overlap itself");  // |-1| ties with seq
   expect_rejected([](call& c) { c.l.stride_batch = std::numeric_limits<std::int64_t>::max(); }, "lse strides overflow int64 addressing");
   expect_rejected([](call& c) { c.l.stride_seq = 0; }, "lse.stride_seq 0 makes the output overlap itself");
   expect_rejected([](call& c) { c.l.stride_head = 2; }, "lse.stride_head 2 makes the output overlap itself");
-  expect_rejected([](call& c) { c.l.data = c.qb.data(); }, "lse aliases an input");
-  expect_rejected([](call& c) { c.l.data = c.kb.data() + 3; }, "lse aliases an input");
-  expect_rejected([](call& c) { c.l.data = c.vb.data(); }, "lse aliases an input");
+  expect_rejected([](call& c) { c.l.data = c.qb.data(); }, "lse aliases q: the output must not overlap an input");
+  expect_rejected([](call& c) { c.l.data = c.kb.data() + 3; }, "lse aliases k");
+  expect_rejected([](call& c) { c.l.data = c.vb.data(); }, "lse aliases v");
   expect_rejected([](call& c) { c.l.data = c.ob.data() + 7; }, "lse aliases out");
 }
 
@@ -305,6 +404,59 @@ TEST(Validation, NonFiniteScale) {
   expect_rejected([](call& c) { c.s.scale = -std::numeric_limits<double>::infinity(); }, "spec.scale -inf must be finite");
   expect_rejected([](call& c) { c.s.scale = std::numeric_limits<double>::quiet_NaN(); }, "must be finite");
   expect_rejected([](call& c) { c.s.scale = std::numeric_limits<double>::quiet_NaN(); }, "spec.scale");
+}
+
+TEST(Validation, ScalarsOutOfFloatRange) {
+  // Finite as double, not as float: the kernels would silently compute inf / 0 where the oracle does not.
+  expect_rejected([](call& c) { c.s.scale = 1e39; }, "spec.scale 1e+39 is out of float range (|scale| * log2(e) must be <= 3.40282e+38)");
+  expect_rejected([](call& c) { c.s.scale = -3e38; }, "spec.scale -3e+38 is out of float range");
+  expect_accepted([](call& c) { c.s.scale = 2e38; });
+  static std::vector<float> sinks;
+  sinks.assign(HQ, 0.5f);
+  sinks[2] = 3e38f;
+  expect_rejected([](call& c) { c.s.sink_logits = sinks.data(); }, "spec.sink_logits[2] 3e+38 must be finite with |sink| * log2(e) <= 3.40282e+38");
+  // The softmax scale times the temperature / LogN multipliers.
+  expect_rejected([](call& c) { c.s.scale = 1e10; c.s.score = scores::temperature({1.0, 1e-30}); },
+                  "spec.score the softmax scale 1e+10 times the temperature / logn factors and log2(e) is 1.4427e+40, beyond float range");
+  expect_accepted([](call& c) { c.s.scale = 1e10; c.s.score = scores::temperature({1.0, 1e-20}); });
+  // Modifier parameters that no call could use are rejected when the modifier is built.
+  const auto throws = [](const std::function<void()>& f, const std::string& what) {
+    try {
+      f();
+      ADD_FAILURE() << "no exception: " << what;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()), what);
+    }
+  };
+  throws([] { scores::softcap(1e39); }, "[scores::softcap] cap must be in float range: cap * log2(e) and 1 / cap at most 3.4e38");
+  throws([] { scores::softcap(1e-39); }, "[scores::softcap] cap must be in float range: cap * log2(e) and 1 / cap at most 3.4e38");
+  throws([] { scores::temperature({2.0, 1e-40}); }, "[scores::temperature] 1 / t must be a finite float (|t| >= 3e-39)");
+  throws([] { scores::alibi({0.5, 1e39}); }, "[scores::alibi] slopes must be finite floats (|slope| <= 3.4e38)");
+  throws([] { scores::alibi({std::nan("")}); }, "[scores::alibi] slopes must be finite floats (|slope| <= 3.4e38)");
+  throws([] { scores::key_bias({0.0, -1e40}); }, "[scores::key_bias] values must be floats (|x| <= 3.4e38; -inf masks)");
+  throws([] { scores::relative_bias(std::vector<double>(8, 1e300), 8, 16, false); },
+         "[scores::relative_bias] values must be floats (|x| <= 3.4e38)");
+  std::string err;
+  score_fn f;
+  EXPECT_EQ(parse_score("softcap(1e39)", 4, f).rfind("[spec] at 8: [scores::softcap] cap must be in float range", 0), 0u);
+  // -inf in a key bias masks the key, as documented.
+  EXPECT_NO_THROW(scores::key_bias({0.0, -std::numeric_limits<double>::infinity()}));
+}
+
+TEST(Validation, AlibiOffsetOverflow) {
+  constexpr std::int64_t max = std::numeric_limits<std::int64_t>::max(), min = std::numeric_limits<std::int64_t>::min();
+  // k - q + offset for every key k < seq_k 7 and query q < seq_q 5 must be an int64 (the oracle computes it so).
+  expect_rejected([](call& c) { c.s.score = scores::alibi({1e-12}, max); },
+                  "spec.score alibi offset 9223372036854775807: k - q + offset leaves int64 for seq_q 5, seq_k 7");
+  expect_rejected([](call& c) { c.s.score = scores::alibi({1e-12}, max - 5); }, "spec.score alibi offset 9223372036854775802");
+  expect_rejected([](call& c) { c.s.score = scores::then(scores::softcap(3), scores::alibi({1e-12}, min + 3)); },
+                  "spec.score alibi offset -9223372036854775805");
+  // The extremes that fit: the kernel's ragged last key tile reads past seq_k without overflowing.
+  expect_accepted([](call& c) { c.s.score = scores::alibi({1e-20}, max - (LK - 1)); });
+  expect_accepted([](call& c) { c.s.score = scores::alibi({1e-20}, min + (LQ - 1)); });
+  // The bias slope * (k - q + offset) must also be a float.
+  expect_rejected([](call& c) { c.s.score = scores::alibi({0.25, 1e30}, std::int64_t{1} << 40); },
+                  "spec.score alibi bias reaches 1.09951e+42 (slope 1e+30 times k - q + offset up to 1.09951e+12), beyond float range");
 }
 
 TEST(Validation, BadEnums) {
@@ -326,10 +478,25 @@ TEST(Validation, NegativeThreads) {
   expect_rejected([](call& c) { c.o.threads = std::numeric_limits<int>::min(); }, "options.threads");
 }
 
+TEST(Validation, TooManyThreads) {
+  // A sane bound instead of trying to start thousands of threads.
+  expect_rejected([](call& c) { c.o.threads = 1024; }, "options.threads 1024 must be <= ");
+  expect_rejected([](call& c) { c.o.threads = std::numeric_limits<int>::max(); }, "options.threads 2147483647 must be <=");
+  // The bound, as the message states it: 4 x the processors, at least 8; it is accepted, one more is not.
+  call c;
+  c.o.threads = 1024;
+  const std::string err = attention(c.q, c.k, c.v, c.out, c.s, c.o).error;
+  const int limit = std::stoi(err.substr(err.find("<= ") + 3));
+  EXPECT_GE(limit, 8);
+  EXPECT_EQ(limit % 4, limit > 8 ? 0 : limit % 4);
+  expect_rejected([limit](call& c) { c.o.threads = limit + 1; }, "processors, at least 8)");
+  expect_accepted([limit](call& c) { c.o.threads = limit; });
+}
+
 TEST(Validation, Varlen) {
   constexpr bool packed = true;
-  expect_rejected([](call& c) { c.vl.num_seqs = 0; }, "varlen.num_seqs 0 must be > 0", packed);
-  expect_rejected([](call& c) { c.vl.num_seqs = -2; }, "varlen.num_seqs -2 must be > 0", packed);
+  expect_rejected([](call& c) { c.vl.num_seqs = 0; }, "varlen.cu_seqlens_q[0] 0 != total tokens 9", packed);
+  expect_rejected([](call& c) { c.vl.num_seqs = -2; }, "varlen.num_seqs -2 must be >= 0", packed);
   expect_rejected([](call& c) { c.vl.cu_seqlens_q = nullptr; }, "varlen.cu_seqlens_q is null", packed);
   expect_rejected([](call& c) { c.vl.cu_seqlens_k = nullptr; }, "varlen.cu_seqlens_k is null", packed);
   expect_rejected(
@@ -383,6 +550,59 @@ TEST(Validation, BlockMaskDimensions) {
     c.bm.heads = HQ;
     c.bm.kinds.assign(static_cast<std::size_t>(B * HQ * 6), tile_kind::full);
   });
+}
+
+TEST(Validation, BlockMaskHugeTilesDoNotOverflow) {
+  constexpr std::int64_t huge = std::numeric_limits<std::int64_t>::max();
+  // ceil(5 / INT64_MAX) is 1: a mask that claims 0 tiles (and so holds no kinds) must not pass and be read past its end.
+  expect_rejected(
+      [](call& c) {
+        c.add_block_mask();
+        c.bm.q_tile = huge;
+        c.bm.q_tiles = 0;
+        c.bm.kinds.clear();
+      },
+      "spec.blocks.q_tiles 0 != ceil(seq_q 5 / q_tile 9223372036854775807) = 1");
+  expect_rejected(
+      [](call& c) {
+        c.add_block_mask();
+        c.bm.kv_tile = huge;
+        c.bm.kv_tiles = 0;
+        c.bm.kinds.clear();
+      },
+      "spec.blocks.kv_tiles 0 != ceil(seq_k 7 / kv_tile 9223372036854775807) = 1");
+  // One tile covering everything is a valid mask.
+  expect_accepted([](call& c) {
+    c.add_block_mask();
+    c.bm.q_tile = c.bm.kv_tile = huge;
+    c.bm.q_tiles = c.bm.kv_tiles = 1;
+    c.bm.kinds.assign(1, tile_kind::full);
+  });
+  // A kinds count whose product leaves int64 is reported, not wrapped into a small number: 2^32 x 2^32 one-token
+  // tiles over broadcast (stride 0) q / k / v and an output view that validation never dereferences (the call is
+  // rejected first), placed far from the heap so it overlaps no input.
+  expect_rejected(
+      [](call& c) {
+        constexpr std::int64_t n = std::int64_t{1} << 32;
+        c.q.seq = c.k.seq = c.v.seq = c.out.seq = n;
+        c.q.stride_seq = c.k.stride_seq = c.v.stride_seq = 0;
+        c.out.data = reinterpret_cast<void*>(std::uintptr_t{1} << 46);
+        c.out.stride_batch = n * HQ * DV;
+        c.o.lse = nullptr;
+        c.add_block_mask();
+        c.bm.q_tile = c.bm.kv_tile = 1;
+        c.bm.q_tiles = c.bm.kv_tiles = n;
+        c.bm.kinds.clear();
+      },
+      "spec.blocks: batch * heads * q_tiles * kv_tiles overflows int64");
+  // build_block_mask takes the same tile sizes.
+  call c;
+  attn_params p;
+  ASSERT_TRUE(make_params(c.q, c.k, c.v, c.out, c.s, c.o, p).ok());
+  const block_mask bm = build_block_mask(p, huge, huge);
+  EXPECT_EQ(bm.q_tiles, 1);
+  EXPECT_EQ(bm.kv_tiles, 1);
+  EXPECT_EQ(bm.kinds.size(), 1u);
 }
 
 TEST(Validation, NoKernelFitsLeavesOutputUntouched) {

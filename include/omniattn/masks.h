@@ -184,6 +184,13 @@ class mask_expr {
   const node* root_node() const { return root_ >= 0 ? &nodes_[static_cast<std::size_t>(root_)] : nullptr; }
   const std::vector<std::int64_t>* table(int index) const { return tables_[static_cast<std::size_t>(index)].get(); }
   const node* node_at(int index) const { return index >= 0 ? &nodes_[static_cast<std::size_t>(index)] : nullptr; }
+  // The borrowed tables of the dense() leaves, for validation (attention() rejects an output that overlaps one).
+  struct dense_view {
+    const std::uint8_t* data = nullptr;
+    std::array<std::int64_t, 4> shape{}, strides{};  // strides of size-1 dimensions are stored as 0
+    std::string name;
+  };
+  const std::vector<dense_view>& dense_tables() const { return dense_; }
 
  private:
   std::vector<node> nodes_;
@@ -191,11 +198,6 @@ class mask_expr {
   std::vector<std::shared_ptr<const mask_fn>> fns_;
   std::vector<std::string> names_;  // predicate names, parallel to fns_
   std::vector<std::shared_ptr<const mask_row_fn>> rows_;  // row functions of inlined(), parallel to fns_ (null: none)
-  struct dense_view {
-    const std::uint8_t* data = nullptr;
-    std::array<std::int64_t, 4> shape{}, strides{};  // strides of size-1 dimensions are stored as 0
-    std::string name;
-  };
   std::vector<dense_view> dense_;
   int root_ = -1;
 

@@ -82,7 +82,9 @@ struct run_stats {
 
 struct options {
   backend use = backend::automatic;
-  int threads = 0;                      // 0: all cores
+  // 0: all cores. At most max(8, 4 x the processors OpenMP sees): more threads than that only oversubscribe the
+  // CPU, and asking for thousands can make thread creation fail and kill the process, so they are rejected.
+  int threads = 0;
   const lse_tensor* lse = nullptr;      // optional LSE output
   const varlen* packed = nullptr;       // optional varlen description
   run_stats* stats = nullptr;           // optional: filled by the CPU kernels (left zero by the oracle)

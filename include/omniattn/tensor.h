@@ -3,7 +3,8 @@
 // Every attention operand is a 4-d view with the logical layout [batch, seq, heads, head_dim]. Strides are in
 // elements (not bytes) and are int64, so the same view describes BSHD (FlashAttention's layout), BHSD (PyTorch SDPA's),
 // packed QKV buffers and any other arrangement without a copy. Inputs may use stride 0 to broadcast (e.g. one K/V for
-// every batch); outputs must not overlap themselves.
+// every batch); outputs must not overlap themselves. Strides may be negative (numpy's x[:, ::-1]): data then points
+// at element [0, 0, 0, 0] and the view extends below it.
 #pragma once
 
 #include <cstdint>

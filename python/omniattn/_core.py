@@ -390,8 +390,8 @@ def build_block_mask(mask, B, H, Lq, Lk, q_tile=64, kv_tile=64, *, cu_seqlens_q=
             raise ValueError(f"omniattn: with cu_seqlens, (B, Lq, Lk) must be (num_seqs, longest q, longest k) = {want}, "
                              f"got {(B, Lq, Lk)}")
     for name, value in (("B", B), ("H", H), ("Lq", Lq), ("Lk", Lk)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"omniattn: {name} must be an int > 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"omniattn: {name} must be an int >= 0, got {value!r}")
     m = as_mask(mask) if mask is not None else None
     cmask = None
     if m is not None:

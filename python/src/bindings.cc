@@ -550,8 +550,8 @@ omniattn::block_mask build_blocks(py::handle mask, const std::string& causal, st
     p.cu_seqlens_q = cuq.data();
     p.cu_seqlens_k = cuk.data();
   }
-  if (p.batch <= 0 || p.heads_q <= 0 || p.seq_q <= 0 || p.seq_k <= 0)
-    throw py::value_error("omniattn: batch, heads, seq_q and seq_k must be > 0");
+  if (p.batch < 0 || p.heads_q < 0 || p.seq_q < 0 || p.seq_k < 0)
+    throw py::value_error("omniattn: batch, heads, seq_q and seq_k must be >= 0");
   p.causal = parse_causal(causal);
   if (!mask.is_none()) {
     const py_mask& m = mask.cast<const py_mask&>();

@@ -1,5 +1,7 @@
 """Every error path: the library's own message (ValueError, TypeError for dtypes), or the binding's."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -32,7 +34,33 @@ def test_shape_mismatches(data):
     raises(ValueError, "[attention] v.seq 12 != k.seq 13", q, k, v[:, :12])
     raises(ValueError, "[attention] v.heads 1 != k.heads 2", q, k, v[:, :, :1])
     raises(ValueError, "[attention] q.heads 3 is not a multiple of k.heads 2", q[:, :, :3], k, v)
-    raises(ValueError, "[attention] q.seq 0 must be > 0", q[:, :0], k, v)
+    raises(ValueError, "[attention] q.dim 0 must be > 0", q[..., :0], k[..., :0], v)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_zero_length(data, backend):
+    """Empty calls are valid, as in PyTorch SDPA and FlashAttention's varlen: no queries (or batch / heads 0) is a
+    no-op; no keys gives rows with nothing to attend to: out 0, lse -inf."""
+    q, k, v = data
+    for qq, kk, vv, shape in ((q[:, :0], k, v, (2, 0, 4, 8)), (q[:0], k[:0], v[:0], (0, 9, 4, 8)),
+                              (q[:, :, :0], k[:, :, :0], v[:, :, :0], (2, 9, 0, 8))):
+        out, lse = omniattn.attention(qq, kk, vv, backend=backend, return_lse=True)
+        assert out.shape == shape and lse.size == 0
+    out, lse = omniattn.attention(q, k[:, :0], v[:, :0], backend=backend, return_lse=True, causal=True,
+                                  mask=masks.sliding_window(3))
+    assert out.shape == (2, 9, 4, 8) and not out.any() and np.all(lse == -np.inf)
+    out, lse = omniattn.attention(q, k[:, :0], v[:, :0], backend=backend, return_lse=True,
+                                  sink_logits=np.array([0.5, 1, 2, 3], np.float32))
+    assert not out.any() and np.array_equal(lse[0, :, 0], [0.5, 1, 2, 3])
+    # varlen with repeated offsets: sequence 0 has no keys, sequence 1 no queries.
+    qv, kv_, vv = q[0], k[0], v[0]
+    cu_q, cu_k = [0, 4, 4, 9], [0, 0, 6, 13]
+    out, lse = omniattn.attention(qv, kv_, vv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend, return_lse=True)
+    assert not out[:4].any() and np.all(lse[:, :4] == -np.inf)
+    ref = omniattn.reference_attention(qv[None, 4:], kv_[None, 6:], vv[None, 6:])
+    np.testing.assert_allclose(out[None, 4:], ref, atol=1e-5)
+    bm = omniattn.build_block_mask(None, 2, 4, 9, 0)
+    assert bm.kinds.shape == (1, 1, 1, 0)
 
 
 def test_out_mismatches(data):
@@ -53,9 +81,39 @@ def test_out_aliases_input(rng):
     raises(ValueError, "[attention] out aliases q: the output must not overlap an input", q, k, v, out=buf)
 
 
-def test_negative_strides(data):
+def test_out_aliases_a_spec_input(data):
+    """Buffers the spec borrows without a copy (sink logits, a float32 score bias, a boolean mask table) are inputs
+    too: an output over them is rejected before anything is written."""
     q, k, v = data
-    raises(ValueError, "[attention] q.stride_seq -64 must be >= 0", q[:, ::-1], k, v)
+    out = np.zeros((2, 9, 4, 8), np.float32)
+    raises(ValueError, "[attention] out aliases spec.sink_logits: the output must not overlap an input", q, k, v,
+           out=out, sink_logits=out.reshape(-1)[:4])
+    raises(ValueError, "[attention] out aliases spec.score bias: the output must not overlap an input", q, k, v,
+           out=out, score=scores.bias(out.reshape(-1)[-13:].reshape(1, 1, 1, 13)))
+    table = out.reshape(-1).view(np.bool_)[:9 * 13].reshape(1, 1, 9, 13)
+    with pytest.raises(ValueError, match=r"^\[attention\] out aliases spec.mask dense '.*': the output must not "
+                                         r"overlap an input$"):
+        omniattn.attention(q, k, v, out=out, mask=table)
+    assert not out.any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_negative_strides(data, backend):
+    """numpy views with negative strides are read (and out written) in place, zero-copy, on every axis."""
+    q, k, v = data
+    for index in ((slice(None, None, -1),), (slice(None), slice(None, None, -1)), (Ellipsis, slice(None, None, -1), slice(None)),
+                  (Ellipsis, slice(None, None, -1))):
+        qf, kf, vf = q[index], k[index], v[index]
+        assert qf.strides != q.strides
+        out = np.zeros_like(q[..., :8])[index]
+        got, lse = omniattn.attention(qf, kf, vf, out=out, causal=True, backend=backend, return_lse=True)
+        assert got is out
+        want, want_lse = omniattn.reference_attention(np.ascontiguousarray(qf), np.ascontiguousarray(kf),
+                                                      np.ascontiguousarray(vf), causal=True, return_lse=True)
+        np.testing.assert_allclose(out, want, atol=1e-5)
+        np.testing.assert_allclose(lse, want_lse, atol=1e-5)
+    described = omniattn._omniattn.describe(q[:, ::-1])
+    assert described["data"] == q[:, ::-1].__array_interface__["data"][0] and described["strides"][1] == -64
 
 
 def test_dtype_mismatch_is_type_error(data):
@@ -67,6 +125,9 @@ def test_spec_and_options(data):
     q, k, v = data
     raises(ValueError, "[attention] spec.scale inf must be finite", q, k, v, scale=float("inf"))
     raises(ValueError, "[attention] options.threads -1 must be >= 0 (0 = all cores)", q, k, v, threads=-1)
+    with pytest.raises(ValueError, match=r"^\[attention\] options.threads 1024 must be <= \d+ \(4 x the \d+ processors, "
+                                         r"at least 8\)$"):
+        omniattn.attention(q, k, v, threads=1024)
     with pytest.raises(ValueError, match=r"^\[attention\] spec\.mask document: offsets must start at 0$"):
         omniattn.attention(q, k, v, mask=masks.document([1, 5, 13]))
 
@@ -158,6 +219,20 @@ def test_mask_errors(data):
         masks.sliding_window(2.5)
 
 
+def test_scalars_out_of_float_range(data):
+    """Finite as float64 but not as float32 (the kernels' precision): rejected instead of a silent 0 / -inf."""
+    q, k, v = data
+    raises(ValueError, "[attention] spec.scale 1e+39 is out of float range (|scale| * log2(e) must be <= 3.40282e+38)",
+           q, k, v, scale=1e39)
+    for text, message in (("softcap(1e39)", "cap must be in float range"), ("temperature(1e-40)", "1 / t must be a finite float")):
+        with pytest.raises(ValueError, match=r"^\[spec\] at \d+: \[scores::\w+\] " + re.escape(message)):
+            omniattn.attention(q, k, v, score=text)
+    with pytest.raises(ValueError, match=r"^\[scores::softcap\] cap must be in float range"):
+        omniattn.attention(q, k, v, score=scores.softcap(1e39))
+    with pytest.raises(ValueError, match=r"^\[attention\] spec.sink_logits\[1\] 3e\+38 must be finite"):
+        omniattn.attention(q, k, v, sink_logits=np.array([0, 3e38, 0, 0], np.float32))
+
+
 def test_score_errors(data):
     q, k, v = data
     with pytest.raises(ValueError, match="score function <lambda> is not affine in s"):
@@ -191,3 +266,18 @@ def test_block_mask_errors(data):
         omniattn.attention(q, k, v, block_mask=np.zeros((1, 1, 2, 2)))
     with pytest.raises(ValueError, match="q_tile and kv_tile must be > 0"):
         omniattn.build_block_mask(masks.causal(), 2, 4, 9, 13, q_tile=0)
+
+
+def test_block_mask_huge_tiles(data):
+    """ceil(seq / tile) without overflow: a tile of 2^63 - 1 tokens is one tile, never zero tiles read past the end."""
+    q, k, v = data
+    huge = 2**63 - 1
+    empty = omniattn.BlockMask.from_kinds(np.zeros((1, 1, 0, 2), np.uint8), huge, 8)
+    with pytest.raises(ValueError, match=r"^\[attention\] spec.blocks.q_tiles 0 != ceil\(seq_q 9 / q_tile "
+                                         r"9223372036854775807\) = 1$"):
+        omniattn.attention(q, k, v, block_mask=empty)
+    one = omniattn.BlockMask.from_kinds(np.full((1, 1, 1, 1), 2, np.uint8), huge, huge)
+    np.testing.assert_allclose(omniattn.attention(q, k, v, block_mask=one), omniattn.reference_attention(q, k, v),
+                               atol=1e-5)
+    bm = omniattn.build_block_mask(masks.causal(), 2, 4, 9, 13, q_tile=huge, kv_tile=huge)
+    assert bm.kinds.shape == (1, 1, 1, 1)

@@ -1,6 +1,7 @@
 // The public entry point: validate once, select once, run; whatever goes wrong comes back as a status.
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -36,6 +37,7 @@ std::atomic<std::int64_t>& retention() {
 }  // namespace
 
 std::int64_t scratch_retention() { return retention().load(std::memory_order_relaxed); }
+int max_threads() { return std::max(8, 4 * omp_get_num_procs()); }
 }  // namespace detail
 
 std::int64_t set_scratch_retention(std::int64_t bytes) {

@@ -15,6 +15,8 @@ namespace detail {
 int resolve_threads(int requested);
 // Bytes of packed K/V a calling thread may keep between calls (set_scratch_retention).
 std::int64_t scratch_retention();
+// The largest options.threads accepted: 4 x the processors OpenMP sees, at least 8 (see options::threads).
+int max_threads();
 }  // namespace detail
 
 }  // namespace omniattn

@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/checked_math.h"
 #include "omniattn/attention.h"
 
 namespace omniattn {
@@ -48,9 +49,12 @@ block_mask build_block_mask(const attn_params& p, std::int64_t q_tile, std::int6
   const bool per_batch = p.blocks || p.cu_seqlens_q || (p.mask && p.mask->uses_batch());
   bm.batch = per_batch ? p.batch : 1;
   bm.heads = per_head ? p.heads_q : 1;
-  bm.q_tiles = (p.seq_q + q_tile - 1) / q_tile;
-  bm.kv_tiles = (p.seq_k + kv_tile - 1) / kv_tile;
-  bm.kinds.assign(static_cast<std::size_t>(bm.batch * bm.heads * bm.q_tiles * bm.kv_tiles), tile_kind::empty);
+  bm.q_tiles = detail::ceil_div(p.seq_q, q_tile);
+  bm.kv_tiles = detail::ceil_div(p.seq_k, kv_tile);
+  std::int64_t entries = 0;
+  if (!detail::product_fits({bm.batch, bm.heads, bm.q_tiles, bm.kv_tiles}, &entries))
+    throw std::invalid_argument("[build_block_mask] batch * heads * q_tiles * kv_tiles overflows int64");
+  bm.kinds.assign(static_cast<std::size_t>(entries), tile_kind::empty);
   for (std::int64_t b = 0; b < bm.batch; ++b) {
     const seq_extent e = sequence(p, b);
     for (std::int64_t h = 0; h < bm.heads; ++h) {

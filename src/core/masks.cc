@@ -768,9 +768,9 @@ std::string mask_expr::check() const {
         const dense_view& d = dense_[static_cast<std::size_t>(nd.table)];
         if (!d.data) return "dense '" + d.name + "': data is null";
         for (std::size_t x = 0; x < 4; ++x)
-          if (d.shape[x] < 1 || d.shape[x] > k_max_tokens)
+          if (d.shape[x] < 0 || d.shape[x] > k_max_tokens)  // 0: for a call with no queries / keys
             return "dense '" + d.name + "': shape[" + std::to_string(x) + "] " + std::to_string(d.shape[x]) +
-                   " must be in 1..2^40";
+                   " must be in 0..2^40";
         break;
       }
       case op::dilated:

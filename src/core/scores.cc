@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -17,10 +18,18 @@ void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
+constexpr double k_float_max = std::numeric_limits<float>::max();
+
+// A finite double that is not a finite float (the kernels compute in float): the cases a kernel would silently get
+// wrong against the fp64 oracle. inf / NaN are the same in both precisions.
+bool overflows_float(double x) { return std::isfinite(x) && std::fabs(x) > k_float_max; }
+
 }  // namespace
 
 score_fn alibi(std::vector<double> slopes, std::int64_t offset) {
   require(!slopes.empty(), "[scores::alibi] slopes is empty (one slope per head, or one for all)");
+  for (double m : slopes)
+    require(std::isfinite(m) && std::fabs(m) <= k_float_max, "[scores::alibi] slopes must be finite floats (|slope| <= 3.4e38)");
   return detail::alibi_score{std::make_shared<const std::vector<double>>(std::move(slopes)), offset};
 }
 
@@ -44,12 +53,18 @@ std::vector<double> alibi_slopes(std::int64_t heads) {
 
 score_fn softcap(double cap) {
   require(std::isfinite(cap) && cap > 0.0, "[scores::softcap] cap must be finite and > 0");
+  // The kernels multiply by 1 / cap and by cap * log2(e) in float.
+  require(cap * 1.4426950408889634 <= k_float_max && 1.0 / cap <= k_float_max,
+          "[scores::softcap] cap must be in float range: cap * log2(e) and 1 / cap at most 3.4e38");
   return detail::softcap_score{cap};
 }
 
 score_fn temperature(std::vector<double> per_head) {
   require(!per_head.empty(), "[scores::temperature] per_head is empty (one temperature per head, or one for all)");
-  for (double t : per_head) require(std::isfinite(t) && t != 0.0, "[scores::temperature] temperatures must be finite and != 0");
+  for (double t : per_head) {
+    require(std::isfinite(t) && t != 0.0, "[scores::temperature] temperatures must be finite and != 0");
+    require(1.0 / std::fabs(t) <= k_float_max, "[scores::temperature] 1 / t must be a finite float (|t| >= 3e-39)");
+  }
   return detail::temperature_score{std::make_shared<const std::vector<double>>(std::move(per_head))};
 }
 
@@ -68,6 +83,7 @@ detail::key_table make_table(std::vector<double> values, std::int64_t row) {
 
 score_fn key_bias(std::vector<double> bias) {
   if (bias.empty()) bias.push_back(0.0);  // no values: every key adds 0 (keeps the one-row table non-empty)
+  for (double x : bias) require(!overflows_float(x), "[scores::key_bias] values must be floats (|x| <= 3.4e38; -inf masks)");
   const auto n = static_cast<std::int64_t>(bias.size());
   return detail::key_bias_score{make_table(std::move(bias), n)};
 }
@@ -95,7 +111,7 @@ score_fn reweight(std::vector<double> weights, std::int64_t keys_per_head) {
 score_fn bias(const float* data, std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> strides) {
   require(data != nullptr, "[scores::bias] data is null");
   for (int d = 0; d < 4; ++d) {
-    require(shape[static_cast<std::size_t>(d)] > 0, "[scores::bias] every shape entry must be > 0 (1 broadcasts)");
+    require(shape[static_cast<std::size_t>(d)] >= 0, "[scores::bias] every shape entry must be >= 0 (1 broadcasts)");
     require(strides[static_cast<std::size_t>(d)] >= 0, "[scores::bias] strides must be >= 0");
   }
   detail::bias_score b;
@@ -132,6 +148,7 @@ score_fn relative_bias(std::vector<double> table, std::int64_t buckets, std::int
   require(max_distance > buckets / (bidirectional ? 4 : 2), "[scores::relative_bias] max_distance must exceed the exact buckets");
   require(!table.empty() && table.size() % static_cast<std::size_t>(buckets) == 0,
           "[scores::relative_bias] table must hold heads * buckets values");
+  for (double x : table) require(!overflows_float(x), "[scores::relative_bias] values must be floats (|x| <= 3.4e38)");
   auto t = std::make_shared<const std::vector<double>>(std::move(table));
   const auto heads = static_cast<std::int64_t>(t->size()) / buckets;
   return [t, heads, buckets, max_distance, bidirectional](double x, std::int64_t, std::int64_t h, std::int64_t q, std::int64_t k) {
@@ -182,6 +199,40 @@ std::string check_score(const score_fn& f, const attn_params& p) {
          << p.heads_q;
       return os.str();
     }
+  }
+  // The kernels evaluate in float: the softmax scale, the temperature and LogN factors and log2(e) multiply each
+  // logit, and an ALiBi bias is slope * (k - q + offset) with k - q + offset an int64 first.
+  constexpr double k_float_max = std::numeric_limits<float>::max();
+  double factor = std::fabs(p.scale) * 1.4426950408889634;
+  for (const score_step& st : steps) {
+    if (st.op == score_step::kind::temperature) {
+      double most = 0.0;
+      for (double t : *st.temperature->per_head) most = std::max(most, 1.0 / std::fabs(t));
+      factor *= most;
+    } else if (st.op == score_step::kind::logn) {
+      factor *= st.logn->factor(std::max<std::int64_t>(p.seq_q - 1, 0));
+    } else if (st.op == score_step::kind::alibi && p.seq_q > 0 && p.seq_k > 0) {
+      const std::int64_t offset = st.alibi->offset;
+      std::int64_t hi = 0, lo = 0;
+      if (__builtin_add_overflow(offset, p.seq_k - 1, &hi) || __builtin_sub_overflow(offset, p.seq_q - 1, &lo)) {
+        os << "alibi offset " << offset << ": k - q + offset leaves int64 for seq_q " << p.seq_q << ", seq_k " << p.seq_k;
+        return os.str();
+      }
+      double slope = 0.0;
+      for (double m : *st.alibi->slopes) slope = std::max(slope, std::fabs(m));
+      const double reach = slope * std::max(std::fabs(static_cast<double>(hi)), std::fabs(static_cast<double>(lo)));
+      if (reach > k_float_max) {
+        os << "alibi bias reaches " << reach << " (slope " << slope << " times k - q + offset up to "
+           << std::max(std::fabs(static_cast<double>(hi)), std::fabs(static_cast<double>(lo)))
+           << "), beyond float range 3.40282e+38";
+        return os.str();
+      }
+    }
+  }
+  if (factor > k_float_max) {
+    os << "the softmax scale " << p.scale << " times the temperature / logn factors and log2(e) is " << factor
+       << ", beyond float range 3.40282e+38";
+    return os.str();
   }
   for (const score_step& st : steps) {
     if (st.op == score_step::kind::bias) {

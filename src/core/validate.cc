@@ -2,10 +2,15 @@
 // Every rule reports "[attention] <argument> <what is wrong>" and nothing is written to the output.
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <string>
+#include <vector>
+
+#include <omp.h>
 
 #include "core/backends.h"
+#include "core/checked_math.h"
 #include "core/score_kinds.h"
 #include "omniattn/attention.h"
 
@@ -24,53 +29,139 @@ template <class... Args>
   throw failure{os.str()};
 }
 
-// Byte range [begin, end) a strided view can touch; also rejects negative strides and int64 overflow.
+// Byte range [begin, end) a strided view can touch (data is element [0, ...]; negative strides reach below it);
+// rejects int64 overflow and ranges that leave the address space.
 struct byte_range {
   std::uintptr_t begin = 0, end = 0;
 };
 
 std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* name) {
   std::int64_t r;
-  if (__builtin_mul_overflow(a, b, &r)) fail(name, " strides overflow int64 addressing");
+  if (!detail::mul_fits(a, b, &r)) fail(name, " strides overflow int64 addressing");
   return r;
 }
 
 std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* name) {
   std::int64_t r;
-  if (__builtin_add_overflow(a, b, &r)) fail(name, " strides overflow int64 addressing");
+  if (!detail::add_fits(a, b, &r)) fail(name, " strides overflow int64 addressing");
   return r;
 }
 
 byte_range extent(const char* name, const void* data, int elem_bytes, const std::int64_t* sizes,
-                  const std::int64_t* strides, const char* const* dim_names, int rank) {
-  std::int64_t last = 0;  // largest element offset
+                  const std::int64_t* strides, int rank) {
+  for (int d = 0; d < rank; ++d)
+    if (sizes[d] == 0) return {reinterpret_cast<std::uintptr_t>(data), reinterpret_cast<std::uintptr_t>(data)};  // no element
+  std::int64_t first = 0, last = 0;  // smallest and largest element offset
   for (int d = 0; d < rank; ++d) {
-    if (strides[d] < 0) fail(name, ".stride_", dim_names[d], " ", strides[d], " must be >= 0");
-    last = checked_add(last, checked_mul(sizes[d] - 1, strides[d], name), name);
+    const std::int64_t step = checked_mul(sizes[d] - 1, strides[d], name);
+    if (step < 0) first = checked_add(first, step, name);
+    else last = checked_add(last, step, name);
   }
-  const std::int64_t bytes = checked_mul(checked_add(last, 1, name), elem_bytes, name);
-  const auto begin = reinterpret_cast<std::uintptr_t>(data);
-  if (begin + static_cast<std::uintptr_t>(bytes) < begin) fail(name, " extends past the end of the address space");
-  return {begin, begin + static_cast<std::uintptr_t>(bytes)};
+  const std::int64_t below = checked_mul(first, elem_bytes, name);  // <= 0
+  const std::int64_t above = checked_mul(checked_add(last, 1, name), elem_bytes, name);
+  const auto base = reinterpret_cast<std::uintptr_t>(data);
+  const auto down = static_cast<std::uintptr_t>(-(below + 1)) + 1;  // -below without overflow at INT64_MIN
+  if (base < down) fail(name, " extends below the start of the address space (negative strides)");
+  if (base + static_cast<std::uintptr_t>(above) < base) fail(name, " extends past the end of the address space");
+  return {base - down, base + static_cast<std::uintptr_t>(above)};
 }
 
-bool overlaps(byte_range a, byte_range b) { return a.begin < b.end && b.begin < a.end; }
+// Empty ranges overlap nothing.
+bool overlaps(byte_range a, byte_range b) {
+  return a.begin < a.end && b.begin < b.end && a.begin < b.end && b.begin < a.end;
+}
+
+// `count` contiguous elements of `elem_bytes` bytes each.
+byte_range array_range(const char* name, const void* data, std::int64_t count, int elem_bytes) {
+  const std::int64_t sizes[1] = {count}, strides[1] = {1};
+  return extent(name, data, elem_bytes, sizes, strides, 1);
+}
+
+// An input buffer the call reads, by the name an error gives it.
+struct input_range {
+  std::string name;
+  byte_range range;
+};
+
+// Every buffer the spec and options make the kernels read besides q, k and v: varlen offsets, block mask kinds, sink
+// logits, RoPE position ids, score tables (dense bias, key bias / reweight) and dense mask tables. Sizes are validated.
+void spec_inputs(const tensor& q, const tensor& k, const spec& s, const options& opt, const attn_params& p,
+                 std::vector<input_range>& in) {
+  if (opt.packed) {
+    const std::int64_t n = opt.packed->num_seqs + 1;
+    in.push_back({"varlen.cu_seqlens_q", array_range("varlen.cu_seqlens_q", opt.packed->cu_seqlens_q, n, 8)});
+    in.push_back({"varlen.cu_seqlens_k", array_range("varlen.cu_seqlens_k", opt.packed->cu_seqlens_k, n, 8)});
+  }
+  if (s.blocks)
+    in.push_back({"spec.blocks.kinds", array_range("spec.blocks.kinds", s.blocks->kinds.data(),
+                                                   static_cast<std::int64_t>(s.blocks->kinds.size()), 1)});
+  if (s.sink_logits) in.push_back({"spec.sink_logits", array_range("spec.sink_logits", s.sink_logits, q.heads, 4)});
+  if (s.rope) {
+    const rope_spec& r = *s.rope;
+    const std::int64_t axes = r.sections.empty() ? 1 : static_cast<std::int64_t>(r.sections.size());
+    const std::int64_t batches = opt.packed ? 1 : q.batch;
+    const struct {
+      const char* name;
+      const std::int64_t* ids;
+      std::int64_t rows;
+    } pos[2] = {{"spec.rope.pos_q", r.pos_q, q.seq}, {"spec.rope.pos_k", r.pos_k, k.seq}};
+    for (const auto& x : pos) {
+      std::int64_t n = 0;
+      if (!x.ids) continue;
+      if (!detail::product_fits({axes, batches, x.rows}, &n)) fail(x.name, ": axes * batch * seq overflows int64");
+      in.push_back({x.name, array_range(x.name, x.ids, n, 8)});
+    }
+  }
+  if (s.score) {
+    std::vector<detail::score_step> steps;
+    detail::lower_score(s.score, steps);
+    for (const detail::score_step& st : steps) {
+      if (st.op == detail::score_step::kind::bias) {
+        const detail::bias_score& b = *st.bias;
+        in.push_back({"spec.score bias", extent("spec.score bias", b.data, 4, b.shape.data(), b.strides.data(), 4)});
+      } else if (st.op == detail::score_step::kind::key_table) {
+        const char* name = st.table->reweight ? "spec.score reweight table" : "spec.score key_bias table";
+        const std::vector<double>& d = *st.table->values;
+        const std::vector<float>& f = *st.table->values_f;
+        in.push_back({name, array_range(name, d.data(), static_cast<std::int64_t>(d.size()), 8)});
+        in.push_back({name, array_range(name, f.data(), static_cast<std::int64_t>(f.size()), 4)});
+      }
+    }
+  }
+  if (p.mask) {
+    for (const mask_expr::dense_view& d : p.mask->dense_tables()) {
+      const std::string name = "spec.mask dense '" + d.name + "'";
+      in.push_back({name, extent(name.c_str(), d.data, 1, d.shape.data(), d.strides.data(), 4)});
+    }
+  }
+}
+
+void check_no_alias(const char* output, byte_range r, const std::vector<input_range>& inputs) {
+  for (const input_range& in : inputs)
+    if (overlaps(r, in.range)) fail(output, " aliases ", in.name, ": the output must not overlap an input");
+}
 
 // An output must not write one element twice: with dims sorted by stride, each stride must step over the whole
 // extent of the smaller ones.
 void check_no_self_overlap(const char* name, const std::int64_t* sizes, const std::int64_t* strides,
                            const char* const* dim_names, int rank) {
+  for (int d = 0; d < rank; ++d)
+    if (sizes[d] == 0) return;  // no element to write twice
+  // Negative strides walk the same elements backwards: only |stride| matters. Size-1 dims are skipped (their
+  // stride, even INT64_MIN, is never multiplied by more than 0).
   int order[4] = {0, 1, 2, 3};
+  std::int64_t mag[4] = {};
+  for (int d = 0; d < rank; ++d) mag[d] = sizes[d] == 1 ? 0 : strides[d] < 0 ? -strides[d] : strides[d];
   for (int i = 0; i < rank; ++i)
     for (int j = i + 1; j < rank; ++j)
-      if (strides[order[j]] < strides[order[i]]) std::swap(order[i], order[j]);
+      if (mag[order[j]] < mag[order[i]]) std::swap(order[i], order[j]);
   std::int64_t span = 1;  // elements covered by the dims so far
   for (int i = 0; i < rank; ++i) {
     const int d = order[i];
     if (sizes[d] == 1) continue;
-    if (strides[d] < span)
-      fail(name, ".stride_", dim_names[d], " ", strides[d], " makes the output overlap itself (needs >= ", span, ")");
-    span = strides[d] * sizes[d];
+    if (mag[d] < span)
+      fail(name, ".stride_", dim_names[d], " ", strides[d], " makes the output overlap itself (needs |stride| >= ", span, ")");
+    span = checked_mul(mag[d], sizes[d], name);
   }
 }
 
@@ -82,15 +173,18 @@ byte_range check_tensor(const char* name, const tensor& t) {
   if (t.type != dtype::f32 && t.type != dtype::bf16 && t.type != dtype::f16)
     fail(name, ".type ", static_cast<int>(t.type), " is not a known dtype");
   const std::int64_t sizes[4] = {t.batch, t.seq, t.heads, t.dim};
-  for (int d = 0; d < 4; ++d)
-    if (sizes[d] <= 0) fail(name, ".", k_tensor_dims[d], " ", sizes[d], " must be > 0");
-  if (!t.data) fail(name, ".data is null");
+  // Empty batches, sequences and head sets are valid (as in PyTorch and FlashAttention's varlen); a head needs a dim.
+  for (int d = 0; d < 3; ++d)
+    if (sizes[d] < 0) fail(name, ".", k_tensor_dims[d], " ", sizes[d], " must be >= 0");
+  if (t.dim <= 0) fail(name, ".dim ", t.dim, " must be > 0");
+  const bool empty = t.batch == 0 || t.seq == 0 || t.heads == 0;
+  if (!t.data && !empty) fail(name, ".data is null");  // an empty torch tensor may have no storage
   const std::int64_t strides[4] = {t.stride_batch, t.stride_seq, t.stride_head, t.stride_dim};
-  return extent(name, t.data, dtype_size(t.type), sizes, strides, k_stride_dims, 4);
+  return extent(name, t.data, dtype_size(t.type), sizes, strides, 4);
 }
 
 void check_varlen(const varlen& vl, const tensor& q, const tensor& k, attn_params& p) {
-  if (vl.num_seqs <= 0) fail("varlen.num_seqs ", vl.num_seqs, " must be > 0");
+  if (vl.num_seqs < 0) fail("varlen.num_seqs ", vl.num_seqs, " must be >= 0");
   if (!vl.cu_seqlens_q) fail("varlen.cu_seqlens_q is null");
   if (!vl.cu_seqlens_k) fail("varlen.cu_seqlens_k is null");
   if (q.batch != 1) fail("q.batch ", q.batch, " must be 1 with varlen (sequences are packed along seq)");
@@ -119,13 +213,16 @@ void check_varlen(const varlen& vl, const tensor& q, const tensor& k, attn_param
 void check_block_mask(const block_mask& bm, const attn_params& p) {
   if (bm.q_tile <= 0) fail("spec.blocks.q_tile ", bm.q_tile, " must be > 0");
   if (bm.kv_tile <= 0) fail("spec.blocks.kv_tile ", bm.kv_tile, " must be > 0");
-  const std::int64_t want_q = (p.seq_q + bm.q_tile - 1) / bm.q_tile, want_k = (p.seq_k + bm.kv_tile - 1) / bm.kv_tile;
+  const std::int64_t want_q = detail::ceil_div(p.seq_q, bm.q_tile), want_k = detail::ceil_div(p.seq_k, bm.kv_tile);
   if (bm.q_tiles != want_q) fail("spec.blocks.q_tiles ", bm.q_tiles, " != ceil(seq_q ", p.seq_q, " / q_tile ", bm.q_tile, ") = ", want_q);
   if (bm.kv_tiles != want_k) fail("spec.blocks.kv_tiles ", bm.kv_tiles, " != ceil(seq_k ", p.seq_k, " / kv_tile ", bm.kv_tile, ") = ", want_k);
   if (bm.batch != 1 && bm.batch != p.batch) fail("spec.blocks.batch ", bm.batch, " must be 1 or ", p.batch);
   if (bm.heads != 1 && bm.heads != p.heads_q) fail("spec.blocks.heads ", bm.heads, " must be 1 or ", p.heads_q);
-  const auto want = static_cast<std::size_t>(bm.batch * bm.heads * bm.q_tiles * bm.kv_tiles);
-  if (bm.kinds.size() != want) fail("spec.blocks.kinds has ", bm.kinds.size(), " entries, expected ", want);
+  // Each factor is at most the call's size, but their product can still leave int64.
+  std::int64_t want = 0;
+  if (!detail::product_fits({bm.batch, bm.heads, bm.q_tiles, bm.kv_tiles}, &want))
+    fail("spec.blocks: batch * heads * q_tiles * kv_tiles overflows int64");
+  if (bm.kinds.size() != static_cast<std::size_t>(want)) fail("spec.blocks.kinds has ", bm.kinds.size(), " entries, expected ", want);
   for (tile_kind t : bm.kinds)
     if (t != tile_kind::empty && t != tile_kind::partial && t != tile_kind::full)
       fail("spec.blocks.kinds holds ", static_cast<int>(t), ", not a tile_kind");
@@ -144,7 +241,8 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   if (v.batch != k.batch) fail("v.batch ", v.batch, " != k.batch ", k.batch);
   if (v.seq != k.seq) fail("v.seq ", v.seq, " != k.seq ", k.seq);
   if (v.heads != k.heads) fail("v.heads ", v.heads, " != k.heads ", k.heads);
-  if (q.heads % k.heads != 0) fail("q.heads ", q.heads, " is not a multiple of k.heads ", k.heads);
+  if (k.heads == 0 ? q.heads != 0 : q.heads % k.heads != 0)
+    fail("q.heads ", q.heads, " is not a multiple of k.heads ", k.heads);
   if (out.batch != q.batch) fail("out.batch ", out.batch, " != q.batch ", q.batch);
   if (out.seq != q.seq) fail("out.seq ", out.seq, " != q.seq ", q.seq);
   if (out.heads != q.heads) fail("out.heads ", out.heads, " != q.heads ", q.heads);
@@ -154,9 +252,8 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
     const std::int64_t strides[4] = {out.stride_batch, out.stride_seq, out.stride_head, out.stride_dim};
     check_no_self_overlap("out", sizes, strides, k_stride_dims, 4);
   }
-  if (overlaps(ro, rq)) fail("out aliases q: the output must not overlap an input");
-  if (overlaps(ro, rk)) fail("out aliases k: the output must not overlap an input");
-  if (overlaps(ro, rv)) fail("out aliases v: the output must not overlap an input");
+  std::vector<input_range> inputs = {{"q", rq}, {"k", rk}, {"v", rv}};
+  check_no_alias("out", ro, inputs);
 
   p = attn_params{};
   p.q = q.data;
@@ -170,7 +267,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   p.seq_k = k.seq;
   p.heads_q = q.heads;
   p.heads_kv = k.heads;
-  p.group = q.heads / k.heads;
+  p.group = k.heads == 0 ? 1 : q.heads / k.heads;
   p.dim_qk = q.dim;
   p.seq_rows_q = q.seq;
   p.seq_rows_k = k.seq;
@@ -178,21 +275,25 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   const tensor* views[4] = {&q, &k, &v, &out};
   std::int64_t* strides[4] = {p.q_stride, p.k_stride, p.v_stride, p.o_stride};
   for (int t = 0; t < 4; ++t) {
-    strides[t][0] = views[t]->stride_batch;
-    strides[t][1] = views[t]->stride_seq;
-    strides[t][2] = views[t]->stride_head;
-    strides[t][3] = views[t]->stride_dim;
+    // A size-1 dim is only ever indexed at 0: its stride is stored as 0, so kernels never meet an arbitrary one
+    // (e.g. INT64_MIN, whose magnitude does not exist in int64).
+    const tensor& x = *views[t];
+    strides[t][0] = x.batch == 1 ? 0 : x.stride_batch;
+    strides[t][1] = x.seq == 1 ? 0 : x.stride_seq;
+    strides[t][2] = x.heads == 1 ? 0 : x.stride_head;
+    strides[t][3] = x.dim == 1 ? 0 : x.stride_dim;
   }
   if (opt.packed) check_varlen(*opt.packed, q, k, p);
 
+  byte_range rl;
   if (opt.lse) {
     const lse_tensor& l = *opt.lse;
-    if (!l.data) fail("lse.data is null");
     const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
+    if (!l.data && q.batch != 0 && q.heads != 0 && q.seq != 0) fail("lse.data is null");
     const std::int64_t lstrides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
-    const byte_range rl = extent("lse", l.data, 4, sizes, lstrides, k_lse_dims, 3);
+    rl = extent("lse", l.data, 4, sizes, lstrides, 3);
     check_no_self_overlap("lse", sizes, lstrides, k_lse_dims, 3);
-    if (overlaps(rl, rq) || overlaps(rl, rk) || overlaps(rl, rv)) fail("lse aliases an input");
+    check_no_alias("lse", rl, inputs);
     if (overlaps(rl, ro)) fail("lse aliases out");
     p.lse = l.data;
     p.lse_stride[0] = l.stride_batch;
@@ -202,6 +303,9 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
 
   const double scale = s.scale ? *s.scale : 1.0 / std::sqrt(static_cast<double>(q.dim));
   if (!std::isfinite(scale)) fail("spec.scale ", scale, " must be finite");
+  // The kernels use scale * log2(e) as a float.
+  if (std::fabs(scale) * 1.4426950408889634 > std::numeric_limits<float>::max())
+    fail("spec.scale ", scale, " is out of float range (|scale| * log2(e) must be <= 3.40282e+38)");
   p.scale = scale;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   if (s.causal != causal_mode::none && s.causal != causal_mode::top_left && s.causal != causal_mode::bottom_right)
@@ -219,7 +323,9 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   p.blocks = s.blocks;
   if (s.sink_logits)
     for (std::int64_t h = 0; h < q.heads; ++h)
-      if (!std::isfinite(s.sink_logits[h])) fail("spec.sink_logits[", h, "] ", s.sink_logits[h], " must be finite");
+      if (!std::isfinite(s.sink_logits[h]) ||
+          std::fabs(static_cast<double>(s.sink_logits[h])) * 1.4426950408889634 > std::numeric_limits<float>::max())
+        fail("spec.sink_logits[", h, "] ", s.sink_logits[h], " must be finite with |sink| * log2(e) <= 3.40282e+38");
   p.sink_logits = s.sink_logits;
   if (s.rope) {
     const rope_spec& r = *s.rope;
@@ -231,7 +337,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
       std::int64_t pairs = 0;
       for (std::int64_t sec : r.sections) {
         if (sec < 0) fail("spec.rope.sections holds ", sec, ": must be >= 0");
-        pairs += sec;
+        if (!detail::add_fits(pairs, sec, &pairs)) fail("spec.rope.sections sum overflows int64");
       }
       if (pairs != dim / 2) fail("spec.rope.sections sum to ", pairs, " != rotary pairs ", dim / 2);
       if (!r.pos_q || !r.pos_k) fail("spec.rope.sections needs pos_q and pos_k (one id array per axis)");
@@ -242,10 +348,17 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   }
   p.stats = opt.stats;
   if (opt.threads < 0) fail("options.threads ", opt.threads, " must be >= 0 (0 = all cores)");
-  if (opt.threads > 1024) fail("options.threads ", opt.threads, " must be <= 1024");
+  if (opt.threads > detail::max_threads())
+    fail("options.threads ", opt.threads, " must be <= ", detail::max_threads(), " (4 x the ", omp_get_num_procs(),
+         " processors, at least 8)");
   p.threads = detail::resolve_threads(opt.threads);
   if (opt.use != backend::automatic && opt.use != backend::reference && opt.use != backend::cpu)
     fail("options.use ", static_cast<int>(opt.use), " is not a backend");
+  // Last, once every size is known: no output may overlap any other buffer the call reads.
+  std::vector<input_range> spec_buffers;
+  spec_inputs(q, k, s, opt, p, spec_buffers);
+  check_no_alias("out", ro, spec_buffers);
+  if (opt.lse) check_no_alias("lse", rl, spec_buffers);
 }
 
 }  // namespace

@@ -442,7 +442,7 @@ HWY_INLINE void transpose_k(const attn_params& p, const packed_kv& kv, std::int6
   const auto L = static_cast<std::int64_t>(hn::Lanes(d));
   const std::int64_t base = tensor_batch * p.k_stride[0] + kvh * p.k_stride[2];
   std::int64_t j = 0;
-  if (p.in_type == dtype::f32 && !p.rope && (p.seq_rows_k + 1) * p.k_stride[1] < (std::int64_t{1} << 31)) {
+  if (p.in_type == dtype::f32 && !p.rope && std::abs(p.k_stride[1]) < (std::int64_t{1} << 31) / std::max<std::int64_t>(p.seq_rows_k, 1)) {
     const hn::RebindToSigned<df_t> di;
     const float* kb = static_cast<const float*>(p.k) + base;
     alignas(64) std::int32_t idx[k_bk];

@@ -130,7 +130,9 @@ HWY_INLINE hn::Vec<D> score_apply(D d, const detail::score_step& st, const score
   using kind = detail::score_step::kind;
   switch (st.op) {
     case kind::alibi: {
-      const auto rel = hn::Add(hn::Iota(d, 0.0f), hn::Set(d, static_cast<float>(rc.rel + col)));
+      // In double: col runs past the last key on a ragged tile, where an int64 rel + col could overflow for offsets
+      // that validation accepts (k - q + offset fits for every real key).
+      const auto rel = hn::Add(hn::Iota(d, 0.0f), hn::Set(d, static_cast<float>(static_cast<double>(rc.rel) + static_cast<double>(col))));
       return hn::MulAdd(hn::Set(d, rc.a), rel, x);
     }
     case kind::softcap: return hn::Mul(hn::Set(d, rc.a), tanh_fast(d, hn::Mul(x, hn::Set(d, rc.c))));
