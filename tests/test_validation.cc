@@ -319,6 +319,19 @@ TEST(Validation, InvalidMaskExpression) {
   expect_rejected([](call& c) { c.s.mask = mask_expr::document({2, 5}); }, "spec.mask document: offsets must start at 0");
   expect_rejected([](call& c) { c.s.mask = mask_expr::document({0, 5, 3}); }, "spec.mask document: offsets must be non-decreasing");
   expect_accepted([](call& c) { c.s.mask = mask_expr::window(2, -1, causal_mode::bottom_right) & mask_expr::document({0, 3, 7}); });
+  // A tree built in code that nests deeper than the readers may recurse; a 10,000-term | chain is one level.
+  expect_rejected(
+      [](call& c) {
+        mask_expr m = mask_expr::sinks(1);
+        for (int level = 0; level < 500; ++level) m = level % 2 ? std::move(m) | mask_expr::sinks(2) : std::move(m) & mask_expr::full();
+        c.s.mask = m;
+      },
+      "spec.mask expression nests deeper than 200 (depth 501");
+  expect_accepted([](call& c) {
+    mask_expr m = mask_expr::sinks(1);
+    for (int t = 0; t < 10000; ++t) m = std::move(m) | mask_expr::window(t, 0, causal_mode::top_left);
+    c.s.mask = m;
+  });
 }
 
 TEST(Validation, NegativeThreads) {
