@@ -241,8 +241,10 @@ class mask_expr {
 //             neighborhood(grid, kernel[, dilation[, stride[, causal]]])     halo(grid, block, halo)
 //   e.g. "neighborhood(64x64, 7x7)", "neighborhood(grid=16x32x32, kernel=3x7x7, stride=1x2x2, causal=1x0x0)",
 //   "halo(grid=64x64, block=8x8, halo=3)". str() prints every key, so its output parses back to itself.
-// e.g. "causal & window(256, 0) | sinks(4)". On error returns a message naming the offending character's position
-// and showing it under a caret; `out` is untouched.
+// e.g. "causal & window(256, 0) | sinks(4)". Time is linear in the text; expressions nest at most
+// mask_expr::max_depth levels (parentheses, '~', and an & inside an | each count; a chain of one operator counts
+// once), so whatever parses is valid and its str() parses back to the same str(). On error returns a message naming
+// the offending character's position and showing it under a caret; `out` is untouched.
 std::string parse_mask(std::string_view text, mask_expr& out);
 
 }  // namespace omniattn

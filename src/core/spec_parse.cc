@@ -76,24 +76,46 @@ class parser : lexer {
   }
 
  private:
-  int depth_ = 0;
+  int depth_ = 0;  // open unary() calls: the parser's own recursion
 
+  // Both the parser's recursion and the tree it builds are bounded by mask_expr::max_depth, the limit check() puts on
+  // every expression: hostile inputs ("((((...", "~~~~...") cannot exhaust the stack, and since str() nests exactly
+  // as deep as the tree, whatever parses prints to a string that parses again.
+  [[noreturn]] void too_deep(std::size_t at) {
+    i_ = at;
+    fail("expression nests deeper than " + std::to_string(mask_expr::max_depth));
+  }
+  mask_expr bounded(mask_expr m, std::size_t at) {
+    if (m.depth() > mask_expr::max_depth) too_deep(at);
+    return m;
+  }
+
+  // Operands join the left one in place (operator| / & take it by value), so a chain of n terms parses in O(n).
   mask_expr expr() {
     mask_expr m = term();
-    while (eat('|')) m = m | term();
-    return m;
+    for (;;) {
+      skip();
+      const std::size_t at = i_;  // the operator, where a too deep result is reported
+      if (!eat('|')) return m;
+      m = bounded(std::move(m) | term(), at);
+    }
   }
   mask_expr term() {
     mask_expr m = unary();
-    while (eat('&')) m = m & unary();
-    return m;
+    for (;;) {
+      skip();
+      const std::size_t at = i_;  // the operator, where a too deep result is reported
+      if (!eat('&')) return m;
+      m = bounded(std::move(m) & unary(), at);
+    }
   }
   mask_expr unary() {
-    // Bounded nesting keeps hostile inputs (fuzzing, "((((...") from exhausting the stack.
-    if (++depth_ > 200) fail("nesting deeper than 200");
+    skip();
+    const std::size_t at = i_;
+    if (++depth_ > mask_expr::max_depth) too_deep(at);
     mask_expr m;
     if (eat('~')) {
-      m = ~unary();
+      m = bounded(~unary(), at);
     } else if (eat('(')) {
       m = expr();
       expect(')');
