@@ -266,6 +266,16 @@ TEST(Masks, CheckReportsInvalidParameters) {
   // An invalid leaf deep inside a composition is found too.
   EXPECT_FALSE((mask_expr::causal(causal_mode::top_left) & ~(mask_expr::sinks(2) | mask_expr::dilated(0))).check().empty());
   EXPECT_TRUE((mask_expr::causal(causal_mode::top_left) & mask_expr::window(-1, 3, causal_mode::top_left)).check().empty());
+  // Alignments outside the enum (any number converts to causal_mode), and none where an alignment is needed.
+  EXPECT_EQ(mask_expr::window(0, 0, static_cast<causal_mode>(5)).check(),
+            "window: align 5 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  EXPECT_EQ(mask_expr::window(3, 0, causal_mode::none).check(),
+            "window: align 0 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  EXPECT_EQ((mask_expr::sinks(1) | mask_expr::causal(static_cast<causal_mode>(200))).check(),
+            "causal: align 200 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  EXPECT_EQ(mask_expr::prefix_lm(4, static_cast<causal_mode>(3)).check(),
+            "prefix_lm: align 3 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  EXPECT_EQ(mask_expr::causal(causal_mode::none).check(), "");  // causal(none) is full()
 }
 
 // ------------------------------------------------------------------------------------------------------------------

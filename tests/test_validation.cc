@@ -310,6 +310,10 @@ TEST(Validation, NonFiniteScale) {
 TEST(Validation, BadEnums) {
   expect_rejected([](call& c) { c.s.causal = static_cast<causal_mode>(5); }, "spec.causal 5 is not a causal_mode");
   expect_rejected([](call& c) { c.o.use = static_cast<backend>(7); }, "options.use 7 is not a backend");
+  expect_rejected([](call& c) { c.s.mask = mask_expr::window(0, 0, static_cast<causal_mode>(5)); },
+                  "spec.mask window: align 5 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  expect_rejected([](call& c) { c.s.mask = mask_expr::sinks(2) | mask_expr::prefix_lm(1, causal_mode::none); },
+                  "spec.mask prefix_lm: align 0 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
 }
 
 TEST(Validation, InvalidMaskExpression) {

@@ -809,6 +809,16 @@ std::string mask_expr::check() const {
   for (const node& nd : nodes_) {
     if (nd.a > k_limit || nd.a < -k_limit || nd.b > k_limit || nd.b < -k_limit)
       return "pattern parameter " + std::to_string(std::abs(nd.a) > k_limit ? nd.a : nd.b) + " out of range (|x| <= 2^40)";
+    if (nd.kind == op::causal || nd.kind == op::window || nd.kind == op::prefix_lm) {
+      // align arrives as a causal_mode from the API, where any number converts: only the two alignments are meaningful
+      // (causal(none) is already full(); none elsewhere would print as bottom_right and evaluate as top_left).
+      const auto align = static_cast<causal_mode>(nd.align);
+      if (align != causal_mode::top_left && align != causal_mode::bottom_right)
+        return std::string(nd.kind == op::causal ? "causal" : nd.kind == op::window ? "window" : "prefix_lm") + ": align " +
+               std::to_string(nd.align) + " must be causal_mode::top_left (" +
+               std::to_string(static_cast<int>(causal_mode::top_left)) + ") or causal_mode::bottom_right (" +
+               std::to_string(static_cast<int>(causal_mode::bottom_right)) + ")";
+    }
     switch (nd.kind) {
       case op::sinks:
       case op::prefix_lm:
