@@ -1,6 +1,6 @@
-// The spec-string parsers (src/core/spec_parse.cc) on hostile sizes: long chains parse in linear time, nesting is
-// bounded by mask_expr::max_depth with a clear error, and whatever parses prints (str()) to a string that parses
-// back to the same expression.
+// The spec-string parsers (src/core/spec_parse.cc) on hostile inputs: long chains parse in linear time, nesting is
+// bounded by mask_expr::max_depth with a clear error, whatever parses prints (str()) to a string that parses back to
+// the same expression, and error messages are valid UTF-8 with positions counted in characters.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -99,6 +99,70 @@ TEST(ScoreSpec, LongChainsAreBoundedAndLinear) {
   const std::string text = joined("softcap(30)", " + ", 100000);
   const std::string err = parse_score(text, 1, f);
   EXPECT_EQ(err.rfind("[spec] at " + std::to_string(64 * 11 + 64 * 3 - 1) + ": more than 64 terms", 0), 0u) << err.substr(0, 100);
+}
+
+// Whether `s` is well-formed UTF-8, decoded by code point ranges (an oracle written independently of the parser's).
+bool valid_utf8(const std::string& s) {
+  for (std::size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const std::size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    std::uint32_t cp = n == 1 ? c : c & (0x7f >> n);
+    for (std::size_t k = 1; k < n; ++k) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3f);
+    }
+    const std::uint32_t least[5] = {0, 0, 0x80, 0x800, 0x10000};  // shorter forms are overlong
+    if (cp < least[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+    i += n;
+  }
+  return true;
+}
+
+// The whole message of an error at `column`: "[spec] at <column>: <what>", the text as shown, a caret under column.
+std::string message(std::size_t column, const std::string& what, const std::string& shown) {
+  return "[spec] at " + std::to_string(column) + ": " + what + "\n  " + shown + "\n  " + std::string(column, ' ') + "^";
+}
+
+std::string mask_error(const std::string& text) {
+  mask_expr m;
+  return parse_mask(text, m);
+}
+
+std::string score_error(const std::string& text) {
+  score_fn f;
+  return parse_score(text, 1, f);
+}
+
+TEST(SpecErrors, NonAsciiCharactersAreQuotedWholeAndCountedAsOne) {
+  // 'é' is two bytes: the message quotes both (it used to quote the first byte alone, which is not UTF-8, and Python
+  // then lost the whole message), and the caret column counts characters.
+  const std::string pattern_name = "(expected a pattern name, '~' or '(')", ascii = "(names are ASCII letters, digits and '_')";
+  EXPECT_EQ(mask_error("causal & é"), message(9, "unexpected 'é' " + pattern_name, "causal & é"));
+  EXPECT_EQ(mask_error("wïndow(1) ∧ causal"), message(1, "unexpected 'ï' " + ascii, "wïndow(1) ∧ causal"));
+  EXPECT_EQ(mask_error("window(1) ∧ causal"), message(10, "unexpected '∧' (expected '&', '|' or the end)", "window(1) ∧ causal"));
+  EXPECT_EQ(score_error("ß + softcap(2)"), message(0, "unexpected 'ß' (expected a score modifier name)", "ß + softcap(2)"));
+  EXPECT_EQ(score_error("softcap(0) 😀").rfind("[spec] at 8: [scores::softcap]", 0), 0u);
+  EXPECT_EQ(score_error("softcap(2) 😀"), message(11, "unexpected '😀' (expected '+' or the end)", "softcap(2) 😀"));
+}
+
+TEST(SpecErrors, BytesThatAreNotUtf8AndControlCharactersAreEscaped) {
+  // A stray byte is quoted as \xNN and shown as '?'; a control character is quoted as \xNN and shown as a space, so
+  // the text stays on one line above its caret.
+  const std::string pattern_name = "(expected a pattern name, '~' or '(')";
+  EXPECT_EQ(mask_error("causal & \xff\xfe"), message(9, "unexpected '\\xff' " + pattern_name, "causal & ??"));
+  EXPECT_EQ(mask_error("causal\n&\x01"), message(8, "unexpected '\\x01' " + pattern_name, "causal & "));
+  // A truncated character ("é" without its second byte) at the end.
+  EXPECT_EQ(mask_error("sinks(1) | \xc3").rfind("[spec] at 11: unexpected '\\xc3'", 0), 0u);
+  // Every byte value, alone and after a valid prefix, in both parsers: every message is valid UTF-8.
+  for (int b = 0; b < 256; ++b) {
+    const std::string c(1, static_cast<char>(b));
+    for (const std::string& text : {c, "causal & " + c, "window(" + c, "é" + c + "é", "softcap(" + c + ")", "x" + c}) {
+      EXPECT_TRUE(valid_utf8(mask_error(text))) << "byte " << b << ": " << mask_error(text);
+      EXPECT_TRUE(valid_utf8(score_error(text))) << "byte " << b << ": " << score_error(text);
+    }
+  }
 }
 
 }  // namespace

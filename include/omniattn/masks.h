@@ -244,7 +244,8 @@ class mask_expr {
 // e.g. "causal & window(256, 0) | sinks(4)". Time is linear in the text; expressions nest at most
 // mask_expr::max_depth levels (parentheses, '~', and an & inside an | each count; a chain of one operator counts
 // once), so whatever parses is valid and its str() parses back to the same str(). On error returns a message naming
-// the offending character's position and showing it under a caret; `out` is untouched.
+// the offending character's position (counted in characters, not bytes) and showing it under a caret; the message is
+// valid UTF-8 whatever the text (bytes that are not UTF-8 are quoted as \xNN); `out` is untouched.
 std::string parse_mask(std::string_view text, mask_expr& out);
 
 }  // namespace omniattn
