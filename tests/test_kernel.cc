@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -757,6 +758,32 @@ TEST(BlockMask, CausalTilesOfASquareProblem) {
   ASSERT_EQ(br.kinds.size(), 2u);
   EXPECT_EQ(br.kinds[0], tk::full);
   EXPECT_EQ(br.kinds[1], tk::partial);
+}
+
+TEST(BlockMask, HandBuiltParamsAreChecked) {
+  // attn_params filled without make_params: build_block_mask applies the enum and mask rules itself.
+  problem p = make_problem(1, 16, 16, 1, 1, 2, 2);
+  problem_data d(p);
+  spec s;
+  attn_params ap = params_of(d, s, backend::cpu, 1);
+  const auto error_of = [](const attn_params& params) -> std::string {
+    try {
+      (void)build_block_mask(params, 8, 8);
+    } catch (const std::invalid_argument& e) {
+      return e.what();
+    }
+    return "";
+  };
+  ap.causal = static_cast<causal_mode>(4);
+  EXPECT_EQ(error_of(ap), "[build_block_mask] p.causal 4 is not a causal_mode");
+  ap.causal = causal_mode::top_left;
+  const mask_expr bad = mask_expr::window(2, 0, static_cast<causal_mode>(9));
+  ap.mask = &bad;
+  EXPECT_EQ(error_of(ap), "[build_block_mask] p.mask window: align 9 must be causal_mode::top_left (1) or "
+                          "causal_mode::bottom_right (2)");
+  const mask_expr good = mask_expr::window(2, 0, causal_mode::top_left);
+  ap.mask = &good;
+  EXPECT_EQ(error_of(ap), "");
 }
 
 TEST(MaskArea, MatchesBruteForceCount) {

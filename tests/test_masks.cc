@@ -266,6 +266,98 @@ TEST(Masks, CheckReportsInvalidParameters) {
   // An invalid leaf deep inside a composition is found too.
   EXPECT_FALSE((mask_expr::causal(causal_mode::top_left) & ~(mask_expr::sinks(2) | mask_expr::dilated(0))).check().empty());
   EXPECT_TRUE((mask_expr::causal(causal_mode::top_left) & mask_expr::window(-1, 3, causal_mode::top_left)).check().empty());
+  // Alignments outside the enum (any number converts to causal_mode), and none where an alignment is needed.
+  EXPECT_EQ(mask_expr::window(0, 0, static_cast<causal_mode>(5)).check(),
+            "window: align 5 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  EXPECT_EQ(mask_expr::window(3, 0, causal_mode::none).check(),
+            "window: align 0 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  EXPECT_EQ((mask_expr::sinks(1) | mask_expr::causal(static_cast<causal_mode>(200))).check(),
+            "causal: align 200 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  EXPECT_EQ(mask_expr::prefix_lm(4, static_cast<causal_mode>(3)).check(),
+            "prefix_lm: align 3 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  EXPECT_EQ(mask_expr::causal(causal_mode::none).check(), "");  // causal(none) is full()
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Tree shape: & and | chains are single n-ary nodes, and depth is bounded for every reader.
+
+// Every reader of `m` against `ref` on a 70 x 70 problem (the row words and tiles cover more than one 64-key word);
+// allows() on every 7th row, which keeps 10,000-term expressions quick.
+void expect_readers_match(const mask_expr& m, const std::function<bool(std::int64_t, std::int64_t)>& ref) {
+  constexpr std::int64_t n = 70;
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::uint64_t want_lo = 0, want_hi = 0;
+    for (std::int64_t j = 0; j < n; ++j) {
+      if (i % 7 == 0) ASSERT_EQ(m.allows(0, 0, i, j, n, n), ref(i, j)) << "i " << i << " j " << j;
+      if (ref(i, j)) (j < 64 ? want_lo : want_hi) |= std::uint64_t{1} << (j % 64);
+    }
+    ASSERT_EQ(m.row_bits(0, 0, i, 0, 64, n, n), want_lo) << "row " << i;
+    ASSERT_EQ(m.row_bits(0, 0, i, 64, n - 64, n, n), want_hi) << "row " << i;
+  }
+  for (std::int64_t q0 = 0; q0 < n; q0 += 10)
+    for (std::int64_t k0 = 0; k0 < n; k0 += 10) {
+      bool any = false, all = true;
+      for (std::int64_t i = q0; i < q0 + 10; ++i)
+        for (std::int64_t j = k0; j < k0 + 10; ++j) {
+          any |= ref(i, j);
+          all &= ref(i, j);
+        }
+      const tile_kind want = all ? tile_kind::full : any ? tile_kind::partial : tile_kind::empty;
+      ASSERT_EQ(static_cast<int>(m.classify(0, 0, q0, q0 + 10, k0, k0 + 10, n, n)), static_cast<int>(want))
+          << "tile " << q0 << ", " << k0;
+    }
+}
+
+TEST(MaskTree, LongChainsAreOneLevelDeepAndEvaluateExactly) {
+  // 10,000 terms, each key column c (sinks(c + 1) & ~sinks(c)): or-ed over the even columns, allowed iff j is even;
+  // and-ed with causal and the complements of the odd columns, allowed iff j is even and j <= i.
+  const auto column = [](std::int64_t c) { return mask_expr::sinks(c + 1) & ~mask_expr::sinks(c); };
+  mask_expr any_of = column(0), all_of = mask_expr::causal(causal_mode::top_left);
+  for (std::int64_t t = 0; t < 10000; ++t) {
+    if (t > 0) any_of = std::move(any_of) | column(2 * t);
+    all_of = std::move(all_of) & ~column(2 * t + 1);
+  }
+  EXPECT_EQ(any_of.depth(), 4);  // or, and, not, sinks
+  EXPECT_EQ(all_of.depth(), 5);  // and, not, and, not, sinks
+  EXPECT_EQ(any_of.check(), "");
+  EXPECT_EQ(all_of.check(), "");
+  expect_readers_match(any_of, [](std::int64_t, std::int64_t j) { return j % 2 == 0; });
+  expect_readers_match(all_of, [](std::int64_t i, std::int64_t j) { return j % 2 == 0 && j <= i; });
+  // Grouping does not matter: (a | b) | (c | d) is the same single node as a | b | c | d.
+  const mask_expr s1 = mask_expr::sinks(1), s2 = mask_expr::sinks(2), d = mask_expr::dilated(3), c = mask_expr::causal(causal_mode::top_left);
+  EXPECT_EQ(((s1 | s2) | (d | c)).str(), (s1 | s2 | d | c).str());
+  EXPECT_EQ(((s1 | s2) | (d | c)).str(), "(sinks(1) | sinks(2) | dilated(3) | causal(top_left))");
+  EXPECT_EQ((s1 & (s2 & d) & c).str(), "(sinks(1) & sinks(2) & dilated(3) & causal(top_left))");
+  EXPECT_EQ(((s1 | s2) & (d | c)).depth(), 3);
+  // Lvalue operands are copied, not moved from.
+  const mask_expr ab = s1 | s2;
+  EXPECT_EQ((ab | d).str(), "(sinks(1) | sinks(2) | dilated(3))");
+  EXPECT_EQ(ab.str(), "(sinks(1) | sinks(2))");
+}
+
+TEST(MaskTree, TooDeepTreesAreInvalidAndSafeToRead) {
+  // Alternating & and | cannot be flattened: 10,000 levels, built in code.
+  mask_expr deep = mask_expr::sinks(3);
+  for (int level = 0; level < 10000; ++level)
+    deep = level % 2 ? std::move(deep) | mask_expr::dilated(2) : std::move(deep) & mask_expr::causal(causal_mode::top_left);
+  EXPECT_EQ(deep.depth(), 10001);
+  EXPECT_EQ(deep.check().rfind("expression nests deeper than 200 (depth 10001", 0), 0u) << deep.check();
+  // The readers answer "nothing allowed" rather than recursing 10,000 levels.
+  EXPECT_FALSE(deep.allows(0, 0, 5, 1, 10, 10));
+  EXPECT_EQ(deep.row_bits(0, 0, 5, 0, 64, 70, 70), 0u);
+  EXPECT_EQ(static_cast<int>(deep.classify(0, 0, 0, 8, 0, 8, 8, 8)), static_cast<int>(tile_kind::empty));
+  EXPECT_EQ(deep.str(), "<an expression nesting deeper than 200>");
+  mask_expr nots = mask_expr::full();
+  for (int level = 0; level < 100000; ++level) nots = ~std::move(nots);
+  EXPECT_NE(nots.check().find("nests deeper than 200"), std::string::npos);
+  EXPECT_FALSE(nots.allows(0, 0, 0, 0, 1, 1));
+  // The limit itself is valid, one more level is not.
+  mask_expr at_limit = mask_expr::sinks(1);
+  while (at_limit.depth() < mask_expr::max_depth) at_limit = ~std::move(at_limit);
+  EXPECT_EQ(at_limit.check(), "");
+  EXPECT_FALSE(at_limit.allows(0, 0, 0, 0, 1, 2));  // 199 negations of sinks(1): ~sinks(1), every key but the first
+  EXPECT_TRUE(at_limit.allows(0, 0, 0, 1, 1, 2));
+  EXPECT_NE((~at_limit).check().find("nests deeper than 200 (depth 201"), std::string::npos);
 }
 
 // ------------------------------------------------------------------------------------------------------------------

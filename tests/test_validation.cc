@@ -462,6 +462,10 @@ TEST(Validation, AlibiOffsetOverflow) {
 TEST(Validation, BadEnums) {
   expect_rejected([](call& c) { c.s.causal = static_cast<causal_mode>(5); }, "spec.causal 5 is not a causal_mode");
   expect_rejected([](call& c) { c.o.use = static_cast<backend>(7); }, "options.use 7 is not a backend");
+  expect_rejected([](call& c) { c.s.mask = mask_expr::window(0, 0, static_cast<causal_mode>(5)); },
+                  "spec.mask window: align 5 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
+  expect_rejected([](call& c) { c.s.mask = mask_expr::sinks(2) | mask_expr::prefix_lm(1, causal_mode::none); },
+                  "spec.mask prefix_lm: align 0 must be causal_mode::top_left (1) or causal_mode::bottom_right (2)");
 }
 
 TEST(Validation, InvalidMaskExpression) {
@@ -471,6 +475,19 @@ TEST(Validation, InvalidMaskExpression) {
   expect_rejected([](call& c) { c.s.mask = mask_expr::document({2, 5}); }, "spec.mask document: offsets must start at 0");
   expect_rejected([](call& c) { c.s.mask = mask_expr::document({0, 5, 3}); }, "spec.mask document: offsets must be non-decreasing");
   expect_accepted([](call& c) { c.s.mask = mask_expr::window(2, -1, causal_mode::bottom_right) & mask_expr::document({0, 3, 7}); });
+  // A tree built in code that nests deeper than the readers may recurse; a 10,000-term | chain is one level.
+  expect_rejected(
+      [](call& c) {
+        mask_expr m = mask_expr::sinks(1);
+        for (int level = 0; level < 500; ++level) m = level % 2 ? std::move(m) | mask_expr::sinks(2) : std::move(m) & mask_expr::full();
+        c.s.mask = m;
+      },
+      "spec.mask expression nests deeper than 200 (depth 501");
+  expect_accepted([](call& c) {
+    mask_expr m = mask_expr::sinks(1);
+    for (int t = 0; t < 10000; ++t) m = std::move(m) | mask_expr::window(t, 0, causal_mode::top_left);
+    c.s.mask = m;
+  });
 }
 
 TEST(Validation, NegativeThreads) {

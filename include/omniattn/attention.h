@@ -56,7 +56,7 @@ std::int64_t set_scratch_retention(std::int64_t bytes);
 
 // Build the tile structure of the spec in params (causal, block mask, mask functor) for the given tile sizes.
 // Causal tiles are classified analytically; a mask functor is evaluated exactly on the tiles causal leaves non-empty.
-// Throws std::invalid_argument for tile sizes <= 0.
+// Throws std::invalid_argument for tile sizes <= 0, a p.causal that is not a causal_mode and a p.mask that fails check().
 block_mask build_block_mask(const attn_params& p, std::int64_t q_tile, std::int64_t kv_tile);
 
 }  // namespace omniattn

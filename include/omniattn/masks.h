@@ -78,6 +78,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <iosfwd>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -145,11 +146,19 @@ class mask_expr {
     return predicate_rows(std::move(element), std::move(row), std::move(name));
   }
 
-  friend mask_expr operator&(const mask_expr& a, const mask_expr& b);
-  friend mask_expr operator|(const mask_expr& a, const mask_expr& b);
-  friend mask_expr operator~(const mask_expr& a);
+  // a & b & c and a | b | c are single n-ary nodes (however they are grouped), so a chain of any length is one
+  // level deep. The left operand is taken by value: `m = std::move(m) | x` extends m in place, in time linear in x.
+  friend mask_expr operator&(mask_expr a, const mask_expr& b);
+  friend mask_expr operator|(mask_expr a, const mask_expr& b);
+  friend mask_expr operator~(mask_expr a);
 
   explicit operator bool() const { return root_ >= 0; }
+
+  // Nesting depth: 0 for no mask, 1 for a pattern, 1 + the deepest child for &, | and ~. Every reader recurses once
+  // per level, so deeper expressions are invalid: check() reports them, and allows(), row_bits() and classify()
+  // answer "nothing allowed" for them instead of exhausting the stack (parse_mask rejects them with the same limit).
+  static constexpr int max_depth = 200;
+  int depth() const { return depth_; }
 
   bool allows(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j, std::int64_t lq, std::int64_t lk) const;
   // Bit t set iff key k0 + t is allowed, for t < n <= 64; bits at or above n are zero.
@@ -163,7 +172,8 @@ class mask_expr {
   bool uses_batch() const;
   // Whether a user predicate is part of the expression (user code can throw: such calls stage their output).
   bool has_user_code() const;
-  // A readable form, e.g. "(causal(bottom_right) & window(256,0,bottom_right)) | sinks(4)".
+  // A readable form, e.g. "((causal(bottom_right) & window(256,0,bottom_right)) | sinks(4))": every & and | in
+  // parentheses, so its nesting equals depth() and, for an expression of built-in patterns, parse_mask reads it back.
   std::string str() const;
   // Empty when the expression is valid; otherwise what is wrong (e.g. "window: left -3 ... ").
   std::string check() const;
@@ -176,7 +186,10 @@ class mask_expr {
     op kind = op::full;
     std::int64_t a = 0, b = 0;  // pattern parameters (random_blocks: a = block, b = density in ppm)
     std::uint8_t align = 0;     // causal_mode as a number
-    int lhs = -1, rhs = -1;     // children of and / or / not
+    // Children of and / or (any number, in order) and not (one): `first`, then each child's `next`. `last` lets an
+    // operator append a child without walking the list.
+    int first = -1, last = -1;
+    int next = -1;              // the following child of the same and / or; -1 for the last one
     int table = -1;             // index into tables_ (offsets, ids, grid parameters), fns_ (predicate) or dense_ (dense)
     std::uint64_t seed = 0;     // random_blocks
   };
@@ -200,11 +213,13 @@ class mask_expr {
   std::vector<std::shared_ptr<const mask_row_fn>> rows_;  // row functions of inlined(), parallel to fns_ (null: none)
   std::vector<dense_view> dense_;
   int root_ = -1;
+  int depth_ = 0;
 
   static mask_expr leaf(node n);
   static mask_expr predicate_rows(mask_fn f, mask_row_fn row, std::string name);  // a predicate with a row function
-  static mask_expr combine(op kind, const mask_expr& a, const mask_expr* b);
+  static mask_expr join(op kind, mask_expr a, const mask_expr& b);  // a & b or a | b, flattened
   int append(const mask_expr& other);  // copies other's nodes in, returns its root's new index
+  int next_child(int c) const { return nodes_[static_cast<std::size_t>(c)].next; }
 
   bool allows_node(int n, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j, std::int64_t lq, std::int64_t lk) const;
   std::uint64_t bits_node(int n, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0, std::int64_t cnt,
@@ -212,7 +227,7 @@ class mask_expr {
   tile_kind classify_node(int n, std::int64_t b, std::int64_t h, std::int64_t q0, std::int64_t q1, std::int64_t k0,
                           std::int64_t k1, std::int64_t lq, std::int64_t lk) const;
   bool interval(const node& nd, std::int64_t i, std::int64_t lq, std::int64_t lk, std::int64_t& lo, std::int64_t& hi) const;
-  std::string str_node(int n) const;
+  void str_node(int n, std::ostream& os) const;
   std::uint64_t dense_bits(const dense_view& d, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0,
                            std::int64_t cnt) const;
 };
@@ -230,8 +245,11 @@ class mask_expr {
 //             neighborhood(grid, kernel[, dilation[, stride[, causal]]])     halo(grid, block, halo)
 //   e.g. "neighborhood(64x64, 7x7)", "neighborhood(grid=16x32x32, kernel=3x7x7, stride=1x2x2, causal=1x0x0)",
 //   "halo(grid=64x64, block=8x8, halo=3)". str() prints every key, so its output parses back to itself.
-// e.g. "causal & window(256, 0) | sinks(4)". On error returns a message naming the offending character's position
-// and showing it under a caret; `out` is untouched.
+// e.g. "causal & window(256, 0) | sinks(4)". Time is linear in the text; expressions nest at most
+// mask_expr::max_depth levels (parentheses, '~', and an & inside an | each count; a chain of one operator counts
+// once), so whatever parses is valid and its str() parses back to the same str(). On error returns a message naming
+// the offending character's position (counted in characters, not bytes) and showing it under a caret; the message is
+// valid UTF-8 whatever the text (bytes that are not UTF-8 are quoted as \xNN); `out` is untouched.
 std::string parse_mask(std::string_view text, mask_expr& out);
 
 }  // namespace omniattn

@@ -113,7 +113,8 @@ namespace omniattn {
 
 // Parses a score spec string (grammar in README.md, "Score modifiers as spec strings"): terms joined by '+', applied
 // left to right, e.g. "alibi + softcap(30)". `heads` (query heads) sizes the standard ALiBi slopes. Returns "" and
-// sets `out` (empty for "none"), or returns "[spec] at N: ..." with the text and a caret under the offending character.
+// sets `out` (empty for "none"), or returns "[spec] at N: ..." with the text and a caret under the offending character
+// (N counts characters; the message is valid UTF-8, as for parse_mask).
 std::string parse_score(std::string_view text, std::int64_t heads, score_fn& out);
 
 }  // namespace omniattn

@@ -73,12 +73,10 @@ def _empty(like, shape, dtype=None):
 
 
 def _int64_vector(x, name):
+    """cu_seqlens as int64, by the C++ rules (integers only: a float array is an error, not truncated)."""
     if x is None:
         return None
-    a = np.ascontiguousarray(to_numpy(x, name) if not isinstance(x, (list, tuple)) else np.asarray(x), dtype=np.int64)
-    if a.ndim != 1:
-        raise ValueError(f"omniattn: {name} must be 1-d, got shape {a.shape}")
-    return a
+    return _C.cu_seqlens(x if isinstance(x, (list, tuple)) else to_numpy(x, name), name)
 
 
 class _Call:

@@ -396,9 +396,22 @@ omniattn::backend parse_backend(const std::string& s) {
   throw py::value_error("omniattn: backend must be 'auto', 'cpu' or 'reference', got '" + s + "'");
 }
 
+// Cumulative sequence lengths as int64: a 1-d array (or sequence) of integers. Other dtypes are refused rather than
+// cast, since forcecast truncates floats (cu_seqlens=[0, 4.7] would silently become [0, 4]).
+py::array_t<std::int64_t> cu_seqlens_array(py::handle obj, const std::string& name) {
+  const py::array any = py::array::ensure(obj);
+  if (!any) throw py::type_error("omniattn: " + name + " must be a 1-d integer array, not " + type_name(obj));
+  const char kind = any.dtype().kind();
+  if (kind != 'i' && kind != 'u' && any.size() != 0)  // [] is float64 to numpy, and has nothing to truncate
+    throw py::type_error("omniattn: " + name + " has dtype " + py::str(any.dtype()).cast<std::string>() +
+                         "; cumulative sequence lengths must be integers (e.g. int32 or int64)");
+  if (any.ndim() != 1)
+    throw py::value_error("omniattn: " + name + " must be 1-d, got " + std::to_string(any.ndim()) + " dimensions");
+  return py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(any);
+}
+
 std::vector<std::int64_t> cu_seqlens(py::handle obj, const char* name) {
-  const auto a = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
-  if (!a || a.ndim() != 1) throw py::value_error(std::string("omniattn: ") + name + " must be a 1-d integer array");
+  const py::array_t<std::int64_t> a = cu_seqlens_array(obj, name);
   return {a.data(), a.data() + a.size()};
 }
 
@@ -554,8 +567,7 @@ omniattn::block_mask build_blocks(py::handle mask, const std::string& causal, st
     throw py::value_error("omniattn: batch, heads, seq_q and seq_k must be >= 0");
   p.causal = parse_causal(causal);
   if (!mask.is_none()) {
-    const py_mask& m = mask.cast<const py_mask&>();
-    if (const std::string why = m.expr.check(); !why.empty()) throw py::value_error("omniattn: mask " + why);
+    const py_mask& m = mask.cast<const py_mask&>();  // its rules: omniattn::build_block_mask (invalid_argument -> ValueError)
     m.check_shapes({p.batch, p.heads_q, p.seq_q, p.seq_k});
     p.mask = &m.expr;
   }
@@ -627,6 +639,9 @@ PYBIND11_MODULE(_omniattn, m) {
     return py::dict("data"_a = reinterpret_cast<std::uintptr_t>(a.data), "dtype"_a = elem_name(a.type),
                     "shape"_a = a.shape, "strides"_a = a.strides);
   }, "obj"_a, "as_bf16"_a = false, "What the binding sees of an array: pointer, dtype, shape, element strides (no copy).");
+
+  m.def("cu_seqlens", &cu_seqlens_array, "values"_a, "name"_a,
+        "cu_seqlens as a contiguous int64 array; TypeError for non-integer dtypes, ValueError unless 1-d.");
 
   m.def("alibi_slopes", &omniattn::scores::alibi_slopes, "heads"_a, "The ALiBi paper's slopes for `heads` heads.");
 

@@ -145,6 +145,28 @@ def test_varlen_errors(rng):
         omniattn.attention(q[None], k[None], v[None], cu_seqlens_q=[0, 10], cu_seqlens_k=[0, 10])
 
 
+def test_cu_seqlens_must_be_integers(rng):
+    # Floats used to be truncated: [0, 4.7, 10] ran as [0, 4, 10].
+    q, k, v = (rng.standard_normal((10, 2, 8)).astype(np.float32) for _ in range(3))
+    want = ("omniattn: cu_seqlens_q has dtype float64; cumulative sequence lengths must be integers "
+            "(e.g. int32 or int64)")
+    raises(TypeError, want, q, k, v, cu_seqlens_q=[0, 4.7, 10], cu_seqlens_k=[0, 4, 10])
+    raises(TypeError, want, q, k, v, cu_seqlens_q=np.array([0.0, 4.0, 10.0]), cu_seqlens_k=[0, 4, 10])
+    raises(TypeError, want.replace("_q has dtype float64", "_k has dtype float32"), q, k, v, cu_seqlens_q=[0, 4, 10],
+           cu_seqlens_k=np.array([0, 4, 10], dtype=np.float32))
+    raises(TypeError, want.replace("float64", "bool"), q, k, v, cu_seqlens_q=np.array([False, True]),
+           cu_seqlens_k=[0, 10])
+    raises(ValueError, "omniattn: cu_seqlens_q must be 1-d, got 2 dimensions", q, k, v,
+           cu_seqlens_q=np.array([[0, 4, 10]]), cu_seqlens_k=[0, 4, 10])
+    with pytest.raises(TypeError, match="^omniattn: cu_seqlens_k has dtype float64; cumulative"):
+        omniattn.build_block_mask(None, 2, 2, 6, 6, cu_seqlens_q=[0, 4, 10], cu_seqlens_k=[0.0, 4.0, 10.0])
+    # Every integer dtype is accepted, and gives the int64 result.
+    for dt in (np.int32, np.int64, np.uint16, np.int8):
+        cu = np.array([0, 4, 10], dtype=dt)
+        np.testing.assert_array_equal(omniattn.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu),
+                                      omniattn.attention(q, k, v, cu_seqlens_q=[0, 4, 10], cu_seqlens_k=[0, 4, 10]))
+
+
 # --- dtypes -----------------------------------------------------------------------------------------------------------
 
 

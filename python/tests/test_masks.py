@@ -177,6 +177,26 @@ def test_spec_string_masks_match_built_in_patterns():
                                omniattn.reference_attention(q, k, v, mask=mixed), atol=2e-6)
 
 
+def test_spec_string_errors_survive_non_ascii_text():
+    # The message used to quote the first byte of a multi-byte character, which is not UTF-8: pybind11 could not
+    # decode it and raised a ValueError with no message at all. Positions and the caret count characters.
+    with pytest.raises(ValueError) as e:
+        masks.parse("causal & é")
+    assert str(e.value) == ("[spec] at 9: unexpected 'é' (expected a pattern name, '~' or '(')\n"
+                            "  causal & é\n"
+                            "           ^")
+    with pytest.raises(ValueError) as e:
+        masks.parse("window(1) ∧ sinks(2)")
+    assert str(e.value).startswith("[spec] at 10: unexpected '∧' (expected '&', '|' or the end)")
+    assert str(e.value).splitlines()[2].index("^") == 2 + "window(1) ∧ sinks(2)".index("∧")
+    rng = np.random.default_rng(0)
+    q, k, v = qkv(rng)
+    with pytest.raises(ValueError, match=r"^\[spec\] at 6: unexpected '😀' \(expected '\+' or the end\)"):
+        omniattn.attention(q, k, v, score="alibi 😀")
+    with pytest.raises(ValueError, match=r"^\[spec\] at 13: unexpected 'ü' \(names are ASCII letters, digits and '_'\)"):
+        omniattn.attention(q, k, v, mask="sinks(2) | glüh")
+
+
 def test_spec_string_errors_point_at_the_character():
     from omniattn import masks
     with pytest.raises(ValueError, match=r"\[spec\] at 7"):

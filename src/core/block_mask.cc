@@ -40,6 +40,13 @@ block_mask build_block_mask(const attn_params& p, std::int64_t q_tile, std::int6
   if (q_tile <= 0 || kv_tile <= 0)
     throw std::invalid_argument("[build_block_mask] tile sizes " + std::to_string(q_tile) + "x" + std::to_string(kv_tile) +
                                 " must be > 0");
+  // attn_params may be filled by hand rather than by make_params: the enum and the mask get the same checks here.
+  if (p.causal != causal_mode::none && p.causal != causal_mode::top_left && p.causal != causal_mode::bottom_right)
+    throw std::invalid_argument("[build_block_mask] p.causal " + std::to_string(static_cast<int>(p.causal)) +
+                                " is not a causal_mode");
+  if (p.mask)
+    if (const std::string why = p.mask->check(p.batch, p.heads_q, p.seq_q, p.seq_k); !why.empty())
+      throw std::invalid_argument("[build_block_mask] p.mask " + why);
   block_mask bm;
   bm.q_tile = q_tile;
   bm.kv_tile = kv_tile;

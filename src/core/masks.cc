@@ -49,6 +49,7 @@ mask_expr mask_expr::leaf(node n) {
   mask_expr m;
   m.nodes_.push_back(n);
   m.root_ = 0;
+  m.depth_ = 1;
   return m;
 }
 
@@ -56,9 +57,13 @@ int mask_expr::append(const mask_expr& other) {
   const int base = static_cast<int>(nodes_.size());
   const int tbase = static_cast<int>(tables_.size()), fbase = static_cast<int>(fns_.size());
   const int dbase = static_cast<int>(dense_.size());
+  const auto shift = [base](int& index) {
+    if (index >= 0) index += base;
+  };
   for (node n : other.nodes_) {
-    if (n.lhs >= 0) n.lhs += base;
-    if (n.rhs >= 0) n.rhs += base;
+    shift(n.first);
+    shift(n.last);
+    shift(n.next);
     if (n.table >= 0) n.table += n.kind == op::predicate ? fbase : n.kind == op::dense ? dbase : tbase;
     nodes_.push_back(n);
   }
@@ -70,27 +75,54 @@ int mask_expr::append(const mask_expr& other) {
   return other.root_ + base;
 }
 
-mask_expr mask_expr::combine(op kind, const mask_expr& a, const mask_expr* b) {
-  mask_expr m;
-  node n;
-  n.kind = kind;
-  n.lhs = m.append(a.root_ >= 0 ? a : full());
-  if (b) n.rhs = m.append(b->root_ >= 0 ? *b : full());
-  m.nodes_.push_back(n);
-  m.root_ = static_cast<int>(m.nodes_.size()) - 1;
-  return m;
+mask_expr mask_expr::join(op kind, mask_expr a, const mask_expr& b) {
+  // a's root becomes (or already is) the n-ary node; b joins it as one child, or, when b is the same operator, its
+  // children join it one by one. Nested chains thus stay one level deep: "a | b | ... | z" has depth 2 however it
+  // was grouped, so no reader recurses once per term.
+  if (a.nodes_[static_cast<std::size_t>(a.root_)].kind != kind) {
+    node n;
+    n.kind = kind;
+    n.first = n.last = a.root_;
+    a.nodes_.push_back(n);
+    a.root_ = static_cast<int>(a.nodes_.size()) - 1;
+    ++a.depth_;
+  }
+  const int b_root = a.append(b);
+  const node inner = a.nodes_[static_cast<std::size_t>(b_root)];
+  node& root = a.nodes_[static_cast<std::size_t>(a.root_)];
+  if (inner.kind == kind) {
+    // b's own root is left without children; no reader reaches it (it is no one's child).
+    a.nodes_[static_cast<std::size_t>(root.last)].next = inner.first;
+    root.last = inner.last;
+    a.nodes_[static_cast<std::size_t>(b_root)].first = a.nodes_[static_cast<std::size_t>(b_root)].last = -1;
+    a.depth_ = std::max(a.depth_, b.depth_);
+  } else {
+    a.nodes_[static_cast<std::size_t>(root.last)].next = b_root;
+    root.last = b_root;
+    a.depth_ = std::max(a.depth_, b.depth_ + 1);
+  }
+  return a;
 }
 
-mask_expr operator&(const mask_expr& a, const mask_expr& b) {
+mask_expr operator&(mask_expr a, const mask_expr& b) {
   if (!a) return b;
   if (!b) return a;
-  return mask_expr::combine(mask_expr::op::and_, a, &b);
+  return mask_expr::join(mask_expr::op::and_, std::move(a), b);
 }
-mask_expr operator|(const mask_expr& a, const mask_expr& b) {
+mask_expr operator|(mask_expr a, const mask_expr& b) {
   if (!a || !b) return mask_expr::full();
-  return mask_expr::combine(mask_expr::op::or_, a, &b);
+  return mask_expr::join(mask_expr::op::or_, std::move(a), b);
 }
-mask_expr operator~(const mask_expr& a) { return mask_expr::combine(mask_expr::op::not_, a, nullptr); }
+mask_expr operator~(mask_expr a) {
+  if (!a) a = mask_expr::full();
+  mask_expr::node n;
+  n.kind = mask_expr::op::not_;
+  n.first = n.last = a.root_;
+  a.nodes_.push_back(n);
+  a.root_ = static_cast<int>(a.nodes_.size()) - 1;
+  ++a.depth_;
+  return a;
+}
 
 mask_expr mask_expr::full() { return leaf({op::full}); }
 mask_expr mask_expr::causal(causal_mode align) {
@@ -500,9 +532,15 @@ bool mask_expr::allows_node(int n, std::int64_t b, std::int64_t h, std::int64_t 
       const auto at = static_cast<std::size_t>(nd.table);
       return detail::call_user("spec.mask predicate", names_[at], [&] { return (*fns_[at])(b, h, i, j); });
     }
-    case op::and_: return allows_node(nd.lhs, b, h, i, j, lq, lk) && allows_node(nd.rhs, b, h, i, j, lq, lk);
-    case op::or_: return allows_node(nd.lhs, b, h, i, j, lq, lk) || allows_node(nd.rhs, b, h, i, j, lq, lk);
-    case op::not_: return !allows_node(nd.lhs, b, h, i, j, lq, lk);
+    case op::and_:
+      for (int c = nd.first; c >= 0; c = next_child(c))
+        if (!allows_node(c, b, h, i, j, lq, lk)) return false;
+      return true;
+    case op::or_:
+      for (int c = nd.first; c >= 0; c = next_child(c))
+        if (allows_node(c, b, h, i, j, lq, lk)) return true;
+      return false;
+    case op::not_: return !allows_node(nd.first, b, h, i, j, lq, lk);
     default: return false;
   }
 }
@@ -513,9 +551,17 @@ std::uint64_t mask_expr::bits_node(int n, std::int64_t b, std::int64_t h, std::i
   std::int64_t lo, hi;
   if (interval(nd, i, lq, lk, lo, hi)) return span_bits(lo, hi, k0, cnt);
   switch (nd.kind) {
-    case op::and_: return bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) & bits_node(nd.rhs, b, h, i, k0, cnt, lq, lk);
-    case op::or_: return bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) | bits_node(nd.rhs, b, h, i, k0, cnt, lq, lk);
-    case op::not_: return ~bits_node(nd.lhs, b, h, i, k0, cnt, lq, lk) & low_bits(cnt);
+    case op::and_: {
+      std::uint64_t bits = low_bits(cnt);
+      for (int c = nd.first; c >= 0 && bits != 0; c = next_child(c)) bits &= bits_node(c, b, h, i, k0, cnt, lq, lk);
+      return bits;
+    }
+    case op::or_: {
+      std::uint64_t bits = 0;
+      for (int c = nd.first; c >= 0 && bits != low_bits(cnt); c = next_child(c)) bits |= bits_node(c, b, h, i, k0, cnt, lq, lk);
+      return bits;
+    }
+    case op::not_: return ~bits_node(nd.first, b, h, i, k0, cnt, lq, lk) & low_bits(cnt);
     case op::global_tokens: return i < nd.a ? low_bits(cnt) : span_bits(0, nd.a, k0, cnt);
     case op::neighborhood:
     case op::halo: return grid_bits(decode_grid(nd.kind, *tables_[static_cast<std::size_t>(nd.table)]), i, k0, cnt);
@@ -573,13 +619,19 @@ tile_kind mask_expr::classify_node(int n, std::int64_t b, std::int64_t h, std::i
   } else if (nd.kind == op::neighborhood || nd.kind == op::halo) {
     return grid_classify(decode_grid(nd.kind, *tables_[static_cast<std::size_t>(nd.table)]), q0, q1, k0, k1);
   } else if (nd.kind == op::and_ || nd.kind == op::or_) {
-    const tile_kind l = classify_node(nd.lhs, b, h, q0, q1, k0, k1, lq, lk);
-    const tile_kind r = classify_node(nd.rhs, b, h, q0, q1, k0, k1, lq, lk);
+    // One child of the dominant class decides the tile; all children of the neutral class give it; anything else
+    // (some child PARTIAL) is settled exactly below.
     const tile_kind dominant = nd.kind == op::and_ ? tile_kind::empty : tile_kind::full;
-    if (l == dominant || r == dominant) return dominant;
-    if (l == r && l != tile_kind::partial) return l;  // both the neutral class
+    const tile_kind neutral = nd.kind == op::and_ ? tile_kind::full : tile_kind::empty;
+    bool all_neutral = true;
+    for (int c = nd.first; c >= 0; c = next_child(c)) {
+      const tile_kind k = classify_node(c, b, h, q0, q1, k0, k1, lq, lk);
+      if (k == dominant) return dominant;
+      all_neutral &= k == neutral;
+    }
+    if (all_neutral) return neutral;
   } else if (nd.kind == op::not_) {
-    const tile_kind c = classify_node(nd.lhs, b, h, q0, q1, k0, k1, lq, lk);
+    const tile_kind c = classify_node(nd.first, b, h, q0, q1, k0, k1, lq, lk);
     if (c != tile_kind::partial) return c == tile_kind::full ? tile_kind::empty : tile_kind::full;
   }
   // Settle exactly from row bits, 64 keys at a time.
@@ -595,16 +647,19 @@ tile_kind mask_expr::classify_node(int n, std::int64_t b, std::int64_t h, std::i
 }
 
 bool mask_expr::allows(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j, std::int64_t lq, std::int64_t lk) const {
+  if (depth_ > max_depth) return false;  // invalid (check() says why): too deep to walk
   return root_ < 0 || allows_node(root_, b, h, i, j, lq, lk);
 }
 
 std::uint64_t mask_expr::row_bits(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0, std::int64_t n,
                                   std::int64_t lq, std::int64_t lk) const {
+  if (depth_ > max_depth) return 0;  // invalid (check() says why): too deep to walk
   return root_ < 0 ? low_bits(n) : bits_node(root_, b, h, i, k0, n, lq, lk);
 }
 
 tile_kind mask_expr::classify(std::int64_t b, std::int64_t h, std::int64_t q0, std::int64_t q1, std::int64_t k0,
                               std::int64_t k1, std::int64_t lq, std::int64_t lk) const {
+  if (depth_ > max_depth) return tile_kind::empty;  // invalid (check() says why): too deep to walk
   return root_ < 0 ? tile_kind::full : classify_node(root_, b, h, q0, q1, k0, k1, lq, lk);
 }
 
@@ -616,9 +671,8 @@ bool mask_expr::uses_batch() const {
   return !fns_.empty() || std::any_of(dense_.begin(), dense_.end(), [](const dense_view& d) { return d.shape[0] > 1; });
 }
 
-std::string mask_expr::str_node(int n) const {
+void mask_expr::str_node(int n, std::ostream& os) const {
   const node& nd = nodes_[static_cast<std::size_t>(n)];
-  std::ostringstream os;
   switch (nd.kind) {
     case op::full: os << "full"; break;
     case op::causal: os << "causal(" << align_name(nd.align) << ")"; break;
@@ -659,14 +713,29 @@ std::string mask_expr::str_node(int n) const {
       os << "random_blocks(" << nd.a << "," << static_cast<double>(nd.b) / 1e4 << "," << nd.seed << ")";
       break;
     case op::predicate: os << names_[static_cast<std::size_t>(nd.table)]; break;
-    case op::and_: os << "(" << str_node(nd.lhs) << " & " << str_node(nd.rhs) << ")"; break;
-    case op::or_: os << "(" << str_node(nd.lhs) << " | " << str_node(nd.rhs) << ")"; break;
-    case op::not_: os << "~" << str_node(nd.lhs); break;
+    case op::and_:
+    case op::or_:
+      os << "(";
+      for (int c = nd.first; c >= 0; c = next_child(c)) {
+        if (c != nd.first) os << (nd.kind == op::and_ ? " & " : " | ");
+        str_node(c, os);
+      }
+      os << ")";
+      break;
+    case op::not_:
+      os << "~";
+      str_node(nd.first, os);
+      break;
   }
-  return os.str();
 }
 
-std::string mask_expr::str() const { return root_ < 0 ? "none" : str_node(root_); }
+std::string mask_expr::str() const {
+  if (root_ < 0) return "none";
+  if (depth_ > max_depth) return "<an expression nesting deeper than " + std::to_string(max_depth) + ">";
+  std::ostringstream os;  // one stream for the whole tree: linear in the expression's size
+  str_node(root_, os);
+  return os.str();
+}
 
 namespace {
 
@@ -742,9 +811,22 @@ std::uint64_t mask_expr::dense_bits(const dense_view& d, std::int64_t b, std::in
 
 std::string mask_expr::check() const {
   constexpr std::int64_t k_limit = std::int64_t{1} << 40;  // keeps i + offset +- parameter far from int64 overflow
+  if (depth_ > max_depth)
+    return "expression nests deeper than " + std::to_string(max_depth) + " (depth " + std::to_string(depth_) +
+           "; chains of & or | count as one level)";
   for (const node& nd : nodes_) {
     if (nd.a > k_limit || nd.a < -k_limit || nd.b > k_limit || nd.b < -k_limit)
       return "pattern parameter " + std::to_string(std::abs(nd.a) > k_limit ? nd.a : nd.b) + " out of range (|x| <= 2^40)";
+    if (nd.kind == op::causal || nd.kind == op::window || nd.kind == op::prefix_lm) {
+      // align arrives as a causal_mode from the API, where any number converts: only the two alignments are meaningful
+      // (causal(none) is already full(); none elsewhere would print as bottom_right and evaluate as top_left).
+      const auto align = static_cast<causal_mode>(nd.align);
+      if (align != causal_mode::top_left && align != causal_mode::bottom_right)
+        return std::string(nd.kind == op::causal ? "causal" : nd.kind == op::window ? "window" : "prefix_lm") + ": align " +
+               std::to_string(nd.align) + " must be causal_mode::top_left (" +
+               std::to_string(static_cast<int>(causal_mode::top_left)) + ") or causal_mode::bottom_right (" +
+               std::to_string(static_cast<int>(causal_mode::bottom_right)) + ")";
+    }
     switch (nd.kind) {
       case op::sinks:
       case op::prefix_lm:
@@ -818,12 +900,13 @@ std::optional<grid_local> as_grid_local(const mask_expr& m) {
   const mask_expr::node* grid = root;
   const mask_expr::node* extra = nullptr;  // ~sinks(t) of "grid | ~sinks(t)"
   if (root && root->kind == op::or_) {
-    const mask_expr::node* a = m.node_at(root->lhs);
-    const mask_expr::node* b = m.node_at(root->rhs);
+    const mask_expr::node* a = m.node_at(root->first);
+    const mask_expr::node* b = a ? m.node_at(a->next) : nullptr;
+    if (!b || b->next >= 0) return std::nullopt;  // exactly two terms
     if (!is_grid(a)) std::swap(a, b);
     grid = a;
     extra = b;
-    const mask_expr::node* inner = extra && extra->kind == op::not_ ? m.node_at(extra->lhs) : nullptr;
+    const mask_expr::node* inner = extra->kind == op::not_ ? m.node_at(extra->first) : nullptr;
     if (!inner || inner->kind != op::sinks) return std::nullopt;
     extra = inner;
   }

@@ -1,6 +1,5 @@
 // The spec-string parsers: small recursive-descent parsers over the mask grammar (include/omniattn/masks.h) and the
 // score grammar (README.md), sharing one lexer and one error format (position, text, caret).
-#include <cctype>
 #include <charconv>
 #include <cmath>
 #include <stdexcept>
@@ -15,9 +14,52 @@ namespace omniattn {
 namespace {
 
 struct parse_error {
-  std::size_t pos;
+  std::size_t pos;  // a byte offset into the text
   std::string what;
 };
+
+// Character classes in ASCII only: <cctype>'s depend on the C locale, where a byte of a multi-byte UTF-8 character can
+// count as a letter or a space and so be split from the rest of its character.
+bool is_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+bool is_digit(char c) { return c >= '0' && c <= '9'; }
+bool is_letter(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+
+// Bytes in the UTF-8 character starting at t[i]: 1 for ASCII, 2 to 4 for a well-formed multi-byte character, 0 for a
+// byte that starts none (a continuation byte, an overlong form, a surrogate, a truncated sequence).
+std::size_t utf8_length(std::string_view t, std::size_t i) {
+  const auto byte = [&](std::size_t k) { return static_cast<unsigned char>(t[k]); };
+  const unsigned char c = byte(i);
+  if (c < 0x80) return 1;
+  std::size_t n = 0;
+  unsigned char lo = 0x80, hi = 0xbf;  // the range of the second byte (narrower after E0, ED, F0, F4)
+  if (c >= 0xc2 && c <= 0xdf) {
+    n = 2;
+  } else if (c >= 0xe0 && c <= 0xef) {
+    n = 3;
+    if (c == 0xe0) lo = 0xa0;
+    if (c == 0xed) hi = 0x9f;
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    n = 4;
+    if (c == 0xf0) lo = 0x90;
+    if (c == 0xf4) hi = 0x8f;
+  } else {
+    return 0;
+  }
+  if (i + n > t.size() || byte(i + 1) < lo || byte(i + 1) > hi) return 0;
+  for (std::size_t k = 2; k < n; ++k)
+    if ((byte(i + k) & 0xc0) != 0x80) return 0;
+  return n;
+}
+
+// The character at t[i] for a message: the whole UTF-8 character, or \xNN for a control character or a byte that
+// starts none. Messages must stay valid UTF-8: Python, for one, cannot decode them otherwise and loses them.
+std::string char_at(std::string_view t, std::size_t i) {
+  const std::size_t n = utf8_length(t, i);
+  const auto c = static_cast<unsigned char>(t[i]);
+  if (n > 1 || (n == 1 && c >= 0x20 && c != 0x7f)) return std::string(t.substr(i, n));
+  const char* const hex = "0123456789abcdef";
+  return std::string("\\x") + hex[c >> 4] + hex[c & 15];
+}
 
 // Position, whitespace, punctuation and identifiers; every error is a parse_error at the current position.
 class lexer {
@@ -29,8 +71,12 @@ class lexer {
   std::size_t i_ = 0;
 
   [[noreturn]] void fail(std::string what) const { throw parse_error{i_, std::move(what)}; }
+  // "unexpected 'c' (expected ...)" for the character at the current position, or "unexpected end (...)".
+  [[noreturn]] void unexpected(const std::string& expected) const {
+    fail(i_ < t_.size() ? "unexpected '" + char_at(t_, i_) + "' (" + expected + ")" : "unexpected end (" + expected + ")");
+  }
   void skip() {
-    while (i_ < t_.size() && std::isspace(static_cast<unsigned char>(t_[i_]))) ++i_;
+    while (i_ < t_.size() && is_space(t_[i_])) ++i_;
   }
   bool eat(char c) {
     skip();
@@ -46,7 +92,10 @@ class lexer {
   std::string ident() {
     skip();
     const std::size_t start = i_;
-    while (i_ < t_.size() && (std::isalnum(static_cast<unsigned char>(t_[i_])) || t_[i_] == '_')) ++i_;
+    while (i_ < t_.size() && (is_letter(t_[i_]) || is_digit(t_[i_]) || t_[i_] == '_')) ++i_;
+    // "causälx" is one word to a reader: name the character rather than the unknown name "caus".
+    if (i_ > start && i_ < t_.size() && static_cast<unsigned char>(t_[i_]) >= 0x80)
+      unexpected("names are ASCII letters, digits and '_'");
     return std::string(t_.substr(start, i_ - start));
   }
   template <class Args>
@@ -59,9 +108,22 @@ class lexer {
   }
 };
 
+// "[spec] at N: what", the text, and a caret under the offending character. N and the caret's column count characters,
+// not bytes, so both match what a reader sees (and Python's string indices); the text is shown with control characters
+// as spaces and bytes that are not UTF-8 as '?', one column each, which keeps the caret aligned and the message valid
+// UTF-8 whatever the input.
 std::string format_error(std::string_view text, const parse_error& e) {
-  return "[spec] at " + std::to_string(e.pos) + ": " + e.what + "\n  " + std::string(text) + "\n  " +
-         std::string(e.pos, ' ') + "^";
+  std::string shown;
+  std::size_t column = 0;
+  for (std::size_t i = 0; i < text.size();) {
+    const std::size_t n = utf8_length(text, i);
+    if (n == 0) shown += '?';
+    else if (n == 1 && (static_cast<unsigned char>(text[i]) < 0x20 || text[i] == 0x7f)) shown += ' ';
+    else shown.append(text.substr(i, n));
+    if (i < e.pos) ++column;
+    i += n == 0 ? 1 : n;
+  }
+  return "[spec] at " + std::to_string(column) + ": " + e.what + "\n  " + shown + "\n  " + std::string(column, ' ') + "^";
 }
 
 class parser : lexer {
@@ -71,29 +133,51 @@ class parser : lexer {
   mask_expr parse() {
     mask_expr m = expr();
     skip();
-    if (i_ != t_.size()) fail("unexpected '" + std::string(1, t_[i_]) + "' (expected '&', '|' or the end)");
+    if (i_ != t_.size()) unexpected("expected '&', '|' or the end");
     return m;
   }
 
  private:
-  int depth_ = 0;
+  int depth_ = 0;  // open unary() calls: the parser's own recursion
 
+  // Both the parser's recursion and the tree it builds are bounded by mask_expr::max_depth, the limit check() puts on
+  // every expression: hostile inputs ("((((...", "~~~~...") cannot exhaust the stack, and since str() nests exactly
+  // as deep as the tree, whatever parses prints to a string that parses again.
+  [[noreturn]] void too_deep(std::size_t at) {
+    i_ = at;
+    fail("expression nests deeper than " + std::to_string(mask_expr::max_depth));
+  }
+  mask_expr bounded(mask_expr m, std::size_t at) {
+    if (m.depth() > mask_expr::max_depth) too_deep(at);
+    return m;
+  }
+
+  // Operands join the left one in place (operator| / & take it by value), so a chain of n terms parses in O(n).
   mask_expr expr() {
     mask_expr m = term();
-    while (eat('|')) m = m | term();
-    return m;
+    for (;;) {
+      skip();
+      const std::size_t at = i_;  // the operator, where a too deep result is reported
+      if (!eat('|')) return m;
+      m = bounded(std::move(m) | term(), at);
+    }
   }
   mask_expr term() {
     mask_expr m = unary();
-    while (eat('&')) m = m & unary();
-    return m;
+    for (;;) {
+      skip();
+      const std::size_t at = i_;  // the operator, where a too deep result is reported
+      if (!eat('&')) return m;
+      m = bounded(std::move(m) & unary(), at);
+    }
   }
   mask_expr unary() {
-    // Bounded nesting keeps hostile inputs (fuzzing, "((((...") from exhausting the stack.
-    if (++depth_ > 200) fail("nesting deeper than 200");
+    skip();
+    const std::size_t at = i_;
+    if (++depth_ > mask_expr::max_depth) too_deep(at);
     mask_expr m;
     if (eat('~')) {
-      m = ~unary();
+      m = bounded(~unary(), at);
     } else if (eat('(')) {
       m = expr();
       expect(')');
@@ -118,7 +202,7 @@ class parser : lexer {
       skip();
       arg a;
       a.pos = i_;
-      if (i_ < t_.size() && (t_[i_] == '-' || std::isdigit(static_cast<unsigned char>(t_[i_])))) {
+      if (i_ < t_.size() && (t_[i_] == '-' || is_digit(t_[i_]))) {
         const char* first = t_.data() + i_;
         const auto [ptr, ec] = std::from_chars(first, t_.data() + t_.size(), a.value);
         if (ec != std::errc()) fail("not a 64-bit integer");
@@ -155,7 +239,7 @@ class parser : lexer {
     std::vector<std::int64_t> out;
     do {
       skip();
-      if (i_ >= t_.size() || !(t_[i_] == '-' || std::isdigit(static_cast<unsigned char>(t_[i_]))))
+      if (i_ >= t_.size() || !(t_[i_] == '-' || is_digit(t_[i_])))
         fail(name + ": expected per-axis sizes, e.g. 7 or 7x7");
       if (out.size() == 3) fail(name + ": more than 3 axes");
       std::int64_t v = 0;
@@ -183,7 +267,7 @@ class parser : lexer {
       skip();
       const std::size_t at = i_;
       std::size_t slot = 0;
-      if (i_ < t_.size() && std::isalpha(static_cast<unsigned char>(t_[i_]))) {
+      if (i_ < t_.size() && is_letter(t_[i_])) {
         const std::string key = ident();
         while (slot < keys.size() && keys[slot] != key) ++slot;
         if (slot == keys.size()) {
@@ -228,8 +312,7 @@ class parser : lexer {
     skip();
     const std::size_t pos = i_;
     const std::string name = ident();
-    if (name.empty()) fail(i_ < t_.size() ? "unexpected '" + std::string(1, t_[i_]) + "' (expected a pattern name, '~' or '(')"
-                                          : "unexpected end (expected a pattern name, '~' or '(')");
+    if (name.empty()) unexpected("expected a pattern name, '~' or '('");
     const bool grid = name == "neighborhood" || name == "halo";  // per-axis sizes and key=value: their own arguments
     const std::vector<arg> a = grid ? std::vector<arg>{} : args();
     mask_expr m;
@@ -303,7 +386,7 @@ class score_parser : lexer {
       else if (next) chain = scores::then(std::move(chain), std::move(next));
     }
     skip();
-    if (i_ != t_.size()) fail("unexpected '" + std::string(1, t_[i_]) + "' (expected '+' or the end)");
+    if (i_ != t_.size()) unexpected("expected '+' or the end");
     return chain;
   }
 
@@ -329,9 +412,9 @@ class score_parser : lexer {
       a.pos = i_;
       const char* first = t_.data() + i_;
       const char* last = t_.data() + t_.size();
-      const bool numeric = i_ < t_.size() && (t_[i_] == '-' || t_[i_] == '.' || std::isdigit(static_cast<unsigned char>(t_[i_])));
+      const bool numeric = i_ < t_.size() && (t_[i_] == '-' || t_[i_] == '.' || is_digit(t_[i_]));
       // Only digits, '.', '-' may start a number: from_chars alone would also take "inf" and "nan".
-      if (!numeric || (t_[i_] == '-' && (i_ + 1 >= t_.size() || !(t_[i_ + 1] == '.' || std::isdigit(static_cast<unsigned char>(t_[i_ + 1]))))))
+      if (!numeric || (t_[i_] == '-' && (i_ + 1 >= t_.size() || !(t_[i_ + 1] == '.' || is_digit(t_[i_ + 1])))))
         fail("expected a number");
       const auto [ptr, ec] = std::from_chars(first, last, a.value);
       if (ec == std::errc::result_out_of_range) fail("number out of range");
@@ -358,9 +441,7 @@ class score_parser : lexer {
     skip();
     const std::size_t pos = i_;
     const std::string name = ident();
-    if (name.empty())
-      fail(i_ < t_.size() ? "unexpected '" + std::string(1, t_[i_]) + "' (expected a score modifier name)"
-                          : "unexpected end (expected a score modifier name)");
+    if (name.empty()) unexpected("expected a score modifier name");
     const std::vector<number> a = args();
     try {
       if (name == "none") {

@@ -1,5 +1,6 @@
-// libFuzzer target for the spec-string parsers. Masks: any input either parses into an expression whose printed form
-// parses again to the same printed form, or yields a positioned "[spec] at N: ..." error. Scores (the same input):
+// libFuzzer target for the spec-string parsers. Masks: any input either parses into a valid expression (check() is
+// empty: no tree deeper than mask_expr::max_depth) whose printed form parses again to the same printed form, or yields
+// a positioned "[spec] at N: ..." error. Scores (the same input):
 // either a "[spec] at N: ..." error whose caret line points inside the text, or a modifier whose single terms never
 // turn a finite logit into NaN. Neither parser may crash.
 #include <cmath>
@@ -43,6 +44,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (error.rfind("[spec] at ", 0) != 0) std::abort();
     return 0;
   }
+  if (!m.check().empty()) std::abort();
   const std::string printed = m.str();
   omniattn::mask_expr again;
   if (!omniattn::parse_mask(printed, again).empty() || again.str() != printed) std::abort();
