@@ -228,5 +228,48 @@ TEST(NegativeStrides, KernelMatchesTheOracleOnAFlippedView) {
   EXPECT_FALSE(forward.out == data.out);
 }
 
+// out / lse of a run with a score (every backend, f32), for NaN comparisons.
+problem_data run_scored(const problem& prob, const spec& s, backend b) {
+  problem_data data(prob);
+  EXPECT_TRUE(run_problem(data, s, b, 1).ok());
+  return data;
+}
+
+TEST(NanPropagation, BiasNanMakesItsRowNan) {
+  // scores.h: NaN in a bias table gives NaN outputs like any logit. The oracle makes the whole row (out and lse) NaN;
+  // the kernel must agree row by row, and match the oracle elsewhere. A NaN at a masked pair changes nothing.
+  problem prob = sized(1, 70, 130, 2, 1);
+  prob.causal = causal_mode::top_left;
+  std::vector<float> table(static_cast<std::size_t>(2 * 70 * 130), 0.25f);
+  const auto at = [&](std::int64_t h, std::int64_t i, std::int64_t j) -> float& {
+    return table[static_cast<std::size_t>((h * 70 + i) * 130 + j)];
+  };
+  const float nan = std::nanf("");
+  at(0, 3, 2) = nan;     // allowed (j <= i), the first key tile
+  at(1, 65, 120) = nan;  // masked (j > i): no effect
+  at(1, 66, 66) = nan;   // allowed, in the second key tile: the row's max there is already finite
+  at(0, 0, 0) = nan;     // row 0's only allowed key: no finite logit at all in the row
+  for (int variant = 0; variant < 2; ++variant) {
+    SCOPED_TRACE(variant ? "bias then softcap" : "bias");
+    spec s{.causal = prob.causal};
+    s.score = scores::bias(table.data(), {1, 2, 70, 130});
+    if (variant) s.score = scores::then(s.score, scores::softcap(4.0));
+    const problem_data ref = run_scored(prob, s, backend::reference), got = run_scored(prob, s, backend::cpu);
+    for (std::int64_t h = 0; h < 2; ++h)
+      for (std::int64_t i = 0; i < 70; ++i) {
+        const bool want_nan = (h == 0 && (i == 3 || i == 0)) || (h == 1 && i == 66);
+        const float lr = ref.lse[static_cast<std::size_t>(h * 70 + i)], lg = got.lse[static_cast<std::size_t>(h * 70 + i)];
+        ASSERT_EQ(std::isnan(lr), want_nan) << "oracle h " << h << " i " << i;
+        ASSERT_EQ(std::isnan(lg), want_nan) << "kernel lse h " << h << " i " << i << ": " << lg;
+        if (!want_nan) EXPECT_NEAR(lg, lr, 1e-5);
+        for (std::int64_t d = 0; d < prob.dim_v; ++d) {
+          const double og = got.out_at(0, i, h, d), orf = ref.out_at(0, i, h, d);
+          ASSERT_EQ(std::isnan(og), want_nan) << "kernel out h " << h << " i " << i << " d " << d << ": " << og;
+          if (!want_nan) EXPECT_NEAR(og, orf, 1e-5);
+        }
+      }
+  }
+}
+
 }  // namespace
 }  // namespace omniattn
