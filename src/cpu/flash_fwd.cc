@@ -272,8 +272,8 @@ struct packed_kv {
 };
 
 inline std::uint32_t bf16_pair(const void* base, std::int64_t lo, std::int64_t hi, bool hi_valid) {
-  const auto* x = static_cast<const std::uint16_t*>(base);
-  return static_cast<std::uint32_t>(x[lo]) | (hi_valid ? static_cast<std::uint32_t>(x[hi]) << 16 : 0u);
+  return static_cast<std::uint32_t>(detail::load_bits16(base, lo)) |
+         (hi_valid ? static_cast<std::uint32_t>(detail::load_bits16(base, hi)) << 16 : 0u);
 }
 
 // A query tile runs in three steps that both work decompositions share (raster tiles of the block mask, query boxes
