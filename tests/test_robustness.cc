@@ -228,5 +228,85 @@ TEST(NegativeStrides, KernelMatchesTheOracleOnAFlippedView) {
   EXPECT_FALSE(forward.out == data.out);
 }
 
+// out / lse of a run with a score (every backend, f32), for NaN comparisons.
+problem_data run_scored(const problem& prob, const spec& s, backend b) {
+  problem_data data(prob);
+  EXPECT_TRUE(run_problem(data, s, b, 1).ok());
+  return data;
+}
+
+TEST(NanPropagation, BiasNanMakesItsRowNan) {
+  // scores.h: NaN in a bias table gives NaN outputs like any logit. The oracle makes the whole row (out and lse) NaN;
+  // the kernel must agree row by row, and match the oracle elsewhere. A NaN at a masked pair changes nothing.
+  problem prob = sized(1, 70, 130, 2, 1);
+  prob.causal = causal_mode::top_left;
+  std::vector<float> table(static_cast<std::size_t>(2 * 70 * 130), 0.25f);
+  const auto at = [&](std::int64_t h, std::int64_t i, std::int64_t j) -> float& {
+    return table[static_cast<std::size_t>((h * 70 + i) * 130 + j)];
+  };
+  const float nan = std::nanf("");
+  at(0, 3, 2) = nan;     // allowed (j <= i), the first key tile
+  at(1, 65, 120) = nan;  // masked (j > i): no effect
+  at(1, 66, 66) = nan;   // allowed, in the second key tile: the row's max there is already finite
+  at(0, 0, 0) = nan;     // row 0's only allowed key: no finite logit at all in the row
+  for (int variant = 0; variant < 2; ++variant) {
+    SCOPED_TRACE(variant ? "bias then softcap" : "bias");
+    spec s{.causal = prob.causal};
+    s.score = scores::bias(table.data(), {1, 2, 70, 130});
+    if (variant) s.score = scores::then(s.score, scores::softcap(4.0));
+    const problem_data ref = run_scored(prob, s, backend::reference), got = run_scored(prob, s, backend::cpu);
+    for (std::int64_t h = 0; h < 2; ++h)
+      for (std::int64_t i = 0; i < 70; ++i) {
+        const bool want_nan = (h == 0 && (i == 3 || i == 0)) || (h == 1 && i == 66);
+        const float lr = ref.lse[static_cast<std::size_t>(h * 70 + i)], lg = got.lse[static_cast<std::size_t>(h * 70 + i)];
+        ASSERT_EQ(std::isnan(lr), want_nan) << "oracle h " << h << " i " << i;
+        ASSERT_EQ(std::isnan(lg), want_nan) << "kernel lse h " << h << " i " << i << ": " << lg;
+        if (!want_nan) EXPECT_NEAR(lg, lr, 1e-5);
+        for (std::int64_t d = 0; d < prob.dim_v; ++d) {
+          const double og = got.out_at(0, i, h, d), orf = ref.out_at(0, i, h, d);
+          ASSERT_EQ(std::isnan(og), want_nan) << "kernel out h " << h << " i " << i << " d " << d << ": " << og;
+          if (!want_nan) EXPECT_NEAR(og, orf, 1e-5);
+        }
+      }
+  }
+}
+
+// A byte-for-byte copy of `t`'s storage (dense, as problem_data lays it out) starting at an odd address of `storage`.
+tensor at_odd_address(const tensor& t, const std::vector<std::uint8_t>& src, std::vector<std::uint8_t>& storage) {
+  storage.assign(src.size() + 2, 0);
+  std::memcpy(storage.data() + 1, src.data(), src.size());
+  tensor r = t;
+  r.data = storage.data() + 1;
+  return r;
+}
+
+TEST(Alignment, TwoByteTensorsAtOddAddresses) {
+  // bf16 / f16 tensors need no alignment: every backend (and the bf16 dot-product kernel where the CPU has it) gives
+  // the same bits as on aligned copies.
+  for (dtype t : {dtype::bf16, dtype::f16})
+    for (const char* dot : {"0", "1"}) {
+      const test::scoped_env env("OMNIATTN_BF16_DOT", dot);
+      problem prob = sized(2, 70, 67, 4, 2);
+      prob.type = t;
+      for (backend b : k_backends) {
+        SCOPED_TRACE(std::string(dtype_name(t)) + " " + backend_name(b) + " OMNIATTN_BF16_DOT=" + dot);
+        problem_data want(prob), got(prob);
+        const spec s{.causal = causal_mode::bottom_right};
+        ASSERT_TRUE(run_problem(want, s, b, 2).ok());
+        std::vector<std::uint8_t> qs, ks, vs, os;
+        const tensor q = at_odd_address(got.q_view(), got.q, qs), k = at_odd_address(got.k_view(), got.k, ks),
+                     v = at_odd_address(got.v_view(), got.v, vs), out = at_odd_address(got.out_view(), got.out, os);
+        ASSERT_EQ(reinterpret_cast<std::uintptr_t>(q.data) % 2, 1u);
+        const lse_tensor l = got.lse_view();
+        options o = got.make_options(b, 2);
+        o.lse = &l;
+        const status st = attention(q, k, v, out, s, o);
+        ASSERT_TRUE(st.ok()) << st.error;
+        EXPECT_TRUE(contents(out) == contents(want.out_view()));
+        EXPECT_TRUE(test::bytes_equal(got.lse, want.lse));
+      }
+    }
+}
+
 }  // namespace
 }  // namespace omniattn

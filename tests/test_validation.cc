@@ -292,7 +292,7 @@ TEST(Validation, OverflowingStrides) {
 }
 
 TEST(Validation, ViewPastTheEndOfTheAddressSpace) {
-  expect_rejected([](call& c) { c.k.data = reinterpret_cast<void*>(std::numeric_limits<std::uintptr_t>::max() - 64); },
+  expect_rejected([](call& c) { c.k.data = reinterpret_cast<void*>(std::numeric_limits<std::uintptr_t>::max() - 67); },
                   "k extends past the end of the address space");
 }
 
@@ -382,9 +382,23 @@ TEST(Validation, OutputAliasesASpecInput) {
         auto* m = reinterpret_cast<std::uint8_t*>(at_xb(c, 0));
         std::fill(m, m + LQ * LK, std::uint8_t{1});
         c.s.mask = mask_expr::dense(m, {1, 1, LQ, LK}, {0, 0, LK, 1}, "allowed") & mask_expr::full();
-        c.out.data = m + LQ * LK - 4;
+        c.out.data = m + 32;  // inside the 35-byte table, 4-byte aligned
       },
       "out aliases spec.mask dense 'allowed'");
+}
+
+TEST(Validation, MisalignedF32) {
+  // f32 views must be 4-byte aligned (2-byte dtypes may sit anywhere: test_robustness.cc).
+  const auto odd = [](std::vector<float>& b) { return reinterpret_cast<std::uint8_t*>(b.data()) + 2; };
+  expect_rejected([&](call& c) { c.q.data = odd(c.qb); }, "q.data ");
+  expect_rejected([&](call& c) { c.k.data = odd(c.kb); }, "is not aligned to its 4-byte f32 elements");
+  expect_rejected([&](call& c) { c.out.data = odd(c.ob); }, "out.data ");
+  expect_rejected([&](call& c) { c.l.data = reinterpret_cast<float*>(odd(c.lb)); }, "lse.data ");
+  expect_accepted([&](call& c) {
+    c.to_bf16();
+    c.q.data = odd(c.qb) - 1;  // an odd address
+    c.out.type = dtype::f32;
+  });
 }
 
 TEST(Validation, LseErrors) {

@@ -65,7 +65,8 @@ score_fn reweight(std::vector<double> weights, std::int64_t keys_per_head = 0);
 // sequences and the longest lengths) or 1 to broadcast along it (its stride is then ignored). Strides are in
 // elements and must be >= 0. A borrowed view: `data` must stay valid and unchanged until every attention() call using
 // the returned score_fn has returned. The CPU kernel loads rows of keys as vectors when st[3] == 1 (contiguous key
-// dim) and gathers them otherwise. -inf entries mask their pair; NaN and +inf give NaN outputs like any logit.
+// dim) and gathers them otherwise. -inf entries mask their pair; NaN and +inf give NaN outputs like any logit (a NaN
+// at an allowed pair makes its whole row NaN, out and lse, in the oracle and the kernels alike).
 score_fn bias(const float* data, std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> strides);
 // The same for a contiguous row-major [B, H, Lq, Lk] (broadcast dims of size 1 included) tensor.
 score_fn bias(const float* data, std::array<std::int64_t, 4> shape);

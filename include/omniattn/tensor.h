@@ -4,7 +4,8 @@
 // elements (not bytes) and are int64, so the same view describes BSHD (FlashAttention's layout), BHSD (PyTorch SDPA's),
 // packed QKV buffers and any other arrangement without a copy. Inputs may use stride 0 to broadcast (e.g. one K/V for
 // every batch); outputs must not overlap themselves. Strides may be negative (numpy's x[:, ::-1]): data then points
-// at element [0, 0, 0, 0] and the view extends below it.
+// at element [0, 0, 0, 0] and the view extends below it. bf16 / f16 data may sit at any address (odd ones too); f32
+// data (and the LSE) must be 4-byte aligned.
 #pragma once
 
 #include <cstdint>

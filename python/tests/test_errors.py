@@ -116,6 +116,31 @@ def test_negative_strides(data, backend):
     assert described["data"] == q[:, ::-1].__array_interface__["data"][0] and described["strides"][1] == -64
 
 
+def _at_offset(a, offset):
+    """A copy of `a` whose data starts `offset` bytes into a fresh byte buffer (numpy allows unaligned arrays)."""
+    buf = np.zeros(a.nbytes + 8, np.uint8)
+    view = np.frombuffer(buf, dtype=a.dtype, count=a.size, offset=offset).reshape(a.shape)
+    view[...] = a
+    return view
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_unaligned_arrays(data, backend):
+    """bf16 / f16 arrays at odd addresses are read in place and give the aligned result bit for bit; misaligned
+    float32 is rejected with a clear error."""
+    q, k, v = data
+    for conv, kw in ((omniattn.to_bf16, {"dtype": "bf16"}), (lambda x: x.astype(np.float16), {})):
+        qa, ka, va = conv(q), conv(k), conv(v)
+        qo, ko, vo = (_at_offset(x, 1) for x in (qa, ka, va))
+        assert not qo.flags.aligned and qo.__array_interface__["data"][0] % 2 == 1
+        out = _at_offset(np.zeros_like(qa[..., :8]), 3)
+        omniattn.attention(qo, ko, vo, out=out, backend=backend, causal=True, **kw)
+        want = omniattn.attention(qa, ka, va, backend=backend, causal=True, **kw)
+        assert np.array_equal(out.view(np.uint16), want.view(np.uint16))
+    with pytest.raises(ValueError, match=r"^\[attention\] q.data 0x[0-9a-f]+ is not aligned to its 4-byte f32 elements$"):
+        omniattn.attention(_at_offset(q, 2), k, v, backend=backend)
+
+
 def test_dtype_mismatch_is_type_error(data):
     q, k, v = data
     raises(TypeError, "[attention] k.type f16 != q.type f32", q, k.astype(np.float16), v.astype(np.float16))

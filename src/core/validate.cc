@@ -179,6 +179,9 @@ byte_range check_tensor(const char* name, const tensor& t) {
   if (t.dim <= 0) fail(name, ".dim ", t.dim, " must be > 0");
   const bool empty = t.batch == 0 || t.seq == 0 || t.heads == 0;
   if (!t.data && !empty) fail(name, ".data is null");  // an empty torch tensor may have no storage
+  // f32 is read through float pointers (vector gathers, stores); 2-byte dtypes are read bytewise at any address.
+  if (t.type == dtype::f32 && reinterpret_cast<std::uintptr_t>(t.data) % 4 != 0)
+    fail(name, ".data ", t.data, " is not aligned to its 4-byte f32 elements");
   const std::int64_t strides[4] = {t.stride_batch, t.stride_seq, t.stride_head, t.stride_dim};
   return extent(name, t.data, dtype_size(t.type), sizes, strides, 4);
 }
@@ -290,6 +293,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
     const lse_tensor& l = *opt.lse;
     const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
     if (!l.data && q.batch != 0 && q.heads != 0 && q.seq != 0) fail("lse.data is null");
+    if (reinterpret_cast<std::uintptr_t>(l.data) % 4 != 0) fail("lse.data ", static_cast<const void*>(l.data), " is not aligned to 4 bytes");
     const std::int64_t lstrides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
     rl = extent("lse", l.data, 4, sizes, lstrides, 3);
     check_no_self_overlap("lse", sizes, lstrides, k_lse_dims, 3);

@@ -204,6 +204,7 @@ HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t all
   const vf_t vc = hn::Set(d, c), vninf = hn::Set(d, neg_inf);
   vf_t x[k_row_vecs];
   vf_t vmax = vninf;
+  auto nan = hn::FirstN(d, 0);  // an allowed NaN logit: hn::Max may drop it, the oracle's row is NaN
   HWY_UNROLL(16)
   for (std::size_t v = 0; v < k_row_vecs; ++v) {
     x[v] = hn::Mul(hn::Load(d, srow + v * L), vc);
@@ -212,8 +213,15 @@ HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t all
       x[v] = hn::IfThenElse(hn::RebindMask(d, hn::TestBit(bits, lane_bit)), x[v], vninf);
     }
     vmax = hn::Max(vmax, x[v]);
+    nan = hn::Or(nan, hn::IsNaN(x[v]));
   }
-  const float m_new = std::max(m_old, hn::GetLane(hn::MaxOfLanes(d, vmax)));
+  const float m_new = hn::AllFalse(d, nan) ? std::max(m_old, hn::GetLane(hn::MaxOfLanes(d, vmax))) : std::nanf("");
+  if (std::isnan(m_new) || std::isnan(m_old)) {  // NaN sticks: alpha and l NaN make out and lse NaN
+    alpha = std::nanf("");
+    std::fill(srow, srow + k_bk, 0.0f);
+    hn::Store(hn::Set(d, alpha), d, l);
+    return alpha;
+  }
   if (m_new == neg_inf) {
     alpha = 1.0f;
     std::fill(srow, srow + k_bk, 0.0f);
@@ -266,8 +274,8 @@ struct packed_kv {
 };
 
 inline std::uint32_t bf16_pair(const void* base, std::int64_t lo, std::int64_t hi, bool hi_valid) {
-  const auto* x = static_cast<const std::uint16_t*>(base);
-  return static_cast<std::uint32_t>(x[lo]) | (hi_valid ? static_cast<std::uint32_t>(x[hi]) << 16 : 0u);
+  return static_cast<std::uint32_t>(detail::load_bits16(base, lo)) |
+         (hi_valid ? static_cast<std::uint32_t>(detail::load_bits16(base, hi)) << 16 : 0u);
 }
 
 // A query tile runs in three steps that both work decompositions share (raster tiles of the block mask, query boxes

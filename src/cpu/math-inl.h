@@ -44,7 +44,7 @@ HWY_INLINE hn::Vec<D> exp2_neg(D d, hn::Vec<D> x) {
 // bias table) give +-1 instead of inf - inf.
 template <class D>
 HWY_INLINE hn::Vec<D> tanh_fast(D d, hn::Vec<D> x) {
-  const auto ax = hn::Min(hn::Abs(x), hn::Set(d, 9.0f));
+  const auto ax = hn::IfThenElse(hn::Gt(hn::Abs(x), hn::Set(d, 9.0f)), hn::Set(d, 9.0f), hn::Abs(x));  // NaN stays NaN
   const auto one = hn::Set(d, 1.0f);
   const auto x2 = hn::Mul(ax, ax);
   auto p = hn::Set(d, -2.3912911424355248e-04f);                 // -443861162 / 1856156927625
@@ -62,7 +62,7 @@ HWY_INLINE hn::Vec<D> tanh_fast(D d, hn::Vec<D> x) {
   if (hn::AllTrue(d, is_near)) return hn::CopySign(near, x);
   const auto e = exp2_neg(d, hn::Mul(ax, hn::Set(d, -2.8853900817779268f)));  // -2 log2(e)
   const auto far = hn::Div(hn::Sub(one, e), hn::Add(one, e));
-  return hn::CopySign(hn::IfThenElse(is_near, near, far), x);
+  return hn::CopySign(hn::IfThenElse(hn::Ge(ax, hn::Set(d, 0.55f)), far, near), x);  // NaN: near, which is NaN
 }
 
 }  // namespace omniattn::cpu::HWY_NAMESPACE
