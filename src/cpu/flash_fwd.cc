@@ -204,7 +204,6 @@ HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t all
   const vf_t vc = hn::Set(d, c), vninf = hn::Set(d, neg_inf);
   vf_t x[k_row_vecs];
   vf_t vmax = vninf;
-  auto nan = hn::FirstN(d, 0);  // an allowed NaN logit: hn::Max may drop it, the oracle's row is NaN
   HWY_UNROLL(16)
   for (std::size_t v = 0; v < k_row_vecs; ++v) {
     x[v] = hn::Mul(hn::Load(d, srow + v * L), vc);
@@ -213,11 +212,19 @@ HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t all
       x[v] = hn::IfThenElse(hn::RebindMask(d, hn::TestBit(bits, lane_bit)), x[v], vninf);
     }
     vmax = hn::Max(vmax, x[v]);
-    nan = hn::Or(nan, hn::IsNaN(x[v]));
   }
-  const float m_new = hn::AllFalse(d, nan) ? std::max(m_old, hn::GetLane(hn::MaxOfLanes(d, vmax))) : std::nanf("");
-  if (std::isnan(m_new) || std::isnan(m_old)) {  // NaN sticks: alpha and l NaN make out and lse NaN
-    alpha = std::nanf("");
+  // An allowed NaN logit makes the row NaN, as in the oracle, without a per-vector test in this hot loop: Max may
+  // drop a NaN lane, but then exp2_neg(NaN - m) is NaN, so P, l and the output are. Only a row whose allowed keys
+  // are all NaN can look empty (m = -inf); that rare branch checks explicitly.
+  float m_new = std::max(m_old, hn::GetLane(hn::MaxOfLanes(d, vmax)));
+  if (m_new == neg_inf) {
+    auto nan = hn::IsNaN(x[0]);
+    HWY_UNROLL(16)
+    for (std::size_t v = 1; v < k_row_vecs; ++v) nan = hn::Or(nan, hn::IsNaN(x[v]));
+    if (!hn::AllFalse(d, nan)) m_new = std::numeric_limits<float>::quiet_NaN();
+  }
+  if (std::isnan(m_new)) {  // NaN sticks: alpha and l NaN make out and lse NaN
+    alpha = m_new;
     std::fill(srow, srow + k_bk, 0.0f);
     hn::Store(hn::Set(d, alpha), d, l);
     return alpha;

@@ -23,7 +23,9 @@ template <class D>
 HWY_INLINE hn::Vec<D> exp2_neg(D d, hn::Vec<D> x) {
   const hn::RebindToUnsigned<D> du;
   const auto shifter = hn::Set(d, 12582912.0f + 127.0f);
-  x = hn::Max(x, hn::Set(d, -127.0f));
+  // Clamped by compare and select, not Max: Max may return the bound for a NaN lane, and a NaN must stay NaN (it
+  // makes its softmax row NaN, as in the oracle).
+  x = hn::IfThenElse(hn::Lt(x, hn::Set(d, -127.0f)), hn::Set(d, -127.0f), x);
   const auto t = hn::Add(x, shifter);
   const auto f = hn::Sub(x, hn::Sub(t, shifter));
   auto p = hn::Set(d, 1.5252733804059841e-05f);  // ln2^7 / 7!
