@@ -171,67 +171,85 @@ TEST(Kernel, SweepCoversEveryAxisValue) {
 // Targeted shapes.
 
 TEST(Kernel, TileBoundarySizes) {
-  // Tile = 64: every combination of sizes around one and two tiles, each causal mode.
-  const std::vector<std::int64_t> sizes = {1, 63, 64, 65, 127, 128, 129};
-  const std::vector<dtype> types = test::full_intensity() ? std::vector<dtype>{dtype::f32, dtype::bf16, dtype::f16}
-                                                          : std::vector<dtype>{dtype::f32};
-  std::uint64_t seed = 100;
-  for (dtype t : types)
-    for (std::int64_t lq : sizes)
-      for (std::int64_t lk : sizes)
-        for (causal_mode c : {causal_mode::none, causal_mode::top_left, causal_mode::bottom_right}) {
-          const problem p = make_problem(1, lq, lk, 1, 1, 32, 32, t, c, ++seed);
-          EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
-        }
+  test::for_each_target("Kernel.TileBoundarySizes", [&](const char* target) {
+    SCOPED_TRACE(target);
+    // Tile = 64: every combination of sizes around one and two tiles, each causal mode.
+    const std::vector<std::int64_t> sizes = {1, 63, 64, 65, 127, 128, 129};
+    const std::vector<dtype> types = test::full_intensity() ? std::vector<dtype>{dtype::f32, dtype::bf16, dtype::f16}
+                                                            : std::vector<dtype>{dtype::f32};
+    std::uint64_t seed = 100;
+    for (dtype t : types)
+      for (std::int64_t lq : sizes)
+        for (std::int64_t lk : sizes)
+          for (causal_mode c : {causal_mode::none, causal_mode::top_left, causal_mode::bottom_right}) {
+            const problem p = make_problem(1, lq, lk, 1, 1, 32, 32, t, c, ++seed);
+            EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
+          }
+  });
 }
 
 TEST(Kernel, EveryHeadDimEveryDtype) {
-  std::uint64_t seed = 200;
-  for (dtype t : {dtype::f32, dtype::bf16, dtype::f16})
-    for (std::int64_t d : {1, 17, 32, 63, 64, 80, 96, 128, 200, 256}) {
-      const problem p = make_problem(1, 67, 71, 2, 1, d, d, t, causal_mode::bottom_right, ++seed);
-      EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
-    }
+  test::for_each_target("Kernel.EveryHeadDimEveryDtype", [&](const char* target) {
+    SCOPED_TRACE(target);
+    std::uint64_t seed = 200;
+    for (dtype t : {dtype::f32, dtype::bf16, dtype::f16})
+      for (std::int64_t d : {1, 17, 32, 63, 64, 80, 96, 128, 200, 256}) {
+        const problem p = make_problem(1, 67, 71, 2, 1, d, d, t, causal_mode::bottom_right, ++seed);
+        EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
+      }
+  });
 }
 
 
 TEST(Kernel, DimVDiffersFromDimQk) {
-  std::uint64_t seed = 400;
-  for (auto [d, dv] : std::vector<std::pair<std::int64_t, std::int64_t>>{{1, 200}, {32, 80}, {96, 17}, {64, 1}, {256, 64}, {17, 512}}) {
-    const problem p = make_problem(2, 66, 65, 4, 2, d, dv, dtype::f32, causal_mode::top_left, ++seed);
-    EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
-  }
+  test::for_each_target("Kernel.DimVDiffersFromDimQk", [&](const char* target) {
+    SCOPED_TRACE(target);
+    std::uint64_t seed = 400;
+    for (auto [d, dv] : std::vector<std::pair<std::int64_t, std::int64_t>>{{1, 200}, {32, 80}, {96, 17}, {64, 1}, {256, 64}, {17, 512}}) {
+      const problem p = make_problem(2, 66, 65, 4, 2, d, dv, dtype::f32, causal_mode::top_left, ++seed);
+      EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
+    }
+  });
 }
 
 TEST(Kernel, GqaRatiosAndMqa) {
-  std::uint64_t seed = 500;
-  for (auto [hq, hkv] : std::vector<std::pair<std::int64_t, std::int64_t>>{{3, 3}, {4, 2}, {8, 2}, {6, 1}, {5, 1}})
-    for (causal_mode c : {causal_mode::none, causal_mode::bottom_right}) {
-      const problem p = make_problem(2, 70, 130, hq, hkv, 40, 24, dtype::bf16, c, ++seed);
-      EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
-    }
+  test::for_each_target("Kernel.GqaRatiosAndMqa", [&](const char* target) {
+    SCOPED_TRACE(target);
+    std::uint64_t seed = 500;
+    for (auto [hq, hkv] : std::vector<std::pair<std::int64_t, std::int64_t>>{{3, 3}, {4, 2}, {8, 2}, {6, 1}, {5, 1}})
+      for (causal_mode c : {causal_mode::none, causal_mode::bottom_right}) {
+        const problem p = make_problem(2, 70, 130, hq, hkv, 40, 24, dtype::bf16, c, ++seed);
+        EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
+      }
+  });
 }
 
 TEST(Kernel, VarlenWithEmptySequences) {
-  std::uint64_t seed = 600;
-  for (causal_mode c : {causal_mode::none, causal_mode::top_left, causal_mode::bottom_right}) {
-    problem p = make_problem(5, 0, 0, 4, 2, 32, 48, dtype::f16, c, ++seed);
-    p.seqlens_q = {0, 5, 70, 0, 129, 1};
-    p.seqlens_k = {3, 0, 65, 0, 200, 64};
-    p.batch = 6;
-    EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
-    p.lay = layout::bhsd;
-    EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 1));
-  }
+  test::for_each_target("Kernel.VarlenWithEmptySequences", [&](const char* target) {
+    SCOPED_TRACE(target);
+    std::uint64_t seed = 600;
+    for (causal_mode c : {causal_mode::none, causal_mode::top_left, causal_mode::bottom_right}) {
+      problem p = make_problem(5, 0, 0, 4, 2, 32, 48, dtype::f16, c, ++seed);
+      p.seqlens_q = {0, 5, 70, 0, 129, 1};
+      p.seqlens_k = {3, 0, 65, 0, 200, 64};
+      p.batch = 6;
+      EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
+      p.lay = layout::bhsd;
+      EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 1));
+    }
+  });
 }
 
 TEST(Kernel, BhsdLayout) {
-  std::uint64_t seed = 700;
-  for (dtype t : {dtype::f32, dtype::bf16}) {
-    problem p = make_problem(2, 100, 77, 4, 4, 64, 64, t, causal_mode::top_left, ++seed);
-    p.lay = layout::bhsd;
-    EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
-  }
+  test::for_each_target("Kernel.BhsdLayout", [&](const char* target) {
+    SCOPED_TRACE(target);
+    std::uint64_t seed = 700;
+    for (dtype t : {dtype::f32, dtype::bf16}) {
+      problem p = make_problem(2, 100, 77, 4, 4, 64, 64, t, causal_mode::top_left, ++seed);
+      p.lay = layout::bhsd;
+      EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
+    }
+  });
 }
 
 TEST(Kernel, MaskFunctor) {
@@ -277,41 +295,44 @@ TEST(Kernel, UserBlockMask) {
 }
 
 TEST(Kernel, FullyMaskedRows) {
-  // Bottom-right with Lq > Lk: the first Lq - Lk rows see nothing, including whole 64-row tiles.
-  {
-    const problem p = make_problem(1, 200, 70, 2, 1, 32, 32, dtype::bf16, causal_mode::bottom_right, 1100);
-    EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
-    problem_data d(p);
-    ASSERT_TRUE(run_problem(d, spec_of(p), backend::cpu, 2).ok());
-    for (std::int64_t h = 0; h < 2; ++h)
-      for (std::int64_t i = 0; i < 200; ++i) {
-        const float l = d.lse[static_cast<std::size_t>(h * 200 + i)];
-        if (i < 130) {
-          EXPECT_EQ(l, -std::numeric_limits<float>::infinity()) << i;
-          for (std::int64_t x = 0; x < 32; ++x) ASSERT_EQ(d.out_at(0, i, h, x), 0.0) << i;
-        } else {
-          EXPECT_TRUE(std::isfinite(l)) << i;
+  test::for_each_target("Kernel.FullyMaskedRows", [&](const char* target) {
+    SCOPED_TRACE(target);
+    // Bottom-right with Lq > Lk: the first Lq - Lk rows see nothing, including whole 64-row tiles.
+    {
+      const problem p = make_problem(1, 200, 70, 2, 1, 32, 32, dtype::bf16, causal_mode::bottom_right, 1100);
+      EXPECT_TRUE(check_backend(p, spec_of(p), backend::cpu, 2));
+      problem_data d(p);
+      ASSERT_TRUE(run_problem(d, spec_of(p), backend::cpu, 2).ok());
+      for (std::int64_t h = 0; h < 2; ++h)
+        for (std::int64_t i = 0; i < 200; ++i) {
+          const float l = d.lse[static_cast<std::size_t>(h * 200 + i)];
+          if (i < 130) {
+            EXPECT_EQ(l, -std::numeric_limits<float>::infinity()) << i;
+            for (std::int64_t x = 0; x < 32; ++x) ASSERT_EQ(d.out_at(0, i, h, x), 0.0) << i;
+          } else {
+            EXPECT_TRUE(std::isfinite(l)) << i;
+          }
         }
-      }
-  }
-  // A mask that leaves rows, a whole head and the rows of a PARTIAL tile empty.
-  {
-    const problem p = make_problem(2, 130, 100, 3, 3, 16, 16, dtype::f32, causal_mode::none, 1101);
-    spec s = spec_of(p);
-    s.mask = [](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
-      return !(b == 1 && h == 2) && i % 3 != 0 && (j < 60 || i > 70);
-    };
-    EXPECT_TRUE(check_backend(p, s, backend::cpu, 2));
-  }
-  // A score that returns -inf for every key of some rows.
-  {
-    const problem p = make_problem(1, 70, 70, 1, 1, 8, 8, dtype::f16, causal_mode::top_left, 1102);
-    spec s = spec_of(p);
-    s.score = [](double x, std::int64_t, std::int64_t, std::int64_t i, std::int64_t) {
-      return i % 5 == 0 ? -std::numeric_limits<double>::infinity() : x;
-    };
-    EXPECT_TRUE(check_backend(p, s, backend::cpu, 2));
-  }
+    }
+    // A mask that leaves rows, a whole head and the rows of a PARTIAL tile empty.
+    {
+      const problem p = make_problem(2, 130, 100, 3, 3, 16, 16, dtype::f32, causal_mode::none, 1101);
+      spec s = spec_of(p);
+      s.mask = [](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
+        return !(b == 1 && h == 2) && i % 3 != 0 && (j < 60 || i > 70);
+      };
+      EXPECT_TRUE(check_backend(p, s, backend::cpu, 2));
+    }
+    // A score that returns -inf for every key of some rows.
+    {
+      const problem p = make_problem(1, 70, 70, 1, 1, 8, 8, dtype::f16, causal_mode::top_left, 1102);
+      spec s = spec_of(p);
+      s.score = [](double x, std::int64_t, std::int64_t, std::int64_t i, std::int64_t) {
+        return i % 5 == 0 ? -std::numeric_limits<double>::infinity() : x;
+      };
+      EXPECT_TRUE(check_backend(p, s, backend::cpu, 2));
+    }
+  });
 }
 
 TEST(Kernel, SharpSoftmaxAndLargeScores) {
@@ -348,56 +369,59 @@ TEST(Kernel, LseIsOptionalAndDoesNotChangeTheOutput) {
 }
 
 TEST(Kernel, StridedViewsBroadcastAndStridedLse) {
-  // Padded rows in q and out, K/V broadcast over the batch with stride 0, LSE with gaps: only addressing changes, so
-  // the result must equal, bit for bit, the cpu result on contiguous copies.
-  for (dtype t : {dtype::f32, dtype::bf16}) {
-    const std::int64_t b = 3, lq = 70, lk = 65, hq = 4, hkv = 2, d = 24, dv = 20, pad = 5;
-    problem p = make_problem(b, lq, lk, hq, hkv, d, dv, t, causal_mode::bottom_right, 2000);
-    problem_data ref(p);
-    // Make K/V of every batch a copy of batch 0 in the contiguous problem.
-    const std::size_t es = static_cast<std::size_t>(dtype_size(t));
-    const std::size_t kbatch = static_cast<std::size_t>(lk * hkv * d) * es, vbatch = static_cast<std::size_t>(lk * hkv * dv) * es;
-    for (std::int64_t x = 1; x < b; ++x) {
-      std::copy(ref.k.begin(), ref.k.begin() + static_cast<std::ptrdiff_t>(kbatch), ref.k.begin() + static_cast<std::ptrdiff_t>(x * kbatch));
-      std::copy(ref.v.begin(), ref.v.begin() + static_cast<std::ptrdiff_t>(vbatch), ref.v.begin() + static_cast<std::ptrdiff_t>(x * vbatch));
-    }
-    ASSERT_TRUE(run_problem(ref, spec_of(p), backend::cpu, 2).ok());
-
-    // Strided copies.
-    std::vector<std::uint8_t> q(static_cast<std::size_t>(b * lq * (hq * d + pad)) * es), o(static_cast<std::size_t>(b * lq * (hq * dv + pad)) * es, 0xee);
-    tensor qv{q.data(), t, b, lq, hq, d, lq * (hq * d + pad), hq * d + pad, d, 1};
-    tensor ov{o.data(), t, b, lq, hq, dv, lq * (hq * dv + pad), hq * dv + pad, dv, 1};
-    const tensor src = ref.q_view();
-    for (std::int64_t x = 0; x < b; ++x)
-      for (std::int64_t i = 0; i < lq; ++i)
-        std::memcpy(q.data() + static_cast<std::size_t>(x * qv.stride_batch + i * qv.stride_seq) * es,
-                    static_cast<const std::uint8_t*>(src.data) + static_cast<std::size_t>(x * src.stride_batch + i * src.stride_seq) * es,
-                    static_cast<std::size_t>(hq * d) * es);
-    tensor kv = ref.k_view(), vv = ref.v_view();
-    kv.stride_batch = 0;
-    vv.stride_batch = 0;
-    std::vector<float> lse(static_cast<std::size_t>(b * hq * lq * 2), 7.0f);
-    const lse_tensor l{lse.data(), 2 * hq * lq, 2 * lq, 2};
-    options opt;
-    opt.use = backend::cpu;
-    opt.threads = 2;
-    opt.lse = &l;
-    const status st = attention(qv, kv, vv, ov, spec_of(p), opt);
-    ASSERT_TRUE(st.ok()) << st.error;
-    for (std::int64_t x = 0; x < b; ++x)
-      for (std::int64_t i = 0; i < lq; ++i) {
-        const std::uint8_t* got = o.data() + static_cast<std::size_t>(x * ov.stride_batch + i * ov.stride_seq) * es;
-        const std::uint8_t* want = ref.out.data() + static_cast<std::size_t>((x * lq + i) * hq * dv) * es;
-        ASSERT_EQ(std::memcmp(got, want, static_cast<std::size_t>(hq * dv) * es), 0) << dtype_name(t) << " b=" << x << " i=" << i;
-        for (std::size_t e = static_cast<std::size_t>(hq * dv) * es; e < static_cast<std::size_t>(hq * dv + pad) * es; ++e)
-          ASSERT_EQ(got[e], 0xee) << "padding written";
-        for (std::int64_t h = 0; h < hq; ++h) {
-          const std::size_t at = static_cast<std::size_t>(x * 2 * hq * lq + h * 2 * lq + 2 * i);
-          EXPECT_EQ(std::memcmp(&lse[at], &ref.lse[static_cast<std::size_t>((x * hq + h) * lq + i)], 4), 0);
-          EXPECT_EQ(lse[at + 1], 7.0f) << "lse gap written";
-        }
+  test::for_each_target("Kernel.StridedViewsBroadcastAndStridedLse", [&](const char* target) {
+    SCOPED_TRACE(target);
+    // Padded rows in q and out, K/V broadcast over the batch with stride 0, LSE with gaps: only addressing changes, so
+    // the result must equal, bit for bit, the cpu result on contiguous copies.
+    for (dtype t : {dtype::f32, dtype::bf16}) {
+      const std::int64_t b = 3, lq = 70, lk = 65, hq = 4, hkv = 2, d = 24, dv = 20, pad = 5;
+      problem p = make_problem(b, lq, lk, hq, hkv, d, dv, t, causal_mode::bottom_right, 2000);
+      problem_data ref(p);
+      // Make K/V of every batch a copy of batch 0 in the contiguous problem.
+      const std::size_t es = static_cast<std::size_t>(dtype_size(t));
+      const std::size_t kbatch = static_cast<std::size_t>(lk * hkv * d) * es, vbatch = static_cast<std::size_t>(lk * hkv * dv) * es;
+      for (std::int64_t x = 1; x < b; ++x) {
+        std::copy(ref.k.begin(), ref.k.begin() + static_cast<std::ptrdiff_t>(kbatch), ref.k.begin() + static_cast<std::ptrdiff_t>(x * kbatch));
+        std::copy(ref.v.begin(), ref.v.begin() + static_cast<std::ptrdiff_t>(vbatch), ref.v.begin() + static_cast<std::ptrdiff_t>(x * vbatch));
       }
-  }
+      ASSERT_TRUE(run_problem(ref, spec_of(p), backend::cpu, 2).ok());
+
+      // Strided copies.
+      std::vector<std::uint8_t> q(static_cast<std::size_t>(b * lq * (hq * d + pad)) * es), o(static_cast<std::size_t>(b * lq * (hq * dv + pad)) * es, 0xee);
+      tensor qv{q.data(), t, b, lq, hq, d, lq * (hq * d + pad), hq * d + pad, d, 1};
+      tensor ov{o.data(), t, b, lq, hq, dv, lq * (hq * dv + pad), hq * dv + pad, dv, 1};
+      const tensor src = ref.q_view();
+      for (std::int64_t x = 0; x < b; ++x)
+        for (std::int64_t i = 0; i < lq; ++i)
+          std::memcpy(q.data() + static_cast<std::size_t>(x * qv.stride_batch + i * qv.stride_seq) * es,
+                      static_cast<const std::uint8_t*>(src.data) + static_cast<std::size_t>(x * src.stride_batch + i * src.stride_seq) * es,
+                      static_cast<std::size_t>(hq * d) * es);
+      tensor kv = ref.k_view(), vv = ref.v_view();
+      kv.stride_batch = 0;
+      vv.stride_batch = 0;
+      std::vector<float> lse(static_cast<std::size_t>(b * hq * lq * 2), 7.0f);
+      const lse_tensor l{lse.data(), 2 * hq * lq, 2 * lq, 2};
+      options opt;
+      opt.use = backend::cpu;
+      opt.threads = 2;
+      opt.lse = &l;
+      const status st = attention(qv, kv, vv, ov, spec_of(p), opt);
+      ASSERT_TRUE(st.ok()) << st.error;
+      for (std::int64_t x = 0; x < b; ++x)
+        for (std::int64_t i = 0; i < lq; ++i) {
+          const std::uint8_t* got = o.data() + static_cast<std::size_t>(x * ov.stride_batch + i * ov.stride_seq) * es;
+          const std::uint8_t* want = ref.out.data() + static_cast<std::size_t>((x * lq + i) * hq * dv) * es;
+          ASSERT_EQ(std::memcmp(got, want, static_cast<std::size_t>(hq * dv) * es), 0) << dtype_name(t) << " b=" << x << " i=" << i;
+          for (std::size_t e = static_cast<std::size_t>(hq * dv) * es; e < static_cast<std::size_t>(hq * dv + pad) * es; ++e)
+            ASSERT_EQ(got[e], 0xee) << "padding written";
+          for (std::int64_t h = 0; h < hq; ++h) {
+            const std::size_t at = static_cast<std::size_t>(x * 2 * hq * lq + h * 2 * lq + 2 * i);
+            EXPECT_EQ(std::memcmp(&lse[at], &ref.lse[static_cast<std::size_t>((x * hq + h) * lq + i)], 4), 0);
+            EXPECT_EQ(lse[at + 1], 7.0f) << "lse gap written";
+          }
+        }
+    }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------------------------
