@@ -221,18 +221,18 @@ HWY_INLINE float softmax_row(df_t d, float* HWY_RESTRICT srow, std::uint64_t all
     auto nan = hn::IsNaN(x[0]);
     HWY_UNROLL(16)
     for (std::size_t v = 1; v < k_row_vecs; ++v) nan = hn::Or(nan, hn::IsNaN(x[v]));
-    if (!hn::AllFalse(d, nan)) m_new = std::numeric_limits<float>::quiet_NaN();
+    if (hn::AllFalse(d, nan)) {  // nothing allowed so far
+      alpha = 1.0f;
+      std::fill(srow, srow + k_bk, 0.0f);
+      return m_new;
+    }
+    m_new = std::numeric_limits<float>::quiet_NaN();
   }
   if (std::isnan(m_new)) {  // NaN sticks: alpha and l NaN make out and lse NaN
     alpha = m_new;
     std::fill(srow, srow + k_bk, 0.0f);
     hn::Store(hn::Set(d, alpha), d, l);
     return alpha;
-  }
-  if (m_new == neg_inf) {
-    alpha = 1.0f;
-    std::fill(srow, srow + k_bk, 0.0f);
-    return m_new;
   }
   const vf_t vm = hn::Set(d, m_new);
   vf_t vsum = hn::Zero(d);
@@ -256,6 +256,16 @@ struct thread_scratch {
   hwy::AlignedFreeUniquePtr<float[]> l;  // [k_bq][lanes]: per-row softmax denominators as lane partial sums
   std::int64_t tiles[3] = {};  // key tiles seen, by tile_kind (empty ones are skipped)
   std::int64_t pairs[3] = {};  // grid path: query x key-slot pairs computed, by tile_kind
+
+  // Buffers for one query tile of BQ rows (both work decompositions); bf16_dot adds the packed P.
+  void allocate(std::int64_t dim_qk, std::int64_t dim_vp, bool bf16_dot) {
+    const df_t d;
+    q = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim_qk)));
+    s = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk)));
+    o = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim_vp)));
+    l = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq) * hn::Lanes(d)));
+    if (bf16_dot) p16 = detail::checked(hwy::AllocateAligned<std::uint32_t>(static_cast<std::size_t>(k_bq * k_bk / 2)));
+  }
 };
 
 // Packed K/V of a range of kv heads for every sequence. Per (sequence, kv head) slot: K transposed per key tile
@@ -596,13 +606,7 @@ void flash_fwd(const attn_params& p) {
   kv.kt = kt_buffer.get();
   kv.v = v_buffer.get();
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
-  for (thread_scratch& ts : scratch) {
-    ts.q = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * p.dim_qk)));
-    ts.s = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk)));
-    ts.o = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * kv.dim_vp)));
-    ts.l = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq) * hn::Lanes(d)));
-    if (Bf16Dot) ts.p16 = detail::checked(hwy::AllocateAligned<std::uint32_t>(static_cast<std::size_t>(k_bq * k_bk / 2)));
-  }
+  for (thread_scratch& ts : scratch) ts.allocate(p.dim_qk, kv.dim_vp, Bf16Dot);
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads),
                                        std::vector<float>(static_cast<std::size_t>(std::max(p.dim_qk, p.dim_v))));
 
@@ -756,12 +760,7 @@ void flash_fwd_grid(const attn_params& p) {
   float* const packed = packed_buffer.get();
   std::vector<thread_scratch> scratch(static_cast<std::size_t>(threads));
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads), std::vector<float>(static_cast<std::size_t>(dim)));
-  for (thread_scratch& ts : scratch) {
-    ts.q = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim)));
-    ts.s = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * k_bk)));
-    ts.o = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq * dim_vp)));
-    ts.l = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bq) * hn::Lanes(d)));
-  }
+  for (thread_scratch& ts : scratch) ts.allocate(dim, dim_vp, false);
   const auto n_tiles = static_cast<std::int64_t>(plan.tiles.size());
   const std::int64_t pack_blocks = (n_pad + k_bk - 1) / k_bk;
 
