@@ -45,6 +45,15 @@ namespace omniattn::test {
 // Floors, in units of eps(dtype) times the output magnitude (see above).
 inline constexpr double k_out_floor_eps = 1.0;
 inline constexpr double k_lse_floor_eps = 4.0;
+// Backward (attention_backward), per gradient G in dq, dk, dv (and d_sink):
+//   max|kernel.G - oracle.G| <= 2 * max|naive.G - oracle.G| + k_grad_floor_eps * eps(G dtype) * M
+//   M = the largest |oracle gradient| of the call, over dq, dk, dv (and d_sink)
+// oracle = reference_attention_backward (fp64, f32 gradients), naive = naive_attention_backward_f32 (the same loops
+// in float) writing the problem's gradient dtype. The floor scales with the call's gradients, not with G alone:
+// dS = P (dP - D) cancels (to exactly 0 with a single key, where P = 1 and D = dP), and what is left is the rounding
+// of the terms that cancel, while the naive loops may happen to cancel exactly. A gradient sums up to seq_q (dk, dv)
+// or seq_k (dq) products in an order that differs between the kernel and the naive loops: 4 units, not 1.
+inline constexpr double k_grad_floor_eps = 4.0;
 
 inline double dtype_eps(dtype t) { return ::omniattn::dtype_epsilon(t); }
 
@@ -223,6 +232,93 @@ inline ::testing::AssertionResult check_backend(const problem& p, const spec& s,
   const status st = run_problem(got, s, b, threads);
   if (!st.ok()) return ::testing::AssertionFailure() << p.describe() << ": " << backend_name(b) << ": " << st.error;
   return within_tolerance(got, r);
+}
+
+// ---- backward ----
+
+inline error_stats grad_error(const backward_data& got, const backward_data& ref, int which) {
+  static const char* const names[3] = {"dq", "dk", "dv"};
+  error_stats e;
+  const tensor t = which == 0 ? got.dq_view() : which == 1 ? got.dk_view() : got.dv_view();
+  for (std::int64_t b = 0; b < t.batch; ++b)
+    for (std::int64_t s = 0; s < t.seq; ++s)
+      for (std::int64_t h = 0; h < t.heads; ++h)
+        for (std::int64_t d = 0; d < t.dim; ++d) {
+          const double g = got.grad_at(which, b, s, h, d), r = ref.grad_at(which, b, s, h, d);
+          ++e.count;
+          if (!std::isfinite(g) || !std::isfinite(r)) {
+            if (e.hard_ok()) {
+              std::ostringstream at;
+              at << names[which] << "[" << b << "," << s << "," << h << "," << d << "]: got " << g << ", ref " << r;
+              e.worst = at.str();
+            }
+            ++(std::isnan(g) || std::isnan(r) ? e.nan : e.inf_mismatch);
+            continue;
+          }
+          e.ref_max = std::max(e.ref_max, std::fabs(r));
+          if (std::fabs(g - r) > e.max_abs) {
+            e.max_abs = std::fabs(g - r);
+            std::ostringstream at;
+            at << names[which] << "[" << b << "," << s << "," << h << "," << d << "]: got " << g << ", ref " << r;
+            e.worst = at.str();
+          }
+        }
+  return e;
+}
+
+inline error_stats sink_error(const backward_data& got, const backward_data& ref) {
+  error_stats e;
+  for (std::size_t h = 0; h < got.d_sink.size(); ++h) {
+    const double g = got.d_sink[h], r = ref.d_sink[h];
+    ++e.count;
+    if (!std::isfinite(g) || !std::isfinite(r)) {
+      ++e.nan;
+      e.worst = "d_sink[" + std::to_string(h) + "] not finite";
+      continue;
+    }
+    e.ref_max = std::max(e.ref_max, std::fabs(r));
+    e.max_abs = std::max(e.max_abs, std::fabs(g - r));
+  }
+  return e;
+}
+
+// The backward policy check: the backward on `b` (on the forward of the same backend, out and lse as it returned
+// them) against the oracle's and the naive path's gradients of the same problem and d_out.
+inline ::testing::AssertionResult check_backward(const problem& p, const spec& s, backend b, int threads = 0,
+                                                 std::uint64_t grad_seed = 7) {
+  problem pl = p;
+  pl.lse = true;
+  const problem po = oracle_problem(pl);
+  problem_data ofwd(po), nfwd(pl), kfwd(pl);
+  backward_data obwd(po, grad_seed), nbwd(pl, grad_seed), kbwd(pl, grad_seed);
+  for (auto* g : {&kbwd.dq, &kbwd.dk, &kbwd.dv}) std::fill(g->begin(), g->end(), std::uint8_t{0x7f});  // poison
+  std::ostringstream os;
+  os << p.describe();
+  const status sf = run_problem(kfwd, s, b, threads);
+  if (!sf.ok()) return ::testing::AssertionFailure() << os.str() << ": forward: " << sf.error;
+  const status so = run_backward_problem(ofwd, obwd, s, backend::reference, 1);
+  if (!so.ok()) return ::testing::AssertionFailure() << os.str() << ": oracle backward: " << so.error;
+  const status sn = run_naive_backward(nfwd, nbwd, s);
+  if (!sn.ok()) return ::testing::AssertionFailure() << os.str() << ": naive backward: " << sn.error;
+  const status sk = run_backward_problem(kfwd, kbwd, s, b, threads);
+  if (!sk.ok()) return ::testing::AssertionFailure() << os.str() << ": " << backend_name(b) << " backward: " << sk.error;
+  bool ok = true;
+  const dtype gt = kbwd.grad_type();
+  double magnitude = s.sink_logits ? sink_error(nbwd, obwd).ref_max : 0.0;
+  for (int w = 0; w < 3; ++w) magnitude = std::max(magnitude, grad_error(nbwd, obwd, w).ref_max);
+  const auto judge = [&](const char* name, const error_stats& ek, const error_stats& en) {
+    const double tol = 2.0 * en.max_abs + k_grad_floor_eps * dtype_eps(gt) * magnitude;
+    const bool pass = ek.hard_ok() && en.hard_ok() && ek.max_abs <= tol;
+    ok &= pass;
+    os << "\n  " << name << ": max err " << ek.max_abs << " (tol " << tol << " = 2 * naive " << en.max_abs
+       << " + floor; |ref| max " << en.ref_max << ", call max " << magnitude << "; NaN " << ek.nan << ", inf " << ek.inf_mismatch << "; worst "
+       << ek.worst << ")" << (pass ? "" : "  FAIL");
+  };
+  static const char* const names[3] = {"dq", "dk", "dv"};
+  for (int w = 0; w < 3; ++w) judge(names[w], grad_error(kbwd, obwd, w), grad_error(nbwd, obwd, w));
+  if (s.sink_logits) judge("d_sink", sink_error(kbwd, obwd), sink_error(nbwd, obwd));
+  if (ok) return ::testing::AssertionSuccess() << os.str();
+  return ::testing::AssertionFailure() << os.str();
 }
 
 }  // namespace omniattn::test

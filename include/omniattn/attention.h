@@ -49,6 +49,50 @@ selection select(const attn_params& p, backend b);
 // The fp64 oracle (plain loops, no SIMD, no threads). Also reachable as backend::reference.
 void reference_attention(const attn_params& p);
 
+// ---- Backward ----
+//
+// attention_backward: the gradients of a loss L through out = attention(q, k, v, spec), given d_out = dL/d out and
+// the forward's out and lse (FlashAttention-2's algorithm: P is recomputed from the LSE, D_i = rowsum(d_out_i * out_i)):
+//   P_ij  = exp(s_ij - lse_i) over the allowed pairs (s_ij the final logit of the spec, after every score modifier)
+//   dV_j  = sum_i P_ij d_out_i,  dP_ij = <d_out_i, v_j>,  dS_ij = P_ij (dP_ij - D_i)
+//   dQ_i  = sum_j dS_ij * ds_ij/d(q.k) k_j,  dK_j = sum_i dS_ij * ds_ij/d(q.k) q_i   (with RoPE: w.r.t. the unrotated
+//           q, k, i.e. rotated back; with GQA / MQA dK, dV are summed over the q heads of each kv head)
+//   d sink_h = -sum_i exp(sink_h - lse_i) D_i    (the sink joins the normalizer and carries no value)
+// ds/d(q.k) is the softmax scale times the chain rule through the score modifiers: every built-in has a closed form;
+// a user modifier needs a derivative (scores::inlined(f, df), scores::differentiable(f, df)), else the call fails.
+// Rows with no allowed key (lse -inf) contribute nothing: their dq rows are 0 and they add 0 to dk, dv.
+// out and lse must be what the forward returned for the same inputs and spec (lse is required: make it with
+// options::lse); out must be as accurate as possible (an f32 out for bf16 inputs gives a better D).
+// The CPU kernel is deterministic: results are bitwise identical for any thread count.
+struct gradients {
+  tensor dq, dk, dv;  // shapes of q, k, v; dtype q's or f32 (each on its own); written entirely
+  // Optional: the gradient of spec.sink_logits, one float per query head (requires spec.sink_logits).
+  float* d_sink_logits = nullptr;
+  // Optional: the gradient of the dense bias tensor of spec.score (scores::bias; exactly one in the chain), as a
+  // contiguous row-major float32 array of the bias's shape (broadcast dims of size 1 hold the sum over that dim).
+  float* d_bias = nullptr;
+};
+
+status attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
+                          const tensor& d_out, const gradients& g, const spec& s = {}, const options& opt = {});
+
+// Validates a backward call and fills its params struct (options.lse is ignored: lse is an argument here).
+status make_backward_params(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
+                            const tensor& d_out, const gradients& g, const spec& s, const options& opt,
+                            attn_bwd_params& p);
+
+using backward_kernel_fn = void (*)(const attn_bwd_params&);
+struct backward_selection {
+  backward_kernel_fn run = nullptr;
+  std::string name;
+  std::vector<std::string> reasons;
+  bool ok() const { return run != nullptr; }
+};
+backward_selection select_backward(const attn_bwd_params& p, backend b);
+
+// The fp64 oracle of the backward pass (plain loops; recomputes the forward in fp64 and ignores p.fwd.out / lse).
+void reference_attention_backward(const attn_bwd_params& p);
+
 // Memory kept between calls. Each calling thread keeps its packed K/V buffers for its next call (a fresh multi-MiB
 // buffer costs a page fault per 4 KiB on first touch), up to this many bytes; larger buffers are freed when their call
 // returns. Default 32 MiB per thread, or OMNIATTN_SCRATCH_RETAIN_MB; 0 keeps nothing. Returns the previous limit.

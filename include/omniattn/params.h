@@ -46,6 +46,22 @@ struct attn_params {
   int threads = 1;
 };
 
+// The backward pass (attention_backward): the forward's params, where out and lse are inputs, plus the incoming
+// gradient d_out and the gradient outputs. Strides in elements, order batch, seq, head, dim.
+struct attn_bwd_params {
+  attn_params fwd;
+  const void* d_out = nullptr;
+  dtype d_out_type = dtype::f32;
+  std::int64_t do_stride[4] = {};
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  dtype dq_type = dtype::f32, dk_type = dtype::f32, dv_type = dtype::f32;
+  std::int64_t dq_stride[4] = {}, dk_stride[4] = {}, dv_stride[4] = {};
+  float* d_sink = nullptr;  // [heads_q], or null
+  float* d_bias = nullptr;  // contiguous, the shape of the score chain's bias tensor, or null
+};
+
 // One sequence of a (possibly varlen) batch: where its rows start in the tensors and how long it is.
 struct seq_extent {
   std::int64_t q_begin, q_len, k_begin, k_len, tensor_batch;
@@ -68,6 +84,13 @@ void rope_rotate(const attn_params& p, bool q_side, std::int64_t tensor_batch, s
                  std::int64_t lq, std::int64_t lk, double* x);
 void rope_rotate(const attn_params& p, bool q_side, std::int64_t tensor_batch, std::int64_t row, std::int64_t local,
                  std::int64_t lq, std::int64_t lk, float* x);
+
+// The inverse rotation (R^T), for gradients: double for the oracle, float from the tables for the kernels.
+void rope_rotate_back(const attn_params& p, bool q_side, std::int64_t tensor_batch, std::int64_t row, std::int64_t local,
+                      std::int64_t lq, std::int64_t lk, double* x);
+void rope_rotate_back(const attn_params& p, bool q_side, std::int64_t tensor_batch, std::int64_t row, std::int64_t local,
+                      std::int64_t lq, std::int64_t lk, float* x);
+void rope_apply_back(const attn_params& p, const float* cos_row, const float* sin_row, float* x);
 
 // Per-token cos / sin tables of the RoPE angles, [rows of the tensor (all batches)][rope_dim / 2], for the kernels.
 void rope_tables(const attn_params& p, bool q_side, std::vector<float>& cos_table, std::vector<float>& sin_table);

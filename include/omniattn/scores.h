@@ -85,6 +85,7 @@ struct tile_score {
                                      std::int64_t h, std::int64_t q0, std::int64_t k0, float scale)>;
   score_fn element;  // the same function per element: the oracle, the naive path and any non-tiled backend
   tile_fn tile;
+  score_fn derivative;  // d element / d s, for attention_backward (empty: the modifier cannot run backward)
   double operator()(double x, std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k) const {
     return element(x, b, h, q, k);
   }
@@ -107,6 +108,22 @@ score_fn inlined(F f) {
   };
   return t;
 }
+
+// inlined(f) with its derivative df(s, b, h, q, k) = d f / d s, so attention_backward can run through it (also
+// `auto` parameters; the backward pass calls df per element of the allowed pairs).
+template <class F, class G>
+score_fn inlined(F f, G df) {
+  score_fn s = inlined(std::move(f));
+  s.target<tile_score>()->derivative = [df](double x, std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k) -> double {
+    return static_cast<double>(df(x, b, h, q, k));
+  };
+  return s;
+}
+
+// Any score_fn f made differentiable: df(s, b, h, q, k) = d f / d s at s. attention_backward multiplies the incoming
+// gradient of each logit by it (chain rule); a user score modifier without a derivative makes attention_backward fail
+// with "[attention_backward] spec.score ... has no derivative". Forward calls run f exactly as without the wrapper.
+score_fn differentiable(score_fn f, score_fn df);
 
 }  // namespace omniattn::scores
 

@@ -116,46 +116,151 @@ std::string shape_of(const tensor& t) {
          std::to_string(t.heads) + ", " + std::to_string(t.dim) + "]";
 }
 
-status run(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt) {
-  attn_params p;
-  if (status st = make_params(q, k, v, out, s, opt, p); !st) return st;
-  const detail::call_plan_scope plans;  // select() and the kernel share one grid plan
-  const selection sel = select(p, opt.use);
-  const bool refused_fallback = opt.use == backend::automatic && !opt.allow_fallback && sel.run == &reference_attention;
+// The backward's gradient outputs staged the same way when user code runs (dq, dk, dv, d_sink, d_bias).
+class gradient_stage {
+ public:
+  explicit gradient_stage(attn_bwd_params& p) {
+    const std::int64_t tb = p.fwd.cu_seqlens_q ? 1 : p.fwd.batch;
+    stage(p.dq, p.dq_type, p.dq_stride, tb, p.fwd.seq_rows_q, p.fwd.heads_q, p.fwd.dim_qk, 0);
+    stage(p.dk, p.dk_type, p.dk_stride, tb, p.fwd.seq_rows_k, p.fwd.heads_kv, p.fwd.dim_qk, 1);
+    stage(p.dv, p.dv_type, p.dv_stride, tb, p.fwd.seq_rows_k, p.fwd.heads_kv, p.fwd.dim_v, 2);
+    if (p.d_sink) {
+      user_sink_ = p.d_sink;
+      sink_.resize(static_cast<std::size_t>(p.fwd.heads_q));
+      p.d_sink = sink_.data();
+    }
+    if (p.d_bias) {
+      std::vector<detail::score_step> steps;
+      detail::lower_score(*p.fwd.score, steps);
+      for (const detail::score_step& st : steps)
+        if (st.op == detail::score_step::kind::bias)
+          bias_.resize(static_cast<std::size_t>(st.bias->shape[0] * st.bias->shape[1] * st.bias->shape[2] * st.bias->shape[3]));
+      user_bias_ = p.d_bias;
+      p.d_bias = bias_.data();
+    }
+  }
+
+  void commit() const {
+    for (const staged& s : staged_) {
+      const auto es = static_cast<std::int64_t>(dtype_size(s.type));
+      std::int64_t src = 0;
+      for (std::int64_t b = 0; b < s.sizes[0]; ++b)
+        for (std::int64_t i = 0; i < s.sizes[1]; ++i)
+          for (std::int64_t h = 0; h < s.sizes[2]; ++h)
+            for (std::int64_t d = 0; d < s.sizes[3]; ++d, ++src) {
+              const std::int64_t dst = b * s.strides[0] + i * s.strides[1] + h * s.strides[2] + d * s.strides[3];
+              std::memcpy(static_cast<char*>(s.user) + dst * es, s.data.data() + src * es, static_cast<std::size_t>(es));
+            }
+    }
+    if (user_sink_) std::copy(sink_.begin(), sink_.end(), user_sink_);
+    if (user_bias_) std::copy(bias_.begin(), bias_.end(), user_bias_);
+  }
+
+ private:
+  struct staged {
+    void* user;
+    dtype type;
+    std::int64_t strides[4], sizes[4];
+    std::vector<unsigned char> data;
+  };
+  void stage(void*& data, dtype type, std::int64_t* strides, std::int64_t tb, std::int64_t rows, std::int64_t heads,
+             std::int64_t dim, int slot) {
+    staged& s = staged_[slot];
+    s.user = data;
+    s.type = type;
+    std::memcpy(s.strides, strides, sizeof s.strides);
+    const std::int64_t sizes[4] = {tb, rows, heads, dim};
+    std::memcpy(s.sizes, sizes, sizeof s.sizes);
+    s.data.resize(static_cast<std::size_t>(tb * rows * heads * dim * dtype_size(type)));
+    data = s.data.data();
+    const std::int64_t st[4] = {rows * heads * dim, heads * dim, dim, 1};
+    std::memcpy(strides, st, sizeof st);
+  }
+
+  staged staged_[3];
+  float* user_sink_ = nullptr;
+  float* user_bias_ = nullptr;
+  std::vector<float> sink_, bias_;
+};
+
+// Runs the selected kernel, staging the outputs when user code runs (it may throw half-way), or says why no kernel
+// may run: none fits, or only the oracle does and options.allow_fallback is false.
+template <class Stage, class Selection, class Params>
+status run_selected(const char* call, const options& opt, const Selection& sel, bool is_fallback, Params& p, bool stage) {
+  const bool refused_fallback = opt.use == backend::automatic && !opt.allow_fallback && is_fallback;
   if (!sel.ok() || refused_fallback) {
-    std::string msg = "[attention] no ";
+    std::string msg = std::string("[") + call + "] no ";
     msg += refused_fallback ? "fast" : backend_name(opt.use);
     msg += refused_fallback ? " kernel fits and options.allow_fallback is false:" : " kernel fits:";
     for (const std::string& r : sel.reasons) msg += "\n  " + r;
     return {msg};
   }
-  if (output_stage::needed(p)) {
-    const output_stage stage(p);
+  if (stage) {
+    const Stage st(p);
     sel.run(p);
-    stage.commit();
+    st.commit();
   } else {
     sel.run(p);
   }
   return {};
 }
 
+status run(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt) {
+  attn_params p;
+  if (status st = make_params(q, k, v, out, s, opt, p); !st) return st;
+  const detail::call_plan_scope plans;  // select() and the kernel share one grid plan
+  const selection sel = select(p, opt.use);
+  return run_selected<output_stage>("attention", opt, sel, sel.run == &reference_attention, p, output_stage::needed(p));
+}
+
+status run_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
+                    const tensor& d_out, const gradients& g, const spec& s, const options& opt) {
+  attn_bwd_params p;
+  if (status st = make_backward_params(q, k, v, out, lse, d_out, g, s, opt, p); !st) return st;
+  const backward_selection sel = select_backward(p, opt.use);
+  return run_selected<gradient_stage>("attention_backward", opt, sel, sel.run == &reference_attention_backward, p,
+                                      output_stage::needed(p.fwd));
+}
+
+// Every failure as a status naming the call (see attention()).
+template <class Run>
+status guarded(const char* call, const tensor& q, const tensor& k, const tensor& v, Run&& run) {
+  const std::string tag = std::string("[") + call + "] ";
+  try {
+    return run();
+  } catch (const detail::callback_error& e) {
+    return {tag + e.what() + " (output untouched)"};
+  } catch (const std::bad_alloc&) {
+    return {tag + "out of memory: the working buffers for q " + shape_of(q) + ", k " + shape_of(k) + ", v " + shape_of(v) +
+            " could not be allocated"};
+  } catch (const std::exception& e) {
+    return {tag + "failed: " + e.what()};
+  } catch (...) {
+    return {tag + "failed with an exception that is not a std::exception"};
+  }
+}
+
 }  // namespace
+
+backward_selection select_backward(const attn_bwd_params& p, backend b) {
+  backward_selection ref{reference_attention_backward, "reference", {"reference: fp64 oracle, supports every spec"}};
+  if (b == backend::reference) return ref;
+  backward_selection fast = cpu::select_backward(p);
+  if (b == backend::cpu || fast.ok()) return fast;
+  ref.reasons = fast.reasons;
+  ref.reasons.push_back("reference: chosen as fallback, no fast kernel fits (slow: fp64 plain loops)");
+  return ref;
+}
+
+status attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
+                          const tensor& d_out, const gradients& g, const spec& s, const options& opt) {
+  return guarded("attention_backward", q, k, v, [&] { return run_backward(q, k, v, out, lse, d_out, g, s, opt); });
+}
 
 status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt) {
   // Nothing may escape: a throwing user callback, a failed allocation or a size the machine cannot serve all become
   // a status naming what happened.
-  try {
-    return run(q, k, v, out, s, opt);
-  } catch (const detail::callback_error& e) {
-    return {std::string("[attention] ") + e.what() + " (output untouched)"};
-  } catch (const std::bad_alloc&) {
-    return {"[attention] out of memory: the working buffers for q " + shape_of(q) + ", k " + shape_of(k) + ", v " + shape_of(v) +
-            " could not be allocated"};
-  } catch (const std::exception& e) {
-    return {std::string("[attention] failed: ") + e.what()};
-  } catch (...) {
-    return {"[attention] failed with an exception that is not a std::exception"};
-  }
+  return guarded("attention", q, k, v, [&] { return run(q, k, v, out, s, opt); });
 }
 
 }  // namespace omniattn

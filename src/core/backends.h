@@ -8,6 +8,8 @@ namespace omniattn {
 namespace cpu {
 // The fused CPU kernels (src/cpu/): a kernel for these params, or every reason none fits.
 selection select(const attn_params& p);
+// The fused CPU backward kernel, or every reason none fits.
+backward_selection select_backward(const attn_bwd_params& p);
 }  // namespace cpu
 
 namespace detail {

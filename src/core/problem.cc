@@ -220,6 +220,64 @@ double problem_data::out_at(std::int64_t b, std::int64_t s, std::int64_t h, std:
   return detail::load_element(o.data, o.type, b * o.stride_batch + s * o.stride_seq + h * o.stride_head + d * o.stride_dim);
 }
 
+backward_data::backward_data(const problem& p, std::uint64_t seed) : prob(p) {
+  std::mt19937_64 rng(seed);
+  const std::int64_t b = p.is_varlen() ? 1 : p.batch;
+  const std::int64_t tq = total_or(p.seqlens_q, p.seq_q), tk = total_or(p.seqlens_k, p.seq_k);
+  // Drawn in the input dtype, so the oracle's f32 copy and a bf16 run see the same values.
+  const dtype ot = p.out_f32 ? dtype::f32 : p.type;
+  std::vector<std::uint8_t> drawn;
+  const std::int64_t n = b * tq * p.heads_q * p.dim_v;
+  fill(drawn, p.type, n, rng, 1.0);
+  d_out.assign(static_cast<std::size_t>(std::max<std::int64_t>(n, 1) * dtype_size(ot)), 0);
+  for (std::int64_t i = 0; i < n; ++i) detail::store_element(d_out.data(), ot, i, detail::load_element(drawn.data(), p.type, i));
+  const auto zeros = [&](std::vector<std::uint8_t>& buf, std::int64_t n) {
+    buf.assign(static_cast<std::size_t>(std::max<std::int64_t>(n, 1) * dtype_size(grad_type())), 0);
+  };
+  zeros(dq, b * tq * p.heads_q * p.dim_qk);
+  zeros(dk, b * tk * p.heads_kv * p.dim_qk);
+  zeros(dv, b * tk * p.heads_kv * p.dim_v);
+  d_sink.assign(static_cast<std::size_t>(std::max<std::int64_t>(p.heads_q, 1)), 0.0f);
+}
+
+tensor backward_data::d_out_view() const {
+  return view(prob, d_out, prob.out_f32 ? dtype::f32 : prob.type, total_or(prob.seqlens_q, prob.seq_q), prob.heads_q, prob.dim_v);
+}
+tensor backward_data::dq_view() const { return view(prob, dq, grad_type(), total_or(prob.seqlens_q, prob.seq_q), prob.heads_q, prob.dim_qk); }
+tensor backward_data::dk_view() const { return view(prob, dk, grad_type(), total_or(prob.seqlens_k, prob.seq_k), prob.heads_kv, prob.dim_qk); }
+tensor backward_data::dv_view() const { return view(prob, dv, grad_type(), total_or(prob.seqlens_k, prob.seq_k), prob.heads_kv, prob.dim_v); }
+
+gradients backward_data::grads(bool with_sink) const {
+  gradients g;
+  g.dq = dq_view();
+  g.dk = dk_view();
+  g.dv = dv_view();
+  g.d_sink_logits = with_sink ? const_cast<float*>(d_sink.data()) : nullptr;
+  return g;
+}
+
+double backward_data::grad_at(int which, std::int64_t b, std::int64_t s, std::int64_t h, std::int64_t d) const {
+  const tensor t = which == 0 ? dq_view() : which == 1 ? dk_view() : dv_view();
+  return detail::load_element(t.data, t.type, b * t.stride_batch + s * t.stride_seq + h * t.stride_head + d * t.stride_dim);
+}
+
+status run_backward_problem(const problem_data& fwd, backward_data& bwd, const spec& s, backend b, int threads) {
+  const options o = fwd.make_options(b, threads);
+  return attention_backward(fwd.q_view(), fwd.k_view(), fwd.v_view(), fwd.out_view(), fwd.lse_view(), bwd.d_out_view(),
+                            bwd.grads(s.sink_logits != nullptr), s, o);
+}
+
+status run_naive_backward(const problem_data& fwd, backward_data& bwd, const spec& s) {
+  attn_bwd_params p;
+  const options o = fwd.make_options(backend::reference, 1);
+  if (status st = make_backward_params(fwd.q_view(), fwd.k_view(), fwd.v_view(), fwd.out_view(), fwd.lse_view(),
+                                       bwd.d_out_view(), bwd.grads(s.sink_logits != nullptr), s, o, p);
+      !st)
+    return st;
+  naive_attention_backward_f32(p);
+  return {};
+}
+
 std::int64_t mask_area(const attn_params& p) {
   std::int64_t area = 0;
   for (std::int64_t b = 0; b < p.batch; ++b) {

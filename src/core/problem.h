@@ -60,6 +60,30 @@ struct problem_data {
   double out_at(std::int64_t b, std::int64_t s, std::int64_t h, std::int64_t d) const;
 };
 
+// Buffers of a backward run of a problem: the incoming gradient d_out (seeded uniform, out's dtype) and the gradients
+// dq, dk, dv (the input dtype, or f32 with out_f32), d_sink (with sink logits). The forward's out and lse come from
+// the problem_data the backward runs on.
+struct backward_data {
+  problem prob;
+  std::vector<std::uint8_t> d_out, dq, dk, dv;
+  std::vector<float> d_sink;
+
+  backward_data(const problem& p, std::uint64_t seed);
+  dtype grad_type() const { return prob.out_f32 ? dtype::f32 : prob.type; }
+  tensor d_out_view() const;
+  tensor dq_view() const;
+  tensor dk_view() const;
+  tensor dv_view() const;
+  gradients grads(bool with_sink) const;
+  // Gradient element (batch, seq, head, dim) of dq (0), dk (1) or dv (2) as double.
+  double grad_at(int which, std::int64_t b, std::int64_t s, std::int64_t h, std::int64_t d) const;
+};
+
+// attention_backward on a backend for the forward result in `fwd` (which needs its lse); gradients land in bwd.
+status run_backward_problem(const problem_data& fwd, backward_data& bwd, const spec& s, backend b, int threads = 0);
+// The naive float backward (naive_attention_backward_f32) on the same buffers.
+status run_naive_backward(const problem_data& fwd, backward_data& bwd, const spec& s);
+
 // Total count of (query, key) pairs the spec allows, over all batches and heads: the FLOP count is 2*area*(dqk+dv).
 std::int64_t mask_area(const attn_params& p);
 
@@ -69,5 +93,7 @@ status run_problem(problem_data& data, const spec& s, backend b, int threads = 0
 // The naive unfused path in float: materialized scores, float softmax, float PV; used to calibrate tolerances
 // (FlashAttention's rule: the kernel's error may be at most 2x this path's) and as a benchmark baseline.
 void naive_attention_f32(const attn_params& p);
+// The same for the backward: the oracle's loops in float (materialized P and dS per row, float sums).
+void naive_attention_backward_f32(const attn_bwd_params& p);
 
 }  // namespace omniattn

@@ -30,13 +30,14 @@ double rope_angle(const attn_params& p, bool q_side, std::int64_t tensor_batch, 
 
 namespace {
 
+// sign -1 rotates back (R^T = R(-angle)): the backward pass maps gradients of rotated q, k to the unrotated inputs.
 template <class T>
 void rotate(const attn_params& p, bool q_side, std::int64_t tb, std::int64_t row, std::int64_t local, std::int64_t lq,
-            std::int64_t lk, T* x) {
+            std::int64_t lk, T* x, double sign = 1.0) {
   const std::int64_t half = p.rope_dim / 2;
   for (std::int64_t pr = 0; pr < half; ++pr) {
     const double angle = rope_angle(p, q_side, tb, row, local, lq, lk, pr);
-    const double c = std::cos(angle), s = std::sin(angle);
+    const double c = std::cos(angle), s = sign * std::sin(angle);
     const std::int64_t i1 = p.rope->interleaved ? 2 * pr : pr, i2 = p.rope->interleaved ? 2 * pr + 1 : pr + half;
     const double x1 = static_cast<double>(x[i1]), x2 = static_cast<double>(x[i2]);
     x[i1] = static_cast<T>(x1 * c - x2 * s);
@@ -54,6 +55,26 @@ void rope_rotate(const attn_params& p, bool q_side, std::int64_t tb, std::int64_
 void rope_rotate(const attn_params& p, bool q_side, std::int64_t tb, std::int64_t row, std::int64_t local, std::int64_t lq,
                  std::int64_t lk, float* x) {
   rotate(p, q_side, tb, row, local, lq, lk, x);
+}
+
+void rope_rotate_back(const attn_params& p, bool q_side, std::int64_t tb, std::int64_t row, std::int64_t local,
+                      std::int64_t lq, std::int64_t lk, double* x) {
+  rotate(p, q_side, tb, row, local, lq, lk, x, -1.0);
+}
+
+void rope_rotate_back(const attn_params& p, bool q_side, std::int64_t tb, std::int64_t row, std::int64_t local,
+                      std::int64_t lq, std::int64_t lk, float* x) {
+  rotate(p, q_side, tb, row, local, lq, lk, x, -1.0);
+}
+
+void rope_apply_back(const attn_params& p, const float* cos_row, const float* sin_row, float* x) {
+  const std::int64_t half = p.rope_dim / 2;
+  for (std::int64_t pr = 0; pr < half; ++pr) {
+    const std::int64_t i1 = p.rope->interleaved ? 2 * pr : pr, i2 = p.rope->interleaved ? 2 * pr + 1 : pr + half;
+    const float x1 = x[i1], x2 = x[i2];
+    x[i1] = x1 * cos_row[pr] + x2 * sin_row[pr];
+    x[i2] = x2 * cos_row[pr] - x1 * sin_row[pr];
+  }
 }
 
 void rope_tables(const attn_params& p, bool q_side, std::vector<float>& cos_table, std::vector<float>& sin_table) {

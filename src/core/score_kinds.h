@@ -8,6 +8,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -78,6 +79,25 @@ struct bias_score {
   }
 };
 
+// T5 / Music-Transformer relative position buckets: s + table[h * buckets + bucket(k - q)].
+struct relative_bias_score {
+  std::shared_ptr<const std::vector<double>> table;  // heads x buckets (heads may be 1: shared)
+  std::int64_t buckets = 0, max_distance = 0;
+  bool bidirectional = false;
+  std::int64_t heads() const { return static_cast<std::int64_t>(table->size()) / buckets; }
+  double at(std::int64_t h, std::int64_t relative) const {
+    return (*table)[static_cast<std::size_t>((h % heads()) * buckets +
+                                             scores::relative_bucket(relative, buckets, max_distance, bidirectional))];
+  }
+  double operator()(double x, std::int64_t, std::int64_t h, std::int64_t q, std::int64_t k) const { return x + at(h, k - q); }
+};
+
+// A user score function with its derivative d f / d s (scores::differentiable), for the backward pass.
+struct differentiable_score {
+  score_fn f, df;
+  double operator()(double x, std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k) const { return f(x, b, h, q, k); }
+};
+
 struct chained_score {
   score_fn first, second;
   double operator()(double x, std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k) const {
@@ -88,15 +108,19 @@ struct chained_score {
 // One step of a score_fn flattened into its parts: a vectorizable built-in, a user tile function (scores::inlined), or
 // any other callable (called per element).
 struct score_step {
-  enum class kind : std::uint8_t { alibi, softcap, temperature, logn, key_table, bias, tile, element } op;
+  enum class kind : std::uint8_t { alibi, softcap, temperature, logn, key_table, bias, relative, tile, element } op;
   const alibi_score* alibi = nullptr;
   double cap = 0.0;
   const temperature_score* temperature = nullptr;
   const logn_score* logn = nullptr;
   const key_table* table = nullptr;
   const bias_score* bias = nullptr;
+  const relative_bias_score* relative = nullptr;
   const scores::tile_score* tile = nullptr;
   const score_fn* element = nullptr;
+  // d step / d s of a user step (tile or element), for the backward pass; null when the user gave none. Built-in
+  // steps have closed-form derivatives (score_value_grad).
+  const score_fn* derivative = nullptr;
   bool vector() const { return op != kind::tile && op != kind::element; }
 };
 
@@ -108,6 +132,13 @@ inline bool lower_score(const score_fn& f, std::vector<score_step>& out) {
   if (const auto* t = f.target<chained_score>()) {
     const bool a = lower_score(t->first, out);
     return lower_score(t->second, out) && a;
+  }
+  if (const auto* ds = f.target<differentiable_score>()) {
+    const std::size_t before = out.size();
+    const bool fast = lower_score(ds->f, out);
+    // The derivative belongs to a single user step; a chain of built-ins has its own closed forms.
+    if (out.size() == before + 1 && !out.back().vector()) out.back().derivative = &ds->df;
+    return fast;
   }
   if (const auto* a = f.target<alibi_score>()) {
     st.op = k::alibi, st.alibi = a;
@@ -123,8 +154,11 @@ inline bool lower_score(const score_fn& f, std::vector<score_step>& out) {
     st.op = k::key_table, st.table = &rw->table;
   } else if (const auto* bs = f.target<bias_score>()) {
     st.op = k::bias, st.bias = bs;
+  } else if (const auto* rb = f.target<relative_bias_score>()) {
+    st.op = k::relative, st.relative = rb;
   } else if (const auto* ts = f.target<scores::tile_score>()) {
     st.op = k::tile, st.tile = ts;
+    if (ts->derivative) st.derivative = &ts->derivative;
   } else {
     st.op = k::element, st.element = &f;
   }
@@ -138,6 +172,36 @@ inline bool score_has_user_code(const score_fn& f) {
   lower_score(f, steps);
   return std::any_of(steps.begin(), steps.end(), [](const score_step& st) { return !st.vector(); });
 }
+
+// One step in double with its derivative: returns step(x) and sets *dx = d step / d x (the oracle's backward).
+// A user step without a derivative sets *dx to NaN (validation rejects such calls first).
+inline double score_step_value_grad(const score_step& st, double x, std::int64_t b, std::int64_t h, std::int64_t q,
+                                    std::int64_t k, double* dx) {
+  using kd = score_step::kind;
+  *dx = 1.0;
+  switch (st.op) {
+    case kd::alibi: return (*st.alibi)(x, b, h, q, k);
+    case kd::softcap: {
+      const double t = std::tanh(x / st.cap);
+      *dx = 1.0 - t * t;
+      return st.cap * t;
+    }
+    case kd::temperature: *dx = 1.0 / st.temperature->t(h); return x * *dx;
+    case kd::logn: *dx = st.logn->factor(q); return x * *dx;
+    case kd::key_table: return x + st.table->at(h, k);
+    case kd::bias: return (*st.bias)(x, b, h, q, k);
+    case kd::relative: return (*st.relative)(x, b, h, q, k);
+    case kd::tile:
+    case kd::element: {
+      *dx = st.derivative ? (*st.derivative)(x, b, h, q, k) : std::numeric_limits<double>::quiet_NaN();
+      return st.op == kd::tile ? st.tile->element(x, b, h, q, k) : (*st.element)(x, b, h, q, k);
+    }
+  }
+  return x;
+}
+
+// Whether the backward pass can differentiate f: "" or which step has no derivative.
+std::string score_derivative_missing(const score_fn& f);
 
 // One line for select()'s reasons: how the kernel runs the modifier.
 std::string describe_score(const score_fn& f);

@@ -149,12 +149,14 @@ score_fn relative_bias(std::vector<double> table, std::int64_t buckets, std::int
   require(!table.empty() && table.size() % static_cast<std::size_t>(buckets) == 0,
           "[scores::relative_bias] table must hold heads * buckets values");
   for (double x : table) require(!overflows_float(x), "[scores::relative_bias] values must be floats (|x| <= 3.4e38)");
-  auto t = std::make_shared<const std::vector<double>>(std::move(table));
-  const auto heads = static_cast<std::int64_t>(t->size()) / buckets;
-  return [t, heads, buckets, max_distance, bidirectional](double x, std::int64_t, std::int64_t h, std::int64_t q, std::int64_t k) {
-    const std::int64_t bucket = relative_bucket(k - q, buckets, max_distance, bidirectional);
-    return x + (*t)[static_cast<std::size_t>((h % heads) * buckets + bucket)];
-  };
+  return detail::relative_bias_score{std::make_shared<const std::vector<double>>(std::move(table)), buckets, max_distance,
+                                     bidirectional};
+}
+
+score_fn differentiable(score_fn f, score_fn df) {
+  require(static_cast<bool>(f), "[scores::differentiable] f is empty");
+  require(static_cast<bool>(df), "[scores::differentiable] df is empty");
+  return detail::differentiable_score{std::move(f), std::move(df)};
 }
 
 score_fn then(score_fn first, score_fn second) {
@@ -171,7 +173,8 @@ std::string describe_score(const score_fn& f) {
   std::string names;
   bool tile = false;
   for (const score_step& st : steps) {
-    static const char* const k_names[] = {"alibi", "softcap", "temperature", "logn", "key table", "bias", "inlined", "functor"};
+    static const char* const k_names[] = {"alibi", "softcap", "temperature", "logn", "key table", "bias",
+                                          "relative bias", "inlined", "functor"};
     names += (names.empty() ? "" : " -> ") + std::string(k_names[static_cast<int>(st.op)]);
     tile |= st.op == score_step::kind::tile;
   }
@@ -180,6 +183,17 @@ std::string describe_score(const score_fn& f) {
            "scores::inlined avoids it)";
   return "score modifier " + names + ": applied to whole score rows, vectorized" +
          (tile ? std::string(" (user code through one inlined tile function per score tile)") : std::string());
+}
+
+std::string score_derivative_missing(const score_fn& f) {
+  std::vector<score_step> steps;
+  lower_score(f, steps);
+  for (std::size_t u = 0; u < steps.size(); ++u)
+    if (!steps[u].vector() && !steps[u].derivative)
+      return "step " + std::to_string(u + 1) + " of " + std::to_string(steps.size()) + " (a user " +
+             (steps[u].op == score_step::kind::tile ? "scores::inlined function" : "score functor") +
+             ") has no derivative: give one with scores::inlined(f, df) or scores::differentiable(f, df)";
+  return {};
 }
 
 std::string check_score(const score_fn& f, const attn_params& p) {

@@ -231,6 +231,15 @@ void check_block_mask(const block_mask& bm, const attn_params& p) {
       fail("spec.blocks.kinds holds ", static_cast<int>(t), ", not a tile_kind");
 }
 
+// A size-1 dim is only ever indexed at 0: its stride is stored as 0, so kernels never meet an arbitrary one (e.g.
+// INT64_MIN, whose magnitude does not exist in int64).
+void kernel_strides(const tensor& x, std::int64_t* st) {
+  st[0] = x.batch == 1 ? 0 : x.stride_batch;
+  st[1] = x.seq == 1 ? 0 : x.stride_seq;
+  st[2] = x.heads == 1 ? 0 : x.stride_head;
+  st[3] = x.dim == 1 ? 0 : x.stride_dim;
+}
+
 void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt,
            attn_params& p) {
   const byte_range rq = check_tensor("q", q), rk = check_tensor("k", k), rv = check_tensor("v", v),
@@ -275,17 +284,10 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   p.seq_rows_q = q.seq;
   p.seq_rows_k = k.seq;
   p.dim_v = v.dim;
-  const tensor* views[4] = {&q, &k, &v, &out};
-  std::int64_t* strides[4] = {p.q_stride, p.k_stride, p.v_stride, p.o_stride};
-  for (int t = 0; t < 4; ++t) {
-    // A size-1 dim is only ever indexed at 0: its stride is stored as 0, so kernels never meet an arbitrary one
-    // (e.g. INT64_MIN, whose magnitude does not exist in int64).
-    const tensor& x = *views[t];
-    strides[t][0] = x.batch == 1 ? 0 : x.stride_batch;
-    strides[t][1] = x.seq == 1 ? 0 : x.stride_seq;
-    strides[t][2] = x.heads == 1 ? 0 : x.stride_head;
-    strides[t][3] = x.dim == 1 ? 0 : x.stride_dim;
-  }
+  kernel_strides(q, p.q_stride);
+  kernel_strides(k, p.k_stride);
+  kernel_strides(v, p.v_stride);
+  kernel_strides(out, p.o_stride);
   if (opt.packed) check_varlen(*opt.packed, q, k, p);
 
   byte_range rl;
@@ -365,7 +367,115 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   if (opt.lse) check_no_alias("lse", rl, spec_buffers);
 }
 
+// The backward call: the forward's rules (out, lse and the spec), then d_out and the gradient outputs, which must
+// not overlap any buffer the call reads nor each other.
+void build_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
+                    const tensor& d_out, const gradients& g, const spec& s, const options& opt, attn_bwd_params& p) {
+  options fo = opt;
+  fo.lse = &lse;
+  fo.stats = nullptr;
+  p = attn_bwd_params{};
+  build(q, k, v, out, s, fo, p.fwd);
+  const byte_range rq = check_tensor("q", q), rk = check_tensor("k", k), rv = check_tensor("v", v),
+                   ro = check_tensor("out", out);
+  const std::int64_t lse_sizes[3] = {q.batch, q.heads, q.seq};
+  const std::int64_t lse_strides[3] = {lse.stride_batch, lse.stride_head, lse.stride_seq};
+  const byte_range rl = extent("lse", lse.data, 4, lse_sizes, lse_strides, 3);
+
+  const byte_range rdo = check_tensor("d_out", d_out);
+  if (d_out.type != q.type && d_out.type != dtype::f32)
+    fail("d_out.type ", dtype_name(d_out.type), " must be q.type ", dtype_name(q.type), " or f32");
+  const struct {
+    const char* name;
+    const tensor& t;
+    const tensor& like;
+    const char* like_name;
+  } shaped[4] = {{"d_out", d_out, out, "out"}, {"dq", g.dq, q, "q"}, {"dk", g.dk, k, "k"}, {"dv", g.dv, v, "v"}};
+  for (const auto& x : shaped) {
+    const std::int64_t got[4] = {x.t.batch, x.t.seq, x.t.heads, x.t.dim}, want[4] = {x.like.batch, x.like.seq, x.like.heads, x.like.dim};
+    for (int d = 0; d < 4; ++d)
+      if (got[d] != want[d]) fail(x.name, ".", k_tensor_dims[d], " ", got[d], " != ", x.like_name, ".", k_tensor_dims[d], " ", want[d]);
+  }
+  std::vector<input_range> inputs = {{"q", rq}, {"k", rk}, {"v", rv}, {"out", ro}, {"lse", rl}, {"d_out", rdo}};
+  spec_inputs(q, k, s, fo, p.fwd, inputs);
+  std::vector<input_range> written;
+  const struct {
+    const char* name;
+    const tensor& t;
+    void** data;
+    dtype* type;
+    std::int64_t* strides;
+  } grads[3] = {{"dq", g.dq, &p.dq, &p.dq_type, p.dq_stride},
+                {"dk", g.dk, &p.dk, &p.dk_type, p.dk_stride},
+                {"dv", g.dv, &p.dv, &p.dv_type, p.dv_stride}};
+  for (const auto& x : grads) {
+    const byte_range r = check_tensor(x.name, x.t);
+    if (x.t.type != q.type && x.t.type != dtype::f32)
+      fail(x.name, ".type ", dtype_name(x.t.type), " must be q.type ", dtype_name(q.type), " or f32");
+    const std::int64_t sizes[4] = {x.t.batch, x.t.seq, x.t.heads, x.t.dim};
+    const std::int64_t strides[4] = {x.t.stride_batch, x.t.stride_seq, x.t.stride_head, x.t.stride_dim};
+    check_no_self_overlap(x.name, sizes, strides, k_stride_dims, 4);
+    check_no_alias(x.name, r, inputs);
+    check_no_alias(x.name, r, written);
+    written.push_back({x.name, r});
+    *x.data = x.t.data;
+    *x.type = x.t.type;
+    kernel_strides(x.t, x.strides);
+  }
+  kernel_strides(d_out, p.do_stride);
+  p.d_out = d_out.data;
+  p.d_out_type = d_out.type;
+
+  if (g.d_sink_logits) {
+    if (!s.sink_logits) fail("gradients.d_sink_logits is set but spec.sink_logits is not");
+    if (reinterpret_cast<std::uintptr_t>(g.d_sink_logits) % 4 != 0) fail("gradients.d_sink_logits is not aligned to 4 bytes");
+    const byte_range r = array_range("gradients.d_sink_logits", g.d_sink_logits, q.heads, 4);
+    check_no_alias("gradients.d_sink_logits", r, inputs);
+    check_no_alias("gradients.d_sink_logits", r, written);
+    written.push_back({"gradients.d_sink_logits", r});
+    p.d_sink = g.d_sink_logits;
+  }
+  if (s.score) {
+    if (const std::string why = detail::score_derivative_missing(s.score); !why.empty()) fail("spec.score ", why);
+  }
+  if (g.d_bias) {
+    std::vector<detail::score_step> steps;
+    if (s.score) detail::lower_score(s.score, steps);
+    const detail::bias_score* bias = nullptr;
+    for (const detail::score_step& st : steps) {
+      if (st.op != detail::score_step::kind::bias) continue;
+      if (bias) fail("gradients.d_bias is set but spec.score has more than one bias tensor");
+      bias = st.bias;
+    }
+    if (!bias) fail("gradients.d_bias is set but spec.score has no bias tensor (scores::bias)");
+    if (reinterpret_cast<std::uintptr_t>(g.d_bias) % 4 != 0) fail("gradients.d_bias is not aligned to 4 bytes");
+    std::int64_t n = 0;
+    if (!detail::product_fits({bias->shape[0], bias->shape[1], bias->shape[2], bias->shape[3]}, &n))
+      fail("gradients.d_bias: the bias shape overflows int64");
+    const byte_range r = array_range("gradients.d_bias", g.d_bias, n, 4);
+    check_no_alias("gradients.d_bias", r, inputs);
+    check_no_alias("gradients.d_bias", r, written);
+    p.d_bias = g.d_bias;
+  }
+}
+
 }  // namespace
+
+status make_backward_params(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
+                            const tensor& d_out, const gradients& g, const spec& s, const options& opt,
+                            attn_bwd_params& p) {
+  try {
+    attn_bwd_params built;
+    build_backward(q, k, v, out, lse, d_out, g, s, opt, built);
+    p = built;
+    return {};
+  } catch (const failure& f) {
+    // The rules are the forward's; the message names the call that broke them.
+    const std::string prefix = "[attention] ";
+    const std::string rest = f.message.rfind(prefix, 0) == 0 ? f.message.substr(prefix.size()) : f.message;
+    return {"[attention_backward] " + rest};
+  }
+}
 
 status make_params(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s,
                    const options& opt, attn_params& p) {

@@ -31,6 +31,7 @@
 #include "core/storage.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/probe.h"
+#include "cpu/tiles.h"
 #include "omniattn/attention.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -41,155 +42,12 @@
 #include "hwy/highway.h"
 #include "cpu/math-inl.h"
 #include "cpu/score_tile-inl.h"
-
-#ifndef OMNIATTN_CPU_FLASH_FWD_SHARED
-#define OMNIATTN_CPU_FLASH_FWD_SHARED
-namespace omniattn::cpu {
-// Tile sizes are the same on every ISA so the block structure (and the rounding order) does not depend on the target.
-constexpr std::int64_t k_bq = 64;  // query rows per tile
-constexpr std::int64_t k_bk = 64;  // keys per tile
-// Register-block rows the grid plan's cost model assumes on every ISA (AVX-512's; 16-register ISAs use 4): the plan,
-// and with it the summation order, then does not depend on the CPU.
-constexpr std::int64_t k_plan_row_block = 6;
-
-// Converts one strided row of a storage dtype into contiguous floats.
-inline void load_row(const void* base, dtype t, std::int64_t offset, std::int64_t stride, std::int64_t n, float* dst) {
-  if (t == dtype::f32 && stride == 1) {
-    std::memcpy(dst, static_cast<const float*>(base) + offset, static_cast<std::size_t>(n) * 4);
-    return;
-  }
-  for (std::int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(detail::load_element(base, t, offset + d * stride));
-}
-}  // namespace omniattn::cpu
-#endif
+#include "cpu/tile_ops-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace omniattn::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
-using df_t = hn::ScalableTag<float>;
-using vf_t = hn::Vec<df_t>;
 
-// load_row on whole vectors for unit-stride bf16 / f16 rows (widening is a shift / a conversion per lane): the scalar
-// per-element path costs more than the attention itself on local masks, where each row meets few keys.
-HWY_INLINE void load_row_v(const void* base, dtype t, std::int64_t offset, std::int64_t stride, std::int64_t n, float* dst) {
-  const df_t d;
-  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
-  std::int64_t i = 0;
-  if (stride == 1 && t == dtype::bf16) {
-    const hn::Rebind<hwy::bfloat16_t, df_t> dh;
-    const auto* src = static_cast<const hwy::bfloat16_t*>(base) + offset;
-    for (; i + L <= n; i += L) hn::StoreU(hn::PromoteTo(d, hn::LoadU(dh, src + i)), d, dst + i);
-  } else if (stride == 1 && t == dtype::f16) {
-    const hn::Rebind<hwy::float16_t, df_t> dh;
-    const auto* src = static_cast<const hwy::float16_t*>(base) + offset;
-    for (; i + L <= n; i += L) hn::StoreU(hn::PromoteTo(d, hn::LoadU(dh, src + i)), d, dst + i);
-  }
-  load_row(base, t, offset + i * stride, stride, n - i, dst + i);
-}
-
-// Register blocking: MR query rows x NV vectors of keys (S) or of value dims (O). 4 x 4 accumulators leave room for
-// the operands in 16 (AVX2) and 32 (AVX-512) registers.
-#if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
-// 16 vector registers (SSE4 / AVX2): 4 rows x 2 vectors of accumulators.
-constexpr std::size_t k_mr = 4;
-constexpr std::size_t k_nv = 2;
-#else
-// 32 vector registers (AVX-512, NEON, SVE): 6 rows x 4 vectors = 24 accumulators + 4 operands; 6 rows cut the
-// re-reads of each packed K/V tile by 1.5x against 4 rows.
-constexpr std::size_t k_mr = 6;
-constexpr std::size_t k_nv = 4;
-#endif
-// The small loops over these are fully unrolled (HWY_UNROLL) so the accumulator arrays live in registers: GCC keeps
-// vector arrays it does not unroll on the stack, which costs a load and a store per FMA.
-
-// S[r][c0 .. c0 + NV*L) = sum_d Q[r][d] * Kt[d][c0 ..], for MR rows starting at q. Key vector v of the block is
-// read at kb[v] + d * k_ld: consecutive keys of one packed tile (raster path) or a segment of a key line read in
-// place from the packed sequence (grid path).
-template <std::size_t MR>
-HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t dim, const float* const* kb, std::int64_t k_ld,
-                         float* HWY_RESTRICT s) {
-  const std::size_t L = hn::Lanes(d);
-  vf_t acc[MR][k_nv];
-  const float* kp[k_nv];
-  HWY_UNROLL(16)
-  for (std::size_t v = 0; v < k_nv; ++v) kp[v] = kb[v];
-  HWY_UNROLL(16)
-  for (std::size_t r = 0; r < MR; ++r)
-    HWY_UNROLL(16)
-    for (std::size_t v = 0; v < k_nv; ++v) acc[r][v] = hn::Zero(d);
-  for (std::int64_t e = 0; e < dim; ++e) {
-    vf_t kv[k_nv];
-    HWY_UNROLL(16)
-    for (std::size_t v = 0; v < k_nv; ++v) kv[v] = hn::LoadU(d, kp[v] + e * k_ld);
-    HWY_UNROLL(16)
-    for (std::size_t r = 0; r < MR; ++r) {
-      const vf_t qb = hn::Set(d, q[static_cast<std::int64_t>(r) * dim + e]);
-      HWY_UNROLL(16)
-      for (std::size_t v = 0; v < k_nv; ++v) acc[r][v] = hn::MulAdd(qb, kv[v], acc[r][v]);
-    }
-  }
-  HWY_UNROLL(16)
-  for (std::size_t r = 0; r < MR; ++r)
-    HWY_UNROLL(16)
-    for (std::size_t v = 0; v < k_nv; ++v) hn::Store(acc[r][v], d, s + r * k_bk + v * L);
-}
-
-// O[r][c .. c + NVO*L) = O[r][..] * alpha[r] + sum_j P[r][j] * V[j][c ..], for MR rows. Key j's V row is
-// vseg[j / 16] + (j % 16) * v_ld: 16-key segments, consecutive rows of one packed tile or of the packed sequence.
-template <std::size_t MR, std::size_t NVO>
-HWY_INLINE void pv_block(df_t d, const float* HWY_RESTRICT pr, std::int64_t keys, const float* const* vseg, std::int64_t col,
-                         std::int64_t v_ld, const float* HWY_RESTRICT alpha, float* HWY_RESTRICT o, std::int64_t o_ld) {
-  const std::size_t L = hn::Lanes(d);
-  vf_t acc[MR][NVO];
-  HWY_UNROLL(16)
-  for (std::size_t r = 0; r < MR; ++r) {
-    const vf_t a = hn::Set(d, alpha[r]);
-    HWY_UNROLL(16)
-    for (std::size_t c = 0; c < NVO; ++c) acc[r][c] = hn::Mul(hn::Load(d, o + r * o_ld + c * L), a);
-  }
-  for (std::int64_t s0 = 0; s0 < keys; s0 += 16) {
-    const float* HWY_RESTRICT v = vseg[s0 / 16] + col;
-    const std::int64_t n = std::min<std::int64_t>(16, keys - s0);
-    for (std::int64_t j = 0; j < n; ++j) {
-      vf_t vv[NVO];
-      HWY_UNROLL(16)
-      for (std::size_t c = 0; c < NVO; ++c) vv[c] = hn::Load(d, v + j * v_ld + c * L);
-      HWY_UNROLL(16)
-      for (std::size_t r = 0; r < MR; ++r) {
-        const vf_t pb = hn::Set(d, pr[r * k_bk + s0 + j]);
-        HWY_UNROLL(16)
-        for (std::size_t c = 0; c < NVO; ++c) acc[r][c] = hn::MulAdd(pb, vv[c], acc[r][c]);
-      }
-    }
-  }
-  HWY_UNROLL(16)
-  for (std::size_t r = 0; r < MR; ++r)
-    HWY_UNROLL(16)
-    for (std::size_t c = 0; c < NVO; ++c) hn::Store(acc[r][c], d, o + r * o_ld + c * L);
-}
-
-// Calls fn(std::integral_constant<size_t, R>) for R = rows (1 .. k_mr): the row count of a register block is a
-// compile-time value, so the last, shorter block of a tile runs the same unrolled code without padding rows.
-template <class Fn>
-HWY_INLINE void with_rows(std::int64_t rows, Fn&& fn) {
-  switch (rows) {
-    case 1: fn(std::integral_constant<std::size_t, 1>()); break;
-    case 2: fn(std::integral_constant<std::size_t, 2>()); break;
-    case 3: fn(std::integral_constant<std::size_t, 3>()); break;
-    case 4: fn(std::integral_constant<std::size_t, 4>()); break;
-#if !(HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3)
-    case 5: fn(std::integral_constant<std::size_t, 5>()); break;
-    case 6: fn(std::integral_constant<std::size_t, 6>()); break;
-#endif
-    default: break;
-  }
-}
-
-// Key tiles are read as 16-key segments (grid path) through per-vector pointers: a vector must not span two segments.
-static_assert(hn::MaxLanes(df_t()) <= 16, "vectors wider than 16 floats would span two 16-key segments");
-
-// Keys per tile in whole vectors of this target.
-constexpr std::size_t k_row_vecs = static_cast<std::size_t>(k_bk) / hn::MaxLanes(df_t());
 
 // One row of the online softmax over a key tile, in registers. On entry srow holds the raw scores q.k of the tile's
 // keys; `allowed` has one bit per key. On exit srow holds P = exp2(s * c - m_new) (0 where not allowed), and
@@ -368,7 +226,7 @@ HWY_INLINE void key_tile(const attn_params& p, const packed_kv& kv, thread_scrat
     for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
       with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
         for (std::int64_t c0 = 0; c0 < k_bk; c0 += static_cast<std::int64_t>(k_nv * L))
-          qk_block<mr()>(d, qp + r0 * dim, dim, kb + c0 / static_cast<std::int64_t>(L), ks.k_ld, s + r0 * k_bk + c0);
+          qk_block<mr()>(d, qp + r0 * dim, dim, dim, kb + c0 / static_cast<std::int64_t>(L), ks.k_ld, s + r0 * k_bk + c0, k_bk);
       });
   }
   if (p.score) score_tile(p, kv.score, s, k_bk, rows, k_bk, keys, b, h, q0, k0);
@@ -385,21 +243,9 @@ HWY_INLINE void key_tile(const attn_params& p, const packed_kv& kv, thread_scrat
                    reinterpret_cast<const std::uint32_t*>(vt), dim_vp, ts.alpha + r0, o + r0 * dim_vp);
     return;
   }
-  const std::int64_t nvec = dim_vp / static_cast<std::int64_t>(L);
   for (std::int64_t r0 = 0; r0 < rows; r0 += static_cast<std::int64_t>(k_mr))
     with_rows(std::min<std::int64_t>(k_mr, rows - r0), [&](auto mr) {
-      const float* pr = s + r0 * k_bk;
-      const float* al = ts.alpha + r0;
-      float* orow = o + r0 * dim_vp;
-      std::int64_t cv = 0;
-      for (; cv + static_cast<std::int64_t>(k_nv) <= nvec; cv += k_nv)
-        pv_block<mr(), k_nv>(d, pr, keys, ks.vseg, cv * L, ks.v_ld, al, orow + cv * L, dim_vp);
-      switch (nvec - cv) {
-        case 3: pv_block<mr(), 3>(d, pr, keys, ks.vseg, cv * L, ks.v_ld, al, orow + cv * L, dim_vp); break;
-        case 2: pv_block<mr(), 2>(d, pr, keys, ks.vseg, cv * L, ks.v_ld, al, orow + cv * L, dim_vp); break;
-        case 1: pv_block<mr(), 1>(d, pr, keys, ks.vseg, cv * L, ks.v_ld, al, orow + cv * L, dim_vp); break;
-        default: break;
-      }
+      pv_rows<mr()>(d, s + r0 * k_bk, k_bk, 1, keys, ks.vseg, ks.v_ld, dim_vp, ts.alpha + r0, o + r0 * dim_vp, dim_vp);
     });
 }
 
@@ -816,7 +662,7 @@ static void run_flash_fwd_bf16_dot(const attn_params& p) { HWY_DYNAMIC_DISPATCH(
 static void run_flash_fwd_grid(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_grid)(p); }
 
 // The Highway target dynamic dispatch runs on this CPU: the best one (lowest bit) both compiled and supported.
-static std::string dispatch_isa() {
+std::string dispatch_isa() {
   const std::int64_t usable = hwy::SupportedTargets() & HWY_TARGETS;
   return std::string("ISA ") + (usable ? hwy::TargetName(usable & -usable) : "none");
 }

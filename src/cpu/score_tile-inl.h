@@ -36,6 +36,10 @@ struct score_plan {
   std::vector<detail::score_step> steps;
   // Per step: the LogN factor of every query position (empty for other steps), so a tile row costs no log().
   std::vector<std::vector<double>> logn_factor;
+  // Per step: a relative-bias table expanded over every relative position k - q in (-seq_q, seq_k), one row per
+  // table head, so a tile row's biases are consecutive floats (one vector load per key vector, no bucket math).
+  std::vector<std::vector<float>> relative_row;
+  std::int64_t relative_span = 0, relative_origin = 0;  // row length; index of relative position 0
   bool fast = false;  // no per-element std::function call
 };
 
@@ -44,9 +48,20 @@ inline score_plan plan_score(const attn_params& p) {
   if (!p.score) return sp;
   sp.fast = detail::lower_score(*p.score, sp.steps);
   sp.logn_factor.resize(sp.steps.size());
+  sp.relative_row.resize(sp.steps.size());
+  sp.relative_origin = std::max<std::int64_t>(p.seq_q - 1, 0);
+  sp.relative_span = sp.relative_origin + std::max<std::int64_t>(p.seq_k, 1);
   for (std::size_t u = 0; u < sp.steps.size(); ++u) {
-    if (sp.steps[u].op != detail::score_step::kind::logn) continue;
-    for (std::int64_t q = 0; q < p.seq_q; ++q) sp.logn_factor[u].push_back(sp.steps[u].logn->factor(q));
+    const detail::score_step& st = sp.steps[u];
+    if (st.op == detail::score_step::kind::logn)
+      for (std::int64_t q = 0; q < p.seq_q; ++q) sp.logn_factor[u].push_back(st.logn->factor(q));
+    if (st.op == detail::score_step::kind::relative) {
+      std::vector<float>& row = sp.relative_row[u];
+      row.resize(static_cast<std::size_t>(st.relative->heads() * sp.relative_span));
+      for (std::int64_t h = 0; h < st.relative->heads(); ++h)
+        for (std::int64_t r = 0; r < sp.relative_span; ++r)
+          row[static_cast<std::size_t>(h * sp.relative_span + r)] = static_cast<float>(st.relative->at(h, r - sp.relative_origin));
+    }
   }
   return sp;
 }
@@ -104,6 +119,12 @@ inline score_row_const score_row(const score_plan& sp, std::size_t u, std::int64
       rc.avail = bs.shape[3] == 1 ? INT64_MAX : bs.shape[3] - k0;
       break;
     }
+    case kind::relative: {
+      const std::int64_t at = k0 - q + sp.relative_origin;
+      rc.table = sp.relative_row[u].data() + (h % st.relative->heads()) * sp.relative_span + at;
+      rc.avail = sp.relative_span - at;
+      break;
+    }
     case kind::tile:
     case kind::element: break;
   }
@@ -139,7 +160,8 @@ HWY_INLINE hn::Vec<D> score_apply(D d, const detail::score_step& st, const score
     case kind::temperature:
     case kind::logn: return hn::Mul(x, hn::Set(d, rc.a));
     case kind::key_table:
-    case kind::bias: return hn::Add(x, score_table_vec(d, rc, col));
+    case kind::bias:
+    case kind::relative: return hn::Add(x, score_table_vec(d, rc, col));
     case kind::tile:
     case kind::element: break;
   }
@@ -213,6 +235,66 @@ HWY_INLINE void score_tile(const attn_params& p, const score_plan& sp, float* HW
     float* srow = s + i * ld;
     for (std::int64_t c = 0; c < row_width; c += L) hn::Store(hn::Mul(hn::Load(d, srow + c), vlog2e), d, srow + c);
   }
+}
+
+// The backward's score pass: the same logits as score_tile (base 2 in s) and, in g, the derivative of the natural
+// logit w.r.t. the raw q.k (the softmax scale times every step's derivative, chain rule). One pass per step over the
+// tile (it stays in L1): built-ins in closed form on vectors, user steps through their derivative per element.
+HWY_INLINE void score_tile_grad(const attn_params& p, const score_plan& sp, float* HWY_RESTRICT s, float* HWY_RESTRICT g,
+                                std::int64_t ld, std::int64_t rows, std::int64_t row_width, std::int64_t keys,
+                                std::int64_t b, std::int64_t h, std::int64_t q0, std::int64_t k0) {
+  using kind = detail::score_step::kind;
+  const hn::ScalableTag<float> d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  const auto vscale = hn::Set(d, static_cast<float>(p.scale)), one = hn::Set(d, 1.0f);
+  for (std::int64_t i = 0; i < rows; ++i)
+    for (std::int64_t c = 0; c < row_width; c += L) {
+      hn::Store(hn::Mul(hn::Load(d, s + i * ld + c), vscale), d, s + i * ld + c);
+      hn::Store(vscale, d, g + i * ld + c);
+    }
+  for (std::size_t u = 0; u < sp.steps.size(); ++u) {
+    const detail::score_step& st = sp.steps[u];
+    if (!st.vector()) {
+      detail::call_user("spec.score functor", st.op == kind::tile ? "inlined" : "score_fn", [&] {
+        for (std::int64_t i = 0; i < rows; ++i)
+          for (std::int64_t j = 0; j < keys; ++j)
+            g[i * ld + j] = static_cast<float>(g[i * ld + j] *
+                                               (*st.derivative)(static_cast<double>(s[i * ld + j]), b, h, q0 + i, k0 + j));
+        if (st.op == kind::tile) {
+          st.tile->tile(s, ld, rows, keys, b, h, q0, k0, 1.0f);
+        } else {
+          for (std::int64_t i = 0; i < rows; ++i)
+            for (std::int64_t j = 0; j < keys; ++j)
+              s[i * ld + j] = static_cast<float>((*st.element)(static_cast<double>(s[i * ld + j]), b, h, q0 + i, k0 + j));
+        }
+      });
+      continue;
+    }
+    for (std::int64_t i = 0; i < rows; ++i) {
+      const score_row_const rc = score_row(sp, u, b, h, q0 + i, k0);
+      float* srow = s + i * ld;
+      float* grow = g + i * ld;
+      for (std::int64_t c = 0; c < row_width; c += L) {
+        auto x = hn::Load(d, srow + c);
+        auto gd = hn::Load(d, grow + c);
+        if (st.op == kind::softcap) {
+          const auto t = tanh_fast(d, hn::Mul(x, hn::Set(d, rc.c)));
+          x = hn::Mul(hn::Set(d, rc.a), t);
+          gd = hn::Mul(gd, hn::NegMulAdd(t, t, one));
+        } else if (multiplicative(st)) {
+          x = hn::Mul(x, hn::Set(d, rc.a));
+          gd = hn::Mul(gd, hn::Set(d, rc.a));
+        } else {
+          x = score_apply(d, st, rc, c, x);  // additive: derivative 1
+        }
+        hn::Store(x, d, srow + c);
+        hn::Store(gd, d, grow + c);
+      }
+    }
+  }
+  const auto vlog2e = hn::Set(d, 1.4426950408889634f);
+  for (std::int64_t i = 0; i < rows; ++i)
+    for (std::int64_t c = 0; c < row_width; c += L) hn::Store(hn::Mul(hn::Load(d, s + i * ld + c), vlog2e), d, s + i * ld + c);
 }
 
 }  // namespace omniattn::cpu::HWY_NAMESPACE
