@@ -17,16 +17,58 @@ mask_expr effective_mask(const attn_params& p) {
   return m;
 }
 
+// A user block mask's tiles need not be the kernel's: visits the user tiles that cover keys [k0, k1) of row range
+// [q0, q1), calling fn(kind, q0', q1', k0', k1') with each intersection.
+template <class Fn>
+void for_user_tiles(const block_mask& bm, std::int64_t b, std::int64_t h, std::int64_t q0, std::int64_t q1, std::int64_t k0,
+                    std::int64_t k1, Fn&& fn) {
+  for (std::int64_t ut = q0 / bm.q_tile; ut * bm.q_tile < q1; ++ut)
+    for (std::int64_t uk = k0 / bm.kv_tile; uk * bm.kv_tile < k1; ++uk)
+      fn(bm.at(b, h, ut, uk), std::max(q0, ut * bm.q_tile), std::min(q1, (ut + 1) * bm.q_tile), std::max(k0, uk * bm.kv_tile),
+         std::min(k1, (uk + 1) * bm.kv_tile));
+}
+
+// The kind of a kernel tile under a user block mask (FlexAttention's contract: EMPTY user tiles masked, FULL ones
+// allowed without the mask, PARTIAL ones by the mask), exact: each part of the tile that one user tile covers is
+// classified by causal alone (FULL user tile) or by causal & mask (PARTIAL), in closed form for built-in patterns, so
+// no element is evaluated unless the mask is a user predicate.
+tile_kind classify_with_blocks(const attn_params& p, const mask_expr& causal, const mask_expr& both, std::int64_t b,
+                               std::int64_t h, std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1,
+                               std::int64_t lq, std::int64_t lk) {
+  bool any = false, all = true;
+  for_user_tiles(*p.blocks, b, h, q0, q1, k0, k1, [&](tile_kind u, std::int64_t a0, std::int64_t a1, std::int64_t c0, std::int64_t c1) {
+    const mask_expr& m = u == tile_kind::partial ? both : causal;
+    if (u != tile_kind::empty) u = m ? m.classify(b, h, a0, a1, c0, c1, lq, lk) : tile_kind::full;
+    any |= u != tile_kind::empty;
+    all &= u == tile_kind::full;
+  });
+  return !any ? tile_kind::empty : all ? tile_kind::full : tile_kind::partial;
+}
+
 }  // namespace
 
 std::uint64_t row_allowed_bits(const attn_params& p, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t k0,
                                std::int64_t n, std::int64_t lq, std::int64_t lk) {
-  if (p.blocks) {  // a user block mask may use other tile sizes: element by element
-    std::uint64_t bits = 0;
-    for (std::int64_t t = 0; t < n; ++t) bits |= static_cast<std::uint64_t>(element_allowed(p, b, h, i, k0 + t, lq, lk)) << t;
+  std::uint64_t bits = n >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << n) - 1;
+  if (p.blocks) {
+    // Per user tile the row's keys are all masked, all allowed, or (PARTIAL) the mask's row bits.
+    std::uint64_t user = 0;
+    for_user_tiles(*p.blocks, b, h, i, i + 1, k0, k0 + n,
+                   [&](tile_kind u, std::int64_t, std::int64_t, std::int64_t c0, std::int64_t c1) {
+                     if (u == tile_kind::empty) return;
+                     const std::int64_t len = c1 - c0;
+                     std::uint64_t part = len >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << len) - 1;
+                     if (u == tile_kind::partial && p.mask) part &= p.mask->row_bits(b, h, i, c0, len, lq, lk);
+                     user |= part << (c0 - k0);
+                   });
+    bits &= user;
+    if (p.causal != causal_mode::none) {
+      const std::int64_t hi = i + (p.causal == causal_mode::bottom_right ? lk - lq : 0) + 1 - k0;
+      if (hi <= 0) return 0;
+      if (hi < 64) bits &= (std::uint64_t{1} << hi) - 1;
+    }
     return bits;
   }
-  std::uint64_t bits = n >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << n) - 1;
   if (p.causal != causal_mode::none) {
     const std::int64_t hi = i + (p.causal == causal_mode::bottom_right ? lk - lq : 0) + 1 - k0;  // keys < k0 + hi
     if (hi <= 0) return 0;
@@ -51,6 +93,7 @@ block_mask build_block_mask(const attn_params& p, std::int64_t q_tile, std::int6
   bm.q_tile = q_tile;
   bm.kv_tile = kv_tile;
   const mask_expr m = effective_mask(p);
+  const mask_expr causal = p.causal == causal_mode::none ? mask_expr{} : mask_expr::causal(p.causal);
   // Only user predicates and user block masks can differ between heads or batches; varlen lengths differ by sequence.
   const bool per_head = p.blocks || (p.mask && p.mask->uses_head());
   const bool per_batch = p.blocks || p.cu_seqlens_q || (p.mask && p.mask->uses_batch());
@@ -72,11 +115,7 @@ block_mask build_block_mask(const attn_params& p, std::int64_t q_tile, std::int6
           tile_kind kind = tile_kind::empty;
           if (q0 < q1 && k0 < k1) {
             if (p.blocks) {
-              std::int64_t allowed = 0;
-              for (std::int64_t i = q0; i < q1; ++i)
-                for (std::int64_t j = k0; j < k1; ++j) allowed += element_allowed(p, b, h, i, j, e.q_len, e.k_len);
-              const std::int64_t area = (q1 - q0) * (k1 - k0);
-              kind = allowed == 0 ? tile_kind::empty : allowed == area ? tile_kind::full : tile_kind::partial;
+              kind = classify_with_blocks(p, causal, m, b, h, q0, q1, k0, k1, e.q_len, e.k_len);
             } else {
               kind = m.classify(b, h, q0, q1, k0, k1, e.q_len, e.k_len);
             }

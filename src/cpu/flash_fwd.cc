@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "core/backends.h"
+#include "core/block_plan.h"
 #include "core/grid_tiles.h"
 #include "core/parallel.h"
 #include "core/score_kinds.h"
@@ -280,15 +281,17 @@ void end_rows(const attn_params& p, thread_scratch& ts, const seq_extent& e, std
 // One raster query tile of one head: the online-softmax loop over the tile's non-empty key tiles of the block mask.
 // Bf16Dot: Q/K/V/P are bf16 pairs and both products run on vdpbf16ps (bf16 storage only); otherwise fp32 FMA.
 template <bool Bf16Dot>
-HWY_NOINLINE void run_q_tile(const attn_params& p, const block_mask& bm, const packed_kv& kv, thread_scratch& ts, std::int64_t b,
-                std::int64_t h, std::int64_t qt, const seq_extent& e, std::int64_t dim_vp) {
+HWY_NOINLINE void run_q_tile(const attn_params& p, const detail::block_plan& plan, const packed_kv& kv, thread_scratch& ts,
+                             std::int64_t b, std::int64_t h, std::int64_t qt, const seq_extent& e, std::int64_t dim_vp) {
   const std::int64_t q0 = qt * k_bq, rows = std::min(k_bq, e.q_len - q0);
   const auto pos = [q0](std::int64_t i) { return q0 + i; };
   begin_rows<Bf16Dot>(p, kv, ts, e, h, rows, dim_vp, pos);
-  for (std::int64_t kt = 0; kt < bm.kv_tiles; ++kt) {
-    const tile_kind kind = bm.at(b, h, qt, kt);
+  const std::span<const detail::block_plan::entry> listed = plan.row(b, h, qt);
+  ts.tiles[static_cast<int>(tile_kind::empty)] += plan.kv_tiles - static_cast<std::int64_t>(listed.size());
+  for (const detail::block_plan::entry& en : listed) {
+    const tile_kind kind = en.kind;
+    const std::int64_t kt = en.tile;
     ++ts.tiles[static_cast<int>(kind)];
-    if (kind == tile_kind::empty) continue;
     const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
     const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
     // Allowed keys of a row as one bit per key: every key in range on FULL tiles, the element predicate on PARTIAL ones.
@@ -430,15 +433,21 @@ void flash_fwd(const attn_params& p) {
   const df_t d;
   // The bf16-dot micro-kernels work on whole 16-float vectors whatever Highway's target.
   const auto L = Bf16Dot ? std::int64_t{16} : static_cast<std::int64_t>(hn::Lanes(d));
-  const block_mask bm = build_block_mask(p, k_bq, k_bk);
+  // Only the non-empty tiles are listed: a sparse mask costs its tiles, not a scan of all of them.
+  const detail::block_plan plan = detail::make_block_plan(build_block_mask(p, k_bq, k_bk), false);
   const int threads = p.threads;
 
   packed_kv kv;
   kv.dim_qk = p.dim_qk;
   kv.dim_vp = (p.dim_v + L - 1) / L * L;
+  // K and V broadcast over the batch (stride 0, as for a shared prompt or cross-attention memory) are the same
+  // tiles for every batch entry: packed once, every sequence's slot offset 0. RoPE by per-row position ids can
+  // still differ per batch entry, so those calls pack per entry.
+  const bool shared_kv = !p.cu_seqlens_q && p.batch > 1 && p.k_stride[0] == 0 && p.v_stride[0] == 0 &&
+                         !(p.rope && p.rope->pos_k);
   for (std::int64_t b = 0; b < p.batch; ++b) {
-    kv.tile_offset.push_back(kv.tiles_total);
-    kv.tiles_total += (sequence(p, b).k_len + k_bk - 1) / k_bk;
+    kv.tile_offset.push_back(shared_kv ? 0 : kv.tiles_total);
+    if (!shared_kv || b == 0) kv.tiles_total += (sequence(p, b).k_len + k_bk - 1) / k_bk;
   }
   kv.score = plan_score(p);
   if (p.rope) {
@@ -464,11 +473,10 @@ void flash_fwd(const attn_params& p) {
     std::vector<work_item> items;
     for (std::int64_t b = 0; b < p.batch; ++b) {
       const seq_extent e = sequence(p, b);
-      const std::int64_t q_tiles = (e.q_len + k_bq - 1) / k_bq, kv_tiles = (e.k_len + k_bk - 1) / k_bk;
+      const std::int64_t q_tiles = (e.q_len + k_bq - 1) / k_bq;
       for (std::int64_t h = kvh0 * p.group; h < kvh1 * p.group; ++h)
         for (std::int64_t qt = 0; qt < q_tiles; ++qt) {
-          std::int64_t cost = 1;
-          for (std::int64_t kt = 0; kt < kv_tiles; ++kt) cost += bm.at(b, h, qt, kt) != tile_kind::empty;
+          const std::int64_t cost = 1 + static_cast<std::int64_t>(plan.row(b, h, qt).size());
           items.push_back({b, h, qt, cost});
         }
     }
@@ -491,7 +499,7 @@ void flash_fwd(const attn_params& p) {
       for (std::int64_t it = 0; it < n_items; ++it)
         errors.run([&] {
           const work_item& w = items[static_cast<std::size_t>(it)];
-          run_q_tile<Bf16Dot>(p, bm, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
+          run_q_tile<Bf16Dot>(p, plan, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
         });
     }
   }
