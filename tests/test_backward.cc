@@ -405,3 +405,39 @@ TEST(Backward, ThrowingUserDerivativeLeavesGradientsUntouched) {
 
 }  // namespace
 }  // namespace omniattn::test
+
+namespace omniattn::test {
+namespace {
+
+TEST(BackwardSelect, WalksTheKernelListWithReasons) {
+  problem p = small_problem(16, 16, 2, 2, 8, dtype::f32, causal_mode::none, 1);
+  p.out_f32 = true;
+  problem_data fwd(p);
+  backward_data bwd(p, 1);
+  ASSERT_TRUE(run_problem(fwd, {}, backend::cpu, 1).ok());
+  const auto params = [&](const spec& s, float* d_bias) {
+    gradients g = bwd.grads(false);
+    g.d_bias = d_bias;
+    attn_bwd_params bp;
+    const status st = make_backward_params(fwd.q_view(), fwd.k_view(), fwd.v_view(), fwd.out_view(), fwd.lse_view(),
+                                           bwd.d_out_view(), g, s, fwd.make_options(backend::automatic, 1), bp);
+    EXPECT_TRUE(st.ok()) << st.error;
+    return bp;
+  };
+  const backward_selection fast = select_backward(params({}, nullptr), backend::automatic);
+  EXPECT_EQ(fast.name, "cpu.flash_bwd<f32>");
+  ASSERT_FALSE(fast.reasons.empty());
+  EXPECT_NE(fast.reasons[0].find("ISA "), std::string::npos) << fast.reasons[0];
+  // A dense bias gradient: the kernel says why not, automatic falls back to the oracle, cpu refuses.
+  std::vector<float> bias(static_cast<std::size_t>(16 * 16)), d_bias(bias.size());
+  spec s;
+  s.score = scores::bias(bias.data(), {1, 1, 16, 16});
+  const attn_bwd_params with_bias = params(s, d_bias.data());
+  const backward_selection fallback = select_backward(with_bias, backend::automatic);
+  EXPECT_EQ(fallback.name, "reference");
+  EXPECT_NE(fallback.reasons[0].find("cpu.flash_bwd<f32>: not used: gradients.d_bias"), std::string::npos) << fallback.reasons[0];
+  EXPECT_FALSE(select_backward(with_bias, backend::cpu).ok());
+}
+
+}  // namespace
+}  // namespace omniattn::test

@@ -265,7 +265,7 @@ TEST(GridKernel, FallsBackWithReasons) {
   EXPECT_EQ(selected_name(p, s), "cpu.flash_fwd<f32>");
   const selection sel = selected(p, s);
   EXPECT_TRUE(std::any_of(sel.reasons.begin(), sel.reasons.end(),
-                          [](const std::string& r) { return r.find("cpu.flash_fwd_grid: not used: a score modifier") != std::string::npos; }));
+                          [](const std::string& r) { return r.find("cpu.flash_fwd_grid<f32>: not used: a score modifier") != std::string::npos; }));
   EXPECT_TRUE(test::check_backend(p, s, backend::cpu, 2));
   // spec.causal on top of a neighborhood, and varlen batches of grids: the raster path, still exact.
   s.score = nullptr;

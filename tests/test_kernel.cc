@@ -508,6 +508,11 @@ TEST(Kernel, SelectCpuGivesReasons) {
   EXPECT_TRUE(any_reason_contains(sel, "widened"));
   // Why the bf16 dot product is not used depends on the CPU: the override where it has AVX512-BF16, else its absence.
   EXPECT_TRUE(any_reason_contains(sel, cpu::has_bf16_dot() ? "OMNIATTN_BF16_DOT=0" : "no AVX512-BF16 on this CPU"));
+  // The kernel list is walked in order: the kernels before the chosen one say why they did not fit, first.
+  ASSERT_GE(sel.reasons.size(), 3u);
+  EXPECT_EQ(sel.reasons[0].rfind("cpu.flash_fwd_grid<bf16>: not used: ", 0), 0u) << sel.reasons[0];
+  EXPECT_EQ(sel.reasons[1].rfind("cpu.flash_fwd<bf16,bf16dot>: not used: ", 0), 0u) << sel.reasons[1];
+  EXPECT_EQ(sel.reasons[2].rfind("cpu.flash_fwd<bf16>: ", 0), 0u) << sel.reasons[2];
   const selection ref = select(ap, backend::reference);
   ASSERT_TRUE(ref.ok());
   EXPECT_EQ(ref.name, "reference");

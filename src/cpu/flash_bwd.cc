@@ -30,6 +30,7 @@
 #include "core/parallel.h"
 #include "core/score_kinds.h"
 #include "core/storage.h"
+#include "cpu/kernels.h"
 #include "cpu/tiles.h"
 #include "omniattn/attention.h"
 
@@ -400,27 +401,7 @@ namespace omniattn::cpu {
 
 HWY_EXPORT(flash_bwd_f32);
 
-static void run_flash_bwd(const attn_bwd_params& p) { HWY_DYNAMIC_DISPATCH(flash_bwd_f32)(p); }
-
-backward_selection select_backward(const attn_bwd_params& bp) {
-  const attn_params& p = bp.fwd;
-  backward_selection sel;
-  const std::string name = std::string("cpu.flash_bwd<") + dtype_name(p.in_type) + ">";
-  if (bp.d_bias) {
-    sel.reasons.push_back(name + ": not used: gradients.d_bias (the dense bias gradient) is computed by the reference backend only");
-    return sel;
-  }
-  sel.run = run_flash_bwd;
-  sel.name = name;
-  sel.reasons.push_back(name + ": fused FlashAttention-2 backward, kv-major over the sparse block plan (tiles " +
-                        std::to_string(k_bq) + "x" + std::to_string(k_bk) + "), P recomputed from the LSE, " +
-                        std::to_string(p.threads) + " thread(s), deterministic, " + dispatch_isa());
-  if (p.mask) sel.reasons.push_back(name + ": mask " + p.mask->str() + " classified per tile; row bits on PARTIAL tiles only");
-  if (p.score) sel.reasons.push_back(name + ": " + detail::describe_score(*p.score) + "; its derivative by the chain rule");
-  if (p.rope) sel.reasons.push_back(name + ": RoPE applied while packing; dq, dk rotated back");
-  if (p.in_type != dtype::f32) sel.reasons.push_back(name + ": inputs widened to f32 while packing; compute and accumulate in f32");
-  return sel;
-}
+void run_flash_bwd(const attn_bwd_params& p) { HWY_DYNAMIC_DISPATCH(flash_bwd_f32)(p); }
 
 }  // namespace omniattn::cpu
 #endif

@@ -22,7 +22,6 @@
 #include <vector>
 
 #include <omp.h>
-#include <unistd.h>
 
 #include "core/backends.h"
 #include "core/block_plan.h"
@@ -31,7 +30,7 @@
 #include "core/score_kinds.h"
 #include "core/storage.h"
 #include "cpu/bf16_dot.h"
-#include "cpu/probe.h"
+#include "cpu/kernels.h"
 #include "cpu/tiles.h"
 #include "omniattn/attention.h"
 
@@ -665,124 +664,14 @@ HWY_EXPORT(flash_fwd_f32);
 HWY_EXPORT(flash_fwd_bf16_dot);
 HWY_EXPORT(flash_fwd_grid);
 
-static void run_flash_fwd(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_f32)(p); }
-static void run_flash_fwd_bf16_dot(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_bf16_dot)(p); }
-static void run_flash_fwd_grid(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_grid)(p); }
+void run_flash_fwd(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_f32)(p); }
+void run_flash_fwd_bf16_dot(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_bf16_dot)(p); }
+void run_flash_fwd_grid(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_grid)(p); }
 
 // The Highway target dynamic dispatch runs on this CPU: the best one (lowest bit) both compiled and supported.
 std::string dispatch_isa() {
   const std::int64_t usable = hwy::SupportedTargets() & HWY_TARGETS;
   return std::string("ISA ") + (usable ? hwy::TargetName(usable & -usable) : "none");
-}
-
-// Whether a call can run on query boxes of its grid (flash_fwd_grid); otherwise why not, for explain.
-static std::string grid_path_blocker(const attn_params& p, const detail::grid_local& g) {
-  const char* env = std::getenv("OMNIATTN_GRID");
-  if (env && std::string(env) == "0") return "OMNIATTN_GRID=0";
-  if (p.score) return "a score modifier sees raster positions of contiguous rows";
-  if (p.blocks) return "a user block mask is given";
-  if (p.causal != causal_mode::none) return "spec.causal is set (use the neighborhood's per-axis causal flag)";
-  if (p.cu_seqlens_q) return "varlen batches";
-  if (p.seq_q != g.tokens() || (g.extra_keys ? p.seq_k < g.tokens() : p.seq_k != g.tokens()))
-    return "q/k lengths " + std::to_string(p.seq_q) + "/" + std::to_string(p.seq_k) + " do not match the grid's " +
-           std::to_string(g.tokens()) + " tokens" + (g.extra_keys ? " (+ additional keys)" : "");
-  return {};
-}
-
-// Sizes the kernels cannot serve are refused here, before anything is allocated: the packed K/V of one kv head
-// (the smallest chunk the kernels pack) and the tile map must fit this machine's physical memory. A broadcast K/V of
-// a huge virtual length (stride 0) costs no input memory but would need all of it packed. Head dims have no limit:
-// the micro-kernels loop over the head dim and the PV product over column blocks of the register plan.
-static std::string working_memory_blocker(const attn_params& p) {
-  constexpr double gib = 1024.0 * 1024.0 * 1024.0;
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  const double machine = pages > 0 && page > 0 ? static_cast<double>(pages) * static_cast<double>(page) : 0.0;
-  double keys = 0, tiles = 0;
-  for (std::int64_t b = 0; b < p.batch; ++b) {
-    const seq_extent e = sequence(p, b);
-    keys += static_cast<double>(e.k_len) + static_cast<double>(k_bk);
-    tiles += std::ceil(static_cast<double>(e.q_len) / k_bq) * std::ceil(static_cast<double>(e.k_len) / k_bk);
-  }
-  const double packed = keys * static_cast<double>(p.dim_qk + p.dim_v + 16) * 4.0;
-  const double tile_map = tiles * static_cast<double>(p.heads_q);
-  if (machine == 0.0 || packed + tile_map <= machine) return {};
-  char buf[256];
-  std::snprintf(buf, sizeof buf,
-                "needs %.1f GiB of working memory (packed K/V of one kv head %.1f GiB, tile map %.1f GiB), more than "
-                "this machine's %.1f GiB",
-                (packed + tile_map) / gib, packed / gib, tile_map / gib, machine / gib);
-  return buf;
-}
-
-// bf16 inputs run on the bf16 dot product where it is faster than fp32 FMA on this CPU: vdpbf16ps does twice the
-// FLOPs of an FMA, but some cores issue it on one port only, so both peaks are measured once per process and
-// compared. OMNIATTN_BF16_DOT=1 / =0 forces the choice (tests run both kernels that way).
-struct bf16_dot_choice {
-  bool use = false;
-  std::string why;
-};
-
-static bf16_dot_choice bf16_dot_decision() {
-  if (!has_bf16_dot()) return {false, "no AVX512-BF16 on this CPU"};
-  const char* env = std::getenv("OMNIATTN_BF16_DOT");
-  if (env && std::string(env) == "0") return {false, "OMNIATTN_BF16_DOT=0"};
-  if (env && std::string(env) == "1") return {true, "OMNIATTN_BF16_DOT=1"};
-  static const bf16_dot_choice measured = [] {
-    const double dot = measure_bf16_dot_peak(1), fma = measure_fp32_peak(1);
-    const std::string rates = "bf16 dot " + std::to_string(static_cast<int>(dot)) + " vs fp32 FMA " +
-                              std::to_string(static_cast<int>(fma)) + " GFLOP/s per core";
-    return bf16_dot_choice{dot > 1.25 * fma, rates};
-  }();
-  return measured;
-}
-
-selection select(const attn_params& p) {
-  selection sel;
-  if (const std::string too_big = working_memory_blocker(p); !too_big.empty()) {
-    sel.reasons.push_back("cpu.flash_fwd: " + too_big);
-    return sel;
-  }
-  // The bf16-dot kernel rounds P to bf16, an error an f32 output would show: it serves bf16 outputs only.
-  // RoPE rotates in fp32 while packing, which the bf16 pair packing skips: such calls widen to fp32.
-  if (p.mask) {
-    if (const std::optional<detail::grid_local> g = detail::as_grid_local(*p.mask)) {
-      const std::string blocker = grid_path_blocker(p, *g);
-      if (blocker.empty()) {
-        sel.run = run_flash_fwd_grid;
-        sel.name = std::string("cpu.flash_fwd_grid<") + dtype_name(p.in_type) + ">";
-        sel.reasons.push_back(sel.name + ": " + dispatch_isa());
-        sel.reasons.push_back(sel.name + ": " + p.mask->str() + " on query boxes of the grid, each reading the box of keys " +
-                              "its queries reach in place (16-key line segments of K/V packed once per call): " +
-                              detail::cached_grid_plan(*g, k_bq, k_plan_row_block, g->extra_keys ? p.seq_k - g->tokens() : 0)->describe());
-        if (p.rope)
-          sel.reasons.push_back(sel.name + ": RoPE (rotary dim " + std::to_string(p.rope_dim) +
-                                ") applied to Q when loaded and to K while packing, from per-token cos/sin tables");
-        if (p.in_type != dtype::f32) sel.reasons.push_back(sel.name + ": inputs widened to f32 while packing; compute in f32");
-        return sel;
-      }
-      sel.reasons.push_back("cpu.flash_fwd_grid: not used: " + blocker);
-    }
-  }
-  const bf16_dot_choice dot =
-      p.in_type == dtype::bf16 && p.out_type == dtype::bf16 && !p.rope ? bf16_dot_decision() : bf16_dot_choice{};
-  const bool bf16_dot = dot.use;
-  sel.run = bf16_dot ? run_flash_fwd_bf16_dot : run_flash_fwd;
-  sel.name = std::string("cpu.flash_fwd<") + dtype_name(p.in_type) + (bf16_dot ? ",bf16dot>" : ">");
-  sel.reasons.push_back(sel.name + ": fused tiled online-softmax kernel, tiles " + std::to_string(k_bq) + "x" +
-                        std::to_string(k_bk) + ", " + std::to_string(p.threads) + " thread(s), " + dispatch_isa());
-  if (p.mask)
-    sel.reasons.push_back(sel.name + ": mask " + p.mask->str() +
-                          " classified per tile; on PARTIAL tiles only, one allowed-key word per row (built-in patterns in "
-                          "closed form, a user mask functor called per element)");
-  if (p.rope) sel.reasons.push_back(sel.name + ": RoPE (rotary dim " + std::to_string(p.rope_dim) + ") applied to Q and K while packing, from per-token cos/sin tables");
-  if (p.score) sel.reasons.push_back(sel.name + ": " + detail::describe_score(*p.score));
-  if (bf16_dot)
-    sel.reasons.push_back(sel.name + ": QK^T and PV on the AVX512-BF16 dot product (P rounded to bf16), fp32 softmax and accumulation (" +
-                          dot.why + ")");
-  else if (p.in_type != dtype::f32)
-    sel.reasons.push_back(sel.name + ": inputs widened to f32 while packing; compute in f32" +
-                          (p.in_type == dtype::bf16 ? " (bf16 dot product not used: " + dot.why + ")" : ""));
-  return sel;
 }
 
 }  // namespace omniattn::cpu
