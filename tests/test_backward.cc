@@ -283,6 +283,25 @@ TEST(Backward, KernelMatchesOracleOnEveryTarget) {
   });
 }
 
+TEST(Backward, NeighborhoodAndHaloGrids) {
+  // The forward runs these on query boxes (the grid path); the backward on raster tiles with the patterns' closed-form
+  // tile classes and row bits: both against the oracle.
+  const std::vector<std::pair<std::string, mask_expr>> masks = {
+      {"neighborhood 2-D 12x10 kernel 5x3", mask_expr::neighborhood({12, 10}, {5, 3})},
+      {"neighborhood 2-D dilated, causal rows", mask_expr::neighborhood({12, 10}, {3, 3}, {2, 1}, {true, false})},
+      {"neighborhood 3-D 4x5x6 kernel 3", mask_expr::neighborhood({4, 5, 6}, {3, 3, 3})},
+      {"halo 2-D blocks 4x5 halo 2x1", mask_expr::halo({12, 10}, {4, 5}, {2, 1})},
+  };
+  for (const auto& [name, m] : masks) {
+    SCOPED_TRACE(name);
+    problem p = small_problem(120, 120, 4, 2, 32, dtype::f32, causal_mode::none, 77);
+    p.out_f32 = true;
+    owned_spec os;
+    os.s.mask = m;
+    EXPECT_TRUE(check_backward(p, os.s, backend::cpu, 2));
+  }
+}
+
 TEST(Backward, BitwiseIdenticalForAnyThreadCount) {
   problem p = small_problem(200, 333, 4, 1, 64, dtype::f32, causal_mode::none, 17);
   owned_spec os;
