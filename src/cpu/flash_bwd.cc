@@ -23,7 +23,6 @@
 #include <string>
 #include <vector>
 
-#include <omp.h>
 
 #include "core/backends.h"
 #include "core/block_plan.h"
@@ -31,6 +30,7 @@
 #include "core/score_kinds.h"
 #include "core/storage.h"
 #include "cpu/kernels.h"
+#include "cpu/schedule.h"
 #include "cpu/tiles.h"
 #include "omniattn/attention.h"
 
@@ -304,7 +304,7 @@ std::vector<item> make_items(const attn_params& p, const detail::block_plan& pla
       }
     }
   }
-  std::stable_sort(items.begin(), items.end(), [](const item& x, const item& y) { return x.cost > y.cost; });
+  sort_by_cost(items);
   return items;
 }
 
@@ -353,37 +353,26 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
     b = std::upper_bound(tile_begin.begin(), tile_begin.end(), flat) - tile_begin.begin() - 1;
     qt = flat - tile_begin[static_cast<std::size_t>(b)];
   };
-  const auto n_items = static_cast<std::int64_t>(items.size());
-
   detail::parallel_errors errors;
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num();
-    // The dQ partial sums start at 0 (first touch by the threads that use them).
-#pragma omp for schedule(static)
-    for (std::int64_t c = 0; c < lay.splits * p.heads_q; ++c)
-      std::fill(lay.dq.get() + c * lay.rows * lay.dim_p, lay.dq.get() + (c + 1) * lay.rows * lay.dim_p, 0.0f);
-#pragma omp for schedule(dynamic, 1)
-    for (std::int64_t it = 0; it < q_tiles; ++it)
-      errors.run([&] {
-        std::int64_t b, h, qt;
-        q_tile_at(it, b, h, qt);
-        bwd::prepare_rows(bp, lay, b, h, qt);
-      });
-#pragma omp for schedule(dynamic, 1)
-    for (std::int64_t it = 0; it < n_items; ++it)
-      errors.run([&] {
-        bwd::run_item(bp, lay, plan, scratch[static_cast<std::size_t>(tid)], items[static_cast<std::size_t>(it)],
-                      rows[static_cast<std::size_t>(tid)].data());
-      });
-#pragma omp for schedule(dynamic, 1)
-    for (std::int64_t it = 0; it < q_tiles; ++it)
-      errors.run([&] {
-        std::int64_t b, h, qt;
-        q_tile_at(it, b, h, qt);
-        bwd::finish_rows(bp, lay, b, h, qt);
-      });
-  }
+  run_phases(threads, errors,
+             // The dQ partial sums start at 0 (first touch by the threads that use them).
+             make_phase(lay.splits * p.heads_q, sched::even, [&](std::int64_t c, int) {
+               std::fill(lay.dq.get() + c * lay.rows * lay.dim_p, lay.dq.get() + (c + 1) * lay.rows * lay.dim_p, 0.0f);
+             }),
+             make_phase(q_tiles, sched::by_cost, [&](std::int64_t it, int) {
+               std::int64_t b, h, qt;
+               q_tile_at(it, b, h, qt);
+               bwd::prepare_rows(bp, lay, b, h, qt);
+             }),
+             make_phase(static_cast<std::int64_t>(items.size()), sched::by_cost, [&](std::int64_t it, int tid) {
+               bwd::run_item(bp, lay, plan, scratch[static_cast<std::size_t>(tid)], items[static_cast<std::size_t>(it)],
+                             rows[static_cast<std::size_t>(tid)].data());
+             }),
+             make_phase(q_tiles, sched::by_cost, [&](std::int64_t it, int) {
+               std::int64_t b, h, qt;
+               q_tile_at(it, b, h, qt);
+               bwd::finish_rows(bp, lay, b, h, qt);
+             }));
   errors.rethrow();
   if (bp.d_sink)
     for (std::int64_t h = 0; h < p.heads_q; ++h) {

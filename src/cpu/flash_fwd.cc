@@ -21,7 +21,6 @@
 #include <type_traits>
 #include <vector>
 
-#include <omp.h>
 
 #include "core/backends.h"
 #include "core/block_plan.h"
@@ -31,6 +30,7 @@
 #include "core/storage.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/kernels.h"
+#include "cpu/schedule.h"
 #include "cpu/tiles.h"
 #include "omniattn/attention.h"
 
@@ -479,28 +479,20 @@ void flash_fwd(const attn_params& p) {
           items.push_back({b, h, qt, cost});
         }
     }
-    std::stable_sort(items.begin(), items.end(), [](const work_item& x, const work_item& y) { return x.cost > y.cost; });
+    sort_by_cost(items);
     const std::int64_t pack_items = (kvh1 - kvh0) * kv.tiles_total;
-    const auto n_items = static_cast<std::int64_t>(items.size());
-
-#pragma omp parallel num_threads(threads)
-    {
-      const int tid = omp_get_thread_num();
-#pragma omp for schedule(static)
-      for (std::int64_t it = 0; it < pack_items; ++it)
-        errors.run([&] {
-          const std::int64_t kvh = kvh0 + it / kv.tiles_total, flat = it % kv.tiles_total;
-          const auto next = std::upper_bound(kv.tile_offset.begin(), kv.tile_offset.end(), flat);
-          const auto b = static_cast<std::int64_t>(next - kv.tile_offset.begin()) - 1;
-          pack_kv_tile<Bf16Dot>(p, b, kvh, flat - kv.tile_offset[static_cast<std::size_t>(b)], kv, rows[static_cast<std::size_t>(tid)].data());
-        });
-#pragma omp for schedule(dynamic, 1)
-      for (std::int64_t it = 0; it < n_items; ++it)
-        errors.run([&] {
-          const work_item& w = items[static_cast<std::size_t>(it)];
-          run_q_tile<Bf16Dot>(p, plan, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
-        });
-    }
+    run_phases(threads, errors,
+               make_phase(pack_items, sched::even, [&](std::int64_t it, int tid) {
+                 const std::int64_t kvh = kvh0 + it / kv.tiles_total, flat = it % kv.tiles_total;
+                 const auto next = std::upper_bound(kv.tile_offset.begin(), kv.tile_offset.end(), flat);
+                 const auto b = static_cast<std::int64_t>(next - kv.tile_offset.begin()) - 1;
+                 pack_kv_tile<Bf16Dot>(p, b, kvh, flat - kv.tile_offset[static_cast<std::size_t>(b)], kv,
+                                       rows[static_cast<std::size_t>(tid)].data());
+               }),
+               make_phase(static_cast<std::int64_t>(items.size()), sched::by_cost, [&](std::int64_t it, int tid) {
+                 const work_item& w = items[static_cast<std::size_t>(it)];
+                 run_q_tile<Bf16Dot>(p, plan, kv, scratch[static_cast<std::size_t>(tid)], w.b, w.h, w.qt, sequence(p, w.b), kv.dim_vp);
+               }));
   }
   errors.rethrow();
   if (p.stats) {
@@ -621,18 +613,14 @@ void flash_fwd_grid(const attn_params& p) {
   detail::parallel_errors errors;
   for (std::int64_t pair0 = 0; pair0 < pairs && !errors.failed(); pair0 += pairs_per_chunk) {
     const std::int64_t chunk = std::min(pairs_per_chunk, pairs - pair0);
-#pragma omp parallel num_threads(threads)
-    {
-      const int tid = omp_get_thread_num();
-      thread_scratch& ts = scratch[static_cast<std::size_t>(tid)];
-      float* row = rows[static_cast<std::size_t>(tid)].data();
-#pragma omp for schedule(static)
-      for (std::int64_t it = 0; it < chunk * pack_blocks; ++it)
-        errors.run([&] { pack_grid_block(p, plan, kv, lay, pair0, it / pack_blocks, it % pack_blocks * k_bk, row); });
-#pragma omp for schedule(dynamic, 1)
-      for (std::int64_t it = 0; it < chunk * n_tiles; ++it)
-        errors.run([&] { run_grid_tile(p, plan, kv, ts, lay, pair0, it / n_tiles, it % n_tiles); });
-    }
+    run_phases(threads, errors,
+               make_phase(chunk * pack_blocks, sched::even, [&](std::int64_t it, int tid) {
+                 pack_grid_block(p, plan, kv, lay, pair0, it / pack_blocks, it % pack_blocks * k_bk,
+                                 rows[static_cast<std::size_t>(tid)].data());
+               }),
+               make_phase(chunk * n_tiles, sched::by_cost, [&](std::int64_t it, int tid) {
+                 run_grid_tile(p, plan, kv, scratch[static_cast<std::size_t>(tid)], lay, pair0, it / n_tiles, it % n_tiles);
+               }));
   }
   errors.rethrow();
   if (p.stats) {
