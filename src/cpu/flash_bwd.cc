@@ -406,6 +406,10 @@ backward_selection select_backward(const attn_bwd_params& bp) {
   const attn_params& p = bp.fwd;
   backward_selection sel;
   const std::string name = std::string("cpu.flash_bwd<") + dtype_name(p.in_type) + ">";
+  if (p.in_type == dtype::f64) {
+    sel.reasons.push_back(name + ": not used: f64 inputs run on the reference backend only (the CPU kernels compute in f32)");
+    return sel;
+  }
   if (bp.d_bias) {
     sel.reasons.push_back(name + ": not used: gradients.d_bias (the dense bias gradient) is computed by the reference backend only");
     return sel;

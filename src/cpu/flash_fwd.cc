@@ -730,6 +730,10 @@ static bf16_dot_choice bf16_dot_decision() {
 
 selection select(const attn_params& p) {
   selection sel;
+  if (p.in_type == dtype::f64 || p.out_type == dtype::f64) {
+    sel.reasons.push_back("cpu.flash_fwd: not used: f64 inputs run on the reference backend only (the CPU kernels compute in f32)");
+    return sel;
+  }
   if (const std::string too_big = working_memory_blocker(p); !too_big.empty()) {
     sel.reasons.push_back("cpu.flash_fwd: " + too_big);
     return sel;
