@@ -1,4 +1,5 @@
-"""The attention entry points: operands to zero-copy descriptions, spec and options to plain values, one C++ call."""
+"""The attention entry points: operands to zero-copy descriptions, spec and options to plain values, one C++ call.
+attention_backward binds the C++ backward the same way."""
 
 import numpy as np
 
@@ -7,8 +8,8 @@ from ._arrays import is_torch, to_numpy, torch_module
 from .masks import Grid, as_mask
 from .scores import as_score
 
-__all__ = ["attention", "scaled_dot_product_attention", "explain", "reference_attention", "BlockMask",
-           "build_block_mask", "to_bf16", "from_bf16"]
+__all__ = ["attention", "attention_backward", "scaled_dot_product_attention", "explain", "reference_attention",
+           "BlockMask", "build_block_mask", "to_bf16", "from_bf16"]
 
 _CAUSAL = {"none": "none", "top_left": "top_left", "bottom_right": "bottom_right"}
 _LAYOUTS = {
@@ -30,12 +31,25 @@ def _causal_mode(causal):
                      f"got {causal!r}")
 
 
-def _torch_dtype_code(t, name):
+def _torch_code(t):
+    """The binding's name of a torch dtype (what it cannot read keeps torch's name, for its messages)."""
     torch = torch_module()
-    code = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(t.dtype)
-    if code is None:
-        raise TypeError(f"omniattn: {name} has dtype {t.dtype}; supported: torch.float32, torch.bfloat16, torch.float16")
+    return {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}.get(t.dtype, str(t.dtype))
+
+
+def _torch_dtype_code(t, name):
+    code = _torch_code(t)
+    if code.startswith("torch."):
+        raise TypeError(f"omniattn: {name} has dtype {t.dtype}; supported: torch.float32, torch.bfloat16, torch.float16, "
+                        "torch.float64 (reference backend)")
     return code
+
+
+def _torch_strided(name, x):
+    if x.device.type != "cpu":
+        raise ValueError(f"omniattn: {name} is on {x.device}; omniattn runs on the CPU")
+    if x.layout != torch_module().strided:
+        raise TypeError(f"omniattn: {name} has layout {x.layout}; only strided tensors are supported")
 
 
 def _operand(name, x, as_bf16):
@@ -43,16 +57,14 @@ def _operand(name, x, as_bf16):
     if isinstance(x, np.ndarray):
         if x.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: the same bits as uint16
             return x.view(np.uint16), True
-        if x.dtype == np.float32 or x.dtype == np.float16 or (as_bf16 and x.dtype == np.uint16):
+        if x.dtype in (np.float32, np.float16, np.float64) or (as_bf16 and x.dtype == np.uint16):
             return x, as_bf16
         hint = " (pass dtype='bf16' to read uint16 arrays as bfloat16 bits)" if x.dtype == np.uint16 else ""
         raise TypeError(f"omniattn: {name} has dtype {x.dtype}; supported: float32, float16, and bfloat16 "
-                        f"(torch.bfloat16, or numpy uint16 holding bf16 bits with dtype='bf16'){hint}")
+                        f"(torch.bfloat16, or numpy uint16 holding bf16 bits with dtype='bf16'), float64 (reference "
+                        f"backend){hint}")
     if is_torch(x):
-        if x.device.type != "cpu":
-            raise ValueError(f"omniattn: {name} is on {x.device}; omniattn runs on the CPU")
-        if x.layout != torch_module().strided:
-            raise TypeError(f"omniattn: {name} has layout {x.layout}; only strided tensors are supported")
+        _torch_strided(name, x)
         return (x.data_ptr(), _torch_dtype_code(x, name), tuple(x.shape), tuple(x.stride())), as_bf16
     raise TypeError(f"omniattn: {name} must be a numpy array or a torch tensor, not {type(x).__name__}")
 
@@ -60,8 +72,9 @@ def _operand(name, x, as_bf16):
 def _check_no_grad(*tensors):
     torch = torch_module()
     if torch is not None and torch.is_grad_enabled() and any(is_torch(t) and t.requires_grad for t in tensors):
-        raise NotImplementedError("omniattn has no backward pass yet: call it under torch.no_grad() or "
-                                  "torch.inference_mode(), or detach the inputs")
+        raise NotImplementedError("omniattn.attention has no autograd support yet: call it under torch.no_grad() or "
+                                  "torch.inference_mode(), or detach the inputs (omniattn.attention_backward gives "
+                                  "the gradients)")
 
 
 def _empty(like, shape, dtype=None):
@@ -84,7 +97,10 @@ class _Call:
 
     def __init__(self, q, k, v, *, scale=None, causal=False, mask=None, score=None, block_mask=None, return_lse=False,
                  layout="bshd", out=None, backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None,
-                 dtype=None, sink_logits=None, rope=None, _allow_grad=False):
+                 dtype=None, sink_logits=None, rope=None, grad=None, lower=True, _allow_grad=False):
+        """grad: None (the forward), or the backward's operands: dict(lse, d_out, dq, dk, dv, d_sink, d_bias), where
+        out is the forward's, dq / dk / dv may be None (allocated like q / k / v) and d_sink / d_bias say whether to
+        return those gradients. lower=False validates the operands only (no mask or score is evaluated)."""
         if not _allow_grad:
             _check_no_grad(q, k, v, out)
         if layout not in _LAYOUTS:
@@ -104,17 +120,31 @@ class _Call:
         as_bf16 = dtype is not None
         rank = 3 if self.varlen else 4
         names = _LAYOUTS[layout][1 if self.varlen else 0]
-        for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        grad_ops = () if grad is None else (("d_out", grad["d_out"]), ("dq", grad.get("dq")), ("dk", grad.get("dk")),
+                                            ("dv", grad.get("dv")))
+        for name, x in (("q", q), ("k", k), ("v", v), ("out", out)) + grad_ops:
             if x is not None and (isinstance(x, np.ndarray) or is_torch(x)) and x.ndim != rank:
                 raise ValueError(f"omniattn: {name} must be {rank}-d {names} for layout={layout!r}"
                                  f"{' with cu_seqlens' if self.varlen else ''}, got shape {tuple(x.shape)}")
 
         ops = [_operand(n, x, as_bf16) for n, x in (("q", q), ("k", k), ("v", v))]
+        if grad is not None and out is None:
+            raise TypeError("omniattn: attention_backward needs the forward's out")
         # Allocate the output in the input's framework, dtype and layout: q's shape with v's head dim.
         if out is None:
             out = _empty(q, tuple(q.shape[:-1]) + (v.shape[-1],))
         self.out = out
         op_out = _operand("out", out, as_bf16)
+        grad_kw = {}
+        self.grads = None
+        if grad is not None:  # d_out, then the gradient buffers: the shapes of q, k, v in their framework and dtype
+            self.grads = [x if x is not None else _empty(like, tuple(like.shape))
+                          for x, like in ((grad.get("dq"), q), (grad.get("dk"), k), (grad.get("dv"), v))]
+            grad_ops = [_operand("d_out", grad["d_out"], as_bf16)] + [
+                _operand(n, x, as_bf16) for n, x in zip(("dq", "dk", "dv"), self.grads)]
+            grad_kw = dict(d_out=grad_ops[0][0], dq=grad_ops[1][0], dk=grad_ops[2][0], dv=grad_ops[3][0],
+                           want_d_sink=bool(grad.get("d_sink")), want_d_bias=bool(grad.get("d_bias")))
+            op_out = (op_out[0], op_out[1] or any(flag for _, flag in grad_ops))
         as_bf16 = as_bf16 or any(flag for _, flag in ops + [op_out])
         self.lse = None
         if return_lse:
@@ -132,8 +162,12 @@ class _Call:
                        blocks=block_mask._cxx if block_mask is not None else None,
                        lse=None if self.lse is None else _operand_lse(self.lse), backend=backend, threads=int(threads),
                        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, sink_logits=_float_vector(sink_logits, "sink_logits"),
-                       rope=_rope_dict(rope))
+                       rope=_rope_dict(rope), **grad_kw)
+        if grad is not None:
+            self.kw["lse"] = _operand_lse(grad["lse"])
         self.dims = _C.call("validate", **self.kw)  # the C++ rules first, with their messages
+        if not lower:
+            return
 
         d = self.dims
         lens_q = None if cu_q is None else np.diff(cu_q)
@@ -152,10 +186,15 @@ class _Call:
             self.kw["score"] = as_score(score).lower(grid)
 
     def run(self):
-        _C.call("run", **self.kw)
+        self.extra = _C.call("run", **self.kw)  # the backward's (d_sink_logits or None, d_bias or None)
 
     def result(self):
         return (self.out, self.lse) if self.lse is not None else self.out
+
+    def gradients(self):
+        """(dq, dk, dv), then d_sink_logits and d_bias when they were asked for (torch tensors for torch inputs)."""
+        extra = [_like(self.grads[0], x) for x in self.extra if x is not None]
+        return tuple(self.grads) + tuple(extra)
 
     def explain(self):
         return _C.call("explain", **self.kw)
@@ -190,8 +229,14 @@ def _rope_dict(rope):
 
 def _operand_lse(lse):
     if is_torch(lse):
-        return (lse.data_ptr(), "f32", tuple(lse.shape), tuple(lse.stride()))
+        _torch_strided("lse", lse)
+        return (lse.data_ptr(), _torch_code(lse), tuple(lse.shape), tuple(lse.stride()))
     return lse
+
+
+def _like(like, array):
+    """A numpy array the binding made, in like's framework (torch in, torch out; no copy)."""
+    return torch_module().from_numpy(array) if is_torch(like) else array
 
 
 def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block_mask=None, return_lse=False,
@@ -202,7 +247,8 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block
     q [batch, seq_q, heads_q, dim], k [batch, seq_k, heads_kv, dim], v [batch, seq_k, heads_kv, dim_v]
     (layout="bshd", FlashAttention's) or [batch, heads, seq, dim] (layout="bhsd", PyTorch SDPA's); any strides.
     heads_q must be a multiple of heads_kv (GQA / MQA). dtype float32, float16 or bfloat16 (torch.bfloat16, or numpy
-    uint16 arrays of bf16 bits with dtype="bf16"); q, k, v share it.
+    uint16 arrays of bf16 bits with dtype="bf16"), or float64 (served by the reference backend only: for checking,
+    e.g. torch.autograd.gradcheck); q, k, v share it.
 
     scale       softmax scale, default 1/sqrt(dim)
     causal      False; True = "bottom_right" (FlashAttention >= 2.1: the last query sees the last key);
@@ -236,16 +282,48 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block
     return call.result()
 
 
+def attention_backward(q, k, v, out, lse, d_out, *, scale=None, causal=False, mask=None, score=None, block_mask=None,
+                       layout="bshd", backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None, dtype=None,
+                       sink_logits=None, rope=None, return_d_sink=False, return_d_bias=False, dq=None, dk=None, dv=None):
+    """The gradients of a loss L through out = attention(q, k, v, ...), given d_out = dL/d out: (dq, dk, dv), then
+    d_sink_logits (return_d_sink=True; float32 [heads_q]) and d_bias (return_d_bias=True: the gradient of the
+    spec's one dense bias tensor, float32 in the bias's shape padded to 4-d, broadcast dims summed).
+
+    out and lse are what attention(..., return_lse=True) returned for the same inputs and spec (the spec keywords are
+    attention()'s and must be the same); d_out has out's shape (q's dtype or float32). dq, dk, dv are new arrays of
+    q's, k's, v's shape and dtype in their framework, or written into the given buffers (any strides; the dtype of q
+    or float32). With GQA / MQA, dk and dv hold the sums over each kv head's query heads. The CPU kernel runs float32
+    and bfloat16 / float16 inputs (an out of float32 gives a better result for the latter); float64 and
+    return_d_bias run on the reference backend (backend="auto" falls back to it; explain(..., backward=True) says
+    what runs). Errors come from the library, e.g. "[attention_backward] d_out.seq 5 != out.seq 9".
+    """
+    call = _Call(q, k, v, scale=scale, causal=causal, mask=mask, score=score, block_mask=block_mask, layout=layout,
+                 out=out, backend=backend, threads=threads, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 dtype=dtype, sink_logits=sink_logits, rope=rope, _allow_grad=True,
+                 grad=dict(lse=lse, d_out=d_out, dq=dq, dk=dk, dv=dv, d_sink=return_d_sink, d_bias=return_d_bias))
+    call.run()
+    return call.gradients()
+
+
 def reference_attention(q, k, v, **kwargs):
     """attention(..., backend="reference"): the float64 plain-loop oracle, for checking."""
     kwargs["backend"] = "reference"
     return attention(q, k, v, **kwargs)
 
 
-def explain(q, k, v, **kwargs):
+def explain(q, k, v, *, backward=False, return_d_bias=False, **kwargs):
     """Which kernel attention(q, k, v, **kwargs) would run and why (or why none fits): omniattn::select()'s reasons,
-    one per line. Takes the same arguments as attention(); runs nothing."""
-    info = _Call(q, k, v, _allow_grad=True, **kwargs).explain()
+    one per line. Takes the same arguments as attention(); runs nothing. backward=True: the same for
+    attention_backward on these inputs (omniattn::select_backward; return_d_bias as there)."""
+    grad = None
+    if backward:
+        shape = tuple(q.shape[:-1]) + (v.shape[-1],)
+        d_out = _empty(q, shape)
+        # The forward's out and lse buffers (never written: explain runs nothing) and a d_out.
+        probe = _Call(q, k, v, return_lse=True, lower=False, _allow_grad=True, **kwargs)
+        grad = dict(lse=probe.lse, d_out=d_out, d_bias=return_d_bias)
+        kwargs = dict(kwargs, out=probe.out)
+    info = _Call(q, k, v, grad=grad, _allow_grad=True, **kwargs).explain()
     backend = kwargs.get("backend", "auto")
     head = f"kernel: {info['name']}" if info["ok"] else f"no {backend} kernel fits"
     return "\n".join([head] + ["  " + r for r in info["reasons"]])

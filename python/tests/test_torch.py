@@ -86,10 +86,19 @@ def test_inference_mode_tensors(gen):
 def test_requires_grad_raises(gen):
     q, k, v = make(gen)
     q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="no backward"):
+    with pytest.raises(NotImplementedError, match="no autograd support"):
         omniattn.attention(q, k, v, layout="bhsd")
     with torch.no_grad():
         omniattn.attention(q, k, v, layout="bhsd")  # fine without autograd
+
+
+def test_float64_runs_on_the_reference(gen):
+    q, k, v = (x.double() for x in make(gen))
+    out = omniattn.attention(q, k, v, layout="bhsd")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch_ref(q, k, v), atol=1e-13, rtol=0)
+    with pytest.raises(ValueError, match="f64 inputs run on the reference backend only"):
+        omniattn.attention(q, k, v, layout="bhsd", backend="cpu")
 
 
 # --- scaled_dot_product_attention ----------------------------------------------------------------------------------
