@@ -5,9 +5,9 @@
     out = omniattn.scaled_dot_product_attention(q, k, v)    # torch SDPA's signature and [batch, heads, seq, dim]
 
 Inputs are never copied: the C++ library reads them through their strides. Submodules: omniattn.masks (composable
-masks), omniattn.scores (score modifiers), omniattn.nn (a drop-in torch.nn.MultiheadAttention for inference;
-needs torch). Only numpy is required; torch is used when you pass torch tensors. omniattn.attention_backward gives
-the gradients.
+masks), omniattn.scores (score modifiers), omniattn.nn (a drop-in torch.nn.MultiheadAttention; needs torch).
+Only numpy is required; torch is used when you pass torch tensors. omniattn.attention_backward gives the gradients,
+and on torch tensors that require grad attention() is differentiable (loss.backward() works).
 """
 
 import importlib as _importlib

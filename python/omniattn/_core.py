@@ -1,5 +1,6 @@
 """The attention entry points: operands to zero-copy descriptions, spec and options to plain values, one C++ call.
-attention_backward binds the C++ backward the same way."""
+attention_backward binds the C++ backward the same way; on torch tensors that require grad, attention() records a
+torch.autograd.Function whose backward is that call."""
 
 import numpy as np
 
@@ -69,14 +70,6 @@ def _operand(name, x, as_bf16):
     raise TypeError(f"omniattn: {name} must be a numpy array or a torch tensor, not {type(x).__name__}")
 
 
-def _check_no_grad(*tensors):
-    torch = torch_module()
-    if torch is not None and torch.is_grad_enabled() and any(is_torch(t) and t.requires_grad for t in tensors):
-        raise NotImplementedError("omniattn.attention has no autograd support yet: call it under torch.no_grad() or "
-                                  "torch.inference_mode(), or detach the inputs (omniattn.attention_backward gives "
-                                  "the gradients)")
-
-
 def _empty(like, shape, dtype=None):
     """A new uninitialized array in like's framework: numpy in, numpy out; torch in, torch out."""
     if is_torch(like):
@@ -97,12 +90,10 @@ class _Call:
 
     def __init__(self, q, k, v, *, scale=None, causal=False, mask=None, score=None, block_mask=None, return_lse=False,
                  layout="bshd", out=None, backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None,
-                 dtype=None, sink_logits=None, rope=None, grad=None, lower=True, _allow_grad=False):
+                 dtype=None, sink_logits=None, rope=None, grad=None, lower=True):
         """grad: None (the forward), or the backward's operands: dict(lse, d_out, dq, dk, dv, d_sink, d_bias), where
         out is the forward's, dq / dk / dv may be None (allocated like q / k / v) and d_sink / d_bias say whether to
         return those gradients. lower=False validates the operands only (no mask or score is evaluated)."""
-        if not _allow_grad:
-            _check_no_grad(q, k, v, out)
         if layout not in _LAYOUTS:
             raise ValueError(f"omniattn: layout must be 'bshd' or 'bhsd', got {layout!r}")
         if dtype not in (None, "bf16", "bfloat16"):
@@ -273,11 +264,24 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block
     Returns out (numpy in, numpy out; torch in, torch out; the dtype of q), or (out, lse). Invalid calls raise
     ValueError (TypeError for dtypes) with the library's message, e.g. "[attention] k.dim 96 != q.dim 128".
     Rows with no allowed key give 0 (lse -inf), where PyTorch gives NaN.
+
+    Autograd: when torch records gradients and q, k, v, a torch sink_logits tensor or a torch score bias tensor
+    (score=tensor, scores.bias(tensor)) requires grad, the call is a torch.autograd.Function whose backward runs
+    attention_backward (same spec and backend): gradients reach q, k, v (dk, dv summed over each GQA group), the sink
+    logits and the bias. lse is returned as a constant (no gradient flows through it). Other parameters (alibi
+    slopes, ...) are constants. With out=, the result is computed, then copied into out by torch.
     """
-    call = _Call(q, k, v, scale=scale, causal=causal, mask=mask, score=score, block_mask=block_mask,
-                 return_lse=return_lse, layout=layout, out=out, backend=backend, threads=threads,
-                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=dtype, sink_logits=sink_logits,
-                 rope=rope)
+    kw = dict(scale=scale, causal=causal, mask=mask, score=score, block_mask=block_mask, layout=layout,
+              backend=backend, threads=threads, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=dtype,
+              sink_logits=sink_logits, rope=rope)
+    torch = torch_module()
+    if torch is not None and torch.is_grad_enabled():
+        kw["score"] = as_score(score) if score is not None else None
+        sinks = sink_logits if is_torch(sink_logits) else None
+        bias = _grad_bias(kw["score"])
+        if any(is_torch(t) and t.requires_grad for t in (q, k, v, sinks, bias)):
+            return _recorded_attention(q, k, v, out, return_lse, sinks, bias, kw)
+    call = _Call(q, k, v, return_lse=return_lse, out=out, **kw)
     call.run()
     return call.result()
 
@@ -299,10 +303,70 @@ def attention_backward(q, k, v, out, lse, d_out, *, scale=None, causal=False, ma
     """
     call = _Call(q, k, v, scale=scale, causal=causal, mask=mask, score=score, block_mask=block_mask, layout=layout,
                  out=out, backend=backend, threads=threads, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                 dtype=dtype, sink_logits=sink_logits, rope=rope, _allow_grad=True,
+                 dtype=dtype, sink_logits=sink_logits, rope=rope,
                  grad=dict(lse=lse, d_out=d_out, dq=dq, dk=dk, dv=dv, d_sink=return_d_sink, d_bias=return_d_bias))
     call.run()
     return call.gradients()
+
+
+def _grad_bias(score):
+    """The torch tensor behind the score's dense bias stage, if one was made from a torch tensor (else None)."""
+    parts = getattr(score, "parts", [score])
+    found = [p.source for p in parts if getattr(p, "source", None) is not None and p.source.requires_grad]
+    return found[0] if found else None
+
+
+_FUNCTION = []
+
+
+def _function():
+    """The torch.autograd.Function of attention(), made on first use (torch is optional)."""
+    if _FUNCTION:
+        return _FUNCTION[0]
+    torch = torch_module()
+    from torch.autograd.function import once_differentiable
+
+    class AttentionFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, kw, q, k, v, sinks, bias):
+            # bf16 / f16 inputs: out is kept in float32 for the backward's D = rowsum(d_out * out) and rounded
+            # (nearest even, as the library's store) for the caller.
+            wide = q.dtype in (torch.bfloat16, torch.float16)
+            out = torch.empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=torch.float32 if wide else q.dtype)
+            args = dict(kw, sink_logits=kw["sink_logits"] if sinks is None else sinks)
+            call = _Call(q, k, v, out=out, return_lse=True, **args)
+            call.run()
+            ctx.kw = kw
+            ctx.save_for_backward(q, k, v, out, call.lse, sinks, bias)
+            ctx.mark_non_differentiable(call.lse)
+            return (out.to(q.dtype) if wide else out), call.lse
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, d_out, d_lse):
+            q, k, v, out, lse, sinks, bias = ctx.saved_tensors
+            need = ctx.needs_input_grad  # kw, q, k, v, sinks, bias
+            want_sink, want_bias = sinks is not None and need[4], bias is not None and need[5]
+            args = dict(ctx.kw, sink_logits=ctx.kw["sink_logits"] if sinks is None else sinks)
+            grads = list(attention_backward(q, k, v, out, lse, d_out, return_d_sink=want_sink,
+                                            return_d_bias=want_bias, **args))
+            dq, dk, dv = grads[:3]
+            extra = grads[3:]
+            d_sink = extra.pop(0).reshape(sinks.shape).to(sinks.dtype) if want_sink else None
+            d_bias = extra.pop(0).reshape(bias.shape).to(bias.dtype) if want_bias else None
+            return None, dq, dk, dv, d_sink, d_bias
+
+    _FUNCTION.append(AttentionFunction)
+    return AttentionFunction
+
+
+def _recorded_attention(q, k, v, out, return_lse, sinks, bias, kw):
+    if out is not None:
+        _Call(q, k, v, out=out, lower=False, **kw)  # the C++ rules for out (shape, dtype, overlap), before torch copies
+    result, lse = _function().apply(kw, q, k, v, sinks, bias)
+    if out is not None:
+        result = out.copy_(result)
+    return (result, lse) if return_lse else result
 
 
 def reference_attention(q, k, v, **kwargs):
@@ -320,10 +384,10 @@ def explain(q, k, v, *, backward=False, return_d_bias=False, **kwargs):
         shape = tuple(q.shape[:-1]) + (v.shape[-1],)
         d_out = _empty(q, shape)
         # The forward's out and lse buffers (never written: explain runs nothing) and a d_out.
-        probe = _Call(q, k, v, return_lse=True, lower=False, _allow_grad=True, **kwargs)
+        probe = _Call(q, k, v, return_lse=True, lower=False, **kwargs)
         grad = dict(lse=probe.lse, d_out=d_out, d_bias=return_d_bias)
         kwargs = dict(kwargs, out=probe.out)
-    info = _Call(q, k, v, grad=grad, _allow_grad=True, **kwargs).explain()
+    info = _Call(q, k, v, grad=grad, **kwargs).explain()
     backend = kwargs.get("backend", "auto")
     head = f"kernel: {info['name']}" if info["ok"] else f"no {backend} kernel fits"
     return "\n".join([head] + ["  " + r for r in info["reasons"]])
@@ -331,7 +395,8 @@ def explain(q, k, v, *, backward=False, return_d_bias=False, **kwargs):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
-    """torch.nn.functional.scaled_dot_product_attention's signature and layout on omniattn (inference only).
+    """torch.nn.functional.scaled_dot_product_attention's signature and layout on omniattn (differentiable on
+    tensors that require grad, like attention()).
 
     query [..., Hq, L, E], key [..., Hkv, S, E], value [..., Hkv, S, Ev] (4-d [N, H, L, E], or 3-d [N, L, E]).
     attn_mask: boolean (True = attend) or float (added to the scaled logits), broadcastable to [N, Hq, L, S].

@@ -83,13 +83,14 @@ def test_inference_mode_tensors(gen):
     torch.testing.assert_close(out.double(), torch_ref(q, k, v), atol=3e-5, rtol=0)
 
 
-def test_requires_grad_raises(gen):
+def test_requires_grad_records_the_call(gen):
     q, k, v = make(gen)
     q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="no autograd support"):
-        omniattn.attention(q, k, v, layout="bhsd")
+    out = omniattn.attention(q, k, v, layout="bhsd")
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "AttentionFunctionBackward"
     with torch.no_grad():
-        omniattn.attention(q, k, v, layout="bhsd")  # fine without autograd
+        assert omniattn.attention(q, k, v, layout="bhsd").grad_fn is None  # nothing recorded without autograd
+    torch.testing.assert_close(out.detach().double(), torch_ref(q, k, v), atol=3e-5, rtol=0)
 
 
 def test_float64_runs_on_the_reference(gen):
