@@ -38,6 +38,11 @@ void load_row_f32(const void* base, dtype t, std::int64_t offset, std::int64_t s
       for (std::int64_t d = 0; d < n; ++d) dst[d] = f16_to_f32(src[d * stride]);
       break;
     }
+    case dtype::f64: {
+      const double* src = static_cast<const double*>(base) + offset;
+      for (std::int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d * stride]);
+      break;
+    }
   }
 }
 

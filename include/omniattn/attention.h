@@ -5,7 +5,8 @@
 //   v   [batch, seq_k, heads_kv, dim_v]      dim_v may differ from dim_qk
 //   out [batch, seq_q, heads_q,  dim_v]      dtype of q, or f32
 //   lse [batch, heads_q, seq_q] float32      optional (options::lse)
-// q, k, v share one dtype (f32, bf16, f16); accumulation is always at least fp32. See spec.h for the math contract.
+// q, k, v share one dtype (f32, bf16, f16; f64 on the reference backend only); accumulation is always at least fp32.
+// See spec.h for the math contract.
 // Empty calls are valid (as in PyTorch SDPA and FlashAttention's varlen): batch, seq_q or heads 0 (and varlen
 // sequences of length 0) leave nothing to compute; seq_k 0 makes every row one with no allowed key (out 0, lse -inf,
 // or lse = sink with sink logits). An empty tensor's data may be null. head dims must be > 0.

@@ -5,18 +5,20 @@
 // packed QKV buffers and any other arrangement without a copy. Inputs may use stride 0 to broadcast (e.g. one K/V for
 // every batch); outputs must not overlap themselves. Strides may be negative (numpy's x[:, ::-1]): data then points
 // at element [0, 0, 0, 0] and the view extends below it. bf16 / f16 data may sit at any address (odd ones too); f32
-// data (and the LSE) must be 4-byte aligned.
+// data (and the LSE) must be 4-byte aligned, f64 data 8-byte aligned.
+// f64 is a storage dtype for checking (e.g. float64 gradcheck): only the fp64 reference backend serves it (the CPU
+// kernels reject it, so backend::automatic falls back to the oracle and select() says why).
 #pragma once
 
 #include <cstdint>
 
 namespace omniattn {
 
-enum class dtype : std::uint8_t { f32, bf16, f16 };
+enum class dtype : std::uint8_t { f32, bf16, f16, f64 };
 
 const char* dtype_name(dtype t);
 int dtype_size(dtype t);
-// Rounding unit (2^-mantissa bits) of a storage dtype: f32 2^-23, bf16 2^-8, f16 2^-11.
+// Rounding unit (2^-mantissa bits) of a storage dtype: f32 2^-23, bf16 2^-8, f16 2^-11, f64 2^-52.
 double dtype_epsilon(dtype t);
 
 // A non-owning view of a [batch, seq, heads, dim] tensor.

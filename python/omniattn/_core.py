@@ -1,4 +1,6 @@
-"""The attention entry points: operands to zero-copy descriptions, spec and options to plain values, one C++ call."""
+"""The attention entry points: operands to zero-copy descriptions, spec and options to plain values, one C++ call.
+attention_backward binds the C++ backward the same way; on torch tensors that require grad, attention() records a
+torch.autograd.Function whose backward is that call."""
 
 import numpy as np
 
@@ -7,8 +9,8 @@ from ._arrays import is_torch, to_numpy, torch_module
 from .masks import Grid, as_mask
 from .scores import as_score
 
-__all__ = ["attention", "scaled_dot_product_attention", "explain", "reference_attention", "BlockMask",
-           "build_block_mask", "to_bf16", "from_bf16"]
+__all__ = ["attention", "attention_backward", "scaled_dot_product_attention", "explain", "reference_attention",
+           "BlockMask", "build_block_mask", "to_bf16", "from_bf16"]
 
 _CAUSAL = {"none": "none", "top_left": "top_left", "bottom_right": "bottom_right"}
 _LAYOUTS = {
@@ -30,12 +32,25 @@ def _causal_mode(causal):
                      f"got {causal!r}")
 
 
-def _torch_dtype_code(t, name):
+def _torch_code(t):
+    """The binding's name of a torch dtype (what it cannot read keeps torch's name, for its messages)."""
     torch = torch_module()
-    code = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(t.dtype)
-    if code is None:
-        raise TypeError(f"omniattn: {name} has dtype {t.dtype}; supported: torch.float32, torch.bfloat16, torch.float16")
+    return {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}.get(t.dtype, str(t.dtype))
+
+
+def _torch_dtype_code(t, name):
+    code = _torch_code(t)
+    if code.startswith("torch."):
+        raise TypeError(f"omniattn: {name} has dtype {t.dtype}; supported: torch.float32, torch.bfloat16, torch.float16, "
+                        "torch.float64 (reference backend)")
     return code
+
+
+def _torch_strided(name, x):
+    if x.device.type != "cpu":
+        raise ValueError(f"omniattn: {name} is on {x.device}; omniattn runs on the CPU")
+    if x.layout != torch_module().strided:
+        raise TypeError(f"omniattn: {name} has layout {x.layout}; only strided tensors are supported")
 
 
 def _operand(name, x, as_bf16):
@@ -43,25 +58,16 @@ def _operand(name, x, as_bf16):
     if isinstance(x, np.ndarray):
         if x.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: the same bits as uint16
             return x.view(np.uint16), True
-        if x.dtype == np.float32 or x.dtype == np.float16 or (as_bf16 and x.dtype == np.uint16):
+        if x.dtype in (np.float32, np.float16, np.float64) or (as_bf16 and x.dtype == np.uint16):
             return x, as_bf16
         hint = " (pass dtype='bf16' to read uint16 arrays as bfloat16 bits)" if x.dtype == np.uint16 else ""
         raise TypeError(f"omniattn: {name} has dtype {x.dtype}; supported: float32, float16, and bfloat16 "
-                        f"(torch.bfloat16, or numpy uint16 holding bf16 bits with dtype='bf16'){hint}")
+                        f"(torch.bfloat16, or numpy uint16 holding bf16 bits with dtype='bf16'), float64 (reference "
+                        f"backend){hint}")
     if is_torch(x):
-        if x.device.type != "cpu":
-            raise ValueError(f"omniattn: {name} is on {x.device}; omniattn runs on the CPU")
-        if x.layout != torch_module().strided:
-            raise TypeError(f"omniattn: {name} has layout {x.layout}; only strided tensors are supported")
+        _torch_strided(name, x)
         return (x.data_ptr(), _torch_dtype_code(x, name), tuple(x.shape), tuple(x.stride())), as_bf16
     raise TypeError(f"omniattn: {name} must be a numpy array or a torch tensor, not {type(x).__name__}")
-
-
-def _check_no_grad(*tensors):
-    torch = torch_module()
-    if torch is not None and torch.is_grad_enabled() and any(is_torch(t) and t.requires_grad for t in tensors):
-        raise NotImplementedError("omniattn has no backward pass yet: call it under torch.no_grad() or "
-                                  "torch.inference_mode(), or detach the inputs")
 
 
 def _empty(like, shape, dtype=None):
@@ -84,9 +90,10 @@ class _Call:
 
     def __init__(self, q, k, v, *, scale=None, causal=False, mask=None, score=None, block_mask=None, return_lse=False,
                  layout="bshd", out=None, backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None,
-                 dtype=None, sink_logits=None, rope=None, _allow_grad=False):
-        if not _allow_grad:
-            _check_no_grad(q, k, v, out)
+                 dtype=None, sink_logits=None, rope=None, grad=None, lower=True):
+        """grad: None (the forward), or the backward's operands: dict(lse, d_out, dq, dk, dv, d_sink, d_bias), where
+        out is the forward's, dq / dk / dv may be None (allocated like q / k / v) and d_sink / d_bias say whether to
+        return those gradients. lower=False validates the operands only (no mask or score is evaluated)."""
         if layout not in _LAYOUTS:
             raise ValueError(f"omniattn: layout must be 'bshd' or 'bhsd', got {layout!r}")
         if dtype not in (None, "bf16", "bfloat16"):
@@ -104,17 +111,31 @@ class _Call:
         as_bf16 = dtype is not None
         rank = 3 if self.varlen else 4
         names = _LAYOUTS[layout][1 if self.varlen else 0]
-        for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        grad_ops = () if grad is None else (("d_out", grad["d_out"]), ("dq", grad.get("dq")), ("dk", grad.get("dk")),
+                                            ("dv", grad.get("dv")))
+        for name, x in (("q", q), ("k", k), ("v", v), ("out", out)) + grad_ops:
             if x is not None and (isinstance(x, np.ndarray) or is_torch(x)) and x.ndim != rank:
                 raise ValueError(f"omniattn: {name} must be {rank}-d {names} for layout={layout!r}"
                                  f"{' with cu_seqlens' if self.varlen else ''}, got shape {tuple(x.shape)}")
 
         ops = [_operand(n, x, as_bf16) for n, x in (("q", q), ("k", k), ("v", v))]
+        if grad is not None and out is None:
+            raise TypeError("omniattn: attention_backward needs the forward's out")
         # Allocate the output in the input's framework, dtype and layout: q's shape with v's head dim.
         if out is None:
             out = _empty(q, tuple(q.shape[:-1]) + (v.shape[-1],))
         self.out = out
         op_out = _operand("out", out, as_bf16)
+        grad_kw = {}
+        self.grads = None
+        if grad is not None:  # d_out, then the gradient buffers: the shapes of q, k, v in their framework and dtype
+            self.grads = [x if x is not None else _empty(like, tuple(like.shape))
+                          for x, like in ((grad.get("dq"), q), (grad.get("dk"), k), (grad.get("dv"), v))]
+            grad_ops = [_operand("d_out", grad["d_out"], as_bf16)] + [
+                _operand(n, x, as_bf16) for n, x in zip(("dq", "dk", "dv"), self.grads)]
+            grad_kw = dict(d_out=grad_ops[0][0], dq=grad_ops[1][0], dk=grad_ops[2][0], dv=grad_ops[3][0],
+                           want_d_sink=bool(grad.get("d_sink")), want_d_bias=bool(grad.get("d_bias")))
+            op_out = (op_out[0], op_out[1] or any(flag for _, flag in grad_ops))
         as_bf16 = as_bf16 or any(flag for _, flag in ops + [op_out])
         self.lse = None
         if return_lse:
@@ -132,8 +153,12 @@ class _Call:
                        blocks=block_mask._cxx if block_mask is not None else None,
                        lse=None if self.lse is None else _operand_lse(self.lse), backend=backend, threads=int(threads),
                        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, sink_logits=_float_vector(sink_logits, "sink_logits"),
-                       rope=_rope_dict(rope))
+                       rope=_rope_dict(rope), **grad_kw)
+        if grad is not None:
+            self.kw["lse"] = _operand_lse(grad["lse"])
         self.dims = _C.call("validate", **self.kw)  # the C++ rules first, with their messages
+        if not lower:
+            return
 
         d = self.dims
         lens_q = None if cu_q is None else np.diff(cu_q)
@@ -152,10 +177,15 @@ class _Call:
             self.kw["score"] = as_score(score).lower(grid)
 
     def run(self):
-        _C.call("run", **self.kw)
+        self.extra = _C.call("run", **self.kw)  # the backward's (d_sink_logits or None, d_bias or None)
 
     def result(self):
         return (self.out, self.lse) if self.lse is not None else self.out
+
+    def gradients(self):
+        """(dq, dk, dv), then d_sink_logits and d_bias when they were asked for (torch tensors for torch inputs)."""
+        extra = [_like(self.grads[0], x) for x in self.extra if x is not None]
+        return tuple(self.grads) + tuple(extra)
 
     def explain(self):
         return _C.call("explain", **self.kw)
@@ -190,8 +220,14 @@ def _rope_dict(rope):
 
 def _operand_lse(lse):
     if is_torch(lse):
-        return (lse.data_ptr(), "f32", tuple(lse.shape), tuple(lse.stride()))
+        _torch_strided("lse", lse)
+        return (lse.data_ptr(), _torch_code(lse), tuple(lse.shape), tuple(lse.stride()))
     return lse
+
+
+def _like(like, array):
+    """A numpy array the binding made, in like's framework (torch in, torch out; no copy)."""
+    return torch_module().from_numpy(array) if is_torch(like) else array
 
 
 def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block_mask=None, return_lse=False,
@@ -202,7 +238,8 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block
     q [batch, seq_q, heads_q, dim], k [batch, seq_k, heads_kv, dim], v [batch, seq_k, heads_kv, dim_v]
     (layout="bshd", FlashAttention's) or [batch, heads, seq, dim] (layout="bhsd", PyTorch SDPA's); any strides.
     heads_q must be a multiple of heads_kv (GQA / MQA). dtype float32, float16 or bfloat16 (torch.bfloat16, or numpy
-    uint16 arrays of bf16 bits with dtype="bf16"); q, k, v share it.
+    uint16 arrays of bf16 bits with dtype="bf16"), or float64 (served by the reference backend only: for checking,
+    e.g. torch.autograd.gradcheck); q, k, v share it.
 
     scale       softmax scale, default 1/sqrt(dim)
     causal      False; True = "bottom_right" (FlashAttention >= 2.1: the last query sees the last key);
@@ -227,13 +264,109 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, score=None, block
     Returns out (numpy in, numpy out; torch in, torch out; the dtype of q), or (out, lse). Invalid calls raise
     ValueError (TypeError for dtypes) with the library's message, e.g. "[attention] k.dim 96 != q.dim 128".
     Rows with no allowed key give 0 (lse -inf), where PyTorch gives NaN.
+
+    Autograd: when torch records gradients and q, k, v, a torch sink_logits tensor or a torch score bias tensor
+    (score=tensor, scores.bias(tensor)) requires grad, the call is a torch.autograd.Function whose backward runs
+    attention_backward (same spec and backend): gradients reach q, k, v (dk, dv summed over each GQA group), the sink
+    logits and the bias. lse is returned as a constant (no gradient flows through it). Other parameters (alibi
+    slopes, ...) are constants. With out=, the result is computed, then copied into out by torch.
     """
-    call = _Call(q, k, v, scale=scale, causal=causal, mask=mask, score=score, block_mask=block_mask,
-                 return_lse=return_lse, layout=layout, out=out, backend=backend, threads=threads,
-                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=dtype, sink_logits=sink_logits,
-                 rope=rope)
+    kw = dict(scale=scale, causal=causal, mask=mask, score=score, block_mask=block_mask, layout=layout,
+              backend=backend, threads=threads, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=dtype,
+              sink_logits=sink_logits, rope=rope)
+    torch = torch_module()
+    if torch is not None and torch.is_grad_enabled():
+        kw["score"] = as_score(score) if score is not None else None
+        sinks = sink_logits if is_torch(sink_logits) else None
+        bias = _grad_bias(kw["score"])
+        if any(is_torch(t) and t.requires_grad for t in (q, k, v, sinks, bias)):
+            return _recorded_attention(q, k, v, out, return_lse, sinks, bias, kw)
+    call = _Call(q, k, v, return_lse=return_lse, out=out, **kw)
     call.run()
     return call.result()
+
+
+def attention_backward(q, k, v, out, lse, d_out, *, scale=None, causal=False, mask=None, score=None, block_mask=None,
+                       layout="bshd", backend="auto", threads=0, cu_seqlens_q=None, cu_seqlens_k=None, dtype=None,
+                       sink_logits=None, rope=None, return_d_sink=False, return_d_bias=False, dq=None, dk=None, dv=None):
+    """The gradients of a loss L through out = attention(q, k, v, ...), given d_out = dL/d out: (dq, dk, dv), then
+    d_sink_logits (return_d_sink=True; float32 [heads_q]) and d_bias (return_d_bias=True: the gradient of the
+    spec's one dense bias tensor, float32 in the bias's shape padded to 4-d, broadcast dims summed).
+
+    out and lse are what attention(..., return_lse=True) returned for the same inputs and spec (the spec keywords are
+    attention()'s and must be the same); d_out has out's shape (q's dtype or float32). dq, dk, dv are new arrays of
+    q's, k's, v's shape and dtype in their framework, or written into the given buffers (any strides; the dtype of q
+    or float32). With GQA / MQA, dk and dv hold the sums over each kv head's query heads. The CPU kernel runs float32
+    and bfloat16 / float16 inputs (an out of float32 gives a better result for the latter); float64 and
+    return_d_bias run on the reference backend (backend="auto" falls back to it; explain(..., backward=True) says
+    what runs). Errors come from the library, e.g. "[attention_backward] d_out.seq 5 != out.seq 9".
+    """
+    call = _Call(q, k, v, scale=scale, causal=causal, mask=mask, score=score, block_mask=block_mask, layout=layout,
+                 out=out, backend=backend, threads=threads, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 dtype=dtype, sink_logits=sink_logits, rope=rope,
+                 grad=dict(lse=lse, d_out=d_out, dq=dq, dk=dk, dv=dv, d_sink=return_d_sink, d_bias=return_d_bias))
+    call.run()
+    return call.gradients()
+
+
+def _grad_bias(score):
+    """The torch tensor behind the score's dense bias stage, if one was made from a torch tensor (else None)."""
+    parts = getattr(score, "parts", [score])
+    found = [p.source for p in parts if getattr(p, "source", None) is not None and p.source.requires_grad]
+    return found[0] if found else None
+
+
+_FUNCTION = []
+
+
+def _function():
+    """The torch.autograd.Function of attention(), made on first use (torch is optional)."""
+    if _FUNCTION:
+        return _FUNCTION[0]
+    torch = torch_module()
+    from torch.autograd.function import once_differentiable
+
+    class AttentionFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, kw, q, k, v, sinks, bias):
+            # bf16 / f16 inputs: out is kept in float32 for the backward's D = rowsum(d_out * out) and rounded
+            # (nearest even, as the library's store) for the caller.
+            wide = q.dtype in (torch.bfloat16, torch.float16)
+            out = torch.empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=torch.float32 if wide else q.dtype)
+            args = dict(kw, sink_logits=kw["sink_logits"] if sinks is None else sinks)
+            call = _Call(q, k, v, out=out, return_lse=True, **args)
+            call.run()
+            ctx.kw = kw
+            ctx.save_for_backward(q, k, v, out, call.lse, sinks, bias)
+            ctx.mark_non_differentiable(call.lse)
+            return (out.to(q.dtype) if wide else out), call.lse
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, d_out, d_lse):
+            q, k, v, out, lse, sinks, bias = ctx.saved_tensors
+            need = ctx.needs_input_grad  # kw, q, k, v, sinks, bias
+            want_sink, want_bias = sinks is not None and need[4], bias is not None and need[5]
+            args = dict(ctx.kw, sink_logits=ctx.kw["sink_logits"] if sinks is None else sinks)
+            grads = list(attention_backward(q, k, v, out, lse, d_out, return_d_sink=want_sink,
+                                            return_d_bias=want_bias, **args))
+            dq, dk, dv = grads[:3]
+            extra = grads[3:]
+            d_sink = extra.pop(0).reshape(sinks.shape).to(sinks.dtype) if want_sink else None
+            d_bias = extra.pop(0).reshape(bias.shape).to(bias.dtype) if want_bias else None
+            return None, dq, dk, dv, d_sink, d_bias
+
+    _FUNCTION.append(AttentionFunction)
+    return AttentionFunction
+
+
+def _recorded_attention(q, k, v, out, return_lse, sinks, bias, kw):
+    if out is not None:
+        _Call(q, k, v, out=out, lower=False, **kw)  # the C++ rules for out (shape, dtype, overlap), before torch copies
+    result, lse = _function().apply(kw, q, k, v, sinks, bias)
+    if out is not None:
+        result = out.copy_(result)
+    return (result, lse) if return_lse else result
 
 
 def reference_attention(q, k, v, **kwargs):
@@ -242,10 +375,19 @@ def reference_attention(q, k, v, **kwargs):
     return attention(q, k, v, **kwargs)
 
 
-def explain(q, k, v, **kwargs):
+def explain(q, k, v, *, backward=False, return_d_bias=False, **kwargs):
     """Which kernel attention(q, k, v, **kwargs) would run and why (or why none fits): omniattn::select()'s reasons,
-    one per line. Takes the same arguments as attention(); runs nothing."""
-    info = _Call(q, k, v, _allow_grad=True, **kwargs).explain()
+    one per line. Takes the same arguments as attention(); runs nothing. backward=True: the same for
+    attention_backward on these inputs (omniattn::select_backward; return_d_bias as there)."""
+    grad = None
+    if backward:
+        shape = tuple(q.shape[:-1]) + (v.shape[-1],)
+        d_out = _empty(q, shape)
+        # The forward's out and lse buffers (never written: explain runs nothing) and a d_out.
+        probe = _Call(q, k, v, return_lse=True, lower=False, **kwargs)
+        grad = dict(lse=probe.lse, d_out=d_out, d_bias=return_d_bias)
+        kwargs = dict(kwargs, out=probe.out)
+    info = _Call(q, k, v, grad=grad, **kwargs).explain()
     backend = kwargs.get("backend", "auto")
     head = f"kernel: {info['name']}" if info["ok"] else f"no {backend} kernel fits"
     return "\n".join([head] + ["  " + r for r in info["reasons"]])
@@ -253,7 +395,8 @@ def explain(q, k, v, **kwargs):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
-    """torch.nn.functional.scaled_dot_product_attention's signature and layout on omniattn (inference only).
+    """torch.nn.functional.scaled_dot_product_attention's signature and layout on omniattn (differentiable on
+    tensors that require grad, like attention()).
 
     query [..., Hq, L, E], key [..., Hkv, S, E], value [..., Hkv, S, Ev] (4-d [N, H, L, E], or 3-d [N, L, E]).
     attn_mask: boolean (True = attend) or float (added to the scaled logits), broadcastable to [N, Hq, L, S].

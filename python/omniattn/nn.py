@@ -1,4 +1,4 @@
-"""torch.nn modules running on omniattn (inference only: no backward pass yet). Importing this module imports torch."""
+"""torch.nn modules running on omniattn (forward and backward). Importing this module imports torch."""
 
 import torch
 import torch.nn.functional as F
@@ -11,18 +11,18 @@ __all__ = ["MultiheadAttention"]
 
 
 class MultiheadAttention(nn.Module):
-    """A drop-in replacement for torch.nn.MultiheadAttention at inference: same constructor, same parameter names
+    """A drop-in replacement for torch.nn.MultiheadAttention: same constructor, same parameter names
     (in_proj_weight or q/k/v_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias), so
     ``load_state_dict(torch_mha.state_dict())`` works; the attention itself runs on omniattn, reading the projected
-    heads in place through their strides.
+    heads in place through their strides. It trains: under autograd the attention is omniattn's
+    torch.autograd.Function (its backward is omniattn.attention_backward).
 
     forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, average_attn_weights=True,
     is_causal=False) returns (attn_output, None). Masks follow torch.nn.MultiheadAttention: a boolean attn_mask or
     key_padding_mask marks with True the pairs that may NOT attend; float masks are added to the logits; attn_mask is
     [L, S] or [N * num_heads, L, S]. is_causal=True applies a top-left causal mask (on top of attn_mask, if given).
 
-    Not supported (NotImplementedError): need_weights=True, dropout while training, add_bias_kv, add_zero_attn, and
-    calls that autograd would have to differentiate - run under torch.no_grad() or torch.inference_mode().
+    Not supported (NotImplementedError): need_weights=True, dropout while training, add_bias_kv, add_zero_attn.
     Differences: a query row whose keys are all masked gives 0 instead of NaN.
     """
 
@@ -89,9 +89,6 @@ class MultiheadAttention(nn.Module):
                                       "(need_weights=True); pass need_weights=False")
         if self.training and self.dropout > 0.0:
             raise NotImplementedError("omniattn.nn.MultiheadAttention has no dropout: call .eval() or set dropout=0")
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *self.parameters())):
-            raise NotImplementedError("omniattn.nn.MultiheadAttention is inference-only (no backward pass yet): run it "
-                                      "under torch.no_grad() or torch.inference_mode()")
         batched = query.dim() == 3
         if not batched:  # unbatched (L, E): a batch of one
             dim = 0 if self.batch_first else 1

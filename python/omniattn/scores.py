@@ -38,7 +38,7 @@ evaluate scores in float32, the reference backend in float64.
 import numpy as np
 
 from . import _omniattn as _C
-from ._arrays import broadcast_table, is_array, to_numpy
+from ._arrays import broadcast_table, is_array, is_torch, to_numpy
 from .masks import ALIGNS, Grid
 
 __all__ = ["Score", "as_score", "alibi", "alibi_slopes", "softcap", "temperature", "key_bias", "bias", "reweight", "parse",
@@ -195,7 +195,7 @@ class _BiasArray(Score):
 
     additive = True
 
-    def __init__(self, arr, text):
+    def __init__(self, arr, text, source=None):
         if arr.ndim > 4:
             raise ValueError(f"omniattn: a score bias has {arr.ndim} dimensions; it must broadcast to "
                              "[batch, heads, seq_q, seq_k]")
@@ -203,6 +203,7 @@ class _BiasArray(Score):
             arr = np.ascontiguousarray(arr, dtype=np.float32)  # the kernels read float32 with non-negative strides
         self.array = arr  # kept alive as long as this Score: the C++ side borrows it during each call
         self._text = text
+        self.source = source  # the torch tensor it was made from: attention() returns its gradient when it requires grad
 
     def _view4(self):
         return self.array[(None,) * (4 - self.array.ndim)]  # leading broadcast dims, a view (no copy)
@@ -362,7 +363,7 @@ def bias(values, name=None):
         arr = to_numpy(values, "score bias")
         if arr.dtype.kind not in "fiu":
             raise TypeError(f"omniattn: a score bias must be a float array, got {arr.dtype}")
-        return _BiasArray(arr, name or f"bias(array{tuple(arr.shape)})")
+        return _BiasArray(arr, name or f"bias(array{tuple(arr.shape)})", values if is_torch(values) else None)
     if callable(values):
         fn_name = name or getattr(values, "__name__", "bias")
         return _Bias(lambda g: values(g.b, g.h, g.q, g.k), fn_name)

@@ -4,14 +4,16 @@
 // straight from the buffer, converted to element strides, never copied) or as plain descriptions
 // (data_ptr, dtype name, shape, element strides) that the Python layer makes from torch tensors, so the extension
 // never links torch. They become omniattn::tensor views, the call's spec and options are built from plain Python
-// values, and omniattn::attention runs with the GIL released. A status error becomes ValueError (TypeError when it
-// is about a dtype) carrying the C++ message unchanged.
+// values, and omniattn::attention (or omniattn::attention_backward, given d_out and the gradient buffers) runs with
+// the GIL released. A status error becomes ValueError (TypeError when it is about a dtype) carrying the C++ message
+// unchanged.
 //
 // Masks arrive as a small expression tree of tuples (python/omniattn/masks.py lowers its objects to it): built-in
 // patterns map onto omniattn::mask_expr's closed forms, and a ("table", array, name) leaf, the result of evaluating
 // a Python predicate or a boolean array once, becomes a predicate reading that table. Scores arrive as a list of
 // stages: the built-in omniattn::scores modifiers ("alibi", "softcap", "temperature", "key_bias") and ("affine", a, c),
-// a[b,h,i,j] * s + c[b,h,i,j] read from tables (a Python score function evaluated once), ("reweight", weights,
+// a[b,h,i,j] * s + c[b,h,i,j] read from tables (a Python score function evaluated once; its derivative, a, is the
+// table too, so it runs backward), ("reweight", weights,
 // keys_per_head), ("bias", float32 4-d array: omniattn::scores::bias over the array, no copy) and ("spec", text), a
 // score spec string parsed by omniattn::parse_score, chained in order.
 #include <pybind11/numpy.h>
@@ -160,10 +162,11 @@ omniattn::tensor to_tensor(const std::string& name, const array& a, bool bhsd) {
     case elem::f32: t.type = dtype::f32; break;
     case elem::bf16: t.type = dtype::bf16; break;
     case elem::f16: t.type = dtype::f16; break;
+    case elem::f64: t.type = dtype::f64; break;  // the reference backend's (the C++ selection says so)
     default:
       throw py::type_error("omniattn: " + name + " has dtype " + format_desc(a) +
                            "; supported: float32, float16, bfloat16 (torch.bfloat16, or numpy uint16 holding bf16 "
-                           "bits with dtype='bf16')");
+                           "bits with dtype='bf16'), float64 (reference backend)");
   }
   t.data = a.data;
   const auto& s = a.shape;
@@ -318,6 +321,13 @@ struct affine_table {  // a[b, h, i, j] * s + c[b, h, i, j] (absent a = 1, absen
   }
 };
 
+struct affine_slope {  // d (a s + c) / d s = a: the derivative attention_backward multiplies by
+  table4 a;
+  double operator()(double, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) const {
+    return a ? a.at(b, h, i, j) : 1.0;
+  }
+};
+
 std::vector<double> finite_values(py::handle obj, const std::string& what, bool positive) {
   auto v = obj.cast<std::vector<double>>();
   if (v.empty()) throw py::value_error("omniattn: " + what + " is empty");
@@ -327,7 +337,9 @@ std::vector<double> finite_values(py::handle obj, const std::string& what, bool 
   return v;
 }
 
-omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shape4>& shapes, std::int64_t heads) {
+// shapes: every table's (checked against the call); bias_shapes: every dense bias stage's (sizes d_bias).
+omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shape4>& shapes, std::vector<shape4>& bias_shapes,
+                              std::int64_t heads) {
   namespace sc = omniattn::scores;
   omniattn::score_fn chain;
   for (py::handle item : stages) {
@@ -354,7 +366,7 @@ omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shap
         (x == 0 ? at.a : at.c) = make_table("score", describe(tab, "score table", false, false, keep), false, shape);
         shapes.push_back(shape);
       }
-      f = at;
+      f = sc::differentiable(at, affine_slope{at.a});
     } else if (kind == "spec" && t.size() == 2) {  // a spec string, parsed by the library (errors name the position)
       if (const std::string err = omniattn::parse_score(t[1].cast<std::string>(), heads, f); !err.empty())
         throw py::value_error(err);
@@ -367,6 +379,7 @@ omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shap
         throw py::type_error("omniattn: a score bias stage is a 4-d float32 array, got " + format_desc(a));
       f = sc::bias(static_cast<const float*>(a.data), {a.shape[0], a.shape[1], a.shape[2], a.shape[3]},
                    {a.strides[0], a.strides[1], a.strides[2], a.strides[3]});
+      bias_shapes.push_back({a.shape[0], a.shape[1], a.shape[2], a.shape[3]});
     } else {
       throw py::value_error("omniattn: unknown score stage '" + kind + "'");
     }
@@ -379,9 +392,10 @@ omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shap
 // Errors
 
 [[noreturn]] void raise_status(const std::string& error) {
-  // "[attention] k.type bf16 != q.type f32": a dtype problem, TypeError; everything else is a ValueError.
-  const std::string prefix = "[attention] ";
-  if (error.rfind(prefix, 0) == 0) {
+  // "[attention] k.type bf16 != q.type f32" (or "[attention_backward] ..."): a dtype problem, TypeError; everything
+  // else is a ValueError.
+  for (const std::string prefix : {"[attention] ", "[attention_backward] "}) {
+    if (error.rfind(prefix, 0) != 0) continue;
     const std::size_t end = error.find(' ', prefix.size());
     const std::string subject = error.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
     if (subject.size() > 5 && subject.compare(subject.size() - 5, 5, ".type") == 0) throw py::type_error(error);
@@ -416,20 +430,38 @@ std::vector<std::int64_t> cu_seqlens(py::handle obj, const char* name) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// One call: validate, explain, or run.
+// One call: validate, explain, or run; the forward, or the backward when d_out is given (then out and lse are the
+// forward's results, read; d_out, dq, dk, dv are described like q, k, v; d_sink_logits and d_bias are allocated here,
+// since their sizes come from the spec, and returned).
 
 py::object call(const std::string& mode, py::handle q, py::handle k, py::handle v, py::handle out, const std::string& layout,
                 bool as_bf16, std::optional<double> scale, const std::string& causal, py::handle mask,
                 py::handle score, py::handle blocks, py::handle lse, const std::string& backend, int threads,
-                py::handle cu_q, py::handle cu_k, py::handle sinks, py::handle rope) {
+                py::handle cu_q, py::handle cu_k, py::handle sinks, py::handle rope, py::handle d_out, py::handle dq,
+                py::handle dk, py::handle dv, bool want_d_sink, bool want_d_bias) {
   if (layout != "bshd" && layout != "bhsd")
     throw py::value_error("omniattn: layout must be 'bshd' or 'bhsd', got '" + layout + "'");
   const bool bhsd = layout == "bhsd";
+  const bool backward = !d_out.is_none();
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), bhsd);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), bhsd);
   const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), bhsd);
-  const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), bhsd);
+  const omniattn::tensor to = to_tensor("out", describe(out, "out", !backward, as_bf16, keep), bhsd);
+  omniattn::tensor tdo;
+  omniattn::gradients g;
+  py::array_t<float> d_sink_array, d_bias_array;
+  if (backward) {
+    if (dq.is_none() || dk.is_none() || dv.is_none()) throw py::value_error("omniattn: the backward needs dq, dk and dv");
+    tdo = to_tensor("d_out", describe(d_out, "d_out", false, as_bf16, keep), bhsd);
+    g.dq = to_tensor("dq", describe(dq, "dq", true, as_bf16, keep), bhsd);
+    g.dk = to_tensor("dk", describe(dk, "dk", true, as_bf16, keep), bhsd);
+    g.dv = to_tensor("dv", describe(dv, "dv", true, as_bf16, keep), bhsd);
+    if (want_d_sink) {  // one float per query head (the C++ side checks that spec.sink_logits is set)
+      d_sink_array = py::array_t<float>(static_cast<py::ssize_t>(tq.heads));
+      g.d_sink_logits = d_sink_array.mutable_data();
+    }
+  }
 
   omniattn::spec s;
   s.scale = scale;
@@ -474,7 +506,7 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
 
   omniattn::lse_tensor l;
   if (!lse.is_none()) {
-    const array a = describe(lse, "lse", true, false, keep);
+    const array a = describe(lse, "lse", !backward, false, keep);
     if (a.type != elem::f32) throw py::type_error("omniattn: lse has dtype " + format_desc(a) + ", expected float32");
     l.data = static_cast<float*>(a.data);
     if (a.shape.size() == 3) {
@@ -503,8 +535,14 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
   }
 
   // Everything but the mask and the score first: their tables are shaped after the validated problem.
-  omniattn::attn_params p;
-  if (const omniattn::status st = omniattn::make_params(tq, tk, tv, to, s, opt, p); !st) raise_status(st.error);
+  omniattn::attn_bwd_params bp;
+  omniattn::attn_params& p = bp.fwd;
+  const auto make = [&] {
+    const omniattn::status st = backward ? omniattn::make_backward_params(tq, tk, tv, to, l, tdo, g, s, opt, bp)
+                                         : omniattn::make_params(tq, tk, tv, to, s, opt, p);
+    if (!st) raise_status(st.error);
+  };
+  make();
   if (mode == "validate")
     return py::dict("batch"_a = p.batch, "heads_q"_a = p.heads_q, "heads_kv"_a = p.heads_kv, "seq_q"_a = p.seq_q,
                     "seq_k"_a = p.seq_k, "dim_qk"_a = p.dim_qk, "dim_v"_a = p.dim_v, "scale"_a = p.scale,
@@ -516,26 +554,35 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
     m.check_shapes(want);
     s.mask = m.expr;
   }
-  std::vector<shape4> score_shapes;
+  std::vector<shape4> score_shapes, bias_shapes;
   if (!score.is_none()) {
-    s.score = make_score(score, keep, score_shapes, p.heads_q);  // empty when there are no stages
+    s.score = make_score(score, keep, score_shapes, bias_shapes, p.heads_q);  // empty when there are no stages
     for (const shape4& sh : score_shapes) check_table_shape("score", sh, want);
+  }
+  if (backward && want_d_bias) {
+    // Shaped like the chain's dense bias; with none (or several) the C++ rules refuse the call before writing.
+    const shape4 sh = bias_shapes.empty() ? shape4{1, 1, 1, 1} : bias_shapes.front();
+    d_bias_array = py::array_t<float>(std::vector<py::ssize_t>(sh.begin(), sh.end()));
+    g.d_bias = d_bias_array.mutable_data();
   }
 
   if (mode == "explain") {
-    if (const omniattn::status st = omniattn::make_params(tq, tk, tv, to, s, opt, p); !st) raise_status(st.error);
-    const omniattn::selection sel = omniattn::select(p, opt.use);
-    return py::dict("ok"_a = sel.ok(), "name"_a = sel.name, "reasons"_a = sel.reasons, "threads"_a = p.threads,
-                    "mask"_a = p.mask ? p.mask->str() : std::string("none"));
+    make();
+    const auto explained = [&](const auto& sel) {
+      return py::dict("ok"_a = sel.ok(), "name"_a = sel.name, "reasons"_a = sel.reasons, "threads"_a = p.threads,
+                      "mask"_a = p.mask ? p.mask->str() : std::string("none"));
+    };
+    return backward ? explained(omniattn::select_backward(bp, opt.use)) : explained(omniattn::select(p, opt.use));
   }
   if (mode != "run") throw py::value_error("omniattn: unknown mode '" + mode + "'");
   omniattn::status st;
   {
     py::gil_scoped_release release;
-    st = omniattn::attention(tq, tk, tv, to, s, opt);
+    st = backward ? omniattn::attention_backward(tq, tk, tv, to, l, tdo, g, s, opt) : omniattn::attention(tq, tk, tv, to, s, opt);
   }
   if (!st) raise_status(st.error);
-  return py::none();
+  if (!backward) return py::none();
+  return py::make_tuple(want_d_sink ? py::object(d_sink_array) : py::none(), want_d_bias ? py::object(d_bias_array) : py::none());
 }
 
 // Tile classification of a mask (and causal flag) for a problem size, by omniattn::build_block_mask.
@@ -593,8 +640,11 @@ PYBIND11_MODULE(_omniattn, m) {
         "scale"_a = py::none(), "causal"_a = "none", "mask"_a = py::none(), "score"_a = py::none(),
         "blocks"_a = py::none(), "lse"_a = py::none(), "backend"_a = "auto", "threads"_a = 0,
         "cu_seqlens_q"_a = py::none(), "cu_seqlens_k"_a = py::none(), "sink_logits"_a = py::none(), "rope"_a = py::none(),
+        "d_out"_a = py::none(), "dq"_a = py::none(), "dk"_a = py::none(), "dv"_a = py::none(), "want_d_sink"_a = false,
+        "want_d_bias"_a = false,
         "Validates ('validate': returns the problem's sizes), explains ('explain': select()'s kernel and reasons) or runs "
-        "('run') one attention call.");
+        "('run') one attention call; with d_out (and dq, dk, dv) the attention_backward call, whose 'run' returns "
+        "(d_sink_logits or None, d_bias or None).");
 
   py::class_<py_mask>(m, "Mask", "A mask expression built from a lowered omniattn.masks tree.")
       .def(py::init(&make_mask), "tree"_a)

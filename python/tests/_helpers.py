@@ -85,3 +85,48 @@ def qkv(rng, b=2, lq=9, lk=13, hq=4, hkv=2, d=16, dv=8, layout="bshd", dtype=np.
 
 def torch_or_skip():
     return pytest.importorskip("torch")
+
+
+def rope_math(x, pos, theta=10000.0):
+    """NeoX-halves rotary embedding of bhsd x at integer positions pos [seq] (plain torch, differentiable)."""
+    import torch
+
+    d = x.shape[-1]
+    half = d // 2
+    freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / d)
+    ang = pos.to(torch.float64)[:, None] * freq[None, :]
+    c, s = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+
+
+def math_attention(q, k, v, *, scale=None, causal=None, allowed=None, score=None, sinks=None, rope=False):
+    """softmax(score(q k^T * scale) masked, with an optional sink logit column) v in plain torch ops on bhsd tensors:
+    what torch's autograd differentiates for the reference gradients. score(s, h, i, j) takes [B, H, Lq, Lk] logits
+    and broadcastable index grids."""
+    import torch
+
+    lq, lk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if rope:
+        q = rope_math(q, torch.arange(lq) + (lk - lq))
+        k = rope_math(k, torch.arange(lk))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / d ** 0.5 if scale is None else scale)
+    h = torch.arange(q.shape[1])[None, :, None, None]
+    i = torch.arange(lq)[None, None, :, None]
+    j = torch.arange(lk)[None, None, None, :]
+    if score is not None:
+        s = score(s, h, i, j)
+    ok = torch.ones(s.shape, dtype=torch.bool)
+    if causal:
+        ok = ok & (j <= i + ((lk - lq) if causal == "bottom_right" else 0))
+    if allowed is not None:
+        ok = ok & allowed
+    s = s.masked_fill(~ok, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype)[None, :, None, None].expand(s.shape[:3] + (1,))], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    if sinks is not None:
+        p = p[..., :-1]
+    return torch.matmul(p, v)

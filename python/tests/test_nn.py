@@ -125,8 +125,6 @@ def test_bfloat16_module(gen):
 def test_unsupported(gen):
     _, ours = pair(8)
     x, _, _ = inputs(gen, 2, 5, 5, 32, False)
-    with pytest.raises(NotImplementedError, match="inference-only"):
-        ours(x, x, x)  # autograd on: the parameters require grad
     with torch.no_grad():
         with pytest.raises(NotImplementedError, match="need_weights"):
             ours(x, x, x, need_weights=True)
@@ -136,3 +134,20 @@ def test_unsupported(gen):
             ours(x, x, x)
     with pytest.raises(NotImplementedError, match="add_bias_kv"):
         MultiheadAttention(32, 4, add_bias_kv=True)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_gradients_match_torch(gen, batch_first):
+    """Autograd on (the parameters require grad): the input and parameter gradients are torch's."""
+    ref, ours = pair(9, batch_first=batch_first)
+    x, _, _ = inputs(gen, 3, 6, 6, 32, batch_first)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = True  # key padding
+    grads = []
+    for module, kw in ((ref, dict(need_weights=False)), (ours, {})):
+        xi = x.clone().requires_grad_()
+        y, _ = module(xi, xi, xi, key_padding_mask=pad, **kw)
+        (y * y).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in module.parameters()])
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -83,13 +83,23 @@ def test_inference_mode_tensors(gen):
     torch.testing.assert_close(out.double(), torch_ref(q, k, v), atol=3e-5, rtol=0)
 
 
-def test_requires_grad_raises(gen):
+def test_requires_grad_records_the_call(gen):
     q, k, v = make(gen)
     q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="no backward"):
-        omniattn.attention(q, k, v, layout="bhsd")
+    out = omniattn.attention(q, k, v, layout="bhsd")
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "AttentionFunctionBackward"
     with torch.no_grad():
-        omniattn.attention(q, k, v, layout="bhsd")  # fine without autograd
+        assert omniattn.attention(q, k, v, layout="bhsd").grad_fn is None  # nothing recorded without autograd
+    torch.testing.assert_close(out.detach().double(), torch_ref(q, k, v), atol=3e-5, rtol=0)
+
+
+def test_float64_runs_on_the_reference(gen):
+    q, k, v = (x.double() for x in make(gen))
+    out = omniattn.attention(q, k, v, layout="bhsd")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch_ref(q, k, v), atol=1e-13, rtol=0)
+    with pytest.raises(ValueError, match="f64 inputs run on the reference backend only"):
+        omniattn.attention(q, k, v, layout="bhsd", backend="cpu")
 
 
 # --- scaled_dot_product_attention ----------------------------------------------------------------------------------

@@ -11,17 +11,27 @@ const char* dtype_name(dtype t) {
     case dtype::f32: return "f32";
     case dtype::bf16: return "bf16";
     case dtype::f16: return "f16";
+    case dtype::f64: return "f64";
   }
   return "?";
 }
 
-int dtype_size(dtype t) { return t == dtype::f32 ? 4 : 2; }
+int dtype_size(dtype t) {
+  switch (t) {
+    case dtype::f32: return 4;
+    case dtype::bf16:
+    case dtype::f16: return 2;
+    case dtype::f64: return 8;
+  }
+  return 0;
+}
 
 double dtype_epsilon(dtype t) {
   switch (t) {
     case dtype::f32: return 0x1p-23;
     case dtype::bf16: return 0x1p-8;
     case dtype::f16: return 0x1p-11;
+    case dtype::f64: return 0x1p-52;
   }
   return 1.0;
 }

@@ -170,7 +170,7 @@ const char* const k_stride_dims[4] = {"batch", "seq", "head", "dim"};
 const char* const k_lse_dims[3] = {"batch", "head", "seq"};
 
 byte_range check_tensor(const char* name, const tensor& t) {
-  if (t.type != dtype::f32 && t.type != dtype::bf16 && t.type != dtype::f16)
+  if (t.type != dtype::f32 && t.type != dtype::bf16 && t.type != dtype::f16 && t.type != dtype::f64)
     fail(name, ".type ", static_cast<int>(t.type), " is not a known dtype");
   const std::int64_t sizes[4] = {t.batch, t.seq, t.heads, t.dim};
   // Empty batches, sequences and head sets are valid (as in PyTorch and FlashAttention's varlen); a head needs a dim.
@@ -179,9 +179,12 @@ byte_range check_tensor(const char* name, const tensor& t) {
   if (t.dim <= 0) fail(name, ".dim ", t.dim, " must be > 0");
   const bool empty = t.batch == 0 || t.seq == 0 || t.heads == 0;
   if (!t.data && !empty) fail(name, ".data is null");  // an empty torch tensor may have no storage
-  // f32 is read through float pointers (vector gathers, stores); 2-byte dtypes are read bytewise at any address.
+  // f32 / f64 are read through float / double pointers (vector gathers, stores); 2-byte dtypes are read bytewise at
+  // any address.
   if (t.type == dtype::f32 && reinterpret_cast<std::uintptr_t>(t.data) % 4 != 0)
     fail(name, ".data ", t.data, " is not aligned to its 4-byte f32 elements");
+  if (t.type == dtype::f64 && reinterpret_cast<std::uintptr_t>(t.data) % 8 != 0)
+    fail(name, ".data ", t.data, " is not aligned to its 8-byte f64 elements");
   const std::int64_t strides[4] = {t.stride_batch, t.stride_seq, t.stride_head, t.stride_dim};
   return extent(name, t.data, dtype_size(t.type), sizes, strides, 4);
 }

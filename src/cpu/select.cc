@@ -43,6 +43,13 @@ std::string working_memory_blocker(const attn_params& p, const config& cfg) {
   return buf;
 }
 
+// What no CPU kernel serves: f64 (the kernels compute in f32; the oracle is the f64 path) and sizes beyond memory.
+std::string cpu_blocker(const attn_params& p, const config& cfg) {
+  if (p.in_type == dtype::f64 || p.out_type == dtype::f64)
+    return "f64 inputs run on the reference backend only (the CPU kernels compute in f32)";
+  return working_memory_blocker(p, cfg);
+}
+
 // bf16 inputs run on the bf16 dot product where it is faster than fp32 FMA on this CPU: vdpbf16ps does twice the
 // FLOPs of an FMA, but some cores issue it on one port only, so both peaks are measured once per process and
 // compared. OMNIATTN_BF16_DOT=1 / =0 forces the choice (tests run both kernels that way).
@@ -68,7 +75,7 @@ bf16_dot_choice bf16_dot_decision(const config& cfg) {
 std::string grid_name(const attn_params& p) { return std::string("cpu.flash_fwd_grid<") + dtype_name(p.in_type) + ">"; }
 
 std::string grid_rejects(const attn_params& p, const config& cfg) {
-  if (std::string big = working_memory_blocker(p, cfg); !big.empty()) return big;
+  if (std::string no = cpu_blocker(p, cfg); !no.empty()) return no;
   const std::optional<detail::grid_local> g = p.mask ? detail::as_grid_local(*p.mask) : std::nullopt;
   if (!g) return "the mask is not a neighborhood / halo pattern on a grid";
   if (!cfg.grid_enabled) return "OMNIATTN_GRID=0";
@@ -125,14 +132,14 @@ void raster_describe(const attn_params& p, const config& cfg, bool bf16_dot, std
 // The bf16-dot kernel rounds P to bf16, an error an f32 output would show: it serves bf16 outputs only. RoPE rotates
 // in fp32 while packing, which the bf16 pair packing skips: such calls widen to fp32.
 std::string bf16_dot_rejects(const attn_params& p, const config& cfg) {
-  if (std::string big = working_memory_blocker(p, cfg); !big.empty()) return big;
+  if (std::string no = cpu_blocker(p, cfg); !no.empty()) return no;
   if (p.in_type != dtype::bf16 || p.out_type != dtype::bf16) return "serves bf16 inputs with a bf16 output only";
   if (p.rope) return "RoPE rotates in fp32 while packing";
   if (const bf16_dot_choice c = bf16_dot_decision(cfg); !c.use) return c.why;
   return {};
 }
 
-std::string f32_rejects(const attn_params& p, const config& cfg) { return working_memory_blocker(p, cfg); }
+std::string f32_rejects(const attn_params& p, const config& cfg) { return cpu_blocker(p, cfg); }
 
 const kernel<attn_params> k_forward[] = {
     {grid_name, grid_rejects, grid_describe, run_flash_fwd_grid},
@@ -149,7 +156,7 @@ const kernel<attn_params> k_forward[] = {
 std::string bwd_name(const attn_bwd_params& p) { return std::string("cpu.flash_bwd<") + dtype_name(p.fwd.in_type) + ">"; }
 
 std::string bwd_rejects(const attn_bwd_params& p, const config& cfg) {
-  if (std::string big = working_memory_blocker(p.fwd, cfg); !big.empty()) return big;
+  if (std::string no = cpu_blocker(p.fwd, cfg); !no.empty()) return no;
   if (p.d_bias) return "gradients.d_bias (the dense bias gradient) is computed by the reference backend only";
   return {};
 }

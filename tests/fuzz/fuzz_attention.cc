@@ -55,6 +55,7 @@ double load(const void* base, dtype t, std::int64_t offset) {
     case dtype::f32: return static_cast<const float*>(base)[offset];
     case dtype::bf16: return bf16_to_f32(static_cast<const std::uint16_t*>(base)[offset]);
     case dtype::f16: return f16_to_f32(static_cast<const std::uint16_t*>(base)[offset]);
+    case dtype::f64: return static_cast<const double*>(base)[offset];
   }
   return 0.0;
 }
@@ -65,6 +66,7 @@ void store(void* base, dtype t, std::int64_t offset, double x) {
     case dtype::f32: static_cast<float*>(base)[offset] = f; break;
     case dtype::bf16: static_cast<std::uint16_t*>(base)[offset] = f32_to_bf16(f); break;
     case dtype::f16: static_cast<std::uint16_t*>(base)[offset] = f32_to_f16(f); break;
+    case dtype::f64: static_cast<double*>(base)[offset] = x; break;
   }
 }
 
@@ -174,6 +176,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   byte_reader in(data, size);
   call c;
   const std::uint8_t flags = in.u8();
+  // f32, bf16, f16: the dtypes the fused kernels serve (f64 runs on the oracle only, so it has nothing to check here).
   c.in = static_cast<dtype>(flags % 3);
   c.out = (flags & 4) ? dtype::f32 : c.in;
   const bool want_lse = flags & 8, want_sinks = flags & 16, want_stats = flags & 32;
