@@ -2,6 +2,7 @@
 // oracle under the tolerance policy (tests/tolerance.h), determinism, fully masked rows and the call's validation.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -300,6 +301,84 @@ TEST(Backward, NeighborhoodAndHaloGrids) {
     os.s.mask = m;
     EXPECT_TRUE(check_backward(p, os.s, backend::cpu, 2));
   }
+}
+
+// The dense bias gradient on the kernel, for the shapes it serves (full, broadcast over q, over keys, over heads of a
+// single kv head, batch 1), against the oracle under the gradient rule of tests/tolerance.h.
+TEST(Backward, BiasGradientOnTheKernel) {
+  struct bias_case {
+    std::int64_t batch, hq, hkv;
+    std::array<std::int64_t, 4> shape;  // -1: the call's size
+    bool softcap_after;
+  };
+  const std::vector<bias_case> cases = {
+      {2, 4, 2, {-1, -1, -1, -1}, false}, {2, 4, 2, {-1, -1, -1, -1}, true}, {1, 4, 2, {1, -1, -1, -1}, true},
+      {2, 3, 1, {-1, 1, -1, -1}, false},  {2, 4, 2, {-1, -1, 1, -1}, true},  {2, 4, 2, {-1, -1, -1, 1}, false}};
+  for (const bias_case& c : cases) {
+    problem p = small_problem(70, 131, c.hq, c.hkv, 24, dtype::f32, causal_mode::none, 300);
+    p.batch = c.batch;
+    p.out_f32 = true;
+    const std::array<std::int64_t, 4> full = {p.batch, p.heads_q, p.seq_q, p.seq_k};
+    std::array<std::int64_t, 4> shape{};
+    for (int d = 0; d < 4; ++d) shape[static_cast<std::size_t>(d)] = c.shape[static_cast<std::size_t>(d)] < 0 ? full[static_cast<std::size_t>(d)] : 1;
+    const std::size_t n = static_cast<std::size_t>(shape[0] * shape[1] * shape[2] * shape[3]);
+    SCOPED_TRACE(testing::Message() << "bias [" << shape[0] << "," << shape[1] << "," << shape[2] << "," << shape[3] << "] softcap after "
+                                    << c.softcap_after);
+    std::vector<float> bias(n);
+    std::mt19937_64 rng(n);
+    std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+    for (float& x : bias) x = u(rng);
+    spec s;
+    s.causal = causal_mode::bottom_right;
+    s.score = scores::bias(bias.data(), shape);
+    if (c.softcap_after) s.score = scores::then(s.score, scores::softcap(3.0));
+    std::vector<float> got(n, 9.0f), want(n), naive(n);
+    const auto run = [&](backend b, std::vector<float>& out, bool use_naive) {
+      problem_data fwd(p);
+      backward_data bwd(p, 21);
+      EXPECT_TRUE(run_problem(fwd, s, backend::cpu, 2).ok());
+      gradients g = bwd.grads(false);
+      g.d_bias = out.data();
+      const options o = fwd.make_options(b, 2);
+      if (use_naive) {
+        attn_bwd_params bp;
+        ASSERT_TRUE(make_backward_params(fwd.q_view(), fwd.k_view(), fwd.v_view(), fwd.out_view(), fwd.lse_view(),
+                                         bwd.d_out_view(), g, s, o, bp).ok());
+        naive_attention_backward_f32(bp);
+        return;
+      }
+      const status st = attention_backward(fwd.q_view(), fwd.k_view(), fwd.v_view(), fwd.out_view(), fwd.lse_view(),
+                                           bwd.d_out_view(), g, s, o);
+      ASSERT_TRUE(st.ok()) << st.error;
+    };
+    run(backend::cpu, got, false);
+    run(backend::reference, want, false);
+    run(backend::reference, naive, true);
+    double err = 0, naive_err = 0, mag = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      ASSERT_TRUE(std::isfinite(got[i])) << i;
+      err = std::max(err, std::fabs(static_cast<double>(got[i]) - want[i]));
+      naive_err = std::max(naive_err, std::fabs(static_cast<double>(naive[i]) - want[i]));
+      mag = std::max(mag, std::fabs(static_cast<double>(want[i])));
+    }
+    EXPECT_GT(mag, 0.0);
+    EXPECT_LE(err, 2 * naive_err + k_grad_floor_eps * dtype_eps(dtype::f32) * mag) << "naive " << naive_err << " |ref| " << mag;
+  }
+  // A bias broadcast over the batch has several writers per entry: the kernel declines, the oracle serves it.
+  problem p = small_problem(16, 16, 2, 2, 8, dtype::f32, causal_mode::none, 1);
+  p.batch = 2;
+  p.out_f32 = true;
+  std::vector<float> bias(static_cast<std::size_t>(2 * 16 * 16)), d_bias(bias.size());
+  spec s;
+  s.score = scores::bias(bias.data(), {1, 2, 16, 16});
+  problem_data fwd(p);
+  backward_data bwd(p, 1);
+  ASSERT_TRUE(run_problem(fwd, s, backend::cpu, 1).ok());
+  gradients g = bwd.grads(false);
+  g.d_bias = d_bias.data();
+  const status st = attention_backward(fwd.q_view(), fwd.k_view(), fwd.v_view(), fwd.out_view(), fwd.lse_view(),
+                                       bwd.d_out_view(), g, s, fwd.make_options(backend::cpu, 1));
+  EXPECT_NE(st.error.find("broadcast over the batch is computed by the reference backend only"), std::string::npos) << st.error;
 }
 
 TEST(Backward, BitwiseIdenticalForAnyThreadCount) {

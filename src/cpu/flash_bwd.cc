@@ -61,6 +61,9 @@ struct layout {
   std::vector<double> sink_part;             // [heads_q][rows]: -exp(sink - lse_i) D_i
   std::vector<float> q_cos, q_sin, k_cos, k_sin;
   score_plan score;
+  // The dense bias gradient (gradients.d_bias): the chain's bias step, its shape (d_bias is contiguous in it).
+  const detail::bias_score* bias = nullptr;
+  std::size_t bias_step = 0;
 
   std::int64_t row_of(const seq_extent& e, std::int64_t p_seq_rows, std::int64_t i) const {
     return e.tensor_batch * p_seq_rows + e.q_begin + i;
@@ -74,7 +77,7 @@ struct layout {
 
 // One thread's buffers for one key tile and one q tile.
 struct scratch {
-  hwy::AlignedFreeUniquePtr<float[]> kt, krow, vt, dk, dv, s, dp, g;
+  hwy::AlignedFreeUniquePtr<float[]> kt, krow, vt, dk, dv, s, dp, g, gb;
   void allocate(const layout& lay, std::int64_t dim_v) {
     const auto n = [](std::int64_t x) { return static_cast<std::size_t>(x); };
     kt = detail::checked(hwy::AllocateAligned<float>(n(lay.dim * k_bk)));
@@ -85,6 +88,7 @@ struct scratch {
     s = detail::checked(hwy::AllocateAligned<float>(n(k_bq * k_bk)));
     dp = detail::checked(hwy::AllocateAligned<float>(n(k_bq * k_bk)));
     g = detail::checked(hwy::AllocateAligned<float>(n(k_bq * k_bk)));
+    if (lay.bias) gb = detail::checked(hwy::AllocateAligned<float>(n(k_bq * k_bk)));
   }
 };
 
@@ -155,7 +159,8 @@ HWY_INLINE void pair_tile(const attn_bwd_params& bp, const layout& lay, scratch&
       }
     });
   const bool scored = p.score != nullptr;
-  if (scored) score_tile_grad(p, lay.score, s, g, k_bk, rows, k_bk, keys, b, h, q0, k0);
+  float* HWY_RESTRICT gb = ts.gb.get();  // with d_bias: d logit / d bias, then dS times it
+  if (scored) score_tile_grad(p, lay.score, s, g, k_bk, rows, k_bk, keys, b, h, q0, k0, gb, lay.bias_step);
   const float c = scored ? 1.0f : p.scale_log2;
   const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
   const hn::RebindToUnsigned<df_t> du;
@@ -175,9 +180,21 @@ HWY_INLINE void pair_tile(const attn_bwd_params& bp, const layout& lay, scratch&
       }
       const vf_t pr = exp2_neg(d, hn::Sub(x, lse2));
       vf_t ds = hn::Mul(pr, hn::Sub(hn::Load(d, dp + at), delta));
+      if (gb) hn::Store(hn::Mul(ds, hn::Load(d, gb + at)), d, gb + at);
       if (scored) ds = hn::Mul(ds, hn::Load(d, g + at));
       hn::Store(pr, d, s + at);
       hn::Store(ds, d, dp + at);
+    }
+  }
+  if (gb) {
+    // Broadcast dims of the bias collapse to index 0; select() admits only the shapes where this item is the one
+    // writer of every entry it touches, so the sums keep a fixed order.
+    const auto& sh = lay.bias->shape;
+    const auto at = [&](int dim, std::int64_t x) { return sh[static_cast<std::size_t>(dim)] == 1 ? 0 : x; };
+    float* base = bp.d_bias + (at(0, b) * sh[1] + at(1, h)) * sh[2] * sh[3];
+    for (std::int64_t i = 0; i < rows; ++i) {
+      float* drow = base + at(2, q0 + i) * sh[3];
+      for (std::int64_t j = 0; j < keys; ++j) drow[at(3, k0 + j)] += gb[i * k_bk + j];
     }
   }
   // dV += P^T dO and dK += dS^T Q: output rows are keys, the sum runs over the tile's query rows.
@@ -335,6 +352,17 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
   lay.lse2.assign(lay.delta.size(), 0.0f);
   if (p.sink_logits) lay.sink_part.assign(lay.delta.size(), 0.0);
   lay.score = plan_score(p);
+  if (bp.d_bias) {
+    for (std::size_t u = 0; u < lay.score.steps.size(); ++u)
+      if (lay.score.steps[u].op == detail::score_step::kind::bias) {
+        lay.bias = lay.score.steps[u].bias;
+        lay.bias_step = u;
+      }
+    const auto& sh = lay.bias->shape;
+    std::fill(bp.d_bias, bp.d_bias + sh[0] * sh[1] * sh[2] * sh[3], 0.0f);
+    // A bias broadcast over the keys sums every key tile of a row into one entry: one item per (sequence, kv head).
+    if (sh[3] == 1) lay.splits = 1;
+  }
   if (p.rope) {
     rope_tables(p, true, lay.q_cos, lay.q_sin);
     rope_tables(p, false, lay.k_cos, lay.k_sin);

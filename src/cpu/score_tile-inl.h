@@ -240,9 +240,12 @@ HWY_INLINE void score_tile(const attn_params& p, const score_plan& sp, float* HW
 // The backward's score pass: the same logits as score_tile (base 2 in s) and, in g, the derivative of the natural
 // logit w.r.t. the raw q.k (the softmax scale times every step's derivative, chain rule). One pass per step over the
 // tile (it stays in L1): built-ins in closed form on vectors, user steps through their derivative per element.
+// gb (optional, with bias_step the index of the chain's bias step): the derivative of the final logit w.r.t. the bias
+// value, i.e. the product of the derivatives of the steps after it (the dense bias gradient).
 HWY_INLINE void score_tile_grad(const attn_params& p, const score_plan& sp, float* HWY_RESTRICT s, float* HWY_RESTRICT g,
                                 std::int64_t ld, std::int64_t rows, std::int64_t row_width, std::int64_t keys,
-                                std::int64_t b, std::int64_t h, std::int64_t q0, std::int64_t k0) {
+                                std::int64_t b, std::int64_t h, std::int64_t q0, std::int64_t k0,
+                                float* HWY_RESTRICT gb = nullptr, std::size_t bias_step = 0) {
   using kind = detail::score_step::kind;
   const hn::ScalableTag<float> d;
   const auto L = static_cast<std::int64_t>(hn::Lanes(d));
@@ -251,15 +254,19 @@ HWY_INLINE void score_tile_grad(const attn_params& p, const score_plan& sp, floa
     for (std::int64_t c = 0; c < row_width; c += L) {
       hn::Store(hn::Mul(hn::Load(d, s + i * ld + c), vscale), d, s + i * ld + c);
       hn::Store(vscale, d, g + i * ld + c);
+      if (gb) hn::Store(one, d, gb + i * ld + c);
     }
   for (std::size_t u = 0; u < sp.steps.size(); ++u) {
     const detail::score_step& st = sp.steps[u];
+    const bool after_bias = gb && u > bias_step;
     if (!st.vector()) {
       detail::call_user("spec.score functor", st.op == kind::tile ? "inlined" : "score_fn", [&] {
         for (std::int64_t i = 0; i < rows; ++i)
-          for (std::int64_t j = 0; j < keys; ++j)
-            g[i * ld + j] = static_cast<float>(g[i * ld + j] *
-                                               (*st.derivative)(static_cast<double>(s[i * ld + j]), b, h, q0 + i, k0 + j));
+          for (std::int64_t j = 0; j < keys; ++j) {
+            const auto dx = static_cast<float>((*st.derivative)(static_cast<double>(s[i * ld + j]), b, h, q0 + i, k0 + j));
+            g[i * ld + j] *= dx;
+            if (after_bias) gb[i * ld + j] *= dx;
+          }
         if (st.op == kind::tile) {
           st.tile->tile(s, ld, rows, keys, b, h, q0, k0, 1.0f);
         } else {
@@ -276,19 +283,20 @@ HWY_INLINE void score_tile_grad(const attn_params& p, const score_plan& sp, floa
       float* grow = g + i * ld;
       for (std::int64_t c = 0; c < row_width; c += L) {
         auto x = hn::Load(d, srow + c);
-        auto gd = hn::Load(d, grow + c);
+        auto dx = one;
         if (st.op == kind::softcap) {
           const auto t = tanh_fast(d, hn::Mul(x, hn::Set(d, rc.c)));
           x = hn::Mul(hn::Set(d, rc.a), t);
-          gd = hn::Mul(gd, hn::NegMulAdd(t, t, one));
+          dx = hn::NegMulAdd(t, t, one);
         } else if (multiplicative(st)) {
           x = hn::Mul(x, hn::Set(d, rc.a));
-          gd = hn::Mul(gd, hn::Set(d, rc.a));
+          dx = hn::Set(d, rc.a);
         } else {
           x = score_apply(d, st, rc, c, x);  // additive: derivative 1
         }
         hn::Store(x, d, srow + c);
-        hn::Store(gd, d, grow + c);
+        hn::Store(hn::Mul(hn::Load(d, grow + c), dx), d, grow + c);
+        if (after_bias) hn::Store(hn::Mul(hn::Load(d, gb + i * ld + c), dx), d, gb + i * ld + c);
       }
     }
   }

@@ -157,7 +157,20 @@ std::string bwd_name(const attn_bwd_params& p) { return std::string("cpu.flash_b
 
 std::string bwd_rejects(const attn_bwd_params& p, const config& cfg) {
   if (std::string no = cpu_blocker(p.fwd, cfg); !no.empty()) return no;
-  if (p.d_bias) return "gradients.d_bias (the dense bias gradient) is computed by the reference backend only";
+  if (p.d_bias) {
+    // Each bias entry must have one writer (a work item owns a sequence, a kv head and a range of key tiles): a bias
+    // broadcast over the batch, or over the heads of several kv heads, would have several.
+    std::vector<detail::score_step> steps;
+    detail::lower_score(*p.fwd.score, steps);
+    for (const detail::score_step& st : steps) {
+      if (st.op != detail::score_step::kind::bias) continue;
+      if (st.bias->shape[0] == 1 && p.fwd.batch > 1)
+        return "gradients.d_bias of a bias broadcast over the batch is computed by the reference backend only";
+      if (st.bias->shape[1] == 1 && p.fwd.heads_kv > 1)
+        return "gradients.d_bias of a bias broadcast over the heads of several kv heads is computed by the reference "
+               "backend only";
+    }
+  }
   return {};
 }
 
@@ -170,6 +183,7 @@ void bwd_describe(const attn_bwd_params& bp, const config& cfg, std::vector<std:
   if (p.mask) r.push_back(name + ": mask " + p.mask->str() + " classified per tile; row bits on PARTIAL tiles only");
   if (p.score) r.push_back(name + ": " + detail::describe_score(*p.score) + "; its derivative by the chain rule");
   if (p.rope) r.push_back(name + ": RoPE applied while packing; dq, dk rotated back");
+  if (bp.d_bias) r.push_back(name + ": dense bias gradient accumulated per tile, one writer per entry");
   if (p.in_type != dtype::f32) r.push_back(name + ": inputs widened to f32 while packing; compute and accumulate in f32");
 }
 
