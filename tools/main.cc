@@ -203,7 +203,8 @@ void print_usage(std::ostream& os) {
         "\n"
         "commands:\n"
         "  explain <problem> [--backend B] [--threads N] [--mask SPEC] [--score SPEC]\n"
-        "      Which kernel runs the problem on each backend and why (or why none fits), and its tile structure.\n"
+        "      Which kernel runs the problem, forward and backward, on each backend and why (or why none fits), and\n"
+        "      its tile structure.\n"
         "  check [<problem>...] [--backend B] [--threads N] [--mask SPEC] [--score SPEC]\n"
         "      Runs each problem (default: a built-in suite) on the backend, the fp64 oracle and the naive f32 path\n"
         "      and prints errors and timings with a PASS/FAIL verdict per problem; then its backward (dq, dk, dv) the\n"
@@ -235,9 +236,11 @@ void print_usage(std::ostream& os) {
 void print_explain_usage(std::ostream& os) {
   os << "usage: omniattn explain <problem> [--backend auto|cpu|reference] [--threads N]\n"
         "\n"
-        "Prints the problem, the kernel select() picks on the backend with every reason, what select() says for\n"
-        "each backend, the allowed (query, key) pairs and the 64x64 tile structure (FULL/PARTIAL/EMPTY).\n"
-        "Exits 1 when no kernel of the backend fits the problem or the problem is invalid, 2 on bad input.\n"
+        "Prints the problem, per op the kernel the backend picks with every reason (forward: select(), backward:\n"
+        "select_backward(), i.e. what attention_backward runs on this call's out and lse), what each says for\n"
+        "each backend, the allowed (query, key) pairs with the forward and backward FLOPs and the 64x64 tile\n"
+        "structure (FULL/PARTIAL/EMPTY).\n"
+        "Exits 1 when no forward kernel of the backend fits the problem or the problem is invalid, 2 on bad input.\n"
         "Example: omniattn explain b=1,n=1000,h=8,d=128,causal=br\n";
 }
 
