@@ -363,11 +363,14 @@ void backward_query_row(const attn_params& p, std::int64_t b, std::int64_t h, st
   r.lse = -INFINITY;
   r.delta = 0;
   double mx = -INFINITY;
-  for (std::int64_t j = 0; j < e.k_len; ++j) {
-    if (!element_allowed(p, b, h, i, j, e.q_len, e.k_len)) continue;
-    r.keys.push_back(j);
-    r.pr.push_back(p.scale * dot_fp64(qi, k.data() + j * p.dim_qk, p.dim_qk));
-    mx = std::max(mx, r.pr.back());
+  for (std::int64_t k0 = 0; k0 < e.k_len; k0 += 64) {  // the allowed keys, one row word (64 keys) at a time
+    for (std::uint64_t bits = row_allowed_bits(p, b, h, i, k0, std::min<std::int64_t>(64, e.k_len - k0), e.q_len, e.k_len); bits;
+         bits &= bits - 1) {
+      const std::int64_t j = k0 + std::countr_zero(bits);
+      r.keys.push_back(j);
+      r.pr.push_back(p.scale * dot_fp64(qi, k.data() + j * p.dim_qk, p.dim_qk));
+      mx = std::max(mx, r.pr.back());
+    }
   }
   if (r.keys.empty()) return;
   double sum = 0;
@@ -441,8 +444,12 @@ check_result check_backward_sampled(const attn_bwd_params& bp, int max_rows, dou
   if (b < p.batch) {
     const seq_extent e = sequence(p, b);
     const std::int64_t kvh = static_cast<std::int64_t>((next() >> 20) % static_cast<std::uint64_t>(p.heads_kv));
-    const double work = static_cast<double>(p.group) * static_cast<double>(e.q_len) * static_cast<double>(e.k_len) *
-                        static_cast<double>(dqk + dvd);
+    std::int64_t allowed = 0;  // the pairs of the group's rows: what their lse and D cost
+    for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h)
+      for (std::int64_t i = 0; i < e.q_len; ++i)
+        for (std::int64_t k0 = 0; k0 < e.k_len; k0 += 64)
+          allowed += std::popcount(row_allowed_bits(p, b, h, i, k0, std::min<std::int64_t>(64, e.k_len - k0), e.q_len, e.k_len));
+    const double work = static_cast<double>(allowed) * static_cast<double>(dqk + dvd);
     if (work > max_key_work) {
       char buf[160];
       std::snprintf(buf, sizeof buf, "dq (dk, dv not checked: %.3g multiply-adds for a kv head's lse and D, over %.3g)", work,
