@@ -11,7 +11,8 @@ namespace omniattn::bench {
 // Name of the ISA Highway dispatches to on this machine ("AVX3", "AVX2", ...).
 const char* isa_name();
 
-// row[0..allowed) = softmax(row[0..allowed)), row[allowed..n) = 0; vectorized.
+// row[0..allowed) = softmax(row[0..allowed)), row[allowed..n) = 0; vectorized. Entries of -inf in the prefix (masked
+// keys) get 0; a prefix of -inf only (a row with no allowed key) becomes all 0.
 void softmax_row(float* row, std::int64_t allowed, std::int64_t n);
 // Name of the kernel family OpenBLAS picked for this CPU.
 const char* openblas_core();
@@ -21,6 +22,15 @@ const char* openblas_core();
 // `threads` OpenMP threads split each head's query rows and call single-threaded OpenBLAS (one thread pool).
 void openblas_unfused(const attn_params& p, int threads);
 void set_openblas_threads(int threads);  // for other OpenBLAS calls; openblas_unfused uses 1 per thread
+
+// The unfused OpenBLAS backward per (batch, head), every matrix materialized (Lq x Lk, f32):
+//   S = scale Q K^T (sgemm), masked pairs -inf, P = softmax(S) (rows), dV = P^T dO (sgemm),
+//   dP = dO V^T (sgemm), D_i = rowsum(dO_i * O_i), dS = P * (dP - D), dQ = scale dS K (sgemm), dK = scale dS^T Q (sgemm)
+// with GQA's dK, dV summed over the query heads of a kv head (sgemm beta = 1). The spec's causal flag, mask and block
+// mask are applied (row_allowed_bits; the work stays dense); score modifiers, RoPE and sinks are not (the caller checks).
+// p.fwd.out must hold the forward's output. f32 tensors with unit dim stride only; `threads` OpenMP threads split the
+// query rows (S, P, dP, dS, dQ) and then the key rows (dV, dK), each calling single-threaded OpenBLAS.
+void openblas_unfused_backward(const attn_bwd_params& p, int threads);
 
 // The naive neighborhood baseline (naive_local.cc), NATTEN's "naive" CPU backend in spirit: per query, its keys from
 // grid_local::window on each axis (the same windows the mask evaluates), the window's K/V rows gathered (read in place

@@ -255,10 +255,6 @@ std::int64_t useful_pairs(const attn_params& p) {
   return area * (per_head ? 1 : p.heads_q) * (per_batch ? 1 : p.batch);
 }
 
-namespace {
-
-}  // namespace
-
 check_result check_sampled_rows(const attn_params& p, int max_rows) {
   using detail::load_element;
   check_result r;
@@ -320,6 +316,198 @@ check_result check_sampled_rows(const attn_params& p, int max_rows) {
   }
   // fp32 accumulation error over long rows plus the output dtype's rounding.
   r.tolerance = 1e-4 * std::max(1.0, max_ref) + 2.0 * dtype_epsilon(p.out_type) * max_ref;
+  r.ok = r.max_abs_err <= r.tolerance;
+  return r;
+}
+
+namespace {
+
+// The rows [begin, begin + len) of one (tensor batch, head) of a tensor in fp64, row-major [len][dim].
+std::vector<double> rows_fp64(const void* data, dtype t, const std::int64_t* st, std::int64_t tensor_batch, std::int64_t begin,
+                              std::int64_t len, std::int64_t head, std::int64_t dim) {
+  std::vector<double> out(static_cast<std::size_t>(len * dim));
+  for (std::int64_t r = 0; r < len; ++r)
+    for (std::int64_t d = 0; d < dim; ++d)
+      out[static_cast<std::size_t>(r * dim + d)] =
+          detail::load_element(data, t, tensor_batch * st[0] + (begin + r) * st[1] + head * st[2] + d * st[3]);
+  return out;
+}
+
+// Four partial sums: the check's inner loop, bound by the FMA latency otherwise.
+double dot_fp64(const double* a, const double* b, std::int64_t n) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  std::int64_t d = 0;
+  for (; d + 4 <= n; d += 4) {
+    s0 += a[d] * b[d];
+    s1 += a[d + 1] * b[d + 1];
+    s2 += a[d + 2] * b[d + 2];
+    s3 += a[d + 3] * b[d + 3];
+  }
+  for (; d < n; ++d) s0 += a[d] * b[d];
+  return (s0 + s1) + (s2 + s3);
+}
+
+// One query row of the backward in fp64: its allowed keys with P_ij and dP_ij = <dO_i, v_j>, lse_i and
+// D_i = sum_j P_ij dP_ij (lse -inf and D 0 for a row without allowed keys). k, v: the rows of its sequence and kv head.
+struct query_row {
+  std::vector<std::int64_t> keys;
+  std::vector<double> pr, dp;
+  double lse = -INFINITY, delta = 0;
+};
+
+void backward_query_row(const attn_params& p, std::int64_t b, std::int64_t h, std::int64_t i, const seq_extent& e, const double* qi,
+                        const double* doi, const std::vector<double>& k, const std::vector<double>& v, query_row& r) {
+  r.keys.clear();
+  r.pr.clear();
+  r.dp.clear();
+  r.lse = -INFINITY;
+  r.delta = 0;
+  double mx = -INFINITY;
+  for (std::int64_t k0 = 0; k0 < e.k_len; k0 += 64) {  // the allowed keys, one row word (64 keys) at a time
+    for (std::uint64_t bits = row_allowed_bits(p, b, h, i, k0, std::min<std::int64_t>(64, e.k_len - k0), e.q_len, e.k_len); bits;
+         bits &= bits - 1) {
+      const std::int64_t j = k0 + std::countr_zero(bits);
+      r.keys.push_back(j);
+      r.pr.push_back(p.scale * dot_fp64(qi, k.data() + j * p.dim_qk, p.dim_qk));
+      mx = std::max(mx, r.pr.back());
+    }
+  }
+  if (r.keys.empty()) return;
+  double sum = 0;
+  for (const double s : r.pr) sum += std::exp(s - mx);
+  r.lse = mx + std::log(sum);
+  for (std::size_t n = 0; n < r.keys.size(); ++n) {
+    r.pr[n] = std::exp(r.pr[n] - r.lse);
+    r.dp.push_back(dot_fp64(doi, v.data() + r.keys[n] * p.dim_v, p.dim_v));
+    r.delta += r.pr[n] * r.dp.back();
+  }
+}
+
+}  // namespace
+
+check_result check_backward_sampled(const attn_bwd_params& bp, int max_rows, double max_key_work) {
+  using detail::load_element;
+  const attn_params& p = bp.fwd;
+  check_result r;
+  if (p.score || p.rope || p.sink_logits || p.blocks) {
+    r.skipped = "score modifiers, RoPE, sinks and block masks are not in the sampled check";
+    return r;
+  }
+  const std::int64_t dqk = p.dim_qk, dvd = p.dim_v;
+  double max_ref = 0.0;
+  const auto compare = [&](const void* data, dtype t, std::int64_t at, double ref) {
+    const double got = load_element(data, t, at);
+    r.max_abs_err = std::max(r.max_abs_err, std::isnan(got) ? INFINITY : std::fabs(got - ref));
+    max_ref = std::max(max_ref, std::fabs(ref));
+  };
+  // dq on sampled query rows (each O(Lk (dqk + dv)), like the forward's check).
+  const double per_row = static_cast<double>(p.seq_k) * static_cast<double>(dqk + dvd) + 1.0;
+  const int rows = std::clamp(static_cast<int>(2e7 / per_row), 8, std::max(8, max_rows));
+  std::uint64_t state = 0x9E3779B97F4A7C15ull;
+  const auto next = [&] { return state = state * 6364136223846793005ull + 1442695040888963407ull; };
+  std::vector<double> k, v;
+  std::int64_t loaded_b = -1, loaded_kvh = -1;
+  const auto load_kv = [&](std::int64_t b, std::int64_t kvh, const seq_extent& e) {
+    if (b == loaded_b && kvh == loaded_kvh) return;
+    k = rows_fp64(p.k, p.in_type, p.k_stride, e.tensor_batch, e.k_begin, e.k_len, kvh, dqk);
+    v = rows_fp64(p.v, p.in_type, p.v_stride, e.tensor_batch, e.k_begin, e.k_len, kvh, dvd);
+    loaded_b = b;
+    loaded_kvh = kvh;
+  };
+  query_row qr;
+  std::vector<double> dq(static_cast<std::size_t>(dqk));
+  for (int r_i = 0; r_i < rows; ++r_i) {
+    next();
+    const std::int64_t b = r_i % p.batch;
+    const seq_extent e = sequence(p, b);
+    if (e.q_len == 0) continue;
+    const std::int64_t h = static_cast<std::int64_t>((state >> 20) % static_cast<std::uint64_t>(p.heads_q));
+    const std::int64_t i = r_i == 0 ? 0 : r_i == 1 ? e.q_len - 1 : static_cast<std::int64_t>((state >> 33) % static_cast<std::uint64_t>(e.q_len));
+    load_kv(b, h / p.group, e);
+    const std::vector<double> qi = rows_fp64(p.q, p.in_type, p.q_stride, e.tensor_batch, e.q_begin + i, 1, h, dqk);
+    const std::vector<double> doi = rows_fp64(bp.d_out, bp.d_out_type, bp.do_stride, e.tensor_batch, e.q_begin + i, 1, h, dvd);
+    backward_query_row(p, b, h, i, e, qi.data(), doi.data(), k, v, qr);
+    std::fill(dq.begin(), dq.end(), 0.0);
+    for (std::size_t n = 0; n < qr.keys.size(); ++n) {
+      const double w = p.scale * qr.pr[n] * (qr.dp[n] - qr.delta);
+      const double* kj = k.data() + qr.keys[n] * dqk;
+      for (std::int64_t d = 0; d < dqk; ++d) dq[static_cast<std::size_t>(d)] += w * kj[d];
+    }
+    const std::int64_t at = e.tensor_batch * bp.dq_stride[0] + (e.q_begin + i) * bp.dq_stride[1] + h * bp.dq_stride[2];
+    for (std::int64_t d = 0; d < dqk; ++d) compare(bp.dq, bp.dq_type, at + d * bp.dq_stride[3], dq[static_cast<std::size_t>(d)]);
+    ++r.rows;
+  }
+  r.grads = "dq";
+  // dk, dv on sampled key rows of one (sequence, kv head): lse_i and D_i of every query row of its group first.
+  std::int64_t b = 0;
+  while (b < p.batch && (sequence(p, b).q_len == 0 || sequence(p, b).k_len == 0)) ++b;
+  if (b < p.batch) {
+    const seq_extent e = sequence(p, b);
+    const std::int64_t kvh = static_cast<std::int64_t>((next() >> 20) % static_cast<std::uint64_t>(p.heads_kv));
+    std::int64_t allowed = 0;  // the pairs of the group's rows: what their lse and D cost
+    for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h)
+      for (std::int64_t i = 0; i < e.q_len; ++i)
+        for (std::int64_t k0 = 0; k0 < e.k_len; k0 += 64)
+          allowed += std::popcount(row_allowed_bits(p, b, h, i, k0, std::min<std::int64_t>(64, e.k_len - k0), e.q_len, e.k_len));
+    const double work = static_cast<double>(allowed) * static_cast<double>(dqk + dvd);
+    if (work > max_key_work) {
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "dq (dk, dv not checked: %.3g multiply-adds for a kv head's lse and D, over %.3g)", work,
+                    max_key_work);
+      r.grads = buf;
+    } else {
+      load_kv(b, kvh, e);
+      const std::int64_t group = p.group, lq = e.q_len;
+      std::vector<std::vector<double>> q(static_cast<std::size_t>(group)), d_o(static_cast<std::size_t>(group));
+      for (std::int64_t g = 0; g < group; ++g) {
+        q[static_cast<std::size_t>(g)] = rows_fp64(p.q, p.in_type, p.q_stride, e.tensor_batch, e.q_begin, lq, kvh * group + g, dqk);
+        d_o[static_cast<std::size_t>(g)] =
+            rows_fp64(bp.d_out, bp.d_out_type, bp.do_stride, e.tensor_batch, e.q_begin, lq, kvh * group + g, dvd);
+      }
+      std::vector<double> lse(static_cast<std::size_t>(group * lq)), delta(lse.size());
+#pragma omp parallel
+      {
+        query_row mine;
+#pragma omp for schedule(dynamic, 16)
+        for (std::int64_t gi = 0; gi < group * lq; ++gi) {
+          const std::int64_t g = gi / lq, i = gi % lq;
+          backward_query_row(p, b, kvh * group + g, i, e, q[static_cast<std::size_t>(g)].data() + i * dqk,
+                             d_o[static_cast<std::size_t>(g)].data() + i * dvd, k, v, mine);
+          lse[static_cast<std::size_t>(gi)] = mine.lse;
+          delta[static_cast<std::size_t>(gi)] = mine.delta;
+        }
+      }
+      const int keys = static_cast<int>(std::min<std::int64_t>(std::max(4, max_rows / 4), e.k_len));
+      std::vector<double> dk(static_cast<std::size_t>(dqk)), dv(static_cast<std::size_t>(dvd));
+      for (int k_i = 0; k_i < keys; ++k_i) {
+        next();
+        const std::int64_t j = k_i == 0 ? 0 : k_i == 1 ? e.k_len - 1 : static_cast<std::int64_t>((state >> 33) % static_cast<std::uint64_t>(e.k_len));
+        const double* kj = k.data() + j * dqk;
+        const double* vj = v.data() + j * dvd;
+        std::fill(dk.begin(), dk.end(), 0.0);
+        std::fill(dv.begin(), dv.end(), 0.0);
+        for (std::int64_t g = 0; g < group; ++g)
+          for (std::int64_t i = 0; i < lq; ++i) {
+            const double l = lse[static_cast<std::size_t>(g * lq + i)];
+            if (l == -INFINITY || !element_allowed(p, b, kvh * group + g, i, j, e.q_len, e.k_len)) continue;
+            const double* qi = q[static_cast<std::size_t>(g)].data() + i * dqk;
+            const double* doi = d_o[static_cast<std::size_t>(g)].data() + i * dvd;
+            const double pr = std::exp(p.scale * dot_fp64(qi, kj, dqk) - l);
+            const double w = p.scale * pr * (dot_fp64(doi, vj, dvd) - delta[static_cast<std::size_t>(g * lq + i)]);
+            for (std::int64_t d = 0; d < dvd; ++d) dv[static_cast<std::size_t>(d)] += pr * doi[d];
+            for (std::int64_t d = 0; d < dqk; ++d) dk[static_cast<std::size_t>(d)] += w * qi[d];
+          }
+        const std::int64_t at_k = e.tensor_batch * bp.dk_stride[0] + (e.k_begin + j) * bp.dk_stride[1] + kvh * bp.dk_stride[2];
+        const std::int64_t at_v = e.tensor_batch * bp.dv_stride[0] + (e.k_begin + j) * bp.dv_stride[1] + kvh * bp.dv_stride[2];
+        for (std::int64_t d = 0; d < dqk; ++d) compare(bp.dk, bp.dk_type, at_k + d * bp.dk_stride[3], dk[static_cast<std::size_t>(d)]);
+        for (std::int64_t d = 0; d < dvd; ++d) compare(bp.dv, bp.dv_type, at_v + d * bp.dv_stride[3], dv[static_cast<std::size_t>(d)]);
+        ++r.rows;
+      }
+      r.grads = "dq,dk,dv";
+    }
+  }
+  const double eps = std::max({dtype_epsilon(bp.dq_type), dtype_epsilon(bp.dk_type), dtype_epsilon(bp.dv_type)});
+  r.tolerance = 1e-4 * std::max(1.0, max_ref) + 2.0 * eps * max_ref;
   r.ok = r.max_abs_err <= r.tolerance;
   return r;
 }

@@ -87,11 +87,20 @@ struct check_result {
   double tolerance = 0;
   bool ok = true;
   std::string skipped;  // why no row was checked
+  std::string grads;    // backward checks: the gradients compared ("dq,dk,dv", or "dq" with the reason); forward: empty
 };
 
 // Recomputes up to `max_rows` query rows (spread over batches, heads and positions, first and last row included)
 // in fp64 from p's inputs and compares with p.out. Supports masks, causal and varlen; a spec with score modifiers,
 // RoPE, sinks or a block mask is not checked (skipped says so).
 check_result check_sampled_rows(const attn_params& p, int max_rows);
+
+// The backward's counterpart, against fp64 recomputed from p's inputs and d_out (the forward included: lse_i and D_i
+// in fp64, never p.fwd.lse or p.fwd.out): dq on up to `max_rows` sampled query rows (first and last included), dk and dv
+// on up to max_rows / 4 sampled key rows of one (sequence, kv head). A key row needs lse_i and D_i of every query row
+// of its GQA group: (the allowed pairs of those rows) x (dqk + dv) multiply-adds; above max_key_work (default 2^30:
+// dense N = 2048 at D = 128, any N for sparse masks such as a neighborhood) only dq is checked and `grads` says so. Tolerance as in check_sampled_rows, with max|ref| over every checked
+// gradient element and the gradients' dtype. Same limits (no score modifiers, RoPE, sinks, block masks).
+check_result check_backward_sampled(const attn_bwd_params& p, int max_rows, double max_key_work = 1073741824.0);
 
 }  // namespace omniattn::bench

@@ -176,10 +176,10 @@ void print_table_row(std::FILE* f, const result_row& r) {
   if (std::isfinite(r.openblas_ms) && r.openblas_heads_measured < r.heads_q) blas_ms += "*";
   if (std::isfinite(r.naive_local_ms) && !r.naive_local_check_ok) check += " nloc FAIL";
   std::fprintf(f,
-               "%-36s %6lld %-26s %3d | %9.2f %5.1f %5.0f %8.1f %4.0f%% %5.1f %7.1f | %7s %9s %7s | %9s %7s %7s | %7s %9s %7s | "
+               "%-36s %6lld %-26s %3d | %9.2f %5.1f %5.0f %8.1f %4.0f%% %5s %7.1f | %7s %9s %7s | %9s %7s %7s | %7s %9s %7s | "
                "%-10s\n",
                r.workload.c_str(), static_cast<long long>(r.n), shape_label(r).c_str(), r.threads, r.fused.median_s * 1e3,
-               r.fused.iqr_pct(), r.disturbed_pct, r.gflops, r.pct_peak, r.tiles_skipped_pct, r.workspace_mib,
+               r.fused.iqr_pct(), r.disturbed_pct, r.gflops, r.pct_peak, fmt("%.1f", r.tiles_skipped_pct).c_str(), r.workspace_mib,
                fmt("%.4f", r.density()).c_str(), fmt("%.2f", r.dense_ms).c_str(), x_dense.c_str(), blas_ms.c_str(),
                fmt("%.2fx", r.openblas_speedup).c_str(), fmt("%.0f", r.openblas_workspace_mib).c_str(),
                fmt("%.2f", r.naive_gflops).c_str(), fmt("%.2f", r.naive_local_ms).c_str(),
@@ -222,12 +222,12 @@ void progress_line::clear() {
 
 const std::vector<std::string>& row_keys() {
   static const std::vector<std::string> keys = {
-      "workload", "group", "note", "problem", "mask", "n", "batch", "seq_q", "seq_k", "heads_q", "heads_kv", "dim_qk",
+      "workload", "group", "note", "op", "problem", "mask", "n", "batch", "seq_q", "seq_k", "heads_q", "heads_kv", "dim_qk",
       "dim_v", "dtype", "causal", "varlen", "threads", "kernel", "useful_pairs", "dense_pairs", "density",
       "useful_flops", "median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "iqr_pct", "reps", "disturbed_pct",
       "attempts", "gflops", "peak_gflops", "peak_kind", "pct_peak", "tiles_skipped_pct", "dense_ms", "x_dense",
       "dense_disturbed_pct", "dense_note", "inputs_mib", "peak_rss_mib",
-      "workspace_mib", "check_rows", "check_max_abs_err", "check_tolerance", "check_ok", "check_skipped", "naive_ms",
+      "workspace_mib", "check_rows", "check_max_abs_err", "check_tolerance", "check_ok", "check_skipped", "check_grads", "naive_ms",
       "naive_gflops", "naive_local_ms", "naive_local_gflops", "naive_local_speedup", "naive_local_max_abs_err",
       "naive_local_check_ok", "naive_local_disturbed_pct", "naive_local_note", "openblas_ms", "openblas_gflops", "openblas_speedup", "openblas_workspace_mib",
       "openblas_max_abs_err", "openblas_disturbed_pct", "openblas_cost", "openblas_heads_measured", "openblas_note",
@@ -241,6 +241,7 @@ json row_json(const result_row& r) {
   j.set("workload", r.workload);
   j.set("group", r.group);
   j.set("note", r.note);
+  j.set("op", r.op);
   j.set("problem", r.problem);
   j.set("mask", opt_string(r.mask));
   j.set("n", r.n);
@@ -287,6 +288,7 @@ json row_json(const result_row& r) {
   j.set("check_tolerance", r.check.rows ? r.check.tolerance : NAN);
   j.set("check_ok", r.check.rows ? json(r.check.ok) : json());
   j.set("check_skipped", opt_string(r.check.skipped));
+  j.set("check_grads", opt_string(r.check.grads));
   j.set("naive_ms", r.naive_ms);
   j.set("naive_gflops", r.naive_gflops);
   const bool local_ran = std::isfinite(r.naive_local_ms);
@@ -408,6 +410,16 @@ std::string report_markdown(const run_info& info, const std::vector<result_row>&
         "row's thread count: each query's window from grid_local::window per axis, its K/V rows gathered, fp32 dot "
         "products, softmax, weighted sum. `x naive local` = its time / the fused time (issue #5's target: >= 10 for 2D "
         "7x7); its own output is checked against fp64 like the kernel's.\n";
+  if (std::any_of(rows.begin(), rows.end(), [](const result_row& r) { return r.op == "backward"; }))
+    md << "\nBackward rows (`op` backward: the bwd/ group, custom-bwd/): attention_backward on the forward's out and lse "
+          "(the forward runs once, untimed). GFLOP/s count FlashAttention's backward FLOPs, 2.5 x the forward's over "
+          "the mask area (10 * mask area * B * H * D at dv = dqk). The OpenBLAS column is the unfused backward per "
+          "(batch, head): sgemm S = scale Q K^T, masked pairs -inf, row softmax P, sgemm dV = P^T dO, sgemm dP = dO V^T, "
+          "dS = P (dP - rowsum(dO * O)), sgemm dQ = scale dS K and dK = scale dS^T Q, with P and dS materialized "
+          "(Lq x Lk f32 each) and the mask applied (always the dense cost). `check` compares dq on sampled query rows "
+          "and dk, dv on sampled key rows of one kv head with fp64 (`check_grads` in results.json; dk, dv only where "
+          "that kv head's recomputation is affordable); the baseline's gradients are checked the same way "
+          "(`openblas_max_abs_err`). The backward counts no tiles (`tiles skipped` -).\n";
   std::vector<std::string> groups;
   for (const result_row& r : rows)
     if (std::find(groups.begin(), groups.end(), r.group) == groups.end()) groups.push_back(r.group);

@@ -21,6 +21,7 @@ constexpr double k_max_disturbed_pct = 10.0;
 struct result_row {
   // What ran.
   std::string workload, group, note;
+  std::string op = "forward";  // "forward" (attention) or "backward" (attention_backward)
   std::string mask;     // expanded spec string; empty: none
   std::string problem;  // problem::describe()
   std::int64_t n = 0, batch = 0, seq_q = 0, seq_k = 0, heads_q = 0, heads_kv = 0, dim_qk = 0, dim_v = 0;
@@ -30,14 +31,14 @@ struct result_row {
   std::string kernel;
   // Work: useful pairs are the allowed (query, key) pairs over all batches and heads.
   std::int64_t useful_pairs = 0, dense_pairs = 0;
-  double useful_flops = 0;  // 2 * useful_pairs * (dim_qk + dim_v)
+  double useful_flops = 0;  // 2 * useful_pairs * (dim_qk + dim_v); backward rows 2.5x that (ops.h op_flops)
   // The fused kernel.
   timing fused;
   double disturbed_pct = 0;  // CPU time others (processes, hypervisor steal) took during the kept attempt
   int attempts = 1;          // measurements made (more than one when the first ones were disturbed)
   double gflops = 0, peak_gflops = 0, pct_peak = 0;
   std::string peak_kind;  // "fp32_fma" or "bf16_dot"
-  double tiles_skipped_pct = 0;
+  double tiles_skipped_pct = 0;  // NaN where the kernel does not count tiles (the backward)
   // The dense run of the same shape, dtype and threads (no mask, no causal flag; suite.h dense_key), on masked rows:
   // issue #4's "time against the dense run". x_dense = dense_ms / fused median (> 1: faster than dense); the ideal is
   // 1 / density. NaN on unmasked rows (they are the dense run) and where it was not measured (dense_note says why).

@@ -18,12 +18,13 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 const char* target_name() { return hwy::TargetName(HWY_TARGET); }
 
-// row[0..allowed) = softmax(row[0..allowed)), row[allowed..n) = 0.
+// row[0..allowed) = softmax(row[0..allowed)), row[allowed..n) = 0; -inf entries give 0 (Exp(-inf) is 0).
 void softmax_row(float* HWY_RESTRICT row, std::int64_t allowed, std::int64_t n) {
   const hn::ScalableTag<float> d;
   const auto L = static_cast<std::int64_t>(hn::Lanes(d));
   float mx = -std::numeric_limits<float>::infinity();
   for (std::int64_t j = 0; j < allowed; ++j) mx = std::max(mx, row[j]);
+  if (mx == -std::numeric_limits<float>::infinity()) allowed = 0;  // no allowed key: -inf - -inf would be NaN
   const auto vm = hn::Set(d, mx);
   auto vsum = hn::Zero(d);
   std::int64_t j = 0;

@@ -6,9 +6,11 @@
 #include <cmath>
 #include <ctime>
 #include <map>
+#include <memory>
 
 #include "bench/bench.h"
 #include "bench/measure.h"
+#include "bench/ops.h"
 #include "bench/report.h"
 #include "core/grid_local.h"
 #include "omniattn/version.h"
@@ -46,11 +48,12 @@ void print_suite_usage(std::FILE* f) {
                "usage: omniattn bench [--quick] [--filter GLOB[,GLOB]]... [--list]\n"
                "                      [--problem SPEC [--mask SPEC]]... [--workloads FILE]... [--n N,N,...] [--set KEY=VALUE,...]\n"
                "                      [--threads T,T,...] [--budget SECONDS] [--out DIR | --no-report] [--no-plots]\n"
-               "                      [--no-cache] [--no-baselines]\n"
+               "                      [--no-cache] [--no-baselines] [--op forward,backward]\n"
                "       omniattn bench --kernel [--help]      the kernel table (dense/causal x D x N x dtype x threads)\n"
                "\n"
                "Runs the workload suite (CAB's four patterns, the mask catalogue swept over N, neighborhood attention in\n"
-               "1-3 D, model shapes) on the fused kernel with, in the same run, the unfused OpenBLAS path, the naive f32 path\n"
+               "1-3 D, model shapes, and the backward group bwd/: attention_backward on dense, causal, window, document and\n"
+               "2D neighborhood masks) on the fused kernel with, in the same run, the unfused OpenBLAS path, the naive f32 path\n"
                "and, for neighborhood / halo masks, the naive per-query neighborhood baseline; checks sampled rows against\n"
                "an fp64 oracle, reports efficiency lengths, prints a table and writes DIR/results.json, DIR/report.md and\n"
                "PNG plots (bench/plot.py, matplotlib). bench/README.md documents the workloads and results.json.\n"
@@ -69,6 +72,8 @@ void print_suite_usage(std::FILE* f) {
                "  --out DIR           report directory (default bench-report)   --no-report  no report directory\n"
                "  --no-plots          skip the PNG plots              --no-cache  re-measure the peaks (and update the cache)\n"
                "  --no-baselines      fused kernel only (no OpenBLAS, no naive f32, no naive neighborhood)\n"
+               "  --op OPS            forward, backward or forward,backward: only workloads of these ops (default: all);\n"
+               "                      --problem workloads run as each (default forward; backward ones are custom-bwd/N)\n"
                "\n"
                "Exit codes: 0 ok, 1 a workload failed to run or failed its check, 2 bad command-line input.\n",
                available_cpus());
@@ -90,7 +95,7 @@ bool parse_suite_args(int argc, char** argv, int first, suite_options& o, std::s
     static const char* const flags[] = {"-h", "--help", "--list", "--quick", "--no-report", "--no-plots", "--no-cache",
                                         "--no-baselines"};
     static const char* const valued[] = {"--filter", "--problem", "--mask", "--workloads", "--n", "--set", "--threads",
-                                         "--budget", "--out"};
+                                         "--budget", "--out", "--op"};
     const auto named = [&](const char* f) { return arg == f; };
     const bool is_flag = std::any_of(std::begin(flags), std::end(flags), named);
     const bool is_valued = std::any_of(std::begin(valued), std::end(valued), named);
@@ -177,6 +182,21 @@ bool parse_suite_args(int argc, char** argv, int first, suite_options& o, std::s
         return false;
       }
       budget_set = true;
+    } else if (arg == "--op") {
+      o.ops.clear();
+      std::size_t start = 0;
+      while (start <= value.size()) {
+        const std::size_t comma = value.find(',', start);
+        const std::string name = value.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+        op_kind op;
+        if (!parse_op(name, op)) {
+          error = "--op '" + value + "': expected forward, backward or forward,backward";
+          return false;
+        }
+        if (std::find(o.ops.begin(), o.ops.end(), op) == o.ops.end()) o.ops.push_back(op);
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+      }
     } else if (arg == "--out") {
       if (value.empty()) {
         error = "--out needs a directory (or use --no-report)";
@@ -221,7 +241,20 @@ bool parse_suite_args(int argc, char** argv, int first, suite_options& o, std::s
 
 bool select_workloads(const suite_options& o, std::vector<workload>& out, std::string& error) {
   std::vector<workload> all = built_in_workloads();
-  all.insert(all.end(), o.custom.begin(), o.custom.end());
+  const auto wanted = [&](op_kind op) { return o.ops.empty() || std::find(o.ops.begin(), o.ops.end(), op) != o.ops.end(); };
+  for (const workload& w : o.custom) {
+    if (w.origin != "--problem") {
+      all.push_back(w);
+      continue;
+    }
+    // A --problem workload runs as each op of --op (forward by default); the backward one is custom-bwd/N.
+    for (const op_kind op : o.ops.empty() ? std::vector<op_kind>{op_kind::forward} : o.ops) {
+      workload c = w;
+      c.op = op;
+      if (op == op_kind::backward) c.name = "custom-bwd/" + w.name.substr(w.name.find('/') + 1);
+      all.push_back(std::move(c));
+    }
+  }
   for (workload& w : all) apply_n_override(w, o.ns);
   std::vector<bool> chosen(all.size(), false);
   if (o.filters.empty()) {
@@ -238,6 +271,7 @@ bool select_workloads(const suite_options& o, std::vector<workload>& out, std::s
       }
     }
   }
+  for (std::size_t i = 0; i < all.size(); ++i) chosen[i] = chosen[i] && wanted(all[i].op);
   // The references of chosen workloads run too (efficiency lengths need them).
   for (std::size_t i = 0; i < all.size(); ++i) {
     if (!chosen[i]) continue;
@@ -271,12 +305,12 @@ void print_workload_list(std::FILE* f, const std::vector<workload>& all, bool qu
   }
 }
 
-std::string dense_key(const problem& p, int threads) {
+std::string dense_key(const problem& p, int threads, op_kind op) {
   problem d = p;
   d.causal = causal_mode::none;
   d.seed = 1;
   d.lse = false;
-  return d.describe() + "|" + std::to_string(threads);
+  return d.describe() + "|" + std::to_string(threads) + (op == op_kind::forward ? "" : "|" + std::string(op_name(op)));
 }
 
 std::string dense_skip_reason(double dense_flops, double peak_gflops, double budget_s) {
@@ -297,28 +331,11 @@ struct dense_result {
   std::string note;  // why it was not measured
 };
 
-struct blas_result {
-  double ms = NAN, workspace_mib = NAN, max_abs_err = NAN, disturbed_pct = NAN;
-  std::int64_t heads = 0;
-  std::string cost, note;
-};
-
-std::int64_t dense_pairs_of(const problem& p) {
-  if (!p.is_varlen()) return p.batch * p.seq_q * p.seq_k * p.heads_q;
-  std::int64_t pairs = 0;
-  for (std::size_t s = 0; s < p.seqlens_q.size(); ++s) pairs += p.seqlens_q[s] * p.seqlens_k[s];
-  return pairs * p.heads_q;
-}
-
-double buffer_mib(const problem_data& d) {
-  return static_cast<double>(d.q.size() + d.k.size() + d.v.size() + d.out.size()) / (1 << 20);
-}
-
 struct run_context {
   const suite_options& opt;
   const std::vector<machine_peak>& peaks;
   measure_policy policy;
-  std::map<std::string, blas_result> blas_cache;  // problem (no mask) + threads -> result
+  std::map<std::string, blas_result> blas_cache;  // op_runner::openblas_key -> result
   std::map<std::string, dense_result> dense_cache;  // dense_key -> the fused kernel's dense time
   progress_line progress;
   int done = 0;
@@ -345,65 +362,14 @@ struct run_context {
   }
 };
 
-// The unfused OpenBLAS path on the problem's shape with its causal flag and no mask, in f32. Its cost per head does not
-// depend on the head, so problems over max_gflop run on fewer heads (one K/V head) and the time is scaled.
-blas_result run_openblas(run_context& ctx, const problem& prob, int threads, double max_gflop) {
-  blas_result r;
-  std::int64_t max_lq = prob.seq_q, max_lk = prob.seq_k;
-  if (prob.is_varlen()) {
-    max_lq = *std::max_element(prob.seqlens_q.begin(), prob.seqlens_q.end());
-    max_lk = *std::max_element(prob.seqlens_k.begin(), prob.seqlens_k.end());
-  }
-  const double score_gib = static_cast<double>(max_lq) * static_cast<double>(max_lk) * 4.0 / (1 << 30);
-  if (score_gib > 4.0) {
-    char buf[96];
-    std::snprintf(buf, sizeof buf, "not run: its score matrix needs %.1f GiB", score_gib);
-    r.note = buf;
-    return r;
-  }
-  const double gflop = 2.0 * static_cast<double>(dense_pairs_of(prob)) * static_cast<double>(prob.dim_qk + prob.dim_v) * 1e-9;
-  const double per_head = gflop / static_cast<double>(prob.heads_q);
-  problem bp = prob;
-  bp.type = dtype::f32;
-  bp.out_f32 = false;
-  bp.lse = false;
-  r.heads = prob.heads_q;
-  if (gflop > max_gflop) {
-    r.heads = std::clamp<std::int64_t>(static_cast<std::int64_t>(max_gflop / per_head), 1, prob.heads_q);
-    bp.heads_q = r.heads;
-    bp.heads_kv = 1;
-  }
-  problem_data fb(bp);
-  spec s;
-  s.causal = prob.causal;
-  s.scale = prob.scale;
-  attn_params p;
-  const status made = make_params(fb.q_view(), fb.k_view(), fb.v_view(), fb.out_view(), s, fb.make_options(backend::cpu), p);
-  if (!made) {
-    r.note = "not run: " + made.error;
-    return r;
-  }
-  double rss0 = 0;
-  const steady_timing st = ctx.measure([&] { openblas_unfused(p, threads); }, threads, [&] {
-    reset_peak_rss();
-    rss0 = current_rss_mib();
-  });
-  const timing& t = st.t;
-  r.disturbed_pct = st.disturbed_pct;
-  r.workspace_mib = std::max(0.0, peak_rss_mib() - rss0);
-  const check_result c = check_sampled_rows(p, 16);  // the baseline's own output against fp64
-  if (c.rows) r.max_abs_err = c.max_abs_err;
-  r.ms = t.median_s * 1e3 * static_cast<double>(prob.heads_q) / static_cast<double>(r.heads);
-  r.cost = prob.causal == causal_mode::none ? "dense" : "causal";
-  return r;
-}
-
 const char* causal_text(causal_mode c) {
   return c == causal_mode::none ? "none" : c == causal_mode::top_left ? "top_left" : "bottom_right";
 }
 
 
-// One workload point on every thread count: rows appended to `rows` and printed.
+// One workload point on every thread count: rows appended to `rows` and printed. The op (ops.h) is the forward or the
+// backward of the point's problem; the loop is one for both: the fused call, its sampled fp64 check, the naive paths,
+// the unfused OpenBLAS baseline (shared between rows of one shape) and the dense run of the shape.
 void run_instance(run_context& ctx, const workload& w, const instance& inst, std::vector<result_row>& rows) {
   problem prob = inst.prob;
   prob.lse = false;
@@ -411,6 +377,7 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
   base.workload = w.name;
   base.group = w.group();
   base.note = w.note;
+  base.op = op_name(w.op);
   base.mask = inst.mask_text;
   base.problem = prob.describe();
   base.n = inst.n;
@@ -427,19 +394,17 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
   const std::string label = w.name + " n=" + std::to_string(inst.n);
 
   ctx.progress.show(ctx.done, label + ": preparing inputs");
-  problem_data data(prob);
   spec s;
   s.causal = prob.causal;
   s.scale = prob.scale;
   s.mask = inst.mask;
-  attn_params p;
-  const status made = make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s,
-                                  data.make_options(backend::cpu), p);
-  if (!made) {
+  std::string made;
+  const std::unique_ptr<op_runner> op = make_op(w.op, prob, s, inst.mask_text, made);
+  if (!op) {
     for (const machine_peak& mp : ctx.peaks) {
       result_row r = base;
       r.threads = mp.threads;
-      r.error = made.error;
+      r.error = made;
       rows.push_back(r);
       ctx.progress.clear();
       print_table_row(stdout, r);
@@ -447,30 +412,31 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
     }
     return;
   }
-  base.kernel = select(p, backend::cpu).name;
+  const attn_params& p = op->params();
+  base.kernel = op->kernel();
   base.useful_pairs = useful_pairs(p);
   base.dense_pairs = dense_pairs_of(prob);
-  base.useful_flops = 2.0 * static_cast<double>(base.useful_pairs) * static_cast<double>(p.dim_qk + p.dim_v);
-  base.inputs_mib = buffer_mib(data);
+  base.useful_flops = op_flops(w.op, base.useful_pairs, p.dim_qk, p.dim_v);
+  base.inputs_mib = op->inputs_mib();
   // No mask and no causal flag: the row is itself the dense run of its shape, and masked rows of that shape reuse it.
   const bool is_dense = inst.mask_text.empty() && prob.causal == causal_mode::none;
   const bool bf16_dot = base.kernel.find("bf16dot") != std::string::npos;
-  const bool local_mask = p.mask && detail::as_grid_local(*p.mask).has_value();
-  const double dense_gflop = 2.0 * static_cast<double>(base.dense_pairs) * static_cast<double>(p.dim_qk + p.dim_v) * 1e-9;
+  const bool local_mask = w.op == op_kind::forward && p.mask && detail::as_grid_local(*p.mask).has_value();
+  const double dense_flops = op_flops(w.op, base.dense_pairs, p.dim_qk, p.dim_v);
 
   // The naive f32 path is single-threaded: run it once per point, where its work is small.
   double naive_ms = NAN;
-  if (ctx.opt.baselines && dense_gflop <= 2.5 * ctx.opt.budget_s) {
+  if (ctx.opt.baselines && dense_flops * 1e-9 <= 2.5 * ctx.opt.budget_s) {
     ctx.progress.show(ctx.done, label + ": naive f32");
-    std::vector<std::uint8_t> out(data.out.size());
-    attn_params pn = p;
-    pn.out = out.data();
     measure_policy once;
     once.budget_s = 0;
     once.min_reps = 1;
     once.warm_up = false;
-    naive_ms = measure([&] { naive_attention_f32(pn); }, once).median_s * 1e3;
+    naive_ms = measure([&] { op->naive(); }, once).median_s * 1e3;
   }
+  const measure_fn timed = [&](const std::function<void()>& fn, int threads, const std::function<void()>& before) {
+    return ctx.measure(fn, threads, before);
+  };
 
   for (const machine_peak& mp : ctx.peaks) {
     const int thr = mp.threads;
@@ -480,15 +446,12 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
     r.peak_gflops = bf16_dot ? mp.bf16_dot_gflops : mp.fp32_fma_gflops;
     ctx.progress.show(ctx.done, label + " thr=" + std::to_string(thr) + ": fused kernel");
     run_stats stats;
-    options o = data.make_options(backend::cpu, thr);
-    o.stats = &stats;
     status st;
     double rss0 = 0;
-    const steady_timing fused = ctx.measure(
-        [&] { st = attention(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, o); }, thr, [&] {
-          reset_peak_rss();
-          rss0 = current_rss_mib();
-        });
+    const steady_timing fused = ctx.measure([&] { st = op->fused(thr, &stats); }, thr, [&] {
+      reset_peak_rss();
+      rss0 = current_rss_mib();
+    });
     r.fused = fused.t;
     r.disturbed_pct = fused.disturbed_pct;
     r.attempts = fused.attempts;
@@ -500,9 +463,11 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
       r.gflops = r.useful_flops / r.fused.median_s * 1e-9;
       r.pct_peak = r.peak_gflops > 0 ? 100.0 * r.gflops / r.peak_gflops : NAN;
       const double tiles = static_cast<double>(stats.tiles_full + stats.tiles_partial + stats.tiles_skipped);
-      r.tiles_skipped_pct = tiles > 0 ? 100.0 * static_cast<double>(stats.tiles_skipped) / tiles : 0.0;
+      r.tiles_skipped_pct = !op->has_tile_stats() ? NAN
+                            : tiles > 0           ? 100.0 * static_cast<double>(stats.tiles_skipped) / tiles
+                                                  : 0.0;
       ctx.progress.show(ctx.done, label + " thr=" + std::to_string(thr) + ": checking sampled rows");
-      r.check = check_sampled_rows(p, 64);
+      r.check = op->check();
       if (std::isfinite(naive_ms)) {
         r.naive_ms = naive_ms;
         r.naive_gflops = r.useful_flops / naive_ms * 1e-6;
@@ -513,7 +478,7 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
         } else {
           // Same inputs and threads as the fused kernel, its own output buffer, timed the same way.
           ctx.progress.show(ctx.done, label + " thr=" + std::to_string(thr) + ": naive neighborhood baseline");
-          std::vector<std::uint8_t> out(data.out.size());
+          std::vector<std::uint8_t> out(op->out_bytes());
           attn_params pl = p;
           pl.out = out.data();
           const steady_timing nl = ctx.measure([&] { naive_local_attention(pl, thr); }, thr, {});
@@ -528,15 +493,11 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
       }
       if (ctx.opt.baselines) {
         // The unfused path runs in f32 whatever the problem's dtype, so f32 and bf16 rows of a shape share it.
-        problem key_prob = prob;
-        key_prob.seed = 1;
-        key_prob.type = dtype::f32;
-        key_prob.out_f32 = false;
-        const std::string key = key_prob.describe() + "|" + std::to_string(thr);
+        const std::string key = op->openblas_key(thr);
         auto it = ctx.blas_cache.find(key);
         if (it == ctx.blas_cache.end()) {
           ctx.progress.show(ctx.done, label + " thr=" + std::to_string(thr) + ": OpenBLAS unfused");
-          it = ctx.blas_cache.emplace(key, run_openblas(ctx, prob, thr, 100.0 * ctx.opt.budget_s)).first;
+          it = ctx.blas_cache.emplace(key, op->openblas(timed, thr, 100.0 * ctx.opt.budget_s)).first;
         }
         const blas_result& b = it->second;
         r.openblas_ms = b.ms;
@@ -546,14 +507,15 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
         r.openblas_max_abs_err = b.max_abs_err;
         r.openblas_disturbed_pct = b.disturbed_pct;
         if (std::isfinite(b.ms)) {
-          r.openblas_cost = inst.mask_text.empty() ? b.cost : "dense (mask not applied)";
+          // The forward baseline applies the causal flag only: any other mask costs it the dense work, unmasked.
+          r.openblas_cost = w.op == op_kind::forward && !inst.mask_text.empty() ? "dense (mask not applied)" : b.cost;
           r.openblas_gflops = r.useful_flops / b.ms * 1e-6;
           r.openblas_speedup = b.ms / (r.fused.median_s * 1e3);
         }
       }
     }
     if (st) {
-      const std::string key = dense_key(prob, thr);
+      const std::string key = dense_key(prob, thr, w.op);
       if (is_dense) {
         // Another unmasked row of the shape (cab/self-noncausal, mask/full) replaces a more disturbed measurement.
         const auto it = ctx.dense_cache.find(key);
@@ -563,18 +525,13 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
         auto it = ctx.dense_cache.find(key);
         if (it == ctx.dense_cache.end()) {
           dense_result d;
-          d.note = dense_skip_reason(2.0 * static_cast<double>(base.dense_pairs) * static_cast<double>(p.dim_qk + p.dim_v),
-                                     mp.fp32_fma_gflops, ctx.opt.budget_s);
+          d.note = dense_skip_reason(dense_flops, mp.fp32_fma_gflops, ctx.opt.budget_s);
           if (d.note.empty()) {
-            // Last in the row: it overwrites data.out, which the check above has read. Same inputs, threads and timing.
+            // Last in the row: it overwrites the fused output, which the check above has read. Same threads, timing.
             ctx.progress.show(ctx.done, label + " thr=" + std::to_string(thr) + ": dense run of the shape");
-            spec ds;
-            ds.scale = prob.scale;
             status dst;
-            const options od = data.make_options(backend::cpu, thr);
             const auto t0 = std::chrono::steady_clock::now();
-            const steady_timing dt = ctx.measure(
-                [&] { dst = attention(data.q_view(), data.k_view(), data.v_view(), data.out_view(), ds, od); }, thr, {});
+            const steady_timing dt = ctx.measure([&] { dst = op->dense(thr); }, thr, {});
             ctx.dense_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             ++ctx.dense_runs;
             if (dst) {
@@ -599,7 +556,6 @@ void run_instance(run_context& ctx, const workload& w, const instance& inst, std
     std::fflush(stdout);
   }
 }
-
 }  // namespace
 
 int run_suite(const suite_options& o) {
@@ -650,7 +606,9 @@ int run_suite(const suite_options& o) {
                 mp.bf16_dot_gflops, mp.source.c_str());
   if (!info.peak_note.empty()) std::fprintf(stderr, "omniattn bench: note: %s\n", info.peak_note.c_str());
   std::printf("GFLOP/s on useful pairs only; blas = unfused OpenBLAS (dense cost for masks; * = fewer heads, scaled);"
-              " ws = workspace MiB; check = sampled rows vs fp64\n\n");
+              " ws = workspace MiB; check = sampled rows vs fp64\n"
+              "bwd/ and custom-bwd/ rows: attention_backward, FLOPs 2.5x the forward's (FlashAttention's count); blas = the\n"
+              "unfused backward (P, dS materialized, mask applied)\n\n");
   print_table_header(stdout);
   std::fflush(stdout);
 

@@ -20,6 +20,8 @@ struct suite_options {
   std::vector<workload> custom;        // --problem/--mask and --workloads FILE
   std::vector<std::int64_t> ns;        // --n: replaces the N sweep of swept and custom workloads
   std::string overrides;               // --set key=value,...: appended to every problem string
+  std::vector<op_kind> ops;            // --op: only workloads of these ops; --problem workloads run as each (empty:
+                                       // every workload, --problem ones as forward)
   std::string out_dir = "bench-report";  // --out; empty (--no-report): no report directory
   std::string command;                 // the command line, for the report
 };
@@ -36,9 +38,9 @@ void print_suite_usage(std::FILE* f);
 void print_workload_list(std::FILE* f, const std::vector<workload>& all, bool quick);
 
 // The dense run a masked row is compared with ("x dense"): the same problem (shape, dtype, layout, varlen lengths)
-// without its causal flag and mask, on the same thread count. dense_key names it, so rows of one shape share one
+// without its causal flag and mask, on the same thread count and op. dense_key names it, so rows of one shape share one
 // measurement (the seed does not change the cost and is left out).
-std::string dense_key(const problem& p, int threads);
+std::string dense_key(const problem& p, int threads, op_kind op = op_kind::forward);
 // Dense runs estimated to take more than this many budgets each are not measured: a measurement is a warm-up and at
 // least three runs, and the estimate (dense FLOPs at the fp32 FMA peak; bf16 kernels reach about that, far from the
 // bf16 dot peak) is 1.5-3x below the real time, so a 1 s estimate costs 6-12 s. With 5 budgets the 3D neighborhood

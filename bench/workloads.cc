@@ -98,6 +98,28 @@ const table_row k_table[] = {
      "the video DiT with frame-causal attention (256 tokens per frame), autoregressive video generation"},
 };
 
+// The backward rows (attention_backward; FLOPs 2.5 x the forward's): patterns of the mask catalogue and the 2D
+// neighborhood, one N each (the fused backward takes about 2.5x the forward's time and the OpenBLAS baseline
+// materializes two Lq x Lk matrices), each at D 64 and 128 in f32 and bf16.
+struct backward_pattern {
+  const char* name;
+  const char* problem;  // without d= and dtype=
+  const char* mask;
+  const char* ns;
+  const char* quick_ns;
+  const char* note;
+};
+
+const backward_pattern k_backward_patterns[] = {
+    {"dense", "b=1,n={n},h=8", "", "2048", "512", "dense (no mask)"},
+    {"causal", "b=1,n={n},h=8,causal=br", "", "2048", "512", "causal"},
+    {"window", "b=1,n={n},h=8", "window(256,0)", "2048", "512", "causal sliding window of 256 keys"},
+    {"document", "b=1,n={n},h=8", "causal & document({docs:" OMNIATTN_BENCH_DOCS "})", "2048", "512",
+     "packed causal documents (6, uneven lengths)"},
+    {"neighborhood-2d", "b=1,n={n},h=4", "neighborhood(grid={n/64}x64, kernel=7x7)", "4096", "1024",
+     "2D neighborhood, 7x7 kernel over a (N/64)x64 map"},
+};
+
 bool parse_i64(std::string_view s, std::int64_t& v) {
   const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
   return ec == std::errc() && ptr == s.data() + s.size();
@@ -195,6 +217,20 @@ const std::vector<workload>& built_in_workloads() {
       w.note = r.note;
       out.push_back(std::move(w));
     }
+    // The backward group: each pattern at D 64 and 128, in f32 and bf16 (bf16 inputs, output and gradients).
+    for (const backward_pattern& bp : k_backward_patterns)
+      for (const char* d : {"64", "128"})
+        for (const bool bf16 : {false, true}) {
+          workload w;
+          w.name = std::string("bwd/") + bp.name + "-d" + d + (bf16 ? "-bf16" : "");
+          w.problem = std::string(bp.problem) + ",d=" + d + (bf16 ? ",dtype=bf16" : "");
+          w.mask = bp.mask;
+          parse_int_list(bp.ns, w.ns);
+          parse_int_list(bp.quick_ns, w.quick_ns);
+          w.note = std::string("backward: ") + bp.note + ", D=" + d + (bf16 ? ", bf16" : ", f32");
+          w.op = op_kind::backward;
+          out.push_back(std::move(w));
+        }
     return out;
   }();
   return table;
@@ -434,13 +470,19 @@ bool parse_workload_json(const json& doc, const std::string& source, std::vector
     }
     at = source + ": workload '" + w.name + "': ";
     for (const auto& [key, value] : item.members()) {
-      static const char* const known[] = {"name", "problem", "mask", "n", "quick_n", "quick_problem", "refs", "note"};
+      static const char* const known[] = {"name", "problem", "mask", "n", "quick_n", "quick_problem", "refs", "note", "op"};
       bool ok = false;
       for (const char* k : known) ok = ok || key == k;
       if (!ok) {
-        error = at + "unknown key \"" + key + "\" (known: name problem mask n quick_n quick_problem refs note)";
+        error = at + "unknown key \"" + key + "\" (known: name problem mask n quick_n quick_problem refs note op)";
         return false;
       }
+    }
+    std::string op_text;
+    if (!string_field(item, "op", op_text, at, error)) return false;
+    if (!op_text.empty() && !parse_op(op_text, w.op)) {
+      error = at + "\"op\" must be \"forward\" or \"backward\", not \"" + op_text + "\"";
+      return false;
     }
     if (!item.find("problem")) {
       error = at + "needs \"problem\" (a problem string such as \"b=1,n={n},h=8,d=128,causal=br\")";

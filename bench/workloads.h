@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "bench/json.h"
+#include "bench/ops.h"
 #include "core/problem.h"
 
 namespace omniattn::bench {
@@ -26,6 +27,7 @@ struct workload {
   std::vector<std::string> refs;       // workloads of the same shape to report efficiency lengths against
   std::string note;                    // one line for the report
   std::string origin = "built-in";     // "built-in", "--problem" or the workload file
+  op_kind op = op_kind::forward;       // what its rows measure: attention() or attention_backward()
 
   std::string group() const { return name.substr(0, name.find('/')); }
 };
@@ -39,7 +41,8 @@ struct instance {
   mask_expr mask;
 };
 
-// The built-in table: CAB's four patterns, the mask catalogue, named model shapes.
+// The built-in table: CAB's four patterns, the mask catalogue, neighborhood attention, named model shapes (forward), and
+// the backward group bwd/ (dense, causal, sliding window, documents, 2D neighborhood x D 64, 128 x f32, bf16).
 const std::vector<workload>& built_in_workloads();
 
 // Expands the templates above for sweep value n (has_n false: any {n...} template is an error).

@@ -20,12 +20,14 @@
 #include "bench/bench.h"
 #include "bench/json.h"
 #include "bench/measure.h"
+#include "bench/ops.h"
 #include "bench/report.h"
 #include "bench/suite.h"
 #include "bench/workloads.h"
 #include "core/grid_local.h"
 #include "core/problem.h"
 #include "core/storage.h"
+#include "tolerance.h"
 
 namespace omniattn::bench {
 namespace {
@@ -99,6 +101,12 @@ const workload* find_workload(const std::vector<workload>& ws, const std::string
 struct area_case {
   const char* problem;
   const char* mask;
+  // The problem and its spec (the causal flag, the mask if any); false when either does not parse.
+  bool parse(omniattn::problem& pr, spec& s) const {
+    if (!parse_problem(problem, pr).ok()) return false;
+    s.causal = pr.causal;
+    return !*mask || parse_mask(mask, s.mask).empty();
+  }
 };
 
 TEST(BenchFlops, UsefulPairsMatchBruteForceMaskArea) {
@@ -120,13 +128,9 @@ TEST(BenchFlops, UsefulPairsMatchBruteForceMaskArea) {
   };
   for (const area_case& c : cases) {
     problem pr;
-    ASSERT_TRUE(parse_problem(c.problem, pr).ok()) << c.problem;
-    problem_data data(pr);
     spec s;
-    s.causal = pr.causal;
-    if (*c.mask) {
-      ASSERT_EQ(parse_mask(c.mask, s.mask), "") << c.mask;
-    }
+    ASSERT_TRUE(c.parse(pr, s)) << c.problem << " " << c.mask;
+    problem_data data(pr);
     attn_params p;
     ASSERT_TRUE(make_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, data.make_options(backend::cpu), p).ok());
     std::int64_t brute = 0;  // element by element, independent of row_bits and the closed forms
@@ -403,6 +407,8 @@ TEST(BenchSuite, DenseRunIsKeyedByShapeDtypeAndThreadsAndSkippedWhenTooLong) {
   EXPECT_NE(dense_key(plain, 1), dense_key(plain, 2));
   EXPECT_NE(dense_key(bf16, 2), dense_key(plain, 2));
   EXPECT_NE(dense_key(longer, 2), dense_key(plain, 2));
+  EXPECT_NE(dense_key(plain, 2, op_kind::backward), dense_key(plain, 2));  // the backward's dense run is its own
+  EXPECT_EQ(dense_key(causal, 2, op_kind::backward), dense_key(plain, 2, op_kind::backward));
   // The 8k-token model shape: 1100 GFLOP at a 215 GFLOP/s peak is >= 5.1 s a run, over 2.5 budgets of 0.4 s.
   const double llama = 4.0 * 8192.0 * 8192.0 * 32 * 128;
   const std::string why = dense_skip_reason(llama, 215, 0.4);
@@ -559,7 +565,7 @@ TEST(BenchWorkloads, BuiltInTableInstantiatesInBothModes) {
       EXPECT_EQ(inst.size(), std::max<std::size_t>(1, sweep_points(w, quick).size())) << w.name;
     }
   }
-  for (const char* group : {"cab/", "mask/", "model/", "neighborhood/"})
+  for (const char* group : {"cab/", "mask/", "model/", "neighborhood/", "bwd/"})
     EXPECT_TRUE(std::any_of(names.begin(), names.end(), [&](const std::string& n) { return n.rfind(group, 0) == 0; })) << group;
   // The catalogue's templated shapes: prefix_lm(N/4) and 6 documents summing to N.
   std::vector<instance> inst;
@@ -962,8 +968,226 @@ TEST(BenchMeasure, PeaksAreCachedPerMachineAndThreads) {
   EXPECT_NE(note.find("unreadable"), std::string::npos) << note;
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// Backward rows: FLOPs, the unfused OpenBLAS backward against the oracle, the sampled gradient check, the suite's and
+// the kernel table's rows.
+
+TEST(BenchBackward, FlopsAreTwoAndAHalfTimesTheForward) {
+  EXPECT_EQ(op_flops(op_kind::forward, 1000, 64, 64), 4.0 * 1000 * 64);
+  EXPECT_EQ(op_flops(op_kind::backward, 1000, 64, 64), 2.5 * 4.0 * 1000 * 64);  // 10 * mask area * D
+  EXPECT_EQ(op_flops(op_kind::backward, 7, 96, 40), 2.5 * op_flops(op_kind::forward, 7, 96, 40));
+  op_kind op = op_kind::forward;
+  EXPECT_TRUE(parse_op("backward", op));
+  EXPECT_EQ(op, op_kind::backward);
+  EXPECT_TRUE(parse_op("fwd", op));
+  EXPECT_EQ(op, op_kind::forward);
+  EXPECT_FALSE(parse_op("sideways", op));
+  EXPECT_STREQ(op_name(op_kind::backward), "backward");
+}
+
+// The baseline's gradients against the fp64 oracle, under the tests' backward rule (tests/tolerance.h: at most twice
+// the naive float backward's error plus the floor): dense, causal both ways, masks, GQA, cross lengths, rows with
+// no allowed key, varlen with empty sequences, and 3 threads splitting rows that do not divide evenly.
+TEST(BenchBackward, UnfusedOpenBlasBackwardMatchesTheOracle) {
+  const area_case cases[] = {
+      {"b=2,n=96,h=2,d=32", ""},
+      {"b=1,n=130,hq=4,hkv=2,d=48,causal=br", ""},
+      {"b=1,lq=70,lk=150,h=2,d=16,causal=tl", ""},
+      {"b=1,lq=90,lk=40,h=2,d=32,causal=br", ""},  // Lq > Lk: the first 50 rows see no key
+      {"b=1,n=200,hq=6,hkv=2,d=64", "window(32,0)"},
+      {"b=1,n=150,h=2,d=32", "causal & document(0,40,41,100,150)"},
+      {"b=1,n=64,h=2,d=16", "neighborhood(grid=8x8, kernel=3x3)"},
+      {"h=2,d=32,causal=br,varlen=50:50/0:7/33:33/20:0", ""},
+  };
+  for (const area_case& c : cases) {
+    problem pr;
+    spec s;
+    ASSERT_TRUE(c.parse(pr, s)) << c.problem << " " << c.mask;
+    pr.lse = true;
+    problem po = pr;
+    po.out_f32 = true;
+    problem_data fwd(pr), ofwd(po), nfwd(pr);
+    ASSERT_TRUE(run_problem(fwd, s, backend::cpu).ok());  // O for D = rowsum(dO * O)
+    backward_data got(pr, 7), oracle(po, 7), naive(pr, 7);
+    for (auto* g : {&got.dq, &got.dk, &got.dv}) std::fill(g->begin(), g->end(), std::uint8_t{0x7f});  // poison
+    ASSERT_TRUE(run_backward_problem(ofwd, oracle, s, backend::reference, 1).ok());
+    ASSERT_TRUE(run_naive_backward(nfwd, naive, s).ok());
+    attn_bwd_params bp;
+    ASSERT_TRUE(make_backward_params(fwd.q_view(), fwd.k_view(), fwd.v_view(), fwd.out_view(), fwd.lse_view(), got.d_out_view(),
+                                     got.grads(false), s, fwd.make_options(backend::cpu), bp)
+                    .ok());
+    openblas_unfused_backward(bp, 3);
+    double magnitude = 0;
+    for (int w = 0; w < 3; ++w) magnitude = std::max(magnitude, test::grad_error(naive, oracle, w).ref_max);
+    for (int w = 0; w < 3; ++w) {
+      const test::error_stats eb = test::grad_error(got, oracle, w), en = test::grad_error(naive, oracle, w);
+      const double tol = 2.0 * en.max_abs + test::k_grad_floor_eps * dtype_epsilon(dtype::f32) * magnitude;
+      EXPECT_TRUE(eb.hard_ok()) << c.problem << " " << c.mask << ": " << eb.worst;
+      EXPECT_LE(eb.max_abs, tol) << c.problem << " " << c.mask << " grad " << w << ": " << eb.worst << " (naive " << en.max_abs << ")";
+    }
+  }
+}
+
+TEST(BenchBackward, SampledCheckPassesTheKernelAndCatchesCorruptGradients) {
+  problem pr;
+  ASSERT_TRUE(parse_problem("b=2,n=150,hq=4,hkv=2,d=32,causal=br", pr).ok());
+  pr.lse = true;
+  problem_data data(pr);
+  spec s;
+  s.causal = pr.causal;
+  ASSERT_EQ(parse_mask("window(40,0)", s.mask), "");
+  ASSERT_TRUE(run_problem(data, s, backend::cpu).ok());
+  backward_data g(pr, 7);
+  ASSERT_TRUE(run_backward_problem(data, g, s, backend::cpu).ok());
+  attn_bwd_params bp;
+  ASSERT_TRUE(make_backward_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), data.lse_view(), g.d_out_view(),
+                                   g.grads(false), s, data.make_options(backend::cpu), bp)
+                  .ok());
+  check_result c = check_backward_sampled(bp, 64);
+  EXPECT_EQ(c.rows, 64 + 16);  // 64 query rows (dq), 16 key rows (dk, dv)
+  EXPECT_EQ(c.grads, "dq,dk,dv");
+  EXPECT_TRUE(c.ok) << c.max_abs_err << " tol " << c.tolerance;
+  EXPECT_LT(c.max_abs_err, 1e-5);
+  // The work is counted on the mask area: 2 heads x ~5,300 allowed pairs x 64 fits 1e6 (the dense 2 x 150^2 x 64
+  // would not). Over the limit only dq is compared, and the reason is given.
+  EXPECT_EQ(check_backward_sampled(bp, 64, 1e6).grads, "dq,dk,dv");
+  c = check_backward_sampled(bp, 64, 1000.0);
+  EXPECT_EQ(c.rows, 64);
+  EXPECT_EQ(c.grads.rfind("dq (dk, dv not checked", 0), 0u) << c.grads;
+  // Key 0 and the last key of the sampled kv head, and query row 0 of batch 0, are always compared: corrupt one of each
+  // gradient there in every head and each is caught on its own.
+  for (int which = 0; which < 3; ++which) {
+    std::vector<std::uint8_t>& buf = which == 0 ? g.dq : which == 1 ? g.dk : g.dv;
+    const std::vector<std::uint8_t> saved = buf;
+    const tensor t = which == 0 ? g.dq_view() : which == 1 ? g.dk_view() : g.dv_view();
+    for (std::int64_t h = 0; h < t.heads; ++h) detail::store_element(t.data, t.type, h * t.stride_head, 5.0);
+    EXPECT_FALSE(check_backward_sampled(bp, 64).ok) << which;
+    buf = saved;
+  }
+  EXPECT_TRUE(check_backward_sampled(bp, 64).ok);
+}
+
+TEST(BenchBackward, SuiteRowsCarryTheOpTheBackwardFlopsAndTheBaselineError) {
+  scratch_dir dir;
+  env_guard env("OMNIATTN_PEAK_CACHE", dir.path() + "/peak.json");
+  write_fake_peak(dir.path() + "/peak.json", 100.0);
+  suite_options o;
+  std::string error;
+  ASSERT_TRUE(parse_args({"--problem", "n=128,h=2,d=32", "--problem", "n=128,h=2,d=32", "--mask", "window(16,0)", "--op",
+                          "forward,backward", "--threads", "1", "--budget", "0.002", "--no-plots", "--out", dir.path() + "/out"},
+                         o, error))
+      << error;
+  std::vector<workload> sel;
+  ASSERT_TRUE(select_workloads(o, sel, error)) << error;
+  ASSERT_EQ(sel.size(), 4u);
+  EXPECT_EQ(sel[1].name, "custom-bwd/1");
+  EXPECT_EQ(sel[1].op, op_kind::backward);
+  ASSERT_EQ(run_suite(o), 0);
+  const json doc = read_json_file(dir.path() + "/out/results.json");
+  const std::vector<json>& rows = doc.find("rows")->items();
+  ASSERT_EQ(rows.size(), 4u);
+  const auto num = [&](std::size_t i, const char* key) { return rows[i].find(key)->as_number(); };
+  const auto str = [&](std::size_t i, const char* key) { return rows[i].find(key)->as_string(); };
+  EXPECT_EQ(str(0, "workload"), "custom/1");
+  EXPECT_EQ(str(0, "op"), "forward");
+  EXPECT_EQ(str(1, "workload"), "custom-bwd/1");
+  EXPECT_EQ(str(1, "op"), "backward");
+  EXPECT_EQ(str(1, "group"), "custom-bwd");
+  EXPECT_EQ(num(0, "useful_flops"), 4.0 * 128 * 128 * 2 * 32);
+  EXPECT_EQ(num(1, "useful_flops"), 2.5 * num(0, "useful_flops"));
+  EXPECT_EQ(str(1, "kernel").rfind("cpu.flash_bwd", 0), 0u) << str(1, "kernel");
+  EXPECT_TRUE(rows[1].find("tiles_skipped_pct")->is_null());  // the backward counts no tiles
+  EXPECT_TRUE(rows[0].find("check_grads")->is_null());
+  for (const std::size_t i : {1u, 3u}) {
+    EXPECT_EQ(str(i, "check_grads"), "dq,dk,dv") << i;
+    EXPECT_TRUE(rows[i].find("check_ok")->as_bool()) << i;
+    EXPECT_LT(num(i, "check_max_abs_err"), 1e-5) << i;
+    EXPECT_GT(num(i, "openblas_ms"), 0.0) << i;
+    EXPECT_LT(num(i, "openblas_max_abs_err"), 1e-5) << i;  // the baseline's own gradients against fp64
+  }
+  EXPECT_EQ(str(1, "openblas_cost"), "dense");
+  // The masked backward row: useful FLOPs on the mask area, the baseline with the mask applied, the dense backward
+  // row's time as its dense run.
+  EXPECT_EQ(str(3, "workload"), "custom-bwd/2");
+  EXPECT_EQ(num(3, "useful_flops"), 2.5 * num(2, "useful_flops"));
+  EXPECT_LT(num(3, "useful_flops"), 0.2 * num(1, "useful_flops"));
+  EXPECT_EQ(str(3, "openblas_cost"), "dense, mask applied");
+  EXPECT_EQ(str(2, "openblas_cost"), "dense (mask not applied)");
+  EXPECT_EQ(num(3, "dense_ms"), num(1, "median_ms"));
+  EXPECT_EQ(num(2, "dense_ms"), num(0, "median_ms"));
+  // --op backward alone: no forward row, the backward group's built-ins selected by a filter.
+  suite_options ob;
+  ASSERT_TRUE(parse_args({"--filter", "bwd/causal-d64,mask/full", "--op", "backward"}, ob, error)) << error;
+  ASSERT_TRUE(select_workloads(ob, sel, error)) << error;
+  ASSERT_EQ(sel.size(), 1u);
+  EXPECT_EQ(sel[0].name, "bwd/causal-d64");
+  EXPECT_NE(parse_error({"--op", "sideways"}).find("--op 'sideways'"), std::string::npos);
+}
+
+TEST(BenchBackward, BuiltInGroupCoversFivePatternsTwoHeadDimsTwoDtypes) {
+  std::vector<const workload*> bwd;
+  for (const workload& w : built_in_workloads())
+    if (w.group() == "bwd") bwd.push_back(&w);
+  ASSERT_EQ(bwd.size(), 20u);
+  for (const workload* w : bwd) EXPECT_EQ(w->op, op_kind::backward) << w->name;
+  for (const char* pattern : {"dense", "causal", "window", "document", "neighborhood-2d"})
+    for (const char* d : {"64", "128"})
+      for (const char* t : {"", "-bf16"}) {
+        const std::string name = std::string("bwd/") + pattern + "-d" + d + t;
+        const workload* w = find_workload(built_in_workloads(), name);
+        ASSERT_TRUE(w) << name;
+        std::vector<instance> inst;
+        std::string error;
+        ASSERT_TRUE(instantiate(*w, true, "", inst, error)) << error;
+        EXPECT_EQ(inst[0].prob.dim_qk, std::stoll(d)) << name;
+        EXPECT_EQ(inst[0].prob.type, *t ? dtype::bf16 : dtype::f32) << name;
+      }
+  std::vector<instance> inst;
+  std::string error;
+  ASSERT_TRUE(instantiate(*find_workload(built_in_workloads(), "bwd/neighborhood-2d-d64"), false, "", inst, error)) << error;
+  EXPECT_EQ(inst[0].mask_text, "neighborhood(grid=64x64, kernel=7x7)");
+  ASSERT_TRUE(instantiate(*find_workload(built_in_workloads(), "bwd/causal-d128"), false, "", inst, error)) << error;
+  EXPECT_EQ(inst[0].prob.causal, causal_mode::bottom_right);
+  // A workload file may ask for the backward.
+  scratch_dir dir;
+  std::vector<workload> ws;
+  ASSERT_TRUE(read_workload_file(dir.write("b.json", R"([{"name": "x/b", "problem": "n=64", "op": "backward"}])"), ws, error))
+      << error;
+  EXPECT_EQ(ws[0].op, op_kind::backward);
+  EXPECT_FALSE(read_workload_file(dir.write("c.json", R"([{"name": "x/b", "problem": "n=64", "op": "up"}])"), ws, error));
+  EXPECT_NE(error.find("\"op\" must be \"forward\" or \"backward\""), std::string::npos) << error;
+}
+
+TEST(BenchKernelTable, BackwardRowsCountTwoAndAHalfForwardFlopsAndCheckTheBaseline) {
+  scratch_dir dir;
+  env_guard env("OMNIATTN_PEAK_CACHE", dir.path() + "/peak.json");
+  write_fake_peak(dir.path() + "/peak.json", 100.0);
+  std::vector<std::string> args = {"omniattn", "bench", "--kernel", "--op", "forward,backward", "--n", "128", "--d", "32",
+                                   "--heads", "2", "--threads", "1", "--dtype", "f32", "--budget", "0.002", "--json",
+                                   dir.path() + "/k.json"};
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  ASSERT_EQ(kernel_main(static_cast<int>(argv.size()), argv.data()), 0);
+  const json doc = read_json_file(dir.path() + "/k.json");
+  const std::vector<json>& rows = doc.find("rows")->items();
+  ASSERT_EQ(rows.size(), 4u);  // forward dense, causal; backward dense, causal
+  for (std::size_t i = 0; i < 4; ++i) {
+    const json& r = rows[i];
+    EXPECT_EQ(r.find("op")->as_string(), i < 2 ? "forward" : "backward");
+    EXPECT_EQ(r.find("mask")->as_string(), i % 2 ? "causal" : "dense");
+    EXPECT_EQ(r.find("useful_flops")->as_number(), rows[i % 2].find("useful_flops")->as_number() * (i < 2 ? 1.0 : 2.5));
+    EXPECT_LT(r.find("max_abs_err")->as_number(), 1e-5) << i;  // N <= 512: the whole oracle
+    EXPECT_LT(r.find("openblas_max_abs_err")->as_number(), 1e-5) << i;
+    EXPECT_GT(r.find("openblas_gflops")->as_number(), 0.0) << i;
+  }
+  EXPECT_EQ(rows[2].find("useful_flops")->as_number(), 2.5 * 4.0 * 128 * 128 * 2 * 32);
+  EXPECT_EQ(rows[2].find("kernel")->as_string().rfind("cpu.flash_bwd", 0), 0u);
+  EXPECT_TRUE(rows[2].find("tiles_skipped_pct")->is_null());
+}
+
 }  // namespace
 }  // namespace omniattn::bench
+
 
 #else
 

@@ -1,7 +1,9 @@
 // The omniattn command-line tool: what the subcommands share.
 //
-//   omniattn explain <problem> [--backend B] [--threads N] [--mask SPEC]     which kernel runs, why, and the tile structure
-//   omniattn check [<problem>...] [--backend B] [--threads N] [--mask SPEC]  backend vs fp64 oracle vs naive f32, PASS/FAIL table
+//   omniattn explain <problem> [--backend B] [--threads N] [--mask SPEC]     which kernel runs (forward, backward), why,
+//                                                                          and the tile structure
+//   omniattn check [<problem>...] [--backend B] [--threads N] [--mask SPEC]  backend vs fp64 oracle vs naive f32, PASS/FAIL table,
+//                                                                          forward and backward
 //
 // Exit codes: 0 success / all PASS, 1 a problem cannot run or fails, 2 bad command-line input.
 #pragma once

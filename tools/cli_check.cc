@@ -1,4 +1,5 @@
-// omniattn check: runs problems on a backend, on the fp64 oracle and on the naive f32 path, and compares.
+// omniattn check: runs problems on a backend, on the fp64 oracle and on the naive f32 path, and compares; then the
+// backward (attention_backward) of each problem the same way, against the fp64 oracle backward and the naive float one.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -206,6 +207,126 @@ row_result check_problem(const problem& prob, backend use, int threads, const ma
   return r;
 }
 
+// ---- backward ----
+
+// Gradient tolerance, the tests' rule (tests/tolerance.h, check_backward): per gradient G of dq, dk, dv
+//   max|kernel.G - oracle.G| <= 2 * max|naive.G - oracle.G| + k_grad_floor_eps * u * M
+// with u the gradients' dtype unit and M the largest |oracle gradient| of the call (over dq, dk, dv).
+constexpr double k_grad_floor_eps = 4.0;
+
+struct backward_result {
+  std::string kernel = "-";
+  double ms = std::numeric_limits<double>::quiet_NaN();
+  double err[3], naive_err[3];
+  bool pass = false;
+  std::vector<std::string> notes;
+  backward_result() { std::fill(std::begin(err), std::end(err), ms), std::fill(std::begin(naive_err), std::end(naive_err), ms); }
+};
+
+struct grad_compare {
+  double max_err = 0.0, max_ref = 0.0;  // max |a - ref| (NaN when a holds NaN or inf), max |ref|
+  std::int64_t bad = 0;                 // non-finite values in a
+};
+
+grad_compare compare_grad(const backward_data& a, const backward_data& ref, int which) {
+  const tensor t = which == 0 ? a.dq_view() : which == 1 ? a.dk_view() : a.dv_view();
+  grad_compare c;
+  for (std::int64_t b = 0; b < t.batch; ++b)
+    for (std::int64_t s = 0; s < t.seq; ++s)
+      for (std::int64_t h = 0; h < t.heads; ++h)
+        for (std::int64_t d = 0; d < t.dim; ++d) {
+          const double x = a.grad_at(which, b, s, h, d), r = ref.grad_at(which, b, s, h, d);
+          c.max_ref = std::max(c.max_ref, std::abs(r));
+          if (!std::isfinite(x)) ++c.bad;
+          else c.max_err = std::max(c.max_err, std::abs(x - r));
+        }
+  if (c.bad) c.max_err = std::numeric_limits<double>::quiet_NaN();
+  return c;
+}
+
+// The backward of a problem: the backend's forward (out and lse), then its backward, against the oracle backward
+// (fp64, f32 gradients) and the naive float backward (the problem's gradient dtype), all on the same seeded inputs
+// and d_out.
+backward_result check_backward_problem(const problem& prob0, backend use, int threads, const mask_expr& mask) {
+  static const char* const names[3] = {"dq", "dk", "dv"};
+  backward_result r;
+  problem prob = prob0;
+  prob.lse = true;  // the backward reads the forward's lse
+  if (const status st = check_footprint(prob); !st) {
+    r.notes.push_back(st.error);
+    return r;
+  }
+  const spec s = make_spec(prob, mask);
+  constexpr std::uint64_t grad_seed = 7;
+  problem_data fwd(prob);
+  if (const status st = run_problem(fwd, s, use, threads); !st) {
+    r.notes.push_back("forward: " + st.error);
+    return r;
+  }
+  backward_data got(prob, grad_seed);
+  for (auto* g : {&got.dq, &got.dk, &got.dv}) std::fill(g->begin(), g->end(), std::uint8_t{0x7f});  // unwritten: NaN
+  {
+    options o = fwd.make_options(use, threads);
+    attn_bwd_params p;
+    if (make_backward_params(fwd.q_view(), fwd.k_view(), fwd.v_view(), fwd.out_view(), fwd.lse_view(), got.d_out_view(),
+                             got.grads(false), s, o, p)) {
+      p.fwd.threads = resolved_threads(threads);
+      const backward_selection sel = select_backward(p, use);
+      if (sel.ok()) r.kernel = sel.name;
+    }
+  }
+  for (int run = 0; run < k_min_runs; ++run) {  // deterministic: the last run's gradients are the ones checked
+    const auto t0 = std::chrono::steady_clock::now();
+    const status st = run_backward_problem(fwd, got, s, use, threads);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (!st) {
+      r.notes.push_back(st.error);
+      return r;
+    }
+    r.ms = run == 0 ? ms : std::min(r.ms, ms);
+    if (ms > k_slow_ms) break;
+  }
+  problem oracle_prob = prob;
+  oracle_prob.out_f32 = true;  // f32 gradients: the oracle's result is not rounded to bf16 / f16
+  const problem_data ofwd(oracle_prob);
+  backward_data oracle(oracle_prob, grad_seed);
+  if (const status so = run_backward_problem(ofwd, oracle, s, backend::reference, 1); !so) {
+    r.notes.push_back("oracle backward: " + so.error);
+    return r;
+  }
+  const problem_data nfwd(prob);
+  backward_data naive(prob, grad_seed);
+  if (const status sn = run_naive_backward(nfwd, naive, s); !sn) {
+    r.notes.push_back("naive backward: " + sn.error);
+    return r;
+  }
+  grad_compare kc[3], nc[3];
+  double magnitude = 0.0;
+  for (int w = 0; w < 3; ++w) {
+    kc[w] = compare_grad(got, oracle, w);
+    nc[w] = compare_grad(naive, oracle, w);
+    magnitude = std::max(magnitude, nc[w].max_ref);
+    r.err[w] = kc[w].max_err;
+    r.naive_err[w] = nc[w].max_err;
+  }
+  bool ok = true;
+  for (int w = 0; w < 3; ++w) {
+    const double tol = 2.0 * nc[w].max_err + k_grad_floor_eps * dtype_epsilon(got.grad_type()) * magnitude;
+    if (kc[w].bad) {
+      r.notes.push_back(std::string(names[w]) + " holds " + group_digits(kc[w].bad) + " NaN or inf value(s)");
+      ok = false;
+    } else if (!(kc[w].max_err <= tol)) {
+      char buf[200];
+      std::snprintf(buf, sizeof buf, "%s: max error %.3e > 2 * naive %.3e + floor %.3e", names[w], kc[w].max_err, nc[w].max_err,
+                    tol - 2.0 * nc[w].max_err);
+      r.notes.emplace_back(buf);
+      ok = false;
+    }
+  }
+  r.pass = ok;
+  return r;
+}
+
 std::string fmt(const char* format, double x) {
   if (std::isnan(x)) return "-";
   char buf[32];
@@ -257,7 +378,42 @@ int run_check(const command_line& cl) {
     for (const std::string& n : r.notes) notes.emplace_back(i + 1, n);
   }
 
-  std::printf("\n%zu/%zu passed\n", passed, probs.size());
+  // The backward of every problem, same inputs.
+  std::printf("\nbackward (attention_backward on the forward's out and lse): dq, dk, dv vs the fp64 oracle backward and\n"
+              "the naive float backward\n\n");
+  std::printf("%3s  %-*s  %-20s %9s  %9s  %9s  %9s  %9s  %6s  %s\n", "#", nw, "problem", "kernel", "best ms", "dq err", "dk err",
+              "dv err", "naive err", "ratio", "status");
+  std::printf("%s\n", std::string(3 + 2 + name_w + 2 + 20 + 1 + 9 + 2 + 9 + 2 + 9 + 2 + 9 + 2 + 9 + 2 + 6 + 2 + 6, '-').c_str());
+  std::fflush(stdout);
+  std::size_t bwd_passed = 0;
+  std::vector<std::pair<std::size_t, std::string>> bwd_notes;
+  for (std::size_t i = 0; i < probs.size(); ++i) {
+    const backward_result r = check_backward_problem(probs[i], cl.use, cl.threads, cl.mask);
+    // The naive path's largest error and the worst kernel / naive ratio over dq, dk, dv ("-" where one is missing).
+    double naive = 0.0, worst = 0.0;
+    bool missing = false, infinite = false;
+    for (int w = 0; w < 3; ++w) {
+      if (std::isnan(r.err[w]) || std::isnan(r.naive_err[w])) {
+        missing = true;
+        continue;
+      }
+      naive = std::max(naive, r.naive_err[w]);
+      if (r.naive_err[w] == 0.0) infinite = infinite || r.err[w] != 0.0;
+      else worst = std::max(worst, r.err[w] / r.naive_err[w]);
+    }
+    if (missing) naive = std::numeric_limits<double>::quiet_NaN();
+    const std::string ratios = missing ? "-" : infinite ? "inf" : fmt("%.2f", worst);
+    std::printf("%3zu  %-*s  %-20s %9s  %9s  %9s  %9s  %9s  %6s  %s\n", i + 1, nw, names[i].c_str(), r.kernel.c_str(),
+                fmt("%.3f", r.ms).c_str(), fmt("%.2e", r.err[0]).c_str(), fmt("%.2e", r.err[1]).c_str(),
+                fmt("%.2e", r.err[2]).c_str(), fmt("%.2e", naive).c_str(), ratios.c_str(), r.pass ? "PASS" : "FAIL");
+    std::fflush(stdout);
+    bwd_passed += r.pass;
+    for (const std::string& n : r.notes) bwd_notes.emplace_back(i + 1, "backward: " + n);
+  }
+  notes.insert(notes.end(), bwd_notes.begin(), bwd_notes.end());
+  std::stable_sort(notes.begin(), notes.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+
+  std::printf("\n%zu/%zu passed (forward), %zu/%zu passed (backward)\n", passed, probs.size(), bwd_passed, probs.size());
   if (!notes.empty()) {
     std::printf("\nfailures:\n");
     std::size_t last = 0;
@@ -270,8 +426,9 @@ int run_check(const command_line& cl) {
       std::printf("      %s\n", indented.c_str());
     }
   }
-  std::printf("\nlegend: LQxLK, hHQ:HKV, dDQK:DV, tl/br = causal top_left/bottom_right; errors are max abs vs the oracle\n");
-  return passed == probs.size() ? k_exit_ok : k_exit_fail;
+  std::printf("\nlegend: LQxLK, hHQ:HKV, dDQK:DV, tl/br = causal top_left/bottom_right; errors are max abs vs the oracle;\n"
+              "backward ratio = the largest of err / naive err over dq, dk, dv\n");
+  return passed == probs.size() && bwd_passed == probs.size() ? k_exit_ok : k_exit_fail;
 }
 
 }  // namespace omniattn::cli

@@ -1,4 +1,5 @@
-// omniattn explain: what select() picks for a problem on each backend, why, and the problem's tile structure.
+// omniattn explain: what select() (forward) and select_backward() (backward) pick for a problem on each backend, why,
+// and the problem's tile structure.
 #include <array>
 #include <cstdio>
 #include <iostream>
@@ -11,8 +12,27 @@ namespace {
 
 constexpr std::int64_t k_tile = 64;  // the CPU kernel's q and kv tile size
 
-void print_selection(const selection& sel, const char* indent) {
+template <class Selection>
+void print_selection(const Selection& sel, const char* indent) {
   for (const std::string& r : sel.reasons) std::cout << indent << r << "\n";
+}
+
+// One op's choice on the chosen backend: "forward   KERNEL" (or why none fits) and its reasons.
+template <class Selection>
+void print_choice(const char* op, const Selection& sel, backend use) {
+  char head[32];
+  std::snprintf(head, sizeof head, "%-9s ", op);
+  if (sel.ok()) std::cout << head << sel.name << "\n";
+  else std::cout << head << "none: no " << backend_name(use) << " kernel fits this problem\n";
+  print_selection(sel, "  ");
+}
+
+template <class Selection>
+void print_backend_line(const Selection& sel, backend b) {
+  char head[64];
+  std::snprintf(head, sizeof head, "    %-10s %s\n", backend_name(b), sel.ok() ? sel.name.c_str() : "(no kernel fits)");
+  std::cout << head;
+  print_selection(sel, "                 ");
 }
 
 void print_work(const attn_params& p) {
@@ -22,10 +42,11 @@ void print_work(const attn_params& p) {
     dense += e.q_len * e.k_len * p.heads_q;
   }
   const std::int64_t area = mask_area(p);
-  char line[160];
-  std::snprintf(line, sizeof line, " of %s (%.2f%%), %.3f GFLOP", group_digits(dense).c_str(),
-                dense ? 100.0 * static_cast<double>(area) / static_cast<double>(dense) : 0.0,
-                2.0 * static_cast<double>(area) * static_cast<double>(p.dim_qk + p.dim_v) * 1e-9);
+  char line[200];
+  const double gflop = 2.0 * static_cast<double>(area) * static_cast<double>(p.dim_qk + p.dim_v) * 1e-9;
+  std::snprintf(line, sizeof line, " of %s (%.2f%%), %.3f GFLOP (backward %.3f: 2.5x, FlashAttention's count)",
+                group_digits(dense).c_str(), dense ? 100.0 * static_cast<double>(area) / static_cast<double>(dense) : 0.0,
+                gflop, 2.5 * gflop);
   std::cout << "work      allowed (query, key) pairs " << group_digits(area) << line << "\n";
 }
 
@@ -76,22 +97,32 @@ int run_explain(const command_line& cl) {
   }
   p.threads = resolved_threads(cl.threads);  // what attention() does before it selects
 
+  // The backward of the same call: what attention_backward would run on the forward's out and lse, with d_out and the
+  // gradients shaped like out and q, k, v.
+  const backward_data grads(prob, 7);
+  attn_bwd_params bp;
+  const status bwd_made = make_backward_params(data.q_view(), data.k_view(), data.v_view(), data.out_view(), lse, grads.d_out_view(),
+                                               grads.grads(false), s, opt, bp);
+  bp.fwd.threads = p.threads;
+
   const selection chosen = select(p, cl.use);
   std::cout << "backend   " << backend_name(cl.use) << ", " << p.threads << " thread(s)\n";
-  if (chosen.ok()) std::cout << "kernel    " << chosen.name << "\n";
-  else std::cout << "kernel    none: no " << backend_name(cl.use) << " kernel fits this problem\n";
-  std::cout << "reasons\n";
-  print_selection(chosen, "  ");
+  print_choice("forward", chosen, cl.use);
+  backward_selection chosen_bwd;
+  if (bwd_made) {
+    chosen_bwd = select_backward(bp, cl.use);
+    print_choice("backward", chosen_bwd, cl.use);
+  } else {
+    std::cout << "backward  invalid: " << bwd_made.error << "\n";
+  }
   print_work(p);
   print_tiles(p);
 
-  std::cout << "select() per backend\n";
-  for (backend b : {backend::cpu, backend::reference}) {
-    const selection sel = select(p, b);
-    char head[64];
-    std::snprintf(head, sizeof head, "  %-10s %s\n", backend_name(b), sel.ok() ? sel.name.c_str() : "(no kernel fits)");
-    std::cout << head;
-    print_selection(sel, "               ");
+  std::cout << "select() per backend\n  forward\n";
+  for (backend b : {backend::cpu, backend::reference}) print_backend_line(select(p, b), b);
+  if (bwd_made) {
+    std::cout << "  backward (select_backward)\n";
+    for (backend b : {backend::cpu, backend::reference}) print_backend_line(select_backward(bp, b), b);
   }
   return chosen.ok() ? k_exit_ok : k_exit_fail;
 }

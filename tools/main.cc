@@ -203,10 +203,12 @@ void print_usage(std::ostream& os) {
         "\n"
         "commands:\n"
         "  explain <problem> [--backend B] [--threads N] [--mask SPEC] [--score SPEC]\n"
-        "      Which kernel runs the problem on each backend and why (or why none fits), and its tile structure.\n"
+        "      Which kernel runs the problem, forward and backward, on each backend and why (or why none fits), and\n"
+        "      its tile structure.\n"
         "  check [<problem>...] [--backend B] [--threads N] [--mask SPEC] [--score SPEC]\n"
         "      Runs each problem (default: a built-in suite) on the backend, the fp64 oracle and the naive f32 path\n"
-        "      and prints errors and timings with a PASS/FAIL verdict per problem.\n"
+        "      and prints errors and timings with a PASS/FAIL verdict per problem; then its backward (dq, dk, dv) the\n"
+        "      same way against the fp64 oracle backward and the naive float backward.\n"
         "  bench [--quick] [--filter GLOB] [--problem SPEC [--mask SPEC]] [--workloads FILE] [--out DIR] ...\n"
         "      Benchmark suite (CAB's patterns, the mask catalogue over N, model shapes): the fused kernel against\n"
         "      the unfused OpenBLAS and naive f32 paths in the same run, % of the measured peak, memory, a sampled\n"
@@ -234,9 +236,11 @@ void print_usage(std::ostream& os) {
 void print_explain_usage(std::ostream& os) {
   os << "usage: omniattn explain <problem> [--backend auto|cpu|reference] [--threads N]\n"
         "\n"
-        "Prints the problem, the kernel select() picks on the backend with every reason, what select() says for\n"
-        "each backend, the allowed (query, key) pairs and the 64x64 tile structure (FULL/PARTIAL/EMPTY).\n"
-        "Exits 1 when no kernel of the backend fits the problem or the problem is invalid, 2 on bad input.\n"
+        "Prints the problem, per op the kernel the backend picks with every reason (forward: select(), backward:\n"
+        "select_backward(), i.e. what attention_backward runs on this call's out and lse), what each says for\n"
+        "each backend, the allowed (query, key) pairs with the forward and backward FLOPs and the 64x64 tile\n"
+        "structure (FULL/PARTIAL/EMPTY).\n"
+        "Exits 1 when no forward kernel of the backend fits the problem or the problem is invalid, 2 on bad input.\n"
         "Example: omniattn explain b=1,n=1000,h=8,d=128,causal=br\n";
 }
 
@@ -249,7 +253,13 @@ void print_check_usage(std::ostream& os) {
         "output dtype's rounding unit (f32 2^-23, bf16 2^-8, f16 2^-11), the output holds no NaN and the LSE is\n"
         "finite exactly where the oracle's is. Errors returned by attention() are printed and count as FAIL.\n"
         "'best ms' is the fastest of 3 to 5 runs of the backend (one run when it takes over 250 ms).\n"
-        "Exits 0 when every problem passes, 1 otherwise, 2 on bad input.\n";
+        "\n"
+        "Then the backward of each problem: attention_backward on the backend's forward out and lse, with a seeded\n"
+        "d_out, against the fp64 oracle backward (f32 gradients) and the naive float backward\n"
+        "(naive_attention_backward_f32), by the tests' rule (tests/tolerance.h): each of dq, dk, dv PASSes when\n"
+        "max|grad - oracle| <= 2 * max|naive - oracle| + 4 * u * M, u the gradients' dtype unit and M the largest\n"
+        "|oracle gradient| of the call, and holds no NaN or inf. 'best ms' is the fastest of 3 backward runs.\n"
+        "Exits 0 when every problem passes forward and backward, 1 otherwise, 2 on bad input.\n";
 }
 
 }  // namespace omniattn::cli
