@@ -92,9 +92,10 @@ struct scratch {
   }
 };
 
-// Key tiles [kt0, kt1) of one (sequence, kv head), accumulating dQ into split `split`.
+// Key tiles [kt0, kt1) of one kv head for sequences [b, b1) (one sequence, or every batch entry when a dense bias
+// broadcast over the batch needs a single writer per entry), accumulating dQ into split `split`.
 struct item {
-  std::int64_t b, kvh, kt0, kt1, split, cost;
+  std::int64_t b, b1, kvh, kt0, kt1, split, cost;
 };
 
 // Prologue for one q tile of one head: packed rotated Q and dO, D_i = <dO_i, O_i>, the LSE in base 2 and the sink term.
@@ -241,29 +242,31 @@ HWY_INLINE void pack_key_tile(const attn_params& p, const layout& lay, scratch& 
 HWY_NOINLINE void run_item(const attn_bwd_params& bp, const layout& lay, const detail::block_plan& plan, scratch& ts,
                            const item& it, float* row) {
   const attn_params& p = bp.fwd;
-  const seq_extent e = sequence(p, it.b);
   const float post = p.score ? 1.0f : static_cast<float>(p.scale);
-  for (std::int64_t kt = it.kt0; kt < it.kt1; ++kt) {
-    const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
-    pack_key_tile(p, lay, ts, e, it.kvh, k0, keys, row);
-    std::fill(ts.dk.get(), ts.dk.get() + k_bk * lay.dim_p, 0.0f);
-    std::fill(ts.dv.get(), ts.dv.get() + k_bk * lay.dim_vp, 0.0f);
-    for (std::int64_t h = it.kvh * p.group; h < (it.kvh + 1) * p.group; ++h)
-      for (const detail::block_plan::entry& en : plan.col(it.b, h, kt))
-        pair_tile(bp, lay, ts, it.b, h, en.tile, en.kind, k0, keys, it.split);
-    for (std::int64_t j = 0; j < keys; ++j) {
-      const std::int64_t at = e.k_begin + k0 + j;
-      float* dk = ts.dk.get() + j * lay.dim_p;
-      for (std::int64_t c = 0; c < lay.dim; ++c) dk[c] *= post;
-      if (p.rope) {
-        const std::size_t t = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_k + at) * (p.rope_dim / 2));
-        rope_apply_back(p, lay.k_cos.data() + t, lay.k_sin.data() + t, dk);
+  for (std::int64_t b = it.b; b < it.b1; ++b) {
+    const seq_extent e = sequence(p, b);
+    for (std::int64_t kt = it.kt0; kt < it.kt1; ++kt) {
+      const std::int64_t k0 = kt * k_bk, keys = std::min(k_bk, e.k_len - k0);
+      pack_key_tile(p, lay, ts, e, it.kvh, k0, keys, row);
+      std::fill(ts.dk.get(), ts.dk.get() + k_bk * lay.dim_p, 0.0f);
+      std::fill(ts.dv.get(), ts.dv.get() + k_bk * lay.dim_vp, 0.0f);
+      for (std::int64_t h = it.kvh * p.group; h < (it.kvh + 1) * p.group; ++h)
+        for (const detail::block_plan::entry& en : plan.col(b, h, kt))
+          pair_tile(bp, lay, ts, b, h, en.tile, en.kind, k0, keys, it.split);
+      for (std::int64_t j = 0; j < keys; ++j) {
+        const std::int64_t at = e.k_begin + k0 + j;
+        float* dk = ts.dk.get() + j * lay.dim_p;
+        for (std::int64_t c = 0; c < lay.dim; ++c) dk[c] *= post;
+        if (p.rope) {
+          const std::size_t t = static_cast<std::size_t>((e.tensor_batch * p.seq_rows_k + at) * (p.rope_dim / 2));
+          rope_apply_back(p, lay.k_cos.data() + t, lay.k_sin.data() + t, dk);
+        }
+        const std::int64_t ko = e.tensor_batch * bp.dk_stride[0] + at * bp.dk_stride[1] + it.kvh * bp.dk_stride[2];
+        const std::int64_t vo = e.tensor_batch * bp.dv_stride[0] + at * bp.dv_stride[1] + it.kvh * bp.dv_stride[2];
+        for (std::int64_t c = 0; c < lay.dim; ++c) detail::store_element(bp.dk, bp.dk_type, ko + c * bp.dk_stride[3], dk[c]);
+        const float* dv = ts.dv.get() + j * lay.dim_vp;
+        for (std::int64_t c = 0; c < p.dim_v; ++c) detail::store_element(bp.dv, bp.dv_type, vo + c * bp.dv_stride[3], dv[c]);
       }
-      const std::int64_t ko = e.tensor_batch * bp.dk_stride[0] + at * bp.dk_stride[1] + it.kvh * bp.dk_stride[2];
-      const std::int64_t vo = e.tensor_batch * bp.dv_stride[0] + at * bp.dv_stride[1] + it.kvh * bp.dv_stride[2];
-      for (std::int64_t c = 0; c < lay.dim; ++c) detail::store_element(bp.dk, bp.dk_type, ko + c * bp.dk_stride[3], dk[c]);
-      const float* dv = ts.dv.get() + j * lay.dim_vp;
-      for (std::int64_t c = 0; c < p.dim_v; ++c) detail::store_element(bp.dv, bp.dv_type, vo + c * bp.dv_stride[3], dv[c]);
     }
   }
 }
@@ -294,18 +297,21 @@ HWY_NOINLINE void finish_rows(const attn_bwd_params& bp, const layout& lay, std:
 }
 
 // Items over the problem: each (sequence, kv head) cut into `splits` contiguous key-tile ranges of about equal cost
-// (the q tiles each key tile meets, over the group): independent of the thread count.
-std::vector<item> make_items(const attn_params& p, const detail::block_plan& plan, std::int64_t splits) {
+// (the q tiles each key tile meets, over the group): independent of the thread count. fold_batch: one range set per
+// kv head covering every batch entry (fixed-length batches only, where every entry has the same key tiles).
+std::vector<item> make_items(const attn_params& p, const detail::block_plan& plan, std::int64_t splits, bool fold_batch) {
   std::vector<item> items;
-  for (std::int64_t b = 0; b < p.batch; ++b) {
-    const seq_extent e = sequence(p, b);
+  for (std::int64_t b0 = 0; b0 < p.batch; b0 += fold_batch ? p.batch : 1) {
+    const std::int64_t b1 = fold_batch ? p.batch : b0 + 1;
+    const seq_extent e = sequence(p, b0);
     const std::int64_t kv_tiles = (e.k_len + k_bk - 1) / k_bk;
     for (std::int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
       std::vector<std::int64_t> cost(static_cast<std::size_t>(kv_tiles), 1);
       std::int64_t total = 0;
       for (std::int64_t kt = 0; kt < kv_tiles; ++kt) {
-        for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h)
-          cost[static_cast<std::size_t>(kt)] += static_cast<std::int64_t>(plan.col(b, h, kt).size());
+        for (std::int64_t b = b0; b < b1; ++b)
+          for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h)
+            cost[static_cast<std::size_t>(kt)] += static_cast<std::int64_t>(plan.col(b, h, kt).size());
         total += cost[static_cast<std::size_t>(kt)];
       }
       std::int64_t kt0 = 0, acc = 0, split = 0;
@@ -315,7 +321,7 @@ std::vector<item> make_items(const attn_params& p, const detail::block_plan& pla
         if (!cut) continue;
         std::int64_t c = 0;
         for (std::int64_t t = kt0; t <= kt; ++t) c += cost[static_cast<std::size_t>(t)];
-        items.push_back({b, kvh, kt0, kt + 1, split, c});
+        items.push_back({b0, b1, kvh, kt0, kt + 1, split, c});
         kt0 = kt + 1;
         ++split;
       }
@@ -341,8 +347,14 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
   lay.rows = (p.cu_seqlens_q ? 1 : p.batch) * p.seq_rows_q;
   std::int64_t kv_tiles = 0;
   for (std::int64_t b = 0; b < p.batch; ++b) kv_tiles = std::max(kv_tiles, (sequence(p, b).k_len + k_bk - 1) / k_bk);
+  // A dense bias gradient broadcast over the batch: every batch entry of a kv head in one item (one writer per entry).
+  const bool fold_batch = bp.d_bias && !p.cu_seqlens_q && p.batch > 1 && [&] {
+    for (const detail::score_step& st : plan_score(p).steps)
+      if (st.op == detail::score_step::kind::bias) return st.bias->shape[0] == 1;
+    return false;
+  }();
   // Enough items for 16 threads' worth of balance, at most 8 dQ partial sums (memory: splits x the size of Q in f32).
-  const std::int64_t pairs = std::max<std::int64_t>(p.batch * p.heads_kv, 1);
+  const std::int64_t pairs = std::max<std::int64_t>((fold_batch ? 1 : p.batch) * p.heads_kv, 1);
   lay.splits = std::clamp<std::int64_t>((16 + pairs - 1) / pairs, 1, std::min<std::int64_t>(8, std::max<std::int64_t>(kv_tiles, 1)));
   const auto sz = [](std::int64_t x) { return static_cast<std::size_t>(std::max<std::int64_t>(x, 1)); };
   lay.q = detail::checked(hwy::AllocateAligned<float>(sz(p.heads_q * lay.rows * lay.dim_p)));
@@ -367,7 +379,7 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
     rope_tables(p, true, lay.q_cos, lay.q_sin);
     rope_tables(p, false, lay.k_cos, lay.k_sin);
   }
-  std::vector<bwd::item> items = bwd::make_items(p, plan, lay.splits);
+  std::vector<bwd::item> items = bwd::make_items(p, plan, lay.splits, fold_batch);
   std::vector<bwd::scratch> scratch(static_cast<std::size_t>(threads));
   for (bwd::scratch& ts : scratch) ts.allocate(lay, p.dim_v);
   std::vector<std::vector<float>> rows(static_cast<std::size_t>(threads), std::vector<float>(sz(p.dim_v)));

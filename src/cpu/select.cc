@@ -158,14 +158,16 @@ std::string bwd_name(const attn_bwd_params& p) { return std::string("cpu.flash_b
 std::string bwd_rejects(const attn_bwd_params& p, const config& cfg) {
   if (std::string no = cpu_blocker(p.fwd, cfg); !no.empty()) return no;
   if (p.d_bias) {
-    // Each bias entry must have one writer (a work item owns a sequence, a kv head and a range of key tiles): a bias
-    // broadcast over the batch, or over the heads of several kv heads, would have several.
+    // Each bias entry must have one writer (a work item owns a kv head, a range of key tiles and one sequence, or
+    // every batch entry when the bias is broadcast over a fixed-length batch): a bias broadcast over the heads of
+    // several kv heads, or over varlen sequences (their key tiles differ), would have several.
     std::vector<detail::score_step> steps;
     detail::lower_score(*p.fwd.score, steps);
     for (const detail::score_step& st : steps) {
       if (st.op != detail::score_step::kind::bias) continue;
-      if (st.bias->shape[0] == 1 && p.fwd.batch > 1)
-        return "gradients.d_bias of a bias broadcast over the batch is computed by the reference backend only";
+      if (st.bias->shape[0] == 1 && p.fwd.batch > 1 && p.fwd.cu_seqlens_q)
+        return "gradients.d_bias of a bias broadcast over the sequences of a varlen batch is computed by the reference "
+               "backend only";
       if (st.bias->shape[1] == 1 && p.fwd.heads_kv > 1)
         return "gradients.d_bias of a bias broadcast over the heads of several kv heads is computed by the reference "
                "backend only";
