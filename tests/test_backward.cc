@@ -235,7 +235,7 @@ void make_feature(int f, const problem& p, owned_spec& os) {
 std::vector<kernel_case> kernel_cases(std::size_t n, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   const std::vector<std::int64_t> lens = {1, 7, 63, 64, 65, 130};
-  const std::vector<std::int64_t> dims = {8, 13, 32, 64, 72};
+  const std::vector<std::int64_t> dims = {8, 13, 32, 64, 72, 160};
   const std::vector<std::pair<std::int64_t, std::int64_t>> heads = {{2, 2}, {4, 2}, {3, 1}};
   const std::vector<dtype> types = {dtype::f32, dtype::bf16, dtype::f16};
   std::vector<int> features(k_features);
@@ -423,6 +423,28 @@ TEST(Backward, FullyMaskedRowsGiveZeroGradients) {
           if (i < p.seq_q - p.seq_k) ASSERT_EQ(g, 0.0) << backend_name(b) << " row " << i;
         }
   }
+}
+
+TEST(Backward, ZeroLengthCalls) {
+  // Lk = 0: every row sees nothing, dq = 0; Lq = 0: no query reaches a key, dk = dv = 0. Both backends write every
+  // gradient element (the buffers start poisoned).
+  for (backend b : {backend::reference, backend::cpu})
+    for (const auto& [lq, lk] : std::vector<std::pair<std::int64_t, std::int64_t>>{{0, 9}, {9, 0}, {0, 0}}) {
+      problem p = small_problem(lq, lk, 2, 1, 8, dtype::f32, causal_mode::none, 1);
+      problem_data fwd(p);
+      ASSERT_TRUE(run_problem(fwd, {}, b, 2).ok());
+      backward_data bwd(p, 1);
+      for (auto* g : {&bwd.dq, &bwd.dk, &bwd.dv}) std::fill(g->begin(), g->end(), std::uint8_t{0x7f});
+      const status st = run_backward_problem(fwd, bwd, {}, b, 2);
+      ASSERT_TRUE(st.ok()) << st.error;
+      for (int w = 0; w < 3; ++w) {
+        const tensor t = w == 0 ? bwd.dq_view() : w == 1 ? bwd.dk_view() : bwd.dv_view();
+        for (std::int64_t i = 0; i < t.seq; ++i)
+          for (std::int64_t h = 0; h < t.heads; ++h)
+            for (std::int64_t d = 0; d < t.dim; ++d)
+              ASSERT_EQ(bwd.grad_at(w, 0, i, h, d), 0.0) << backend_name(b) << " lq " << lq << " lk " << lk << " grad " << w;
+      }
+    }
 }
 
 TEST(Backward, ValidationNamesTheArgument) {
