@@ -347,15 +347,19 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
   lay.rows = (p.cu_seqlens_q ? 1 : p.batch) * p.seq_rows_q;
   std::int64_t kv_tiles = 0;
   for (std::int64_t b = 0; b < p.batch; ++b) kv_tiles = std::max(kv_tiles, (sequence(p, b).k_len + k_bk - 1) / k_bk);
+  lay.score = plan_score(p);
+  for (std::size_t u = 0; bp.d_bias && u < lay.score.steps.size(); ++u)
+    if (lay.score.steps[u].op == detail::score_step::kind::bias) {
+      lay.bias = lay.score.steps[u].bias;
+      lay.bias_step = u;
+    }
   // A dense bias gradient broadcast over the batch: every batch entry of a kv head in one item (one writer per entry).
-  const bool fold_batch = bp.d_bias && !p.cu_seqlens_q && p.batch > 1 && [&] {
-    for (const detail::score_step& st : plan_score(p).steps)
-      if (st.op == detail::score_step::kind::bias) return st.bias->shape[0] == 1;
-    return false;
-  }();
+  const bool fold_batch = lay.bias && lay.bias->shape[0] == 1 && !p.cu_seqlens_q && p.batch > 1;
   // Enough items for 16 threads' worth of balance, at most 8 dQ partial sums (memory: splits x the size of Q in f32).
   const std::int64_t pairs = std::max<std::int64_t>((fold_batch ? 1 : p.batch) * p.heads_kv, 1);
   lay.splits = std::clamp<std::int64_t>((16 + pairs - 1) / pairs, 1, std::min<std::int64_t>(8, std::max<std::int64_t>(kv_tiles, 1)));
+  // A bias broadcast over the keys sums every key tile of a row into one entry: one item per (sequence, kv head).
+  if (lay.bias && lay.bias->shape[3] == 1) lay.splits = 1;
   const auto sz = [](std::int64_t x) { return static_cast<std::size_t>(std::max<std::int64_t>(x, 1)); };
   lay.q = detail::checked(hwy::AllocateAligned<float>(sz(p.heads_q * lay.rows * lay.dim_p)));
   lay.d_out = detail::checked(hwy::AllocateAligned<float>(sz(p.heads_q * lay.rows * lay.dim_vp)));
@@ -363,18 +367,6 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
   lay.delta.assign(sz(p.heads_q * lay.rows), 0.0f);
   lay.lse2.assign(lay.delta.size(), 0.0f);
   if (p.sink_logits) lay.sink_part.assign(lay.delta.size(), 0.0);
-  lay.score = plan_score(p);
-  if (bp.d_bias) {
-    for (std::size_t u = 0; u < lay.score.steps.size(); ++u)
-      if (lay.score.steps[u].op == detail::score_step::kind::bias) {
-        lay.bias = lay.score.steps[u].bias;
-        lay.bias_step = u;
-      }
-    const auto& sh = lay.bias->shape;
-    std::fill(bp.d_bias, bp.d_bias + sh[0] * sh[1] * sh[2] * sh[3], 0.0f);
-    // A bias broadcast over the keys sums every key tile of a row into one entry: one item per (sequence, kv head).
-    if (sh[3] == 1) lay.splits = 1;
-  }
   if (p.rope) {
     rope_tables(p, true, lay.q_cos, lay.q_sin);
     rope_tables(p, false, lay.k_cos, lay.k_sin);
@@ -393,6 +385,11 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
     b = std::upper_bound(tile_begin.begin(), tile_begin.end(), flat) - tile_begin.begin() - 1;
     qt = flat - tile_begin[static_cast<std::size_t>(b)];
   };
+  // Every buffer is allocated: only now is an output touched (a failed allocation leaves them as they were).
+  if (lay.bias) {
+    const auto& sh = lay.bias->shape;
+    std::fill(bp.d_bias, bp.d_bias + sh[0] * sh[1] * sh[2] * sh[3], 0.0f);
+  }
   detail::parallel_errors errors;
   run_phases(threads, errors,
              // The dQ partial sums start at 0 (first touch by the threads that use them).
