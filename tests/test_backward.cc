@@ -30,6 +30,7 @@ struct owned_spec {
   spec s;
   std::vector<float> sinks, bias;
   rope_spec rope;
+  block_mask blocks;
 };
 
 // sum(out * d_out) through the fp64 oracle forward (f32 out): the loss whose gradient attention_backward returns.
@@ -197,7 +198,7 @@ struct kernel_case {
   int feature;  // which spec feature (see make_feature)
 };
 
-constexpr int k_features = 12;
+constexpr int k_features = 13;
 
 void make_feature(int f, const problem& p, owned_spec& os) {
   spec& s = os.s;
@@ -228,6 +229,21 @@ void make_feature(int f, const problem& p, owned_spec& os) {
     case 11:
       s.mask = mask_expr::predicate([](std::int64_t, std::int64_t h, std::int64_t i, std::int64_t j) { return (i + j + h) % 3 != 0; });
       break;
+    case 12: {
+      // A user block mask with tiles unlike the kernel's (32 x 48), seeded kinds, PARTIAL tiles refined by a window.
+      block_mask& bm = os.blocks;
+      bm.q_tile = 32;
+      bm.kv_tile = 48;
+      bm.batch = 1;
+      bm.heads = p.heads_q;
+      bm.q_tiles = (std::max<std::int64_t>(p.seq_q, 1) + 31) / 32;
+      bm.kv_tiles = (std::max<std::int64_t>(p.seq_k, 1) + 47) / 48;
+      std::mt19937_64 rng(static_cast<std::uint64_t>(p.seed));
+      for (std::int64_t n = 0; n < bm.heads * bm.q_tiles * bm.kv_tiles; ++n) bm.kinds.push_back(static_cast<tile_kind>(rng() % 3));
+      s.blocks = &bm;
+      s.mask = mask_expr::window(20, 20, causal_mode::top_left);
+      break;
+    }
     default: break;
   }
 }
@@ -262,12 +278,16 @@ std::vector<kernel_case> kernel_cases(std::size_t n, std::uint64_t seed) {
 
 TEST(Backward, KernelMatchesOracleSweep) {
   const std::vector<kernel_case> cases = kernel_cases(full_intensity() ? 96 : 36, 2026);
+  int block_mask_cases = 0;
   for (const kernel_case& c : cases) {
     owned_spec os;
     make_feature(c.feature, c.prob, os);
     if (c.prob.is_varlen() && c.feature == 4) os.s.mask = mask_expr{};  // document offsets are per fixed-length call
+    if (c.prob.is_varlen() && c.feature == 12) continue;  // the block mask above is sized for a fixed-length call
+    block_mask_cases += c.feature == 12;
     EXPECT_TRUE(check_backward(c.prob, os.s, backend::cpu, 2)) << "feature " << c.feature;
   }
+  EXPECT_GT(block_mask_cases, 0);
 }
 
 TEST(Backward, KernelMatchesOracleOnEveryTarget) {
