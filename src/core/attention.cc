@@ -132,9 +132,7 @@ class gradient_stage {
     if (p.d_bias) {
       std::vector<detail::score_step> steps;
       detail::lower_score(*p.fwd.score, steps);
-      for (const detail::score_step& st : steps)
-        if (st.op == detail::score_step::kind::bias)
-          bias_.resize(static_cast<std::size_t>(st.bias->shape[0] * st.bias->shape[1] * st.bias->shape[2] * st.bias->shape[3]));
+      bias_.resize(static_cast<std::size_t>(steps[static_cast<std::size_t>(detail::dense_bias_step(steps))].bias->elements()));
       user_bias_ = p.d_bias;
       p.d_bias = bias_.data();
     }

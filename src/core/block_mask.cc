@@ -62,19 +62,14 @@ std::uint64_t row_allowed_bits(const attn_params& p, std::int64_t b, std::int64_
                      user |= part << (c0 - k0);
                    });
     bits &= user;
-    if (p.causal != causal_mode::none) {
-      const std::int64_t hi = i + (p.causal == causal_mode::bottom_right ? lk - lq : 0) + 1 - k0;
-      if (hi <= 0) return 0;
-      if (hi < 64) bits &= (std::uint64_t{1} << hi) - 1;
-    }
-    return bits;
   }
   if (p.causal != causal_mode::none) {
     const std::int64_t hi = i + (p.causal == causal_mode::bottom_right ? lk - lq : 0) + 1 - k0;  // keys < k0 + hi
     if (hi <= 0) return 0;
     if (hi < 64) bits &= (std::uint64_t{1} << hi) - 1;
   }
-  if (p.mask && bits) bits &= p.mask->row_bits(b, h, i, k0, n, lq, lk);
+  // With a user block mask the mask only refines its PARTIAL tiles (above).
+  if (!p.blocks && p.mask && bits) bits &= p.mask->row_bits(b, h, i, k0, n, lq, lk);
   return bits;
 }
 

@@ -77,6 +77,8 @@ struct bias_score {
   double operator()(double x, std::int64_t b, std::int64_t h, std::int64_t q, std::int64_t k) const {
     return x + static_cast<double>(row(b, h, q)[k * strides[3]]);
   }
+  // Entries of the bias (and of its gradient, gradients.d_bias, contiguous in `shape`).
+  std::int64_t elements() const { return shape[0] * shape[1] * shape[2] * shape[3]; }
 };
 
 // T5 / Music-Transformer relative position buckets: s + table[h * buckets + bucket(k - q)].
@@ -164,6 +166,14 @@ inline bool lower_score(const score_fn& f, std::vector<score_step>& out) {
   }
   out.push_back(st);
   return st.op != k::element;
+}
+
+// The index of the chain's dense bias step (scores::bias), or -1. With gradients.d_bias validation admits exactly one,
+// the step every backward backend differentiates against.
+inline std::ptrdiff_t dense_bias_step(const std::vector<score_step>& steps) {
+  for (std::size_t u = 0; u < steps.size(); ++u)
+    if (steps[u].op == score_step::kind::bias) return static_cast<std::ptrdiff_t>(u);
+  return -1;
 }
 
 // Whether any step is user code (a tile function or a per-element functor), which can throw.

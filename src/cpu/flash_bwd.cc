@@ -99,11 +99,12 @@ struct item {
 };
 
 // Prologue for one q tile of one head: packed rotated Q and dO, D_i = <dO_i, O_i>, the LSE in base 2 and the sink term.
-HWY_NOINLINE void prepare_rows(const attn_bwd_params& bp, layout& lay, std::int64_t b, std::int64_t h, std::int64_t qt) {
+// out_row: the thread's dim_v floats for one row of out.
+HWY_NOINLINE void prepare_rows(const attn_bwd_params& bp, layout& lay, std::int64_t b, std::int64_t h, std::int64_t qt,
+                               float* out_row) {
   const attn_params& p = bp.fwd;
   const seq_extent e = sequence(p, b);
   const std::int64_t q0 = qt * k_bq, rows = std::min(k_bq, e.q_len - q0);
-  std::vector<float> out_row(static_cast<std::size_t>(p.dim_v));
   constexpr float log2e = 1.4426950408889634f;
   for (std::int64_t i = q0; i < q0 + rows; ++i) {
     const std::int64_t r = lay.row_of(e, p.seq_rows_q, i), at = e.q_begin + i;
@@ -119,9 +120,9 @@ HWY_NOINLINE void prepare_rows(const attn_bwd_params& bp, layout& lay, std::int6
                bp.do_stride[3], p.dim_v, dr);
     std::fill(dr + p.dim_v, dr + lay.dim_vp, 0.0f);
     load_row_v(p.out, p.out_type, e.tensor_batch * p.o_stride[0] + at * p.o_stride[1] + h * p.o_stride[2], p.o_stride[3],
-               p.dim_v, out_row.data());
+               p.dim_v, out_row);
     double delta = 0.0;  // one row of dim_v products: in double, it is cheap and D is used for every key of the row
-    for (std::int64_t c = 0; c < p.dim_v; ++c) delta += static_cast<double>(dr[c]) * out_row[static_cast<std::size_t>(c)];
+    for (std::int64_t c = 0; c < p.dim_v; ++c) delta += static_cast<double>(dr[c]) * out_row[c];
     const float lse = p.lse[e.tensor_batch * p.lse_stride[0] + h * p.lse_stride[1] + at * p.lse_stride[2]];
     const auto at_row = static_cast<std::size_t>(h * lay.rows + r);
     lay.delta[at_row] = static_cast<float>(delta);
@@ -314,15 +315,14 @@ std::vector<item> make_items(const attn_params& p, const detail::block_plan& pla
             cost[static_cast<std::size_t>(kt)] += static_cast<std::int64_t>(plan.col(b, h, kt).size());
         total += cost[static_cast<std::size_t>(kt)];
       }
-      std::int64_t kt0 = 0, acc = 0, split = 0;
+      std::int64_t kt0 = 0, acc = 0, acc0 = 0, split = 0;  // acc0: the cost before tile kt0
       for (std::int64_t kt = 0; kt < kv_tiles; ++kt) {
         acc += cost[static_cast<std::size_t>(kt)];
         const bool cut = kt + 1 == kv_tiles || (split + 1 < splits && acc * splits >= total * (split + 1));
         if (!cut) continue;
-        std::int64_t c = 0;
-        for (std::int64_t t = kt0; t <= kt; ++t) c += cost[static_cast<std::size_t>(t)];
-        items.push_back({b0, b1, kvh, kt0, kt + 1, split, c});
+        items.push_back({b0, b1, kvh, kt0, kt + 1, split, acc - acc0});
         kt0 = kt + 1;
+        acc0 = acc;
         ++split;
       }
     }
@@ -348,11 +348,10 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
   std::int64_t kv_tiles = 0;
   for (std::int64_t b = 0; b < p.batch; ++b) kv_tiles = std::max(kv_tiles, (sequence(p, b).k_len + k_bk - 1) / k_bk);
   lay.score = plan_score(p);
-  for (std::size_t u = 0; bp.d_bias && u < lay.score.steps.size(); ++u)
-    if (lay.score.steps[u].op == detail::score_step::kind::bias) {
-      lay.bias = lay.score.steps[u].bias;
-      lay.bias_step = u;
-    }
+  if (bp.d_bias) {
+    lay.bias_step = static_cast<std::size_t>(detail::dense_bias_step(lay.score.steps));
+    lay.bias = lay.score.steps[lay.bias_step].bias;
+  }
   // A dense bias gradient broadcast over the batch: every batch entry of a kv head in one item (one writer per entry).
   const bool fold_batch = lay.bias && lay.bias->shape[0] == 1 && !p.cu_seqlens_q && p.batch > 1;
   // Enough items for 16 threads' worth of balance, at most 8 dQ partial sums (memory: splits x the size of Q in f32).
@@ -386,20 +385,17 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
     qt = flat - tile_begin[static_cast<std::size_t>(b)];
   };
   // Every buffer is allocated: only now is an output touched (a failed allocation leaves them as they were).
-  if (lay.bias) {
-    const auto& sh = lay.bias->shape;
-    std::fill(bp.d_bias, bp.d_bias + sh[0] * sh[1] * sh[2] * sh[3], 0.0f);
-  }
+  if (lay.bias) std::fill(bp.d_bias, bp.d_bias + lay.bias->elements(), 0.0f);
   detail::parallel_errors errors;
   run_phases(threads, errors,
              // The dQ partial sums start at 0 (first touch by the threads that use them).
              make_phase(lay.splits * p.heads_q, sched::even, [&](std::int64_t c, int) {
                std::fill(lay.dq.get() + c * lay.rows * lay.dim_p, lay.dq.get() + (c + 1) * lay.rows * lay.dim_p, 0.0f);
              }),
-             make_phase(q_tiles, sched::by_cost, [&](std::int64_t it, int) {
+             make_phase(q_tiles, sched::by_cost, [&](std::int64_t it, int tid) {
                std::int64_t b, h, qt;
                q_tile_at(it, b, h, qt);
-               bwd::prepare_rows(bp, lay, b, h, qt);
+               bwd::prepare_rows(bp, lay, b, h, qt, rows[static_cast<std::size_t>(tid)].data());
              }),
              make_phase(static_cast<std::int64_t>(items.size()), sched::by_cost, [&](std::int64_t it, int tid) {
                bwd::run_item(bp, lay, plan, scratch[static_cast<std::size_t>(tid)], items[static_cast<std::size_t>(it)],

@@ -163,15 +163,13 @@ std::string bwd_rejects(const attn_bwd_params& p, const config& cfg) {
     // several kv heads, or over varlen sequences (their key tiles differ), would have several.
     std::vector<detail::score_step> steps;
     detail::lower_score(*p.fwd.score, steps);
-    for (const detail::score_step& st : steps) {
-      if (st.op != detail::score_step::kind::bias) continue;
-      if (st.bias->shape[0] == 1 && p.fwd.batch > 1 && p.fwd.cu_seqlens_q)
-        return "gradients.d_bias of a bias broadcast over the sequences of a varlen batch is computed by the reference "
-               "backend only";
-      if (st.bias->shape[1] == 1 && p.fwd.heads_kv > 1)
-        return "gradients.d_bias of a bias broadcast over the heads of several kv heads is computed by the reference "
-               "backend only";
-    }
+    const detail::bias_score& bias = *steps[static_cast<std::size_t>(detail::dense_bias_step(steps))].bias;
+    if (bias.shape[0] == 1 && p.fwd.batch > 1 && p.fwd.cu_seqlens_q)
+      return "gradients.d_bias of a bias broadcast over the sequences of a varlen batch is computed by the reference "
+             "backend only";
+    if (bias.shape[1] == 1 && p.fwd.heads_kv > 1)
+      return "gradients.d_bias of a bias broadcast over the heads of several kv heads is computed by the reference "
+             "backend only";
   }
   return {};
 }

@@ -41,13 +41,11 @@ void backward_loops(const attn_bwd_params& bp) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   std::vector<detail::score_step> steps;
   if (p.score) detail::lower_score(*p.score, steps);
-  std::ptrdiff_t bias_step = -1;
-  for (std::size_t u = 0; u < steps.size(); ++u)
-    if (steps[u].op == detail::score_step::kind::bias) bias_step = static_cast<std::ptrdiff_t>(u);
+  const std::ptrdiff_t bias_step = detail::dense_bias_step(steps);
   const detail::bias_score* bias = bias_step >= 0 ? steps[static_cast<std::size_t>(bias_step)].bias : nullptr;
 
   std::vector<T> d_sink(static_cast<std::size_t>(p.heads_q), T(0)), d_bias;
-  if (bp.d_bias) d_bias.assign(static_cast<std::size_t>(bias->shape[0] * bias->shape[1] * bias->shape[2] * bias->shape[3]), 0.0);
+  if (bp.d_bias) d_bias.assign(static_cast<std::size_t>(bias->elements()), T(0));
   const std::size_t dq_n = static_cast<std::size_t>(p.dim_qk), dv_n = static_cast<std::size_t>(p.dim_v);
   std::vector<T> qrow(dq_n), dorow(dv_n), dqrow(dq_n), krows, vrows, dk, dv, dp, pr;
   std::vector<scored_key<T>> keys;
