@@ -2,6 +2,7 @@
 #pragma once
 
 #include "omniattn/attention.h"
+#include "omniattn/kv_cache.h"
 #include "omniattn/masks.h"
 #include "omniattn/neighborhood.h"
 #include "omniattn/params.h"

@@ -14,6 +14,7 @@
 #include "core/parallel.h"
 #include "core/score_kinds.h"
 #include "omniattn/attention.h"
+#include "omniattn/kv_cache.h"
 
 namespace omniattn {
 
@@ -220,6 +221,25 @@ status run_backward(const tensor& q, const tensor& k, const tensor& v, const ten
                                       output_stage::needed(p.fwd));
 }
 
+// Decoding stages out and lse as the forward does (key_mass is staged by the kernels themselves).
+struct decode_stage {
+  explicit decode_stage(attn_decode_params& p) : out(p.fwd) {}
+  void commit() const { out.commit(); }
+  output_stage out;
+};
+
+status run_decode(const tensor& q, const kv_cache& cache, std::span<const std::int64_t> seqs, const tensor& out,
+                  const spec& s, const decode_options& dopt) {
+  attn_decode_params p;
+  if (status st = make_decode_params(q, cache, seqs, out, s, dopt, p); !st) return st;
+  const decode_selection sel = select_decode(p, dopt.use);
+  options opt;
+  opt.use = dopt.use;
+  opt.allow_fallback = dopt.allow_fallback;
+  return run_selected<decode_stage>("attention_decode", opt, sel, sel.run == &reference_attention_decode, p,
+                                    output_stage::needed(p.fwd));
+}
+
 // Every failure as a status naming the call (see attention()).
 template <class Run>
 status guarded(const char* call, const tensor& q, const tensor& k, const tensor& v, Run&& run) {
@@ -253,6 +273,21 @@ backward_selection select_backward(const attn_bwd_params& p, backend b) {
 status attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
                           const tensor& d_out, const gradients& g, const spec& s, const options& opt) {
   return guarded("attention_backward", q, k, v, [&] { return run_backward(q, k, v, out, lse, d_out, g, s, opt); });
+}
+
+decode_selection select_decode(const attn_decode_params& p, backend b) {
+  decode_selection ref{reference_attention_decode, "reference", {"reference: fp64 oracle on the cache view"}};
+  if (b == backend::reference) return ref;
+  decode_selection fast = cpu::select_decode(p);
+  if (b == backend::cpu || fast.ok()) return fast;
+  ref.reasons = fast.reasons;
+  ref.reasons.push_back("reference: chosen as fallback, no fast kernel fits (slow: fp64 plain loops)");
+  return ref;
+}
+
+status attention_decode(const tensor& q, const kv_cache& cache, std::span<const std::int64_t> seqs, const tensor& out,
+                        const spec& s, const decode_options& opt) {
+  return guarded("attention_decode", q, q, q, [&] { return run_decode(q, cache, seqs, out, s, opt); });
 }
 
 status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt) {

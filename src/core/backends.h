@@ -2,6 +2,7 @@
 #pragma once
 
 #include "omniattn/attention.h"
+#include "omniattn/kv_cache.h"
 
 namespace omniattn {
 
@@ -10,6 +11,8 @@ namespace cpu {
 selection select(const attn_params& p);
 // The fused CPU backward kernel, or every reason none fits.
 backward_selection select_backward(const attn_bwd_params& p);
+// The CPU decode kernel on a KV cache, or every reason none fits.
+decode_selection select_decode(const attn_decode_params& p);
 }  // namespace cpu
 
 namespace detail {

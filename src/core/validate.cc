@@ -1,8 +1,10 @@
 // Validation of an attention call and construction of its params struct.
 // Every rule reports "[attention] <argument> <what is wrong>" and nothing is written to the output.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -13,6 +15,7 @@
 #include "core/checked_math.h"
 #include "core/score_kinds.h"
 #include "omniattn/attention.h"
+#include "omniattn/kv_cache.h"
 
 namespace omniattn {
 namespace {
@@ -243,6 +246,9 @@ void kernel_strides(const tensor& x, std::int64_t* st) {
   st[3] = x.dim == 1 ? 0 : x.stride_dim;
 }
 
+void build_spec(const tensor& q, const tensor& k, const spec& s, const options& opt, attn_params& p, byte_range ro,
+                const byte_range* rl);
+
 void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const options& opt,
            attn_params& p) {
   const byte_range rq = check_tensor("q", q), rk = check_tensor("k", k), rv = check_tensor("v", v),
@@ -310,6 +316,13 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
     p.lse_stride[2] = l.stride_seq;
   }
 
+  build_spec(q, k, s, opt, p, ro, opt.lse ? &rl : nullptr);
+}
+
+// The spec's rules against the problem in p (its sizes are what masks, score tables and block masks are checked
+// against), and the outputs (ranges ro, rl) against every buffer the spec makes the kernels read.
+void build_spec(const tensor& q, const tensor& k, const spec& s, const options& opt, attn_params& p, byte_range ro,
+                const byte_range* rl) {
   const double scale = s.scale ? *s.scale : 1.0 / std::sqrt(static_cast<double>(q.dim));
   if (!std::isfinite(scale)) fail("spec.scale ", scale, " must be finite");
   // The kernels use scale * log2(e) as a float.
@@ -367,7 +380,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   std::vector<input_range> spec_buffers;
   spec_inputs(q, k, s, opt, p, spec_buffers);
   check_no_alias("out", ro, spec_buffers);
-  if (opt.lse) check_no_alias("lse", rl, spec_buffers);
+  if (rl) check_no_alias("lse", *rl, spec_buffers);
 }
 
 // The backward call: the forward's rules (out, lse and the spec), then d_out and the gradient outputs, which must
@@ -462,6 +475,126 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
   }
 }
 
+// A decode call: q / out against the cache's sequences; the spec checked as for a full sequence of the longest
+// length in the call (masks, score tables and block masks index absolute token positions), RoPE against the cache's.
+void build_decode(const tensor& q, const kv_cache& cache, std::span<const std::int64_t> seqs, const tensor& out,
+                  const spec& s, const decode_options& dopt, attn_decode_params& dp) {
+  const kv_cache_config& cc = cache.config();
+  const byte_range rq = check_tensor("q", q), ro = check_tensor("out", out);
+  if (out.type != q.type && out.type != dtype::f32)
+    fail("out.type ", dtype_name(out.type), " must be q.type ", dtype_name(q.type), " or f32");
+  if (q.dim != cc.dim_qk) fail("q.dim ", q.dim, " != cache dim_qk ", cc.dim_qk);
+  if (q.heads % cc.heads_kv != 0) fail("q.heads ", q.heads, " is not a multiple of the cache's heads_kv ", cc.heads_kv);
+  if (out.batch != q.batch) fail("out.batch ", out.batch, " != q.batch ", q.batch);
+  if (out.seq != q.seq) fail("out.seq ", out.seq, " != q.seq ", q.seq);
+  if (out.heads != q.heads) fail("out.heads ", out.heads, " != q.heads ", q.heads);
+  if (out.dim != cc.dim_v) fail("out.dim ", out.dim, " != cache dim_v ", cc.dim_v);
+  {
+    const std::int64_t sizes[4] = {out.batch, out.seq, out.heads, out.dim};
+    const std::int64_t strides[4] = {out.stride_batch, out.stride_seq, out.stride_head, out.stride_dim};
+    check_no_self_overlap("out", sizes, strides, k_stride_dims, 4);
+  }
+  std::vector<input_range> inputs = {{"q", rq}};
+  check_no_alias("out", ro, inputs);
+  if (static_cast<std::int64_t>(seqs.size()) != q.batch) fail("seqs has ", seqs.size(), " ids != q.batch ", q.batch);
+  std::int64_t longest = 0, most_cached = 0;
+  for (std::size_t b = 0; b < seqs.size(); ++b) {
+    if (!cache.alive(seqs[b])) fail("seqs[", b, "] ", seqs[b], " is not a sequence of the cache");
+    for (std::size_t c = 0; c < b; ++c)
+      if (seqs[c] == seqs[b]) fail("seqs[", c, "] and seqs[", b, "] are both sequence ", seqs[b], " (ids must be distinct)");
+    const std::int64_t len = cache.length(seqs[b]);
+    if (len < q.seq)
+      fail("q.seq ", q.seq, " > length ", len, " of sequence ", seqs[b],
+           " (the queries are the sequence's last tokens: append their K / V first)");
+    longest = std::max(longest, len);
+    for (std::int64_t h = 0; h < cc.heads_kv; ++h) most_cached = std::max(most_cached, cache.cached(seqs[b], h));
+  }
+  if (seqs.data()) inputs.push_back({"seqs", array_range("seqs", seqs.data(), static_cast<std::int64_t>(seqs.size()), 8)});
+
+  attn_params& p = dp.fwd;
+  p = attn_params{};
+  p.q = q.data;
+  p.out = out.data;
+  p.in_type = q.type;
+  p.out_type = out.type;
+  p.batch = q.batch;
+  p.heads_q = q.heads;
+  p.heads_kv = cc.heads_kv;
+  p.group = q.heads / cc.heads_kv;
+  p.dim_qk = q.dim;
+  p.dim_v = cc.dim_v;
+  p.seq_rows_q = q.seq;
+  kernel_strides(q, p.q_stride);
+  kernel_strides(out, p.o_stride);
+  byte_range rl;
+  if (dopt.lse) {
+    const lse_tensor& l = *dopt.lse;
+    const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
+    if (!l.data && q.batch != 0 && q.heads != 0 && q.seq != 0) fail("lse.data is null");
+    if (reinterpret_cast<std::uintptr_t>(l.data) % 4 != 0) fail("lse.data ", static_cast<const void*>(l.data), " is not aligned to 4 bytes");
+    const std::int64_t lstrides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
+    rl = extent("lse", l.data, 4, sizes, lstrides, 3);
+    check_no_self_overlap("lse", sizes, lstrides, k_lse_dims, 3);
+    check_no_alias("lse", rl, inputs);
+    if (overlaps(rl, ro)) fail("lse aliases out");
+    p.lse = l.data;
+    p.lse_stride[0] = l.stride_batch;
+    p.lse_stride[1] = l.stride_head;
+    p.lse_stride[2] = l.stride_seq;
+  }
+  if (dopt.key_mass) {
+    if (dopt.key_mass_slots < most_cached)
+      fail("options.key_mass_slots ", dopt.key_mass_slots, " < the most cached slots of a (sequence, kv head) in the call ", most_cached);
+    std::int64_t n = 0;
+    if (!detail::product_fits({q.batch, cc.heads_kv, dopt.key_mass_slots}, &n)) fail("options.key_mass size overflows int64");
+    const byte_range rm = array_range("options.key_mass", dopt.key_mass, n, 4);
+    if (reinterpret_cast<std::uintptr_t>(dopt.key_mass) % 4 != 0) fail("options.key_mass is not aligned to 4 bytes");
+    check_no_alias("options.key_mass", rm, inputs);
+    if (overlaps(rm, ro)) fail("options.key_mass aliases out");
+    if (dopt.lse && overlaps(rm, rl)) fail("options.key_mass aliases lse");
+    dp.key_mass = dopt.key_mass;
+    dp.key_mass_slots = dopt.key_mass_slots;
+  }
+  // The spec's rules for the full sequences: query and key positions run over 0 .. longest - 1.
+  options opt;
+  opt.use = dopt.use;
+  opt.threads = dopt.threads;
+  opt.stats = dopt.stats;
+  spec plain = s;
+  plain.rope = nullptr;
+  p.seq_q = p.seq_k = longest;
+  build_spec(q, q, plain, opt, p, ro, dopt.lse ? &rl : nullptr);
+  p.mask = s.mask ? &s.mask : nullptr;  // the caller's, not the local copy's
+  p.score = s.score ? &s.score : nullptr;
+  p.seq_q = q.seq;
+  p.seq_k = longest;
+  if (s.rope) {
+    const rope_spec& r = *s.rope;
+    if (!cc.rope) fail("spec.rope is set but the cache stores keys without RoPE (set kv_cache_config.rope)");
+    const rope_spec& c = *cc.rope;
+    const std::int64_t dim = r.rotary_dim == 0 ? q.dim : r.rotary_dim, cdim = c.rotary_dim == 0 ? q.dim : c.rotary_dim;
+    if (r.theta != c.theta || dim != cdim || r.interleaved != c.interleaved || r.sections != c.sections)
+      fail("spec.rope (theta ", r.theta, ", rotary_dim ", dim, ", interleaved ", r.interleaved,
+           ") differs from the cache's keys' rotation (theta ", c.theta, ", rotary_dim ", cdim, ", interleaved ",
+           c.interleaved, ") or its sections");
+    if (r.pos_k) fail("spec.rope.pos_k must be null: cached keys were rotated on append, at the positions given there");
+    if (!r.sections.empty() && !r.pos_q) fail("spec.rope.sections needs pos_q (one id array per axis)");
+    if (r.pos_q) {
+      const std::int64_t axes = r.sections.empty() ? 1 : static_cast<std::int64_t>(r.sections.size());
+      std::int64_t n = 0;
+      if (!detail::product_fits({axes, q.batch, q.seq}, &n)) fail("spec.rope.pos_q: axes * batch * seq overflows int64");
+      const byte_range rp = array_range("spec.rope.pos_q", r.pos_q, n, 8);
+      if (overlaps(rp, ro)) fail("out aliases spec.rope.pos_q");
+    }
+    p.rope = &r;
+    p.rope_dim = dim;
+  } else if (cc.rope) {
+    fail("spec.rope is null but the cache stores keys rotated by RoPE (kv_cache_config.rope): pass the same rope_spec");
+  }
+  dp.cache = cache.view();
+  dp.seqs = seqs.data();
+}
+
 }  // namespace
 
 status make_backward_params(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
@@ -477,6 +610,20 @@ status make_backward_params(const tensor& q, const tensor& k, const tensor& v, c
     const std::string prefix = "[attention] ";
     const std::string rest = f.message.rfind(prefix, 0) == 0 ? f.message.substr(prefix.size()) : f.message;
     return {"[attention_backward] " + rest};
+  }
+}
+
+status make_decode_params(const tensor& q, const kv_cache& cache, std::span<const std::int64_t> seqs, const tensor& out,
+                          const spec& s, const decode_options& opt, attn_decode_params& p) {
+  try {
+    attn_decode_params built;
+    build_decode(q, cache, seqs, out, s, opt, built);
+    p = built;
+    return {};
+  } catch (const failure& f) {
+    const std::string prefix = "[attention] ";
+    const std::string rest = f.message.rfind(prefix, 0) == 0 ? f.message.substr(prefix.size()) : f.message;
+    return {"[attention_decode] " + rest};
   }
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "omniattn/attention.h"
+#include "omniattn/kv_cache.h"
 
 namespace omniattn::cpu {
 
@@ -17,6 +18,7 @@ void run_flash_fwd(const attn_params& p);           // flash_fwd.cc: raster tile
 void run_flash_fwd_bf16_dot(const attn_params& p);  // flash_fwd.cc: raster tiles, AVX512-BF16 dot products
 void run_flash_fwd_grid(const attn_params& p);      // flash_fwd.cc: query boxes of a neighborhood / halo grid
 void run_flash_bwd(const attn_bwd_params& p);       // flash_bwd.cc: the backward, kv-major
+void run_decode(const attn_decode_params& p);       // decode.cc: new queries against a paged KV cache
 
 // What selection depends on besides the call: the ISA, environment overrides and measured probes. Resolved once per
 // call, before select(), which is then a pure function of (params, config). The timed bf16 probe runs once per
@@ -40,5 +42,6 @@ struct kernel {
 
 selection select(const attn_params& p, const config& cfg);
 backward_selection select_backward(const attn_bwd_params& p, const config& cfg);
+decode_selection select_decode(const attn_decode_params& p, const config& cfg);
 
 }  // namespace omniattn::cpu

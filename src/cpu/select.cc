@@ -12,6 +12,7 @@
 #include "core/grid_tiles.h"
 #include "core/score_kinds.h"
 #include "cpu/bf16_dot.h"
+#include "cpu/decode_plan.h"
 #include "cpu/kernels.h"
 #include "cpu/probe.h"
 #include "cpu/tiles.h"
@@ -192,6 +193,43 @@ const kernel<attn_bwd_params> k_backward[] = {
 };
 
 // The walk: the first kernel that fits runs; every kernel before it says why it did not.
+// ---- decode on a KV cache ----
+
+std::string decode_name(const attn_decode_params& p) {
+  return std::string("cpu.decode<") + dtype_name(p.cache.storage) + (p.cache.page_size % 16 == 0 ? ">" : ",gathered>");
+}
+
+std::string decode_rejects(const attn_decode_params& p, const config&) {
+  if (p.fwd.in_type == dtype::f64 || p.fwd.out_type == dtype::f64)
+    return "f64 queries run on the reference backend only (the CPU kernels compute in f32)";
+  return {};
+}
+
+void decode_describe(const attn_decode_params& p, const config& cfg, std::vector<std::string>& r) {
+  const std::string name = decode_name(p);
+  const decode_plan plan = make_decode_plan(p);
+  r.push_back(name + ": " + cfg.isa + ", " + std::to_string(p.fwd.threads) + " thread(s)");
+  r.push_back(name + ": " + std::to_string(p.fwd.group) + " q head(s) x " + std::to_string(p.fwd.seq_q) +
+              " query row(s) per kv head stacked into one tile: each cached K/V byte is read once per GQA group");
+  if (p.cache.page_size % 16 == 0)
+    r.push_back(name + ": pages of " + std::to_string(p.cache.page_size) + " tokens read in place (" +
+                dtype_name(p.cache.storage) + " widened in registers), no packing");
+  else
+    r.push_back(name + ": page size " + std::to_string(p.cache.page_size) +
+                " is not a multiple of 16: each 64-slot tile is gathered into f32 first");
+  r.push_back(name + ": " + std::to_string(plan.items.size()) + " items over " + std::to_string(plan.ranges) +
+              " key range(s) (split-K into chunks of whole pages, fixed by the problem), merged per row in a fixed "
+              "order: bitwise identical for any thread count");
+  if (plan.cascade_ranges)
+    r.push_back(name + ": cascade: " + std::to_string(plan.cascade_ranges) +
+                " shared-prefix range(s) read once for every sequence that shares them");
+  if (p.fwd.score) r.push_back(name + ": " + detail::describe_score(*p.fwd.score));
+}
+
+const kernel<attn_decode_params> k_decode[] = {
+    {decode_name, decode_rejects, decode_describe, run_decode},
+};
+
 template <class Sel, class Params, std::size_t N>
 Sel walk(const kernel<Params> (&list)[N], const Params& p, const config& cfg) {
   Sel sel;
@@ -229,7 +267,10 @@ config resolve_config() {
 selection select(const attn_params& p, const config& cfg) { return walk<selection>(k_forward, p, cfg); }
 backward_selection select_backward(const attn_bwd_params& p, const config& cfg) { return walk<backward_selection>(k_backward, p, cfg); }
 
+decode_selection select_decode(const attn_decode_params& p, const config& cfg) { return walk<decode_selection>(k_decode, p, cfg); }
+
 selection select(const attn_params& p) { return select(p, resolve_config()); }
+decode_selection select_decode(const attn_decode_params& p) { return select_decode(p, resolve_config()); }
 backward_selection select_backward(const attn_bwd_params& p) { return select_backward(p, resolve_config()); }
 
 }  // namespace omniattn::cpu

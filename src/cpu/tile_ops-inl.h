@@ -43,6 +43,16 @@ HWY_INLINE void load_row_v(const void* base, dtype t, std::int64_t offset, std::
   load_row(base, t, offset + i * stride, stride, n - i, dst + i);
 }
 
+// One vector of floats from L consecutive elements of a storage type: f32 as is, bf16 / f16 widened on load (a KV
+// cache stored in 16 bits is read at half the bytes, which is what bounds decoding).
+HWY_INLINE vf_t load_lanes(df_t d, const float* HWY_RESTRICT p) { return hn::LoadU(d, p); }
+HWY_INLINE vf_t load_lanes(df_t d, const hwy::bfloat16_t* HWY_RESTRICT p) {
+  return hn::PromoteTo(d, hn::LoadU(hn::Rebind<hwy::bfloat16_t, df_t>(), p));
+}
+HWY_INLINE vf_t load_lanes(df_t d, const hwy::float16_t* HWY_RESTRICT p) {
+  return hn::PromoteTo(d, hn::LoadU(hn::Rebind<hwy::float16_t, df_t>(), p));
+}
+
 // Register blocking: MR query rows x NV vectors of keys (S) or of value dims (O). 4 x 4 accumulators leave room for
 // the operands in 16 (AVX2) and 32 (AVX-512) registers.
 #if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
@@ -61,12 +71,12 @@ constexpr std::size_t k_nv = 4;
 // S[r][c0 .. c0 + NV*L) = sum_d Q[r][d] * Kt[d][c0 ..], for MR rows starting at q (row r at q + r * q_ld). Key
 // vector v of the block is read at kb[v] + d * k_ld: consecutive keys of one packed tile (raster path, backward) or a
 // segment of a key line read in place from the packed sequence (grid path). Row r is stored at s + r * s_ld.
-template <std::size_t MR>
-HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t q_ld, std::int64_t dim, const float* const* kb,
+template <std::size_t MR, class T>
+HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t q_ld, std::int64_t dim, const T* const* kb,
                          std::int64_t k_ld, float* HWY_RESTRICT s, std::int64_t s_ld) {
   const std::size_t L = hn::Lanes(d);
   vf_t acc[MR][k_nv];
-  const float* kp[k_nv];
+  const T* kp[k_nv];
   HWY_UNROLL(16)
   for (std::size_t v = 0; v < k_nv; ++v) kp[v] = kb[v];
   HWY_UNROLL(16)
@@ -76,7 +86,7 @@ HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t q_ld,
   for (std::int64_t e = 0; e < dim; ++e) {
     vf_t kv[k_nv];
     HWY_UNROLL(16)
-    for (std::size_t v = 0; v < k_nv; ++v) kv[v] = hn::LoadU(d, kp[v] + e * k_ld);
+    for (std::size_t v = 0; v < k_nv; ++v) kv[v] = load_lanes(d, kp[v] + e * k_ld);
     HWY_UNROLL(16)
     for (std::size_t r = 0; r < MR; ++r) {
       const vf_t qb = hn::Set(d, q[static_cast<std::int64_t>(r) * q_ld + e]);
@@ -94,9 +104,9 @@ HWY_INLINE void qk_block(df_t d, const float* HWY_RESTRICT q, std::int64_t q_ld,
 // pr[r * p_rs + j * p_cs]: P itself (p_rs = BK, p_cs = 1) or its transpose (p_rs = 1, p_cs = BK) read in place. Key j's
 // V row is vseg[j / 16] + (j % 16) * v_ld: 16-key segments, consecutive rows of one packed tile or of the packed
 // sequence.
-template <std::size_t MR, std::size_t NVO>
+template <std::size_t MR, std::size_t NVO, class T>
 HWY_INLINE void pv_block(df_t d, const float* HWY_RESTRICT pr, std::int64_t p_rs, std::int64_t p_cs, std::int64_t keys,
-                         const float* const* vseg, std::int64_t col, std::int64_t v_ld, const float* HWY_RESTRICT alpha,
+                         const T* const* vseg, std::int64_t col, std::int64_t v_ld, const float* HWY_RESTRICT alpha,
                          float* HWY_RESTRICT o, std::int64_t o_ld) {
   const std::size_t L = hn::Lanes(d);
   vf_t acc[MR][NVO];
@@ -111,12 +121,12 @@ HWY_INLINE void pv_block(df_t d, const float* HWY_RESTRICT pr, std::int64_t p_rs
     }
   }
   for (std::int64_t s0 = 0; s0 < keys; s0 += 16) {
-    const float* HWY_RESTRICT v = vseg[s0 / 16] + col;
+    const T* HWY_RESTRICT v = vseg[s0 / 16] + col;
     const std::int64_t n = std::min<std::int64_t>(16, keys - s0);
     for (std::int64_t j = 0; j < n; ++j) {
       vf_t vv[NVO];
       HWY_UNROLL(16)
-      for (std::size_t c = 0; c < NVO; ++c) vv[c] = hn::Load(d, v + j * v_ld + c * L);
+      for (std::size_t c = 0; c < NVO; ++c) vv[c] = load_lanes(d, v + j * v_ld + c * L);
       HWY_UNROLL(16)
       for (std::size_t r = 0; r < MR; ++r) {
         const vf_t pb = hn::Set(d, pr[static_cast<std::int64_t>(r) * p_rs + (s0 + j) * p_cs]);
@@ -150,9 +160,9 @@ HWY_INLINE void with_rows(std::int64_t rows, Fn&& fn) {
 
 // C[r0 .. r0 + rows)[0 .. ncol) += P V over every column block (ncol a multiple of the vector length): whole k_nv-vector
 // blocks, then the 1-3 vector tail, for rows <= k_mr.
-template <std::size_t MR>
+template <std::size_t MR, class T>
 HWY_INLINE void pv_rows(df_t d, const float* HWY_RESTRICT pr, std::int64_t p_rs, std::int64_t p_cs, std::int64_t keys,
-                        const float* const* vseg, std::int64_t v_ld, std::int64_t ncol, const float* HWY_RESTRICT alpha,
+                        const T* const* vseg, std::int64_t v_ld, std::int64_t ncol, const float* HWY_RESTRICT alpha,
                         float* HWY_RESTRICT o, std::int64_t o_ld) {
   const auto L = static_cast<std::int64_t>(hn::Lanes(d));
   const std::int64_t nvec = ncol / L;
