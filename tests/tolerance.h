@@ -54,6 +54,17 @@ inline constexpr double k_lse_floor_eps = 4.0;
 // of the terms that cancel, while the naive loops may happen to cancel exactly. A gradient sums up to seq_q (dk, dv)
 // or seq_k (dq) products in an order that differs between the kernel and the naive loops: 4 units, not 1.
 inline constexpr double k_grad_floor_eps = 4.0;
+// merge_attention_states (test_merge.cc): the merge of attention over disjoint key sets against attention over their
+// union, every out and LSE f32 from the same kernel, with L = max(1, max|full.lse|) and V = max|v|:
+//   max|merged.out - full.out| <= k_merge_eps * eps(f32) * L * V
+//   max|merged.lse - full.lse| <= k_merge_eps * eps(f32) * L
+// Each side carries the kernel's own rounding (a few units, relative to V); a part's weight exp(lse_i - m) carries the
+// error of its LSE (units of eps * L) as a relative error; the merge itself rounds once or twice per part. Measured
+// on the test's splits (2 to 5 parts, up to 150 keys): out within 1.5 units, lse within 2; 8 leaves room for other
+// ISAs' exp. -inf must match -inf exactly, and NaN is a failure. Parts stored in bf16 or f16 add one rounding of that
+// dtype to out: the merge is a convex combination, so eps(part dtype) * V more. The same bound holds for the merge
+// against its fp64 formula and for a merge of the same parts in another order.
+inline constexpr double k_merge_eps = 8.0;
 
 // Decode on a KV cache (attention_decode), the CPU kernel against reference_attention_decode on the same cache, f32
 // outputs:

@@ -4,6 +4,7 @@
 #include "omniattn/attention.h"
 #include "omniattn/kv_cache.h"
 #include "omniattn/masks.h"
+#include "omniattn/merge.h"
 #include "omniattn/neighborhood.h"
 #include "omniattn/params.h"
 #include "omniattn/scores.h"

@@ -9,8 +9,8 @@ from ._arrays import is_torch, to_numpy, torch_module
 from .masks import Grid, as_mask
 from .scores import as_score
 
-__all__ = ["attention", "attention_backward", "scaled_dot_product_attention", "explain", "reference_attention",
-           "BlockMask", "build_block_mask", "to_bf16", "from_bf16"]
+__all__ = ["attention", "attention_backward", "merge_attention_states", "scaled_dot_product_attention", "explain",
+           "reference_attention", "BlockMask", "build_block_mask", "to_bf16", "from_bf16"]
 
 _CAUSAL = {"none": "none", "top_left": "top_left", "bottom_right": "bottom_right"}
 _LAYOUTS = {
@@ -68,6 +68,14 @@ def _operand(name, x, as_bf16):
         _torch_strided(name, x)
         return (x.data_ptr(), _torch_dtype_code(x, name), tuple(x.shape), tuple(x.stride())), as_bf16
     raise TypeError(f"omniattn: {name} must be a numpy array or a torch tensor, not {type(x).__name__}")
+
+
+def _lse_shape(x, layout):
+    """The LSE's shape for attention rows shaped like x: [batch, heads, seq] ([heads, total_tokens] for 3-d varlen)."""
+    if x.ndim == 3:
+        return (x.shape[0], x.shape[1]) if layout == "bhsd" else (x.shape[1], x.shape[0])
+    b, s, h = x.shape[0], x.shape[2 if layout == "bhsd" else 1], x.shape[1 if layout == "bhsd" else 2]
+    return (b, h, s)
 
 
 def _empty(like, shape, dtype=None):
@@ -137,14 +145,7 @@ class _Call:
                            want_d_sink=bool(grad.get("d_sink")), want_d_bias=bool(grad.get("d_bias")))
             op_out = (op_out[0], op_out[1] or any(flag for _, flag in grad_ops))
         as_bf16 = as_bf16 or any(flag for _, flag in ops + [op_out])
-        self.lse = None
-        if return_lse:
-            if self.varlen:  # [heads, total_q]
-                lse_shape = (q.shape[0], q.shape[1]) if layout == "bhsd" else (q.shape[1], q.shape[0])
-            else:
-                b, s, h = q.shape[0], q.shape[2 if layout == "bhsd" else 1], q.shape[1 if layout == "bhsd" else 2]
-                lse_shape = (b, h, s)
-            self.lse = _empty(q, lse_shape, "float32")
+        self.lse = _empty(q, _lse_shape(q, layout), "float32") if return_lse else None
         cu_q = _int64_vector(cu_seqlens_q, "cu_seqlens_q")
         cu_k = _int64_vector(cu_seqlens_k, "cu_seqlens_k")
 
@@ -307,6 +308,36 @@ def attention_backward(q, k, v, out, lse, d_out, *, scale=None, causal=False, ma
                  grad=dict(lse=lse, d_out=d_out, dq=dq, dk=dk, dv=dv, d_sink=return_d_sink, d_bias=return_d_bias))
     call.run()
     return call.gradients()
+
+
+def merge_attention_states(outs, lses, *, out=None, layout="bshd", threads=0):
+    """Merge partial attention results over disjoint key sets into attention over their union (FlashInfer's
+    merge_states, xFormers' merge_attentions): split-K, cascade (shared prefix + suffix), context-parallel shards.
+
+    outs[i] and lses[i] are what attention(..., return_lse=True) returned for key set i: out [batch, seq, heads, dim]
+    (layout="bshd") or [batch, heads, seq, dim] ("bhsd"), 3-d for varlen, and lse float32 [batch, heads, seq]
+    ([heads, total] for varlen). Per row, with m = max_i lse_i and w_i = exp(lse_i - m):
+        out = sum_i w_i out_i / sum_i w_i,   lse = m + log(sum_i w_i)
+    in float32, the parts summed in the given order (the result does not depend on threads). A row where a part has
+    lse -inf (no key of that set) takes nothing from it; a row with every lse -inf gives out 0, lse -inf.
+
+    Returns (out, lse): out in outs[0]'s framework, dtype and shape (or written into out=, any strides, float32,
+    bfloat16, float16 or float64), lse float32. torch autograd does not record the merge. Errors come from the
+    library, e.g. "[merge_attention_states] outs[1].seq 7 != outs[0].seq 9".
+    """
+    outs, lses = list(outs), list(lses)
+    ops = [_operand(f"outs[{i}]", x, False) for i, x in enumerate(outs)]
+    # With no outs (or a first one of the wrong rank) there is nothing to shape the results after: the library and
+    # the binding report what is wrong.
+    first = outs[0] if outs and outs[0].ndim in (3, 4) else None
+    if out is None and first is not None:
+        out = _empty(first, tuple(first.shape))
+    lse = None if first is None else _empty(first, _lse_shape(first, layout), "float32")
+    op_out = (None, False) if out is None else _operand("out", out, False)
+    _C.merge_attention_states([x for x, _ in ops], [_operand_lse(x) for x in lses], op_out[0],
+                              None if lse is None else _operand_lse(lse), layout=layout,
+                              as_bf16=any(flag for _, flag in ops + [op_out]), threads=threads)
+    return out, lse
 
 
 def _grad_bias(score):

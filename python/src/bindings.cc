@@ -4,8 +4,8 @@
 // straight from the buffer, converted to element strides, never copied) or as plain descriptions
 // (data_ptr, dtype name, shape, element strides) that the Python layer makes from torch tensors, so the extension
 // never links torch. They become omniattn::tensor views, the call's spec and options are built from plain Python
-// values, and omniattn::attention (or omniattn::attention_backward, given d_out and the gradient buffers) runs with
-// the GIL released. A status error becomes ValueError (TypeError when it is about a dtype) carrying the C++ message
+// values, and omniattn::attention (or omniattn::attention_backward, given d_out and the gradient buffers; or
+// omniattn::merge_attention_states over lists of outs and LSEs) runs with the GIL released. A status error becomes ValueError (TypeError when it is about a dtype) carrying the C++ message
 // unchanged.
 //
 // Masks arrive as a small expression tree of tuples (python/omniattn/masks.py lowers its objects to it): built-in
@@ -154,6 +154,12 @@ std::string format_desc(const array& a) {
   return a.type == elem::other ? "format '" + a.format + "'" : std::string(elem_name(a.type));
 }
 
+bool is_bhsd(const std::string& layout) {
+  if (layout != "bshd" && layout != "bhsd")
+    throw py::value_error("omniattn: layout must be 'bshd' or 'bhsd', got '" + layout + "'");
+  return layout == "bhsd";
+}
+
 // An attention operand: 4-d [batch, seq, heads, dim] ("bshd") or [batch, heads, seq, dim] ("bhsd"); 3-d for varlen
 // ([total, heads, dim] or [heads, total, dim]) with batch 1.
 omniattn::tensor to_tensor(const std::string& name, const array& a, bool bhsd) {
@@ -183,6 +189,21 @@ omniattn::tensor to_tensor(const std::string& name, const array& a, bool bhsd) {
     throw py::value_error("omniattn: " + name + " must be 4-d (3-d with cu_seqlens), got shape " + shape_str(s));
   }
   return t;
+}
+
+// A log-sum-exp: float32 [batch, heads, seq_q], or [heads, total_q] for varlen.
+omniattn::lse_tensor to_lse(const std::string& name, const array& a) {
+  if (a.type != elem::f32) throw py::type_error("omniattn: " + name + " has dtype " + format_desc(a) + ", expected float32");
+  omniattn::lse_tensor l;
+  l.data = static_cast<float*>(a.data);
+  if (a.shape.size() == 3) {
+    l.stride_batch = a.strides[0], l.stride_head = a.strides[1], l.stride_seq = a.strides[2];
+  } else if (a.shape.size() == 2) {
+    l.stride_batch = 0, l.stride_head = a.strides[0], l.stride_seq = a.strides[1];
+  } else {
+    throw py::value_error("omniattn: " + name + " must be [batch, heads, seq_q] (or [heads, total_q] with cu_seqlens)");
+  }
+  return l;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -394,7 +415,7 @@ omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shap
 [[noreturn]] void raise_status(const std::string& error) {
   // "[attention] k.type bf16 != q.type f32" (or "[attention_backward] ..."): a dtype problem, TypeError; everything
   // else is a ValueError.
-  for (const std::string prefix : {"[attention] ", "[attention_backward] "}) {
+  for (const std::string prefix : {"[attention] ", "[attention_backward] ", "[merge_attention_states] "}) {
     if (error.rfind(prefix, 0) != 0) continue;
     const std::size_t end = error.find(' ', prefix.size());
     const std::string subject = error.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
@@ -439,9 +460,7 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
                 py::handle score, py::handle blocks, py::handle lse, const std::string& backend, int threads,
                 py::handle cu_q, py::handle cu_k, py::handle sinks, py::handle rope, py::handle d_out, py::handle dq,
                 py::handle dk, py::handle dv, bool want_d_sink, bool want_d_bias) {
-  if (layout != "bshd" && layout != "bhsd")
-    throw py::value_error("omniattn: layout must be 'bshd' or 'bhsd', got '" + layout + "'");
-  const bool bhsd = layout == "bhsd";
+  const bool bhsd = is_bhsd(layout);
   const bool backward = !d_out.is_none();
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), bhsd);
@@ -506,16 +525,7 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
 
   omniattn::lse_tensor l;
   if (!lse.is_none()) {
-    const array a = describe(lse, "lse", !backward, false, keep);
-    if (a.type != elem::f32) throw py::type_error("omniattn: lse has dtype " + format_desc(a) + ", expected float32");
-    l.data = static_cast<float*>(a.data);
-    if (a.shape.size() == 3) {
-      l.stride_batch = a.strides[0], l.stride_head = a.strides[1], l.stride_seq = a.strides[2];
-    } else if (a.shape.size() == 2) {  // varlen: [heads, total_q]
-      l.stride_batch = 0, l.stride_head = a.strides[0], l.stride_seq = a.strides[1];
-    } else {
-      throw py::value_error("omniattn: lse must be [batch, heads, seq_q] (or [heads, total_q] with cu_seqlens)");
-    }
+    l = to_lse("lse", describe(lse, "lse", !backward, false, keep));
     opt.lse = &l;
   }
 
@@ -585,6 +595,34 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
   return py::make_tuple(want_d_sink ? py::object(d_sink_array) : py::none(), want_d_bias ? py::object(d_bias_array) : py::none());
 }
 
+// omniattn::merge_attention_states over operands laid out like attention's out and lse: outs[i] and out as q in
+// `layout`, lses[i] and lse_out (None: not returned) as lse. out is None only when outs is empty (Python had nothing to
+// shape it after); the C++ rules then report the empty outs.
+void merge(const py::sequence& outs, const py::sequence& lses, py::handle out, py::handle lse_out,
+           const std::string& layout, bool as_bf16, int threads) {
+  const bool bhsd = is_bhsd(layout);
+  buffers keep;
+  std::vector<omniattn::tensor> parts;
+  std::vector<omniattn::lse_tensor> part_lses;
+  for (std::size_t i = 0; i < outs.size(); ++i) {
+    const std::string name = "outs[" + std::to_string(i) + "]";
+    parts.push_back(to_tensor(name, describe(py::object(outs[i]), name, false, as_bf16, keep), bhsd));
+  }
+  for (std::size_t i = 0; i < lses.size(); ++i) {
+    const std::string name = "lses[" + std::to_string(i) + "]";
+    part_lses.push_back(to_lse(name, describe(py::object(lses[i]), name, false, false, keep)));
+  }
+  const omniattn::tensor to = out.is_none() ? omniattn::tensor{} : to_tensor("out", describe(out, "out", true, as_bf16, keep), bhsd);
+  omniattn::lse_tensor lo;
+  if (!lse_out.is_none()) lo = to_lse("lse_out", describe(lse_out, "lse_out", true, false, keep));
+  omniattn::status st;
+  {
+    py::gil_scoped_release release;
+    st = omniattn::merge_attention_states(parts, part_lses, to, lse_out.is_none() ? nullptr : &lo, threads);
+  }
+  if (!st) raise_status(st.error);
+}
+
 // Tile classification of a mask (and causal flag) for a problem size, by omniattn::build_block_mask.
 omniattn::block_mask build_blocks(py::handle mask, const std::string& causal, std::int64_t batch, std::int64_t heads,
                                   std::int64_t seq_q, std::int64_t seq_k, std::int64_t q_tile, std::int64_t kv_tile,
@@ -645,6 +683,10 @@ PYBIND11_MODULE(_omniattn, m) {
         "Validates ('validate': returns the problem's sizes), explains ('explain': select()'s kernel and reasons) or runs "
         "('run') one attention call; with d_out (and dq, dk, dv) the attention_backward call, whose 'run' returns "
         "(d_sink_logits or None, d_bias or None).");
+
+  m.def("merge_attention_states", &merge, "outs"_a, "lses"_a, "out"_a, "lse_out"_a, py::kw_only(), "layout"_a = "bshd",
+        "as_bf16"_a = false, "threads"_a = 0,
+        "Merges partial attention results over disjoint key sets into out and lse_out (omniattn::merge_attention_states).");
 
   py::class_<py_mask>(m, "Mask", "A mask expression built from a lowered omniattn.masks tree.")
       .def(py::init(&make_mask), "tree"_a)

@@ -1,5 +1,6 @@
-// Validation of an attention call and construction of its params struct.
-// Every rule reports "[attention] <argument> <what is wrong>" and nothing is written to the output.
+// Validation of an attention call and construction of its params struct, of a decode call on a KV cache and of a
+// merge_attention_states call. Every rule reports "[<call>] <argument> <what is wrong>" (e.g. "[attention] k.dim 96
+// != q.dim 128") and nothing is written to the output.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,7 @@
 #include "core/backends.h"
 #include "core/checked_math.h"
 #include "core/score_kinds.h"
+#include "core/validate.h"
 #include "omniattn/attention.h"
 #include "omniattn/kv_cache.h"
 
@@ -24,10 +26,10 @@ struct failure {
   std::string message;
 };
 
+// The rule broken, without the call's "[name] " tag: make_params, make_backward_params and check_merge add theirs.
 template <class... Args>
 [[noreturn]] void fail(const Args&... args) {
   std::ostringstream os;
-  os << "[attention] ";
   (os << ... << args);
   throw failure{os.str()};
 }
@@ -192,6 +194,42 @@ byte_range check_tensor(const char* name, const tensor& t) {
   return extent(name, t.data, dtype_size(t.type), sizes, strides, 4);
 }
 
+void check_no_self_overlap(const char* name, const tensor& t) {
+  const std::int64_t sizes[4] = {t.batch, t.seq, t.heads, t.dim};
+  const std::int64_t strides[4] = {t.stride_batch, t.stride_seq, t.stride_head, t.stride_dim};
+  check_no_self_overlap(name, sizes, strides, k_stride_dims, 4);
+}
+
+// Every dim of t equal to like's.
+void check_same_shape(const char* name, const tensor& t, const char* like_name, const tensor& like) {
+  const std::int64_t got[4] = {t.batch, t.seq, t.heads, t.dim}, want[4] = {like.batch, like.seq, like.heads, like.dim};
+  for (int d = 0; d < 4; ++d)
+    if (got[d] != want[d]) fail(name, ".", k_tensor_dims[d], " ", got[d], " != ", like_name, ".", k_tensor_dims[d], " ", want[d]);
+}
+
+// A float32 LSE view of sizes [batch, heads, seq]: the bytes it spans.
+byte_range check_lse(const char* name, const lse_tensor& l, const std::int64_t* sizes) {
+  if (!l.data && sizes[0] != 0 && sizes[1] != 0 && sizes[2] != 0) fail(name, ".data is null");
+  if (reinterpret_cast<std::uintptr_t>(l.data) % 4 != 0)
+    fail(name, ".data ", static_cast<const void*>(l.data), " is not aligned to 4 bytes");
+  const std::int64_t strides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
+  return extent(name, l.data, 4, sizes, strides, 3);
+}
+
+void check_no_self_overlap(const char* name, const lse_tensor& l, const std::int64_t* sizes) {
+  const std::int64_t strides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
+  check_no_self_overlap(name, sizes, strides, k_lse_dims, 3);
+}
+
+// A requested thread count (0 = all cores), resolved.
+int check_threads(const char* name, int threads) {
+  if (threads < 0) fail(name, " ", threads, " must be >= 0 (0 = all cores)");
+  if (threads > detail::max_threads())
+    fail(name, " ", threads, " must be <= ", detail::max_threads(), " (4 x the ", omp_get_num_procs(),
+         " processors, at least 8)");
+  return detail::resolve_threads(threads);
+}
+
 void check_varlen(const varlen& vl, const tensor& q, const tensor& k, attn_params& p) {
   if (vl.num_seqs < 0) fail("varlen.num_seqs ", vl.num_seqs, " must be >= 0");
   if (!vl.cu_seqlens_q) fail("varlen.cu_seqlens_q is null");
@@ -268,11 +306,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   if (out.seq != q.seq) fail("out.seq ", out.seq, " != q.seq ", q.seq);
   if (out.heads != q.heads) fail("out.heads ", out.heads, " != q.heads ", q.heads);
   if (out.dim != v.dim) fail("out.dim ", out.dim, " != v.dim ", v.dim);
-  {
-    const std::int64_t sizes[4] = {out.batch, out.seq, out.heads, out.dim};
-    const std::int64_t strides[4] = {out.stride_batch, out.stride_seq, out.stride_head, out.stride_dim};
-    check_no_self_overlap("out", sizes, strides, k_stride_dims, 4);
-  }
+  check_no_self_overlap("out", out);
   std::vector<input_range> inputs = {{"q", rq}, {"k", rk}, {"v", rv}};
   check_no_alias("out", ro, inputs);
 
@@ -303,11 +337,8 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   if (opt.lse) {
     const lse_tensor& l = *opt.lse;
     const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
-    if (!l.data && q.batch != 0 && q.heads != 0 && q.seq != 0) fail("lse.data is null");
-    if (reinterpret_cast<std::uintptr_t>(l.data) % 4 != 0) fail("lse.data ", static_cast<const void*>(l.data), " is not aligned to 4 bytes");
-    const std::int64_t lstrides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
-    rl = extent("lse", l.data, 4, sizes, lstrides, 3);
-    check_no_self_overlap("lse", sizes, lstrides, k_lse_dims, 3);
+    rl = check_lse("lse", l, sizes);
+    check_no_self_overlap("lse", l, sizes);
     check_no_alias("lse", rl, inputs);
     if (overlaps(rl, ro)) fail("lse aliases out");
     p.lse = l.data;
@@ -369,11 +400,7 @@ void build_spec(const tensor& q, const tensor& k, const spec& s, const options& 
     p.rope_dim = dim;
   }
   p.stats = opt.stats;
-  if (opt.threads < 0) fail("options.threads ", opt.threads, " must be >= 0 (0 = all cores)");
-  if (opt.threads > detail::max_threads())
-    fail("options.threads ", opt.threads, " must be <= ", detail::max_threads(), " (4 x the ", omp_get_num_procs(),
-         " processors, at least 8)");
-  p.threads = detail::resolve_threads(opt.threads);
+  p.threads = check_threads("options.threads", opt.threads);
   if (opt.use != backend::automatic && opt.use != backend::reference && opt.use != backend::cpu)
     fail("options.use ", static_cast<int>(opt.use), " is not a backend");
   // Last, once every size is known: no output may overlap any other buffer the call reads.
@@ -395,8 +422,7 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
   const byte_range rq = check_tensor("q", q), rk = check_tensor("k", k), rv = check_tensor("v", v),
                    ro = check_tensor("out", out);
   const std::int64_t lse_sizes[3] = {q.batch, q.heads, q.seq};
-  const std::int64_t lse_strides[3] = {lse.stride_batch, lse.stride_head, lse.stride_seq};
-  const byte_range rl = extent("lse", lse.data, 4, lse_sizes, lse_strides, 3);
+  const byte_range rl = check_lse("lse", lse, lse_sizes);
 
   const byte_range rdo = check_tensor("d_out", d_out);
   if (d_out.type != q.type && d_out.type != dtype::f32)
@@ -407,11 +433,7 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
     const tensor& like;
     const char* like_name;
   } shaped[4] = {{"d_out", d_out, out, "out"}, {"dq", g.dq, q, "q"}, {"dk", g.dk, k, "k"}, {"dv", g.dv, v, "v"}};
-  for (const auto& x : shaped) {
-    const std::int64_t got[4] = {x.t.batch, x.t.seq, x.t.heads, x.t.dim}, want[4] = {x.like.batch, x.like.seq, x.like.heads, x.like.dim};
-    for (int d = 0; d < 4; ++d)
-      if (got[d] != want[d]) fail(x.name, ".", k_tensor_dims[d], " ", got[d], " != ", x.like_name, ".", k_tensor_dims[d], " ", want[d]);
-  }
+  for (const auto& x : shaped) check_same_shape(x.name, x.t, x.like_name, x.like);
   std::vector<input_range> inputs = {{"q", rq}, {"k", rk}, {"v", rv}, {"out", ro}, {"lse", rl}, {"d_out", rdo}};
   spec_inputs(q, k, s, fo, p.fwd, inputs);
   std::vector<input_range> written;
@@ -428,9 +450,7 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
     const byte_range r = check_tensor(x.name, x.t);
     if (x.t.type != q.type && x.t.type != dtype::f32)
       fail(x.name, ".type ", dtype_name(x.t.type), " must be q.type ", dtype_name(q.type), " or f32");
-    const std::int64_t sizes[4] = {x.t.batch, x.t.seq, x.t.heads, x.t.dim};
-    const std::int64_t strides[4] = {x.t.stride_batch, x.t.stride_seq, x.t.stride_head, x.t.stride_dim};
-    check_no_self_overlap(x.name, sizes, strides, k_stride_dims, 4);
+    check_no_self_overlap(x.name, x.t);
     check_no_alias(x.name, r, inputs);
     check_no_alias(x.name, r, written);
     written.push_back({x.name, r});
@@ -489,11 +509,7 @@ void build_decode(const tensor& q, const kv_cache& cache, std::span<const std::i
   if (out.seq != q.seq) fail("out.seq ", out.seq, " != q.seq ", q.seq);
   if (out.heads != q.heads) fail("out.heads ", out.heads, " != q.heads ", q.heads);
   if (out.dim != cc.dim_v) fail("out.dim ", out.dim, " != cache dim_v ", cc.dim_v);
-  {
-    const std::int64_t sizes[4] = {out.batch, out.seq, out.heads, out.dim};
-    const std::int64_t strides[4] = {out.stride_batch, out.stride_seq, out.stride_head, out.stride_dim};
-    check_no_self_overlap("out", sizes, strides, k_stride_dims, 4);
-  }
+  check_no_self_overlap("out", out);
   std::vector<input_range> inputs = {{"q", rq}};
   check_no_alias("out", ro, inputs);
   if (static_cast<std::int64_t>(seqs.size()) != q.batch) fail("seqs has ", seqs.size(), " ids != q.batch ", q.batch);
@@ -530,11 +546,8 @@ void build_decode(const tensor& q, const kv_cache& cache, std::span<const std::i
   if (dopt.lse) {
     const lse_tensor& l = *dopt.lse;
     const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
-    if (!l.data && q.batch != 0 && q.heads != 0 && q.seq != 0) fail("lse.data is null");
-    if (reinterpret_cast<std::uintptr_t>(l.data) % 4 != 0) fail("lse.data ", static_cast<const void*>(l.data), " is not aligned to 4 bytes");
-    const std::int64_t lstrides[3] = {l.stride_batch, l.stride_head, l.stride_seq};
-    rl = extent("lse", l.data, 4, sizes, lstrides, 3);
-    check_no_self_overlap("lse", sizes, lstrides, k_lse_dims, 3);
+    rl = check_lse("lse", l, sizes);
+    check_no_self_overlap("lse", l, sizes);
     check_no_alias("lse", rl, inputs);
     if (overlaps(rl, ro)) fail("lse aliases out");
     p.lse = l.data;
@@ -595,7 +608,48 @@ void build_decode(const tensor& q, const kv_cache& cache, std::span<const std::i
   dp.seqs = seqs.data();
 }
 
+// merge_attention_states: n >= 1 parts of one shape, one LSE per part; out of that shape and lse_out written once
+// each, overlapping no part, no LSE nor each other.
+int build_merge(std::span<const tensor> outs, std::span<const lse_tensor> lses, const tensor& out,
+                const lse_tensor* lse_out, int threads) {
+  if (outs.empty()) fail("outs is empty: at least one part is needed");
+  if (lses.size() != outs.size()) fail("lses has ", lses.size(), " entries, outs ", outs.size(), ": one LSE per part");
+  const tensor& first = outs[0];
+  std::vector<input_range> inputs;
+  for (std::size_t i = 0; i < outs.size(); ++i) {
+    const std::string name = "outs[" + std::to_string(i) + "]";
+    inputs.push_back({name, check_tensor(name.c_str(), outs[i])});
+    if (i > 0) check_same_shape(name.c_str(), outs[i], "outs[0]", first);
+  }
+  const std::int64_t lse_sizes[3] = {first.batch, first.heads, first.seq};
+  for (std::size_t i = 0; i < lses.size(); ++i) {
+    const std::string name = "lses[" + std::to_string(i) + "]";
+    inputs.push_back({name, check_lse(name.c_str(), lses[i], lse_sizes)});
+  }
+  const byte_range ro = check_tensor("out", out);
+  check_same_shape("out", out, "outs[0]", first);
+  check_no_self_overlap("out", out);
+  check_no_alias("out", ro, inputs);
+  if (lse_out) {
+    const byte_range rl = check_lse("lse_out", *lse_out, lse_sizes);
+    check_no_self_overlap("lse_out", *lse_out, lse_sizes);
+    check_no_alias("lse_out", rl, inputs);
+    if (overlaps(rl, ro)) fail("lse_out aliases out");
+  }
+  return check_threads("threads", threads);
+}
+
 }  // namespace
+
+status detail::check_merge(std::span<const tensor> outs, std::span<const lse_tensor> lses, const tensor& out,
+                           const lse_tensor* lse_out, int threads, int& resolved_threads) {
+  try {
+    resolved_threads = build_merge(outs, lses, out, lse_out, threads);
+    return {};
+  } catch (const failure& f) {
+    return {"[merge_attention_states] " + f.message};
+  }
+}
 
 status make_backward_params(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
                             const tensor& d_out, const gradients& g, const spec& s, const options& opt,
@@ -606,10 +660,7 @@ status make_backward_params(const tensor& q, const tensor& k, const tensor& v, c
     p = built;
     return {};
   } catch (const failure& f) {
-    // The rules are the forward's; the message names the call that broke them.
-    const std::string prefix = "[attention] ";
-    const std::string rest = f.message.rfind(prefix, 0) == 0 ? f.message.substr(prefix.size()) : f.message;
-    return {"[attention_backward] " + rest};
+    return {"[attention_backward] " + f.message};
   }
 }
 
@@ -621,9 +672,7 @@ status make_decode_params(const tensor& q, const kv_cache& cache, std::span<cons
     p = built;
     return {};
   } catch (const failure& f) {
-    const std::string prefix = "[attention] ";
-    const std::string rest = f.message.rfind(prefix, 0) == 0 ? f.message.substr(prefix.size()) : f.message;
-    return {"[attention_decode] " + rest};
+    return {"[attention_decode] " + f.message};
   }
 }
 
@@ -635,7 +684,7 @@ status make_params(const tensor& q, const tensor& k, const tensor& v, const tens
     p = built;
     return {};
   } catch (const failure& f) {
-    return {f.message};
+    return {"[attention] " + f.message};
   }
 }
 
