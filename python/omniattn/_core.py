@@ -106,10 +106,7 @@ class _Call:
             raise ValueError(f"omniattn: layout must be 'bshd' or 'bhsd', got {layout!r}")
         if dtype not in (None, "bf16", "bfloat16"):
             raise ValueError(f"omniattn: dtype must be None or 'bf16' (read numpy uint16 arrays as bfloat16), got {dtype!r}")
-        if backend not in ("auto", "cpu", "reference"):
-            raise ValueError(f"omniattn: backend must be 'auto', 'cpu' or 'reference', got {backend!r}")
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
-            raise TypeError(f"omniattn: threads must be an int, got {type(threads).__name__}")
+        _check_run_options(backend, threads)
         if block_mask is not None and not isinstance(block_mask, BlockMask):
             raise TypeError(f"omniattn: block_mask must be an omniattn.BlockMask (see build_block_mask), "
                             f"not {type(block_mask).__name__}")
@@ -150,11 +147,9 @@ class _Call:
         cu_k = _int64_vector(cu_seqlens_k, "cu_seqlens_k")
 
         self.kw = dict(q=ops[0][0], k=ops[1][0], v=ops[2][0], out=op_out[0], layout=layout, as_bf16=as_bf16,
-                       scale=None if scale is None else float(scale), causal=_causal_mode(causal),
                        blocks=block_mask._cxx if block_mask is not None else None,
                        lse=None if self.lse is None else _operand_lse(self.lse), backend=backend, threads=int(threads),
-                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, sink_logits=_float_vector(sink_logits, "sink_logits"),
-                       rope=_rope_dict(rope), **grad_kw)
+                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **_spec_values(scale, causal, sink_logits, rope), **grad_kw)
         if grad is not None:
             self.kw["lse"] = _operand_lse(grad["lse"])
         self.dims = _C.call("validate", **self.kw)  # the C++ rules first, with their messages
@@ -170,12 +165,9 @@ class _Call:
             grid = Grid(d["batch"], d["heads_q"], d["seq_q"], d["seq_k"], lens_q, lens_k)
         if block_mask is not None:
             block_mask._check_call(grid, cu_q, cu_k)
-        if mask is not None:
-            self.kw["mask"] = _C.Mask(as_mask(mask).lower(grid))
-        elif block_mask is not None:
+        self.kw.update(_lowered(mask, score, grid))
+        if mask is None and block_mask is not None:
             self.kw["mask"] = block_mask._cmask  # PARTIAL tiles evaluate the mask the block mask was built from
-        if score is not None:
-            self.kw["score"] = as_score(score).lower(grid)
 
     def run(self):
         self.extra = _C.call("run", **self.kw)  # the backward's (d_sink_logits or None, d_bias or None)
@@ -192,12 +184,50 @@ class _Call:
         return _C.call("explain", **self.kw)
 
 
+def _check_run_options(backend, threads):
+    if backend not in ("auto", "cpu", "reference"):
+        raise ValueError(f"omniattn: backend must be 'auto', 'cpu' or 'reference', got {backend!r}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise TypeError(f"omniattn: threads must be an int, got {type(threads).__name__}")
+
+
+def _spec_values(scale, causal, sink_logits, rope):
+    """The spec's plain values as the binding takes them (attention and decode calls alike)."""
+    return dict(scale=None if scale is None else float(scale), causal=_causal_mode(causal),
+                sink_logits=_float_vector(sink_logits, "sink_logits"), rope=_rope_dict(rope))
+
+
+def _lowered(mask, score, grid):
+    """The binding's mask and score of a call whose index grids are `grid` (only those given)."""
+    kw = {}
+    if mask is not None:
+        kw["mask"] = _C.Mask(as_mask(mask).lower(grid))
+    if score is not None:
+        kw["score"] = as_score(score).lower(grid)
+    return kw
+
+
+def _explained(info, backend):
+    """select()'s (or select_decode()'s) answer as explain() prints it."""
+    head = f"kernel: {info['name']}" if info["ok"] else f"no {backend} kernel fits"
+    return "\n".join([head] + ["  " + r for r in info["reasons"]])
+
+
 def _float_vector(x, name):
     if x is None:
         return None
     if is_torch(x):
         x = x.detach().cpu().float().numpy()
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
+
+
+def _ids(x):
+    """Integer ids (RoPE positions) flattened to a list of ints, or None."""
+    if x is None:
+        return None
+    if is_torch(x):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.int64).reshape(-1).tolist()
 
 
 def _rope_dict(rope):
@@ -208,15 +238,9 @@ def _rope_dict(rope):
     unknown = set(spec) - {"theta", "rotary_dim", "interleaved", "pos_q", "pos_k", "sections"}
     if unknown:
         raise ValueError(f"omniattn: unknown rope keys {sorted(unknown)}")
-    def ids(x):
-        if x is None:
-            return None
-        if is_torch(x):
-            x = x.detach().cpu().numpy()
-        return np.asarray(x, dtype=np.int64).reshape(-1).tolist()
     return dict(theta=float(spec.get("theta", 10000.0)), rotary_dim=int(spec.get("rotary_dim", 0)),
-                interleaved=bool(spec.get("interleaved", False)), pos_q=ids(spec.get("pos_q")),
-                pos_k=ids(spec.get("pos_k")), sections=[int(v) for v in spec.get("sections", [])])
+                interleaved=bool(spec.get("interleaved", False)), pos_q=_ids(spec.get("pos_q")),
+                pos_k=_ids(spec.get("pos_k")), sections=[int(v) for v in spec.get("sections", [])])
 
 
 def _operand_lse(lse):
@@ -418,10 +442,7 @@ def explain(q, k, v, *, backward=False, return_d_bias=False, **kwargs):
         probe = _Call(q, k, v, return_lse=True, lower=False, **kwargs)
         grad = dict(lse=probe.lse, d_out=d_out, d_bias=return_d_bias)
         kwargs = dict(kwargs, out=probe.out)
-    info = _Call(q, k, v, grad=grad, **kwargs).explain()
-    backend = kwargs.get("backend", "auto")
-    head = f"kernel: {info['name']}" if info["ok"] else f"no {backend} kernel fits"
-    return "\n".join([head] + ["  " + r for r in info["reasons"]])
+    return _explained(_Call(q, k, v, grad=grad, **kwargs).explain(), kwargs.get("backend", "auto"))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -5,7 +5,8 @@
 // (data_ptr, dtype name, shape, element strides) that the Python layer makes from torch tensors, so the extension
 // never links torch. They become omniattn::tensor views, the call's spec and options are built from plain Python
 // values, and omniattn::attention (or omniattn::attention_backward, given d_out and the gradient buffers; or
-// omniattn::merge_attention_states over lists of outs and LSEs) runs with the GIL released. A status error becomes ValueError (TypeError when it is about a dtype) carrying the C++ message
+// omniattn::merge_attention_states over lists of outs and LSEs; or omniattn::attention_decode on a KVCache, a bound
+// omniattn::kv_cache) runs with the GIL released. A status error becomes ValueError (TypeError when it is about a dtype) carrying the C++ message
 // unchanged.
 //
 // Masks arrive as a small expression tree of tuples (python/omniattn/masks.py lowers its objects to it): built-in
@@ -20,12 +21,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <shared_mutex>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -415,7 +420,7 @@ omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shap
 [[noreturn]] void raise_status(const std::string& error) {
   // "[attention] k.type bf16 != q.type f32" (or "[attention_backward] ..."): a dtype problem, TypeError; everything
   // else is a ValueError.
-  for (const std::string prefix : {"[attention] ", "[attention_backward] ", "[merge_attention_states] "}) {
+  for (const std::string prefix : {"[attention] ", "[attention_backward] ", "[attention_decode] ", "[merge_attention_states] "}) {
     if (error.rfind(prefix, 0) != 0) continue;
     const std::size_t end = error.find(' ', prefix.size());
     const std::string subject = error.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
@@ -451,6 +456,82 @@ std::vector<std::int64_t> cu_seqlens(py::handle obj, const char* name) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The spec's plain values, shared by attention and decode calls.
+
+// RoPE from the dict the Python layer normalized (theta, rotary_dim, interleaved, pos_q, pos_k, sections); the id
+// arrays are copied into pos_q / pos_k, which rs then points into.
+void rope_from_dict(py::handle rope, omniattn::rope_spec& rs, std::vector<std::int64_t>& pos_q, std::vector<std::int64_t>& pos_k) {
+  const auto d = rope.cast<py::dict>();
+  rs.theta = d["theta"].cast<double>();
+  rs.rotary_dim = d["rotary_dim"].cast<std::int64_t>();
+  rs.interleaved = d["interleaved"].cast<bool>();
+  rs.sections = d["sections"].cast<std::vector<std::int64_t>>();
+  if (!d["pos_q"].is_none()) pos_q = d["pos_q"].cast<std::vector<std::int64_t>>();
+  if (!d["pos_k"].is_none()) pos_k = d["pos_k"].cast<std::vector<std::int64_t>>();
+  rs.pos_q = pos_q.empty() ? nullptr : pos_q.data();
+  rs.pos_k = pos_k.empty() ? nullptr : pos_k.data();
+}
+
+std::int64_t rope_axes(const omniattn::rope_spec& rs) {
+  return rs.sections.empty() ? 1 : static_cast<std::int64_t>(rs.sections.size());
+}
+
+// A spec and the storage its pointers read (sink logits, RoPE and its ids): made in place, never moved.
+struct spec_values {
+  omniattn::spec s;
+  py::array_t<float, py::array::c_style | py::array::forcecast> sinks;
+  omniattn::rope_spec rope;
+  std::vector<std::int64_t> pos_q, pos_k;
+
+  spec_values() = default;
+  spec_values(const spec_values&) = delete;
+  spec_values& operator=(const spec_values&) = delete;
+};
+
+// scale, causal, sink logits and RoPE of a call with heads_q query heads; the RoPE ids are sized [axes, batches, seq]
+// (seq_k < 0: pos_k is not sized here, the library's rules decide about it).
+void fill_spec(spec_values& sv, std::optional<double> scale, const std::string& causal, py::handle sinks, py::handle rope,
+               std::int64_t heads_q, std::int64_t batches, std::int64_t seq_q, std::int64_t seq_k) {
+  omniattn::spec& s = sv.s;
+  s.scale = scale;
+  s.causal = parse_causal(causal);
+  // Sink logits: float32, one per query head (the C++ side checks they are finite).
+  if (!sinks.is_none()) {
+    sv.sinks = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(sinks);
+    if (!sv.sinks || sv.sinks.ndim() != 1 || sv.sinks.shape(0) != heads_q)
+      throw py::value_error("omniattn: sink_logits must be a 1-d float array with one logit per query head (" +
+                            std::to_string(heads_q) + ")");
+    s.sink_logits = sv.sinks.data();
+  }
+  if (rope.is_none()) return;
+  rope_from_dict(rope, sv.rope, sv.pos_q, sv.pos_k);
+  const std::int64_t axes = rope_axes(sv.rope);
+  if (!sv.pos_q.empty() && static_cast<std::int64_t>(sv.pos_q.size()) != axes * batches * seq_q)
+    throw py::value_error("omniattn: rope pos_q has " + std::to_string(sv.pos_q.size()) + " ids, expected " +
+                          std::to_string(axes * batches * seq_q) + " ([axes, batch, seq_q])");
+  if (seq_k >= 0 && !sv.pos_k.empty() && static_cast<std::int64_t>(sv.pos_k.size()) != axes * batches * seq_k)
+    throw py::value_error("omniattn: rope pos_k has " + std::to_string(sv.pos_k.size()) + " ids, expected " +
+                          std::to_string(axes * batches * seq_k) + " ([axes, batch, seq_k])");
+  s.rope = &sv.rope;
+}
+
+// The call's mask and score onto s, their tables checked against want = [batch, heads_q, seq_q, seq_k]; bias_shapes:
+// every dense bias stage's shape.
+void attach_mask_score(omniattn::spec& s, py::handle mask, py::handle score, const shape4& want, buffers& keep,
+                       std::vector<shape4>& bias_shapes) {
+  if (!mask.is_none()) {
+    const py_mask& m = mask.cast<const py_mask&>();
+    m.check_shapes(want);
+    s.mask = m.expr;
+  }
+  if (!score.is_none()) {
+    std::vector<shape4> score_shapes;
+    s.score = make_score(score, keep, score_shapes, bias_shapes, want[1]);  // empty when there are no stages
+    for (const shape4& sh : score_shapes) check_table_shape("score", sh, want);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // One call: validate, explain, or run; the forward, or the backward when d_out is given (then out and lse are the
 // forward's results, read; d_out, dq, dk, dv are described like q, k, v; d_sink_logits and d_bias are allocated here,
 // since their sizes come from the spec, and returned).
@@ -482,46 +563,13 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
     }
   }
 
-  omniattn::spec s;
-  s.scale = scale;
-  s.causal = parse_causal(causal);
+  spec_values sv;
+  fill_spec(sv, scale, causal, sinks, rope, tq.heads, cu_q.is_none() ? tq.batch : 1, tq.seq, tk.seq);
+  omniattn::spec& s = sv.s;
   if (!blocks.is_none()) s.blocks = &blocks.cast<const omniattn::block_mask&>();
   omniattn::options opt;
   opt.use = parse_backend(backend);
   opt.threads = threads;
-
-  // Sink logits: float32, one per query head (the C++ side checks they are finite).
-  py::array_t<float, py::array::c_style | py::array::forcecast> sink_array;
-  if (!sinks.is_none()) {
-    sink_array = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(sinks);
-    if (!sink_array || sink_array.ndim() != 1 || sink_array.shape(0) != tq.heads)
-      throw py::value_error("omniattn: sink_logits must be a 1-d float array with one logit per query head (" +
-                            std::to_string(tq.heads) + ")");
-    s.sink_logits = sink_array.data();
-  }
-  // RoPE: a dict (theta, rotary_dim, interleaved, pos_q, pos_k, sections), already normalized by the Python layer.
-  omniattn::rope_spec rs;
-  std::vector<std::int64_t> pos_q, pos_k;
-  if (!rope.is_none()) {
-    const auto d = rope.cast<py::dict>();
-    rs.theta = d["theta"].cast<double>();
-    rs.rotary_dim = d["rotary_dim"].cast<std::int64_t>();
-    rs.interleaved = d["interleaved"].cast<bool>();
-    rs.sections = d["sections"].cast<std::vector<std::int64_t>>();
-    if (!d["pos_q"].is_none()) pos_q = d["pos_q"].cast<std::vector<std::int64_t>>();
-    if (!d["pos_k"].is_none()) pos_k = d["pos_k"].cast<std::vector<std::int64_t>>();
-    const std::int64_t axes = rs.sections.empty() ? 1 : static_cast<std::int64_t>(rs.sections.size());
-    const std::int64_t batches = cu_q.is_none() ? tq.batch : 1;
-    if (!pos_q.empty() && static_cast<std::int64_t>(pos_q.size()) != axes * batches * tq.seq)
-      throw py::value_error("omniattn: rope pos_q has " + std::to_string(pos_q.size()) + " ids, expected " +
-                            std::to_string(axes * batches * tq.seq) + " ([axes, batch, seq_q])");
-    if (!pos_k.empty() && static_cast<std::int64_t>(pos_k.size()) != axes * batches * tk.seq)
-      throw py::value_error("omniattn: rope pos_k has " + std::to_string(pos_k.size()) + " ids, expected " +
-                            std::to_string(axes * batches * tk.seq) + " ([axes, batch, seq_k])");
-    rs.pos_q = pos_q.empty() ? nullptr : pos_q.data();
-    rs.pos_k = pos_k.empty() ? nullptr : pos_k.data();
-    s.rope = &rs;
-  }
 
   omniattn::lse_tensor l;
   if (!lse.is_none()) {
@@ -558,17 +606,8 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
                     "seq_k"_a = p.seq_k, "dim_qk"_a = p.dim_qk, "dim_v"_a = p.dim_v, "scale"_a = p.scale,
                     "threads"_a = p.threads);
 
-  const shape4 want{p.batch, p.heads_q, p.seq_q, p.seq_k};
-  if (!mask.is_none()) {
-    const py_mask& m = mask.cast<const py_mask&>();
-    m.check_shapes(want);
-    s.mask = m.expr;
-  }
-  std::vector<shape4> score_shapes, bias_shapes;
-  if (!score.is_none()) {
-    s.score = make_score(score, keep, score_shapes, bias_shapes, p.heads_q);  // empty when there are no stages
-    for (const shape4& sh : score_shapes) check_table_shape("score", sh, want);
-  }
+  std::vector<shape4> bias_shapes;
+  attach_mask_score(s, mask, score, {p.batch, p.heads_q, p.seq_q, p.seq_k}, keep, bias_shapes);
   if (backward && want_d_bias) {
     // Shaped like the chain's dense bias; with none (or several) the C++ rules refuse the call before writing.
     const shape4 sh = bias_shapes.empty() ? shape4{1, 1, 1, 1} : bias_shapes.front();
@@ -593,6 +632,165 @@ py::object call(const std::string& mode, py::handle q, py::handle k, py::handle 
   if (!st) raise_status(st.error);
   if (!backward) return py::none();
   return py::make_tuple(want_d_sink ? py::object(d_sink_array) : py::none(), want_d_bias ? py::object(d_bias_array) : py::none());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The paged KV cache (omniattn::kv_cache) and attention_decode on it.
+
+// A cache and the lock that keeps it unchanged while decode calls read it with the GIL released: those share the
+// lock (taken after releasing the GIL, dropped before taking it back), every change takes it alone.
+struct py_kv_cache {
+  std::unique_ptr<omniattn::kv_cache> cache;
+
+  std::unique_lock<std::shared_mutex> exclusive() const {
+    py::gil_scoped_release release;  // a decode in flight finishes without the GIL
+    return std::unique_lock<std::shared_mutex>(lock);
+  }
+  std::shared_mutex& shared() const { return lock; }
+
+ private:
+  mutable std::shared_mutex lock;
+};
+
+dtype storage_from_name(const std::string& s) {
+  if (s == "f32") return dtype::f32;
+  if (s == "bf16") return dtype::bf16;
+  if (s == "f16") return dtype::f16;
+  if (s == "f64") return dtype::f64;  // refused by kv_cache::validate, with its message
+  throw py::type_error("omniattn: KVCache dtype must be 'f32', 'bf16' or 'f16' (or the numpy / torch dtypes), got '" + s + "'");
+}
+
+std::unique_ptr<py_kv_cache> make_kv_cache(std::int64_t heads_kv, std::int64_t dim_qk, std::int64_t dim_v,
+                                           std::int64_t page_size, const std::string& storage, py::handle rope) {
+  omniattn::kv_cache_config cfg;
+  cfg.heads_kv = heads_kv, cfg.dim_qk = dim_qk, cfg.dim_v = dim_v, cfg.page_size = page_size;
+  cfg.storage = storage_from_name(storage);
+  if (!rope.is_none()) {
+    omniattn::rope_spec rs;
+    std::vector<std::int64_t> pos_q, pos_k;
+    rope_from_dict(rope, rs, pos_q, pos_k);
+    if (!pos_q.empty() || !pos_k.empty())
+      throw py::value_error("omniattn: a KVCache's rope takes no pos_q / pos_k: positions come with each append");
+    rs.pos_q = rs.pos_k = nullptr;
+    cfg.rope = rs;
+  }
+  if (const omniattn::status st = omniattn::kv_cache::validate(cfg); !st) raise_status(st.error);
+  auto c = std::make_unique<py_kv_cache>();
+  c->cache = std::make_unique<omniattn::kv_cache>(cfg);
+  return c;
+}
+
+void check(const omniattn::status& st) {
+  if (!st) raise_status(st.error);
+}
+
+void cache_append(const py_kv_cache& c, std::int64_t seq, py::handle k, py::handle v, py::handle positions, bool as_bf16) {
+  buffers keep;
+  const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
+  const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
+  std::vector<std::int64_t> pos;
+  const omniattn::kv_cache_config& cfg = c.cache->config();
+  if (!positions.is_none()) {
+    pos = positions.cast<std::vector<std::int64_t>>();
+    const std::int64_t axes = cfg.rope ? rope_axes(*cfg.rope) : 1;
+    if (static_cast<std::int64_t>(pos.size()) != axes * tk.seq)
+      throw py::value_error("omniattn: positions has " + std::to_string(pos.size()) + " ids, expected " +
+                            std::to_string(axes * tk.seq) + " ([axes, n] for the " + std::to_string(tk.seq) + " tokens)");
+  }
+  const auto lock = c.exclusive();
+  check(c.cache->append(seq, tk, tv, pos.empty() ? nullptr : pos.data()));
+}
+
+py::tuple cache_read(const py_kv_cache& c, std::int64_t seq, std::int64_t kv_head) {
+  std::vector<float> k, v;
+  check(c.cache->read(seq, kv_head, k, v));
+  const omniattn::kv_cache_config& cfg = c.cache->config();
+  const std::int64_t dv = cfg.dim_v ? cfg.dim_v : cfg.dim_qk;
+  const auto n = static_cast<py::ssize_t>(k.size()) / cfg.dim_qk;
+  py::array_t<float> ka({n, static_cast<py::ssize_t>(cfg.dim_qk)}), va({n, static_cast<py::ssize_t>(dv)});
+  std::copy(k.begin(), k.end(), ka.mutable_data());
+  std::copy(v.begin(), v.end(), va.mutable_data());
+  return py::make_tuple(ka, va);
+}
+
+py::dict cache_config(const py_kv_cache& c) {
+  const omniattn::kv_cache_config& cfg = c.cache->config();
+  py::object rope = py::none();
+  if (cfg.rope)
+    rope = py::dict("theta"_a = cfg.rope->theta, "rotary_dim"_a = cfg.rope->rotary_dim,
+                    "interleaved"_a = cfg.rope->interleaved, "sections"_a = cfg.rope->sections);
+  return py::dict("heads_kv"_a = cfg.heads_kv, "head_dim"_a = cfg.dim_qk, "head_dim_v"_a = cfg.dim_v ? cfg.dim_v : cfg.dim_qk,
+                  "page_size"_a = cfg.page_size, "dtype"_a = omniattn::dtype_name(cfg.storage), "rope"_a = rope);
+}
+
+py::dict cache_memory(const py_kv_cache& c) {
+  const omniattn::kv_cache_memory m = c.cache->memory();
+  return py::dict("pages_in_use"_a = m.pages_in_use, "pages_free"_a = m.pages_free, "page_bytes"_a = m.page_bytes,
+                  "data_bytes"_a = m.data_bytes, "metadata_bytes"_a = m.metadata_bytes, "tokens"_a = m.tokens);
+}
+
+// One decode call: 'validate' (the problem's sizes, for the Python layer's tables and key mass buffer), 'explain'
+// (select_decode's kernel and reasons) or 'run'. q / out are [batch, Lq, heads, dim] (bshd); key_mass, when given,
+// a writable float32 [batch, heads_kv, slots] buffer.
+py::object decode(const std::string& mode, const py_kv_cache& c, py::handle q, py::handle out, const std::vector<std::int64_t>& seqs,
+                  bool as_bf16, std::optional<double> scale, const std::string& causal, py::handle mask, py::handle score,
+                  py::handle lse, py::handle key_mass, const std::string& backend, int threads, py::handle sinks,
+                  py::handle rope) {
+  buffers keep;
+  const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
+  const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
+  spec_values sv;
+  fill_spec(sv, scale, causal, sinks, rope, tq.heads, tq.batch, tq.seq, -1);
+  omniattn::spec& s = sv.s;
+  omniattn::decode_options opt;
+  opt.use = parse_backend(backend);
+  opt.threads = threads;
+  omniattn::lse_tensor l;
+  if (!lse.is_none()) {
+    l = to_lse("lse", describe(lse, "lse", true, false, keep));
+    opt.lse = &l;
+  }
+  if (!key_mass.is_none()) {
+    const array a = describe(key_mass, "key_mass", true, false, keep);
+    if (a.type != elem::f32 || a.shape.size() != 3 || a.strides[2] != 1 || a.strides[1] != a.shape[2] ||
+        a.strides[0] != a.shape[1] * a.shape[2])
+      throw py::value_error("omniattn: key_mass must be a contiguous float32 [batch, heads_kv, slots] array");
+    opt.key_mass = static_cast<float*>(a.data);
+    opt.key_mass_slots = a.shape[2];
+  }
+  const omniattn::kv_cache& cache = *c.cache;
+  omniattn::attn_decode_params p;
+  check(omniattn::make_decode_params(tq, cache, seqs, to, s, opt, p));
+  const omniattn::attn_params& f = p.fwd;
+  if (mode == "validate") {
+    std::vector<std::int64_t> lengths;
+    std::int64_t slots = 0;
+    for (const std::int64_t seq : seqs) {
+      lengths.push_back(cache.length(seq));
+      for (std::int64_t h = 0; h < f.heads_kv; ++h) slots = std::max(slots, cache.cached(seq, h));
+    }
+    return py::dict("batch"_a = f.batch, "heads_q"_a = f.heads_q, "heads_kv"_a = f.heads_kv, "seq_q"_a = f.seq_q,
+                    "seq_k"_a = f.seq_k, "lengths"_a = lengths, "key_mass_slots"_a = slots, "scale"_a = f.scale,
+                    "threads"_a = f.threads);
+  }
+  // Masks, scores and their tables index absolute token positions: [batch, heads_q, longest, longest].
+  std::vector<shape4> bias_shapes;
+  attach_mask_score(s, mask, score, {f.batch, f.heads_q, f.seq_k, f.seq_k}, keep, bias_shapes);
+  if (mode == "explain") {
+    check(omniattn::make_decode_params(tq, cache, seqs, to, s, opt, p));
+    const omniattn::decode_selection sel = omniattn::select_decode(p, opt.use);
+    return py::dict("ok"_a = sel.ok(), "name"_a = sel.name, "reasons"_a = sel.reasons, "threads"_a = p.fwd.threads,
+                    "mask"_a = p.fwd.mask ? p.fwd.mask->str() : std::string("none"));
+  }
+  if (mode != "run") throw py::value_error("omniattn: unknown mode '" + mode + "'");
+  omniattn::status st;
+  {
+    py::gil_scoped_release release;
+    const std::shared_lock<std::shared_mutex> reading(c.shared());
+    st = omniattn::attention_decode(tq, cache, seqs, to, s, opt);
+  }
+  check(st);
+  return py::none();
 }
 
 // omniattn::merge_attention_states over operands laid out like attention's out and lse: outs[i] and out as q in
@@ -683,6 +881,60 @@ PYBIND11_MODULE(_omniattn, m) {
         "Validates ('validate': returns the problem's sizes), explains ('explain': select()'s kernel and reasons) or runs "
         "('run') one attention call; with d_out (and dq, dk, dv) the attention_backward call, whose 'run' returns "
         "(d_sink_logits or None, d_bias or None).");
+
+  py::class_<py_kv_cache>(m, "KVCache", "omniattn::kv_cache (use omniattn.KVCache)")
+      .def(py::init(&make_kv_cache), "heads_kv"_a, "head_dim"_a, "head_dim_v"_a, "page_size"_a, "dtype"_a, "rope"_a)
+      .def_property_readonly("config", &cache_config)
+      .def("add_sequence", [](const py_kv_cache& c) {
+        const auto lock = c.exclusive();
+        return c.cache->add_sequence();
+      })
+      .def("fork", [](const py_kv_cache& c, std::int64_t seq) {
+        const auto lock = c.exclusive();
+        std::int64_t id = -1;
+        check(c.cache->fork(seq, id));
+        return id;
+      }, "seq"_a)
+      .def("free", [](const py_kv_cache& c, std::int64_t seq) {
+        const auto lock = c.exclusive();
+        check(c.cache->free_sequence(seq));
+      }, "seq"_a)
+      .def("append", &cache_append, "seq"_a, "k"_a, "v"_a, "positions"_a, "as_bf16"_a)
+      .def("truncate", [](const py_kv_cache& c, std::int64_t seq, std::int64_t length) {
+        const auto lock = c.exclusive();
+        check(c.cache->truncate(seq, length));
+      }, "seq"_a, "length"_a)
+      .def("set_eviction", [](const py_kv_cache& c, std::int64_t kv_head, std::int64_t sinks, std::int64_t window) {
+        const auto lock = c.exclusive();
+        check(c.cache->set_eviction(kv_head, {sinks, window}));
+      }, "kv_head"_a, "sinks"_a, "window"_a)
+      .def("keep_top_k", [](const py_kv_cache& c, std::int64_t seq, std::int64_t kv_head,
+                            const py::array_t<float, py::array::c_style | py::array::forcecast>& mass, std::int64_t k) {
+        if (mass.ndim() != 1) throw py::value_error("omniattn: mass must be 1-d (one float per cached slot)");
+        const auto lock = c.exclusive();
+        check(c.cache->keep_top_k(seq, kv_head, std::span<const float>(mass.data(), static_cast<std::size_t>(mass.size())), k));
+      }, "seq"_a, "kv_head"_a, "mass"_a, "k"_a)
+      .def("shrink", [](const py_kv_cache& c) {
+        const auto lock = c.exclusive();
+        check(c.cache->shrink());
+      })
+      .def("sequences", [](const py_kv_cache& c) { return c.cache->sequences(); })
+      .def("alive", [](const py_kv_cache& c, std::int64_t seq) { return c.cache->alive(seq); }, "seq"_a)
+      .def("length", [](const py_kv_cache& c, std::int64_t seq) { return c.cache->length(seq); }, "seq"_a)
+      .def("cached", [](const py_kv_cache& c, std::int64_t seq, std::int64_t h) { return c.cache->cached(seq, h); },
+           "seq"_a, "kv_head"_a)
+      .def("cached_tokens", [](const py_kv_cache& c, std::int64_t seq, std::int64_t h) {
+        const std::vector<std::int64_t> t = c.cache->cached_tokens(seq, h);
+        return py::array_t<std::int64_t>(static_cast<py::ssize_t>(t.size()), t.data());
+      }, "seq"_a, "kv_head"_a)
+      .def("read", &cache_read, "seq"_a, "kv_head"_a)
+      .def("memory", &cache_memory);
+
+  m.def("decode", &decode, "mode"_a, "cache"_a, "q"_a, "out"_a, "seqs"_a, py::kw_only(), "as_bf16"_a = false,
+        "scale"_a = py::none(), "causal"_a = "none", "mask"_a = py::none(), "score"_a = py::none(), "lse"_a = py::none(),
+        "key_mass"_a = py::none(), "backend"_a = "auto", "threads"_a = 0, "sink_logits"_a = py::none(),
+        "rope"_a = py::none(),
+        "Validates, explains or runs one omniattn::attention_decode call of q [batch, Lq, heads_q, dim] on the cache.");
 
   m.def("merge_attention_states", &merge, "outs"_a, "lses"_a, "out"_a, "lse_out"_a, py::kw_only(), "layout"_a = "bshd",
         "as_bf16"_a = false, "threads"_a = 0,
