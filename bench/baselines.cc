@@ -31,6 +31,7 @@ void openblas_unfused(const attn_params& p, int threads) {
       const float* k = static_cast<const float*>(p.k) + e.tensor_batch * p.k_stride[0] + e.k_begin * p.k_stride[1] + kvh * p.k_stride[2];
       const float* v = static_cast<const float*>(p.v) + e.tensor_batch * p.v_stride[0] + e.k_begin * p.v_stride[1] + kvh * p.v_stride[2];
       float* o = static_cast<float*>(p.out) + e.tensor_batch * p.o_stride[0] + e.q_begin * p.o_stride[1] + h * p.o_stride[2];
+      // A one-row q / out (decoding) may carry seq stride 0; any leading dimension >= the row length is then valid.
 #pragma omp parallel num_threads(threads)
       {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -39,7 +40,7 @@ void openblas_unfused(const attn_params& p, int threads) {
         if (r1 > r0 && lk > 0) {
           float* rows = s.data() + static_cast<std::size_t>(r0) * lk;
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, r1 - r0, lk, static_cast<int>(p.dim_qk), static_cast<float>(p.scale),
-                      q + r0 * p.q_stride[1], static_cast<int>(p.q_stride[1]), k, static_cast<int>(p.k_stride[1]), 0.0f, rows, lk);
+                      q + r0 * p.q_stride[1], static_cast<int>(std::max(p.q_stride[1], p.dim_qk)), k, static_cast<int>(p.k_stride[1]), 0.0f, rows, lk);
           for (int i = r0; i < r1; ++i) {
             const int allowed = p.causal == causal_mode::none        ? lk
                                 : p.causal == causal_mode::top_left ? std::min(lk, i + 1)
@@ -47,7 +48,7 @@ void openblas_unfused(const attn_params& p, int threads) {
             softmax_row(s.data() + static_cast<std::size_t>(i) * lk, allowed, lk);
           }
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, static_cast<int>(p.dim_v), lk, 1.0f, rows, lk, v,
-                      static_cast<int>(p.v_stride[1]), 0.0f, o + r0 * p.o_stride[1], static_cast<int>(p.o_stride[1]));
+                      static_cast<int>(p.v_stride[1]), 0.0f, o + r0 * p.o_stride[1], static_cast<int>(std::max(p.o_stride[1], p.dim_v)));
         }
       }
     }

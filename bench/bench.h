@@ -42,5 +42,9 @@ void naive_local_attention(const attn_params& p, int threads);
 
 // `omniattn bench ...` with the whole command line (argv[0] the program, argv[1] "bench"); returns the exit code.
 int bench_main(int argc, char** argv);
+// Sum of n floats with the widest vector loads (n a multiple of 64): the bandwidth probe's streaming read.
+float read_sum(const float* x, std::size_t n);
+// `omniattn bench --decode` (decode.cc): attention_decode on a paged KV cache against the measured read bandwidth.
+int decode_main(int argc, char** argv);
 
 }  // namespace omniattn::bench

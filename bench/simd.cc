@@ -1,5 +1,5 @@
 // The benchmark's own SIMD code, on the best ISA this CPU has (Highway dispatch): the ISA name and the vectorized
-// softmax row of the unfused OpenBLAS baseline.
+// softmax row of the unfused OpenBLAS baseline, the streaming read of the bandwidth probe.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -45,6 +45,21 @@ void softmax_row(float* HWY_RESTRICT row, std::int64_t allowed, std::int64_t n) 
   for (j = allowed; j < n; ++j) row[j] = 0.0f;
 }
 
+// Sum of n floats (n a multiple of 4 vectors), four independent vector accumulators: a streaming read at the widest
+// vector loads, for the bandwidth probe of `bench --decode`.
+float read_sum(const float* HWY_RESTRICT x, std::size_t n) {
+  const hn::ScalableTag<float> d;
+  const std::size_t L = hn::Lanes(d);
+  auto a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+  for (std::size_t i = 0; i + 4 * L <= n; i += 4 * L) {
+    a0 = hn::Add(a0, hn::LoadU(d, x + i));
+    a1 = hn::Add(a1, hn::LoadU(d, x + i + L));
+    a2 = hn::Add(a2, hn::LoadU(d, x + i + 2 * L));
+    a3 = hn::Add(a3, hn::LoadU(d, x + i + 3 * L));
+  }
+  return hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(a0, a1), hn::Add(a2, a3))));
+}
+
 }  // namespace omniattn::bench::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -53,6 +68,9 @@ namespace omniattn::bench {
 
 HWY_EXPORT(target_name);
 HWY_EXPORT(softmax_row);
+HWY_EXPORT(read_sum);
+
+float read_sum(const float* x, std::size_t n) { return HWY_DYNAMIC_DISPATCH(read_sum)(x, n); }
 
 void softmax_row(float* row, std::int64_t allowed, std::int64_t n) { HWY_DYNAMIC_DISPATCH(softmax_row)(row, allowed, n); }
 

@@ -315,8 +315,10 @@ status kv_cache::append(std::int64_t seq, const tensor& k, const tensor& v, cons
     rp.seq_rows_k = n;
   }
   std::vector<float> krow(static_cast<std::size_t>(m.cfg.dim_qk)), vrow(static_cast<std::size_t>(m.cfg.dim_v));
-  for (std::int64_t t = 0; t < n; ++t)
-    for (std::int64_t h = 0; h < m.heads(); ++h) {
+  // Head by head: a head's new pages are allocated one after another, so a long append (a prompt) leaves each page
+  // table's pages mostly adjacent in memory and decoding reads them as long streams.
+  for (std::int64_t h = 0; h < m.heads(); ++h)
+    for (std::int64_t t = 0; t < n; ++t) {
       const std::int64_t kb = t * k.stride_seq + h * k.stride_head, vb = t * v.stride_seq + h * v.stride_head;
       for (std::int64_t d = 0; d < m.cfg.dim_qk; ++d)
         krow[static_cast<std::size_t>(d)] = static_cast<float>(detail::load_element(k.data, k.type, kb + d * k.stride_dim));

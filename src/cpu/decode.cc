@@ -32,6 +32,7 @@
 #define HWY_TARGET_INCLUDE "cpu/decode.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/aligned_allocator.h"
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "cpu/math-inl.h"
 #include "cpu/score_tile-inl.h"
@@ -145,7 +146,20 @@ HWY_INLINE void for_each_tile(const decode_call& call, const decode_item& it, de
     st.ks.k_ld = P;
     const std::int64_t segs_per_page = P / 16;
     const std::int64_t total = (it.page1 - it.page0) * segs_per_page;
+    const auto elem = static_cast<std::int64_t>(sizeof(T));
+    // Software prefetch, one tile ahead, of each page's slot indices (read first, at the end of the page) and of one
+    // line per 4 KiB of its K / V: pages are separate allocations, and a miss on the indices would stall the tile
+    // before its K / V loads start; the line per 4 KiB wakes the hardware streamer on each page of memory.
+    const auto prefetch_segment = [&](std::int64_t sg) {
+      const std::int64_t at = it.page0 + sg / segs_per_page, first = sg % segs_per_page * 16;
+      const auto* base = reinterpret_cast<const unsigned char*>(page_ptr<T>(c, pages[at]));
+      hwy::Prefetch(c.page_index[pages[at]] + first);
+      for (std::int64_t b = first * elem; b < c.dim_qk * P * elem; b += 4096) hwy::Prefetch(base + b);
+      const unsigned char* vb = base + (c.v_offset + first * c.dim_vp) * elem;
+      for (std::int64_t b = 0; b < 16 * c.dim_vp * elem; b += 4096) hwy::Prefetch(vb + b);
+    };
     for (std::int64_t s0 = 0; s0 < total; s0 += 4) {
+      for (std::int64_t sg = s0 + 4; sg < std::min(total, s0 + 8); ++sg) prefetch_segment(sg);
       const std::int64_t nseg = std::min<std::int64_t>(4, total - s0);
       for (std::int64_t g = 0; g < 4; ++g) {
         const std::int64_t sg = s0 + (g < nseg ? g : 0);

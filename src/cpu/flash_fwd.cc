@@ -451,6 +451,7 @@ void flash_fwd_grid(const attn_params& p) {
 }
 
 void flash_fwd_f32(const attn_params& p) { flash_fwd<false>(p); }
+const char* target_name() { return hwy::TargetName(HWY_TARGET); }
 void flash_fwd_bf16_dot(const attn_params& p) { flash_fwd<true>(p); }
 
 }  // namespace omniattn::cpu::HWY_NAMESPACE
@@ -462,16 +463,15 @@ namespace omniattn::cpu {
 HWY_EXPORT(flash_fwd_f32);
 HWY_EXPORT(flash_fwd_bf16_dot);
 HWY_EXPORT(flash_fwd_grid);
+HWY_EXPORT(target_name);
 
 void run_flash_fwd(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_f32)(p); }
 void run_flash_fwd_bf16_dot(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_bf16_dot)(p); }
 void run_flash_fwd_grid(const attn_params& p) { HWY_DYNAMIC_DISPATCH(flash_fwd_grid)(p); }
 
-// The Highway target dynamic dispatch runs on this CPU: the best one (lowest bit) both compiled and supported.
-std::string dispatch_isa() {
-  const std::int64_t usable = hwy::SupportedTargets() & HWY_TARGETS;
-  return std::string("ISA ") + (usable ? hwy::TargetName(usable & -usable) : "none");
-}
+// The Highway target dynamic dispatch runs on this CPU (or the one a test pinned): asked through the dispatch table
+// itself, which costs an atomic load, where hwy::SupportedTargets() runs cpuid on every call.
+std::string dispatch_isa() { return std::string("ISA ") + HWY_DYNAMIC_DISPATCH(target_name)(); }
 
 }  // namespace omniattn::cpu
 #endif
