@@ -523,6 +523,32 @@ TEST(Decode, RowsWithEveryKeyEvictedGiveZeroAndMinusInfinity) {
   }
 }
 
+// EasyControl / ViD-GPT style: condition tokens cached once; each denoising step appends the current block, attends
+// (bidirectionally inside the block, to the whole condition: block_causal), then rolls back to the condition.
+TEST(Decode, ConditionTokensReusedAcrossStepsWithTruncate) {
+  std::mt19937_64 rng(13);
+  const std::int64_t hq = 4, hkv = 2, d = 16, cond = 24, block = 8;
+  kv_cache c({hkv, d, d, 16, dtype::f32, std::nullopt});
+  const std::int64_t seq = c.add_sequence();
+  const seq_kv condition = make_seq(cond, hkv, d, d, rng, dtype::f32);
+  append_range(c, seq, condition, 0, cond, cond);
+  const std::int64_t pages = c.memory().pages_in_use;
+  spec sp;
+  sp.mask = mask_expr::block_causal(block);
+  for (int step = 0; step < 3; ++step) {
+    seq_kv full = make_seq(cond + block, hkv, d, d, rng, dtype::f32);
+    std::copy(condition.k.begin(), condition.k.end(), full.k.begin());
+    std::copy(condition.v.begin(), condition.v.end(), full.v.begin());
+    append_range(c, seq, full, cond, cond + block, block);
+    const std::vector<float> q = random_values(block * hq * d, rng, dtype::f32);
+    const decode_out want = full_sequence_rows(full, q, block, hq, hkv, d, d, sp, rng);
+    EXPECT_TRUE(oracles_agree(run_decode(c, {seq}, q, block, hq, sp, backend::reference), want, "oracle step " + std::to_string(step)));
+    EXPECT_TRUE(decode_close(run_decode(c, {seq}, q, block, hq, sp, backend::cpu), want, "kernel step " + std::to_string(step)));
+    ASSERT_TRUE(c.truncate(seq, cond).ok());
+    EXPECT_EQ(c.memory().pages_in_use, pages);
+  }
+}
+
 TEST(Decode, RopeKeysRotatedOnAppendMatchTheFullSequence) {
   std::mt19937_64 rng(12);
   const std::int64_t hq = 4, hkv = 2, d = 16, L = 50;

@@ -57,7 +57,7 @@ struct decode_call {
 
 struct decode_scratch {
   thread_scratch ts;
-  hwy::AlignedFreeUniquePtr<float[]> kt, v;  // gathered tile (page sizes that are not a multiple of 16)
+  hwy::AlignedFreeUniquePtr<float[]> kt, v;  // an f32 tile: gathered (page sizes not a multiple of 16) or widened
   std::vector<float> row;
   std::uint64_t bits[k_bq];
   std::int64_t tiles[3] = {};
@@ -134,6 +134,36 @@ HWY_INLINE void tile_scores(const decode_call& call, const decode_item& it, cons
   }
 }
 
+// A 16-bit in-place tile widened to f32 into the thread's tile (K^T [dim][64], V [64][dim_vp]), segment by segment.
+template <class T>
+HWY_INLINE slot_tile<float> widened(const kv_cache_view& c, const slot_tile<T>& st, std::int64_t nseg, decode_scratch& ds) {
+  const df_t d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  slot_tile<float> wt;
+  wt.keys = st.keys;
+  wt.contiguous = st.contiguous;
+  std::copy(st.idx, st.idx + st.keys, wt.idx);
+  std::copy(st.page_of, st.page_of + st.keys, wt.page_of);
+  std::copy(st.slot_of, st.slot_of + st.keys, wt.slot_of);
+  float* kt = ds.kt.get();
+  float* vt = ds.v.get();
+  for (std::int64_t g = 0; g < nseg; ++g) {
+    for (std::int64_t dd = 0; dd < c.dim_qk; ++dd)
+      for (std::int64_t x = 0; x < 16; x += L) hn::Store(load_lanes(d, st.ks.kseg[g] + dd * st.ks.k_ld + x), d, kt + dd * k_bk + g * 16 + x);
+    for (std::int64_t j = 0; j < 16; ++j)
+      for (std::int64_t x = 0; x < c.dim_vp; x += L)
+        hn::Store(load_lanes(d, st.ks.vseg[g] + j * c.dim_vp + x), d, vt + (g * 16 + j) * c.dim_vp + x);
+  }
+  for (std::int64_t g = 0; g < 4; ++g) {
+    const std::int64_t src = g < nseg ? g : 0;  // segments past the tile's keys: finite values, masked by the bits
+    wt.ks.kseg[g] = kt + 16 * src;
+    wt.ks.vseg[g] = vt + 16 * src * c.dim_vp;
+  }
+  wt.ks.k_ld = k_bk;
+  wt.ks.v_ld = c.dim_vp;
+  return wt;
+}
+
 // Walks the item's slots as key tiles of up to 64: fn(tile) for each.
 template <class T, class Fn>
 HWY_INLINE void for_each_tile(const decode_call& call, const decode_item& it, decode_scratch& ds, Fn&& fn) {
@@ -177,6 +207,15 @@ HWY_INLINE void for_each_tile(const decode_call& call, const decode_item& it, de
       st.keys = nseg * 16;
       st.contiguous = true;
       for (std::int64_t j = 0; j < st.keys; ++j) st.contiguous &= st.idx[j] >= 0 && st.idx[j] == st.idx[0] + j;
+      if constexpr (!std::is_same_v<T, float>) {
+        // Many register blocks of rows (chunked prefill): the micro-kernels would widen each 16-bit K / V vector once
+        // per row block; widen the tile once into the thread's f32 tile instead. Below four blocks the in-place reads
+        // win: the 64 KiB f32 tile does not stay in L1 (measured: 16 rows 20% slower widened, 256 rows 10% faster).
+        if (it.row1 - it.row0 > 4 * static_cast<std::int64_t>(k_mr)) {
+          fn(widened(c, st, nseg, ds));
+          continue;
+        }
+      }
       fn(st);
     }
     return;
@@ -377,10 +416,11 @@ void decode_kernel(const attn_decode_params& dp) {
   call.mass = mass.data();
   const int threads = p.threads;
   std::vector<decode_scratch> scratch(static_cast<std::size_t>(threads));
-  const bool gathered = dp.cache.page_size % 16 != 0;
+  // The f32 tile: gathered tiles (page sizes not a multiple of 16) and 16-bit tiles widened once for many rows.
+  const bool f32_tile = dp.cache.page_size % 16 != 0 || dp.cache.storage != dtype::f32;
   for (decode_scratch& ds : scratch) {
     ds.ts.allocate(p.dim_qk, dim_vp, false);
-    if (gathered) {
+    if (f32_tile) {
       ds.kt = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(p.dim_qk * k_bk)));
       ds.v = detail::checked(hwy::AllocateAligned<float>(static_cast<std::size_t>(k_bk * dim_vp)));
     }
