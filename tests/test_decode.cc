@@ -549,6 +549,65 @@ TEST(Decode, ConditionTokensReusedAcrossStepsWithTruncate) {
   }
 }
 
+// Continuous batching: one call mixes a prefill chunk, single decode tokens and a sequence with no new query
+// (options.cu_seqlens_q); each sequence's rows equal its own fixed-length call.
+TEST(Decode, RaggedBatchMatchesPerSequenceCalls) {
+  std::mt19937_64 rng(14);
+  const std::int64_t hq = 6, hkv = 2, d = 24;
+  rope_spec rs;
+  kv_cache c({hkv, d, d, 16, dtype::bf16, rs});
+  const std::vector<std::int64_t> lens = {90, 17, 40, 5}, news = {9, 1, 0, 5};
+  std::vector<std::int64_t> seqs, cu = {0};
+  for (std::size_t x = 0; x < lens.size(); ++x) {
+    seqs.push_back(c.add_sequence());
+    const seq_kv s = make_seq(lens[x], hkv, d, d, rng, dtype::bf16);
+    append_range(c, seqs.back(), s, 0, lens[x], 13);
+    cu.push_back(cu.back() + news[x]);
+  }
+  const std::int64_t total = cu.back();
+  for (auto [name, sp] : spec_variants(hq, 90)) {
+    sp.rope = &rs;
+    const std::vector<float> q = random_values(total * hq * d, rng, dtype::f32);
+    for (backend b : {backend::cpu, backend::reference}) {
+      std::vector<float> out(static_cast<std::size_t>(total * hq * d), 7.0f), lse(static_cast<std::size_t>(hq * total), 7.0f);
+      const lse_tensor lt = make_lse(lse.data(), hq, total);
+      decode_options o;
+      o.use = b;
+      o.lse = &lt;
+      o.cu_seqlens_q = cu.data();
+      const status st = attention_decode(make_bshd(const_cast<float*>(q.data()), dtype::f32, 1, total, hq, d), c, seqs,
+                                         make_bshd(out.data(), dtype::f32, 1, total, hq, d), sp, o);
+      ASSERT_TRUE(st.ok()) << st.error;
+      for (std::size_t x = 0; x < seqs.size(); ++x) {
+        if (news[x] == 0) continue;
+        const std::vector<float> qx(q.begin() + cu[x] * hq * d, q.begin() + cu[x + 1] * hq * d);
+        const decode_out one = run_decode(c, {seqs[x]}, qx, news[x], hq, sp, backend::reference);
+        decode_out part;
+        part.out.assign(out.begin() + cu[x] * hq * d, out.begin() + cu[x + 1] * hq * d);
+        for (std::int64_t h = 0; h < hq; ++h)
+          for (std::int64_t i = cu[x]; i < cu[x + 1]; ++i) part.lse.push_back(lse[static_cast<std::size_t>(h * total + i)]);
+        EXPECT_TRUE(decode_close(part, one, name + " " + backend_name(b) + " sequence " + std::to_string(x)));
+      }
+    }
+  }
+  // The offsets' rules.
+  std::vector<float> q(static_cast<std::size_t>(total * hq * d)), out(q.size());
+  decode_options o;
+  std::vector<std::int64_t> bad = {0, 9, 10, 9, 15};
+  o.cu_seqlens_q = bad.data();
+  spec sp;
+  sp.rope = &rs;
+  const status st = attention_decode(make_bshd(q.data(), dtype::f32, 1, total, hq, d), c, seqs, make_bshd(out.data(), dtype::f32, 1, total, hq, d), sp, o);
+  EXPECT_NE(st.error.find("[attention_decode] options.cu_seqlens_q decreases at 3"), std::string::npos) << st.error;
+  bad = {0, 9, 10, 10, 14};
+  const status st2 = attention_decode(make_bshd(q.data(), dtype::f32, 1, total, hq, d), c, seqs, make_bshd(out.data(), dtype::f32, 1, total, hq, d), sp, o);
+  EXPECT_NE(st2.error.find("cu_seqlens_q[4] 14 != q.seq 15"), std::string::npos) << st2.error;
+  bad = {0, 9, 28, 28, 15};
+  const status st3 = attention_decode(make_bshd(q.data(), dtype::f32, 1, total, hq, d), c, seqs, make_bshd(out.data(), dtype::f32, 1, total, hq, d), sp, o);
+  EXPECT_NE(st3.error.find("decreases at 4"), std::string::npos) << st3.error;
+  for (float x : out) EXPECT_EQ(x, 0.0f);  // untouched
+}
+
 TEST(Decode, RopeKeysRotatedOnAppendMatchTheFullSequence) {
   std::mt19937_64 rng(12);
   const std::int64_t hq = 4, hkv = 2, d = 16, L = 50;

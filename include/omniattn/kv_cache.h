@@ -126,8 +126,12 @@ class kv_cache {
 //   q    [batch, Lq, heads_q, dim_qk]   row b belongs to cache sequence seqs[b] (distinct ids); heads_q % heads_kv == 0
 //   out  [batch, Lq, heads_q, dim_v]    f32 / bf16 / f16
 //   lse  [batch, heads_q, Lq]           optional (options.lse)
+// Ragged batches (continuous batching: prefill chunks and single decode tokens in one call, FlashInfer's qo_indptr):
+// with decode_options::cu_seqlens_q, q / out are [1, total, heads, dim] and sequence seqs[b] owns rows
+// [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its last cu_seqlens_q[b + 1] - cu_seqlens_q[b] tokens (0 is allowed);
+// lse is then [1, heads_q, total].
 // The spec is the forward's (spec.h): masks, score modifiers, sink logits, block masks sized for the full sequence,
-// RoPE (must match the cache's). Varlen is not used here: sequences of a batch have their own lengths in the cache.
+// RoPE (must match the cache's); mask and score functors see b = the index into seqs.
 struct decode_options {
   backend use = backend::automatic;
   int threads = 0;  // 0: all cores (as options::threads)
@@ -137,6 +141,7 @@ struct decode_options {
   // kv_cache::cached_tokens; entries past a head's cached slots are 0). One extra pass over the cache.
   float* key_mass = nullptr;
   std::int64_t key_mass_slots = 0;
+  const std::int64_t* cu_seqlens_q = nullptr;  // optional: seqs.size() + 1 offsets into q's rows (ragged batch)
   run_stats* stats = nullptr;
   bool allow_fallback = true;
 };
@@ -145,7 +150,10 @@ status attention_decode(const tensor& q, const kv_cache& cache, std::span<const 
                         const spec& s = {}, const decode_options& opt = {});
 
 // The params of one decode call (pointers, sizes, precomputed scalars), as the kernels and the oracle read them.
-// fwd carries q, out, lse and the spec's scalars: batch, seq_q = Lq, heads, dims; its k / v are null.
+// fwd carries q, out, lse and the spec's scalars: batch (= sequences), seq_q = Lq (ragged: the most new queries of a
+// sequence), seq_rows_q = q's rows, heads, dims; its k / v are null. A ragged call sets fwd.cu_seqlens_q, and
+// fwd.cu_seqlens_k to the same array so that sequence(fwd, b) gives each sequence's query rows (its key fields are
+// meaningless here: keys live in the cache).
 struct attn_decode_params {
   attn_params fwd;
   kv_cache_view cache;

@@ -128,16 +128,19 @@ class _Decode:
     """One prepared decode call: operands, output buffers, the lowered mask and score."""
 
     def __init__(self, q, cache, seqs, *, scale=None, causal=False, mask=None, score=None, sink_logits=None, rope=None,
-                 return_lse=False, return_key_mass=False, threads=0, backend="auto"):
+                 return_lse=False, return_key_mass=False, threads=0, backend="auto", cu_seqlens_q=None):
         if not isinstance(cache, KVCache):
             raise TypeError(f"omniattn: cache must be an omniattn.KVCache, not {type(cache).__name__}")
         _check_run_options(backend, threads)
         if not (isinstance(q, np.ndarray) or is_torch(q)) or q.ndim not in (3, 4):
             raise ValueError("omniattn: q must be a numpy array or torch tensor, [batch, Lq, heads_q, dim] or "
                              f"[batch, heads_q, dim] (Lq = 1), got {getattr(q, 'shape', type(q).__name__)}")
+        # 3-d q: [batch, heads, dim] (one query per sequence), or [total, heads, dim] packed for a ragged batch.
         self.single = q.ndim == 3
+        self.ragged = cu_seqlens_q is not None
         if self.single:
-            q = q.unsqueeze(1) if is_torch(q) else q[:, None]
+            axis = 0 if self.ragged else 1
+            q = q.unsqueeze(axis) if is_torch(q) else np.expand_dims(q, axis)
         ids = np.atleast_1d(to_numpy(seqs, "seqs") if is_torch(seqs) else np.asarray(seqs))
         if ids.dtype.kind not in "iu" or ids.ndim != 1:
             raise TypeError(f"omniattn: seqs must be a sequence id or a 1-d list of them (ints), got {seqs!r}")
@@ -148,6 +151,8 @@ class _Decode:
         self.kw = dict(q=op_q, out=op_out, seqs=[int(s) for s in ids], as_bf16=bf_q or bf_out,
                        lse=None if self.lse is None else _operand_lse(self.lse), backend=backend, threads=int(threads),
                        **_spec_values(scale, causal, sink_logits, rope))
+        if self.ragged:
+            self.kw["cu_seqlens_q"] = to_numpy(cu_seqlens_q, "cu_seqlens_q") if is_torch(cu_seqlens_q) else cu_seqlens_q
         d = self.call("validate")  # the C++ rules first, with their messages
         self.key_mass = None
         if return_key_mass:
@@ -162,14 +167,16 @@ class _Decode:
 
     def result(self):
         out, lse = self.out, self.lse
-        if self.single:
+        if self.single and self.ragged:
+            out, lse = out[0], None if lse is None else lse[0]
+        elif self.single:
             out, lse = out[:, 0], None if lse is None else lse[:, :, 0]
         extra = tuple(x for x in (lse, self.key_mass) if x is not None)
         return (out,) + extra if extra else out
 
 
 def decode(q, cache, seqs, *, scale=None, causal=False, mask=None, score=None, sink_logits=None, rope=None,
-           return_lse=False, return_key_mass=False, threads=0, backend="auto"):
+           return_lse=False, return_key_mass=False, threads=0, backend="auto", cu_seqlens_q=None):
     """Attention of new queries against a KVCache (omniattn::attention_decode): decoding, chunked prefill, block
     decoding, FlashInfer's BatchDecode / BatchPrefill on a paged cache.
 
@@ -189,9 +196,15 @@ def decode(q, cache, seqs, *, scale=None, causal=False, mask=None, score=None, s
     summed over the call's queries of the kv head's group (entries past a head's cached slots are 0). Not recorded by
     torch autograd. Errors come from the library, e.g. "[attention_decode] q.seq 3 > length 2 of sequence 0 ...".
     prefill is the same function: a chunk of new queries after appending their K / V, with causal=True.
+
+    Ragged batches (continuous batching, FlashInfer's qo_indptr): cu_seqlens_q = len(seqs) + 1 offsets, q packed as
+    [total, heads_q, dim] (or [1, total, heads_q, dim]); sequence seqs[b] owns rows cu_seqlens_q[b] ..
+    cu_seqlens_q[b + 1] - 1, its last (possibly zero) tokens. out is then [total, heads_q, head_dim_v] (or [1, ...]),
+    lse [heads_q, total] (or [1, heads_q, total]).
     """
     call = _Decode(q, cache, seqs, scale=scale, causal=causal, mask=mask, score=score, sink_logits=sink_logits,
-                   rope=rope, return_lse=return_lse, return_key_mass=return_key_mass, threads=threads, backend=backend)
+                   rope=rope, return_lse=return_lse, return_key_mass=return_key_mass, threads=threads, backend=backend,
+                   cu_seqlens_q=cu_seqlens_q)
     call.call("run")
     return call.result()
 

@@ -735,7 +735,7 @@ py::dict cache_memory(const py_kv_cache& c) {
 py::object decode(const std::string& mode, const py_kv_cache& c, py::handle q, py::handle out, const std::vector<std::int64_t>& seqs,
                   bool as_bf16, std::optional<double> scale, const std::string& causal, py::handle mask, py::handle score,
                   py::handle lse, py::handle key_mass, const std::string& backend, int threads, py::handle sinks,
-                  py::handle rope) {
+                  py::handle rope, py::handle cu_seqlens_q) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
@@ -757,6 +757,15 @@ py::object decode(const std::string& mode, const py_kv_cache& c, py::handle q, p
       throw py::value_error("omniattn: key_mass must be a contiguous float32 [batch, heads_kv, slots] array");
     opt.key_mass = static_cast<float*>(a.data);
     opt.key_mass_slots = a.shape[2];
+  }
+  py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> cu;
+  if (!cu_seqlens_q.is_none()) {
+    cu = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(cu_seqlens_q);
+    if (!cu || cu.ndim() != 1) throw py::value_error("omniattn: cu_seqlens_q must be a 1-d array of int64 offsets");
+    if (cu.shape(0) != static_cast<py::ssize_t>(seqs.size()) + 1)
+      throw py::value_error("omniattn: cu_seqlens_q has " + std::to_string(cu.shape(0)) + " entries, need len(seqs) + 1 = " +
+                            std::to_string(seqs.size() + 1));
+    opt.cu_seqlens_q = cu.data();
   }
   const omniattn::kv_cache& cache = *c.cache;
   omniattn::attn_decode_params p;
@@ -933,8 +942,9 @@ PYBIND11_MODULE(_omniattn, m) {
   m.def("decode", &decode, "mode"_a, "cache"_a, "q"_a, "out"_a, "seqs"_a, py::kw_only(), "as_bf16"_a = false,
         "scale"_a = py::none(), "causal"_a = "none", "mask"_a = py::none(), "score"_a = py::none(), "lse"_a = py::none(),
         "key_mass"_a = py::none(), "backend"_a = "auto", "threads"_a = 0, "sink_logits"_a = py::none(),
-        "rope"_a = py::none(),
-        "Validates, explains or runs one omniattn::attention_decode call of q [batch, Lq, heads_q, dim] on the cache.");
+        "rope"_a = py::none(), "cu_seqlens_q"_a = py::none(),
+        "Validates, explains or runs one omniattn::attention_decode call of q [batch, Lq, heads_q, dim] (ragged: [1, "
+        "total, heads_q, dim] with cu_seqlens_q) on the cache.");
 
   m.def("merge_attention_states", &merge, "outs"_a, "lses"_a, "out"_a, "lse_out"_a, py::kw_only(), "layout"_a = "bshd",
         "as_bf16"_a = false, "threads"_a = 0,

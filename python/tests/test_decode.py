@@ -170,6 +170,30 @@ def test_batch_of_unequal_sequences_and_flashinfer_shape(rng):
         np.testing.assert_allclose(lse[b], want_lse[0, :, 0], **TOL)
 
 
+def test_ragged_batch_mixes_prefill_chunks_and_decode_tokens(rng):
+    # Continuous batching: new queries per sequence 5, 1, 0 and 3 in one call (FlashInfer's qo_indptr).
+    cache = omniattn.KVCache(2, 8, page_size=4)
+    lengths, news = [9, 20, 4, 3], [5, 1, 0, 3]
+    seqs, kv = [], []
+    for n in lengths:
+        seqs.append(cache.add_sequence())
+        kv.append((tokens(rng, n, 2, 8), tokens(rng, n, 2, 8)))
+        cache.append(seqs[-1], *kv[-1])
+    cu = np.concatenate([[0], np.cumsum(news)]).astype(np.int64)
+    q = rng.standard_normal((int(cu[-1]), 4, 8), dtype=np.float32)  # [total, heads_q, dim]
+    out, lse = omniattn.decode(q, cache, seqs, cu_seqlens_q=cu, causal=True, return_lse=True)
+    assert out.shape == (cu[-1], 4, 8) and lse.shape == (4, cu[-1])
+    for b, (k, v) in enumerate(kv):
+        if news[b] == 0:
+            continue
+        rows = slice(cu[b], cu[b + 1])
+        want, want_lse = full_rows(q[None, rows], k, v, news[b], rng, causal=True)
+        np.testing.assert_allclose(out[rows], want[0], **TOL)
+        np.testing.assert_allclose(lse[:, rows], want_lse[0], **TOL)
+    with pytest.raises(ValueError, match=r"\[attention_decode\] options.cu_seqlens_q\[4\] 8 != q.seq 9"):
+        omniattn.decode(q, cache, seqs, cu_seqlens_q=np.array([0, 5, 6, 6, 8]))
+
+
 @pytest.mark.parametrize("case", ["builtin", "function", "table", "score_fn", "sinks"])
 def test_masks_scores_and_sinks_as_attention(rng, case):
     cache, seq, k, v = filled(rng, 23, page_size=7)

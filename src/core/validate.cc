@@ -512,16 +512,32 @@ void build_decode(const tensor& q, const kv_cache& cache, std::span<const std::i
   check_no_self_overlap("out", out);
   std::vector<input_range> inputs = {{"q", rq}};
   check_no_alias("out", ro, inputs);
-  if (static_cast<std::int64_t>(seqs.size()) != q.batch) fail("seqs has ", seqs.size(), " ids != q.batch ", q.batch);
+  const std::int64_t* cu = dopt.cu_seqlens_q;
+  const auto n_seqs = static_cast<std::int64_t>(seqs.size());
+  std::int64_t most_new = q.seq;
+  if (cu) {
+    if (q.batch != 1) fail("q.batch ", q.batch, " must be 1 with options.cu_seqlens_q (sequences are packed along seq)");
+    inputs.push_back({"options.cu_seqlens_q", array_range("options.cu_seqlens_q", cu, n_seqs + 1, 8)});
+    if (cu[0] != 0) fail("options.cu_seqlens_q[0] ", cu[0], " must be 0");
+    most_new = 0;
+    for (std::int64_t b = 0; b < n_seqs; ++b) {
+      if (cu[b + 1] < cu[b]) fail("options.cu_seqlens_q decreases at ", b + 1, " (", cu[b], " then ", cu[b + 1], ")");
+      most_new = std::max(most_new, cu[b + 1] - cu[b]);
+    }
+    if (cu[n_seqs] != q.seq) fail("options.cu_seqlens_q[", n_seqs, "] ", cu[n_seqs], " != q.seq ", q.seq, " (the total of new queries)");
+  } else if (n_seqs != q.batch) {
+    fail("seqs has ", seqs.size(), " ids != q.batch ", q.batch);
+  }
   std::int64_t longest = 0, most_cached = 0;
   for (std::size_t b = 0; b < seqs.size(); ++b) {
     if (!cache.alive(seqs[b])) fail("seqs[", b, "] ", seqs[b], " is not a sequence of the cache");
     for (std::size_t c = 0; c < b; ++c)
       if (seqs[c] == seqs[b]) fail("seqs[", c, "] and seqs[", b, "] are both sequence ", seqs[b], " (ids must be distinct)");
     const std::int64_t len = cache.length(seqs[b]);
-    if (len < q.seq)
-      fail("q.seq ", q.seq, " > length ", len, " of sequence ", seqs[b],
-           " (the queries are the sequence's last tokens: append their K / V first)");
+    const std::int64_t n_new = cu ? cu[b + 1] - cu[b] : q.seq;
+    if (len < n_new)
+      fail(cu ? "sequence " : "q.seq ", cu ? std::to_string(seqs[b]) + "'s " + std::to_string(n_new) + " new queries" : std::to_string(n_new),
+           " > length ", len, " of sequence ", seqs[b], " (the queries are the sequence's last tokens: append their K / V first)");
     longest = std::max(longest, len);
     for (std::int64_t h = 0; h < cc.heads_kv; ++h) most_cached = std::max(most_cached, cache.cached(seqs[b], h));
   }
@@ -533,7 +549,9 @@ void build_decode(const tensor& q, const kv_cache& cache, std::span<const std::i
   p.out = out.data;
   p.in_type = q.type;
   p.out_type = out.type;
-  p.batch = q.batch;
+  p.batch = n_seqs;
+  p.cu_seqlens_q = cu;
+  p.cu_seqlens_k = cu;  // sequence(p, b)'s query rows only: the keys live in the cache (see attn_decode_params)
   p.heads_q = q.heads;
   p.heads_kv = cc.heads_kv;
   p.group = q.heads / cc.heads_kv;
@@ -559,7 +577,7 @@ void build_decode(const tensor& q, const kv_cache& cache, std::span<const std::i
     if (dopt.key_mass_slots < most_cached)
       fail("options.key_mass_slots ", dopt.key_mass_slots, " < the most cached slots of a (sequence, kv head) in the call ", most_cached);
     std::int64_t n = 0;
-    if (!detail::product_fits({q.batch, cc.heads_kv, dopt.key_mass_slots}, &n)) fail("options.key_mass size overflows int64");
+    if (!detail::product_fits({n_seqs, cc.heads_kv, dopt.key_mass_slots}, &n)) fail("options.key_mass size overflows int64");
     const byte_range rm = array_range("options.key_mass", dopt.key_mass, n, 4);
     if (reinterpret_cast<std::uintptr_t>(dopt.key_mass) % 4 != 0) fail("options.key_mass is not aligned to 4 bytes");
     check_no_alias("options.key_mass", rm, inputs);
@@ -579,7 +597,7 @@ void build_decode(const tensor& q, const kv_cache& cache, std::span<const std::i
   build_spec(q, q, plain, opt, p, ro, dopt.lse ? &rl : nullptr);
   p.mask = s.mask ? &s.mask : nullptr;  // the caller's, not the local copy's
   p.score = s.score ? &s.score : nullptr;
-  p.seq_q = q.seq;
+  p.seq_q = most_new;
   p.seq_k = longest;
   if (s.rope) {
     const rope_spec& r = *s.rope;

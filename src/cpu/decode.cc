@@ -261,10 +261,10 @@ HWY_INLINE void load_rows(const decode_call& call, const decode_item& it, decode
   for (std::int64_t r = it.row0; r < it.row1; ++r) {
     const decode_row& dr = call.plan->rows[static_cast<std::size_t>(r)];
     float* dst = qp + (r - it.row0) * p.dim_qk;
-    load_row_v(p.q, p.in_type, dr.b * p.q_stride[0] + dr.i * p.q_stride[1] + dr.h * p.q_stride[2], p.q_stride[3], p.dim_qk, dst);
+    load_row_v(p.q, p.in_type, dr.tb * p.q_stride[0] + dr.row * p.q_stride[1] + dr.h * p.q_stride[2], p.q_stride[3], p.dim_qk, dst);
     if (p.rope) {
       const std::int64_t L = c.length[call.dp->seqs[dr.b]];
-      rope_rotate(p, true, dr.b, dr.i, dr.t, L, L, dst);
+      rope_rotate(p, true, dr.tb, dr.row, dr.t, L, L, dst);
     }
   }
 }
@@ -345,7 +345,7 @@ HWY_NOINLINE void mass_item(const decode_call& call, const decode_item& it, deco
     }
     for (std::int64_t r = 0; r < rows; ++r) {
       const decode_row& dr = call.plan->rows[static_cast<std::size_t>(it.row0 + r)];
-      const float lse2 = call.row_lse[call_row(dp.fwd, dr.b, dr.h, dr.i)] * 1.4426950408889634f;
+      const float lse2 = call.row_lse[call_row(dp.fwd, dr)] * 1.4426950408889634f;
       if (!(lse2 > -std::numeric_limits<float>::infinity())) continue;
       float* mrow = call.mass + (dr.b * p.heads_kv + it.kvh) * dp.key_mass_slots;
       for (std::int64_t j = 0; j < st.keys; ++j) {
@@ -363,7 +363,8 @@ HWY_NOINLINE void merge_row(const decode_call& call, std::int64_t row, std::vect
   const attn_params& p = call.dp->fwd;
   const decode_plan& plan = *call.plan;
   const std::int64_t dim_vp = call.dp->cache.dim_vp;
-  const std::int64_t i = row % p.seq_q, h = row / p.seq_q % p.heads_q, b = row / (p.seq_q * p.heads_q);
+  const std::int64_t h = row % p.heads_q, tensor_row = row / p.heads_q;
+  const std::int64_t tb = tensor_row / p.seq_rows_q, i = tensor_row % p.seq_rows_q;
   parts.clear();
   lses.clear();
   for (std::int64_t x = plan.part_begin[static_cast<std::size_t>(row)]; x < plan.part_begin[static_cast<std::size_t>(row) + 1]; ++x) {
@@ -380,9 +381,9 @@ HWY_NOINLINE void merge_row(const decode_call& call, std::int64_t row, std::vect
   float* out = acc.data() + dim_vp;
   float lse = -std::numeric_limits<float>::infinity();
   if (!parts.empty()) lse = detail::merge_state_row(parts.data(), lses.data(), static_cast<std::int64_t>(parts.size()), p.dim_v, out);
-  const std::int64_t off = b * p.o_stride[0] + i * p.o_stride[1] + h * p.o_stride[2];
+  const std::int64_t off = tb * p.o_stride[0] + i * p.o_stride[1] + h * p.o_stride[2];
   for (std::int64_t dd = 0; dd < p.dim_v; ++dd) detail::store_element(p.out, p.out_type, off + dd * p.o_stride[3], out[dd]);
-  if (p.lse) p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i * p.lse_stride[2]] = lse;
+  if (p.lse) p.lse[tb * p.lse_stride[0] + h * p.lse_stride[1] + i * p.lse_stride[2]] = lse;
   row_lse[row] = lse;
 }
 
@@ -396,8 +397,8 @@ HWY_NOINLINE void run_item_any(const decode_call& call, const decode_item& it, d
 
 void decode_kernel(const attn_decode_params& dp) {
   const attn_params& p = dp.fwd;
-  const std::int64_t call_rows = p.batch * p.heads_q * p.seq_q;
-  if (call_rows == 0) return;
+  const std::int64_t rows_of_call = call_rows(p);
+  if (rows_of_call == 0) return;
   const decode_plan plan = make_decode_plan(dp);
   decode_call call;
   call.dp = &dp;
@@ -408,7 +409,7 @@ void decode_kernel(const attn_decode_params& dp) {
   const std::int64_t dim_vp = dp.cache.dim_vp;
   std::vector<float> part_o(static_cast<std::size_t>(std::max<std::int64_t>(plan.parts * dim_vp, 1)));
   std::vector<float> part_lse(static_cast<std::size_t>(std::max<std::int64_t>(plan.parts, 1)));
-  std::vector<float> row_lse(static_cast<std::size_t>(call_rows));
+  std::vector<float> row_lse(static_cast<std::size_t>(rows_of_call));
   std::vector<float> mass(dp.key_mass ? static_cast<std::size_t>(p.batch * p.heads_kv * dp.key_mass_slots) : 0);
   call.part_o = part_o.data();
   call.part_lse = part_lse.data();
@@ -442,7 +443,7 @@ void decode_kernel(const attn_decode_params& dp) {
     });
   };
   detail::parallel_errors errors;
-  const auto merge_phase = make_phase(call_rows, sched::even, [&](std::int64_t row, int tid) {
+  const auto merge_phase = make_phase(rows_of_call, sched::even, [&](std::int64_t row, int tid) {
     merge_row(call, row, parts[static_cast<std::size_t>(tid)], lses[static_cast<std::size_t>(tid)], acc[static_cast<std::size_t>(tid)],
               row_lse.data());
   });

@@ -20,7 +20,8 @@
 namespace omniattn::cpu {
 
 struct decode_row {
-  std::int64_t b, h, i, t;  // batch entry of the call, q head, query row, token index (L_b - Lq + i)
+  std::int64_t b, h, i, t;  // sequence of the call, q head, its i-th new query, token index (L_b - n_b + i)
+  std::int64_t tb, row;     // where the query sits in q / out: tensor batch and row
 };
 
 struct decode_item {
@@ -34,7 +35,7 @@ struct decode_item {
 struct decode_plan {
   std::vector<decode_row> rows;
   std::vector<decode_item> items;            // in creation order (the merge order)
-  std::vector<std::int64_t> part_begin;      // per call row (b, h, i): CSR into part_rows
+  std::vector<std::int64_t> part_begin;      // per call row: CSR into part_rows
   std::vector<std::int64_t> part_rows;
   std::int64_t parts = 0;                    // partial rows in all
   std::int64_t cascade_ranges = 0, ranges = 0;
@@ -49,9 +50,9 @@ constexpr std::int64_t k_decode_target_items = 16;
 // The smallest chunk worth an item of its own (slots).
 constexpr std::int64_t k_decode_min_chunk = 512;
 
-inline std::int64_t call_row(const attn_params& p, std::int64_t b, std::int64_t h, std::int64_t i) {
-  return (b * p.heads_q + h) * p.seq_q + i;
-}
+// Call rows are (q tensor row, q head) pairs: (tensor batch * rows + row) * heads_q + h.
+inline std::int64_t call_rows(const attn_params& p) { return (p.cu_seqlens_q ? 1 : p.batch) * p.seq_rows_q * p.heads_q; }
+inline std::int64_t call_row(const attn_params& p, const decode_row& r) { return (r.tb * p.seq_rows_q + r.row) * p.heads_q + r.h; }
 
 inline decode_plan make_decode_plan(const attn_decode_params& dp) {
   const attn_params& p = dp.fwd;
@@ -95,16 +96,18 @@ inline decode_plan make_decode_plan(const attn_decode_params& dp) {
   }
   plan.ranges = static_cast<std::int64_t>(ranges.size());
   const std::int64_t want = ranges.empty() ? 1 : (k_decode_target_items + plan.ranges - 1) / plan.ranges;
-  std::vector<std::vector<std::int64_t>> parts_of(static_cast<std::size_t>(p.batch * p.heads_q * p.seq_q));
+  std::vector<std::vector<std::int64_t>> parts_of(static_cast<std::size_t>(call_rows(p)));
   for (const range& r : ranges) {
     if (r.cascade) ++plan.cascade_ranges;
     const std::int64_t row0 = static_cast<std::int64_t>(plan.rows.size());
     for (std::int64_t b : r.members) {
       const std::int64_t L = c.length[dp.seqs[b]];
+      const seq_extent e = sequence(p, b);
       for (std::int64_t h = r.kvh * p.group; h < (r.kvh + 1) * p.group; ++h)
-        for (std::int64_t i = 0; i < p.seq_q; ++i) plan.rows.push_back({b, h, i, L - p.seq_q + i});
+        for (std::int64_t i = 0; i < e.q_len; ++i) plan.rows.push_back({b, h, i, L - e.q_len + i, e.tensor_batch, e.q_begin + i});
     }
     const std::int64_t row1 = static_cast<std::int64_t>(plan.rows.size());
+    if (row1 == row0) continue;  // sequences without new queries in a ragged call read nothing
     const std::int64_t pages = r.page1 - r.page0;
     const std::int64_t by_size = std::max<std::int64_t>(1, pages * c.page_size / k_decode_min_chunk);
     const std::int64_t chunks = std::clamp<std::int64_t>(want, 1, std::min(by_size, pages));
@@ -115,7 +118,7 @@ inline decode_plan make_decode_plan(const attn_decode_params& dp) {
         it.cost = (it.page1 - it.page0) * (it.row1 - it.row0 + 8);
         for (std::int64_t x = it.row0; x < it.row1; ++x) {
           const decode_row& dr = plan.rows[static_cast<std::size_t>(x)];
-          parts_of[static_cast<std::size_t>(call_row(p, dr.b, dr.h, dr.i))].push_back(plan.parts + x - it.row0);
+          parts_of[static_cast<std::size_t>(call_row(p, dr))].push_back(plan.parts + x - it.row0);
         }
         plan.parts += it.row1 - it.row0;
         plan.items.push_back(it);

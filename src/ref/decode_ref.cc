@@ -1,6 +1,6 @@
 // The fp64 oracle of attention on a KV cache (contract in include/omniattn/kv_cache.h): plain loops over the cached
 // slots of each (sequence, kv head), with the forward's element predicate and score functor at absolute positions.
-//   query i of sequence b: token index t = L_b - Lq + i;  for each cached slot with token index j:
+//   query i of sequence b (of its n_b new queries): token index t = L_b - n_b + i;  for each cached slot, index j:
 //   s = score(scale * <R(q_i), k_j>, b, h, t, j) if element_allowed(b, h, t, j, L_b, L_b) (k_j as stored: rotated)
 //   out, lse: the softmax over those s (and the sink logit), as reference_attention.
 // key_mass[b][kvh][slot] = sum over the call's rows of the kv head's group of exp(s - lse).
@@ -46,12 +46,13 @@ void reference_attention_decode(const attn_decode_params& dp) {
       }
       const auto n = static_cast<std::int64_t>(index.size());
       std::vector<double> mass(static_cast<std::size_t>(n), 0.0);
+      const seq_extent e = sequence(p, b);  // the sequence's query rows in q / out
       for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h)
-        for (std::int64_t i = 0; i < p.seq_q; ++i) {
-          const std::int64_t t = L - p.seq_q + i;
-          const std::int64_t q_row = b * p.q_stride[0] + i * p.q_stride[1] + h * p.q_stride[2];
+        for (std::int64_t i = 0; i < e.q_len; ++i) {
+          const std::int64_t t = L - e.q_len + i, row = e.q_begin + i, tb = e.tensor_batch;
+          const std::int64_t q_row = tb * p.q_stride[0] + row * p.q_stride[1] + h * p.q_stride[2];
           for (std::int64_t d = 0; d < p.dim_qk; ++d) qrow[d] = load_element(p.q, p.in_type, q_row + d * p.q_stride[3]);
-          if (p.rope) rope_rotate(p, true, b, i, t, L, L, qrow.data());
+          if (p.rope) rope_rotate(p, true, tb, row, t, L, L, qrow.data());
           scores.assign(static_cast<std::size_t>(n), neg_inf);
           double row_max = p.sink_logits ? static_cast<double>(p.sink_logits[h]) : neg_inf;
           for (std::int64_t s = 0; s < n; ++s) {
@@ -77,9 +78,9 @@ void reference_attention_decode(const attn_decode_params& dp) {
               mass[s] += w;
             }
           }
-          const std::int64_t o_row = b * p.o_stride[0] + i * p.o_stride[1] + h * p.o_stride[2];
+          const std::int64_t o_row = tb * p.o_stride[0] + row * p.o_stride[1] + h * p.o_stride[2];
           for (std::int64_t d = 0; d < p.dim_v; ++d) store_element(p.out, p.out_type, o_row + d * p.o_stride[3], acc[d]);
-          if (p.lse) p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i * p.lse_stride[2]] = static_cast<float>(lse);
+          if (p.lse) p.lse[tb * p.lse_stride[0] + h * p.lse_stride[1] + row * p.lse_stride[2]] = static_cast<float>(lse);
         }
       if (dp.key_mass)
         for (std::int64_t s = 0; s < n; ++s)
