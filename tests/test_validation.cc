@@ -370,7 +370,9 @@ TEST(Validation, OutputAliasesASpecInput) {
   expect_accepted([&](call& c) { c.s.score = scores::bias(at_xb(c, 0), {1, 1, LQ, LK}); c.out.data = at_xb(c, LQ * LK); });
   expect_rejected(
       [](call& c) {
-        c.s.score = scores::then(scores::softcap(5.0), scores::reweight(std::vector<double>(LK, 0.5)));
+        // One row of more weights than keys (allowed) so that the whole lse view (B * HQ * LQ floats) lies inside
+        // the table: a table of LK weights would let lse run past it into whatever the heap put next (q, once).
+        c.s.score = scores::then(scores::softcap(5.0), scores::reweight(std::vector<double>(B * HQ * LQ + LK, 0.5)));
         std::vector<detail::score_step> steps;
         detail::lower_score(c.s.score, steps);
         c.l.data = const_cast<float*>(steps[1].table->values_f->data());
