@@ -221,6 +221,21 @@ void check_no_self_overlap(const char* name, const lse_tensor& l, const std::int
   check_no_self_overlap(name, sizes, strides, k_lse_dims, 3);
 }
 
+// The LSE output of q's rows, [batch, heads, seq]: checked against itself, the inputs and out, then recorded in p.
+byte_range lse_output(const lse_tensor& l, const tensor& q, const std::vector<input_range>& inputs, byte_range ro,
+                      attn_params& p) {
+  const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
+  const byte_range rl = check_lse("lse", l, sizes);
+  check_no_self_overlap("lse", l, sizes);
+  check_no_alias("lse", rl, inputs);
+  if (overlaps(rl, ro)) fail("lse aliases out");
+  p.lse = l.data;
+  p.lse_stride[0] = l.stride_batch;
+  p.lse_stride[1] = l.stride_head;
+  p.lse_stride[2] = l.stride_seq;
+  return rl;
+}
+
 // A requested thread count (0 = all cores), resolved.
 int check_threads(const char* name, int threads) {
   if (threads < 0) fail(name, " ", threads, " must be >= 0 (0 = all cores)");
@@ -334,18 +349,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   if (opt.packed) check_varlen(*opt.packed, q, k, p);
 
   byte_range rl;
-  if (opt.lse) {
-    const lse_tensor& l = *opt.lse;
-    const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
-    rl = check_lse("lse", l, sizes);
-    check_no_self_overlap("lse", l, sizes);
-    check_no_alias("lse", rl, inputs);
-    if (overlaps(rl, ro)) fail("lse aliases out");
-    p.lse = l.data;
-    p.lse_stride[0] = l.stride_batch;
-    p.lse_stride[1] = l.stride_head;
-    p.lse_stride[2] = l.stride_seq;
-  }
+  if (opt.lse) rl = lse_output(*opt.lse, q, inputs, ro, p);
 
   build_spec(q, k, s, opt, p, ro, opt.lse ? &rl : nullptr);
 }
@@ -561,18 +565,7 @@ void build_decode(const tensor& q, const kv_cache& cache, std::span<const std::i
   kernel_strides(q, p.q_stride);
   kernel_strides(out, p.o_stride);
   byte_range rl;
-  if (dopt.lse) {
-    const lse_tensor& l = *dopt.lse;
-    const std::int64_t sizes[3] = {q.batch, q.heads, q.seq};
-    rl = check_lse("lse", l, sizes);
-    check_no_self_overlap("lse", l, sizes);
-    check_no_alias("lse", rl, inputs);
-    if (overlaps(rl, ro)) fail("lse aliases out");
-    p.lse = l.data;
-    p.lse_stride[0] = l.stride_batch;
-    p.lse_stride[1] = l.stride_head;
-    p.lse_stride[2] = l.stride_seq;
-  }
+  if (dopt.lse) rl = lse_output(*dopt.lse, q, inputs, ro, p);
   if (dopt.key_mass) {
     if (dopt.key_mass_slots < most_cached)
       fail("options.key_mass_slots ", dopt.key_mass_slots, " < the most cached slots of a (sequence, kv head) in the call ", most_cached);
