@@ -33,6 +33,11 @@ struct attn_params {
   const std::int64_t* cu_seqlens_q = nullptr;  // varlen only (then the tensors have batch 1)
   const std::int64_t* cu_seqlens_k = nullptr;
 
+  // A block of a larger problem (options::block): q row i is position pos_q0 + i and key j position pos_k0 + j of a
+  // problem of total_q x total_k, which masks, scores, RoPE and the causal alignment see. Zeros: the call itself
+  // (positions from 0, totals = seq_q / seq_k), so hand-filled params need not set them. Fixed-length batches only.
+  std::int64_t pos_q0 = 0, pos_k0 = 0, total_q = 0, total_k = 0;
+
   double scale = 1.0;
   float scale_log2 = 1.0f;  // scale * log2(e): kernels use exp2
   causal_mode causal = causal_mode::none;
@@ -62,17 +67,23 @@ struct attn_bwd_params {
   float* d_bias = nullptr;  // contiguous, the shape of the score chain's bias tensor, or null
 };
 
-// One sequence of a (possibly varlen) batch: where its rows start in the tensors and how long it is.
+// The lengths masks and scores see: the whole problem's (options::block), else the call's.
+inline std::int64_t total_q(const attn_params& p) { return p.total_q ? p.total_q : p.seq_q; }
+inline std::int64_t total_k(const attn_params& p) { return p.total_k ? p.total_k : p.seq_k; }
+
+// One sequence of a (possibly varlen) batch: where its rows start in the tensors and how long it is, and which
+// positions of which lengths its rows and keys are for the spec's functors (q row i is position q_pos + i of q_total).
 struct seq_extent {
   std::int64_t q_begin, q_len, k_begin, k_len, tensor_batch;
+  std::int64_t q_pos = 0, k_pos = 0, q_total = 0, k_total = 0;
 };
 
 inline seq_extent sequence(const attn_params& p, std::int64_t b) {
   if (p.cu_seqlens_q) {
-    return {p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b], p.cu_seqlens_k[b],
-            p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b], 0};
+    const std::int64_t lq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b], lk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+    return {p.cu_seqlens_q[b], lq, p.cu_seqlens_k[b], lk, 0, 0, 0, lq, lk};
   }
-  return {0, p.seq_q, 0, p.seq_k, b};
+  return {0, p.seq_q, 0, p.seq_k, b, p.pos_q0, p.pos_k0, total_q(p), total_k(p)};
 }
 
 // RoPE angle of rotary pair `pair` for a token (row index `row` in its tensor, sequence-local position `local`):

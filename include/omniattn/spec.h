@@ -80,6 +80,17 @@ struct run_stats {
   std::int64_t tiles_full = 0, tiles_partial = 0, tiles_skipped = 0;
 };
 
+// One block of a larger problem: the call's q rows are positions q_offset .. q_offset + q.seq - 1 and its keys
+// k_offset .. k_offset + k.seq - 1 of a problem of seq_q x seq_k (fixed-length batches). Masks, score modifiers and
+// their tables, block masks, RoPE and the causal alignment see those positions and lengths, so the call returns
+// exactly those rows of that problem restricted to these keys: out and lse are the partial softmax over them, which
+// merge_attention_states combines exactly with the other key blocks' (context parallelism, ring attention, chunked
+// prefill without a cache). Sink logits, if given, join this block's normaliser: give them to one block only.
+struct problem_block {
+  std::int64_t q_offset = 0, k_offset = 0;
+  std::int64_t seq_q = 0, seq_k = 0;
+};
+
 struct options {
   backend use = backend::automatic;
   // 0: all cores. At most max(8, 4 x the processors OpenMP sees): more threads than that only oversubscribe the
@@ -87,6 +98,7 @@ struct options {
   int threads = 0;
   const lse_tensor* lse = nullptr;      // optional LSE output
   const varlen* packed = nullptr;       // optional varlen description
+  const problem_block* block = nullptr;  // optional: the call is one block of a larger problem (see problem_block)
   run_stats* stats = nullptr;           // optional: filled by the CPU kernels (left zero by the oracle)
   // backend::automatic runs the fp64 oracle when no fast kernel fits a call (select() and `omniattn explain` say so);
   // false makes such a call fail instead, with every reason in the status.

@@ -283,19 +283,20 @@ std::int64_t mask_area(const attn_params& p) {
   for (std::int64_t b = 0; b < p.batch; ++b) {
     const seq_extent e = sequence(p, b);
     if (!p.mask && !p.blocks) {
-      // Causal alone: row i sees clamp(i + offset + 1, 0, lk) keys, the same for every head.
+      // Causal alone: row i (position e.q_pos + i) sees the block's keys up to position i + offset.
       std::int64_t per_head = 0;
       for (std::int64_t i = 0; i < e.q_len; ++i) {
         if (p.causal == causal_mode::none) { per_head += e.k_len; continue; }
-        const std::int64_t offset = p.causal == causal_mode::bottom_right ? e.k_len - e.q_len : 0;
-        per_head += std::clamp<std::int64_t>(i + offset + 1, 0, e.k_len);
+        const std::int64_t offset = p.causal == causal_mode::bottom_right ? e.k_total - e.q_total : 0;
+        per_head += std::clamp<std::int64_t>(e.q_pos + i + offset + 1 - e.k_pos, 0, e.k_len);
       }
       area += per_head * p.heads_q;
       continue;
     }
     for (std::int64_t h = 0; h < p.heads_q; ++h)
       for (std::int64_t i = 0; i < e.q_len; ++i)
-        for (std::int64_t j = 0; j < e.k_len; ++j) area += element_allowed(p, b, h, i, j, e.q_len, e.k_len);
+        for (std::int64_t j = 0; j < e.k_len; ++j)
+          area += element_allowed(p, b, h, e.q_pos + i, e.k_pos + j, e.q_total, e.k_total);
   }
   return area;
 }

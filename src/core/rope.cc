@@ -90,7 +90,8 @@ void rope_tables(const attn_params& p, bool q_side, std::vector<float>& cos_tabl
       const std::int64_t row = begin + t;
       const std::size_t at = static_cast<std::size_t>((e.tensor_batch * rows + row) * half);
       for (std::int64_t pr = 0; pr < half; ++pr) {
-        const double angle = rope_angle(p, q_side, e.tensor_batch, row, t, e.q_len, e.k_len, pr);
+        const double angle =
+            rope_angle(p, q_side, e.tensor_batch, row, (q_side ? e.q_pos : e.k_pos) + t, e.q_total, e.k_total, pr);
         cos_table[at + static_cast<std::size_t>(pr)] = static_cast<float>(std::cos(angle));
         sin_table[at + static_cast<std::size_t>(pr)] = static_cast<float>(std::sin(angle));
       }

@@ -200,11 +200,13 @@ std::string check_score(const score_fn& f, const attn_params& p) {
   std::vector<score_step> steps;
   lower_score(f, steps);
   std::ostringstream os;
+  // The whole problem's lengths (options::block): the positions the tables are indexed by.
+  const std::int64_t tq = total_q(p), tk = total_k(p);
   for (const score_step& st : steps) {
     if (st.op != score_step::kind::key_table || !st.table->reweight) continue;
     const key_table& t = *st.table;
-    if (t.row < p.seq_k) {
-      os << "reweight has " << t.row << " weights per head row, fewer than seq_k " << p.seq_k
+    if (t.row < tk) {
+      os << "reweight has " << t.row << " weights per head row, fewer than seq_k " << tk
          << " (every key needs a weight)";
       return os.str();
     }
@@ -224,12 +226,12 @@ std::string check_score(const score_fn& f, const attn_params& p) {
       for (double t : *st.temperature->per_head) most = std::max(most, 1.0 / std::fabs(t));
       factor *= most;
     } else if (st.op == score_step::kind::logn) {
-      factor *= st.logn->factor(std::max<std::int64_t>(p.seq_q - 1, 0));
-    } else if (st.op == score_step::kind::alibi && p.seq_q > 0 && p.seq_k > 0) {
+      factor *= st.logn->factor(std::max<std::int64_t>(tq - 1, 0));
+    } else if (st.op == score_step::kind::alibi && tq > 0 && tk > 0) {
       const std::int64_t offset = st.alibi->offset;
       std::int64_t hi = 0, lo = 0;
-      if (__builtin_add_overflow(offset, p.seq_k - 1, &hi) || __builtin_sub_overflow(offset, p.seq_q - 1, &lo)) {
-        os << "alibi offset " << offset << ": k - q + offset leaves int64 for seq_q " << p.seq_q << ", seq_k " << p.seq_k;
+      if (__builtin_add_overflow(offset, tk - 1, &hi) || __builtin_sub_overflow(offset, tq - 1, &lo)) {
+        os << "alibi offset " << offset << ": k - q + offset leaves int64 for seq_q " << tq << ", seq_k " << tk;
         return os.str();
       }
       double slope = 0.0;
@@ -251,7 +253,7 @@ std::string check_score(const score_fn& f, const attn_params& p) {
   for (const score_step& st : steps) {
     if (st.op == score_step::kind::bias) {
       static const char* const k_dims[] = {"batch", "heads_q", "seq_q", "seq_k"};
-      const std::int64_t want[4] = {p.batch, p.heads_q, p.seq_q, p.seq_k};
+      const std::int64_t want[4] = {p.batch, p.heads_q, tq, tk};
       for (std::size_t d = 0; d < 4; ++d) {
         const std::int64_t got = st.bias->shape[d];
         if (got != 1 && got != want[d]) {

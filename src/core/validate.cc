@@ -272,12 +272,34 @@ void check_varlen(const varlen& vl, const tensor& q, const tensor& k, attn_param
   p.cu_seqlens_k = vl.cu_seqlens_k;
 }
 
+void check_problem_block(const problem_block& blk, const options& opt, attn_params& p) {
+  if (opt.packed) fail("options.block with options.packed: a block of a varlen batch is not supported");
+  const struct {
+    const char* side;
+    std::int64_t offset, total, rows;
+  } sides[2] = {{"q", blk.q_offset, blk.seq_q, p.seq_q}, {"k", blk.k_offset, blk.seq_k, p.seq_k}};
+  for (const auto& x : sides) {
+    if (x.offset < 0) fail("options.block.", x.side, "_offset ", x.offset, " must be >= 0");
+    if (x.total < 0) fail("options.block.seq_", x.side, " ", x.total, " must be >= 0");
+    std::int64_t end = 0;
+    if (!detail::add_fits(x.offset, x.rows, &end) || end > x.total)
+      fail("options.block.", x.side, "_offset ", x.offset, " + ", x.side, ".seq ", x.rows, " > options.block.seq_", x.side, " ",
+           x.total, " (the block must lie inside the problem)");
+  }
+  p.pos_q0 = blk.q_offset;
+  p.pos_k0 = blk.k_offset;
+  p.total_q = blk.seq_q;
+  p.total_k = blk.seq_k;
+}
+
 void check_block_mask(const block_mask& bm, const attn_params& p) {
   if (bm.q_tile <= 0) fail("spec.blocks.q_tile ", bm.q_tile, " must be > 0");
   if (bm.kv_tile <= 0) fail("spec.blocks.kv_tile ", bm.kv_tile, " must be > 0");
-  const std::int64_t want_q = detail::ceil_div(p.seq_q, bm.q_tile), want_k = detail::ceil_div(p.seq_k, bm.kv_tile);
-  if (bm.q_tiles != want_q) fail("spec.blocks.q_tiles ", bm.q_tiles, " != ceil(seq_q ", p.seq_q, " / q_tile ", bm.q_tile, ") = ", want_q);
-  if (bm.kv_tiles != want_k) fail("spec.blocks.kv_tiles ", bm.kv_tiles, " != ceil(seq_k ", p.seq_k, " / kv_tile ", bm.kv_tile, ") = ", want_k);
+  // Over the whole problem (options::block): the tiles are of positions.
+  const std::int64_t tq = total_q(p), tk = total_k(p);
+  const std::int64_t want_q = detail::ceil_div(tq, bm.q_tile), want_k = detail::ceil_div(tk, bm.kv_tile);
+  if (bm.q_tiles != want_q) fail("spec.blocks.q_tiles ", bm.q_tiles, " != ceil(seq_q ", tq, " / q_tile ", bm.q_tile, ") = ", want_q);
+  if (bm.kv_tiles != want_k) fail("spec.blocks.kv_tiles ", bm.kv_tiles, " != ceil(seq_k ", tk, " / kv_tile ", bm.kv_tile, ") = ", want_k);
   if (bm.batch != 1 && bm.batch != p.batch) fail("spec.blocks.batch ", bm.batch, " must be 1 or ", p.batch);
   if (bm.heads != 1 && bm.heads != p.heads_q) fail("spec.blocks.heads ", bm.heads, " must be 1 or ", p.heads_q);
   // Each factor is at most the call's size, but their product can still leave int64.
@@ -347,6 +369,7 @@ void build(const tensor& q, const tensor& k, const tensor& v, const tensor& out,
   kernel_strides(v, p.v_stride);
   kernel_strides(out, p.o_stride);
   if (opt.packed) check_varlen(*opt.packed, q, k, p);
+  if (opt.block) check_problem_block(*opt.block, opt, p);
 
   byte_range rl;
   if (opt.lse) rl = lse_output(*opt.lse, q, inputs, ro, p);
@@ -369,7 +392,7 @@ void build_spec(const tensor& q, const tensor& k, const spec& s, const options& 
     fail("spec.causal ", static_cast<int>(s.causal), " is not a causal_mode");
   p.causal = s.causal;
   if (s.mask) {
-    if (const std::string why = s.mask.check(p.batch, p.heads_q, p.seq_q, p.seq_k); !why.empty()) fail("spec.mask ", why);
+    if (const std::string why = s.mask.check(p.batch, p.heads_q, total_q(p), total_k(p)); !why.empty()) fail("spec.mask ", why);
   }
   p.mask = s.mask ? &s.mask : nullptr;
   p.score = s.score ? &s.score : nullptr;
@@ -418,6 +441,7 @@ void build_spec(const tensor& q, const tensor& k, const spec& s, const options& 
 // not overlap any buffer the call reads nor each other.
 void build_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
                     const tensor& d_out, const gradients& g, const spec& s, const options& opt, attn_bwd_params& p) {
+  if (opt.block) fail("options.block: attention_backward does not take a block of a larger problem yet (forward only)");
   options fo = opt;
   fo.lse = &lse;
   fo.stats = nullptr;

@@ -49,12 +49,13 @@ inline score_plan plan_score(const attn_params& p) {
   sp.fast = detail::lower_score(*p.score, sp.steps);
   sp.logn_factor.resize(sp.steps.size());
   sp.relative_row.resize(sp.steps.size());
-  sp.relative_origin = std::max<std::int64_t>(p.seq_q - 1, 0);
-  sp.relative_span = sp.relative_origin + std::max<std::int64_t>(p.seq_k, 1);
+  // Over the whole problem's positions (options::block), which the tiles' rows and keys are.
+  sp.relative_origin = std::max<std::int64_t>(total_q(p) - 1, 0);
+  sp.relative_span = sp.relative_origin + std::max<std::int64_t>(total_k(p), 1);
   for (std::size_t u = 0; u < sp.steps.size(); ++u) {
     const detail::score_step& st = sp.steps[u];
     if (st.op == detail::score_step::kind::logn)
-      for (std::int64_t q = 0; q < p.seq_q; ++q) sp.logn_factor[u].push_back(st.logn->factor(q));
+      for (std::int64_t q = 0; q < total_q(p); ++q) sp.logn_factor[u].push_back(st.logn->factor(q));
     if (st.op == detail::score_step::kind::relative) {
       std::vector<float>& row = sp.relative_row[u];
       row.resize(static_cast<std::size_t>(st.relative->heads() * sp.relative_span));

@@ -2,6 +2,7 @@
 //
 // Math contract (see include/omniattn/spec.h): for each sequence b, query head h and query row i,
 //   s_j   = score(scale * <q_i, k_j>, b, h, i, j) for every j with element_allowed(b, h, i, j); -inf masks too
+// (i, j: the positions of the row and key in the whole problem, which options::block may place past 0).
 //   lse_i = log(sum_j exp(s_j)),  out_i = sum_j exp(s_j - lse_i) v_j
 // Rows with no allowed key (or only -inf scores) give out_i = 0 and lse_i = -inf (= sink[h] with sink logits, which
 // join the normalizer but carry no value).
@@ -30,20 +31,22 @@ void reference_attention(const attn_params& p) {
       for (std::int64_t i = 0; i < e.q_len; ++i) {
         const std::int64_t q_row = e.tensor_batch * p.q_stride[0] + (e.q_begin + i) * p.q_stride[1] + h * p.q_stride[2];
         for (std::int64_t d = 0; d < p.dim_qk; ++d) qrow[d] = load_element(p.q, p.in_type, q_row + d * p.q_stride[3]);
-        if (p.rope) rope_rotate(p, true, e.tensor_batch, e.q_begin + i, i, e.q_len, e.k_len, qrow.data());
+        const std::int64_t qi = e.q_pos + i;
+        if (p.rope) rope_rotate(p, true, e.tensor_batch, e.q_begin + i, qi, e.q_total, e.k_total, qrow.data());
 
         scores.clear();
         keys.clear();
         double row_max = neg_inf;
         for (std::int64_t j = 0; j < e.k_len; ++j) {
-          if (!element_allowed(p, b, h, i, j, e.q_len, e.k_len)) continue;
+          const std::int64_t kj = e.k_pos + j;
+          if (!element_allowed(p, b, h, qi, kj, e.q_total, e.k_total)) continue;
           const std::int64_t k_row = e.tensor_batch * p.k_stride[0] + (e.k_begin + j) * p.k_stride[1] + kvh * p.k_stride[2];
           for (std::int64_t d = 0; d < p.dim_qk; ++d) krow[d] = load_element(p.k, p.in_type, k_row + d * p.k_stride[3]);
-          if (p.rope) rope_rotate(p, false, e.tensor_batch, e.k_begin + j, j, e.q_len, e.k_len, krow.data());
+          if (p.rope) rope_rotate(p, false, e.tensor_batch, e.k_begin + j, kj, e.q_total, e.k_total, krow.data());
           double dot = 0.0;
           for (std::int64_t d = 0; d < p.dim_qk; ++d) dot += qrow[d] * krow[d];
           double s = p.scale * dot;
-          if (p.score) s = detail::call_user("spec.score functor", "score_fn", [&] { return (*p.score)(s, b, h, i, j); });
+          if (p.score) s = detail::call_user("spec.score functor", "score_fn", [&] { return (*p.score)(s, b, h, qi, kj); });
           if (s == neg_inf) continue;
           scores.push_back(s);
           keys.push_back(j);
