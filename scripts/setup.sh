@@ -7,6 +7,7 @@ PACKAGES=(
   cmake ninja-build g++ clang libclang-rt-14-dev pkg-config git
   libhwy-dev libgtest-dev libgmock-dev libomp-dev libopenblas-dev
   python3 python3-dev python3-numpy python3-pybind11 python3-pytest python3-matplotlib python3-torch
+  libopenmpi-dev openmpi-bin python3-mpi4py
 )
 
 missing=()

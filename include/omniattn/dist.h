@@ -1,0 +1,76 @@
+// omniattn::dist: context-parallel attention over MPI (one sequence sharded over the processes of a communicator).
+//
+// The global problem is attention(q, k, v, spec) over a sequence of N tokens (fixed-length batches, positions are
+// global: every mask, score modifier, RoPE and the causal alignment mean what they mean on one process). The sequence
+// is cut into C chunks, chunk c = tokens [c N / C, (c + 1) N / C) (floor), and each process holds some of them, in
+// the order the layout gives, as its local q, k, v and out (their seq is the sum of its chunks' lengths):
+//   contiguous  rank r holds chunks r C / P .. (r + 1) C / P - 1              (C a multiple of P; default C = P)
+//   zigzag      chunk pairs (m, C - 1 - m), m < C / 2, go round-robin: rank r holds the pairs m = r, r + P, ...,
+//               each as chunk m then chunk C - 1 - m   (C a multiple of 2P; default C = 2P: the load-balanced causal
+//               sharding of ring-flash-attention and Llama 3, rank r holding chunks r and 2P - 1 - r)
+//
+// Math contract (exact LSE merge, fixed order): for every query chunk i, the partial result of chunk i against each
+// key chunk j (the CPU kernel on that block of the problem: options::block, f32 out and LSE) is folded in the order
+// j = i, i - 1, ..., 0, C - 1, ..., i + 1, skipping the pairs the mask leaves empty, in fp32:
+//   m' = max(m, lse_j),  l = l exp(m - m') + exp(lse_j - m'),  o = o exp(m - m') + exp(lse_j - m') out_j
+// then the sink logit (a part with lse = sink, out = 0), and out = o / l, lse = m + log l (0 and -inf when l = 0).
+// The partials and the fold depend only on the chunks, so a run on P processes is bitwise identical to a run on any
+// other number of processes (1 included) with the same C and layout, for every mechanism.
+//
+// Mechanisms (all give the same bits):
+//   ring       K/V blocks rotate around the ring with non-blocking sends and receives, overlapped with the local
+//              tiles; a block travels only as far as the last rank whose queries need it (causal, sliding window,
+//              document masks cut the traffic); partials that arrive before their turn in the fold wait in a buffer.
+//   allgather  every rank gathers all K/V first (Llama 3's context parallelism), then computes its queries.
+//   automatic  ring.
+// Errors are collective: when any rank's arguments are invalid, every rank returns an error (the failing rank's
+// message, prefixed "[dist::attention] rank R: ") and no output is written.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "omniattn/attention.h"
+
+namespace omniattn::dist {
+
+enum class mechanism : std::uint8_t { automatic, ring, allgather };
+enum class layout : std::uint8_t { contiguous, zigzag };
+
+const char* mechanism_name(mechanism m);
+const char* layout_name(layout l);
+
+// What a call did on this rank (filled when cp_options::report is set).
+struct cp_report {
+  std::string mechanism;              // the mechanism that ran
+  std::vector<std::string> reasons;   // why (the planner's choice) and the chunk layout
+  std::int64_t chunks = 0;            // C
+  std::int64_t pairs_computed = 0, pairs_skipped = 0;  // (q chunk, k chunk) blocks of this rank's queries
+  std::int64_t bytes_sent = 0, bytes_received = 0;     // K/V payload
+  std::int64_t messages_skipped = 0;  // ring hops not taken because no later rank needs the block
+  std::int64_t partials_buffered = 0;  // most partials waiting for their turn in the fold at once
+  double seconds = 0.0, compute_seconds = 0.0, wait_seconds = 0.0;  // wall, local kernels, blocked in MPI waits
+};
+
+struct cp_options {
+  MPI_Comm comm = MPI_COMM_WORLD;
+  mechanism use = mechanism::automatic;
+  layout shards = layout::contiguous;
+  std::int64_t chunks = 0;  // C; 0: P (contiguous) or 2P (zigzag)
+  int threads = 0;          // threads per process for the local kernels (0 = all cores)
+  const lse_tensor* lse = nullptr;  // optional [batch, heads, local seq] LSE output
+  cp_report* report = nullptr;
+};
+
+// The chunks rank `rank` of `ranks` holds, in local order, for C chunks (the layout's rule above).
+std::vector<std::int64_t> rank_chunks(layout l, std::int64_t chunks, int ranks, int rank);
+
+// q, k, v, out: this rank's shards (the same batch, heads and dims on every rank; out f32 or q's dtype). The spec is
+// the global problem's: its tables (dense masks, biases, key tables, block masks) cover all N positions, and every
+// rank passes the same spec. Collective over cp_options::comm.
+status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const cp_options& o);
+
+}  // namespace omniattn::dist

@@ -1,0 +1,252 @@
+// omniattn::dist under mpirun (ctest runs this binary on 1, 2 and 4 processes): every rank builds the same seeded
+// global problem, takes its shards by the layout, runs dist::attention, and checks
+//   * bitwise equality with the same problem on one process (dist::attention on MPI_COMM_SELF, all chunks local,
+//     the same chunk count and layout), for every mechanism x layout x {full, causal, window, document, + sinks and
+//     ALiBi, + RoPE};
+//   * closeness to one attention() call over the whole problem (merge tolerance, tests/tolerance.h);
+//   * that blocks no rank needs do not travel (causal, window), and that errors are collective and write nothing.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "core/problem.h"
+#include "omniattn/dist.h"
+#include "omniattn/omniattn.h"
+#include "test_common.h"
+#include "tolerance.h"
+
+namespace omniattn {
+namespace {
+
+int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+int world_size() {
+  int n = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+// Rows `rows` (global positions, in order) of a BSHD tensor, copied into a contiguous BSHD buffer.
+std::vector<std::uint8_t> gather_rows(const tensor& t, const std::vector<std::int64_t>& rows) {
+  const int es = dtype_size(t.type);
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(t.batch * static_cast<std::int64_t>(rows.size()) * t.heads * t.dim * es));
+  std::size_t at = 0;
+  for (std::int64_t b = 0; b < t.batch; ++b)
+    for (std::int64_t r : rows)
+      for (std::int64_t h = 0; h < t.heads; ++h)
+        for (std::int64_t d = 0; d < t.dim; ++d, at += static_cast<std::size_t>(es))
+          std::memcpy(out.data() + at,
+                      static_cast<const std::uint8_t*>(t.data) +
+                          (b * t.stride_batch + r * t.stride_seq + h * t.stride_head + d * t.stride_dim) * es,
+                      static_cast<std::size_t>(es));
+  return out;
+}
+
+// The global rows of the chunks a rank holds, in local order.
+std::vector<std::int64_t> shard_rows(dist::layout l, std::int64_t chunks, int ranks, int rank, std::int64_t n) {
+  std::vector<std::int64_t> rows;
+  for (std::int64_t c : dist::rank_chunks(l, chunks, ranks, rank))
+    for (std::int64_t t = c * n / chunks; t < (c + 1) * n / chunks; ++t) rows.push_back(t);
+  return rows;
+}
+
+struct shard_result {
+  std::vector<float> out, lse;  // [batch][rows][heads][dim_v] f32, [batch][heads][rows]
+  dist::cp_report rep;
+  status st;
+};
+
+// dist::attention of a problem's shards (rank `rank` of `ranks` on comm).
+shard_result run_shard(const problem_data& d, const spec& s, MPI_Comm comm, dist::mechanism m, dist::layout l,
+                       std::int64_t chunks, int ranks, int rank) {
+  const problem& p = d.prob;
+  const std::vector<std::int64_t> rows = shard_rows(l, chunks, ranks, rank, p.seq_q);
+  const auto n = static_cast<std::int64_t>(rows.size());
+  std::vector<std::uint8_t> q = gather_rows(d.q_view(), rows), k = gather_rows(d.k_view(), rows), v = gather_rows(d.v_view(), rows);
+  shard_result r;
+  r.out.assign(static_cast<std::size_t>(p.batch * n * p.heads_q * p.dim_v), std::numeric_limits<float>::quiet_NaN());
+  r.lse.assign(static_cast<std::size_t>(p.batch * p.heads_q * n), std::numeric_limits<float>::quiet_NaN());
+  const lse_tensor lv = make_lse(r.lse.data(), p.heads_q, n);
+  dist::cp_options o;
+  o.comm = comm;
+  o.use = m;
+  o.shards = l;
+  o.chunks = chunks;
+  o.threads = 1;
+  o.lse = &lv;
+  o.report = &r.rep;
+  r.st = dist::attention(make_bshd(q.data(), p.type, p.batch, n, p.heads_q, p.dim_qk), make_bshd(k.data(), p.type, p.batch, n, p.heads_kv, p.dim_qk),
+                         make_bshd(v.data(), p.type, p.batch, n, p.heads_kv, p.dim_v),
+                         make_bshd(r.out.data(), dtype::f32, p.batch, n, p.heads_q, p.dim_v), s, o);
+  return r;
+}
+
+struct spec_case {
+  const char* name;
+  std::function<void(spec&, std::vector<float>&, rope_spec&, std::int64_t n, std::int64_t heads)> set;
+};
+
+std::vector<spec_case> spec_cases() {
+  return {
+      {"full", [](spec&, auto&, auto&, auto, auto) {}},
+      {"causal", [](spec& s, auto&, auto&, auto, auto) { s.causal = causal_mode::bottom_right; }},
+      {"window", [](spec& s, auto&, auto&, auto, auto) { s.mask = mask_expr::window(11, 0, causal_mode::bottom_right); }},
+      {"document", [](spec& s, auto&, auto&, std::int64_t n, auto) {
+         s.causal = causal_mode::top_left;
+         s.mask = mask_expr::document({0, n / 5, n / 2 + 3, n});
+       }},
+      {"causal + sinks + alibi", [](spec& s, std::vector<float>& sinks, auto&, auto, std::int64_t heads) {
+         s.causal = causal_mode::bottom_right;
+         sinks.assign(static_cast<std::size_t>(heads), 0.0f);
+         for (std::size_t h = 0; h < sinks.size(); ++h) sinks[h] = 0.5f * static_cast<float>(h) - 0.3f;
+         s.sink_logits = sinks.data();
+         s.score = scores::alibi(scores::alibi_slopes(heads));
+       }},
+      {"causal + rope", [](spec& s, auto&, rope_spec& r, auto, auto) {
+         s.causal = causal_mode::bottom_right;
+         r = rope_spec{};
+         s.rope = &r;
+       }},
+  };
+}
+
+std::int64_t chunks_for(dist::layout l, int ranks) { return l == dist::layout::zigzag ? 8 : 4 * ((ranks + 3) / 4); }
+
+TEST(Dist, BitwiseEqualToOneProcessAndCloseToOneCall) {
+  const int P = world_size(), rank = world_rank();
+  for (dtype t : {dtype::f32, dtype::bf16}) {
+    problem p = test::small_problem(101, 101, 4, 2, 16, t, causal_mode::none, 7);
+    p.batch = 2;
+    p.dim_v = 12;
+    const problem_data d(p);
+    for (const spec_case& sc : spec_cases()) {
+      spec s;
+      std::vector<float> sinks;
+      rope_spec rope;
+      sc.set(s, sinks, rope, p.seq_q, p.heads_q);
+      // One attention() call over the whole problem, f32 out.
+      std::vector<float> full_out(static_cast<std::size_t>(p.batch * p.seq_q * p.heads_q * p.dim_v)), full_lse(static_cast<std::size_t>(p.batch * p.heads_q * p.seq_q));
+      const lse_tensor fl = make_lse(full_lse.data(), p.heads_q, p.seq_q);
+      options fo = d.make_options(backend::cpu, 1);
+      fo.lse = &fl;
+      ASSERT_TRUE(attention(d.q_view(), d.k_view(), d.v_view(), make_bshd(full_out.data(), dtype::f32, p.batch, p.seq_q, p.heads_q, p.dim_v), s, fo).ok());
+      for (dist::layout l : {dist::layout::contiguous, dist::layout::zigzag})
+        for (dist::mechanism m : {dist::mechanism::ring, dist::mechanism::allgather}) {
+          const std::int64_t chunks = chunks_for(l, P);
+          SCOPED_TRACE(std::string(sc.name) + " " + dist::layout_name(l) + " " + dist::mechanism_name(m) + " " + dtype_name(t) +
+                       " P=" + std::to_string(P) + " rank " + std::to_string(rank));
+          const shard_result got = run_shard(d, s, MPI_COMM_WORLD, m, l, chunks, P, rank);
+          ASSERT_TRUE(got.st.ok()) << got.st.error;
+          EXPECT_EQ(got.rep.mechanism, dist::mechanism_name(m));
+          // The same problem on one process: all chunks local, in this layout's order for one rank.
+          const shard_result one = run_shard(d, s, MPI_COMM_SELF, m, l, chunks, 1, 0);
+          ASSERT_TRUE(one.st.ok()) << one.st.error;
+          const std::vector<std::int64_t> mine = shard_rows(l, chunks, P, rank, p.seq_q), all = shard_rows(l, chunks, 1, 0, p.seq_q);
+          std::vector<std::int64_t> where(static_cast<std::size_t>(p.seq_q));  // global row -> row of the 1-process run
+          for (std::size_t i = 0; i < all.size(); ++i) where[static_cast<std::size_t>(all[i])] = static_cast<std::int64_t>(i);
+          const auto n = static_cast<std::int64_t>(mine.size());
+          const double unit = test::k_merge_eps * test::dtype_eps(dtype::f32) * 8.0;  // |lse| <= ~8 here
+          double worst_out = 0, worst_lse = 0;
+          for (std::int64_t b = 0; b < p.batch; ++b)
+            for (std::int64_t i = 0; i < n; ++i)
+              for (std::int64_t h = 0; h < p.heads_q; ++h) {
+                const std::int64_t g = mine[static_cast<std::size_t>(i)], w = where[static_cast<std::size_t>(g)];
+                const float* a = &got.out[static_cast<std::size_t>(((b * n + i) * p.heads_q + h) * p.dim_v)];
+                const float* e = &one.out[static_cast<std::size_t>(((b * p.seq_q + w) * p.heads_q + h) * p.dim_v)];
+                ASSERT_EQ(std::memcmp(a, e, static_cast<std::size_t>(p.dim_v) * sizeof(float)), 0) << "out row " << g << " head " << h;
+                const float la = got.lse[static_cast<std::size_t>((b * p.heads_q + h) * n + i)];
+                const float le = one.lse[static_cast<std::size_t>((b * p.heads_q + h) * p.seq_q + w)];
+                ASSERT_EQ(std::memcmp(&la, &le, sizeof(float)), 0) << "lse row " << g << " head " << h;
+                const float lf = full_lse[static_cast<std::size_t>((b * p.heads_q + h) * p.seq_q + g)];
+                ASSERT_TRUE(std::isfinite(la) && std::isfinite(lf)) << la << " " << lf;
+                worst_lse = std::max(worst_lse, static_cast<double>(std::fabs(la - lf)));
+                for (std::int64_t dd = 0; dd < p.dim_v; ++dd)
+                  worst_out = std::max(worst_out, static_cast<double>(std::fabs(
+                                                      a[dd] - full_out[static_cast<std::size_t>(((b * p.seq_q + g) * p.heads_q + h) * p.dim_v + dd)])));
+              }
+          EXPECT_LE(worst_out, unit * p.input_range) << "out against one attention() call";
+          EXPECT_LE(worst_lse, unit) << "lse against one attention() call";
+        }
+    }
+  }
+}
+
+// A causal ring never sends the last rank's keys anywhere, and a short window sends each block one hop; the pairs
+// the mask leaves empty are not computed.
+TEST(Dist, RingSkipsBlocksNoLaterRankNeeds) {
+  const int P = world_size(), rank = world_rank();
+  problem p = test::small_problem(96, 96, 2, 1, 8, dtype::f32, causal_mode::none, 3);
+  const problem_data d(p);
+  spec causal;
+  causal.causal = causal_mode::bottom_right;
+  const shard_result c = run_shard(d, causal, MPI_COMM_WORLD, dist::mechanism::ring, dist::layout::contiguous, P, P, rank);
+  ASSERT_TRUE(c.st.ok()) << c.st.error;
+  // Rank r's queries see keys of ranks 0..r only.
+  EXPECT_EQ(c.rep.pairs_computed, rank + 1);
+  EXPECT_EQ(c.rep.pairs_skipped, P - 1 - rank);
+  std::int64_t skipped = 0;
+  MPI_Allreduce(&c.rep.messages_skipped, &skipped, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  // Block b travels P - 1 - b hops of the P - 1 steps: sum_b b hops are skipped.
+  EXPECT_EQ(skipped, static_cast<std::int64_t>(P) * (P - 1) / 2);
+  spec window;
+  window.mask = mask_expr::window(5, 0, causal_mode::bottom_right);
+  const shard_result w = run_shard(d, window, MPI_COMM_WORLD, dist::mechanism::ring, dist::layout::contiguous, P, P, rank);
+  ASSERT_TRUE(w.st.ok()) << w.st.error;
+  EXPECT_EQ(w.rep.pairs_computed, rank == 0 ? 1 : 2);
+  const std::int64_t block_bytes = 2 * (96 / P) * 8 * 4;  // K and V of one rank
+  EXPECT_EQ(w.rep.bytes_sent, P > 1 && rank + 1 < P ? block_bytes : 0);
+}
+
+TEST(Dist, ErrorsAreCollectiveAndWriteNothing) {
+  const int P = world_size(), rank = world_rank();
+  const std::int64_t n = 32 / P;
+  std::vector<float> buf(static_cast<std::size_t>(n * 2 * 8), 0.5f), out(buf.size(), -7.0f);
+  dist::cp_options o;
+  o.threads = 1;
+  if (P > 1) {
+    // The last rank holds one token fewer than the others: the chunks of the 32 - 1 tokens do not match the shards.
+    const std::int64_t mine = rank == P - 1 ? n - 1 : n;
+    const tensor x = make_bshd(buf.data(), dtype::f32, 1, mine, 2, 8);
+    const status st = dist::attention(x, x, x, make_bshd(out.data(), dtype::f32, 1, mine, 2, 8), {}, o);
+    EXPECT_NE(st.error.find("[dist::attention] rank "), std::string::npos) << st.error;
+    EXPECT_NE(st.error.find(": q.seq "), std::string::npos) << st.error;
+    for (float f : out) ASSERT_EQ(f, -7.0f);
+  }
+  // Chunk counts the layout cannot split.
+  const tensor y = make_bshd(buf.data(), dtype::f32, 1, n, 2, 8);
+  o.shards = dist::layout::zigzag;
+  o.chunks = 3;
+  const status z = dist::attention(y, y, y, make_bshd(out.data(), dtype::f32, 1, n, 2, 8), {}, o);
+  EXPECT_NE(z.error.find("options.chunks 3 must be a positive multiple of " + std::to_string(2 * P)), std::string::npos) << z.error;
+  // A spec rule broken on every rank: the kernel's own message.
+  spec bad;
+  bad.scale = std::numeric_limits<double>::infinity();
+  o.shards = dist::layout::contiguous;
+  o.chunks = 0;
+  const status sc = dist::attention(y, y, y, make_bshd(out.data(), dtype::f32, 1, n, 2, 8), bad, o);
+  EXPECT_NE(sc.error.find("spec.scale inf must be finite"), std::string::npos) << sc.error;
+  for (float f : out) ASSERT_EQ(f, -7.0f);
+}
+
+}  // namespace
+}  // namespace omniattn
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  int failed = RUN_ALL_TESTS();
+  int any = 0;
+  MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Finalize();
+  return any;
+}
