@@ -22,6 +22,9 @@
 //              tiles; a block travels only as far as the last rank whose queries need it (causal, sliding window,
 //              document masks cut the traffic); partials that arrive before their turn in the fold wait in a buffer.
 //   allgather  every rank gathers all K/V first (Llama 3's context parallelism), then computes its queries.
+//   token_ring TokenRing: K/V stay; each Q travels forward (as far as a rank whose keys it meets) one hop per step,
+//              posted a step ahead, and each block's partial (out, lse) goes straight back to the Q's owner, so both
+//              directions of the links carry traffic (less volume than K/V when heads_q * (d + d_v) is small).
 //   automatic  ring.
 // Errors are collective: when any rank's arguments are invalid, every rank returns an error (the failing rank's
 // message, prefixed "[dist::attention] rank R: ") and no output is written.
@@ -37,7 +40,7 @@
 
 namespace omniattn::dist {
 
-enum class mechanism : std::uint8_t { automatic, ring, allgather };
+enum class mechanism : std::uint8_t { automatic, ring, allgather, token_ring };
 enum class layout : std::uint8_t { contiguous, zigzag };
 
 const char* mechanism_name(mechanism m);

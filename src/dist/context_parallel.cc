@@ -155,15 +155,21 @@ bool block_nonempty(const call& c, std::int64_t i, std::int64_t j) {
   return std::any_of(bm.kinds.begin(), bm.kinds.end(), [](tile_kind t) { return t != tile_kind::empty; });
 }
 
-// The block (query chunk f.chunk, key chunk j) on the CPU kernel, offered to the fold.
-status compute_pair(call& c, chunk_fold& f, std::int64_t j, const kv_block& blk, std::int64_t owner) {
+// The partial result of one block: out [batch][rows][heads][dim_v] and lse [batch][heads][rows], f32.
+struct partial {
+  std::vector<float> out, lse;
+};
+
+// The block (query chunk i, key chunk j) on the CPU kernel. qv: chunk i's query rows; blk: the K/V of j's owner.
+status block_partial(call& c, const tensor& qv, std::int64_t i, std::int64_t j, const kv_block& blk, partial& r) {
   const shapes& sh = c.sh;
+  const std::int64_t owner = c.li.owner[static_cast<std::size_t>(j)];
   const std::int64_t total = c.li.rows[static_cast<std::size_t>(owner)];
-  const std::int64_t row0 = c.li.local_row[static_cast<std::size_t>(j)], len = c.li.len(j);
-  std::vector<float> out(static_cast<std::size_t>(sh.batch * f.rows * sh.heads_q * sh.dim_v));
-  std::vector<float> lse(static_cast<std::size_t>(sh.batch * sh.heads_q * f.rows));
-  const lse_tensor l = make_lse(lse.data(), sh.heads_q, f.rows);
-  const problem_block pb{c.li.begin(f.chunk), c.li.begin(j), c.li.n, c.li.n};
+  const std::int64_t row0 = c.li.local_row[static_cast<std::size_t>(j)], len = c.li.len(j), rows = c.li.len(i);
+  r.out.assign(static_cast<std::size_t>(sh.batch * rows * sh.heads_q * sh.dim_v), 0.0f);
+  r.lse.assign(static_cast<std::size_t>(sh.batch * sh.heads_q * rows), 0.0f);
+  const lse_tensor l = make_lse(r.lse.data(), sh.heads_q, rows);
+  const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n};
   options opt;
   opt.use = backend::cpu;
   opt.allow_fallback = false;
@@ -171,14 +177,19 @@ status compute_pair(call& c, chunk_fold& f, std::int64_t j, const kv_block& blk,
   opt.lse = &l;
   opt.block = &pb;
   const double t0 = now();
-  const status st = omniattn::attention(rows_of(c.q, f.local_row, f.rows),
-                                        packed_view(blk.k, sh.type, sh.batch, total, sh.heads_kv, sh.dim, row0, len),
+  const status st = omniattn::attention(qv, packed_view(blk.k, sh.type, sh.batch, total, sh.heads_kv, sh.dim, row0, len),
                                         packed_view(blk.v, sh.type, sh.batch, total, sh.heads_kv, sh.dim_v, row0, len),
-                                        make_bshd(out.data(), dtype::f32, sh.batch, f.rows, sh.heads_q, sh.dim_v), c.local, opt);
+                                        make_bshd(r.out.data(), dtype::f32, sh.batch, rows, sh.heads_q, sh.dim_v), c.local, opt);
   c.rep.compute_seconds += now() - t0;
-  if (!st.ok()) return st;
-  ++c.rep.pairs_computed;
-  offer(sh, f, j, std::move(out), std::move(lse), c.most_pending);
+  if (st.ok()) ++c.rep.pairs_computed;
+  return st;
+}
+
+// The block (query chunk f.chunk of this rank, key chunk j) offered to the fold.
+status compute_pair(call& c, chunk_fold& f, std::int64_t j, const kv_block& blk) {
+  partial r;
+  if (status st = block_partial(c, rows_of(c.q, f.local_row, f.rows), f.chunk, j, blk, r); !st.ok()) return st;
+  offer(c.sh, f, j, std::move(r.out), std::move(r.lse), c.most_pending);
   return {};
 }
 
@@ -187,7 +198,7 @@ status compute_block(call& c, const kv_block& blk, std::int64_t owner) {
   for (chunk_fold& f : c.folds)
     for (std::int64_t j : c.li.held[static_cast<std::size_t>(owner)])
       if (std::find(f.order.begin(), f.order.end(), j) != f.order.end())
-        if (status st = compute_pair(c, f, j, blk, owner); !st.ok()) return st;
+        if (status st = compute_pair(c, f, j, blk); !st.ok()) return st;
   return {};
 }
 
@@ -199,16 +210,24 @@ MPI_Datatype row_type(int bytes) {
   return t;
 }
 
-status run_ring(call& c, kv_block& mine) {
-  const int P = c.li.ranks, r = c.li.rank;
-  // need[t][b]: rank t's queries meet rank b's keys; a block travels to the farthest such rank along the ring.
-  std::vector<std::vector<bool>> need(static_cast<std::size_t>(P), std::vector<bool>(static_cast<std::size_t>(P), false));
+// need[t][b]: some query chunk of rank t meets some key chunk of rank b (the same answer on every rank).
+using need_matrix = std::vector<std::vector<bool>>;
+need_matrix rank_needs(const call& c) {
+  const int P = c.li.ranks;
+  need_matrix need(static_cast<std::size_t>(P), std::vector<bool>(static_cast<std::size_t>(P), false));
   for (int t = 0; t < P; ++t)
     for (int b = 0; b < P; ++b)
       for (std::int64_t i : c.li.held[static_cast<std::size_t>(t)])
         for (std::int64_t j : c.li.held[static_cast<std::size_t>(b)])
           if (!need[static_cast<std::size_t>(t)][static_cast<std::size_t>(b)] && block_nonempty(c, i, j))
             need[static_cast<std::size_t>(t)][static_cast<std::size_t>(b)] = true;
+  return need;
+}
+
+status run_ring(call& c, kv_block& mine) {
+  const int P = c.li.ranks, r = c.li.rank;
+  // A K/V block travels to the farthest rank along the ring whose queries meet it.
+  const need_matrix need = rank_needs(c);
   std::vector<int> hops(static_cast<std::size_t>(P), 0);
   for (int b = 0; b < P; ++b)
     for (int s = 1; s < P; ++s)
@@ -255,6 +274,122 @@ status run_ring(call& c, kv_block& mine) {
   return result;
 }
 
+// TokenRing: the K/V stay; each rank's Q travels forward along the ring (to the farthest rank whose keys it meets),
+// and the partial (out, lse) of every block goes straight back to the Q's owner, so both directions of each link carry
+// traffic. Step s: rank r holds Q of rank r - d s, forwards it, computes it against its own K/V and returns the
+// partials, while it receives the partials of its own Q against the K/V of rank r + d s.
+status run_token_ring(call& c, kv_block& mine) {
+  const int P = c.li.ranks, r = c.li.rank;
+  const need_matrix need = rank_needs(c);
+  // Q travels in the direction d (+1: to rank r + 1) that needs fewer hops in all: backward for causal masks (a
+  // query meets the keys of earlier ranks), so its partials also come back in the fold's order.
+  const auto hops_in = [&](int d) {
+    std::vector<int> h(static_cast<std::size_t>(P), 0);
+    for (int t = 0; t < P; ++t)
+      for (int s = 1; s < P; ++s)
+        if (need[static_cast<std::size_t>(t)][static_cast<std::size_t>(((t + d * s) % P + P) % P)]) h[static_cast<std::size_t>(t)] = s;
+    return h;
+  };
+  const std::vector<int> fwd = hops_in(1), bwd = hops_in(-1);
+  const bool back = std::accumulate(bwd.begin(), bwd.end(), 0) < std::accumulate(fwd.begin(), fwd.end(), 0);
+  const int d = back ? -1 : 1;
+  const std::vector<int>& hops = back ? bwd : fwd;  // hops of the Q of rank t
+  const auto ring = [P](int x) { return (x % P + P) % P; };
+  c.rep.reasons.push_back(std::string("token_ring: Q travels ") + (back ? "backward (to rank r - 1)" : "forward (to rank r + 1)") +
+                          ", " + std::to_string(std::accumulate(hops.begin(), hops.end(), 0)) + " Q hops in all");
+  const shapes& sh = c.sh;
+  const int es = dtype_size(sh.type);
+  const auto q_rows = [&](int t) { return sh.batch * c.li.rows[static_cast<std::size_t>(t)] * sh.heads_q; };
+  // The blocks (i of q_owner, j of kv_owner) that are not empty, in the order both sides pack them.
+  const auto pairs_of = [&](int q_owner, int kv_owner) {
+    std::vector<std::pair<std::int64_t, std::int64_t>> v;
+    for (std::int64_t i : c.li.held[static_cast<std::size_t>(q_owner)])
+      for (std::int64_t j : c.li.held[static_cast<std::size_t>(kv_owner)])
+        if (block_nonempty(c, i, j)) v.emplace_back(i, j);
+    return v;
+  };
+  const auto partial_floats = [&](std::int64_t i) { return sh.batch * c.li.len(i) * sh.heads_q * (sh.dim_v + 1); };
+  MPI_Datatype q_row = row_type(static_cast<int>(sh.dim * es));
+  std::vector<std::uint8_t> q_cur, q_next;
+  pack(c.q, q_cur);
+  // Q hop s moves the Q of rank r - d (s - 1) (held here) to r + d and brings that of r - d s from r - d; it is
+  // posted one step ahead, so it flies while this rank computes.
+  MPI_Request q_req[2];
+  int n_q = 0;
+  const auto post_q_hop = [&](int s) {
+    n_q = 0;
+    if (s > P - 1) return;
+    const int cur_owner = ring(r - d * (s - 1)), next_owner = ring(r - d * s);
+    if (hops[static_cast<std::size_t>(next_owner)] >= s) {
+      q_next.resize(static_cast<std::size_t>(q_rows(next_owner) * sh.dim * es));
+      MPI_Irecv(q_next.data(), static_cast<int>(q_rows(next_owner)), q_row, ring(r - d), 4 * s, c.o.comm, &q_req[n_q++]);
+      c.rep.bytes_received += static_cast<std::int64_t>(q_next.size());
+    }
+    if (hops[static_cast<std::size_t>(cur_owner)] >= s) {
+      MPI_Isend(q_cur.data(), static_cast<int>(q_rows(cur_owner)), q_row, ring(r + d), 4 * s, c.o.comm, &q_req[n_q++]);
+      c.rep.bytes_sent += static_cast<std::int64_t>(q_cur.size());
+    } else {
+      ++c.rep.messages_skipped;
+    }
+  };
+  post_q_hop(1);
+  status result;
+  if (need[static_cast<std::size_t>(r)][static_cast<std::size_t>(r)]) result = compute_block(c, mine, r);
+  for (int s = 1; s < P; ++s) {
+    const int q_owner = ring(r - d * s), kv_from = ring(r + d * s);
+    double t0 = now();
+    MPI_Waitall(n_q, q_req, MPI_STATUSES_IGNORE);
+    c.rep.wait_seconds += now() - t0;
+    const bool have_q = hops[static_cast<std::size_t>(q_owner)] >= s;
+    if (have_q) std::swap(q_cur, q_next);
+    post_q_hop(s + 1);
+    // Partials of q_owner's Q against this rank's K/V go back to q_owner; this rank's Q against kv_from's K/V come
+    // back from kv_from.
+    const auto out_pairs = pairs_of(q_owner, r), in_pairs = pairs_of(r, kv_from);
+    MPI_Request req[2];
+    int n_req = 0;
+    std::vector<float> send_buf, recv_buf;
+    std::int64_t in_floats = 0;
+    for (const auto& pr : in_pairs) in_floats += partial_floats(pr.first);
+    if (!in_pairs.empty()) {
+      recv_buf.resize(static_cast<std::size_t>(in_floats));
+      MPI_Irecv(recv_buf.data(), static_cast<int>(in_floats), MPI_FLOAT, kv_from, 4 * s + 1, c.o.comm, &req[n_req++]);
+      c.rep.bytes_received += in_floats * 4;
+    }
+    if (!out_pairs.empty()) {
+      const tensor qv_all = make_bshd(q_cur.data(), sh.type, sh.batch, c.li.rows[static_cast<std::size_t>(q_owner)], sh.heads_q, sh.dim);
+      for (const auto& [i, j] : out_pairs) {
+        partial pt;
+        // A failed kernel still sends (zeros), so no rank waits forever; the failure is reported collectively.
+        if (result.ok())
+          result = block_partial(c, rows_of(qv_all, c.li.local_row[static_cast<std::size_t>(i)], c.li.len(i)), i, j, mine, pt);
+        pt.out.resize(static_cast<std::size_t>(sh.batch * c.li.len(i) * sh.heads_q * sh.dim_v), 0.0f);
+        pt.lse.resize(static_cast<std::size_t>(sh.batch * sh.heads_q * c.li.len(i)), 0.0f);
+        send_buf.insert(send_buf.end(), pt.out.begin(), pt.out.end());
+        send_buf.insert(send_buf.end(), pt.lse.begin(), pt.lse.end());
+      }
+      MPI_Isend(send_buf.data(), static_cast<int>(send_buf.size()), MPI_FLOAT, q_owner, 4 * s + 1, c.o.comm, &req[n_req++]);
+      c.rep.bytes_sent += static_cast<std::int64_t>(send_buf.size()) * 4;
+    }
+    t0 = now();
+    MPI_Waitall(n_req, req, MPI_STATUSES_IGNORE);
+    c.rep.wait_seconds += now() - t0;
+    std::size_t at = 0;
+    for (const auto& [i, j] : in_pairs) {
+      const auto n_out = static_cast<std::size_t>(sh.batch * c.li.len(i) * sh.heads_q * sh.dim_v);
+      const auto n_lse = static_cast<std::size_t>(sh.batch * sh.heads_q * c.li.len(i));
+      const auto first = recv_buf.begin() + static_cast<std::ptrdiff_t>(at);
+      std::vector<float> out(first, first + static_cast<std::ptrdiff_t>(n_out));
+      std::vector<float> lse(first + static_cast<std::ptrdiff_t>(n_out), first + static_cast<std::ptrdiff_t>(n_out + n_lse));
+      at += n_out + n_lse;
+      for (chunk_fold& f : c.folds)
+        if (f.chunk == i) offer(sh, f, j, std::move(out), std::move(lse), c.most_pending);
+    }
+  }
+  MPI_Type_free(&q_row);
+  return result;
+}
+
 status run_allgather(call& c, kv_block& mine) {
   const int P = c.li.ranks;
   const int es = dtype_size(c.sh.type);
@@ -288,7 +423,7 @@ status run_allgather(call& c, kv_block& mine) {
     const std::vector<std::int64_t> order = f.order;
     for (std::int64_t j : order) {
       const std::int64_t owner = c.li.owner[static_cast<std::size_t>(j)];
-      if (status st = compute_pair(c, f, j, all[static_cast<std::size_t>(owner)], owner); !st.ok()) return st;
+      if (status st = compute_pair(c, f, j, all[static_cast<std::size_t>(owner)]); !st.ok()) return st;
     }
   }
   return {};
@@ -297,7 +432,8 @@ status run_allgather(call& c, kv_block& mine) {
 // Local checks of this rank's arguments (shapes, dtypes, the spec on a representative block); "" when fine.
 std::string check_local(call& c) {
   const tensor &q = c.q, &k = c.k, &v = c.v, &out = c.out;
-  if (c.o.use != mechanism::automatic && c.o.use != mechanism::ring && c.o.use != mechanism::allgather)
+  if (c.o.use != mechanism::automatic && c.o.use != mechanism::ring && c.o.use != mechanism::allgather &&
+      c.o.use != mechanism::token_ring)
     return "options.use " + std::to_string(static_cast<int>(c.o.use)) + " is not a mechanism";
   if (c.o.shards != layout::contiguous && c.o.shards != layout::zigzag)
     return "options.shards " + std::to_string(static_cast<int>(c.o.shards)) + " is not a layout";
@@ -370,6 +506,7 @@ const char* mechanism_name(mechanism m) {
     case mechanism::automatic: return "automatic";
     case mechanism::ring: return "ring";
     case mechanism::allgather: return "allgather";
+    case mechanism::token_ring: return "token_ring";
   }
   return "?";
 }
@@ -466,7 +603,9 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
                                                         : std::string("requested: ") + mechanism_name(m));
   c.rep.reasons.push_back(std::to_string(c.li.chunks) + " chunks of a sequence of " + std::to_string(c.li.n) + " tokens, " +
                           layout_name(o.shards) + " over " + std::to_string(P) + " ranks");
-  const status st = m == mechanism::allgather ? run_allgather(c, mine_kv) : run_ring(c, mine_kv);
+  const status st = m == mechanism::allgather    ? run_allgather(c, mine_kv)
+                    : m == mechanism::token_ring ? run_token_ring(c, mine_kv)
+                                                 : run_ring(c, mine_kv);
   // A kernel failure on one rank fails every rank, before anything is written.
   if (err = agree(o.comm, c.li.rank, st.ok() ? std::string{} : st.error); !err.empty()) return {err};
   for (const chunk_fold& f : c.folds)

@@ -141,7 +141,7 @@ TEST(Dist, BitwiseEqualToOneProcessAndCloseToOneCall) {
       fo.lse = &fl;
       ASSERT_TRUE(attention(d.q_view(), d.k_view(), d.v_view(), make_bshd(full_out.data(), dtype::f32, p.batch, p.seq_q, p.heads_q, p.dim_v), s, fo).ok());
       for (dist::layout l : {dist::layout::contiguous, dist::layout::zigzag})
-        for (dist::mechanism m : {dist::mechanism::ring, dist::mechanism::allgather}) {
+        for (dist::mechanism m : {dist::mechanism::ring, dist::mechanism::allgather, dist::mechanism::token_ring}) {
           const std::int64_t chunks = chunks_for(l, P);
           SCOPED_TRACE(std::string(sc.name) + " " + dist::layout_name(l) + " " + dist::mechanism_name(m) + " " + dtype_name(t) +
                        " P=" + std::to_string(P) + " rank " + std::to_string(rank));
@@ -205,6 +205,13 @@ TEST(Dist, RingSkipsBlocksNoLaterRankNeeds) {
   EXPECT_EQ(w.rep.pairs_computed, rank == 0 ? 1 : 2);
   const std::int64_t block_bytes = 2 * (96 / P) * 8 * 4;  // K and V of one rank
   EXPECT_EQ(w.rep.bytes_sent, P > 1 && rank + 1 < P ? block_bytes : 0);
+  // TokenRing under causal sends each Q backward, only as far as rank 0: Q of rank t makes t hops of P - 1.
+  const shard_result t = run_shard(d, causal, MPI_COMM_WORLD, dist::mechanism::token_ring, dist::layout::contiguous, P, P, rank);
+  ASSERT_TRUE(t.st.ok()) << t.st.error;
+  EXPECT_EQ(t.rep.pairs_computed, P - rank);  // rank r computes the queries of ranks r .. P - 1 against its keys
+  std::int64_t q_skipped = 0;
+  MPI_Allreduce(&t.rep.messages_skipped, &q_skipped, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  EXPECT_EQ(q_skipped, static_cast<std::int64_t>(P) * (P - 1) / 2);
 }
 
 TEST(Dist, ErrorsAreCollectiveAndWriteNothing) {
