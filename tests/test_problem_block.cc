@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -52,7 +53,7 @@ struct whole {
   problem prob;
   std::unique_ptr<problem_data> data;
   spec s;
-  std::vector<float> bias;
+  std::vector<float> bias, sinks;
   std::vector<std::int64_t> ids;
   rope_spec rope;
   block_mask blocks;
@@ -61,7 +62,11 @@ struct whole {
 enum class run_as { kernel, oracle, naive };
 
 // Rows [q0, q1) against keys [k0, k1) of the whole problem w, as one block call.
-block_result run_block(const whole& w, std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1, run_as how) {
+// Sink logits join every block's normaliser (problem_block's contract); drop_sinks runs the block without them.
+block_result run_block(const whole& w, std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1, run_as how,
+                       bool drop_sinks = false) {
+  spec s = w.s;
+  if (drop_sinks) s.sink_logits = nullptr;
   const problem& p = w.prob;
   const problem_data& d = *w.data;
   block_result r(p.batch, q1 - q0, p.heads_q, p.dim_v);
@@ -73,12 +78,12 @@ block_result run_block(const whole& w, std::int64_t q0, std::int64_t q1, std::in
   const tensor q = rows_of(d.q_view(), q0, q1), k = rows_of(d.k_view(), k0, k1), v = rows_of(d.v_view(), k0, k1);
   if (how == run_as::naive) {
     attn_params prm;
-    const status st = make_params(q, k, v, r.out_view(), w.s, o, prm);
+    const status st = make_params(q, k, v, r.out_view(), s, o, prm);
     EXPECT_TRUE(st.ok()) << st.error;
     if (st.ok()) naive_attention_f32(prm);
     return r;
   }
-  const status st = attention(q, k, v, r.out_view(), w.s, o);
+  const status st = attention(q, k, v, r.out_view(), s, o);
   EXPECT_TRUE(st.ok()) << st.error;
   return r;
 }
@@ -145,6 +150,12 @@ std::vector<spec_case> spec_cases() {
          w.s.score = scores::alibi(scores::alibi_slopes(w.prob.heads_q), w.prob.seq_q - w.prob.seq_k);
        }},
       {"softcap", [](whole& w) { w.s.score = scores::softcap(2.0); }},
+      {"temperature per head + sink logits", [](whole& w) {
+         w.s.score = scores::temperature({0.5, 1.0, 2.0, 0.75});
+         w.sinks.resize(static_cast<std::size_t>(w.prob.heads_q));
+         for (std::size_t h = 0; h < w.sinks.size(); ++h) w.sinks[h] = 0.4f * static_cast<float>(h) - 0.5f;
+         w.s.sink_logits = w.sinks.data();
+       }},
       {"relative_bias", [](whole& w) {
          std::vector<double> t(static_cast<std::size_t>(8 * w.prob.heads_q));
          for (std::size_t i = 0; i < t.size(); ++i) t[i] = 0.1 * static_cast<double>(i % 7) - 0.3;
@@ -265,7 +276,9 @@ TEST(ProblemBlock, MergedKeyBlocksMatchAllKeys) {
       const std::vector<std::int64_t> cq = cuts(sh.lq, 2, rng), ck = cuts(sh.lk, 4, rng);
       for (std::size_t i = 0; i + 1 < cq.size(); ++i) {
         std::vector<block_result> parts;
-        for (std::size_t j = 0; j + 1 < ck.size(); ++j) parts.push_back(run_block(w, cq[i], cq[i + 1], ck[j], ck[j + 1], run_as::kernel));
+        // The sink logits join the first key block only, so the merge counts them once.
+        for (std::size_t j = 0; j + 1 < ck.size(); ++j)
+          parts.push_back(run_block(w, cq[i], cq[i + 1], ck[j], ck[j + 1], run_as::kernel, j > 0));
         std::vector<tensor> outs;
         std::vector<lse_tensor> lses;
         for (const block_result& r : parts) {
@@ -284,6 +297,50 @@ TEST(ProblemBlock, MergedKeyBlocksMatchAllKeys) {
         EXPECT_EQ(hard, 0) << "NaN or unmatched infinities";
       }
     }
+}
+
+// Heads [h0, h1) of rows [q0, q1) with every key as one block call (h_offset, heads_q): every per-head parameter,
+// table, predicate and sink logit is the whole problem's head's, so both the oracle and the kernel give the whole
+// call's bits for those heads (each row and head is computed on its own).
+TEST(ProblemBlock, HeadBlocksAreTheWholeProblemsHeadsBitwise) {
+  const shape sh{2, 45, 45, 4, 2, 9};
+  std::uint64_t seed = 200;
+  for (const spec_case& sc : spec_cases()) {
+    const whole w = make_whole(sh, seed++, sc);
+    SCOPED_TRACE(std::string(sc.name) + " " + w.prob.describe());
+    for (run_as how : {run_as::oracle, run_as::kernel}) {
+      const block_result all = run_block(w, 0, sh.lq, 0, sh.lk, how);
+      for (const auto& [h0, h1, q0, q1] : {std::array<std::int64_t, 4>{0, 2, 0, 45}, {2, 4, 0, 45}, {2, 4, 13, 30}}) {
+        const problem_data& d = *w.data;
+        block_result r(sh.batch, q1 - q0, h1 - h0, sh.d);
+        problem_block blk{q0, 0, sh.lq, sh.lk, h0, sh.hq};
+        options o = d.make_options(how == run_as::kernel ? backend::cpu : backend::reference, 1);
+        const lse_tensor l = r.lse_view();
+        o.lse = &l;
+        o.block = &blk;
+        const auto heads = [](tensor t, std::int64_t a, std::int64_t b) {
+          t.data = static_cast<char*>(t.data) + a * t.stride_head * dtype_size(t.type);
+          t.heads = b - a;
+          return t;
+        };
+        const std::int64_t g = sh.hq / sh.hkv;
+        const status st = attention(heads(rows_of(d.q_view(), q0, q1), h0, h1), heads(d.k_view(), h0 / g, h1 / g),
+                                    heads(d.v_view(), h0 / g, h1 / g), r.out_view(), w.s, o);
+        ASSERT_TRUE(st.ok()) << st.error;
+        for (std::int64_t b = 0; b < sh.batch; ++b)
+          for (std::int64_t i = 0; i < q1 - q0; ++i)
+            for (std::int64_t h = h0; h < h1; ++h) {
+              const float* got = &r.out[static_cast<std::size_t>(((b * (q1 - q0) + i) * (h1 - h0) + h - h0) * sh.d)];
+              const float* want = &all.out[static_cast<std::size_t>(((b * sh.lq + q0 + i) * sh.hq + h) * sh.d)];
+              ASSERT_EQ(std::memcmp(got, want, static_cast<std::size_t>(sh.d) * sizeof(float)), 0)
+                  << (how == run_as::kernel ? "kernel" : "oracle") << " out row " << q0 + i << " head " << h;
+              const float gl = r.lse[static_cast<std::size_t>((b * (h1 - h0) + h - h0) * (q1 - q0) + i)];
+              const float wl = all.lse[static_cast<std::size_t>((b * sh.hq + h) * sh.lq + q0 + i)];
+              ASSERT_EQ(std::memcmp(&gl, &wl, sizeof(float)), 0) << "lse row " << q0 + i << " head " << h;
+            }
+      }
+    }
+  }
 }
 
 // A block whose keys the mask removes entirely: out 0 and lse -inf, never NaN.
@@ -317,6 +374,8 @@ TEST(ProblemBlock, Validation) {
   expect_error({0, 3, 8, 10}, "[attention] options.block.k_offset 3 + k.seq 8 > options.block.seq_k 10");
   expect_error({0, 0, -1, 8}, "[attention] options.block.seq_q -1 must be >= 0");
   expect_error({0, std::numeric_limits<std::int64_t>::max(), 8, 8}, "options.block.k_offset");
+  expect_error({0, 0, 8, 8, -1, 0}, "[attention] options.block.h_offset -1 must be >= 0");
+  expect_error({0, 0, 8, 8, 1, 2}, "[attention] options.block.h_offset 1 + q.heads 2 > options.block.heads_q 2");
   // Tables are checked against the whole problem: a key bias of 8 keys does not cover keys up to 20.
   {
     spec s;

@@ -37,6 +37,9 @@ struct attn_params {
   // problem of total_q x total_k, which masks, scores, RoPE and the causal alignment see. Zeros: the call itself
   // (positions from 0, totals = seq_q / seq_k), so hand-filled params need not set them. Fixed-length batches only.
   std::int64_t pos_q0 = 0, pos_k0 = 0, total_q = 0, total_k = 0;
+  // Likewise for heads: q head h is head head0 + h of total_heads (0: the call's own), which masks, scores, block
+  // masks and their tables see (sink_logits already points at the call's first head). K/V heads follow the group.
+  std::int64_t head0 = 0, total_heads = 0;
 
   double scale = 1.0;
   float scale_log2 = 1.0f;  // scale * log2(e): kernels use exp2
@@ -70,6 +73,7 @@ struct attn_bwd_params {
 // The lengths masks and scores see: the whole problem's (options::block), else the call's.
 inline std::int64_t total_q(const attn_params& p) { return p.total_q ? p.total_q : p.seq_q; }
 inline std::int64_t total_k(const attn_params& p) { return p.total_k ? p.total_k : p.seq_k; }
+inline std::int64_t total_heads(const attn_params& p) { return p.total_heads ? p.total_heads : p.heads_q; }
 
 // One sequence of a (possibly varlen) batch: where its rows start in the tensors and how long it is, and which
 // positions of which lengths its rows and keys are for the spec's functors (q row i is position q_pos + i of q_total).

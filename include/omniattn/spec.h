@@ -86,9 +86,13 @@ struct run_stats {
 // exactly those rows of that problem restricted to these keys: out and lse are the partial softmax over them, which
 // merge_attention_states combines exactly with the other key blocks' (context parallelism, ring attention, chunked
 // prefill without a cache). Sink logits, if given, join this block's normaliser: give them to one block only.
+// The heads may be a block too (h_offset, heads_q below).
 struct problem_block {
   std::int64_t q_offset = 0, k_offset = 0;
   std::int64_t seq_q = 0, seq_k = 0;
+  // The call's q heads are heads h_offset .. h_offset + q.heads - 1 of heads_q (0: q.heads, the call's own), e.g. a
+  // head-sharded (Ulysses) call: per-head parameters, tables and sink logits are the whole problem's, indexed so.
+  std::int64_t h_offset = 0, heads_q = 0;
 };
 
 struct options {

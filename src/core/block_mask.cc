@@ -82,7 +82,7 @@ block_mask build_block_mask(const attn_params& p, std::int64_t q_tile, std::int6
     throw std::invalid_argument("[build_block_mask] p.causal " + std::to_string(static_cast<int>(p.causal)) +
                                 " is not a causal_mode");
   if (p.mask)
-    if (const std::string why = p.mask->check(p.batch, p.heads_q, total_q(p), total_k(p)); !why.empty())
+    if (const std::string why = p.mask->check(p.batch, total_heads(p), total_q(p), total_k(p)); !why.empty())
       throw std::invalid_argument("[build_block_mask] p.mask " + why);
   block_mask bm;
   bm.q_tile = q_tile;
@@ -111,10 +111,11 @@ block_mask build_block_mask(const attn_params& p, std::int64_t q_tile, std::int6
           if (q0 < q1 && k0 < k1) {
             // The tile's rows and keys at their positions in the whole problem (options::block).
             const std::int64_t a0 = e.q_pos + q0, a1 = e.q_pos + q1, c0 = e.k_pos + k0, c1 = e.k_pos + k1;
+            const std::int64_t hh = p.head0 + h;  // the head of the whole problem
             if (p.blocks) {
-              kind = classify_with_blocks(p, causal, m, b, h, a0, a1, c0, c1, e.q_total, e.k_total);
+              kind = classify_with_blocks(p, causal, m, b, hh, a0, a1, c0, c1, e.q_total, e.k_total);
             } else {
-              kind = m.classify(b, h, a0, a1, c0, c1, e.q_total, e.k_total);
+              kind = m.classify(b, hh, a0, a1, c0, c1, e.q_total, e.k_total);
             }
           }
           bm.kinds[static_cast<std::size_t>(((b * bm.heads + h) * bm.q_tiles + qt) * bm.kv_tiles + kt)] = kind;

@@ -296,7 +296,7 @@ std::int64_t mask_area(const attn_params& p) {
     for (std::int64_t h = 0; h < p.heads_q; ++h)
       for (std::int64_t i = 0; i < e.q_len; ++i)
         for (std::int64_t j = 0; j < e.k_len; ++j)
-          area += element_allowed(p, b, h, e.q_pos + i, e.k_pos + j, e.q_total, e.k_total);
+          area += element_allowed(p, b, p.head0 + h, e.q_pos + i, e.k_pos + j, e.q_total, e.k_total);
   }
   return area;
 }

@@ -210,9 +210,9 @@ std::string check_score(const score_fn& f, const attn_params& p) {
          << " (every key needs a weight)";
       return os.str();
     }
-    if (t.rows() != 1 && t.rows() != p.heads_q) {
+    if (t.rows() != 1 && t.rows() != total_heads(p)) {
       os << "reweight has " << t.rows() << " rows of " << t.row << " weights, expected 1 (all heads) or heads_q "
-         << p.heads_q;
+         << total_heads(p);
       return os.str();
     }
   }
@@ -253,7 +253,7 @@ std::string check_score(const score_fn& f, const attn_params& p) {
   for (const score_step& st : steps) {
     if (st.op == score_step::kind::bias) {
       static const char* const k_dims[] = {"batch", "heads_q", "seq_q", "seq_k"};
-      const std::int64_t want[4] = {p.batch, p.heads_q, tq, tk};
+      const std::int64_t want[4] = {p.batch, total_heads(p), tq, tk};
       for (std::size_t d = 0; d < 4; ++d) {
         const std::int64_t got = st.bias->shape[d];
         if (got != 1 && got != want[d]) {

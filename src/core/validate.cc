@@ -100,7 +100,7 @@ void spec_inputs(const tensor& q, const tensor& k, const spec& s, const options&
   if (s.blocks)
     in.push_back({"spec.blocks.kinds", array_range("spec.blocks.kinds", s.blocks->kinds.data(),
                                                    static_cast<std::int64_t>(s.blocks->kinds.size()), 1)});
-  if (s.sink_logits) in.push_back({"spec.sink_logits", array_range("spec.sink_logits", s.sink_logits, q.heads, 4)});
+  if (s.sink_logits) in.push_back({"spec.sink_logits", array_range("spec.sink_logits", s.sink_logits, total_heads(p), 4)});
   if (s.rope) {
     const rope_spec& r = *s.rope;
     const std::int64_t axes = r.sections.empty() ? 1 : static_cast<std::int64_t>(r.sections.size());
@@ -290,6 +290,17 @@ void check_problem_block(const problem_block& blk, const options& opt, attn_para
   p.pos_k0 = blk.k_offset;
   p.total_q = blk.seq_q;
   p.total_k = blk.seq_k;
+  if (blk.h_offset < 0) fail("options.block.h_offset ", blk.h_offset, " must be >= 0");
+  if (blk.heads_q < 0) fail("options.block.heads_q ", blk.heads_q, " must be >= 0 (0 = q.heads)");
+  if (blk.heads_q != 0 || blk.h_offset != 0) {
+    const std::int64_t total = blk.heads_q != 0 ? blk.heads_q : p.heads_q;
+    std::int64_t end = 0;
+    if (!detail::add_fits(blk.h_offset, p.heads_q, &end) || end > total)
+      fail("options.block.h_offset ", blk.h_offset, " + q.heads ", p.heads_q, " > options.block.heads_q ", total,
+           " (the heads must lie inside the problem)");
+    p.head0 = blk.h_offset;
+    p.total_heads = total;
+  }
 }
 
 void check_block_mask(const block_mask& bm, const attn_params& p) {
@@ -301,7 +312,7 @@ void check_block_mask(const block_mask& bm, const attn_params& p) {
   if (bm.q_tiles != want_q) fail("spec.blocks.q_tiles ", bm.q_tiles, " != ceil(seq_q ", tq, " / q_tile ", bm.q_tile, ") = ", want_q);
   if (bm.kv_tiles != want_k) fail("spec.blocks.kv_tiles ", bm.kv_tiles, " != ceil(seq_k ", tk, " / kv_tile ", bm.kv_tile, ") = ", want_k);
   if (bm.batch != 1 && bm.batch != p.batch) fail("spec.blocks.batch ", bm.batch, " must be 1 or ", p.batch);
-  if (bm.heads != 1 && bm.heads != p.heads_q) fail("spec.blocks.heads ", bm.heads, " must be 1 or ", p.heads_q);
+  if (bm.heads != 1 && bm.heads != total_heads(p)) fail("spec.blocks.heads ", bm.heads, " must be 1 or ", total_heads(p));
   // Each factor is at most the call's size, but their product can still leave int64.
   std::int64_t want = 0;
   if (!detail::product_fits({bm.batch, bm.heads, bm.q_tiles, bm.kv_tiles}, &want))
@@ -392,7 +403,7 @@ void build_spec(const tensor& q, const tensor& k, const spec& s, const options& 
     fail("spec.causal ", static_cast<int>(s.causal), " is not a causal_mode");
   p.causal = s.causal;
   if (s.mask) {
-    if (const std::string why = s.mask.check(p.batch, p.heads_q, total_q(p), total_k(p)); !why.empty()) fail("spec.mask ", why);
+    if (const std::string why = s.mask.check(p.batch, total_heads(p), total_q(p), total_k(p)); !why.empty()) fail("spec.mask ", why);
   }
   p.mask = s.mask ? &s.mask : nullptr;
   p.score = s.score ? &s.score : nullptr;
@@ -402,11 +413,11 @@ void build_spec(const tensor& q, const tensor& k, const spec& s, const options& 
   if (s.blocks) check_block_mask(*s.blocks, p);
   p.blocks = s.blocks;
   if (s.sink_logits)
-    for (std::int64_t h = 0; h < q.heads; ++h)
+    for (std::int64_t h = 0; h < total_heads(p); ++h)
       if (!std::isfinite(s.sink_logits[h]) ||
           std::fabs(static_cast<double>(s.sink_logits[h])) * 1.4426950408889634 > std::numeric_limits<float>::max())
         fail("spec.sink_logits[", h, "] ", s.sink_logits[h], " must be finite with |sink| * log2(e) <= 3.40282e+38");
-  p.sink_logits = s.sink_logits;
+  p.sink_logits = s.sink_logits ? s.sink_logits + p.head0 : nullptr;  // the kernels index by the call's heads
   if (s.rope) {
     const rope_spec& r = *s.rope;
     const std::int64_t dim = r.rotary_dim == 0 ? q.dim : r.rotary_dim;

@@ -165,10 +165,10 @@ HWY_NOINLINE void run_q_tile(const attn_params& p, const detail::block_plan& pla
     const key_segments<float> ks{{ktile, ktile + 16, ktile + 32, ktile + 48},
                           {vtile, vtile + 16 * dim_vp, vtile + 32 * dim_vp, vtile + 48 * dim_vp}, k_bk, dim_vp};
     key_tile<Bf16Dot>(p, ts, rows, keys, ks, dim_vp,
-                      [&](float* s) { score_tile(p, kv.score, s, k_bk, rows, k_bk, keys, b, h, e.q_pos + q0, e.k_pos + k0); },
+                      [&](float* s) { score_tile(p, kv.score, s, k_bk, rows, k_bk, keys, b, p.head0 + h, e.q_pos + q0, e.k_pos + k0); },
                       [&](std::int64_t i) {
                         return kind == tile_kind::partial
-                                   ? row_allowed_bits(p, b, h, e.q_pos + q0 + i, e.k_pos + k0, keys, e.q_total, e.k_total)
+                                   ? row_allowed_bits(p, b, p.head0 + h, e.q_pos + q0 + i, e.k_pos + k0, keys, e.q_total, e.k_total)
                                    : in_range;
                       });
   }

@@ -84,7 +84,7 @@ std::string grid_rejects(const attn_params& p, const config& cfg) {
   if (p.blocks) return "a user block mask is given";
   if (p.causal != causal_mode::none) return "spec.causal is set (use the neighborhood's per-axis causal flag)";
   if (p.cu_seqlens_q) return "varlen batches";
-  if (p.total_q || p.total_k) return "options.block: the call is a block of a larger problem, not a whole grid";
+  if (p.total_q || p.total_k || p.total_heads) return "options.block: the call is a block of a larger problem, not a whole grid";
   if (p.seq_q != g->tokens() || (g->extra_keys ? p.seq_k < g->tokens() : p.seq_k != g->tokens()))
     return "q/k lengths " + std::to_string(p.seq_q) + "/" + std::to_string(p.seq_k) + " do not match the grid's " +
            std::to_string(g->tokens()) + " tokens" + (g->extra_keys ? " (+ additional keys)" : "");

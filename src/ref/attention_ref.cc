@@ -27,7 +27,7 @@ void reference_attention(const attn_params& p) {
   for (std::int64_t b = 0; b < p.batch; ++b) {
     const seq_extent e = sequence(p, b);
     for (std::int64_t h = 0; h < p.heads_q; ++h) {
-      const std::int64_t kvh = h / p.group;
+      const std::int64_t kvh = h / p.group, hh = p.head0 + h;  // hh: the head of the whole problem (options::block)
       for (std::int64_t i = 0; i < e.q_len; ++i) {
         const std::int64_t q_row = e.tensor_batch * p.q_stride[0] + (e.q_begin + i) * p.q_stride[1] + h * p.q_stride[2];
         for (std::int64_t d = 0; d < p.dim_qk; ++d) qrow[d] = load_element(p.q, p.in_type, q_row + d * p.q_stride[3]);
@@ -39,14 +39,14 @@ void reference_attention(const attn_params& p) {
         double row_max = neg_inf;
         for (std::int64_t j = 0; j < e.k_len; ++j) {
           const std::int64_t kj = e.k_pos + j;
-          if (!element_allowed(p, b, h, qi, kj, e.q_total, e.k_total)) continue;
+          if (!element_allowed(p, b, hh, qi, kj, e.q_total, e.k_total)) continue;
           const std::int64_t k_row = e.tensor_batch * p.k_stride[0] + (e.k_begin + j) * p.k_stride[1] + kvh * p.k_stride[2];
           for (std::int64_t d = 0; d < p.dim_qk; ++d) krow[d] = load_element(p.k, p.in_type, k_row + d * p.k_stride[3]);
           if (p.rope) rope_rotate(p, false, e.tensor_batch, e.k_begin + j, kj, e.q_total, e.k_total, krow.data());
           double dot = 0.0;
           for (std::int64_t d = 0; d < p.dim_qk; ++d) dot += qrow[d] * krow[d];
           double s = p.scale * dot;
-          if (p.score) s = detail::call_user("spec.score functor", "score_fn", [&] { return (*p.score)(s, b, h, qi, kj); });
+          if (p.score) s = detail::call_user("spec.score functor", "score_fn", [&] { return (*p.score)(s, b, hh, qi, kj); });
           if (s == neg_inf) continue;
           scores.push_back(s);
           keys.push_back(j);

@@ -18,7 +18,7 @@ void naive_attention_f32(const attn_params& p) {
     const seq_extent e = sequence(p, b);
     s.resize(static_cast<std::size_t>(e.k_len));
     for (std::int64_t h = 0; h < p.heads_q; ++h) {
-      const std::int64_t kvh = h / p.group;
+      const std::int64_t kvh = h / p.group, hh = p.head0 + h;
       for (std::int64_t i = 0; i < e.q_len; ++i) {
         const std::int64_t q_row = e.tensor_batch * p.q_stride[0] + (e.q_begin + i) * p.q_stride[1] + h * p.q_stride[2];
         for (std::int64_t d = 0; d < p.dim_qk; ++d) qv[static_cast<std::size_t>(d)] = static_cast<float>(load_element(p.q, p.in_type, q_row + d * p.q_stride[3]));
@@ -28,14 +28,14 @@ void naive_attention_f32(const attn_params& p) {
         for (std::int64_t j = 0; j < e.k_len; ++j) {
           float x = neg_inf;
           const std::int64_t kj = e.k_pos + j;
-          if (element_allowed(p, b, h, qi, kj, e.q_total, e.k_total)) {
+          if (element_allowed(p, b, hh, qi, kj, e.q_total, e.k_total)) {
             const std::int64_t k_row = e.tensor_batch * p.k_stride[0] + (e.k_begin + j) * p.k_stride[1] + kvh * p.k_stride[2];
             for (std::int64_t d = 0; d < p.dim_qk; ++d) kv[static_cast<std::size_t>(d)] = static_cast<float>(load_element(p.k, p.in_type, k_row + d * p.k_stride[3]));
             if (p.rope) rope_rotate(p, false, e.tensor_batch, e.k_begin + j, kj, e.q_total, e.k_total, kv.data());
             float dot = 0.0f;
             for (std::int64_t d = 0; d < p.dim_qk; ++d) dot += qv[static_cast<std::size_t>(d)] * kv[static_cast<std::size_t>(d)];
             x = dot * static_cast<float>(p.scale);
-            if (p.score) x = static_cast<float>((*p.score)(x, b, h, qi, kj));
+            if (p.score) x = static_cast<float>((*p.score)(x, b, hh, qi, kj));
           }
           s[static_cast<std::size_t>(j)] = x;
           mx = std::max(mx, x);
