@@ -25,7 +25,11 @@
 //   token_ring TokenRing: K/V stay; each Q travels forward (as far as a rank whose keys it meets) one hop per step,
 //              posted a step ahead, and each block's partial (out, lse) goes straight back to the Q's owner, so both
 //              directions of the links carry traffic (less volume than K/V when heads_q * (d + d_v) is small).
-//   automatic  ring.
+//   ulysses    DeepSpeed-Ulysses: an all-to-all turns sequence shards into head shards (q.heads and k.heads
+//              multiples of P), each rank computes every chunk pair for its heads, a second all-to-all returns the
+//              outputs; per-head parameters keep their heads (options::block's h_offset).
+//   automatic  the mechanism that moves the fewest bytes per rank by the model of bench/README.md (the report says
+//              the estimates and the choice).
 // Errors are collective: when any rank's arguments are invalid, every rank returns an error (the failing rank's
 // message, prefixed "[dist::attention] rank R: ") and no output is written.
 #pragma once
@@ -40,7 +44,7 @@
 
 namespace omniattn::dist {
 
-enum class mechanism : std::uint8_t { automatic, ring, allgather, token_ring };
+enum class mechanism : std::uint8_t { automatic, ring, allgather, token_ring, ulysses };
 enum class layout : std::uint8_t { contiguous, zigzag };
 
 const char* mechanism_name(mechanism m);

@@ -57,6 +57,7 @@ struct shapes {
 // The (m, l, o) running state of one query chunk's fold, f32, and its pending out-of-turn partials.
 struct chunk_fold {
   std::int64_t chunk = 0, rows = 0, local_row = 0;
+  std::int64_t heads = 0, head0 = 0;  // the q heads folded here (all, or a Ulysses rank's group) and the first one
   std::vector<std::int64_t> order;  // the non-empty key chunks, in fold order
   std::size_t next = 0;
   std::vector<float> m, l, o;       // [batch][heads][rows], same, [batch][rows][heads][dim_v]
@@ -65,17 +66,17 @@ struct chunk_fold {
 
 void fold_part(const shapes& sh, chunk_fold& f, const std::vector<float>& out, const std::vector<float>& lse) {
   for (std::int64_t b = 0; b < sh.batch; ++b)
-    for (std::int64_t h = 0; h < sh.heads_q; ++h)
+    for (std::int64_t h = 0; h < f.heads; ++h)
       for (std::int64_t r = 0; r < f.rows; ++r) {
-        const std::size_t at = static_cast<std::size_t>((b * sh.heads_q + h) * f.rows + r);
+        const std::size_t at = static_cast<std::size_t>((b * f.heads + h) * f.rows + r);
         const float lp = lse[at];
         if (lp == k_neg_inf) continue;  // an empty row of the block: weight 0, exactly nothing to add
         const float m_new = std::max(f.m[at], lp);
         const float a = f.m[at] == k_neg_inf ? 0.0f : std::exp(f.m[at] - m_new), w = std::exp(lp - m_new);
         f.m[at] = std::isnan(lp) ? lp : m_new;
         f.l[at] = f.l[at] * a + w;
-        float* o = f.o.data() + ((b * f.rows + r) * sh.heads_q + h) * sh.dim_v;
-        const float* src = out.data() + ((b * f.rows + r) * sh.heads_q + h) * sh.dim_v;
+        float* o = f.o.data() + ((b * f.rows + r) * f.heads + h) * sh.dim_v;
+        const float* src = out.data() + ((b * f.rows + r) * f.heads + h) * sh.dim_v;
         for (std::int64_t d = 0; d < sh.dim_v; ++d) o[d] = o[d] * a + w * src[d];
       }
 }
@@ -140,6 +141,7 @@ struct call {
   std::vector<chunk_fold> folds;     // this rank's query chunks
   cp_report rep;
   std::int64_t most_pending = 0;
+  std::vector<std::vector<std::uint8_t>> returned;  // Ulysses: each rank's finished chunks for its heads, to store
   attn_params base{};                // params of one representative block, for the emptiness test
 };
 
@@ -160,16 +162,18 @@ struct partial {
   std::vector<float> out, lse;
 };
 
-// The block (query chunk i, key chunk j) on the CPU kernel. qv: chunk i's query rows; blk: the K/V of j's owner.
-status block_partial(call& c, const tensor& qv, std::int64_t i, std::int64_t j, const kv_block& blk, partial& r) {
+// The block (query chunk i, key chunk j) on the CPU kernel. qv: chunk i's query rows (heads qv.heads, the first of
+// them head0 of the problem); blk: the K/V of j's owner with kv_heads heads.
+status block_partial(call& c, const tensor& qv, std::int64_t i, std::int64_t j, const kv_block& blk, partial& r,
+                     std::int64_t kv_heads, std::int64_t head0) {
   const shapes& sh = c.sh;
-  const std::int64_t owner = c.li.owner[static_cast<std::size_t>(j)];
+  const std::int64_t owner = c.li.owner[static_cast<std::size_t>(j)], heads = qv.heads;
   const std::int64_t total = c.li.rows[static_cast<std::size_t>(owner)];
   const std::int64_t row0 = c.li.local_row[static_cast<std::size_t>(j)], len = c.li.len(j), rows = c.li.len(i);
-  r.out.assign(static_cast<std::size_t>(sh.batch * rows * sh.heads_q * sh.dim_v), 0.0f);
-  r.lse.assign(static_cast<std::size_t>(sh.batch * sh.heads_q * rows), 0.0f);
-  const lse_tensor l = make_lse(r.lse.data(), sh.heads_q, rows);
-  const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n};
+  r.out.assign(static_cast<std::size_t>(sh.batch * rows * heads * sh.dim_v), 0.0f);
+  r.lse.assign(static_cast<std::size_t>(sh.batch * heads * rows), 0.0f);
+  const lse_tensor l = make_lse(r.lse.data(), heads, rows);
+  const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n, head0, sh.heads_q};
   options opt;
   opt.use = backend::cpu;
   opt.allow_fallback = false;
@@ -177,9 +181,9 @@ status block_partial(call& c, const tensor& qv, std::int64_t i, std::int64_t j, 
   opt.lse = &l;
   opt.block = &pb;
   const double t0 = now();
-  const status st = omniattn::attention(qv, packed_view(blk.k, sh.type, sh.batch, total, sh.heads_kv, sh.dim, row0, len),
-                                        packed_view(blk.v, sh.type, sh.batch, total, sh.heads_kv, sh.dim_v, row0, len),
-                                        make_bshd(r.out.data(), dtype::f32, sh.batch, rows, sh.heads_q, sh.dim_v), c.local, opt);
+  const status st = omniattn::attention(qv, packed_view(blk.k, sh.type, sh.batch, total, kv_heads, sh.dim, row0, len),
+                                        packed_view(blk.v, sh.type, sh.batch, total, kv_heads, sh.dim_v, row0, len),
+                                        make_bshd(r.out.data(), dtype::f32, sh.batch, rows, heads, sh.dim_v), c.local, opt);
   c.rep.compute_seconds += now() - t0;
   if (st.ok()) ++c.rep.pairs_computed;
   return st;
@@ -188,7 +192,7 @@ status block_partial(call& c, const tensor& qv, std::int64_t i, std::int64_t j, 
 // The block (query chunk f.chunk of this rank, key chunk j) offered to the fold.
 status compute_pair(call& c, chunk_fold& f, std::int64_t j, const kv_block& blk) {
   partial r;
-  if (status st = block_partial(c, rows_of(c.q, f.local_row, f.rows), f.chunk, j, blk, r); !st.ok()) return st;
+  if (status st = block_partial(c, rows_of(c.q, f.local_row, f.rows), f.chunk, j, blk, r, c.sh.heads_kv, 0); !st.ok()) return st;
   offer(c.sh, f, j, std::move(r.out), std::move(r.lse), c.most_pending);
   return {};
 }
@@ -200,6 +204,57 @@ status compute_block(call& c, const kv_block& blk, std::int64_t owner) {
       if (std::find(f.order.begin(), f.order.end(), j) != f.order.end())
         if (status st = compute_pair(c, f, j, blk); !st.ok()) return st;
   return {};
+}
+
+// The fold's result: out [batch][rows][heads][dim_v] = o / l and lse = m + log l, after the sink logit of each head
+// (one more part: lse = sink, out = 0); rows that met nothing give 0 and -inf.
+void finish_fold(const call& c, const chunk_fold& f, std::vector<float>& out, std::vector<float>& lse) {
+  const shapes& sh = c.sh;
+  out.assign(static_cast<std::size_t>(sh.batch * f.rows * f.heads * sh.dim_v), 0.0f);
+  lse.assign(static_cast<std::size_t>(sh.batch * f.heads * f.rows), k_neg_inf);
+  for (std::int64_t b = 0; b < sh.batch; ++b)
+    for (std::int64_t r = 0; r < f.rows; ++r)
+      for (std::int64_t h = 0; h < f.heads; ++h) {
+        const std::size_t at = static_cast<std::size_t>((b * f.heads + h) * f.rows + r);
+        float m = f.m[at], l = f.l[at], scale = 1.0f;
+        if (c.s.sink_logits) {
+          const float sk = c.s.sink_logits[f.head0 + h];
+          const float m_new = std::max(m, sk);
+          scale = m == k_neg_inf ? 0.0f : std::exp(m - m_new);
+          l = l * scale + std::exp(sk - m_new);
+          m = m_new;
+        }
+        const float inv = l == 0.0f ? 0.0f : scale / l;
+        const std::size_t o_at = static_cast<std::size_t>(((b * f.rows + r) * f.heads + h) * sh.dim_v);
+        for (std::int64_t d = 0; d < sh.dim_v; ++d) out[o_at + static_cast<std::size_t>(d)] = f.o[o_at + static_cast<std::size_t>(d)] * inv;
+        lse[at] = l == 0.0f ? k_neg_inf : m + std::log(l);
+      }
+}
+
+// Stores a finished chunk (rows local_row.., heads head0 .. head0 + heads - 1) into the caller's out and lse.
+void store_chunk(const call& c, std::int64_t local_row, std::int64_t rows, std::int64_t head0, std::int64_t heads,
+                 const float* out, const float* lse) {
+  const shapes& sh = c.sh;
+  for (std::int64_t b = 0; b < sh.batch; ++b)
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t h = 0; h < heads; ++h) {
+        const std::int64_t row = local_row + r, hh = head0 + h;
+        const std::int64_t base = b * c.out.stride_batch + row * c.out.stride_seq + hh * c.out.stride_head;
+        const float* o = out + ((b * rows + r) * heads + h) * sh.dim_v;
+        for (std::int64_t d = 0; d < sh.dim_v; ++d)
+          detail::store_element(c.out.data, c.out.type, base + d * c.out.stride_dim, static_cast<double>(o[d]));
+        if (c.o.lse)
+          c.o.lse->data[b * c.o.lse->stride_batch + hh * c.o.lse->stride_head + row * c.o.lse->stride_seq] =
+              lse[(b * heads + h) * rows + r];
+      }
+}
+
+void write_outputs(const call& c) {
+  std::vector<float> out, lse;
+  for (const chunk_fold& f : c.folds) {
+    finish_fold(c, f, out, lse);
+    store_chunk(c, f.local_row, f.rows, f.head0, f.heads, out.data(), lse.data());
+  }
 }
 
 // Row datatype of a packed block: one (token, head) row of dim elements, so counts stay far below INT_MAX.
@@ -362,7 +417,8 @@ status run_token_ring(call& c, kv_block& mine) {
         partial pt;
         // A failed kernel still sends (zeros), so no rank waits forever; the failure is reported collectively.
         if (result.ok())
-          result = block_partial(c, rows_of(qv_all, c.li.local_row[static_cast<std::size_t>(i)], c.li.len(i)), i, j, mine, pt);
+          result = block_partial(c, rows_of(qv_all, c.li.local_row[static_cast<std::size_t>(i)], c.li.len(i)), i, j, mine, pt,
+                                 sh.heads_kv, 0);
         pt.out.resize(static_cast<std::size_t>(sh.batch * c.li.len(i) * sh.heads_q * sh.dim_v), 0.0f);
         pt.lse.resize(static_cast<std::size_t>(sh.batch * sh.heads_q * c.li.len(i)), 0.0f);
         send_buf.insert(send_buf.end(), pt.out.begin(), pt.out.end());
@@ -388,6 +444,134 @@ status run_token_ring(call& c, kv_block& mine) {
   }
   MPI_Type_free(&q_row);
   return result;
+}
+
+// Rows of x (all of them) and heads [h0, h0 + n), appended to dst as [batch][rows][n][dim].
+void pack_heads(const tensor& x, std::int64_t h0, std::int64_t n, std::vector<std::uint8_t>& dst) {
+  tensor sub = x;
+  sub.data = static_cast<std::uint8_t*>(x.data) + h0 * x.stride_head * dtype_size(x.type);
+  sub.heads = n;
+  std::vector<std::uint8_t> part;
+  pack(sub, part);
+  dst.insert(dst.end(), part.begin(), part.end());
+}
+
+// One all-to-all of byte buffers: send[t] to rank t; returns what each rank sent here.
+std::vector<std::vector<std::uint8_t>> all_to_all(call& c, const std::vector<std::vector<std::uint8_t>>& send,
+                                                  const std::vector<std::int64_t>& recv_bytes, status& st) {
+  const int P = c.li.ranks;
+  std::vector<int> sc(static_cast<std::size_t>(P)), sd(sc.size()), rc(sc.size()), rd(sc.size());
+  std::int64_t so = 0, ro = 0;
+  for (int t = 0; t < P; ++t) {
+    const auto ti = static_cast<std::size_t>(t);
+    sc[ti] = static_cast<int>(send[ti].size());
+    rc[ti] = static_cast<int>(recv_bytes[ti]);
+    sd[ti] = static_cast<int>(so);
+    rd[ti] = static_cast<int>(ro);
+    so += static_cast<std::int64_t>(send[ti].size());
+    ro += recv_bytes[ti];
+  }
+  std::vector<std::vector<std::uint8_t>> got(static_cast<std::size_t>(P));
+  if (so > INT_MAX || ro > INT_MAX) {
+    st = {"[dist::attention] ulysses: one all-to-all exceeds 2 GiB per rank; use more ranks or the ring"};
+    return got;
+  }
+  std::vector<std::uint8_t> sbuf, rbuf(static_cast<std::size_t>(ro));
+  for (const auto& s : send) sbuf.insert(sbuf.end(), s.begin(), s.end());
+  const double t0 = now();
+  MPI_Alltoallv(sbuf.data(), sc.data(), sd.data(), MPI_BYTE, rbuf.data(), rc.data(), rd.data(), MPI_BYTE, c.o.comm);
+  c.rep.wait_seconds += now() - t0;
+  for (int t = 0; t < P; ++t) {
+    const auto ti = static_cast<std::size_t>(t);
+    if (t != c.li.rank) {
+      c.rep.bytes_sent += sc[ti];
+      c.rep.bytes_received += rc[ti];
+    }
+    got[ti].assign(rbuf.begin() + rd[ti], rbuf.begin() + rd[ti] + rc[ti]);
+  }
+  return got;
+}
+
+// Ulysses (DeepSpeed): an all-to-all turns the sequence shards into head shards (rank t: q heads t H / P .., every
+// token), each rank computes every chunk pair for its heads (the same blocks and fold as the other mechanisms: the
+// kernel's rows do not depend on the other heads of a call), and a second all-to-all returns each chunk's out and
+// lse to the rank that holds its tokens.
+status run_ulysses(call& c) {
+  const int P = c.li.ranks, r = c.li.rank;
+  const shapes& sh = c.sh;
+  const std::int64_t gq = sh.heads_q / P, gkv = sh.heads_kv / P, es = dtype_size(sh.type);
+  status st;
+  std::vector<std::vector<std::uint8_t>> sq(static_cast<std::size_t>(P)), sk(sq.size()), sv(sq.size());
+  std::vector<std::int64_t> rq(sq.size()), rk(sq.size()), rv(sq.size());
+  for (int t = 0; t < P; ++t) {
+    const auto ti = static_cast<std::size_t>(t);
+    pack_heads(c.q, t * gq, gq, sq[ti]);
+    pack_heads(c.k, t * gkv, gkv, sk[ti]);
+    pack_heads(c.v, t * gkv, gkv, sv[ti]);
+    const std::int64_t rows = sh.batch * c.li.rows[ti];
+    rq[ti] = rows * gq * sh.dim * es;
+    rk[ti] = rows * gkv * sh.dim * es;
+    rv[ti] = rows * gkv * sh.dim_v * es;
+  }
+  const auto q_from = all_to_all(c, sq, rq, st);
+  const auto k_from = all_to_all(c, sk, rk, st);
+  const auto v_from = all_to_all(c, sv, rv, st);
+  if (!st.ok()) return st;
+  std::vector<kv_block> kv(static_cast<std::size_t>(P));
+  for (int t = 0; t < P; ++t) {
+    kv[static_cast<std::size_t>(t)].k = k_from[static_cast<std::size_t>(t)];
+    kv[static_cast<std::size_t>(t)].v = v_from[static_cast<std::size_t>(t)];
+  }
+  // Every chunk pair for this rank's heads, each chunk's keys in its fold order: nothing waits.
+  for (chunk_fold& f : c.folds) {
+    const std::int64_t owner = c.li.owner[static_cast<std::size_t>(f.chunk)];
+    const tensor q_all = make_bshd(const_cast<std::uint8_t*>(q_from[static_cast<std::size_t>(owner)].data()), sh.type, sh.batch,
+                                   c.li.rows[static_cast<std::size_t>(owner)], gq, sh.dim);
+    const std::vector<std::int64_t> order = f.order;
+    for (std::int64_t j : order) {
+      partial pt;
+      st = block_partial(c, rows_of(q_all, f.local_row, f.rows), f.chunk, j, kv[static_cast<std::size_t>(c.li.owner[static_cast<std::size_t>(j)])],
+                         pt, gkv, r * gq);
+      if (!st.ok()) break;
+      offer(sh, f, j, std::move(pt.out), std::move(pt.lse), c.most_pending);
+    }
+    if (!st.ok()) break;
+  }
+  // Back: to each rank t, its chunks (in its local order) for this rank's heads, out then lse, f32. A failed kernel
+  // still takes part (zeros), and the caller reports the failure on every rank.
+  std::vector<std::vector<std::uint8_t>> so(static_cast<std::size_t>(P));
+  std::vector<std::int64_t> ro(static_cast<std::size_t>(P), 0);
+  std::vector<float> out, lse;
+  for (int t = 0; t < P; ++t)
+    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(t)]) {
+      const chunk_fold& f = c.folds[static_cast<std::size_t>(ch)];
+      finish_fold(c, f, out, lse);
+      auto& dst = so[static_cast<std::size_t>(t)];
+      const auto* ob = reinterpret_cast<const std::uint8_t*>(out.data());
+      const auto* lb = reinterpret_cast<const std::uint8_t*>(lse.data());
+      dst.insert(dst.end(), ob, ob + out.size() * 4);
+      dst.insert(dst.end(), lb, lb + lse.size() * 4);
+    }
+  for (int t = 0; t < P; ++t)
+    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(r)])
+      ro[static_cast<std::size_t>(t)] += sh.batch * c.li.len(ch) * gq * (sh.dim_v + 1) * 4;
+  status back;
+  c.returned = all_to_all(c, so, ro, back);
+  return back.ok() ? st : back;
+}
+
+// Stores what the return all-to-all brought: from rank t, this rank's chunks for t's heads.
+void store_returned(const call& c) {
+  const shapes& sh = c.sh;
+  const std::int64_t gq = sh.heads_q / c.li.ranks;
+  for (int t = 0; t < c.li.ranks; ++t) {
+    const auto* at = reinterpret_cast<const float*>(c.returned[static_cast<std::size_t>(t)].data());
+    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) {
+      const std::int64_t rows = c.li.len(ch), n_out = sh.batch * rows * gq * sh.dim_v;
+      store_chunk(c, c.li.local_row[static_cast<std::size_t>(ch)], rows, t * gq, gq, at, at + n_out);
+      at += n_out + sh.batch * rows * gq;
+    }
+  }
 }
 
 status run_allgather(call& c, kv_block& mine) {
@@ -429,12 +613,67 @@ status run_allgather(call& c, kv_block& mine) {
   return {};
 }
 
+// A fold of query chunk ch over `heads` q heads from head0, its order the non-empty key chunks.
+chunk_fold make_fold(call& c, std::int64_t ch, std::int64_t heads, std::int64_t head0) {
+  chunk_fold f;
+  f.chunk = ch;
+  f.rows = c.li.len(ch);
+  f.local_row = c.li.local_row[static_cast<std::size_t>(ch)];
+  f.heads = heads;
+  f.head0 = head0;
+  for (std::int64_t j : fold_order(ch, c.li.chunks)) {
+    if (block_nonempty(c, ch, j)) f.order.push_back(j);
+    else ++c.rep.pairs_skipped;
+  }
+  const auto n_rows = static_cast<std::size_t>(c.sh.batch * heads * f.rows);
+  f.m.assign(n_rows, k_neg_inf);
+  f.l.assign(n_rows, 0.0f);
+  f.o.assign(n_rows * static_cast<std::size_t>(c.sh.dim_v), 0.0f);
+  return f;
+}
+
+// Ulysses needs every rank to take a whole group of q heads with its kv heads.
+std::string ulysses_blocker(const call& c) {
+  const int P = c.li.ranks;
+  if (c.sh.heads_q % P != 0 || c.sh.heads_kv % P != 0)
+    return "ulysses needs q.heads " + std::to_string(c.sh.heads_q) + " and k.heads " + std::to_string(c.sh.heads_kv) +
+           " to be multiples of the " + std::to_string(P) + " ranks";
+  return {};
+}
+
+// The mechanism: the requested one, or (automatic) the one that moves the fewest bytes per rank by the model in
+// bench/README.md: ring (P - 1) K/V shards; TokenRing (P - 1) Q shards and f32 partials; Ulysses (P - 1) / P of
+// q, k, v and the f32 out. The estimates and the choice go to the report.
+mechanism plan(call& c) {
+  const int P = c.li.ranks;
+  if (c.o.use != mechanism::automatic) {
+    c.rep.reasons.push_back(std::string("requested: ") + mechanism_name(c.o.use));
+    return c.o.use;
+  }
+  const double rows = static_cast<double>(c.sh.batch) * static_cast<double>(c.li.n) / P, es = dtype_size(c.sh.type);
+  const double hq = static_cast<double>(c.sh.heads_q), hkv = static_cast<double>(c.sh.heads_kv);
+  const double kv = rows * hkv * static_cast<double>(c.sh.dim + c.sh.dim_v) * es, q = rows * hq * static_cast<double>(c.sh.dim) * es;
+  const double part = rows * hq * static_cast<double>(c.sh.dim_v + 1) * 4.0;
+  const double ring = (P - 1) * kv, token = (P - 1) * (q + part), uly = (P - 1) / static_cast<double>(P) * (q + kv + part);
+  const std::string blocked = ulysses_blocker(c);
+  std::ostringstream os;
+  os << "automatic: bytes per rank (upper bounds): ring " << ring << ", token_ring " << token << ", ulysses "
+     << (blocked.empty() ? std::to_string(uly) : "- (" + blocked + ")");
+  c.rep.reasons.push_back(os.str());
+  mechanism m = token < ring ? mechanism::token_ring : mechanism::ring;
+  if (blocked.empty() && P > 1 && uly < std::min(ring, token)) m = mechanism::ulysses;
+  c.rep.reasons.push_back(std::string("automatic: ") + mechanism_name(m));
+  return m;
+}
+
 // Local checks of this rank's arguments (shapes, dtypes, the spec on a representative block); "" when fine.
 std::string check_local(call& c) {
   const tensor &q = c.q, &k = c.k, &v = c.v, &out = c.out;
   if (c.o.use != mechanism::automatic && c.o.use != mechanism::ring && c.o.use != mechanism::allgather &&
-      c.o.use != mechanism::token_ring)
+      c.o.use != mechanism::token_ring && c.o.use != mechanism::ulysses)
     return "options.use " + std::to_string(static_cast<int>(c.o.use)) + " is not a mechanism";
+  if (c.o.use == mechanism::ulysses)
+    if (std::string why = ulysses_blocker(c); !why.empty()) return "options.use: " + why;
   if (c.o.shards != layout::contiguous && c.o.shards != layout::zigzag)
     return "options.shards " + std::to_string(static_cast<int>(c.o.shards)) + " is not a layout";
   if (k.seq != q.seq) return "k.seq " + std::to_string(k.seq) + " != q.seq " + std::to_string(q.seq) + " (self-attention shards)";
@@ -469,36 +708,6 @@ std::string agree(MPI_Comm comm, int rank, const std::string& local) {
   return "[dist::attention] rank " + std::to_string(first) + ": " + msg;
 }
 
-void write_outputs(const call& c) {
-  const shapes& sh = c.sh;
-  for (const chunk_fold& f : c.folds)
-    for (std::int64_t b = 0; b < sh.batch; ++b)
-      for (std::int64_t r = 0; r < f.rows; ++r)
-        for (std::int64_t h = 0; h < sh.heads_q; ++h) {
-          const std::size_t at = static_cast<std::size_t>((b * sh.heads_q + h) * f.rows + r);
-          float m = f.m[at], l = f.l[at];
-          const float* o = f.o.data() + ((b * f.rows + r) * sh.heads_q + h) * sh.dim_v;
-          float sink_w = 0.0f;
-          if (c.s.sink_logits) {  // the sink: one more part, lse = sink, out = 0
-            const float sk = c.s.sink_logits[h];
-            const float m_new = std::max(m, sk);
-            const float a = m == k_neg_inf ? 0.0f : std::exp(m - m_new);
-            sink_w = a;
-            l = l * a + std::exp(sk - m_new);
-            m = m_new;
-          }
-          const float scale = c.s.sink_logits ? sink_w : 1.0f;
-          const float inv = l == 0.0f ? 0.0f : scale / l;
-          const std::int64_t row = f.local_row + r;
-          const std::int64_t base = b * c.out.stride_batch + row * c.out.stride_seq + h * c.out.stride_head;
-          for (std::int64_t d = 0; d < sh.dim_v; ++d)
-            detail::store_element(c.out.data, c.out.type, base + d * c.out.stride_dim, static_cast<double>(o[d] * inv));
-          if (c.o.lse)
-            c.o.lse->data[b * c.o.lse->stride_batch + h * c.o.lse->stride_head + row * c.o.lse->stride_seq] =
-                l == 0.0f ? k_neg_inf : m + std::log(l);
-        }
-}
-
 }  // namespace
 
 const char* mechanism_name(mechanism m) {
@@ -507,6 +716,7 @@ const char* mechanism_name(mechanism m) {
     case mechanism::ring: return "ring";
     case mechanism::allgather: return "allgather";
     case mechanism::token_ring: return "token_ring";
+    case mechanism::ulysses: return "ulysses";
   }
   return "?";
 }
@@ -578,40 +788,32 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
   c.local = s;
   c.local.sink_logits = nullptr;
 
-  for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) {
-    chunk_fold f;
-    f.chunk = ch;
-    f.rows = c.li.len(ch);
-    f.local_row = c.li.local_row[static_cast<std::size_t>(ch)];
-    for (std::int64_t j : fold_order(ch, c.li.chunks)) {
-      if (block_nonempty(c, ch, j)) f.order.push_back(j);
-      else ++c.rep.pairs_skipped;
-    }
-    const auto n_rows = static_cast<std::size_t>(c.sh.batch * c.sh.heads_q * f.rows);
-    f.m.assign(n_rows, k_neg_inf);
-    f.l.assign(n_rows, 0.0f);
-    f.o.assign(n_rows * static_cast<std::size_t>(c.sh.dim_v), 0.0f);
-    c.folds.push_back(std::move(f));
+  const mechanism m = plan(c);
+  if (m == mechanism::ulysses) {
+    // Every chunk of the sequence, for this rank's group of heads.
+    const std::int64_t group = c.sh.heads_q / P;
+    for (std::int64_t ch = 0; ch < c.li.chunks; ++ch) c.folds.push_back(make_fold(c, ch, group, c.li.rank * group));
+  } else {
+    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) c.folds.push_back(make_fold(c, ch, c.sh.heads_q, 0));
   }
   kv_block mine_kv;
   pack(k, mine_kv.k);
   pack(v, mine_kv.v);
-  const mechanism m = o.use == mechanism::automatic ? mechanism::ring : o.use;
   c.rep.mechanism = mechanism_name(m);
   c.rep.chunks = c.li.chunks;
-  c.rep.reasons.push_back(o.use == mechanism::automatic ? "automatic: ring (K/V rotate, overlapped with the local tiles)"
-                                                        : std::string("requested: ") + mechanism_name(m));
   c.rep.reasons.push_back(std::to_string(c.li.chunks) + " chunks of a sequence of " + std::to_string(c.li.n) + " tokens, " +
                           layout_name(o.shards) + " over " + std::to_string(P) + " ranks");
   const status st = m == mechanism::allgather    ? run_allgather(c, mine_kv)
                     : m == mechanism::token_ring ? run_token_ring(c, mine_kv)
+                    : m == mechanism::ulysses    ? run_ulysses(c)
                                                  : run_ring(c, mine_kv);
   // A kernel failure on one rank fails every rank, before anything is written.
   if (err = agree(o.comm, c.li.rank, st.ok() ? std::string{} : st.error); !err.empty()) return {err};
   for (const chunk_fold& f : c.folds)
     if (f.next != f.order.size()) return {"[dist::attention] internal: chunk " + std::to_string(f.chunk) + " folded " +
                                           std::to_string(f.next) + " of " + std::to_string(f.order.size()) + " parts"};
-  write_outputs(c);
+  if (m == mechanism::ulysses) store_returned(c);
+  else write_outputs(c);
   c.rep.partials_buffered = c.most_pending;
   c.rep.seconds = now() - t_start;
   if (o.report) *o.report = c.rep;

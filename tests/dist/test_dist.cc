@@ -125,7 +125,8 @@ std::int64_t chunks_for(dist::layout l, int ranks) { return l == dist::layout::z
 TEST(Dist, BitwiseEqualToOneProcessAndCloseToOneCall) {
   const int P = world_size(), rank = world_rank();
   for (dtype t : {dtype::f32, dtype::bf16}) {
-    problem p = test::small_problem(101, 101, 4, 2, 16, t, causal_mode::none, 7);
+    // 8 q heads over 4 kv heads: Ulysses splits them on 1, 2 and 4 ranks.
+    problem p = test::small_problem(101, 101, 8, 4, 16, t, causal_mode::none, 7);
     p.batch = 2;
     p.dim_v = 12;
     const problem_data d(p);
@@ -141,13 +142,15 @@ TEST(Dist, BitwiseEqualToOneProcessAndCloseToOneCall) {
       fo.lse = &fl;
       ASSERT_TRUE(attention(d.q_view(), d.k_view(), d.v_view(), make_bshd(full_out.data(), dtype::f32, p.batch, p.seq_q, p.heads_q, p.dim_v), s, fo).ok());
       for (dist::layout l : {dist::layout::contiguous, dist::layout::zigzag})
-        for (dist::mechanism m : {dist::mechanism::ring, dist::mechanism::allgather, dist::mechanism::token_ring}) {
+        for (dist::mechanism m : {dist::mechanism::ring, dist::mechanism::allgather, dist::mechanism::token_ring,
+                                  dist::mechanism::ulysses, dist::mechanism::automatic}) {
+          if (m == dist::mechanism::ulysses && (p.heads_q % P != 0 || p.heads_kv % P != 0)) continue;
           const std::int64_t chunks = chunks_for(l, P);
           SCOPED_TRACE(std::string(sc.name) + " " + dist::layout_name(l) + " " + dist::mechanism_name(m) + " " + dtype_name(t) +
                        " P=" + std::to_string(P) + " rank " + std::to_string(rank));
           const shard_result got = run_shard(d, s, MPI_COMM_WORLD, m, l, chunks, P, rank);
           ASSERT_TRUE(got.st.ok()) << got.st.error;
-          EXPECT_EQ(got.rep.mechanism, dist::mechanism_name(m));
+          if (m != dist::mechanism::automatic) EXPECT_EQ(got.rep.mechanism, dist::mechanism_name(m));
           // The same problem on one process: all chunks local, in this layout's order for one rank.
           const shard_result one = run_shard(d, s, MPI_COMM_SELF, m, l, chunks, 1, 0);
           ASSERT_TRUE(one.st.ok()) << one.st.error;
@@ -235,6 +238,17 @@ TEST(Dist, ErrorsAreCollectiveAndWriteNothing) {
   o.chunks = 3;
   const status z = dist::attention(y, y, y, make_bshd(out.data(), dtype::f32, 1, n, 2, 8), {}, o);
   EXPECT_NE(z.error.find("options.chunks 3 must be a positive multiple of " + std::to_string(2 * P)), std::string::npos) << z.error;
+  // Ulysses cannot split one head over several ranks.
+  if (P > 1) {
+    const tensor one_head = make_bshd(buf.data(), dtype::f32, 1, n, 1, 8);
+    dist::cp_options u = o;
+    u.shards = dist::layout::contiguous;
+    u.chunks = 0;
+    u.use = dist::mechanism::ulysses;
+    const status us = dist::attention(one_head, one_head, one_head, make_bshd(out.data(), dtype::f32, 1, n, 1, 8), {}, u);
+    EXPECT_NE(us.error.find("options.use: ulysses needs q.heads 1 and k.heads 1 to be multiples of the " + std::to_string(P) + " ranks"),
+              std::string::npos) << us.error;
+  }
   // A spec rule broken on every rank: the kernel's own message.
   spec bad;
   bad.scale = std::numeric_limits<double>::infinity();
