@@ -46,5 +46,7 @@ int bench_main(int argc, char** argv);
 float read_sum(const float* x, std::size_t n);
 // `omniattn bench --decode` (decode.cc): attention_decode on a paged KV cache against the measured read bandwidth.
 int decode_main(int argc, char** argv);
+// `mpirun -np P omniattn bench --cp` (cp.cc, built with MPI): context-parallel attention per mechanism, layout and mask.
+int cp_main(int argc, char** argv);
 
 }  // namespace omniattn::bench

@@ -12,6 +12,16 @@
 namespace omniattn::bench {
 
 int bench_main(int argc, char** argv) {
+  // Context parallelism runs under mpirun and needs no OpenBLAS: dispatched before the restart below.
+  for (int i = 2; i < argc; ++i)
+    if (std::string(argv[i]) == "--cp") {
+#ifdef OMNIATTN_HAVE_MPI
+      return cp_main(argc, argv);
+#else
+      std::fprintf(stderr, "omniattn bench --cp: this build has no MPI (install libopenmpi-dev and reconfigure)\n");
+      return 2;
+#endif
+    }
   // OpenBLAS picks its kernels when it loads, so the variable must be right before this process starts: an inherited
   // OPENBLAS_CORETYPE (Haswell here) halves the baseline, and OpenBLAS 0.3.21 with the variable absent does not know
   // recent Xeons and falls back to Prescott (SSE3). Set but empty, it detects by CPU features (Cooperlake here), which

@@ -1,0 +1,315 @@
+// `mpirun -np P omniattn bench --cp`: context-parallel attention (omniattn::dist) per mechanism, layout and mask
+// against one attention() call of the whole problem on one process with the same threads, with the communication
+// volume, the time ranks spent blocked in MPI and the model of bench/README.md ("Context parallelism"):
+//   link   = the point-to-point bandwidth rank 0 <-> 1 measured here (ping-pong of 16 MiB, best of 5);
+//   rate   = the useful FLOP/s of the one-process call (FLOPs = 2 * mask_area * (d + d_v));
+//   ring   sum over steps s of max(max over ranks of compute(s), shard K/V bytes / link), compute(s) = the FLOPs of
+//          the blocks a rank computes at step s / rate;
+//   token  the same with Q shards, plus the partials' return (not overlapped);
+//   ulysses / allgather: their all-to-all / all-gather bytes / link, plus the largest rank's FLOPs / rate.
+// exposed = the longest time a rank waited in MPI; transfer = the bytes a rank received / link; overlap = 1 -
+// min(exposed, transfer) / transfer (the share of the transfers the local blocks hid).
+#include <mpi.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/bench.h"
+#include "bench/measure.h"
+#include "core/problem.h"
+#include "omniattn/dist.h"
+#include "omniattn/omniattn.h"
+
+namespace omniattn::bench {
+namespace {
+
+double wall() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+std::vector<std::string> words(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string x;
+  while (std::getline(ss, x, ',')) out.push_back(x);
+  return out;
+}
+
+int usage(int rank, const char* msg) {
+  if (rank == 0) {
+    if (msg) std::fprintf(stderr, "omniattn bench --cp: %s\n", msg);
+    std::fprintf(stderr,
+                 "usage: mpirun -np P omniattn bench --cp [--n 8192] [--heads 8:8] [--d 128] [--threads 1]\n"
+                 "           [--masks full,causal,window,document] [--mechanisms ring,token_ring,ulysses,allgather]\n"
+                 "           [--layouts contiguous,zigzag] [--chunks C] [--reps 3]\n");
+  }
+  return 2;
+}
+
+// Bytes per second between ranks 0 and 1 (16 MiB ping-pong, best of 5); 0 with one rank.
+double link_bandwidth(MPI_Comm comm, int rank, int size) {
+  if (size < 2) return 0.0;
+  std::vector<char> buf(16 << 20);
+  double best = 0.0;
+  for (int rep = 0; rep < 5; ++rep) {
+    MPI_Barrier(comm);
+    const double t0 = wall();
+    if (rank == 0) {
+      MPI_Send(buf.data(), static_cast<int>(buf.size()), MPI_BYTE, 1, 0, comm);
+      MPI_Recv(buf.data(), static_cast<int>(buf.size()), MPI_BYTE, 1, 0, comm, MPI_STATUS_IGNORE);
+    } else if (rank == 1) {
+      MPI_Recv(buf.data(), static_cast<int>(buf.size()), MPI_BYTE, 0, 0, comm, MPI_STATUS_IGNORE);
+      MPI_Send(buf.data(), static_cast<int>(buf.size()), MPI_BYTE, 0, 0, comm);
+    }
+    const double s = wall() - t0;
+    if (s > 0) best = std::max(best, 2.0 * static_cast<double>(buf.size()) / s);
+  }
+  MPI_Bcast(&best, 1, MPI_DOUBLE, 0, comm);
+  return best;
+}
+
+struct mask_case {
+  std::string name;
+  spec s;
+};
+
+spec make_spec(const std::string& name, std::int64_t n) {
+  spec s;
+  if (name == "causal") s.causal = causal_mode::bottom_right;
+  else if (name == "window") s.mask = mask_expr::window(n / 16, 0, causal_mode::bottom_right);
+  else if (name == "document") s.mask = mask_expr::document({0, n / 8, n / 4, n / 2, n}) & mask_expr::causal(causal_mode::bottom_right);
+  return s;
+}
+
+// Useful pairs of the block (rows of chunk i, keys of chunk j) of the whole problem, per (batch, head).
+std::int64_t block_area(const problem_data& d, const spec& s, std::int64_t n, std::int64_t chunks, std::int64_t i, std::int64_t j) {
+  const std::int64_t q0 = i * n / chunks, q1 = (i + 1) * n / chunks, k0 = j * n / chunks, k1 = (j + 1) * n / chunks;
+  auto rows = [](tensor t, std::int64_t a, std::int64_t b) {
+    t.data = static_cast<char*>(t.data) + a * t.stride_seq * dtype_size(t.type);
+    t.seq = b - a;
+    return t;
+  };
+  const problem_block blk{q0, k0, n, n};
+  options o;
+  o.block = &blk;
+  attn_params p;
+  if (!make_params(rows(d.q_view(), q0, q1), rows(d.k_view(), k0, k1), rows(d.v_view(), k0, k1), rows(d.out_view(), q0, q1), s, o, p).ok())
+    return 0;
+  p.heads_q = 1;  // per head: the patterns here do not depend on it
+  p.batch = 1;
+  return mask_area(p);
+}
+
+}  // namespace
+
+int cp_main(int argc, char** argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) MPI_Init(&argc, &argv);
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  std::int64_t n = 8192, hq = 8, hkv = 8, d = 128, chunks_opt = 0, reps = 3;
+  int threads = 1;
+  std::vector<std::string> masks = {"full", "causal", "window", "document"}, mechs = {"ring", "token_ring", "ulysses", "allgather"},
+                           layouts = {"contiguous", "zigzag"};
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    const bool v = i + 1 < argc;
+    if (a == "--cp") continue;
+    if (a == "--n" && v) n = std::strtoll(argv[++i], nullptr, 10);
+    else if (a == "--d" && v) d = std::strtoll(argv[++i], nullptr, 10);
+    else if (a == "--threads" && v) threads = std::atoi(argv[++i]);
+    else if (a == "--chunks" && v) chunks_opt = std::strtoll(argv[++i], nullptr, 10);
+    else if (a == "--reps" && v) reps = std::max<std::int64_t>(1, std::strtoll(argv[++i], nullptr, 10));
+    else if (a == "--masks" && v) masks = words(argv[++i]);
+    else if (a == "--mechanisms" && v) mechs = words(argv[++i]);
+    else if (a == "--layouts" && v) layouts = words(argv[++i]);
+    else if (a == "--heads" && v) {
+      const std::string h = argv[++i];
+      const auto colon = h.find(':');
+      if (colon == std::string::npos) return usage(rank, "--heads expects HQ:HKV");
+      hq = std::strtoll(h.substr(0, colon).c_str(), nullptr, 10);
+      hkv = std::strtoll(h.substr(colon + 1).c_str(), nullptr, 10);
+    } else {
+      const int rc = usage(rank, ("unknown or incomplete argument '" + a + "'").c_str());
+      MPI_Finalize();
+      return rc;
+    }
+  }
+  // Every rank builds the whole problem (seeded, the same everywhere) and takes its shard of it.
+  problem prob;
+  prob.seq_q = prob.seq_k = n;
+  prob.heads_q = hq;
+  prob.heads_kv = hkv;
+  prob.dim_qk = prob.dim_v = d;
+  prob.out_f32 = true;
+  const problem_data data(prob);
+  const double link = link_bandwidth(MPI_COMM_WORLD, rank, size);
+  // The machine's processors (mpirun binds each rank to a core, so OpenMP sees one: run threads > 1 with --bind-to none).
+  const int cores = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  if (rank == 0) {
+    std::printf("omniattn bench --cp   ranks=%d  threads/rank=%d  isa=%s  cpu=%s\n", size, threads, isa_name(), cpu_model().c_str());
+    std::printf("problem: B=1 N=%lld heads %lld:%lld D=%lld f32; link rank 0 <-> 1: %.2f GB/s (16 MiB ping-pong, best of 5)\n",
+                static_cast<long long>(n), static_cast<long long>(hq), static_cast<long long>(hkv), static_cast<long long>(d), link / 1e9);
+    if (size * threads > cores)
+      std::printf("note: %d ranks x %d threads oversubscribe the %d processors of this machine: times measure correctness "
+                  "and volume, not scaling\n", size, threads, cores);
+    std::printf("\nms = median wall time of the slowest rank; 1-proc = attention() on the whole problem, one process, the same\n"
+                "threads; MB/rank = most bytes a rank sent; exposed = longest time a rank waited in MPI (ms); transfer = most\n"
+                "bytes a rank received / link (ms); overlap = 1 - min(exposed, transfer) / transfer; model: bench/README.md;\n"
+                "err = max |out - one-process out|\n");
+    std::printf("\n%-9s %-10s %-10s | %9s %9s %7s | %9s %9s %9s %7s | %9s %6s\n", "mask", "layout", "mechanism", "ms", "1-proc ms",
+                "speedup", "MB/rank", "exposed", "transfer", "overlap", "model ms", "err");
+  }
+  int failures = 0;
+  for (const std::string& mk : masks) {
+    const spec s = make_spec(mk, n);
+    // One process, the whole problem, the same threads (the other ranks wait).
+    double one_s = 0.0;
+    std::vector<float> full_out(static_cast<std::size_t>(n * hq * d));
+    if (rank == 0) {
+      options o = data.make_options(backend::cpu, threads);
+      const tensor out = make_bshd(full_out.data(), dtype::f32, 1, n, hq, d);
+      std::vector<double> t;
+      for (std::int64_t r = 0; r < reps + 1; ++r) {
+        const double t0 = wall();
+        const status st = attention(data.q_view(), data.k_view(), data.v_view(), out, s, o);
+        if (!st.ok()) std::fprintf(stderr, "%s\n", st.error.c_str());
+        if (r > 0) t.push_back(wall() - t0);
+      }
+      std::sort(t.begin(), t.end());
+      one_s = t[t.size() / 2];
+    }
+    MPI_Bcast(&one_s, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    MPI_Bcast(full_out.data(), static_cast<int>(full_out.size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+    for (const std::string& ly : layouts) {
+      const dist::layout l = ly == "zigzag" ? dist::layout::zigzag : dist::layout::contiguous;
+      const std::int64_t chunks = chunks_opt ? chunks_opt : (l == dist::layout::zigzag ? 2 * size : size);
+      // The useful area of every chunk pair, and the useful rate of the one-process call.
+      std::vector<std::int64_t> area(static_cast<std::size_t>(chunks * chunks));
+      std::int64_t total_area = 0;
+      for (std::int64_t i = 0; i < chunks; ++i)
+        for (std::int64_t j = 0; j < chunks; ++j) total_area += area[static_cast<std::size_t>(i * chunks + j)] = block_area(data, s, n, chunks, i, j);
+      const double flop_per_pair = 2.0 * static_cast<double>(hq) * static_cast<double>(2 * d);
+      const double rate = one_s > 0 ? flop_per_pair * static_cast<double>(total_area) / one_s : 0.0;
+      std::vector<std::vector<std::int64_t>> held(static_cast<std::size_t>(size));
+      for (int r = 0; r < size; ++r) held[static_cast<std::size_t>(r)] = dist::rank_chunks(l, chunks, size, r);
+      std::vector<std::int64_t> rows(static_cast<std::size_t>(size), 0);
+      for (int r = 0; r < size; ++r)
+        for (std::int64_t c : held[static_cast<std::size_t>(r)]) rows[static_cast<std::size_t>(r)] += (c + 1) * n / chunks - c * n / chunks;
+      // This rank's shard.
+      std::vector<std::int64_t> mine;
+      for (std::int64_t c : held[static_cast<std::size_t>(rank)])
+        for (std::int64_t t = c * n / chunks; t < (c + 1) * n / chunks; ++t) mine.push_back(t);
+      const auto m = static_cast<std::int64_t>(mine.size());
+      const auto take = [&](const tensor& t, std::int64_t heads) {
+        std::vector<float> out(static_cast<std::size_t>(m * heads * d));
+        for (std::int64_t i = 0; i < m; ++i)
+          for (std::int64_t h = 0; h < heads; ++h)
+            for (std::int64_t x = 0; x < d; ++x)
+              out[static_cast<std::size_t>((i * heads + h) * d + x)] =
+                  static_cast<const float*>(t.data)[mine[static_cast<std::size_t>(i)] * t.stride_seq + h * t.stride_head + x * t.stride_dim];
+        return out;
+      };
+      std::vector<float> q = take(data.q_view(), hq), k = take(data.k_view(), hkv), v = take(data.v_view(), hkv);
+      std::vector<float> out(static_cast<std::size_t>(m * hq * d));
+      for (const std::string& me : mechs) {
+        const dist::mechanism mech = me == "ring" ? dist::mechanism::ring : me == "token_ring" ? dist::mechanism::token_ring
+                                     : me == "ulysses" ? dist::mechanism::ulysses : me == "allgather" ? dist::mechanism::allgather
+                                                                                  : dist::mechanism::automatic;
+        dist::cp_options o;
+        o.use = mech;
+        o.shards = l;
+        o.chunks = chunks;
+        o.threads = threads;
+        dist::cp_report rep;
+        o.report = &rep;
+        std::vector<double> times;
+        status st;
+        for (std::int64_t r = 0; r < reps + 1 && st.ok(); ++r) {
+          MPI_Barrier(MPI_COMM_WORLD);
+          const double t0 = wall();
+          st = dist::attention(make_bshd(q.data(), dtype::f32, 1, m, hq, d), make_bshd(k.data(), dtype::f32, 1, m, hkv, d),
+                               make_bshd(v.data(), dtype::f32, 1, m, hkv, d), make_bshd(out.data(), dtype::f32, 1, m, hq, d), s, o);
+          double t = wall() - t0, tmax = 0;
+          MPI_Allreduce(&t, &tmax, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+          if (r > 0) times.push_back(tmax);
+        }
+        if (!st.ok()) {  // e.g. Ulysses with heads that do not split over the ranks: said, not fatal
+          if (rank == 0) std::printf("%-9s %-10s %-10s | %s\n", mk.c_str(), ly.c_str(), me.c_str(), st.error.c_str());
+          continue;
+        }
+        std::sort(times.begin(), times.end());
+        const double t_med = times[times.size() / 2];
+        double local[3] = {static_cast<double>(rep.bytes_sent), rep.wait_seconds, static_cast<double>(rep.bytes_received)}, most[3];
+        MPI_Allreduce(local, most, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+        double err = 0;
+        for (std::int64_t i = 0; i < m; ++i)
+          for (std::int64_t x = 0; x < hq * d; ++x)
+            err = std::max(err, static_cast<double>(std::fabs(out[static_cast<std::size_t>(i * hq * d + x)] -
+                                                                full_out[static_cast<std::size_t>(mine[static_cast<std::size_t>(i)] * hq * d + x)])));
+        double err_max = 0;
+        MPI_Allreduce(&err, &err_max, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+        // The model (per the header): compute per step from the pairs' areas and the one-process rate.
+        const auto compute_s = [&](int r, const std::vector<std::int64_t>& kv_chunks, double heads_share) {
+          double a = 0;
+          for (std::int64_t i : held[static_cast<std::size_t>(r)])
+            for (std::int64_t j : kv_chunks) a += static_cast<double>(area[static_cast<std::size_t>(i * chunks + j)]);
+          return rate > 0 ? heads_share * flop_per_pair * a / rate : 0.0;
+        };
+        const double kv_shard = static_cast<double>(rows[0]) * static_cast<double>(hkv * 2 * d * 4);
+        const double q_shard = static_cast<double>(rows[0]) * static_cast<double>(hq * d * 4);
+        const double part = static_cast<double>(rows[0]) * static_cast<double>(hq * (d + 1) * 4);
+        double model = 0.0;
+        if (link > 0 && (mech == dist::mechanism::ring || mech == dist::mechanism::token_ring)) {
+          for (int step = 0; step < size; ++step) {
+            double c = 0;
+            for (int r = 0; r < size; ++r) {
+              const int owner = mech == dist::mechanism::ring ? ((r - step) % size + size) % size : (r + step) % size;
+              c = std::max(c, compute_s(r, held[static_cast<std::size_t>(owner)], 1.0));
+            }
+            const double x = step + 1 < size ? (mech == dist::mechanism::ring ? kv_shard : q_shard) / link : 0.0;
+            model += std::max(c, x) + (mech == dist::mechanism::token_ring && step > 0 ? part / link : 0.0);
+          }
+        } else if (link > 0) {
+          std::vector<std::int64_t> all(static_cast<std::size_t>(chunks));
+          for (std::int64_t c = 0; c < chunks; ++c) all[static_cast<std::size_t>(c)] = c;
+          double c = 0;
+          if (mech == dist::mechanism::ulysses) {
+            double total = 0;
+            for (int r = 0; r < size; ++r) total += compute_s(r, all, 1.0);
+            c = total / size;
+            model = c + static_cast<double>(size - 1) / size * (q_shard + kv_shard + part) / link;
+          } else {
+            for (int r = 0; r < size; ++r) c = std::max(c, compute_s(r, all, 1.0));
+            model = c + (size - 1) * kv_shard / link;
+          }
+        } else {
+          model = one_s;
+        }
+        const double transfer = link > 0 ? most[2] / link : 0.0;
+        char overlap[16] = "-";  // nothing travelled (e.g. documents that do not cross a shard boundary)
+        if (transfer > 0) std::snprintf(overlap, sizeof overlap, "%.0f%%", 100.0 * (1.0 - std::min(most[1], transfer) / transfer));
+        // The same inputs as the one-process call: a difference beyond float rounding is a wrong result.
+        const bool wrong = !(err_max <= 1e-3);
+        failures += wrong;
+        if (rank == 0)
+          std::printf("%-9s %-10s %-10s | %9.2f %9.2f %7.2f | %9.2f %9.2f %9.2f %7s | %9.2f %6.0e%s\n", mk.c_str(), ly.c_str(),
+                      rep.mechanism.c_str(), t_med * 1e3, one_s * 1e3, one_s / t_med, most[0] / 1e6, most[1] * 1e3, transfer * 1e3,
+                      overlap, model * 1e3, err_max, wrong ? "  WRONG" : "");
+      }
+    }
+  }
+  if (!initialized) MPI_Finalize();
+  return failures == 0 ? 0 : 1;
+}
+
+}  // namespace omniattn::bench
