@@ -17,6 +17,9 @@
 // table too, so it runs backward), ("reweight", weights,
 // keys_per_head), ("bias", float32 4-d array: omniattn::scores::bias over the array, no copy) and ("spec", text), a
 // score spec string parsed by omniattn::parse_score, chained in order.
+#ifdef OMNIATTN_HAVE_MPI
+#include <mpi.h>
+#endif
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -35,6 +38,9 @@
 #include <utility>
 #include <vector>
 
+#ifdef OMNIATTN_HAVE_MPI
+#include "omniattn/dist.h"
+#endif
 #include "omniattn/omniattn.h"
 
 namespace py = pybind11;
@@ -874,6 +880,67 @@ py::array_t<std::uint8_t> kinds_array(const omniattn::block_mask& bm) {
   return a;
 }
 
+#ifdef OMNIATTN_HAVE_MPI
+// omniattn::dist::attention of this rank's shards q, k, v (bshd) into out (and lse); comm is the Fortran handle of an
+// mpi4py communicator (Comm.py2f()), n the global sequence length the mask and score tables were lowered for.
+// Returns the report as a dict.
+py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16,
+                        std::optional<double> scale, const std::string& causal, py::handle mask, py::handle score,
+                        py::handle lse, int threads, py::handle sinks, py::handle rope, const std::string& mechanism,
+                        const std::string& layout, std::int64_t chunks, std::int64_t n) {
+  buffers keep;
+  const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
+  const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
+  const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
+  const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
+  spec_values sv;
+  fill_spec(sv, scale, causal, sinks, rope, tq.heads, tq.batch, tq.seq, tk.seq);
+  std::vector<shape4> bias_shapes;
+  attach_mask_score(sv.s, mask, score, {tq.batch, tq.heads, n, n}, keep, bias_shapes);
+  namespace d = omniattn::dist;
+  d::cp_options o;
+  o.comm = MPI_Comm_f2c(static_cast<MPI_Fint>(comm));
+  const struct {
+    const char* name;
+    d::mechanism m;
+  } mechs[] = {{"auto", d::mechanism::automatic}, {"ring", d::mechanism::ring}, {"allgather", d::mechanism::allgather},
+               {"token_ring", d::mechanism::token_ring}, {"ulysses", d::mechanism::ulysses}};
+  bool found = false;
+  for (const auto& x : mechs)
+    if (mechanism == x.name) o.use = x.m, found = true;
+  if (!found)
+    throw py::value_error("omniattn: mechanism must be 'auto', 'ring', 'allgather', 'token_ring' or 'ulysses', not '" + mechanism + "'");
+  if (layout != "contiguous" && layout != "zigzag")
+    throw py::value_error("omniattn: layout must be 'contiguous' or 'zigzag', not '" + layout + "'");
+  o.shards = layout == "zigzag" ? d::layout::zigzag : d::layout::contiguous;
+  o.chunks = chunks;
+  o.threads = threads;
+  omniattn::lse_tensor l;
+  if (!lse.is_none()) {
+    l = to_lse("lse", describe(lse, "lse", true, false, keep));
+    o.lse = &l;
+  }
+  d::cp_report rep;
+  o.report = &rep;
+  omniattn::status st;
+  {
+    py::gil_scoped_release release;
+    st = d::attention(tq, tk, tv, to, sv.s, o);
+  }
+  check(st);
+  return py::dict("mechanism"_a = rep.mechanism, "reasons"_a = rep.reasons, "chunks"_a = rep.chunks,
+                  "pairs_computed"_a = rep.pairs_computed, "pairs_skipped"_a = rep.pairs_skipped,
+                  "bytes_sent"_a = rep.bytes_sent, "bytes_received"_a = rep.bytes_received,
+                  "messages_skipped"_a = rep.messages_skipped, "partials_buffered"_a = rep.partials_buffered,
+                  "seconds"_a = rep.seconds, "compute_seconds"_a = rep.compute_seconds, "wait_seconds"_a = rep.wait_seconds);
+}
+
+std::vector<std::int64_t> rank_chunks(const std::string& layout, std::int64_t chunks, int ranks, int rank) {
+  return omniattn::dist::rank_chunks(layout == "zigzag" ? omniattn::dist::layout::zigzag : omniattn::dist::layout::contiguous,
+                                     chunks, ranks, rank);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_omniattn, m) {
@@ -945,6 +1012,19 @@ PYBIND11_MODULE(_omniattn, m) {
         "rope"_a = py::none(), "cu_seqlens_q"_a = py::none(),
         "Validates, explains or runs one omniattn::attention_decode call of q [batch, Lq, heads_q, dim] (ragged: [1, "
         "total, heads_q, dim] with cu_seqlens_q) on the cache.");
+
+#ifdef OMNIATTN_HAVE_MPI
+  m.attr("has_dist") = true;
+  m.def("dist_attention", &dist_attention, "comm"_a, "q"_a, "k"_a, "v"_a, "out"_a, py::kw_only(), "as_bf16"_a = false,
+        "scale"_a = py::none(), "causal"_a = "none", "mask"_a = py::none(), "score"_a = py::none(), "lse"_a = py::none(),
+        "threads"_a = 0, "sink_logits"_a = py::none(), "rope"_a = py::none(), "mechanism"_a = "auto",
+        "layout"_a = "contiguous", "chunks"_a = 0, "n"_a = 0,
+        "omniattn::dist::attention of this rank's shards over the communicator with Fortran handle comm.");
+  m.def("rank_chunks", &rank_chunks, "layout"_a, "chunks"_a, "ranks"_a, "rank"_a,
+        "The chunks a rank holds, in local order (omniattn::dist::rank_chunks).");
+#else
+  m.attr("has_dist") = false;
+#endif
 
   m.def("merge_attention_states", &merge, "outs"_a, "lses"_a, "out"_a, "lse_out"_a, py::kw_only(), "layout"_a = "bshd",
         "as_bf16"_a = false, "threads"_a = 0,
