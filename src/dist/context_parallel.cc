@@ -119,13 +119,19 @@ void pack(const tensor& x, std::vector<std::uint8_t>& dst) {
   const int es = dtype_size(x.type);
   dst.resize(static_cast<std::size_t>(x.batch * x.seq * x.heads * x.dim * es));
   std::size_t at = 0;
+  const auto* src = static_cast<const std::uint8_t*>(x.data);
   for (std::int64_t b = 0; b < x.batch; ++b)
     for (std::int64_t s = 0; s < x.seq; ++s)
-      for (std::int64_t h = 0; h < x.heads; ++h)
-        for (std::int64_t d = 0; d < x.dim; ++d, at += static_cast<std::size_t>(es)) {
-          const std::int64_t off = b * x.stride_batch + s * x.stride_seq + h * x.stride_head + d * x.stride_dim;
-          std::memcpy(dst.data() + at, static_cast<const std::uint8_t*>(x.data) + off * es, static_cast<std::size_t>(es));
+      for (std::int64_t h = 0; h < x.heads; ++h) {
+        const std::int64_t off = b * x.stride_batch + s * x.stride_seq + h * x.stride_head;
+        if (x.stride_dim == 1) {  // a row at a time: the common layouts
+          std::memcpy(dst.data() + at, src + off * es, static_cast<std::size_t>(x.dim * es));
+          at += static_cast<std::size_t>(x.dim * es);
+          continue;
         }
+        for (std::int64_t d = 0; d < x.dim; ++d, at += static_cast<std::size_t>(es))
+          std::memcpy(dst.data() + at, src + (off + d * x.stride_dim) * es, static_cast<std::size_t>(es));
+      }
 }
 
 // Everything one call needs on this rank.
@@ -241,8 +247,12 @@ void store_chunk(const call& c, std::int64_t local_row, std::int64_t rows, std::
         const std::int64_t row = local_row + r, hh = head0 + h;
         const std::int64_t base = b * c.out.stride_batch + row * c.out.stride_seq + hh * c.out.stride_head;
         const float* o = out + ((b * rows + r) * heads + h) * sh.dim_v;
-        for (std::int64_t d = 0; d < sh.dim_v; ++d)
-          detail::store_element(c.out.data, c.out.type, base + d * c.out.stride_dim, static_cast<double>(o[d]));
+        if (c.out.type == dtype::f32 && c.out.stride_dim == 1) {
+          std::memcpy(static_cast<float*>(c.out.data) + base, o, static_cast<std::size_t>(sh.dim_v) * sizeof(float));
+        } else {
+          for (std::int64_t d = 0; d < sh.dim_v; ++d)
+            detail::store_element(c.out.data, c.out.type, base + d * c.out.stride_dim, static_cast<double>(o[d]));
+        }
         if (c.o.lse)
           c.o.lse->data[b * c.o.lse->stride_batch + hh * c.o.lse->stride_head + row * c.o.lse->stride_seq] =
               lse[(b * heads + h) * rows + r];
