@@ -343,6 +343,131 @@ TEST(ProblemBlock, HeadBlocksAreTheWholeProblemsHeadsBitwise) {
   }
 }
 
+// Gradients of one block of the whole problem, f32: dq [B, rows, HQ, D], dk / dv [B, keys, HKV, D].
+struct block_grads {
+  std::vector<float> dq, dk, dv;
+};
+
+// The backward of rows [q0, q1) x keys [k0, k1) given the whole problem's out and lse (in `fwd`) and d_out.
+block_grads run_block_backward(const whole& w, const problem_data& fwd, const backward_data& bwd, std::int64_t q0,
+                               std::int64_t q1, std::int64_t k0, std::int64_t k1, run_as how) {
+  const problem& p = w.prob;
+  const std::int64_t rows = q1 - q0, keys = k1 - k0;
+  block_grads g;
+  g.dq.assign(static_cast<std::size_t>(p.batch * rows * p.heads_q * p.dim_qk), k_nan);
+  g.dk.assign(static_cast<std::size_t>(p.batch * keys * p.heads_kv * p.dim_qk), k_nan);
+  g.dv.assign(static_cast<std::size_t>(p.batch * keys * p.heads_kv * p.dim_v), k_nan);
+  gradients gr;
+  gr.dq = make_bshd(g.dq.data(), dtype::f32, p.batch, rows, p.heads_q, p.dim_qk);
+  gr.dk = make_bshd(g.dk.data(), dtype::f32, p.batch, keys, p.heads_kv, p.dim_qk);
+  gr.dv = make_bshd(g.dv.data(), dtype::f32, p.batch, keys, p.heads_kv, p.dim_v);
+  lse_tensor l = fwd.lse_view();
+  l.data += q0 * l.stride_seq;
+  const problem_block blk{q0, k0, p.seq_q, p.seq_k};
+  spec s = w.s;
+  options o = fwd.make_options(how == run_as::kernel ? backend::cpu : backend::reference, 1);
+  o.block = &blk;
+  const tensor q = rows_of(fwd.q_view(), q0, q1), k = rows_of(fwd.k_view(), k0, k1), v = rows_of(fwd.v_view(), k0, k1);
+  const tensor out = rows_of(fwd.out_view(), q0, q1), d_out = rows_of(bwd.d_out_view(), q0, q1);
+  if (how == run_as::naive) {
+    attn_bwd_params prm;
+    const status st = make_backward_params(q, k, v, out, l, d_out, gr, s, o, prm);
+    EXPECT_TRUE(st.ok()) << st.error;
+    if (st.ok()) naive_attention_backward_f32(prm);
+    return g;
+  }
+  const status st = attention_backward(q, k, v, out, l, d_out, gr, s, o);
+  EXPECT_TRUE(st.ok()) << st.error;
+  return g;
+}
+
+// The whole problem's gradients from its blocks: dq rows summed over key blocks, dk / dv keys over row blocks (double).
+struct summed {
+  std::vector<double> dq, dk, dv;
+};
+
+// Every row block x key block of the cuts on the oracle and the kernel: each block's kernel gradients against the
+// oracle's under the backward tolerance rule (tolerance.h), and the blocks' sums against the whole call's gradients.
+TEST(ProblemBlock, BackwardBlocksSumToTheWholeGradients) {
+  std::uint64_t seed = 300;
+  const shape shapes[] = {{2, 37, 53, 2, 1, 7}, {1, 70, 70, 2, 2, 16}};
+  for (const shape& sh : shapes)
+    for (const spec_case& sc : spec_cases()) {
+      if (std::string(sc.name) == "user score functor") continue;  // no derivative: the backward refuses it (tested elsewhere)
+      whole w = make_whole(sh, seed++, sc);
+      SCOPED_TRACE(std::string(sc.name) + " " + w.prob.describe());
+      // The whole forward on the oracle (f32 out and lse), then the whole backward on the oracle.
+      problem_data& fwd = *w.data;
+      ASSERT_TRUE(run_problem(fwd, w.s, backend::reference, 1).ok());
+      backward_data whole_bwd(w.prob, seed);
+      ASSERT_TRUE(run_backward_problem(fwd, whole_bwd, w.s, backend::reference, 1).ok());
+      std::mt19937_64 rng(seed);
+      const std::vector<std::int64_t> cq = cuts(sh.lq, 2, rng), ck = cuts(sh.lk, 3, rng);
+      for (run_as how : {run_as::oracle, run_as::kernel}) {
+        summed sum{std::vector<double>(static_cast<std::size_t>(sh.batch * sh.lq * sh.hq * sh.d), 0.0),
+                   std::vector<double>(static_cast<std::size_t>(sh.batch * sh.lk * sh.hkv * sh.d), 0.0),
+                   std::vector<double>(static_cast<std::size_t>(sh.batch * sh.lk * sh.hkv * sh.d), 0.0)};
+        double worst_block = 0;
+        for (std::size_t a = 0; a + 1 < cq.size(); ++a)
+          for (std::size_t c = 0; c + 1 < ck.size(); ++c) {
+            const block_grads got = run_block_backward(w, fwd, whole_bwd, cq[a], cq[a + 1], ck[c], ck[c + 1], how);
+            if (how == run_as::kernel) {
+              const block_grads ora = run_block_backward(w, fwd, whole_bwd, cq[a], cq[a + 1], ck[c], ck[c + 1], run_as::oracle);
+              const block_grads nai = run_block_backward(w, fwd, whole_bwd, cq[a], cq[a + 1], ck[c], ck[c + 1], run_as::naive);
+              std::int64_t hard = 0;
+              double m = 0;
+              for (const auto* x : {&ora.dq, &ora.dk, &ora.dv}) m = std::max(m, max_finite(*x));
+              for (int gi = 0; gi < 3; ++gi) {
+                const std::vector<float>& kg = gi == 0 ? got.dq : gi == 1 ? got.dk : got.dv;
+                const std::vector<float>& og = gi == 0 ? ora.dq : gi == 1 ? ora.dk : ora.dv;
+                const std::vector<float>& ng = gi == 0 ? nai.dq : gi == 1 ? nai.dk : nai.dv;
+                const double e = max_abs_diff(kg, og, &hard), tol = 2 * max_abs_diff(ng, og, &hard) +
+                                                                  test::k_grad_floor_eps * test::dtype_eps(dtype::f32) * m;
+                worst_block = std::max(worst_block, e - tol);
+                EXPECT_LE(e, tol) << "gradient " << gi << " of rows [" << cq[a] << ", " << cq[a + 1] << ") keys [" << ck[c] << ", " << ck[c + 1] << ")";
+              }
+              EXPECT_EQ(hard, 0);
+            }
+            for (std::int64_t b = 0; b < sh.batch; ++b) {
+              const std::int64_t rows = cq[a + 1] - cq[a], keys = ck[c + 1] - ck[c];
+              for (std::int64_t i = 0; i < rows; ++i)
+                for (std::int64_t x = 0; x < sh.hq * sh.d; ++x)
+                  sum.dq[static_cast<std::size_t>((b * sh.lq + cq[a] + i) * sh.hq * sh.d + x)] +=
+                      got.dq[static_cast<std::size_t>((b * rows + i) * sh.hq * sh.d + x)];
+              for (std::int64_t j = 0; j < keys; ++j)
+                for (std::int64_t x = 0; x < sh.hkv * sh.d; ++x) {
+                  const auto to = static_cast<std::size_t>((b * sh.lk + ck[c] + j) * sh.hkv * sh.d + x);
+                  const auto from = static_cast<std::size_t>((b * keys + j) * sh.hkv * sh.d + x);
+                  sum.dk[to] += got.dk[from];
+                  sum.dv[to] += got.dv[from];
+                }
+            }
+          }
+        // The blocks' sums against the whole backward (oracle): each block rounds its sums to f32 once, and the kernel
+        // blocks carry the kernel's error (bounded per block above), so a few units of the largest gradient per block.
+        double m = 0, worst = 0;
+        std::vector<double> want[3];
+        for (int gi = 0; gi < 3; ++gi) {
+          const tensor t = gi == 0 ? whole_bwd.dq_view() : gi == 1 ? whole_bwd.dk_view() : whole_bwd.dv_view();
+          for (std::int64_t b = 0; b < t.batch; ++b)
+            for (std::int64_t s2 = 0; s2 < t.seq; ++s2)
+              for (std::int64_t h = 0; h < t.heads; ++h)
+                for (std::int64_t x = 0; x < t.dim; ++x) {
+                  want[gi].push_back(whole_bwd.grad_at(gi, b, s2, h, x));
+                  m = std::max(m, std::fabs(want[gi].back()));
+                }
+        }
+        const std::vector<double>* got3[3] = {&sum.dq, &sum.dk, &sum.dv};
+        for (int gi = 0; gi < 3; ++gi)
+          for (std::size_t x = 0; x < want[gi].size(); ++x) worst = std::max(worst, std::fabs((*got3[gi])[x] - want[gi][x]));
+        const double blocks = static_cast<double>((cq.size() - 1) * (ck.size() - 1));
+        const double tol = (how == run_as::oracle ? 2.0 : 64.0) * blocks * test::dtype_eps(dtype::f32) * std::max(m, 1.0);
+        EXPECT_LE(worst, tol) << (how == run_as::oracle ? "oracle" : "kernel") << " blocks' sums vs the whole gradients";
+        EXPECT_LE(worst_block, 0.0);
+      }
+    }
+}
+
 // A block whose keys the mask removes entirely: out 0 and lse -inf, never NaN.
 TEST(ProblemBlock, FullyMaskedBlockGivesZeroAndMinusInf) {
   const shape sh{1, 64, 64, 2, 1, 8};
@@ -386,16 +511,19 @@ TEST(ProblemBlock, Validation) {
     const status st = attention(d.q_view(), d.k_view(), d.v_view(), d.out_view(), s, o);
     EXPECT_NE(st.error.find("fewer than seq_k 20"), std::string::npos) << st.error;
   }
-  // The backward does not take blocks yet.
+  // The backward takes blocks, but not the sink's gradient (it is not a sum over key blocks).
   {
     backward_data bwd(p, 2);
     problem_block blk{0, 0, 8, 8};
     options o = d.make_options(backend::cpu, 1);
     o.block = &blk;
     const lse_tensor l = d.lse_view();
+    spec s;
+    std::vector<float> sinks = {0.5f, 0.25f};
+    s.sink_logits = sinks.data();
     const status st = attention_backward(d.q_view(), d.k_view(), d.v_view(), d.out_view(), l, bwd.d_out_view(),
-                                         bwd.grads(false), {}, o);
-    EXPECT_NE(st.error.find("[attention_backward] options.block"), std::string::npos) << st.error;
+                                         bwd.grads(true), s, o);
+    EXPECT_NE(st.error.find("[attention_backward] gradients.d_sink_logits with options.block"), std::string::npos) << st.error;
   }
   // A valid block of a larger problem is accepted; the grid kernel says why it does not take it.
   {

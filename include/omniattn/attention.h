@@ -74,6 +74,11 @@ struct gradients {
   float* d_bias = nullptr;
 };
 
+// options::block: the block's share of the gradients of the whole problem (context-parallel training). out and lse
+// (and d_out) are the whole problem's rows of the block (out of the whole forward, lse over every key), so
+// P = exp(s - lse) is the whole row's; dq holds the sum over the block's keys, dk and dv over its rows: summed over
+// the key blocks (dq) and the row blocks (dk, dv) they give the whole problem's gradients. d_sink_logits and d_bias
+// are not taken with a block.
 status attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
                           const tensor& d_out, const gradients& g, const spec& s = {}, const options& opt = {});
 
@@ -91,7 +96,8 @@ struct backward_selection {
 };
 backward_selection select_backward(const attn_bwd_params& p, backend b);
 
-// The fp64 oracle of the backward pass (plain loops; recomputes the forward in fp64 and ignores p.fwd.out / lse).
+// The fp64 oracle of the backward pass (plain loops; recomputes the forward in fp64 and ignores p.fwd.out / lse, except
+// for a block of a larger problem, whose rows' lse and D = <d_out, out> are the whole problem's: read from them).
 void reference_attention_backward(const attn_bwd_params& p);
 
 // Memory kept between calls. Each calling thread keeps its packed K/V buffers for its next call (a fresh multi-MiB

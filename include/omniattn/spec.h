@@ -86,6 +86,7 @@ struct run_stats {
 // exactly those rows of that problem restricted to these keys: out and lse are the partial softmax over them, which
 // merge_attention_states combines exactly with the other key blocks' (context parallelism, ring attention, chunked
 // prefill without a cache). Sink logits, if given, join this block's normaliser: give them to one block only.
+// attention_backward takes a block too: the block's share of the whole problem's gradients (attention.h).
 // The heads may be a block too (h_offset, heads_q below).
 struct problem_block {
   std::int64_t q_offset = 0, k_offset = 0;

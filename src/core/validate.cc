@@ -452,7 +452,9 @@ void build_spec(const tensor& q, const tensor& k, const spec& s, const options& 
 // not overlap any buffer the call reads nor each other.
 void build_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
                     const tensor& d_out, const gradients& g, const spec& s, const options& opt, attn_bwd_params& p) {
-  if (opt.block) fail("options.block: attention_backward does not take a block of a larger problem yet (forward only)");
+  // A block's gradients are partial sums over its keys; the sink's and the bias's would be counted once per block.
+  if (opt.block && g.d_sink_logits) fail("gradients.d_sink_logits with options.block: the sink's gradient is not a sum over key blocks");
+  if (opt.block && g.d_bias) fail("gradients.d_bias with options.block is not supported (the bias gradient of a block)");
   options fo = opt;
   fo.lse = &lse;
   fo.stats = nullptr;

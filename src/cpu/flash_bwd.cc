@@ -162,7 +162,8 @@ HWY_INLINE void pair_tile(const attn_bwd_params& bp, const layout& lay, scratch&
     });
   const bool scored = p.score != nullptr;
   float* HWY_RESTRICT gb = ts.gb.get();  // with d_bias: d logit / d bias, then dS times it
-  if (scored) score_tile_grad(p, lay.score, s, g, k_bk, rows, k_bk, keys, b, h, q0, k0, gb, lay.bias_step);
+  // Positions and heads of the whole problem (options::block) for the score modifiers and the mask.
+  if (scored) score_tile_grad(p, lay.score, s, g, k_bk, rows, k_bk, keys, b, p.head0 + h, e.q_pos + q0, e.k_pos + k0, gb, lay.bias_step);
   const float c = scored ? 1.0f : p.scale_log2;
   const std::uint64_t in_range = keys == k_bk ? ~std::uint64_t{0} : (std::uint64_t{1} << keys) - 1;
   const hn::RebindToUnsigned<df_t> du;
@@ -170,7 +171,8 @@ HWY_INLINE void pair_tile(const attn_bwd_params& bp, const layout& lay, scratch&
   const vf_t vc = hn::Set(d, c), vninf = hn::Set(d, -std::numeric_limits<float>::infinity());
   for (std::int64_t i = 0; i < rows; ++i) {
     const std::uint64_t allowed =
-        kind == tile_kind::partial ? row_allowed_bits(p, b, h, q0 + i, k0, keys, e.q_len, e.k_len) : in_range;
+        kind == tile_kind::partial ? row_allowed_bits(p, b, p.head0 + h, e.q_pos + q0 + i, e.k_pos + k0, keys, e.q_total, e.k_total)
+                                   : in_range;
     const auto at_row = static_cast<std::size_t>(h * lay.rows + r0 + i);
     const vf_t lse2 = hn::Set(d, lay.lse2[at_row]), delta = hn::Set(d, lay.delta[at_row]);
     for (std::int64_t v = 0; v < k_bk / L; ++v) {

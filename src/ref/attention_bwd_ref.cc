@@ -10,6 +10,9 @@
 // The oracle recomputes the forward (lse and P) in double from the inputs instead of reading p.fwd.out / p.fwd.lse,
 // so it is the exact gradient of the forward function, whatever the forward kernel returned; D_i is taken as
 // sum_j P_ij <dO_i, v_j> (= <dO_i, out_i> in exact arithmetic).
+// A block of a larger problem (options::block) sees only some keys of each row: there lse_i and D_i are the whole
+// row's, so they are read from p.fwd.lse and <dO_i, out_i> (the forward of the whole problem), and positions and heads
+// are the whole problem's.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -50,6 +53,7 @@ void backward_loops(const attn_bwd_params& bp) {
   std::vector<T> qrow(dq_n), dorow(dv_n), dqrow(dq_n), krows, vrows, dk, dv, dp, pr;
   std::vector<scored_key<T>> keys;
 
+  const bool block = p.total_q || p.total_k || p.total_heads;
   for (std::int64_t b = 0; b < p.batch; ++b) {
     const seq_extent e = sequence(p, b);
     for (std::int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
@@ -63,15 +67,17 @@ void backward_loops(const attn_bwd_params& bp) {
         const std::int64_t vr = e.tensor_batch * p.v_stride[0] + (e.k_begin + j) * p.v_stride[1] + kvh * p.v_stride[2];
         T* kj = krows.data() + static_cast<std::size_t>(j) * dq_n;
         for (std::int64_t d = 0; d < p.dim_qk; ++d) kj[d] = static_cast<T>(load_element(p.k, p.in_type, kr + d * p.k_stride[3]));
-        if (p.rope) rope_rotate(p, false, e.tensor_batch, e.k_begin + j, j, e.q_len, e.k_len, kj);
+        if (p.rope) rope_rotate(p, false, e.tensor_batch, e.k_begin + j, e.k_pos + j, e.q_total, e.k_total, kj);
         for (std::int64_t d = 0; d < p.dim_v; ++d)
           vrows[static_cast<std::size_t>(j) * dv_n + static_cast<std::size_t>(d)] = static_cast<T>(load_element(p.v, p.in_type, vr + d * p.v_stride[3]));
       }
       for (std::int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
+        const std::int64_t hh = p.head0 + h;  // the head of the whole problem
         for (std::int64_t i = 0; i < e.q_len; ++i) {
+          const std::int64_t qi = e.q_pos + i;
           const std::int64_t qr = e.tensor_batch * p.q_stride[0] + (e.q_begin + i) * p.q_stride[1] + h * p.q_stride[2];
           for (std::int64_t d = 0; d < p.dim_qk; ++d) qrow[d] = static_cast<T>(load_element(p.q, p.in_type, qr + d * p.q_stride[3]));
-          if (p.rope) rope_rotate(p, true, e.tensor_batch, e.q_begin + i, i, e.q_len, e.k_len, qrow.data());
+          if (p.rope) rope_rotate(p, true, e.tensor_batch, e.q_begin + i, qi, e.q_total, e.k_total, qrow.data());
           const std::int64_t dor = e.tensor_batch * bp.do_stride[0] + (e.q_begin + i) * bp.do_stride[1] + h * bp.do_stride[2];
           for (std::int64_t d = 0; d < p.dim_v; ++d) dorow[d] = static_cast<T>(load_element(bp.d_out, bp.d_out_type, dor + d * bp.do_stride[3]));
 
@@ -79,7 +85,7 @@ void backward_loops(const attn_bwd_params& bp) {
           T row_max = neg_inf;
           const T scale = static_cast<T>(p.scale);
           for (std::int64_t j = 0; j < e.k_len; ++j) {
-            if (!element_allowed(p, b, h, i, j, e.q_len, e.k_len)) continue;
+            if (!element_allowed(p, b, hh, qi, e.k_pos + j, e.q_total, e.k_total)) continue;
             const T* kj = krows.data() + static_cast<std::size_t>(j) * dq_n;
             T dot = 0;
             for (std::int64_t d = 0; d < p.dim_qk; ++d) dot += qrow[d] * kj[d];
@@ -87,7 +93,7 @@ void backward_loops(const attn_bwd_params& bp) {
             for (std::size_t u = 0; u < steps.size(); ++u) {
               double dx = 1.0;
               sk.s = static_cast<T>(detail::call_user("spec.score functor", "score_fn", [&] {
-                return detail::score_step_value_grad(steps[u], static_cast<double>(sk.s), b, h, i, j, &dx);
+                return detail::score_step_value_grad(steps[u], static_cast<double>(sk.s), b, hh, qi, e.k_pos + j, &dx);
               }));
               sk.g *= static_cast<T>(dx);
               if (static_cast<std::ptrdiff_t>(u) > bias_step) sk.g_bias *= static_cast<T>(dx);
@@ -102,7 +108,9 @@ void backward_loops(const attn_bwd_params& bp) {
           if (!keys.empty()) {
             T sum = p.sink_logits ? std::exp(sink - row_max) : T(0);
             for (const scored_key<T>& sk : keys) sum += std::exp(sk.s - row_max);
-            const T lse = row_max + std::log(sum);
+            T lse = row_max + std::log(sum);
+            if (block)
+              lse = static_cast<T>(p.lse[e.tensor_batch * p.lse_stride[0] + h * p.lse_stride[1] + (e.q_begin + i) * p.lse_stride[2]]);
             T big_d = 0;
             dp.resize(keys.size());
             pr.resize(keys.size());
@@ -113,6 +121,12 @@ void backward_loops(const attn_bwd_params& bp) {
               dp[n] = x;
               pr[n] = std::exp(keys[n].s - lse);
               big_d += pr[n] * x;
+            }
+            if (block) {  // D of the whole row: <dO_i, out_i>
+              const std::int64_t orr = e.tensor_batch * p.o_stride[0] + (e.q_begin + i) * p.o_stride[1] + h * p.o_stride[2];
+              big_d = 0;
+              for (std::int64_t d = 0; d < p.dim_v; ++d)
+                big_d += dorow[d] * static_cast<T>(load_element(p.out, p.out_type, orr + d * p.o_stride[3]));
             }
             for (std::size_t n = 0; n < keys.size(); ++n) {
               const std::size_t j = static_cast<std::size_t>(keys[n].j);
@@ -126,20 +140,20 @@ void backward_loops(const attn_bwd_params& bp) {
               if (bp.d_bias) {
                 const auto at = [&](int dim, std::int64_t x) { return bias->shape[static_cast<std::size_t>(dim)] == 1 ? 0 : x; };
                 const std::int64_t idx =
-                    ((at(0, b) * bias->shape[1] + at(1, h)) * bias->shape[2] + at(2, i)) * bias->shape[3] + at(3, keys[n].j);
+                    ((at(0, b) * bias->shape[1] + at(1, hh)) * bias->shape[2] + at(2, qi)) * bias->shape[3] + at(3, e.k_pos + keys[n].j);
                 d_bias[static_cast<std::size_t>(idx)] += ds * keys[n].g_bias;
               }
             }
             if (p.sink_logits) d_sink[static_cast<std::size_t>(h)] -= std::exp(sink - lse) * big_d;
           }
-          if (p.rope) rope_rotate_back(p, true, e.tensor_batch, e.q_begin + i, i, e.q_len, e.k_len, dqrow.data());
+          if (p.rope) rope_rotate_back(p, true, e.tensor_batch, e.q_begin + i, qi, e.q_total, e.k_total, dqrow.data());
           const std::int64_t dqr = e.tensor_batch * bp.dq_stride[0] + (e.q_begin + i) * bp.dq_stride[1] + h * bp.dq_stride[2];
           for (std::int64_t d = 0; d < p.dim_qk; ++d) store_element(bp.dq, bp.dq_type, dqr + d * bp.dq_stride[3], static_cast<double>(dqrow[d]));
         }
       }
       for (std::int64_t j = 0; j < e.k_len; ++j) {
         T* dkj = dk.data() + static_cast<std::size_t>(j) * dq_n;
-        if (p.rope) rope_rotate_back(p, false, e.tensor_batch, e.k_begin + j, j, e.q_len, e.k_len, dkj);
+        if (p.rope) rope_rotate_back(p, false, e.tensor_batch, e.k_begin + j, e.k_pos + j, e.q_total, e.k_total, dkj);
         const std::int64_t dkr = e.tensor_batch * bp.dk_stride[0] + (e.k_begin + j) * bp.dk_stride[1] + kvh * bp.dk_stride[2];
         const std::int64_t dvr = e.tensor_batch * bp.dv_stride[0] + (e.k_begin + j) * bp.dv_stride[1] + kvh * bp.dv_stride[2];
         for (std::int64_t d = 0; d < p.dim_qk; ++d) store_element(bp.dk, bp.dk_type, dkr + d * bp.dk_stride[3], static_cast<double>(dkj[d]));
