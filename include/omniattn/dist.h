@@ -15,23 +15,29 @@
 //   m' = max(m, lse_j),  l = l exp(m - m') + exp(lse_j - m'),  o = o exp(m - m') + exp(lse_j - m') out_j
 // then the sink logit (a part with lse = sink, out = 0), and out = o / l, lse = m + log l (0 and -inf when l = 0).
 // The partials and the fold depend only on the chunks, so a run on P processes is bitwise identical to a run on any
-// other number of processes (1 included) with the same C and layout, for every mechanism.
+// other number of processes (1 included) with the same C and layout, for every mechanism (the same binary and CPU
+// kind on every rank: the kernels' rounding depends on the ISA Highway dispatches to). RoPE takes its positions from
+// the layout (global token positions); spec.rope.pos_q / pos_k are refused.
 //
 // Mechanisms (all give the same bits):
 //   ring       K/V blocks rotate around the ring with non-blocking sends and receives, overlapped with the local
 //              tiles; a block travels only as far as the last rank whose queries need it (causal, sliding window,
 //              document masks cut the traffic); partials that arrive before their turn in the fold wait in a buffer.
 //   allgather  every rank gathers all K/V first (Llama 3's context parallelism), then computes its queries.
-//   token_ring TokenRing: K/V stay; each Q travels forward (as far as a rank whose keys it meets) one hop per step,
-//              posted a step ahead, and each block's partial (out, lse) goes straight back to the Q's owner, so both
-//              directions of the links carry traffic (less volume than K/V when heads_q * (d + d_v) is small).
+//   token_ring TokenRing: K/V stay; each Q travels one hop per step (as far as a rank whose keys it meets, in the
+//              direction that needs fewer hops: backward for causal masks), posted a step ahead, and each block's
+//              partial (out, lse) goes straight back to the Q's owner, so both directions of the links carry traffic.
 //   ulysses    DeepSpeed-Ulysses: an all-to-all turns sequence shards into head shards (q.heads and k.heads
 //              multiples of P), each rank computes every chunk pair for its heads, a second all-to-all returns the
 //              outputs; per-head parameters keep their heads (options::block's h_offset).
-//   automatic  the mechanism that moves the fewest bytes per rank by the model of bench/README.md (the report says
-//              the estimates and the choice).
-// Errors are collective: when any rank's arguments are invalid, every rank returns an error (the failing rank's
-// message, prefixed "[dist::attention] rank R: ") and no output is written.
+//   automatic  ring, TokenRing or Ulysses, whichever moves the fewest bytes per rank by a dense estimate (masks'
+//              savings are not counted; the report says the estimates and the choice).
+// A ring or TokenRing shard travels as far as the last rank that needs it (it may pass through ranks that do not);
+// all-gather and Ulysses move every shard. Blocks the mask leaves empty are not computed.
+// Errors are collective: when any rank's arguments are invalid (shapes and options are compared between ranks too),
+// every rank returns an error (the failing rank's message, prefixed "[dist::attention] rank R: ") and no output is
+// written. Calls on one communicator must not overlap (as for any MPI collective), and every rank passes the same
+// spec (not checked: a different spec gives a different problem, or a hang).
 #pragma once
 
 #include <mpi.h>
@@ -55,9 +61,10 @@ struct cp_report {
   std::string mechanism;              // the mechanism that ran
   std::vector<std::string> reasons;   // why (the planner's choice) and the chunk layout
   std::int64_t chunks = 0;            // C
-  std::int64_t pairs_computed = 0, pairs_skipped = 0;  // (q chunk, k chunk) blocks of this rank's queries
-  std::int64_t bytes_sent = 0, bytes_received = 0;     // K/V payload
-  std::int64_t messages_skipped = 0;  // ring hops not taken because no later rank needs the block
+  std::int64_t pairs_computed = 0;    // (q chunk, k chunk) blocks this rank computed
+  std::int64_t pairs_skipped = 0;     // empty blocks of the query chunks this rank folds (Ulysses: every chunk)
+  std::int64_t bytes_sent = 0, bytes_received = 0;     // every payload: K/V, Q, partial results, all-to-all shards
+  std::int64_t messages_skipped = 0;  // ring / TokenRing hops not taken because no later rank needs the shard
   std::int64_t partials_buffered = 0;  // most partials waiting for their turn in the fold at once
   double seconds = 0.0, compute_seconds = 0.0, wait_seconds = 0.0;  // wall, local kernels, blocked in MPI waits
 };
@@ -70,6 +77,9 @@ struct cp_options {
   int threads = 0;          // threads per process for the local kernels (0 = all cores)
   const lse_tensor* lse = nullptr;  // optional [batch, heads, local seq] LSE output
   cp_report* report = nullptr;
+  // A rank that cannot make its call (e.g. a binding could not translate its arguments) passes its message here, with
+  // any tensors: every rank then returns that error, instead of the others waiting for this rank.
+  const char* local_error = nullptr;
 };
 
 // The chunks rank `rank` of `ranks` holds, in local order, for C chunks (the layout's rule above).

@@ -65,19 +65,37 @@ def attention(q, k, v, comm=None, *, mechanism="auto", layout="contiguous", chun
     A P-process run is bitwise identical to the same problem on one process with the same chunks and layout.
     """
     _require()
-    _check_run_options("cpu", threads)
     comm = _world(comm)
-    if getattr(q, "ndim", 0) != 4:
-        raise ValueError(f"omniattn: q must be [batch, local_seq, heads_q, dim], got {getattr(q, 'shape', type(q).__name__)}")
-    n = comm.allreduce(int(q.shape[1]))  # the global length the tables are lowered for
-    out = _empty(q, tuple(q.shape[:-1]) + (v.shape[-1],))
-    lse = _empty(q, (q.shape[0], q.shape[2], q.shape[1]), "float32") if return_lse else None
-    (op_q, bf_q), (op_k, bf_k), (op_v, bf_v), (op_o, bf_o) = (_operand("q", q, False), _operand("k", k, False),
-                                                              _operand("v", v, False), _operand("out", out, False))
-    kw = dict(as_bf16=bf_q or bf_k or bf_v or bf_o, lse=None if lse is None else _operand_lse(lse), threads=int(threads),
-              mechanism=mechanism, layout=layout, chunks=int(chunks), n=n, **_spec_values(scale, causal, sink_logits, rope))
-    if mask is not None or score is not None:
-        kw.update(_lowered(mask, score, Grid(q.shape[0], q.shape[2], n, n)))
+    # Every rank takes the same collective steps, also when this rank's arguments are wrong: local problems are
+    # agreed on first (a rank raising alone would leave the others waiting in MPI).
+    err = None
+    try:
+        _check_run_options("cpu", threads)
+        if getattr(q, "ndim", 0) != 4:
+            raise ValueError(f"omniattn: q must be [batch, local_seq, heads_q, dim], got "
+                             f"{getattr(q, 'shape', type(q).__name__)}")
+        seq = int(q.shape[1])
+    except Exception as e:  # noqa: BLE001 (re-raised below, after the other ranks know)
+        err, seq = e, 0
+    for r, message in enumerate(comm.allgather(None if err is None else str(err))):
+        if message is not None:
+            if err is not None:
+                raise err
+            raise ValueError(f"[dist::attention] rank {r}: {message}")
+    n = comm.allreduce(seq)  # the global length the tables are lowered for
+    try:
+        out = _empty(q, tuple(q.shape[:-1]) + (v.shape[-1],))
+        lse = _empty(q, (q.shape[0], q.shape[2], q.shape[1]), "float32") if return_lse else None
+        (op_q, bf_q), (op_k, bf_k), (op_v, bf_v), (op_o, bf_o) = (_operand("q", q, False), _operand("k", k, False),
+                                                                  _operand("v", v, False), _operand("out", out, False))
+        kw = dict(as_bf16=bf_q or bf_k or bf_v or bf_o, lse=None if lse is None else _operand_lse(lse),
+                  threads=int(threads), mechanism=mechanism, layout=layout, chunks=int(chunks), n=n,
+                  **_spec_values(scale, causal, sink_logits, rope))
+        if mask is not None or score is not None:
+            kw.update(_lowered(mask, score, Grid(q.shape[0], q.shape[2], n, n)))
+    except Exception as e:  # noqa: BLE001
+        _C.dist_fail(comm.py2f(), str(e))  # the other ranks' calls fail with this message
+        raise
     report = _C.dist_attention(comm.py2f(), op_q, op_k, op_v, op_o, **kw)
     result = (out,) + ((lse,) if return_lse else ()) + ((report,) if return_report else ())
     return result[0] if len(result) == 1 else result

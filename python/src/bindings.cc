@@ -881,44 +881,65 @@ py::array_t<std::uint8_t> kinds_array(const omniattn::block_mask& bm) {
 }
 
 #ifdef OMNIATTN_HAVE_MPI
+// A rank that could not prepare its call: every rank of the communicator fails with its message (collective).
+std::string dist_fail(std::int64_t comm, const std::string& message) {
+  omniattn::dist::cp_options o;
+  o.comm = MPI_Comm_f2c(static_cast<MPI_Fint>(comm));
+  o.local_error = message.c_str();
+  omniattn::status st;
+  {
+    py::gil_scoped_release release;
+    st = omniattn::dist::attention({}, {}, {}, {}, {}, o);
+  }
+  return st.error;
+}
+
 // omniattn::dist::attention of this rank's shards q, k, v (bshd) into out (and lse); comm is the Fortran handle of an
 // mpi4py communicator (Comm.py2f()), n the global sequence length the mask and score tables were lowered for.
-// Returns the report as a dict.
+// A local translation error (an exception here) reaches every rank through dist_fail before it is raised, so no rank
+// waits for this one. Returns the report as a dict.
 py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16,
                         std::optional<double> scale, const std::string& causal, py::handle mask, py::handle score,
                         py::handle lse, int threads, py::handle sinks, py::handle rope, const std::string& mechanism,
                         const std::string& layout, std::int64_t chunks, std::int64_t n) {
-  buffers keep;
-  const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
-  const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
-  const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
-  const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
-  spec_values sv;
-  fill_spec(sv, scale, causal, sinks, rope, tq.heads, tq.batch, tq.seq, tk.seq);
-  std::vector<shape4> bias_shapes;
-  attach_mask_score(sv.s, mask, score, {tq.batch, tq.heads, n, n}, keep, bias_shapes);
   namespace d = omniattn::dist;
+  buffers keep;
+  spec_values sv;
+  omniattn::tensor tq, tk, tv, to;
+  omniattn::lse_tensor l;
   d::cp_options o;
   o.comm = MPI_Comm_f2c(static_cast<MPI_Fint>(comm));
-  const struct {
-    const char* name;
-    d::mechanism m;
-  } mechs[] = {{"auto", d::mechanism::automatic}, {"ring", d::mechanism::ring}, {"allgather", d::mechanism::allgather},
-               {"token_ring", d::mechanism::token_ring}, {"ulysses", d::mechanism::ulysses}};
-  bool found = false;
-  for (const auto& x : mechs)
-    if (mechanism == x.name) o.use = x.m, found = true;
-  if (!found)
-    throw py::value_error("omniattn: mechanism must be 'auto', 'ring', 'allgather', 'token_ring' or 'ulysses', not '" + mechanism + "'");
-  if (layout != "contiguous" && layout != "zigzag")
-    throw py::value_error("omniattn: layout must be 'contiguous' or 'zigzag', not '" + layout + "'");
-  o.shards = layout == "zigzag" ? d::layout::zigzag : d::layout::contiguous;
-  o.chunks = chunks;
-  o.threads = threads;
-  omniattn::lse_tensor l;
-  if (!lse.is_none()) {
-    l = to_lse("lse", describe(lse, "lse", true, false, keep));
-    o.lse = &l;
+  try {
+    tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
+    tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
+    tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
+    to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
+    fill_spec(sv, scale, causal, sinks, rope, tq.heads, tq.batch, tq.seq, tk.seq);
+    std::vector<shape4> bias_shapes;
+    attach_mask_score(sv.s, mask, score, {tq.batch, tq.heads, n, n}, keep, bias_shapes);
+    const struct {
+      const char* name;
+      d::mechanism m;
+    } mechs[] = {{"auto", d::mechanism::automatic}, {"ring", d::mechanism::ring}, {"allgather", d::mechanism::allgather},
+                 {"token_ring", d::mechanism::token_ring}, {"ulysses", d::mechanism::ulysses}};
+    bool found = false;
+    for (const auto& x : mechs)
+      if (mechanism == x.name) o.use = x.m, found = true;
+    if (!found)
+      throw py::value_error("omniattn: mechanism must be 'auto', 'ring', 'allgather', 'token_ring' or 'ulysses', not '" +
+                            mechanism + "'");
+    if (layout != "contiguous" && layout != "zigzag")
+      throw py::value_error("omniattn: layout must be 'contiguous' or 'zigzag', not '" + layout + "'");
+    o.shards = layout == "zigzag" ? d::layout::zigzag : d::layout::contiguous;
+    o.chunks = chunks;
+    o.threads = threads;
+    if (!lse.is_none()) {
+      l = to_lse("lse", describe(lse, "lse", true, false, keep));
+      o.lse = &l;
+    }
+  } catch (const std::exception& e) {
+    dist_fail(comm, e.what());
+    throw;
   }
   d::cp_report rep;
   o.report = &rep;
@@ -936,6 +957,8 @@ py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handl
 }
 
 std::vector<std::int64_t> rank_chunks(const std::string& layout, std::int64_t chunks, int ranks, int rank) {
+  if (layout != "contiguous" && layout != "zigzag")
+    throw py::value_error("omniattn: layout must be 'contiguous' or 'zigzag', not '" + layout + "'");
   return omniattn::dist::rank_chunks(layout == "zigzag" ? omniattn::dist::layout::zigzag : omniattn::dist::layout::contiguous,
                                      chunks, ranks, rank);
 }
@@ -1020,6 +1043,8 @@ PYBIND11_MODULE(_omniattn, m) {
         "threads"_a = 0, "sink_logits"_a = py::none(), "rope"_a = py::none(), "mechanism"_a = "auto",
         "layout"_a = "contiguous", "chunks"_a = 0, "n"_a = 0,
         "omniattn::dist::attention of this rank's shards over the communicator with Fortran handle comm.");
+  m.def("dist_fail", &dist_fail, "comm"_a, "message"_a,
+        "Fails the collective call on every rank of comm with this rank's message; returns the agreed error.");
   m.def("rank_chunks", &rank_chunks, "layout"_a, "chunks"_a, "ranks"_a, "rank"_a,
         "The chunks a rank holds, in local order (omniattn::dist::rank_chunks).");
 #else

@@ -78,6 +78,22 @@ def test_bad_arguments_raise_the_library_message():
         dist.attention(q[:, rows], k[:, rows], v[:, rows], comm, scale=float("inf"))
 
 
+def test_one_rank_with_bad_arguments_fails_every_rank():
+    comm = MPI.COMM_WORLD
+    last = comm.Get_rank() == comm.Get_size() - 1
+    q, k, v = global_problem(3)
+    rows = dist.shard_rows(N, "contiguous", 0, comm)
+    # Caught in Python before any MPI call of the library ...
+    with pytest.raises(ValueError, match="q must be"):
+        dist.attention(q[0, rows] if last else q[:, rows], k[:, rows], v[:, rows], comm)
+    # ... and in the translation after it (dtype), through the library's collective agreement.
+    with pytest.raises((TypeError, ValueError), match="dtype int32"):
+        dist.attention(q[:, rows].astype(np.int32) if last else q[:, rows], k[:, rows], v[:, rows], comm)
+    # The communicator still works afterwards.
+    out = dist.attention(q[:, rows], k[:, rows], v[:, rows], comm, causal=True)
+    np.testing.assert_allclose(out, omniattn.attention(q, k, v, causal=True)[:, rows], **TOL)
+
+
 def test_torch_shards():
     torch = pytest.importorskip("torch")
     comm = MPI.COMM_WORLD

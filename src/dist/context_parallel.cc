@@ -148,11 +148,13 @@ struct call {
   cp_report rep;
   std::int64_t most_pending = 0;
   std::vector<std::vector<std::uint8_t>> returned;  // Ulysses: each rank's finished chunks for its heads, to store
+  std::vector<char> nonempty;        // [C][C]: the block (query chunk i, key chunk j) has an allowed pair
   attn_params base{};                // params of one representative block, for the emptiness test
 };
 
 // Whether the block (query chunk i, key chunk j) has an allowed pair: the kernel's own block classification, exact.
-bool block_nonempty(const call& c, std::int64_t i, std::int64_t j) {
+// Computed once per call (classify_blocks) and then read from call::nonempty.
+bool classify_block(const call& c, std::int64_t i, std::int64_t j) {
   attn_params p = c.base;
   p.seq_q = p.seq_rows_q = c.li.len(i);
   p.seq_k = p.seq_rows_k = c.li.len(j);
@@ -161,6 +163,17 @@ bool block_nonempty(const call& c, std::int64_t i, std::int64_t j) {
   if (p.seq_q == 0 || p.seq_k == 0) return false;
   const block_mask bm = build_block_mask(p, p.seq_q, p.seq_k);
   return std::any_of(bm.kinds.begin(), bm.kinds.end(), [](tile_kind t) { return t != tile_kind::empty; });
+}
+
+void classify_blocks(call& c) {
+  const std::int64_t n = c.li.chunks;
+  c.nonempty.assign(static_cast<std::size_t>(n * n), 0);
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t j = 0; j < n; ++j) c.nonempty[static_cast<std::size_t>(i * n + j)] = classify_block(c, i, j) ? 1 : 0;
+}
+
+bool block_nonempty(const call& c, std::int64_t i, std::int64_t j) {
+  return c.nonempty[static_cast<std::size_t>(i * c.li.chunks + j)] != 0;
 }
 
 // The partial result of one block: out [batch][rows][heads][dim_v] and lse [batch][heads][rows], f32.
@@ -176,8 +189,12 @@ status block_partial(call& c, const tensor& qv, std::int64_t i, std::int64_t j, 
   const std::int64_t owner = c.li.owner[static_cast<std::size_t>(j)], heads = qv.heads;
   const std::int64_t total = c.li.rows[static_cast<std::size_t>(owner)];
   const std::int64_t row0 = c.li.local_row[static_cast<std::size_t>(j)], len = c.li.len(j), rows = c.li.len(i);
-  r.out.assign(static_cast<std::size_t>(sh.batch * rows * heads * sh.dim_v), 0.0f);
-  r.lse.assign(static_cast<std::size_t>(sh.batch * heads * rows), 0.0f);
+  try {
+    r.out.assign(static_cast<std::size_t>(sh.batch * rows * heads * sh.dim_v), 0.0f);
+    r.lse.assign(static_cast<std::size_t>(sh.batch * heads * rows), 0.0f);
+  } catch (const std::bad_alloc&) {  // fail this rank's call, collectively, instead of leaving the others waiting
+    return {"[dist::attention] out of memory for a block's partial result"};
+  }
   const lse_tensor l = make_lse(r.lse.data(), heads, rows);
   const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n, head0, sh.heads_q};
   options opt;
@@ -482,10 +499,7 @@ std::vector<std::vector<std::uint8_t>> all_to_all(call& c, const std::vector<std
     ro += recv_bytes[ti];
   }
   std::vector<std::vector<std::uint8_t>> got(static_cast<std::size_t>(P));
-  if (so > INT_MAX || ro > INT_MAX) {
-    st = {"[dist::attention] ulysses: one all-to-all exceeds 2 GiB per rank; use more ranks or the ring"};
-    return got;
-  }
+  (void)st;  // the sizes were checked against MPI's int counts for every rank before the exchanges (message_limits)
   std::vector<std::uint8_t> sbuf, rbuf(static_cast<std::size_t>(ro));
   for (const auto& s : send) sbuf.insert(sbuf.end(), s.begin(), s.end());
   const double t0 = now();
@@ -599,7 +613,6 @@ status run_allgather(call& c, kv_block& mine) {
     total_k += counts_k[static_cast<std::size_t>(b)];
     total_v += counts_v[static_cast<std::size_t>(b)];
   }
-  if (total_k > INT_MAX || total_v > INT_MAX) return {"[dist::attention] allgather: the gathered K/V exceed 2 GiB; use the ring"};
   std::vector<std::uint8_t> gk(static_cast<std::size_t>(total_k)), gv(static_cast<std::size_t>(total_v));
   const double t0 = now();
   MPI_Allgatherv(mine.k.data(), static_cast<int>(mine.k.size()), MPI_BYTE, gk.data(), counts_k.data(), displ_k.data(), MPI_BYTE, c.o.comm);
@@ -676,6 +689,41 @@ mechanism plan(call& c) {
   return m;
 }
 
+// MPI counts are ints: the largest message (in its datatype's units) of the mechanism, from every rank's sizes (the
+// same answer everywhere, so a refusal is collective without a word exchanged). "" when every message fits.
+std::string message_limits(const call& c, mechanism m) {
+  const shapes& sh = c.sh;
+  const std::int64_t es = dtype_size(sh.type);
+  std::int64_t rows_max = 0;
+  for (std::int64_t r : c.li.rows) rows_max = std::max(rows_max, r);
+  const double rows = static_cast<double>(sh.batch) * static_cast<double>(rows_max);
+  const double all = static_cast<double>(sh.batch) * static_cast<double>(c.li.n);
+  double most = 0.0;
+  const char* what = "";
+  switch (m) {
+    case mechanism::automatic:
+    case mechanism::ring: most = rows * static_cast<double>(sh.heads_kv); what = "K/V rows of a shard"; break;
+    case mechanism::token_ring:
+      most = rows * static_cast<double>(sh.heads_q) * static_cast<double>(sh.dim_v + 1);
+      what = "floats of a shard's partial results";
+      break;
+    case mechanism::allgather:
+      most = all * static_cast<double>(sh.heads_kv) * static_cast<double>(sh.dim + sh.dim_v) * static_cast<double>(es);
+      what = "bytes of the gathered K/V";
+      break;
+    case mechanism::ulysses:
+      most = all * (static_cast<double>(sh.heads_q) * static_cast<double>(sh.dim + sh.dim_v + 1) * 4.0 +
+                    static_cast<double>(sh.heads_kv) * static_cast<double>(sh.dim + sh.dim_v) * static_cast<double>(es));
+      what = "bytes of one rank's all-to-all";
+      break;
+  }
+  if (most <= static_cast<double>(INT_MAX)) return {};
+  std::ostringstream os;
+  os << mechanism_name(m) << ": a message of " << most << " " << what << " exceeds MPI's int counts (2^31 - 1); use more "
+     << "ranks" << (m == mechanism::ring ? "" : " or the ring");
+  return os.str();
+}
+
 // Local checks of this rank's arguments (shapes, dtypes, the spec on a representative block); "" when fine.
 std::string check_local(call& c) {
   const tensor &q = c.q, &k = c.k, &v = c.v, &out = c.out;
@@ -703,6 +751,9 @@ std::string check_local(call& c) {
     return st.error.rfind("[attention] ", 0) == 0 ? st.error.substr(12) : st.error;
   }
   if (c.o.lse && c.o.lse->data == nullptr && q.seq > 0) return "options.lse.data is null";
+  // Position ids index the call's own rows, which differ per block here: positions come from the layout instead.
+  if (c.s.rope && (c.s.rope->pos_q || c.s.rope->pos_k))
+    return "spec.rope.pos_q / pos_k are not supported: RoPE positions are the tokens' global positions";
   return {};
 }
 
@@ -735,6 +786,7 @@ const char* layout_name(layout l) { return l == layout::zigzag ? "zigzag" : "con
 
 std::vector<std::int64_t> rank_chunks(layout l, std::int64_t chunks, int ranks, int rank) {
   std::vector<std::int64_t> held;
+  if (ranks <= 0 || rank < 0 || rank >= ranks || chunks <= 0) return held;  // nothing is held outside a valid layout
   if (l == layout::contiguous) {
     const std::int64_t per = chunks / ranks;
     for (std::int64_t c = rank * per; c < (rank + 1) * per; ++c) held.push_back(c);
@@ -756,17 +808,23 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
   MPI_Comm_size(o.comm, &c.li.ranks);
   MPI_Comm_rank(o.comm, &c.li.rank);
   const int P = c.li.ranks;
-  // Every rank's shard length and shapes, so the layout and its checks are the same everywhere.
-  std::int64_t mine[7] = {q.seq, q.batch, q.heads, k.heads, q.dim, v.dim, static_cast<std::int64_t>(q.type)};
-  std::vector<std::int64_t> every(static_cast<std::size_t>(7 * P));
-  MPI_Allgather(mine, 7, MPI_INT64_T, every.data(), 7, MPI_INT64_T, o.comm);
-  std::string err;
+  // A rank whose caller could not even build its arguments (e.g. a binding's translation) fails every rank first.
+  std::string err = agree(o.comm, c.li.rank, o.local_error ? std::string(o.local_error) : std::string{});
+  if (!err.empty()) return {err};
+  // Every rank's shard length, shapes and options, so the layout and every later decision are the same everywhere
+  // (a rank with other options would run another protocol and hang the others).
+  constexpr int k_fields = 10;
+  std::int64_t mine[k_fields] = {q.seq, q.batch, q.heads, k.heads, q.dim, v.dim, static_cast<std::int64_t>(q.type),
+                                 static_cast<std::int64_t>(o.use), static_cast<std::int64_t>(o.shards), o.chunks};
+  std::vector<std::int64_t> every(static_cast<std::size_t>(k_fields * P));
+  MPI_Allgather(mine, k_fields, MPI_INT64_T, every.data(), k_fields, MPI_INT64_T, o.comm);
   for (int b = 1; b < P && err.empty(); ++b)
-    for (int f = 1; f < 7; ++f)
-      if (every[static_cast<std::size_t>(7 * b + f)] != every[static_cast<std::size_t>(f)]) {
-        static const char* const names[7] = {"seq", "q.batch", "q.heads", "k.heads", "q.dim", "v.dim", "q.type"};
+    for (int f = 1; f < k_fields; ++f)
+      if (every[static_cast<std::size_t>(k_fields * b + f)] != every[static_cast<std::size_t>(f)]) {
+        static const char* const names[k_fields] = {"seq", "q.batch", "q.heads", "k.heads", "q.dim", "v.dim", "q.type",
+                                                    "options.use", "options.shards", "options.chunks"};
         err = std::string(names[f]) + " differs between ranks (rank 0: " + std::to_string(every[static_cast<std::size_t>(f)]) +
-              ", rank " + std::to_string(b) + ": " + std::to_string(every[static_cast<std::size_t>(7 * b + f)]) + ")";
+              ", rank " + std::to_string(b) + ": " + std::to_string(every[static_cast<std::size_t>(k_fields * b + f)]) + ")";
         break;
       }
   if (!err.empty()) return {"[dist::attention] " + err};
@@ -781,7 +839,7 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
   }
   // The global length: the rows of every rank's chunks add up to n; solve for n from rank 0's layout.
   std::int64_t total_rows = 0;
-  for (int b = 0; b < P; ++b) total_rows += every[static_cast<std::size_t>(7 * b)];
+  for (int b = 0; b < P; ++b) total_rows += every[static_cast<std::size_t>(k_fields * b)];
   c.li.n = total_rows;
   c.li.owner.assign(static_cast<std::size_t>(c.li.chunks), 0);
   c.li.local_row.assign(static_cast<std::size_t>(c.li.chunks), 0);
@@ -799,16 +857,26 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
   c.local.sink_logits = nullptr;
 
   const mechanism m = plan(c);
-  if (m == mechanism::ulysses) {
-    // Every chunk of the sequence, for this rank's group of heads.
-    const std::int64_t group = c.sh.heads_q / P;
-    for (std::int64_t ch = 0; ch < c.li.chunks; ++ch) c.folds.push_back(make_fold(c, ch, group, c.li.rank * group));
-  } else {
-    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) c.folds.push_back(make_fold(c, ch, c.sh.heads_q, 0));
-  }
+  if (const std::string why = message_limits(c, m); !why.empty()) return {"[dist::attention] " + why};
   kv_block mine_kv;
-  pack(k, mine_kv.k);
-  pack(v, mine_kv.v);
+  // What can throw (allocation; a user mask predicate classifying the blocks) is caught here and agreed on, so an
+  // exception on one rank fails every rank instead of leaving them waiting.
+  std::string local;
+  try {
+    classify_blocks(c);
+    if (m == mechanism::ulysses) {
+      // Every chunk of the sequence, for this rank's group of heads.
+      const std::int64_t group = c.sh.heads_q / P;
+      for (std::int64_t ch = 0; ch < c.li.chunks; ++ch) c.folds.push_back(make_fold(c, ch, group, c.li.rank * group));
+    } else {
+      for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) c.folds.push_back(make_fold(c, ch, c.sh.heads_q, 0));
+    }
+    pack(k, mine_kv.k);
+    pack(v, mine_kv.v);
+  } catch (const std::exception& e) {
+    local = std::string("preparing the call: ") + e.what();
+  }
+  if (err = agree(o.comm, c.li.rank, local); !err.empty()) return {err};
   c.rep.mechanism = mechanism_name(m);
   c.rep.chunks = c.li.chunks;
   c.rep.reasons.push_back(std::to_string(c.li.chunks) + " chunks of a sequence of " + std::to_string(c.li.n) + " tokens, " +
@@ -817,11 +885,13 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
                     : m == mechanism::token_ring ? run_token_ring(c, mine_kv)
                     : m == mechanism::ulysses    ? run_ulysses(c)
                                                  : run_ring(c, mine_kv);
-  // A kernel failure on one rank fails every rank, before anything is written.
-  if (err = agree(o.comm, c.li.rank, st.ok() ? std::string{} : st.error); !err.empty()) return {err};
+  std::string failed = st.ok() ? std::string{} : st.error;
   for (const chunk_fold& f : c.folds)
-    if (f.next != f.order.size()) return {"[dist::attention] internal: chunk " + std::to_string(f.chunk) + " folded " +
-                                          std::to_string(f.next) + " of " + std::to_string(f.order.size()) + " parts"};
+    if (failed.empty() && f.next != f.order.size())
+      failed = "internal: chunk " + std::to_string(f.chunk) + " folded " + std::to_string(f.next) + " of " +
+               std::to_string(f.order.size()) + " parts";
+  // A kernel failure on one rank fails every rank, before anything is written.
+  if (err = agree(o.comm, c.li.rank, failed); !err.empty()) return {err};
   if (m == mechanism::ulysses) store_returned(c);
   else write_outputs(c);
   c.rep.partials_buffered = c.most_pending;
