@@ -90,4 +90,17 @@ std::vector<std::int64_t> rank_chunks(layout l, std::int64_t chunks, int ranks, 
 // rank passes the same spec. Collective over cp_options::comm.
 status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const cp_options& o);
 
+// The backward of attention() above, for training: from this rank's shards of q, k, v, the forward's out and lse (what
+// dist::attention returned, lse requested) and d_out, this rank's shards of dq, dk, dv (shapes of q, k, v; f32 or the
+// input dtype). Each (query chunk, key chunk) block's share of the gradients is attention_backward with
+// options::block; dq of a query chunk sums its blocks in the forward's fold order, dk and dv of a key chunk in the
+// order i = j, j + 1, ..., C - 1, 0, ..., j - 1, in fp32, so P processes give the bits of one (same C and layout).
+// Mechanisms: the ring (automatic): K/V rotate as in the forward, each step's dK / dV partials go straight back to
+// their owner (non-blocking, overlapped with the next blocks). Not taken: d_sink_logits, d_bias, RoPE position ids.
+struct cp_gradients {
+  tensor dq, dk, dv;
+};
+status attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
+                          const tensor& d_out, const cp_gradients& g, const spec& s, const cp_options& o);
+
 }  // namespace omniattn::dist

@@ -306,10 +306,24 @@ need_matrix rank_needs(const call& c) {
   return need;
 }
 
-status run_ring(call& c, kv_block& mine) {
+// The blocks (i of q_owner's chunks, j of kv_owner's) that are not empty, in the order both sides of a message of
+// their partial results pack them.
+std::vector<std::pair<std::int64_t, std::int64_t>> nonempty_pairs(const call& c, int q_owner, int kv_owner) {
+  std::vector<std::pair<std::int64_t, std::int64_t>> v;
+  for (std::int64_t i : c.li.held[static_cast<std::size_t>(q_owner)])
+    for (std::int64_t j : c.li.held[static_cast<std::size_t>(kv_owner)])
+      if (block_nonempty(c, i, j)) v.emplace_back(i, j);
+  return v;
+}
+
+// The K/V ring the forward and the backward share: at step s this rank holds the shard of rank r - s (a shard travels
+// as far as the last rank whose queries meet it, need[t][b]); the transfers of step s (to r + 1, from r - 1, tags
+// tag_stride s and + 1) are posted, then work(s, owner, shard, requests, count) runs while they fly (it may post its
+// own requests, at most 4), then every request completes and done(s) runs. A failed work step must still post what
+// the other ranks wait for.
+template <class Work, class Done>
+void kv_ring(call& c, kv_block& mine, const need_matrix& need, int tag_stride, Work&& work, Done&& done) {
   const int P = c.li.ranks, r = c.li.rank;
-  // A K/V block travels to the farthest rank along the ring whose queries meet it.
-  const need_matrix need = rank_needs(c);
   std::vector<int> hops(static_cast<std::size_t>(P), 0);
   for (int b = 0; b < P; ++b)
     for (int s = 1; s < P; ++s)
@@ -319,10 +333,9 @@ status run_ring(call& c, kv_block& mine) {
   const auto rows_of_rank = [&](int b) { return static_cast<int>(c.sh.batch * c.li.rows[static_cast<std::size_t>(b)] * c.sh.heads_kv); };
   kv_block other, next;
   kv_block* cur = &mine;
-  status result;
   for (int s = 0; s < P; ++s) {
     const int cur_owner = ((r - s) % P + P) % P, next_owner = ((r - s - 1) % P + P) % P;
-    MPI_Request req[4];
+    MPI_Request req[8];
     int n_req = 0;
     const bool send = s + 1 < P && hops[static_cast<std::size_t>(cur_owner)] >= s + 1;
     const bool recv = s + 1 < P && hops[static_cast<std::size_t>(next_owner)] >= s + 1;
@@ -330,22 +343,20 @@ status run_ring(call& c, kv_block& mine) {
     if (recv) {
       next.k.resize(static_cast<std::size_t>(rows_of_rank(next_owner)) * static_cast<std::size_t>(c.sh.dim * es));
       next.v.resize(static_cast<std::size_t>(rows_of_rank(next_owner)) * static_cast<std::size_t>(c.sh.dim_v * es));
-      MPI_Irecv(next.k.data(), rows_of_rank(next_owner), k_row, (r - 1 + P) % P, 2 * s, c.o.comm, &req[n_req++]);
-      MPI_Irecv(next.v.data(), rows_of_rank(next_owner), v_row, (r - 1 + P) % P, 2 * s + 1, c.o.comm, &req[n_req++]);
+      MPI_Irecv(next.k.data(), rows_of_rank(next_owner), k_row, (r - 1 + P) % P, tag_stride * s, c.o.comm, &req[n_req++]);
+      MPI_Irecv(next.v.data(), rows_of_rank(next_owner), v_row, (r - 1 + P) % P, tag_stride * s + 1, c.o.comm, &req[n_req++]);
       c.rep.bytes_received += static_cast<std::int64_t>(next.k.size() + next.v.size());
     }
     if (send) {
-      MPI_Isend(cur->k.data(), rows_of_rank(cur_owner), k_row, (r + 1) % P, 2 * s, c.o.comm, &req[n_req++]);
-      MPI_Isend(cur->v.data(), rows_of_rank(cur_owner), v_row, (r + 1) % P, 2 * s + 1, c.o.comm, &req[n_req++]);
+      MPI_Isend(cur->k.data(), rows_of_rank(cur_owner), k_row, (r + 1) % P, tag_stride * s, c.o.comm, &req[n_req++]);
+      MPI_Isend(cur->v.data(), rows_of_rank(cur_owner), v_row, (r + 1) % P, tag_stride * s + 1, c.o.comm, &req[n_req++]);
       c.rep.bytes_sent += static_cast<std::int64_t>(cur->k.size() + cur->v.size());
     }
-    // The local tiles run while the transfers are in flight. A failed kernel still completes the exchange, so no
-    // rank is left waiting.
-    if (result.ok() && need[static_cast<std::size_t>(r)][static_cast<std::size_t>(cur_owner)])
-      result = compute_block(c, *cur, cur_owner);
+    work(s, cur_owner, *cur, req, n_req);
     const double t0 = now();
     MPI_Waitall(n_req, req, MPI_STATUSES_IGNORE);
     c.rep.wait_seconds += now() - t0;
+    done(s);
     if (recv) {
       std::swap(other, next);
       cur = &other;
@@ -353,6 +364,17 @@ status run_ring(call& c, kv_block& mine) {
   }
   MPI_Type_free(&k_row);
   MPI_Type_free(&v_row);
+}
+
+status run_ring(call& c, kv_block& mine) {
+  const need_matrix need = rank_needs(c);
+  const int r = c.li.rank;
+  status result;
+  // The local tiles run while the transfers are in flight. A failed kernel still completes the exchange, so no rank
+  // is left waiting.
+  kv_ring(c, mine, need, 2, [&](int, int owner, const kv_block& blk, MPI_Request*, int&) {
+    if (result.ok() && need[static_cast<std::size_t>(r)][static_cast<std::size_t>(owner)]) result = compute_block(c, blk, owner);
+  }, [](int) {});
   return result;
 }
 
@@ -382,14 +404,7 @@ status run_token_ring(call& c, kv_block& mine) {
   const shapes& sh = c.sh;
   const int es = dtype_size(sh.type);
   const auto q_rows = [&](int t) { return sh.batch * c.li.rows[static_cast<std::size_t>(t)] * sh.heads_q; };
-  // The blocks (i of q_owner, j of kv_owner) that are not empty, in the order both sides pack them.
-  const auto pairs_of = [&](int q_owner, int kv_owner) {
-    std::vector<std::pair<std::int64_t, std::int64_t>> v;
-    for (std::int64_t i : c.li.held[static_cast<std::size_t>(q_owner)])
-      for (std::int64_t j : c.li.held[static_cast<std::size_t>(kv_owner)])
-        if (block_nonempty(c, i, j)) v.emplace_back(i, j);
-    return v;
-  };
+  const auto pairs_of = [&](int q_owner, int kv_owner) { return nonempty_pairs(c, q_owner, kv_owner); };
   const auto partial_floats = [&](std::int64_t i) { return sh.batch * c.li.len(i) * sh.heads_q * (sh.dim_v + 1); };
   MPI_Datatype q_row = row_type(static_cast<int>(sh.dim * es));
   std::vector<std::uint8_t> q_cur, q_next;
@@ -799,12 +814,14 @@ std::vector<std::int64_t> rank_chunks(layout l, std::int64_t chunks, int ranks, 
   return held;
 }
 
-status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const cp_options& o) {
-  const double t_start = now();
+// The steps every collective call takes first, the same on every rank: MPI is up, a rank's local error, shapes and
+// options compared between ranks, the chunk layout. On failure every rank returns the same error.
+status setup(call& c) {
+  const tensor &q = c.q, &k = c.k, &v = c.v;
+  const cp_options& o = c.o;
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) return {"[dist::attention] MPI is not initialized (call MPI_Init first)"};
-  call c(q, k, v, out, s, o);
   MPI_Comm_size(o.comm, &c.li.ranks);
   MPI_Comm_rank(o.comm, &c.li.rank);
   const int P = c.li.ranks;
@@ -852,6 +869,15 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
       c.li.rows[static_cast<std::size_t>(b)] += c.li.len(ch);
     }
   }
+  return {};
+}
+
+status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const cp_options& o) {
+  const double t_start = now();
+  call c(q, k, v, out, s, o);
+  if (status st = setup(c); !st.ok()) return st;
+  const int P = c.li.ranks;
+  std::string err;
   if (err = agree(o.comm, c.li.rank, check_local(c)); !err.empty()) return {err};
   c.local = s;
   c.local.sink_logits = nullptr;
@@ -894,6 +920,227 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
   if (err = agree(o.comm, c.li.rank, failed); !err.empty()) return {err};
   if (m == mechanism::ulysses) store_returned(c);
   else write_outputs(c);
+  c.rep.partials_buffered = c.most_pending;
+  c.rep.seconds = now() - t_start;
+  if (o.report) *o.report = c.rep;
+  return {};
+}
+
+namespace {
+
+// A sum of partial results taken in a fixed order of keys (chunk ids); parts that come early wait their turn.
+struct ordered_sum {
+  std::vector<std::int64_t> order;
+  std::size_t next = 0;
+  std::vector<float> acc;
+  std::map<std::int64_t, std::vector<float>> pending;
+};
+
+void add_in_order(ordered_sum& a, std::int64_t key, std::vector<float> part, std::int64_t& most_pending) {
+  const auto add = [&a](const std::vector<float>& x) {
+    for (std::size_t i = 0; i < x.size(); ++i) a.acc[i] += x[i];
+  };
+  if (a.next < a.order.size() && a.order[a.next] == key) {
+    add(part);
+    ++a.next;
+    while (a.next < a.order.size()) {
+      const auto it = a.pending.find(a.order[a.next]);
+      if (it == a.pending.end()) break;
+      add(it->second);
+      a.pending.erase(it);
+      ++a.next;
+    }
+    return;
+  }
+  a.pending.emplace(key, std::move(part));
+  most_pending = std::max(most_pending, static_cast<std::int64_t>(a.pending.size()));
+}
+
+// The backward's operands beyond the forward's call.
+struct bwd_call {
+  const lse_tensor& lse;
+  const tensor& d_out;
+  const cp_gradients& g;
+  std::map<std::int64_t, ordered_sum> dq, dkv;  // by chunk: this rank's query chunks, and its key chunks (dk then dv)
+};
+
+// The order a key chunk's gradient sums its query chunks: j, j + 1, ..., j - 1 (the order a forward ring meets them).
+std::vector<std::int64_t> key_order(std::int64_t j, std::int64_t chunks) {
+  std::vector<std::int64_t> o;
+  for (std::int64_t s = 0; s < chunks; ++s) o.push_back((j + s) % chunks);
+  return o;
+}
+
+// The block (query chunk i of this rank, key chunk j in blk)'s share of the gradients: dq [B][len_i][Hq][D] and
+// dk then dv [B][len_j][Hkv][D | Dv], f32.
+status block_backward(call& c, bwd_call& w, std::int64_t i, std::int64_t j, const kv_block& blk, std::vector<float>& dq,
+                      std::vector<float>& dkv) {
+  const shapes& sh = c.sh;
+  const std::int64_t owner = c.li.owner[static_cast<std::size_t>(j)], total = c.li.rows[static_cast<std::size_t>(owner)];
+  const std::int64_t row0 = c.li.local_row[static_cast<std::size_t>(j)], len = c.li.len(j), rows = c.li.len(i);
+  const std::int64_t qrow = c.li.local_row[static_cast<std::size_t>(i)];
+  const std::int64_t nk = sh.batch * len * sh.heads_kv * sh.dim, nv = sh.batch * len * sh.heads_kv * sh.dim_v;
+  try {
+    dq.assign(static_cast<std::size_t>(sh.batch * rows * sh.heads_q * sh.dim), 0.0f);
+    dkv.assign(static_cast<std::size_t>(nk + nv), 0.0f);
+  } catch (const std::bad_alloc&) {
+    return {"[dist::attention_backward] out of memory for a block's gradients"};
+  }
+  gradients gr;
+  gr.dq = make_bshd(dq.data(), dtype::f32, sh.batch, rows, sh.heads_q, sh.dim);
+  gr.dk = make_bshd(dkv.data(), dtype::f32, sh.batch, len, sh.heads_kv, sh.dim);
+  gr.dv = make_bshd(dkv.data() + nk, dtype::f32, sh.batch, len, sh.heads_kv, sh.dim_v);
+  lse_tensor l = w.lse;
+  l.data += qrow * l.stride_seq;
+  const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n};
+  options opt;
+  opt.use = backend::cpu;
+  opt.allow_fallback = false;
+  opt.threads = c.o.threads;
+  opt.block = &pb;
+  const double t0 = now();
+  const status st = omniattn::attention_backward(
+      rows_of(c.q, qrow, rows), packed_view(blk.k, sh.type, sh.batch, total, sh.heads_kv, sh.dim, row0, len),
+      packed_view(blk.v, sh.type, sh.batch, total, sh.heads_kv, sh.dim_v, row0, len), rows_of(c.out, qrow, rows), l,
+      rows_of(w.d_out, qrow, rows), gr, c.local, opt);
+  c.rep.compute_seconds += now() - t0;
+  if (st.ok()) ++c.rep.pairs_computed;
+  return st;
+}
+
+// The ring backward: K/V rotate as in the forward (a shard travels as far as a rank needs it); at step s this rank
+// computes its query chunks against the shard of rank r - s, keeps the dq shares and sends the dK / dV shares to
+// that rank, while it receives the shares of its own keys from rank r + s.
+status run_ring_backward(call& c, bwd_call& w, kv_block& mine) {
+  const int P = c.li.ranks, r = c.li.rank;
+  const need_matrix need = rank_needs(c);
+  const shapes& sh = c.sh;
+  const auto kv_floats = [&](std::int64_t j) { return sh.batch * c.li.len(j) * sh.heads_kv * (sh.dim + sh.dim_v); };
+  const auto pairs_of = [&](int q_owner, int kv_owner) { return nonempty_pairs(c, q_owner, kv_owner); };
+  status result;
+  std::vector<std::pair<std::int64_t, std::int64_t>> in_pairs;
+  std::vector<float> in_buf, out_buf;
+  kv_ring(c, mine, need, 3, [&](int s, int owner, const kv_block& blk, MPI_Request* req, int& n_req) {
+    // The dK / dV shares of this rank's keys that rank r + s computes at this step (tag 3 s + 2).
+    const int from = (r + s) % P;
+    in_pairs = s == 0 ? decltype(in_pairs){} : pairs_of(from, r);
+    std::int64_t in_floats = 0;
+    for (const auto& pr : in_pairs) in_floats += kv_floats(pr.second);
+    in_buf.assign(static_cast<std::size_t>(in_floats), 0.0f);
+    out_buf.clear();
+    if (!in_pairs.empty()) {
+      MPI_Irecv(in_buf.data(), static_cast<int>(in_floats), MPI_FLOAT, from, 3 * s + 2, c.o.comm, &req[n_req++]);
+      c.rep.bytes_received += in_floats * 4;
+    }
+    // This rank's query chunks against the shard in hand: dq shares stay, dK / dV shares go to the shard's owner. A
+    // failed block still sends (zeros), so no rank waits.
+    const auto out_pairs = need[static_cast<std::size_t>(r)][static_cast<std::size_t>(owner)] ? pairs_of(r, owner) : decltype(in_pairs){};
+    for (const auto& [i, j] : out_pairs) {
+      std::vector<float> dq, dkv;
+      if (result.ok()) result = block_backward(c, w, i, j, blk, dq, dkv);
+      dkv.resize(static_cast<std::size_t>(kv_floats(j)), 0.0f);
+      if (result.ok()) add_in_order(w.dq[i], j, std::move(dq), c.most_pending);
+      if (owner == r) {
+        if (result.ok()) add_in_order(w.dkv[j], i, std::move(dkv), c.most_pending);
+      } else {
+        out_buf.insert(out_buf.end(), dkv.begin(), dkv.end());
+      }
+    }
+    if (owner != r && !out_pairs.empty()) {
+      MPI_Isend(out_buf.data(), static_cast<int>(out_buf.size()), MPI_FLOAT, owner, 3 * s + 2, c.o.comm, &req[n_req++]);
+      c.rep.bytes_sent += static_cast<std::int64_t>(out_buf.size()) * 4;
+    }
+  }, [&](int) {
+    std::size_t at = 0;
+    for (const auto& [i, j] : in_pairs) {
+      const auto nf = static_cast<std::size_t>(kv_floats(j));
+      std::vector<float> part(in_buf.begin() + static_cast<std::ptrdiff_t>(at), in_buf.begin() + static_cast<std::ptrdiff_t>(at + nf));
+      at += nf;
+      if (result.ok()) add_in_order(w.dkv[j], i, std::move(part), c.most_pending);
+    }
+  });
+  return result;
+}
+
+// Stores f32 rows [batch][rows][heads][dim] at rows row0.. of x.
+void store_rows(const tensor& x, std::int64_t row0, std::int64_t batch, std::int64_t rows, std::int64_t heads, std::int64_t dim,
+                const float* src) {
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t h = 0; h < heads; ++h) {
+        const std::int64_t base = b * x.stride_batch + (row0 + r) * x.stride_seq + h * x.stride_head;
+        const float* s = src + ((b * rows + r) * heads + h) * dim;
+        for (std::int64_t d = 0; d < dim; ++d) detail::store_element(x.data, x.type, base + d * x.stride_dim, static_cast<double>(s[d]));
+      }
+}
+
+}  // namespace
+
+status attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
+                          const tensor& d_out, const cp_gradients& g, const spec& s, const cp_options& o) {
+  const double t_start = now();
+  call c(q, k, v, out, s, o);
+  if (status st = setup(c); !st.ok()) return st;
+  bwd_call w{lse, d_out, g, {}, {}};
+  // The backward's own rules, on this rank's rows against its own keys as a block of the problem.
+  std::string local;
+  {
+    const problem_block pb{0, 0, c.li.n, c.li.n};
+    options opt;
+    opt.use = backend::cpu;
+    opt.threads = o.threads;
+    opt.block = &pb;
+    attn_bwd_params p;
+    gradients gr{g.dq, g.dk, g.dv};
+    if (const status st = make_backward_params(q, k, v, out, lse, d_out, gr, s, opt, p); !st.ok())
+      local = st.error.rfind("[attention_backward] ", 0) == 0 ? st.error.substr(21) : st.error;
+    if (local.empty() && o.use != mechanism::automatic && o.use != mechanism::ring)
+      local = std::string("options.use ") + mechanism_name(o.use) + ": the backward runs on the ring only (automatic or ring)";
+    if (local.empty() && s.rope && (s.rope->pos_q || s.rope->pos_k))
+      local = "spec.rope.pos_q / pos_k are not supported: RoPE positions are the tokens' global positions";
+    if (local.empty() && !message_limits(c, mechanism::ring).empty()) local = message_limits(c, mechanism::ring);
+  }
+  std::string err = agree(o.comm, c.li.rank, local);
+  if (!err.empty()) return {err};
+  c.local = s;
+  c.local.sink_logits = nullptr;  // P comes from the whole rows' lse, which holds the sink already
+  kv_block mine_kv;
+  try {
+    classify_blocks(c);
+    const std::int64_t C = c.li.chunks;
+    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) {
+      ordered_sum& dq = w.dq[ch];
+      for (std::int64_t j : fold_order(ch, C))
+        if (block_nonempty(c, ch, j)) dq.order.push_back(j);
+      dq.acc.assign(static_cast<std::size_t>(c.sh.batch * c.li.len(ch) * c.sh.heads_q * c.sh.dim), 0.0f);
+      ordered_sum& dkv = w.dkv[ch];
+      for (std::int64_t i : key_order(ch, C))
+        if (block_nonempty(c, i, ch)) dkv.order.push_back(i);
+      dkv.acc.assign(static_cast<std::size_t>(c.sh.batch * c.li.len(ch) * c.sh.heads_kv * (c.sh.dim + c.sh.dim_v)), 0.0f);
+    }
+    pack(k, mine_kv.k);
+    pack(v, mine_kv.v);
+  } catch (const std::exception& e) {
+    local = std::string("preparing the call: ") + e.what();
+  }
+  if (err = agree(o.comm, c.li.rank, local); !err.empty()) return {err};
+  c.rep.mechanism = "ring";
+  c.rep.chunks = c.li.chunks;
+  const status st = run_ring_backward(c, w, mine_kv);
+  std::string failed = st.ok() ? std::string{} : st.error;
+  for (const auto& [ch, a] : w.dq)
+    if (failed.empty() && a.next != a.order.size()) failed = "internal: dq of chunk " + std::to_string(ch) + " incomplete";
+  for (const auto& [ch, a] : w.dkv)
+    if (failed.empty() && a.next != a.order.size()) failed = "internal: dk / dv of chunk " + std::to_string(ch) + " incomplete";
+  if (err = agree(o.comm, c.li.rank, failed); !err.empty()) return {err};
+  const shapes& sh = c.sh;
+  for (const auto& [ch, a] : w.dq)
+    store_rows(g.dq, c.li.local_row[static_cast<std::size_t>(ch)], sh.batch, c.li.len(ch), sh.heads_q, sh.dim, a.acc.data());
+  for (const auto& [ch, a] : w.dkv) {
+    const std::int64_t nk = sh.batch * c.li.len(ch) * sh.heads_kv * sh.dim;
+    store_rows(g.dk, c.li.local_row[static_cast<std::size_t>(ch)], sh.batch, c.li.len(ch), sh.heads_kv, sh.dim, a.acc.data());
+    store_rows(g.dv, c.li.local_row[static_cast<std::size_t>(ch)], sh.batch, c.li.len(ch), sh.heads_kv, sh.dim_v, a.acc.data() + nk);
+  }
   c.rep.partials_buffered = c.most_pending;
   c.rep.seconds = now() - t_start;
   if (o.report) *o.report = c.rep;

@@ -9,6 +9,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <random>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -186,6 +187,105 @@ TEST(Dist, BitwiseEqualToOneProcessAndCloseToOneCall) {
           EXPECT_LE(worst_out, unit * p.input_range) << "out against one attention() call";
           EXPECT_LE(worst_lse, unit) << "lse against one attention() call";
         }
+    }
+  }
+}
+
+// The ring backward: every rank's dq, dk, dv shards are bitwise those of one process (same chunks and layout) and
+// close to one attention_backward call of the whole problem.
+TEST(Dist, BackwardBitwiseEqualToOneProcessAndCloseToOneCall) {
+  const int P = world_size(), rank = world_rank();
+  problem p = test::small_problem(75, 75, 4, 2, 8, dtype::f32, causal_mode::none, 11);
+  p.batch = 2;
+  const problem_data d(p);
+  for (const spec_case& sc : spec_cases()) {
+    spec s;
+    std::vector<float> sinks;
+    rope_spec rope;
+    sc.set(s, sinks, rope, p.seq_q, p.heads_q);
+    // The whole problem on one call: forward (out, lse) and backward.
+    const std::size_t nq = static_cast<std::size_t>(p.batch * p.seq_q * p.heads_q * p.dim_qk);
+    const std::size_t nk = static_cast<std::size_t>(p.batch * p.seq_k * p.heads_kv * p.dim_qk);
+    std::vector<float> full_out(nq), full_lse(static_cast<std::size_t>(p.batch * p.heads_q * p.seq_q)), d_out(nq);
+    std::mt19937_64 rng(5);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (float& x : d_out) x = u(rng);
+    const lse_tensor fl = make_lse(full_lse.data(), p.heads_q, p.seq_q);
+    options fo = d.make_options(backend::cpu, 1);
+    fo.lse = &fl;
+    const tensor fout = make_bshd(full_out.data(), dtype::f32, p.batch, p.seq_q, p.heads_q, p.dim_v);
+    ASSERT_TRUE(attention(d.q_view(), d.k_view(), d.v_view(), fout, s, fo).ok());
+    std::vector<float> fdq(nq), fdk(nk), fdv(nk);
+    gradients fg{make_bshd(fdq.data(), dtype::f32, p.batch, p.seq_q, p.heads_q, p.dim_qk),
+                 make_bshd(fdk.data(), dtype::f32, p.batch, p.seq_k, p.heads_kv, p.dim_qk),
+                 make_bshd(fdv.data(), dtype::f32, p.batch, p.seq_k, p.heads_kv, p.dim_v)};
+    const tensor fdo = make_bshd(d_out.data(), dtype::f32, p.batch, p.seq_q, p.heads_q, p.dim_v);
+    ASSERT_TRUE(attention_backward(d.q_view(), d.k_view(), d.v_view(), fout, fl, fdo, fg, s, d.make_options(backend::cpu, 1)).ok());
+    for (dist::layout l : {dist::layout::contiguous, dist::layout::zigzag}) {
+      const std::int64_t chunks = chunks_for(l, P);
+      SCOPED_TRACE(std::string(sc.name) + " " + dist::layout_name(l) + " P=" + std::to_string(P) + " rank " + std::to_string(rank));
+      // This rank's shards (and those of the one-process run) of everything.
+      const auto run = [&](MPI_Comm comm, int ranks, int r, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv,
+                           std::vector<std::int64_t>& rows) {
+        rows = shard_rows(l, chunks, ranks, r, p.seq_q);
+        const auto n = static_cast<std::int64_t>(rows.size());
+        std::vector<std::uint8_t> q = gather_rows(d.q_view(), rows), k = gather_rows(d.k_view(), rows), v = gather_rows(d.v_view(), rows);
+        std::vector<std::uint8_t> o = gather_rows(fout, rows), g_out = gather_rows(fdo, rows);
+        std::vector<float> lse(static_cast<std::size_t>(p.batch * p.heads_q * n));
+        for (std::int64_t b = 0; b < p.batch; ++b)
+          for (std::int64_t h = 0; h < p.heads_q; ++h)
+            for (std::int64_t i = 0; i < n; ++i)
+              lse[static_cast<std::size_t>((b * p.heads_q + h) * n + i)] =
+                  full_lse[static_cast<std::size_t>((b * p.heads_q + h) * p.seq_q + rows[static_cast<std::size_t>(i)])];
+        dq.assign(static_cast<std::size_t>(p.batch * n * p.heads_q * p.dim_qk), 0.0f);
+        dk.assign(static_cast<std::size_t>(p.batch * n * p.heads_kv * p.dim_qk), 0.0f);
+        dv.assign(dk.size(), 0.0f);
+        dist::cp_options co;
+        co.comm = comm;
+        co.shards = l;
+        co.chunks = chunks;
+        co.threads = 1;
+        return dist::attention_backward(
+            make_bshd(q.data(), p.type, p.batch, n, p.heads_q, p.dim_qk), make_bshd(k.data(), p.type, p.batch, n, p.heads_kv, p.dim_qk),
+            make_bshd(v.data(), p.type, p.batch, n, p.heads_kv, p.dim_v), make_bshd(o.data(), dtype::f32, p.batch, n, p.heads_q, p.dim_v),
+            make_lse(lse.data(), p.heads_q, n), make_bshd(g_out.data(), dtype::f32, p.batch, n, p.heads_q, p.dim_v),
+            {make_bshd(dq.data(), dtype::f32, p.batch, n, p.heads_q, p.dim_qk), make_bshd(dk.data(), dtype::f32, p.batch, n, p.heads_kv, p.dim_qk),
+             make_bshd(dv.data(), dtype::f32, p.batch, n, p.heads_kv, p.dim_v)},
+            s, co);
+      };
+      std::vector<float> dq, dk, dv, odq, odk, odv;
+      std::vector<std::int64_t> rows, all;
+      const status st = run(MPI_COMM_WORLD, P, rank, dq, dk, dv, rows);
+      ASSERT_TRUE(st.ok()) << st.error;  // errors are collective
+      const status one = run(MPI_COMM_SELF, 1, 0, odq, odk, odv, all);
+      EXPECT_TRUE(one.ok()) << one.error;
+      if (!one.ok()) continue;
+      std::vector<std::int64_t> where(static_cast<std::size_t>(p.seq_q));
+      for (std::size_t i = 0; i < all.size(); ++i) where[static_cast<std::size_t>(all[i])] = static_cast<std::int64_t>(i);
+      const auto n = static_cast<std::int64_t>(rows.size());
+      std::int64_t diff = 0;
+      double worst = 0, m = 0;
+      for (float x : fdq) m = std::max(m, static_cast<double>(std::fabs(x)));
+      for (float x : fdk) m = std::max(m, static_cast<double>(std::fabs(x)));
+      for (float x : fdv) m = std::max(m, static_cast<double>(std::fabs(x)));
+      const struct {
+        const std::vector<float> &got, &one, &full;
+        std::int64_t heads;
+      } gs[3] = {{dq, odq, fdq, p.heads_q}, {dk, odk, fdk, p.heads_kv}, {dv, odv, fdv, p.heads_kv}};
+      for (const auto& x : gs)
+        for (std::int64_t b = 0; b < p.batch; ++b)
+          for (std::int64_t i = 0; i < n; ++i) {
+            const std::int64_t row = x.heads * p.dim_qk, g = rows[static_cast<std::size_t>(i)];
+            const float* a = &x.got[static_cast<std::size_t>((b * n + i) * row)];
+            const float* e = &x.one[static_cast<std::size_t>((b * p.seq_q + where[static_cast<std::size_t>(g)]) * row)];
+            const float* f = &x.full[static_cast<std::size_t>((b * p.seq_q + g) * row)];
+            diff += std::memcmp(a, e, static_cast<std::size_t>(row) * sizeof(float)) != 0;
+            for (std::int64_t c = 0; c < row; ++c) worst = std::max(worst, static_cast<double>(std::fabs(a[c] - f[c])));
+          }
+      EXPECT_EQ(diff, 0) << "gradient rows not bitwise those of one process";
+      // Chunked sums of the kernel's block gradients against one backward call: a few units per block of the largest.
+      const double chunks_d = static_cast<double>(chunks);
+      EXPECT_LE(worst, 16.0 * chunks_d * test::dtype_eps(dtype::f32) * std::max(m, 1.0)) << "against one attention_backward call";
     }
   }
 }
