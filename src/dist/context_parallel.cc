@@ -498,9 +498,10 @@ void pack_heads(const tensor& x, std::int64_t h0, std::int64_t n, std::vector<st
   dst.insert(dst.end(), part.begin(), part.end());
 }
 
-// One all-to-all of byte buffers: send[t] to rank t; returns what each rank sent here.
+// One all-to-all of byte buffers: send[t] to rank t; returns what each rank sent here. The sizes were checked
+// against MPI's int counts for every rank before the exchanges (message_limits).
 std::vector<std::vector<std::uint8_t>> all_to_all(call& c, const std::vector<std::vector<std::uint8_t>>& send,
-                                                  const std::vector<std::int64_t>& recv_bytes, status& st) {
+                                                  const std::vector<std::int64_t>& recv_bytes) {
   const int P = c.li.ranks;
   std::vector<int> sc(static_cast<std::size_t>(P)), sd(sc.size()), rc(sc.size()), rd(sc.size());
   std::int64_t so = 0, ro = 0;
@@ -514,7 +515,6 @@ std::vector<std::vector<std::uint8_t>> all_to_all(call& c, const std::vector<std
     ro += recv_bytes[ti];
   }
   std::vector<std::vector<std::uint8_t>> got(static_cast<std::size_t>(P));
-  (void)st;  // the sizes were checked against MPI's int counts for every rank before the exchanges (message_limits)
   std::vector<std::uint8_t> sbuf, rbuf(static_cast<std::size_t>(ro));
   for (const auto& s : send) sbuf.insert(sbuf.end(), s.begin(), s.end());
   const double t0 = now();
@@ -552,10 +552,9 @@ status run_ulysses(call& c) {
     rk[ti] = rows * gkv * sh.dim * es;
     rv[ti] = rows * gkv * sh.dim_v * es;
   }
-  const auto q_from = all_to_all(c, sq, rq, st);
-  const auto k_from = all_to_all(c, sk, rk, st);
-  const auto v_from = all_to_all(c, sv, rv, st);
-  if (!st.ok()) return st;
+  const auto q_from = all_to_all(c, sq, rq);
+  const auto k_from = all_to_all(c, sk, rk);
+  const auto v_from = all_to_all(c, sv, rv);
   std::vector<kv_block> kv(static_cast<std::size_t>(P));
   for (int t = 0; t < P; ++t) {
     kv[static_cast<std::size_t>(t)].k = k_from[static_cast<std::size_t>(t)];
@@ -594,9 +593,8 @@ status run_ulysses(call& c) {
   for (int t = 0; t < P; ++t)
     for (std::int64_t ch : c.li.held[static_cast<std::size_t>(r)])
       ro[static_cast<std::size_t>(t)] += sh.batch * c.li.len(ch) * gq * (sh.dim_v + 1) * 4;
-  status back;
-  c.returned = all_to_all(c, so, ro, back);
-  return back.ok() ? st : back;
+  c.returned = all_to_all(c, so, ro);
+  return st;
 }
 
 // Stores what the return all-to-all brought: from rank t, this rank's chunks for t's heads.
