@@ -95,8 +95,13 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
 // input dtype). Each (query chunk, key chunk) block's share of the gradients is attention_backward with
 // options::block; dq of a query chunk sums its blocks in the forward's fold order, dk and dv of a key chunk in the
 // order i = j, j + 1, ..., C - 1, 0, ..., j - 1, in fp32, so P processes give the bits of one (same C and layout).
-// Mechanisms: the ring (automatic): K/V rotate as in the forward, each step's dK / dV partials go straight back to
-// their owner (non-blocking, overlapped with the next blocks). Not taken: d_sink_logits, d_bias, RoPE position ids.
+// Mechanisms (both give the same bits):
+//   ring       K/V rotate as in the forward, each step's dK / dV shares go straight back to their owner
+//              (non-blocking, overlapped with the next blocks).
+//   ulysses    all-to-alls turn q, k, v, out, d_out and lse into head shards (q.heads and k.heads multiples of P),
+//              each rank computes every block for its heads, and one more all-to-all returns dq, dk, dv.
+//   automatic  whichever of the two moves fewer bytes per rank by a dense estimate (the report says the estimates).
+// Not taken: TokenRing and all-gather (refused), d_sink_logits, d_bias, RoPE position ids.
 struct cp_gradients {
   tensor dq, dk, dv;
 };

@@ -702,9 +702,33 @@ mechanism plan(call& c) {
   return m;
 }
 
+// The backward's mechanism: the requested one, or (automatic) the ring or Ulysses, whichever moves fewer bytes per
+// rank by a dense estimate: the ring sends (P - 1) K/V shards and returns (P - 1) f32 dK / dV shares; Ulysses moves
+// (P - 1) / P of q, k, v, out, d_out and lse there and of the f32 dq, dk, dv back.
+mechanism plan_backward(call& c) {
+  const int P = c.li.ranks;
+  if (c.o.use != mechanism::automatic) {
+    c.rep.reasons.push_back(std::string("requested: ") + mechanism_name(c.o.use));
+    return c.o.use;
+  }
+  const double rows = static_cast<double>(c.sh.batch) * static_cast<double>(c.li.n) / P, es = dtype_size(c.sh.type);
+  const double eo = dtype_size(c.out.type), hq = static_cast<double>(c.sh.heads_q), hkv = static_cast<double>(c.sh.heads_kv);
+  const double d = static_cast<double>(c.sh.dim), dv = static_cast<double>(c.sh.dim_v);
+  const double ring = (P - 1) * rows * hkv * (d + dv) * (es + 4.0);
+  const double uly = (P - 1) / static_cast<double>(P) * rows * (hq * (d * es + 2.0 * dv * eo + 4.0 + 4.0 * d) + hkv * (d + dv) * (es + 4.0));
+  const std::string blocked = ulysses_blocker(c);
+  std::ostringstream os;
+  os << "automatic: bytes per rank (upper bounds): ring " << ring << ", ulysses "
+     << (blocked.empty() ? std::to_string(uly) : "- (" + blocked + ")");
+  c.rep.reasons.push_back(os.str());
+  const mechanism m = blocked.empty() && P > 1 && uly < ring ? mechanism::ulysses : mechanism::ring;
+  c.rep.reasons.push_back(std::string("automatic: ") + mechanism_name(m));
+  return m;
+}
+
 // MPI counts are ints: the largest message (in its datatype's units) of the mechanism, from every rank's sizes (the
 // same answer everywhere, so a refusal is collective without a word exchanged). "" when every message fits.
-std::string message_limits(const call& c, mechanism m) {
+std::string message_limits(const call& c, mechanism m, bool backward = false) {
   const shapes& sh = c.sh;
   const std::int64_t es = dtype_size(sh.type);
   std::int64_t rows_max = 0;
@@ -729,6 +753,16 @@ std::string message_limits(const call& c, mechanism m) {
                     static_cast<double>(sh.heads_kv) * static_cast<double>(sh.dim + sh.dim_v) * static_cast<double>(es));
       what = "bytes of one rank's all-to-all";
       break;
+  }
+  if (backward && m == mechanism::ring) {  // and the dK / dV shares of a shard's keys for all of a rank's query chunks
+    const double per = static_cast<double>(c.li.chunks) / c.li.ranks;
+    most = std::max(most, rows * static_cast<double>(sh.heads_kv) * static_cast<double>(sh.dim + sh.dim_v) * per);
+    what = "floats of a shard's dK / dV shares";
+  }
+  if (backward && m == mechanism::ulysses) {  // q, k, v, out, d_out, lse there; dq, dk, dv back (f32 bounds)
+    most = all * (static_cast<double>(sh.heads_q) * static_cast<double>(2 * sh.dim + 2 * sh.dim_v + 1) * 4.0 +
+                  static_cast<double>(sh.heads_kv) * static_cast<double>(sh.dim + sh.dim_v) * 8.0);
+    what = "bytes of one rank's all-to-alls";
   }
   if (most <= static_cast<double>(INT_MAX)) return {};
   std::ostringstream os;
@@ -969,38 +1003,49 @@ std::vector<std::int64_t> key_order(std::int64_t j, std::int64_t chunks) {
   return o;
 }
 
-// The block (query chunk i of this rank, key chunk j in blk)'s share of the gradients: dq [B][len_i][Hq][D] and
-// dk then dv [B][len_j][Hkv][D | Dv], f32.
-status block_backward(call& c, bwd_call& w, std::int64_t i, std::int64_t j, const kv_block& blk, std::vector<float>& dq,
-                      std::vector<float>& dkv) {
+// The rows of query chunk i a block's backward reads (heads: the block's q heads): q, the forward's out, d_out, lse.
+struct bwd_rows {
+  tensor q, out, d_out;
+  lse_tensor lse;
+};
+
+// This rank's rows of query chunk i (every head).
+bwd_rows own_rows(const call& c, const bwd_call& w, std::int64_t i) {
+  const std::int64_t row0 = c.li.local_row[static_cast<std::size_t>(i)], rows = c.li.len(i);
+  lse_tensor l = w.lse;
+  l.data += row0 * l.stride_seq;
+  return {rows_of(c.q, row0, rows), rows_of(c.out, row0, rows), rows_of(w.d_out, row0, rows), l};
+}
+
+// The block (query chunk i, key chunk j in blk, whose K/V have kv_heads heads)'s share of the gradients for the q
+// heads head0 .. head0 + x.q.heads - 1: dq [B][len_i][heads][D] and dk then dv [B][len_j][kv_heads][D | Dv], f32.
+status block_backward(call& c, std::int64_t i, std::int64_t j, const bwd_rows& x, const kv_block& blk, std::int64_t kv_heads,
+                      std::int64_t head0, std::vector<float>& dq, std::vector<float>& dkv) {
   const shapes& sh = c.sh;
   const std::int64_t owner = c.li.owner[static_cast<std::size_t>(j)], total = c.li.rows[static_cast<std::size_t>(owner)];
   const std::int64_t row0 = c.li.local_row[static_cast<std::size_t>(j)], len = c.li.len(j), rows = c.li.len(i);
-  const std::int64_t qrow = c.li.local_row[static_cast<std::size_t>(i)];
-  const std::int64_t nk = sh.batch * len * sh.heads_kv * sh.dim, nv = sh.batch * len * sh.heads_kv * sh.dim_v;
+  const std::int64_t heads = x.q.heads;
+  const std::int64_t nk = sh.batch * len * kv_heads * sh.dim, nv = sh.batch * len * kv_heads * sh.dim_v;
   try {
-    dq.assign(static_cast<std::size_t>(sh.batch * rows * sh.heads_q * sh.dim), 0.0f);
+    dq.assign(static_cast<std::size_t>(sh.batch * rows * heads * sh.dim), 0.0f);
     dkv.assign(static_cast<std::size_t>(nk + nv), 0.0f);
   } catch (const std::bad_alloc&) {
     return {"[dist::attention_backward] out of memory for a block's gradients"};
   }
   gradients gr;
-  gr.dq = make_bshd(dq.data(), dtype::f32, sh.batch, rows, sh.heads_q, sh.dim);
-  gr.dk = make_bshd(dkv.data(), dtype::f32, sh.batch, len, sh.heads_kv, sh.dim);
-  gr.dv = make_bshd(dkv.data() + nk, dtype::f32, sh.batch, len, sh.heads_kv, sh.dim_v);
-  lse_tensor l = w.lse;
-  l.data += qrow * l.stride_seq;
-  const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n};
+  gr.dq = make_bshd(dq.data(), dtype::f32, sh.batch, rows, heads, sh.dim);
+  gr.dk = make_bshd(dkv.data(), dtype::f32, sh.batch, len, kv_heads, sh.dim);
+  gr.dv = make_bshd(dkv.data() + nk, dtype::f32, sh.batch, len, kv_heads, sh.dim_v);
+  const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n, head0, sh.heads_q};
   options opt;
   opt.use = backend::cpu;
   opt.allow_fallback = false;
   opt.threads = c.o.threads;
   opt.block = &pb;
   const double t0 = now();
-  const status st = omniattn::attention_backward(
-      rows_of(c.q, qrow, rows), packed_view(blk.k, sh.type, sh.batch, total, sh.heads_kv, sh.dim, row0, len),
-      packed_view(blk.v, sh.type, sh.batch, total, sh.heads_kv, sh.dim_v, row0, len), rows_of(c.out, qrow, rows), l,
-      rows_of(w.d_out, qrow, rows), gr, c.local, opt);
+  const status st = omniattn::attention_backward(x.q, packed_view(blk.k, sh.type, sh.batch, total, kv_heads, sh.dim, row0, len),
+                                                 packed_view(blk.v, sh.type, sh.batch, total, kv_heads, sh.dim_v, row0, len), x.out,
+                                                 x.lse, x.d_out, gr, c.local, opt);
   c.rep.compute_seconds += now() - t0;
   if (st.ok()) ++c.rep.pairs_computed;
   return st;
@@ -1035,7 +1080,7 @@ status run_ring_backward(call& c, bwd_call& w, kv_block& mine) {
     const auto out_pairs = need[static_cast<std::size_t>(r)][static_cast<std::size_t>(owner)] ? pairs_of(r, owner) : decltype(in_pairs){};
     for (const auto& [i, j] : out_pairs) {
       std::vector<float> dq, dkv;
-      if (result.ok()) result = block_backward(c, w, i, j, blk, dq, dkv);
+      if (result.ok()) result = block_backward(c, i, j, own_rows(c, w, i), blk, c.sh.heads_kv, 0, dq, dkv);
       dkv.resize(static_cast<std::size_t>(kv_floats(j)), 0.0f);
       if (result.ok()) add_in_order(w.dq[i], j, std::move(dq), c.most_pending);
       if (owner == r) {
@@ -1072,6 +1117,133 @@ void store_rows(const tensor& x, std::int64_t row0, std::int64_t batch, std::int
       }
 }
 
+// Heads [h0, h0 + n) of a BSHD tensor.
+tensor heads_of(tensor x, std::int64_t h0, std::int64_t n) {
+  x.data = static_cast<std::uint8_t*>(x.data) + h0 * x.stride_head * dtype_size(x.type);
+  x.heads = n;
+  return x;
+}
+
+// Appends a [batch][rows][heads][dim] f32 sum to a message.
+void append_floats(std::vector<std::uint8_t>& dst, const std::vector<float>& x) {
+  const auto* b = reinterpret_cast<const std::uint8_t*>(x.data());
+  dst.insert(dst.end(), b, b + x.size() * sizeof(float));
+}
+
+// The Ulysses backward: one all-to-all per operand (q, k, v, out, d_out, lse) turns the sequence shards into head
+// shards, each rank computes every non-empty block for its heads (rank t: q heads t Hq / P.., kv heads t Hkv / P..,
+// a whole GQA group), taking the pairs by diagonals s = 0 .. C - 1 (query chunk i, key chunk i - s) so every dq sum
+// meets its key chunks in the forward's fold order and every dk / dv sum its query chunks in key order without
+// waiting; a last all-to-all returns each chunk's dq, dk, dv for these heads to the rank that holds its tokens.
+status run_ulysses_backward(call& c, bwd_call& w) {
+  const int P = c.li.ranks, r = c.li.rank;
+  const shapes& sh = c.sh;
+  const std::int64_t gq = sh.heads_q / P, gkv = sh.heads_kv / P, C = c.li.chunks;
+  const std::int64_t es = dtype_size(sh.type), eo = dtype_size(c.out.type), ed = dtype_size(w.d_out.type);
+  const auto n = static_cast<std::size_t>(P);
+  std::vector<std::vector<std::uint8_t>> sq(n), sk(n), sv(n), so(n), sd(n), sl(n);
+  std::vector<std::int64_t> rq(n), rk(n), rv(n), ro(n), rd(n), rl(n);
+  const std::int64_t mine = c.q.seq;
+  for (int t = 0; t < P; ++t) {
+    const auto ti = static_cast<std::size_t>(t);
+    pack_heads(c.q, t * gq, gq, sq[ti]);
+    pack_heads(c.k, t * gkv, gkv, sk[ti]);
+    pack_heads(c.v, t * gkv, gkv, sv[ti]);
+    pack_heads(c.out, t * gq, gq, so[ti]);
+    pack_heads(w.d_out, t * gq, gq, sd[ti]);
+    std::vector<float> l(static_cast<std::size_t>(sh.batch * gq * mine));  // [batch][gq][rows] of this rank's rows
+    for (std::int64_t b = 0; b < sh.batch; ++b)
+      for (std::int64_t h = 0; h < gq; ++h)
+        for (std::int64_t i = 0; i < mine; ++i)
+          l[static_cast<std::size_t>((b * gq + h) * mine + i)] =
+              w.lse.data[b * w.lse.stride_batch + (t * gq + h) * w.lse.stride_head + i * w.lse.stride_seq];
+    append_floats(sl[ti], l);
+    const std::int64_t rows = sh.batch * c.li.rows[ti];
+    rq[ti] = rows * gq * sh.dim * es;
+    rk[ti] = rows * gkv * sh.dim * es;
+    rv[ti] = rows * gkv * sh.dim_v * es;
+    ro[ti] = rows * gq * sh.dim_v * eo;
+    rd[ti] = rows * gq * sh.dim_v * ed;
+    rl[ti] = rows * gq * 4;
+  }
+  const auto q_from = all_to_all(c, sq, rq), k_from = all_to_all(c, sk, rk), v_from = all_to_all(c, sv, rv);
+  const auto o_from = all_to_all(c, so, ro), d_from = all_to_all(c, sd, rd), l_from = all_to_all(c, sl, rl);
+  std::vector<kv_block> kv(n);
+  for (std::size_t t = 0; t < n; ++t) {
+    kv[t].k = k_from[t];
+    kv[t].v = v_from[t];
+  }
+  // The rows of query chunk i (held by its owner) for this rank's heads.
+  const auto rows_for = [&](std::int64_t i) {
+    const auto t = static_cast<std::size_t>(c.li.owner[static_cast<std::size_t>(i)]);
+    const std::int64_t total = c.li.rows[t], row0 = c.li.local_row[static_cast<std::size_t>(i)], len = c.li.len(i);
+    auto* lp = reinterpret_cast<float*>(const_cast<std::uint8_t*>(l_from[t].data()));
+    const lse_tensor l{lp + row0, gq * total, total, 1};
+    const auto view = [&](const std::vector<std::uint8_t>& buf, dtype type, std::int64_t dim) {
+      return packed_view(buf, type, sh.batch, total, gq, dim, row0, len);
+    };
+    return bwd_rows{view(q_from[t], sh.type, sh.dim), view(o_from[t], c.out.type, sh.dim_v), view(d_from[t], w.d_out.type, sh.dim_v), l};
+  };
+  std::map<std::int64_t, ordered_sum> dq, dkv;
+  for (std::int64_t ch = 0; ch < C; ++ch) {
+    for (std::int64_t j : fold_order(ch, C))
+      if (block_nonempty(c, ch, j)) dq[ch].order.push_back(j);
+    dq[ch].acc.assign(static_cast<std::size_t>(sh.batch * c.li.len(ch) * gq * sh.dim), 0.0f);
+    for (std::int64_t i : key_order(ch, C))
+      if (block_nonempty(c, i, ch)) dkv[ch].order.push_back(i);
+    dkv[ch].acc.assign(static_cast<std::size_t>(sh.batch * c.li.len(ch) * gkv * (sh.dim + sh.dim_v)), 0.0f);
+  }
+  status result;
+  for (std::int64_t s = 0; s < C && result.ok(); ++s)
+    for (std::int64_t i = 0; i < C && result.ok(); ++i) {
+      const std::int64_t j = ((i - s) % C + C) % C;
+      if (!block_nonempty(c, i, j)) continue;
+      std::vector<float> pq, pkv;
+      result = block_backward(c, i, j, rows_for(i), kv[static_cast<std::size_t>(c.li.owner[static_cast<std::size_t>(j)])], gkv,
+                              r * gq, pq, pkv);
+      if (!result.ok()) break;
+      add_in_order(dq[i], j, std::move(pq), c.most_pending);
+      add_in_order(dkv[j], i, std::move(pkv), c.most_pending);
+    }
+  // Back: to each rank t, its chunks (in its local order) for this rank's heads, dq then dk and dv, f32. A failed
+  // kernel still takes part (partial sums), and the caller reports the failure on every rank before storing.
+  std::vector<std::vector<std::uint8_t>> back(n);
+  std::vector<std::int64_t> back_bytes(n, 0);
+  for (int t = 0; t < P; ++t)
+    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(t)]) {
+      append_floats(back[static_cast<std::size_t>(t)], dq[ch].acc);
+      append_floats(back[static_cast<std::size_t>(t)], dkv[ch].acc);
+    }
+  for (std::size_t t = 0; t < n; ++t)
+    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(r)])
+      back_bytes[t] += sh.batch * c.li.len(ch) * (gq * sh.dim + gkv * (sh.dim + sh.dim_v)) * 4;
+  c.returned = all_to_all(c, back, back_bytes);
+  for (const auto& [ch, a] : dq)
+    if (result.ok() && a.next != a.order.size()) result = {"internal: dq of chunk " + std::to_string(ch) + " incomplete"};
+  for (const auto& [ch, a] : dkv)
+    if (result.ok() && a.next != a.order.size()) result = {"internal: dk / dv of chunk " + std::to_string(ch) + " incomplete"};
+  return result;
+}
+
+// Stores what the Ulysses backward's return brought: from rank t, this rank's chunks' dq, dk, dv for t's heads.
+void store_returned_gradients(const call& c, const cp_gradients& g) {
+  const shapes& sh = c.sh;
+  const int P = c.li.ranks;
+  const std::int64_t gq = sh.heads_q / P, gkv = sh.heads_kv / P;
+  for (int t = 0; t < P; ++t) {
+    const auto* at = reinterpret_cast<const float*>(c.returned[static_cast<std::size_t>(t)].data());
+    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) {
+      const std::int64_t row0 = c.li.local_row[static_cast<std::size_t>(ch)], len = c.li.len(ch);
+      store_rows(heads_of(g.dq, t * gq, gq), row0, sh.batch, len, gq, sh.dim, at);
+      at += sh.batch * len * gq * sh.dim;
+      store_rows(heads_of(g.dk, t * gkv, gkv), row0, sh.batch, len, gkv, sh.dim, at);
+      at += sh.batch * len * gkv * sh.dim;
+      store_rows(heads_of(g.dv, t * gkv, gkv), row0, sh.batch, len, gkv, sh.dim_v, at);
+      at += sh.batch * len * gkv * sh.dim_v;
+    }
+  }
+}
+
 }  // namespace
 
 status attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const lse_tensor& lse,
@@ -1092,12 +1264,15 @@ status attention_backward(const tensor& q, const tensor& k, const tensor& v, con
     gradients gr{g.dq, g.dk, g.dv};
     if (const status st = make_backward_params(q, k, v, out, lse, d_out, gr, s, opt, p); !st.ok())
       local = st.error.rfind("[attention_backward] ", 0) == 0 ? st.error.substr(21) : st.error;
-    if (local.empty() && o.use != mechanism::automatic && o.use != mechanism::ring)
-      local = std::string("options.use ") + mechanism_name(o.use) + ": the backward runs on the ring only (automatic or ring)";
+    if (local.empty() && o.use != mechanism::automatic && o.use != mechanism::ring && o.use != mechanism::ulysses)
+      local = std::string("options.use ") + mechanism_name(o.use) + ": the backward runs on the ring or Ulysses (or automatic)";
+    if (local.empty() && o.use == mechanism::ulysses)
+      if (std::string why = ulysses_blocker(c); !why.empty()) local = "options.use: " + why;
     if (local.empty() && s.rope && (s.rope->pos_q || s.rope->pos_k))
       local = "spec.rope.pos_q / pos_k are not supported: RoPE positions are the tokens' global positions";
-    if (local.empty() && !message_limits(c, mechanism::ring).empty()) local = message_limits(c, mechanism::ring);
   }
+  const mechanism m = local.empty() ? plan_backward(c) : mechanism::ring;
+  if (local.empty()) local = message_limits(c, m, true);
   std::string err = agree(o.comm, c.li.rank, local);
   if (!err.empty()) return {err};
   c.local = s;
@@ -1106,25 +1281,27 @@ status attention_backward(const tensor& q, const tensor& k, const tensor& v, con
   try {
     classify_blocks(c);
     const std::int64_t C = c.li.chunks;
-    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) {
-      ordered_sum& dq = w.dq[ch];
-      for (std::int64_t j : fold_order(ch, C))
-        if (block_nonempty(c, ch, j)) dq.order.push_back(j);
-      dq.acc.assign(static_cast<std::size_t>(c.sh.batch * c.li.len(ch) * c.sh.heads_q * c.sh.dim), 0.0f);
-      ordered_sum& dkv = w.dkv[ch];
-      for (std::int64_t i : key_order(ch, C))
-        if (block_nonempty(c, i, ch)) dkv.order.push_back(i);
-      dkv.acc.assign(static_cast<std::size_t>(c.sh.batch * c.li.len(ch) * c.sh.heads_kv * (c.sh.dim + c.sh.dim_v)), 0.0f);
-    }
+    // The ring's sums (Ulysses keeps its own, for every chunk of its heads).
+    if (m == mechanism::ring)
+      for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) {
+        ordered_sum& dq = w.dq[ch];
+        for (std::int64_t j : fold_order(ch, C))
+          if (block_nonempty(c, ch, j)) dq.order.push_back(j);
+        dq.acc.assign(static_cast<std::size_t>(c.sh.batch * c.li.len(ch) * c.sh.heads_q * c.sh.dim), 0.0f);
+        ordered_sum& dkv = w.dkv[ch];
+        for (std::int64_t i : key_order(ch, C))
+          if (block_nonempty(c, i, ch)) dkv.order.push_back(i);
+        dkv.acc.assign(static_cast<std::size_t>(c.sh.batch * c.li.len(ch) * c.sh.heads_kv * (c.sh.dim + c.sh.dim_v)), 0.0f);
+      }
     pack(k, mine_kv.k);
     pack(v, mine_kv.v);
   } catch (const std::exception& e) {
     local = std::string("preparing the call: ") + e.what();
   }
   if (err = agree(o.comm, c.li.rank, local); !err.empty()) return {err};
-  c.rep.mechanism = "ring";
+  c.rep.mechanism = mechanism_name(m);
   c.rep.chunks = c.li.chunks;
-  const status st = run_ring_backward(c, w, mine_kv);
+  const status st = m == mechanism::ulysses ? run_ulysses_backward(c, w) : run_ring_backward(c, w, mine_kv);
   std::string failed = st.ok() ? std::string{} : st.error;
   for (const auto& [ch, a] : w.dq)
     if (failed.empty() && a.next != a.order.size()) failed = "internal: dq of chunk " + std::to_string(ch) + " incomplete";
@@ -1132,6 +1309,7 @@ status attention_backward(const tensor& q, const tensor& k, const tensor& v, con
     if (failed.empty() && a.next != a.order.size()) failed = "internal: dk / dv of chunk " + std::to_string(ch) + " incomplete";
   if (err = agree(o.comm, c.li.rank, failed); !err.empty()) return {err};
   const shapes& sh = c.sh;
+  if (m == mechanism::ulysses) store_returned_gradients(c, g);
   for (const auto& [ch, a] : w.dq)
     store_rows(g.dq, c.li.local_row[static_cast<std::size_t>(ch)], sh.batch, c.li.len(ch), sh.heads_q, sh.dim, a.acc.data());
   for (const auto& [ch, a] : w.dkv) {

@@ -191,11 +191,12 @@ TEST(Dist, BitwiseEqualToOneProcessAndCloseToOneCall) {
   }
 }
 
-// The ring backward: every rank's dq, dk, dv shards are bitwise those of one process (same chunks and layout) and
-// close to one attention_backward call of the whole problem.
+// The backward on the ring, Ulysses and the planner's choice: every rank's dq, dk, dv shards are bitwise those of one
+// process (same chunks and layout) and close to one attention_backward call of the whole problem. 8 q heads over 4
+// kv heads, so Ulysses takes whole GQA groups on 1, 2 and 4 ranks.
 TEST(Dist, BackwardBitwiseEqualToOneProcessAndCloseToOneCall) {
   const int P = world_size(), rank = world_rank();
-  problem p = test::small_problem(75, 75, 4, 2, 8, dtype::f32, causal_mode::none, 11);
+  problem p = test::small_problem(75, 75, 8, 4, 8, dtype::f32, causal_mode::none, 11);
   p.batch = 2;
   const problem_data d(p);
   for (const spec_case& sc : spec_cases()) {
@@ -221,10 +222,13 @@ TEST(Dist, BackwardBitwiseEqualToOneProcessAndCloseToOneCall) {
                  make_bshd(fdv.data(), dtype::f32, p.batch, p.seq_k, p.heads_kv, p.dim_v)};
     const tensor fdo = make_bshd(d_out.data(), dtype::f32, p.batch, p.seq_q, p.heads_q, p.dim_v);
     ASSERT_TRUE(attention_backward(d.q_view(), d.k_view(), d.v_view(), fout, fl, fdo, fg, s, d.make_options(backend::cpu, 1)).ok());
+    for (dist::mechanism mech : {dist::mechanism::automatic, dist::mechanism::ring, dist::mechanism::ulysses})
     for (dist::layout l : {dist::layout::contiguous, dist::layout::zigzag}) {
       const std::int64_t chunks = chunks_for(l, P);
-      SCOPED_TRACE(std::string(sc.name) + " " + dist::layout_name(l) + " P=" + std::to_string(P) + " rank " + std::to_string(rank));
-      // This rank's shards (and those of the one-process run) of everything.
+      SCOPED_TRACE(std::string(sc.name) + " " + dist::mechanism_name(mech) + " " + dist::layout_name(l) + " P=" + std::to_string(P) +
+                   " rank " + std::to_string(rank));
+      // This rank's shards (and those of the one-process run, on the ring) of everything.
+      dist::cp_report rep;
       const auto run = [&](MPI_Comm comm, int ranks, int r, std::vector<float>& dq, std::vector<float>& dk, std::vector<float>& dv,
                            std::vector<std::int64_t>& rows) {
         rows = shard_rows(l, chunks, ranks, r, p.seq_q);
@@ -245,6 +249,9 @@ TEST(Dist, BackwardBitwiseEqualToOneProcessAndCloseToOneCall) {
         co.shards = l;
         co.chunks = chunks;
         co.threads = 1;
+        const bool reference = comm == MPI_COMM_SELF;
+        co.use = reference ? dist::mechanism::ring : mech;
+        co.report = reference ? nullptr : &rep;
         return dist::attention_backward(
             make_bshd(q.data(), p.type, p.batch, n, p.heads_q, p.dim_qk), make_bshd(k.data(), p.type, p.batch, n, p.heads_kv, p.dim_qk),
             make_bshd(v.data(), p.type, p.batch, n, p.heads_kv, p.dim_v), make_bshd(o.data(), dtype::f32, p.batch, n, p.heads_q, p.dim_v),
@@ -257,6 +264,8 @@ TEST(Dist, BackwardBitwiseEqualToOneProcessAndCloseToOneCall) {
       std::vector<std::int64_t> rows, all;
       const status st = run(MPI_COMM_WORLD, P, rank, dq, dk, dv, rows);
       ASSERT_TRUE(st.ok()) << st.error;  // errors are collective
+      if (mech != dist::mechanism::automatic) EXPECT_EQ(rep.mechanism, dist::mechanism_name(mech));
+      else EXPECT_FALSE(rep.reasons.empty());
       const status one = run(MPI_COMM_SELF, 1, 0, odq, odk, odv, all);
       EXPECT_TRUE(one.ok()) << one.error;
       if (!one.ok()) continue;
@@ -392,6 +401,31 @@ TEST(Dist, ErrorsAreCollectiveAndWriteNothing) {
     EXPECT_NE(es.error.find("spec.rope.pos_q / pos_k are not supported"), std::string::npos) << es.error;
   }
   EXPECT_EQ(std::count(out.begin(), out.end(), -7.0f), static_cast<std::ptrdiff_t>(out.size())) << "a rejected call wrote out";
+  // The backward: mechanisms it does not have, and Ulysses on heads it cannot split; the gradients stay untouched.
+  {
+    std::vector<float> lse(static_cast<std::size_t>(2 * n), 0.0f), grads(buf.size() * 3, -7.0f);
+    const std::int64_t heads = P > 1 ? 1 : 2;
+    const tensor z = make_bshd(buf.data(), dtype::f32, 1, n, heads, 8), zo = make_bshd(out.data(), dtype::f32, 1, n, heads, 8);
+    const dist::cp_gradients g{make_bshd(grads.data(), dtype::f32, 1, n, heads, 8),
+                               make_bshd(grads.data() + buf.size(), dtype::f32, 1, n, heads, 8),
+                               make_bshd(grads.data() + 2 * buf.size(), dtype::f32, 1, n, heads, 8)};
+    dist::cp_options e = o;
+    e.shards = dist::layout::contiguous;
+    e.chunks = 0;
+    e.use = dist::mechanism::token_ring;
+    const status tr = dist::attention_backward(z, z, z, zo, make_lse(lse.data(), heads, n), zo, g, {}, e);
+    EXPECT_NE(tr.error.find("options.use token_ring: the backward runs on the ring or Ulysses (or automatic)"), std::string::npos)
+        << tr.error;
+    if (P > 1) {
+      e.use = dist::mechanism::ulysses;
+      const status us = dist::attention_backward(z, z, z, zo, make_lse(lse.data(), heads, n), zo, g, {}, e);
+      EXPECT_NE(us.error.find("options.use: ulysses needs q.heads 1 and k.heads 1 to be multiples of the " + std::to_string(P) +
+                              " ranks"),
+                std::string::npos)
+          << us.error;
+    }
+    EXPECT_EQ(std::count(grads.begin(), grads.end(), -7.0f), static_cast<std::ptrdiff_t>(grads.size())) << "a rejected call wrote";
+  }
   // A spec rule broken on every rank: the kernel's own message.
   spec bad;
   bad.scale = std::numeric_limits<double>::infinity();
