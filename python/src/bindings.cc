@@ -895,25 +895,36 @@ std::string dist_fail(std::int64_t comm, const std::string& message) {
 }
 
 // omniattn::dist::attention of this rank's shards q, k, v (bshd) into out (and lse); comm is the Fortran handle of an
-// mpi4py communicator (Comm.py2f()), n the global sequence length the mask and score tables were lowered for.
+// mpi4py communicator (Comm.py2f()), n the global sequence length the mask and score tables were lowered for. With
+// d_out: omniattn::dist::attention_backward instead (out and lse the forward's, into dq, dk, dv).
 // A local translation error (an exception here) reaches every rank through dist_fail before it is raised, so no rank
 // waits for this one. Returns the report as a dict.
 py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16,
                         std::optional<double> scale, const std::string& causal, py::handle mask, py::handle score,
                         py::handle lse, int threads, py::handle sinks, py::handle rope, const std::string& mechanism,
-                        const std::string& layout, std::int64_t chunks, std::int64_t n) {
+                        const std::string& layout, std::int64_t chunks, std::int64_t n, py::handle d_out, py::handle dq,
+                        py::handle dk, py::handle dv) {
   namespace d = omniattn::dist;
   buffers keep;
   spec_values sv;
-  omniattn::tensor tq, tk, tv, to;
+  omniattn::tensor tq, tk, tv, to, tdo;
+  d::cp_gradients g;
   omniattn::lse_tensor l;
+  const bool backward = !d_out.is_none();
   d::cp_options o;
   o.comm = MPI_Comm_f2c(static_cast<MPI_Fint>(comm));
   try {
     tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
     tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
     tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
-    to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
+    to = to_tensor("out", describe(out, "out", !backward, as_bf16, keep), false);
+    if (backward) {
+      tdo = to_tensor("d_out", describe(d_out, "d_out", false, as_bf16, keep), false);
+      g.dq = to_tensor("dq", describe(dq, "dq", true, as_bf16, keep), false);
+      g.dk = to_tensor("dk", describe(dk, "dk", true, as_bf16, keep), false);
+      g.dv = to_tensor("dv", describe(dv, "dv", true, as_bf16, keep), false);
+      if (lse.is_none()) throw py::value_error("omniattn: the backward needs the forward's lse");
+    }
     fill_spec(sv, scale, causal, sinks, rope, tq.heads, tq.batch, tq.seq, tk.seq);
     std::vector<shape4> bias_shapes;
     attach_mask_score(sv.s, mask, score, {tq.batch, tq.heads, n, n}, keep, bias_shapes);
@@ -934,7 +945,7 @@ py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handl
     o.chunks = chunks;
     o.threads = threads;
     if (!lse.is_none()) {
-      l = to_lse("lse", describe(lse, "lse", true, false, keep));
+      l = to_lse("lse", describe(lse, "lse", !backward, false, keep));
       o.lse = &l;
     }
   } catch (const std::exception& e) {
@@ -946,7 +957,12 @@ py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handl
   omniattn::status st;
   {
     py::gil_scoped_release release;
-    st = d::attention(tq, tk, tv, to, sv.s, o);
+    if (backward) {
+      o.lse = nullptr;
+      st = d::attention_backward(tq, tk, tv, to, l, tdo, g, sv.s, o);
+    } else {
+      st = d::attention(tq, tk, tv, to, sv.s, o);
+    }
   }
   check(st);
   return py::dict("mechanism"_a = rep.mechanism, "reasons"_a = rep.reasons, "chunks"_a = rep.chunks,
@@ -1041,8 +1057,10 @@ PYBIND11_MODULE(_omniattn, m) {
   m.def("dist_attention", &dist_attention, "comm"_a, "q"_a, "k"_a, "v"_a, "out"_a, py::kw_only(), "as_bf16"_a = false,
         "scale"_a = py::none(), "causal"_a = "none", "mask"_a = py::none(), "score"_a = py::none(), "lse"_a = py::none(),
         "threads"_a = 0, "sink_logits"_a = py::none(), "rope"_a = py::none(), "mechanism"_a = "auto",
-        "layout"_a = "contiguous", "chunks"_a = 0, "n"_a = 0,
-        "omniattn::dist::attention of this rank's shards over the communicator with Fortran handle comm.");
+        "layout"_a = "contiguous", "chunks"_a = 0, "n"_a = 0, "d_out"_a = py::none(), "dq"_a = py::none(),
+        "dk"_a = py::none(), "dv"_a = py::none(),
+        "omniattn::dist::attention (with d_out: attention_backward into dq, dk, dv) of this rank's shards over the "
+        "communicator with Fortran handle comm.");
   m.def("dist_fail", &dist_fail, "comm"_a, "message"_a,
         "Fails the collective call on every rank of comm with this rank's message; returns the agreed error.");
   m.def("rank_chunks", &rank_chunks, "layout"_a, "chunks"_a, "ranks"_a, "rank"_a,

@@ -103,3 +103,67 @@ def test_torch_shards():
                          causal=True, threads=1)
     assert isinstance(out, torch.Tensor)
     np.testing.assert_allclose(out.numpy(), omniattn.attention(q, k, v, causal=True)[:, rows], **TOL)
+
+
+BACKWARD_SPECS = ["full", "causal", "window | sinks", "document + alibi"]
+
+
+@pytest.mark.parametrize("spec", BACKWARD_SPECS)
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("mechanism", ["ring", "ulysses", "auto"])
+def test_backward_shards_are_one_process_bits_and_close_to_one_call(spec, layout, mechanism):
+    comm = MPI.COMM_WORLD
+    P = comm.Get_size()
+    if mechanism == "ulysses" and (HQ % P or HKV % P):
+        pytest.skip(f"ulysses needs heads divisible by {P} ranks")
+    q, k, v = global_problem(7)
+    d_out = np.random.default_rng(8).uniform(-1, 1, (B, N, HQ, D)).astype(np.float32)
+    kw = SPECS[spec]
+    full, full_lse = omniattn.attention(q, k, v, return_lse=True, backend="cpu", threads=1, **kw)
+    fdq, fdk, fdv = omniattn.attention_backward(q, k, v, full, full_lse, d_out, backend="cpu", threads=1, **kw)
+    grads = {}
+    chunks = 2 * P if layout == "zigzag" else P  # the P-process run's default, also on one process
+    for name, c in (("p", comm), ("one", MPI.COMM_SELF)):
+        rows = dist.shard_rows(N, layout, chunks, c)
+        out, lse = dist.attention(q[:, rows], k[:, rows], v[:, rows], c, layout=layout, chunks=chunks,
+                                  return_lse=True, threads=1, **kw)
+        dq, dk, dv, report = dist.attention_backward(
+            q[:, rows], k[:, rows], v[:, rows], out, lse, np.ascontiguousarray(d_out[:, rows]), c,
+            mechanism=mechanism if c is comm else "ring", layout=layout, chunks=chunks, return_report=True,
+            threads=1, **kw)
+        if c is comm and mechanism != "auto":
+            assert report["mechanism"] == mechanism
+        grads[name] = (rows, dq, dk, dv)
+    rows, dq, dk, dv = grads["p"]
+    all_rows, odq, odk, odv = grads["one"]
+    where = np.empty(N, dtype=np.int64)
+    where[all_rows] = np.arange(N)
+    for got, one, whole in ((dq, odq, fdq), (dk, odk, fdk), (dv, odv, fdv)):
+        assert np.array_equal(got.view(np.uint32), one[:, where[rows]].view(np.uint32))
+        # block sums in fp32 against one backward call: a few units of the largest gradient per chunk
+        np.testing.assert_allclose(got, whole[:, rows], atol=16 * 4 * P * 1.2e-7 * max(1.0, np.abs(whole).max()), rtol=0)
+
+
+def test_backward_refuses_mechanisms_it_does_not_have():
+    comm = MPI.COMM_WORLD
+    q, k, v = global_problem(4)
+    rows = dist.shard_rows(N, "contiguous", 0, comm)
+    out, lse = dist.attention(q[:, rows], k[:, rows], v[:, rows], comm, return_lse=True)
+    with pytest.raises(ValueError, match=r"options.use token_ring: the backward runs on the ring or Ulysses"):
+        dist.attention_backward(q[:, rows], k[:, rows], v[:, rows], out, lse, out.copy(), comm, mechanism="token_ring")
+
+
+def test_torch_autograd_through_the_shards():
+    torch = pytest.importorskip("torch")
+    comm = MPI.COMM_WORLD
+    q, k, v = global_problem(9)
+    rows = dist.shard_rows(N, "zigzag", 0, comm)
+    weight = np.random.default_rng(10).uniform(-1, 1, (B, N, HQ, D)).astype(np.float32)
+    local = [torch.tensor(np.ascontiguousarray(x[:, rows]), requires_grad=True) for x in (q, k, v)]
+    out = dist.attention(*local, comm, layout="zigzag", causal=True, threads=1)
+    (out * torch.from_numpy(np.ascontiguousarray(weight[:, rows]))).sum().backward()
+    # The same loss on one process, through omniattn.attention's own autograd.
+    whole = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    (omniattn.attention(*whole, causal=True, threads=1) * torch.from_numpy(weight)).sum().backward()
+    for mine, ref in zip(local, whole):
+        np.testing.assert_allclose(mine.grad.numpy(), ref.grad.numpy()[:, rows], atol=2e-5, rtol=0)
