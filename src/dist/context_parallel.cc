@@ -115,6 +115,13 @@ tensor rows_of(tensor x, std::int64_t row0, std::int64_t rows) {
   return x;
 }
 
+// Heads [h0, h0 + n) of a BSHD tensor.
+tensor heads_of(tensor x, std::int64_t h0, std::int64_t n) {
+  x.data = static_cast<std::uint8_t*>(x.data) + h0 * x.stride_head * dtype_size(x.type);
+  x.heads = n;
+  return x;
+}
+
 void pack(const tensor& x, std::vector<std::uint8_t>& dst) {
   const int es = dtype_size(x.type);
   dst.resize(static_cast<std::size_t>(x.batch * x.seq * x.heads * x.dim * es));
@@ -149,6 +156,8 @@ struct call {
   std::int64_t most_pending = 0;
   std::vector<std::vector<std::uint8_t>> returned;  // Ulysses: each rank's finished chunks for its heads, to store
   std::vector<char> nonempty;        // [C][C]: the block (query chunk i, key chunk j) has an allowed pair
+  MPI_Request* inflight = nullptr;   // the transfers flying while the local blocks run (ring, TokenRing), polled
+  const int* n_inflight = nullptr;   //   between head groups of a block (see progress())
   attn_params base{};                // params of one representative block, for the emptiness test
 };
 
@@ -176,6 +185,31 @@ bool block_nonempty(const call& c, std::int64_t i, std::int64_t j) {
   return c.nonempty[static_cast<std::size_t>(i * c.li.chunks + j)] != 0;
 }
 
+// Open MPI (as most MPIs without an asynchronous progress thread) moves a large message only inside MPI calls of
+// its two ranks: over shared memory the sender pushes its fragments as the receiver drains them. A block computed
+// in one kernel call would leave the transfers of its step waiting for the final MPI_Waitall. So while transfers fly
+// a block runs as a few calls over groups of heads (bitwise the one call: rows of a head do not depend on the other
+// heads, the tested options::block contract), with an MPI_Testall between them.
+bool transfers_in_flight(const call& c) { return c.inflight != nullptr && c.n_inflight != nullptr && *c.n_inflight > 0; }
+
+void progress(call& c) {
+  if (!transfers_in_flight(c)) return;
+  int done = 0;
+  MPI_Testall(*c.n_inflight, c.inflight, &done, MPI_STATUSES_IGNORE);
+}
+
+// The kv-head groups [g0, g0 + gn) a block is computed in: one group without transfers in flight, else about 8.
+template <class Piece>
+status by_head_groups(call& c, std::int64_t kv_heads, Piece&& piece) {
+  const std::int64_t groups = transfers_in_flight(c) ? std::min<std::int64_t>(kv_heads, 8) : 1;
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const std::int64_t g0 = g * kv_heads / groups, g1 = (g + 1) * kv_heads / groups;
+    if (status st = piece(g0, g1 - g0); !st.ok()) return st;
+    if (g + 1 < groups) progress(c);
+  }
+  return {};
+}
+
 // The partial result of one block: out [batch][rows][heads][dim_v] and lse [batch][heads][rows], f32.
 struct partial {
   std::vector<float> out, lse;
@@ -195,18 +229,24 @@ status block_partial(call& c, const tensor& qv, std::int64_t i, std::int64_t j, 
   } catch (const std::bad_alloc&) {  // fail this rank's call, collectively, instead of leaving the others waiting
     return {"[dist::attention] out of memory for a block's partial result"};
   }
-  const lse_tensor l = make_lse(r.lse.data(), heads, rows);
-  const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n, head0, sh.heads_q};
-  options opt;
-  opt.use = backend::cpu;
-  opt.allow_fallback = false;
-  opt.threads = c.o.threads;
-  opt.lse = &l;
-  opt.block = &pb;
+  const std::int64_t group = heads / kv_heads;
+  const tensor k_all = packed_view(blk.k, sh.type, sh.batch, total, kv_heads, sh.dim, row0, len);
+  const tensor v_all = packed_view(blk.v, sh.type, sh.batch, total, kv_heads, sh.dim_v, row0, len);
+  const tensor out_all = make_bshd(r.out.data(), dtype::f32, sh.batch, rows, heads, sh.dim_v);
   const double t0 = now();
-  const status st = omniattn::attention(qv, packed_view(blk.k, sh.type, sh.batch, total, kv_heads, sh.dim, row0, len),
-                                        packed_view(blk.v, sh.type, sh.batch, total, kv_heads, sh.dim_v, row0, len),
-                                        make_bshd(r.out.data(), dtype::f32, sh.batch, rows, heads, sh.dim_v), c.local, opt);
+  const status st = by_head_groups(c, kv_heads, [&](std::int64_t g0, std::int64_t gn) {
+    lse_tensor l = make_lse(r.lse.data(), heads, rows);
+    l.data += g0 * group * l.stride_head;
+    const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n, head0 + g0 * group, sh.heads_q};
+    options opt;
+    opt.use = backend::cpu;
+    opt.allow_fallback = false;
+    opt.threads = c.o.threads;
+    opt.lse = &l;
+    opt.block = &pb;
+    return omniattn::attention(heads_of(qv, g0 * group, gn * group), heads_of(k_all, g0, gn), heads_of(v_all, g0, gn),
+                               heads_of(out_all, g0 * group, gn * group), c.local, opt);
+  });
   c.rep.compute_seconds += now() - t0;
   if (st.ok()) ++c.rep.pairs_computed;
   return st;
@@ -352,7 +392,11 @@ void kv_ring(call& c, kv_block& mine, const need_matrix& need, int tag_stride, W
       MPI_Isend(cur->v.data(), rows_of_rank(cur_owner), v_row, (r + 1) % P, tag_stride * s + 1, c.o.comm, &req[n_req++]);
       c.rep.bytes_sent += static_cast<std::int64_t>(cur->k.size() + cur->v.size());
     }
+    c.inflight = req;
+    c.n_inflight = &n_req;
     work(s, cur_owner, *cur, req, n_req);
+    c.inflight = nullptr;
+    c.n_inflight = nullptr;
     const double t0 = now();
     MPI_Waitall(n_req, req, MPI_STATUSES_IGNORE);
     c.rep.wait_seconds += now() - t0;
@@ -430,6 +474,8 @@ status run_token_ring(call& c, kv_block& mine) {
     }
   };
   post_q_hop(1);
+  c.inflight = q_req;  // the Q hop of the next step flies while the blocks of this one run
+  c.n_inflight = &n_q;
   status result;
   if (need[static_cast<std::size_t>(r)][static_cast<std::size_t>(r)]) result = compute_block(c, mine, r);
   for (int s = 1; s < P; ++s) {
@@ -484,17 +530,16 @@ status run_token_ring(call& c, kv_block& mine) {
         if (f.chunk == i) offer(sh, f, j, std::move(out), std::move(lse), c.most_pending);
     }
   }
+  c.inflight = nullptr;
+  c.n_inflight = nullptr;
   MPI_Type_free(&q_row);
   return result;
 }
 
 // Rows of x (all of them) and heads [h0, h0 + n), appended to dst as [batch][rows][n][dim].
 void pack_heads(const tensor& x, std::int64_t h0, std::int64_t n, std::vector<std::uint8_t>& dst) {
-  tensor sub = x;
-  sub.data = static_cast<std::uint8_t*>(x.data) + h0 * x.stride_head * dtype_size(x.type);
-  sub.heads = n;
   std::vector<std::uint8_t> part;
-  pack(sub, part);
+  pack(heads_of(x, h0, n), part);
   dst.insert(dst.end(), part.begin(), part.end());
 }
 
@@ -1036,16 +1081,24 @@ status block_backward(call& c, std::int64_t i, std::int64_t j, const bwd_rows& x
   gr.dq = make_bshd(dq.data(), dtype::f32, sh.batch, rows, heads, sh.dim);
   gr.dk = make_bshd(dkv.data(), dtype::f32, sh.batch, len, kv_heads, sh.dim);
   gr.dv = make_bshd(dkv.data() + nk, dtype::f32, sh.batch, len, kv_heads, sh.dim_v);
-  const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n, head0, sh.heads_q};
-  options opt;
-  opt.use = backend::cpu;
-  opt.allow_fallback = false;
-  opt.threads = c.o.threads;
-  opt.block = &pb;
+  const std::int64_t group = heads / kv_heads;
+  const tensor k_all = packed_view(blk.k, sh.type, sh.batch, total, kv_heads, sh.dim, row0, len);
+  const tensor v_all = packed_view(blk.v, sh.type, sh.batch, total, kv_heads, sh.dim_v, row0, len);
   const double t0 = now();
-  const status st = omniattn::attention_backward(x.q, packed_view(blk.k, sh.type, sh.batch, total, kv_heads, sh.dim, row0, len),
-                                                 packed_view(blk.v, sh.type, sh.batch, total, kv_heads, sh.dim_v, row0, len), x.out,
-                                                 x.lse, x.d_out, gr, c.local, opt);
+  const status st = by_head_groups(c, kv_heads, [&](std::int64_t g0, std::int64_t gn) {
+    const std::int64_t h0 = g0 * group, hn = gn * group;
+    lse_tensor l = x.lse;
+    l.data += h0 * l.stride_head;
+    const gradients part{heads_of(gr.dq, h0, hn), heads_of(gr.dk, g0, gn), heads_of(gr.dv, g0, gn)};
+    const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n, head0 + h0, sh.heads_q};
+    options opt;
+    opt.use = backend::cpu;
+    opt.allow_fallback = false;
+    opt.threads = c.o.threads;
+    opt.block = &pb;
+    return omniattn::attention_backward(heads_of(x.q, h0, hn), heads_of(k_all, g0, gn), heads_of(v_all, g0, gn), heads_of(x.out, h0, hn),
+                                        l, heads_of(x.d_out, h0, hn), part, c.local, opt);
+  });
   c.rep.compute_seconds += now() - t0;
   if (st.ok()) ++c.rep.pairs_computed;
   return st;
@@ -1115,13 +1168,6 @@ void store_rows(const tensor& x, std::int64_t row0, std::int64_t batch, std::int
         const float* s = src + ((b * rows + r) * heads + h) * dim;
         for (std::int64_t d = 0; d < dim; ++d) detail::store_element(x.data, x.type, base + d * x.stride_dim, static_cast<double>(s[d]));
       }
-}
-
-// Heads [h0, h0 + n) of a BSHD tensor.
-tensor heads_of(tensor x, std::int64_t h0, std::int64_t n) {
-  x.data = static_cast<std::uint8_t*>(x.data) + h0 * x.stride_head * dtype_size(x.type);
-  x.heads = n;
-  return x;
 }
 
 // Appends a [batch][rows][heads][dim] f32 sum to a message.
