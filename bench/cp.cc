@@ -6,7 +6,8 @@
 //   ring   sum over steps s of max(max over ranks of compute(s), shard K/V bytes / link), compute(s) = the FLOPs of
 //          the blocks a rank computes at step s / rate;
 //   token  the same with Q shards, plus the partials' return (not overlapped);
-//   ulysses / allgather: their all-to-all / all-gather bytes / link, plus the largest rank's FLOPs / rate.
+//   ulysses / allgather: their all-to-all / all-gather bytes / link, plus the largest rank's FLOPs / rate;
+//   hybrid the Ulysses all-to-all inside groups of U, then the ring across the P / U groups for 1 / U of the heads.
 // local = the same blocks each rank computes under that mechanism, run without any MPI (the slowest rank): the time
 // the call would take if communication were free; exposed = ms - local (communication and everything else the
 // distribution adds: packing, folding, waiting for a slower neighbour); transfer = the bytes a rank received / link;
@@ -53,8 +54,8 @@ int usage(int rank, const char* msg) {
     if (msg) std::fprintf(stderr, "omniattn bench --cp: %s\n", msg);
     std::fprintf(stderr,
                  "usage: mpirun -np P omniattn bench --cp [--n 8192] [--heads 8:8] [--d 128] [--threads 1]\n"
-                 "           [--masks full,causal,window,document] [--mechanisms ring,token_ring,ulysses,allgather]\n"
-                 "           [--layouts contiguous,zigzag] [--chunks C] [--reps 3]\n");
+                 "           [--masks full,causal,window,document] [--mechanisms ring,token_ring,ulysses,allgather,hybrid]\n"
+                 "           [--layouts contiguous,zigzag] [--chunks C] [--ulysses-degree U] [--reps 3]\n");
   }
   return 2;
 }
@@ -123,8 +124,8 @@ int cp_main(int argc, char** argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   std::int64_t n = 8192, hq = 8, hkv = 8, d = 128, chunks_opt = 0, reps = 3;
-  int threads = 1;
-  std::vector<std::string> masks = {"full", "causal", "window", "document"}, mechs = {"ring", "token_ring", "ulysses", "allgather"},
+  int threads = 1, ulysses_degree = 0;
+  std::vector<std::string> masks = {"full", "causal", "window", "document"}, mechs = {"ring", "token_ring", "ulysses", "allgather", "hybrid"},
                            layouts = {"contiguous", "zigzag"};
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
@@ -133,6 +134,7 @@ int cp_main(int argc, char** argv) {
     if (a == "--n" && v) n = std::strtoll(argv[++i], nullptr, 10);
     else if (a == "--d" && v) d = std::strtoll(argv[++i], nullptr, 10);
     else if (a == "--threads" && v) threads = std::atoi(argv[++i]);
+    else if (a == "--ulysses-degree" && v) ulysses_degree = std::atoi(argv[++i]);
     else if (a == "--chunks" && v) chunks_opt = std::strtoll(argv[++i], nullptr, 10);
     else if (a == "--reps" && v) reps = std::max<std::int64_t>(1, std::strtoll(argv[++i], nullptr, 10));
     else if (a == "--masks" && v) masks = words(argv[++i]);
@@ -231,11 +233,25 @@ int cp_main(int argc, char** argv) {
       for (const std::string& me : mechs) {
         const dist::mechanism mech = me == "ring" ? dist::mechanism::ring : me == "token_ring" ? dist::mechanism::token_ring
                                      : me == "ulysses" ? dist::mechanism::ulysses : me == "allgather" ? dist::mechanism::allgather
-                                                                                  : dist::mechanism::automatic;
+                                     : me == "hybrid" ? dist::mechanism::hybrid : dist::mechanism::automatic;
+        // The hybrid's groups (the library's default rule when --ulysses-degree is 0).
+        int U = ulysses_degree;
+        if (U == 0)
+          for (int x = 1; x <= size; ++x)
+            if (size % x == 0 && hq % x == 0 && hkv % x == 0) U = x;
+        if (U <= 0 || size % U != 0) U = 1;
+        const int R = size / U;
+        // The chunks of group gg (its members' chunks).
+        const auto group_chunks = [&](int gg) {
+          std::vector<std::int64_t> c;
+          for (int t = 0; t < U; ++t) c.insert(c.end(), held[static_cast<std::size_t>(gg * U + t)].begin(), held[static_cast<std::size_t>(gg * U + t)].end());
+          return c;
+        };
         dist::cp_options o;
         o.use = mech;
         o.shards = l;
         o.chunks = chunks;
+        o.ulysses_degree = ulysses_degree;
         o.threads = threads;
         dist::cp_report rep;
         o.report = &rep;
@@ -266,6 +282,12 @@ int cp_main(int argc, char** argv) {
         double err_max = 0;
         MPI_Allreduce(&err, &err_max, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
         // The model (per the header): compute per step from the pairs' areas and the one-process rate.
+        const auto compute_q = [&](const std::vector<std::int64_t>& q_chunks, const std::vector<std::int64_t>& kv_chunks, double heads_share) {
+          double a = 0;
+          for (std::int64_t i : q_chunks)
+            for (std::int64_t j : kv_chunks) a += static_cast<double>(area[static_cast<std::size_t>(i * chunks + j)]);
+          return rate > 0 ? heads_share * flop_per_pair * a / rate : 0.0;
+        };
         const auto compute_s = [&](int r, const std::vector<std::int64_t>& kv_chunks, double heads_share) {
           double a = 0;
           for (std::int64_t i : held[static_cast<std::size_t>(r)])
@@ -285,6 +307,14 @@ int cp_main(int argc, char** argv) {
             }
             const double x = step + 1 < size ? (mech == dist::mechanism::ring ? kv_shard : q_shard) / link : 0.0;
             model += std::max(c, x) + (mech == dist::mechanism::token_ring && step > 0 ? part / link : 0.0);
+          }
+        } else if (link > 0 && mech == dist::mechanism::hybrid) {
+          // Ulysses inside the groups (not overlapped), then the ring across them for 1 / U of the heads.
+          model = (U > 1 ? static_cast<double>(U - 1) / U * (q_shard + kv_shard + part) / link : 0.0);
+          for (int step = 0; step < R; ++step) {
+            double c = 0;
+            for (int gg = 0; gg < R; ++gg) c = std::max(c, compute_q(group_chunks(gg), group_chunks(((gg - step) % R + R) % R), 1.0 / U));
+            model += std::max(c, step + 1 < R ? kv_shard / link : 0.0);
           }
         } else if (link > 0) {
           std::vector<std::int64_t> all(static_cast<std::size_t>(chunks));
@@ -311,6 +341,13 @@ int cp_main(int argc, char** argv) {
           kv_heads_local = hkv / size;
           head0 = rank * heads_local;
           for (std::int64_t i = 0; i < chunks; ++i)
+            for (std::int64_t j = 0; j < chunks; ++j)
+              if (area[static_cast<std::size_t>(i * chunks + j)] > 0) pairs.push_back({i, j});
+        } else if (mech == dist::mechanism::hybrid) {
+          heads_local = hq / U;
+          kv_heads_local = hkv / U;
+          head0 = (rank % U) * heads_local;
+          for (std::int64_t i : group_chunks(rank / U))
             for (std::int64_t j = 0; j < chunks; ++j)
               if (area[static_cast<std::size_t>(i * chunks + j)] > 0) pairs.push_back({i, j});
         } else if (mech == dist::mechanism::token_ring) {

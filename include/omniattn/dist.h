@@ -30,8 +30,13 @@
 //   ulysses    DeepSpeed-Ulysses: an all-to-all turns sequence shards into head shards (q.heads and k.heads
 //              multiples of P), each rank computes every chunk pair for its heads, a second all-to-all returns the
 //              outputs; per-head parameters keep their heads (options::block's h_offset).
-//   automatic  ring, TokenRing or Ulysses, whichever moves the fewest bytes per rank by a dense estimate (masks'
-//              savings are not counted; the report says the estimates and the choice).
+//   hybrid     USP: Ulysses inside groups of U consecutive ranks (cp_options::ulysses_degree), ring across the
+//              P / U groups: an all-to-all inside the group gives each member U-th of the heads for every token of
+//              the group, the members with the same heads form a ring over which K/V rotate (as above), and an
+//              all-to-all inside the group returns the outputs. Ulysses where heads are fewer than ranks; the
+//              all-to-alls stay inside a node when a group is a node.
+//   automatic  ring, TokenRing, Ulysses or the hybrid, whichever moves the fewest bytes per rank by a dense estimate
+//              (masks' savings are not counted; the report says the estimates and the choice).
 // A ring or TokenRing shard travels as far as the last rank that needs it (it may pass through ranks that do not);
 // all-gather and Ulysses move every shard. Blocks the mask leaves empty are not computed.
 // Errors are collective: when any rank's arguments are invalid (shapes and options are compared between ranks too),
@@ -50,7 +55,7 @@
 
 namespace omniattn::dist {
 
-enum class mechanism : std::uint8_t { automatic, ring, allgather, token_ring, ulysses };
+enum class mechanism : std::uint8_t { automatic, ring, allgather, token_ring, ulysses, hybrid };
 enum class layout : std::uint8_t { contiguous, zigzag };
 
 const char* mechanism_name(mechanism m);
@@ -74,6 +79,7 @@ struct cp_options {
   mechanism use = mechanism::automatic;
   layout shards = layout::contiguous;
   std::int64_t chunks = 0;  // C; 0: P (contiguous) or 2P (zigzag)
+  int ulysses_degree = 0;   // hybrid: ranks per Ulysses group U (dividing P, q.heads, k.heads); 0: the largest such
   int threads = 0;          // threads per process for the local kernels (0 = all cores)
   const lse_tensor* lse = nullptr;  // optional [batch, heads, local seq] LSE output
   cp_report* report = nullptr;

@@ -83,6 +83,7 @@ def _call(comm, q, k, v, out, lse, spec, run, grads=None):
         ops = [_operand(name, x, False) for name, x in zip(names, arrays)]
         kw = dict(as_bf16=any(flag for _, flag in ops), lse=None if lse is None else _operand_lse(lse),
                   threads=int(run["threads"]), mechanism=run["mechanism"], layout=run["layout"], chunks=int(run["chunks"]),
+                  ulysses_degree=int(run.get("ulysses_degree", 0)),
                   n=n, **_spec_values(spec["scale"], spec["causal"], spec["sink_logits"], spec["rope"]))
         if spec["mask"] is not None or spec["score"] is not None:
             kw.update(_lowered(spec["mask"], spec["score"], Grid(q.shape[0], q.shape[2], n, n)))
@@ -95,10 +96,13 @@ def _call(comm, q, k, v, out, lse, spec, run, grads=None):
 
 
 def attention(q, k, v, comm=None, *, mechanism="auto", layout="contiguous", chunks=0, scale=None, causal=False,
-              mask=None, score=None, sink_logits=None, rope=None, return_lse=False, return_report=False, threads=0):
+              mask=None, score=None, sink_logits=None, rope=None, return_lse=False, return_report=False, threads=0,
+              ulysses_degree=0):
     """omniattn::dist::attention over a communicator (default MPI.COMM_WORLD), collective.
 
-    mechanism   "auto" (the planner: fewest bytes per rank), "ring", "token_ring", "ulysses" or "allgather"
+    mechanism   "auto" (the planner: fewest bytes per rank), "ring", "token_ring", "ulysses", "allgather" or
+                "hybrid" (USP: Ulysses inside groups of ulysses_degree consecutive ranks, 0 = the largest that
+                divides the ranks and both head counts, ring across the groups)
     layout      "contiguous" or "zigzag" (load-balanced causal sharding); chunks: C (0 = P or 2P)
     scale, causal, mask, score, sink_logits, rope: attention()'s, for the GLOBAL problem (positions are global; mask
                 and score tables are [batch, heads_q, N, N] with N the sum of the ranks' shard lengths)
@@ -114,7 +118,7 @@ def attention(q, k, v, comm=None, *, mechanism="auto", layout="contiguous", chun
     _require()
     comm = _world(comm)
     spec = dict(scale=scale, causal=causal, mask=mask, score=score, sink_logits=sink_logits, rope=rope)
-    run = dict(mechanism=mechanism, layout=layout, chunks=chunks, threads=threads)
+    run = dict(mechanism=mechanism, layout=layout, chunks=chunks, threads=threads, ulysses_degree=ulysses_degree)
     torch = torch_module()
     if torch is not None and torch.is_grad_enabled() and any(is_torch(t) and t.requires_grad for t in (q, k, v)):
         held = []  # the forward's report (an autograd Function returns tensors only)
@@ -164,7 +168,8 @@ def _function():
             held.append(_call(comm, q, k, v, out, lse, spec, run))
             ctx.comm, ctx.spec = comm, spec
             # The backward takes the forward's mechanism where it has it, else the planner's.
-            ctx.run = dict(run, mechanism=run["mechanism"] if run["mechanism"] in ("ring", "ulysses") else "auto")
+            ctx.run = {key: value for key, value in run.items() if key != "ulysses_degree"}
+            ctx.run["mechanism"] = run["mechanism"] if run["mechanism"] in ("ring", "ulysses") else "auto"
             ctx.save_for_backward(q, k, v, out, lse)
             ctx.mark_non_differentiable(lse)
             return out, lse

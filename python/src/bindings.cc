@@ -903,7 +903,7 @@ py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handl
                         std::optional<double> scale, const std::string& causal, py::handle mask, py::handle score,
                         py::handle lse, int threads, py::handle sinks, py::handle rope, const std::string& mechanism,
                         const std::string& layout, std::int64_t chunks, std::int64_t n, py::handle d_out, py::handle dq,
-                        py::handle dk, py::handle dv) {
+                        py::handle dk, py::handle dv, int ulysses_degree) {
   namespace d = omniattn::dist;
   buffers keep;
   spec_values sv;
@@ -932,17 +932,18 @@ py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handl
       const char* name;
       d::mechanism m;
     } mechs[] = {{"auto", d::mechanism::automatic}, {"ring", d::mechanism::ring}, {"allgather", d::mechanism::allgather},
-                 {"token_ring", d::mechanism::token_ring}, {"ulysses", d::mechanism::ulysses}};
+                 {"token_ring", d::mechanism::token_ring}, {"ulysses", d::mechanism::ulysses}, {"hybrid", d::mechanism::hybrid}};
     bool found = false;
     for (const auto& x : mechs)
       if (mechanism == x.name) o.use = x.m, found = true;
     if (!found)
-      throw py::value_error("omniattn: mechanism must be 'auto', 'ring', 'allgather', 'token_ring' or 'ulysses', not '" +
-                            mechanism + "'");
+      throw py::value_error("omniattn: mechanism must be 'auto', 'ring', 'allgather', 'token_ring', 'ulysses' or 'hybrid', "
+                            "not '" + mechanism + "'");
     if (layout != "contiguous" && layout != "zigzag")
       throw py::value_error("omniattn: layout must be 'contiguous' or 'zigzag', not '" + layout + "'");
     o.shards = layout == "zigzag" ? d::layout::zigzag : d::layout::contiguous;
     o.chunks = chunks;
+    o.ulysses_degree = ulysses_degree;
     o.threads = threads;
     if (!lse.is_none()) {
       l = to_lse("lse", describe(lse, "lse", !backward, false, keep));
@@ -1058,7 +1059,7 @@ PYBIND11_MODULE(_omniattn, m) {
         "scale"_a = py::none(), "causal"_a = "none", "mask"_a = py::none(), "score"_a = py::none(), "lse"_a = py::none(),
         "threads"_a = 0, "sink_logits"_a = py::none(), "rope"_a = py::none(), "mechanism"_a = "auto",
         "layout"_a = "contiguous", "chunks"_a = 0, "n"_a = 0, "d_out"_a = py::none(), "dq"_a = py::none(),
-        "dk"_a = py::none(), "dv"_a = py::none(),
+        "dk"_a = py::none(), "dv"_a = py::none(), "ulysses_degree"_a = 0,
         "omniattn::dist::attention (with d_out: attention_backward into dq, dk, dv) of this rank's shards over the "
         "communicator with Fortran handle comm.");
   m.def("dist_fail", &dist_fail, "comm"_a, "message"_a,

@@ -36,7 +36,7 @@ SPECS = {
 
 @pytest.mark.parametrize("spec", list(SPECS))
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("mechanism", ["ring", "token_ring", "ulysses", "allgather", "auto"])
+@pytest.mark.parametrize("mechanism", ["ring", "token_ring", "ulysses", "allgather", "hybrid", "auto"])
 def test_shards_are_one_process_bits_and_close_to_one_call(spec, layout, mechanism):
     comm = MPI.COMM_WORLD
     P, rank = comm.Get_size(), comm.Get_rank()
@@ -167,3 +167,18 @@ def test_torch_autograd_through_the_shards():
     (omniattn.attention(*whole, causal=True, threads=1) * torch.from_numpy(weight)).sum().backward()
     for mine, ref in zip(local, whole):
         np.testing.assert_allclose(mine.grad.numpy(), ref.grad.numpy()[:, rows], atol=2e-5, rtol=0)
+
+
+def test_hybrid_groups_and_report():
+    comm = MPI.COMM_WORLD
+    P = comm.Get_size()
+    q, k, v = global_problem(11)
+    rows = dist.shard_rows(N, "zigzag", 0, comm)
+    for degree in [u for u in range(1, P + 1) if P % u == 0 and HQ % u == 0 and HKV % u == 0]:
+        out, report = dist.attention(q[:, rows], k[:, rows], v[:, rows], comm, mechanism="hybrid", layout="zigzag",
+                                     causal=True, ulysses_degree=degree, return_report=True, threads=1)
+        assert report["mechanism"] == "hybrid"
+        assert any(f"groups of {degree} ranks" in r and f"across {P // degree} groups" in r for r in report["reasons"])
+        np.testing.assert_allclose(out, omniattn.attention(q, k, v, causal=True)[:, rows], **TOL)
+    with pytest.raises(ValueError, match=r"options.ulysses_degree 3 must divide the"):
+        dist.attention(q[:, rows], k[:, rows], v[:, rows], comm, mechanism="hybrid", layout="zigzag", ulysses_degree=3)

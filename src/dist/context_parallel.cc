@@ -156,6 +156,7 @@ struct call {
   std::int64_t most_pending = 0;
   std::vector<std::vector<std::uint8_t>> returned;  // Ulysses: each rank's finished chunks for its heads, to store
   std::vector<char> nonempty;        // [C][C]: the block (query chunk i, key chunk j) has an allowed pair
+  std::int64_t head0 = 0, heads_total = 0;  // the hybrid's ring stage: its q heads are head0.. of heads_total (0: all)
   MPI_Request* inflight = nullptr;   // the transfers flying while the local blocks run (ring, TokenRing), polled
   const int* n_inflight = nullptr;   //   between head groups of a block (see progress())
   attn_params base{};                // params of one representative block, for the emptiness test
@@ -237,7 +238,7 @@ status block_partial(call& c, const tensor& qv, std::int64_t i, std::int64_t j, 
   const status st = by_head_groups(c, kv_heads, [&](std::int64_t g0, std::int64_t gn) {
     lse_tensor l = make_lse(r.lse.data(), heads, rows);
     l.data += g0 * group * l.stride_head;
-    const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n, head0 + g0 * group, sh.heads_q};
+    const problem_block pb{c.li.begin(i), c.li.begin(j), c.li.n, c.li.n, head0 + g0 * group, c.heads_total ? c.heads_total : sh.heads_q};
     options opt;
     opt.use = backend::cpu;
     opt.allow_fallback = false;
@@ -255,7 +256,7 @@ status block_partial(call& c, const tensor& qv, std::int64_t i, std::int64_t j, 
 // The block (query chunk f.chunk of this rank, key chunk j) offered to the fold.
 status compute_pair(call& c, chunk_fold& f, std::int64_t j, const kv_block& blk) {
   partial r;
-  if (status st = block_partial(c, rows_of(c.q, f.local_row, f.rows), f.chunk, j, blk, r, c.sh.heads_kv, 0); !st.ok()) return st;
+  if (status st = block_partial(c, rows_of(c.q, f.local_row, f.rows), f.chunk, j, blk, r, c.sh.heads_kv, c.head0); !st.ok()) return st;
   offer(c.sh, f, j, std::move(r.out), std::move(r.lse), c.most_pending);
   return {};
 }
@@ -545,9 +546,10 @@ void pack_heads(const tensor& x, std::int64_t h0, std::int64_t n, std::vector<st
 
 // One all-to-all of byte buffers: send[t] to rank t; returns what each rank sent here. The sizes were checked
 // against MPI's int counts for every rank before the exchanges (message_limits).
-std::vector<std::vector<std::uint8_t>> all_to_all(call& c, const std::vector<std::vector<std::uint8_t>>& send,
-                                                  const std::vector<std::int64_t>& recv_bytes) {
-  const int P = c.li.ranks;
+std::vector<std::vector<std::uint8_t>> all_to_all_on(call& c, MPI_Comm comm, int self,
+                                                     const std::vector<std::vector<std::uint8_t>>& send,
+                                                     const std::vector<std::int64_t>& recv_bytes) {
+  const int P = static_cast<int>(send.size());
   std::vector<int> sc(static_cast<std::size_t>(P)), sd(sc.size()), rc(sc.size()), rd(sc.size());
   std::int64_t so = 0, ro = 0;
   for (int t = 0; t < P; ++t) {
@@ -563,17 +565,22 @@ std::vector<std::vector<std::uint8_t>> all_to_all(call& c, const std::vector<std
   std::vector<std::uint8_t> sbuf, rbuf(static_cast<std::size_t>(ro));
   for (const auto& s : send) sbuf.insert(sbuf.end(), s.begin(), s.end());
   const double t0 = now();
-  MPI_Alltoallv(sbuf.data(), sc.data(), sd.data(), MPI_BYTE, rbuf.data(), rc.data(), rd.data(), MPI_BYTE, c.o.comm);
+  MPI_Alltoallv(sbuf.data(), sc.data(), sd.data(), MPI_BYTE, rbuf.data(), rc.data(), rd.data(), MPI_BYTE, comm);
   c.rep.wait_seconds += now() - t0;
   for (int t = 0; t < P; ++t) {
     const auto ti = static_cast<std::size_t>(t);
-    if (t != c.li.rank) {
+    if (t != self) {
       c.rep.bytes_sent += sc[ti];
       c.rep.bytes_received += rc[ti];
     }
     got[ti].assign(rbuf.begin() + rd[ti], rbuf.begin() + rd[ti] + rc[ti]);
   }
   return got;
+}
+
+std::vector<std::vector<std::uint8_t>> all_to_all(call& c, const std::vector<std::vector<std::uint8_t>>& send,
+                                                  const std::vector<std::int64_t>& recv_bytes) {
+  return all_to_all_on(c, c.o.comm, c.li.rank, send, recv_bytes);
 }
 
 // Ulysses (DeepSpeed): an all-to-all turns the sequence shards into head shards (rank t: q heads t H / P .., every
@@ -642,11 +649,12 @@ status run_ulysses(call& c) {
   return st;
 }
 
-// Stores what the return all-to-all brought: from rank t, this rank's chunks for t's heads.
-void store_returned(const call& c) {
+// Stores what the return all-to-all brought: from member t of this rank's group of `members` ranks (Ulysses: every
+// rank), this rank's chunks for t's heads.
+void store_returned(const call& c, int members) {
   const shapes& sh = c.sh;
-  const std::int64_t gq = sh.heads_q / c.li.ranks;
-  for (int t = 0; t < c.li.ranks; ++t) {
+  const std::int64_t gq = sh.heads_q / members;
+  for (int t = 0; t < members; ++t) {
     const auto* at = reinterpret_cast<const float*>(c.returned[static_cast<std::size_t>(t)].data());
     for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) {
       const std::int64_t rows = c.li.len(ch), n_out = sh.batch * rows * gq * sh.dim_v;
@@ -713,12 +721,144 @@ chunk_fold make_fold(call& c, std::int64_t ch, std::int64_t heads, std::int64_t 
   return f;
 }
 
+// The hybrid's Ulysses degree U: the requested one, or the largest divisor of P that divides both head counts.
+int hybrid_degree(const call& c) {
+  if (c.o.ulysses_degree > 0) return c.o.ulysses_degree;
+  int u = 1;
+  for (int d = 1; d <= c.li.ranks; ++d)
+    if (c.li.ranks % d == 0 && c.sh.heads_q % d == 0 && c.sh.heads_kv % d == 0) u = d;
+  return u;
+}
+
+// The hybrid (USP: Ulysses inside a group, ring across groups). Rank r is member u = r % U of group g = r / U (U
+// consecutive ranks, as the ranks of one node usually are). An all-to-all inside the group gives member u the q
+// heads u Hq / U.. (and kv heads u Hkv / U..) of every token the group holds; the members with the same u form a
+// ring of R = P / U ranks, each holding its group's chunks, over which K/V rotate as in the ring mechanism (the same
+// blocks, the same fold: the bits of one process); a last all-to-all inside the group returns each chunk's out and
+// lse for those heads to the member that holds its tokens.
+status run_hybrid(call& c) {
+  const int P = c.li.ranks, r = c.li.rank, U = hybrid_degree(c), R = P / U, g = r / U, u = r % U;
+  const shapes& sh = c.sh;
+  const std::int64_t gq = sh.heads_q / U, gkv = sh.heads_kv / U, es = dtype_size(sh.type);
+  MPI_Comm group_comm = MPI_COMM_NULL, ring_comm = MPI_COMM_NULL;
+  MPI_Comm_split(c.o.comm, g, u, &group_comm);
+  MPI_Comm_split(c.o.comm, u, g, &ring_comm);
+  const auto member = [&](int t) { return static_cast<std::size_t>(g * U + t); };
+  // Inside the group: to member t, this rank's rows for t's heads.
+  const auto nu = static_cast<std::size_t>(U);
+  std::vector<std::vector<std::uint8_t>> sq(nu), sk(nu), sv(nu);
+  std::vector<std::int64_t> rq(nu), rk(nu), rv(nu);
+  for (int t = 0; t < U; ++t) {
+    const auto ti = static_cast<std::size_t>(t);
+    pack_heads(c.q, t * gq, gq, sq[ti]);
+    pack_heads(c.k, t * gkv, gkv, sk[ti]);
+    pack_heads(c.v, t * gkv, gkv, sv[ti]);
+    const std::int64_t rows = sh.batch * c.li.rows[member(t)];
+    rq[ti] = rows * gq * sh.dim * es;
+    rk[ti] = rows * gkv * sh.dim * es;
+    rv[ti] = rows * gkv * sh.dim_v * es;
+  }
+  const auto q_from = all_to_all_on(c, group_comm, u, sq, rq), k_from = all_to_all_on(c, group_comm, u, sk, rk),
+             v_from = all_to_all_on(c, group_comm, u, sv, rv);
+  // The ring's layout: ring rank gg holds the chunks of group gg's members, in member order.
+  layout_info li;
+  li.ranks = R;
+  li.rank = g;
+  li.n = c.li.n;
+  li.chunks = c.li.chunks;
+  li.owner.assign(static_cast<std::size_t>(li.chunks), 0);
+  li.local_row.assign(static_cast<std::size_t>(li.chunks), 0);
+  li.rows.assign(static_cast<std::size_t>(R), 0);
+  for (int gg = 0; gg < R; ++gg) {
+    li.held.emplace_back();
+    for (int t = 0; t < U; ++t)
+      for (std::int64_t ch : c.li.held[static_cast<std::size_t>(gg * U + t)]) {
+        li.held.back().push_back(ch);
+        li.owner[static_cast<std::size_t>(ch)] = gg;
+        li.local_row[static_cast<std::size_t>(ch)] = li.rows[static_cast<std::size_t>(gg)];
+        li.rows[static_cast<std::size_t>(gg)] += li.len(ch);
+      }
+  }
+  // The group's rows, concatenated per batch in member order.
+  const std::int64_t rows = li.rows[static_cast<std::size_t>(g)];
+  const auto concat = [&](const std::vector<std::vector<std::uint8_t>>& parts, std::int64_t row_bytes) {
+    std::vector<std::uint8_t> out(static_cast<std::size_t>(sh.batch * rows * row_bytes));
+    auto at = out.begin();
+    for (std::int64_t b = 0; b < sh.batch; ++b)
+      for (int t = 0; t < U; ++t) {
+        const std::int64_t n = c.li.rows[member(t)] * row_bytes;
+        const auto from = parts[static_cast<std::size_t>(t)].begin() + static_cast<std::ptrdiff_t>(b * n);
+        at = std::copy(from, from + static_cast<std::ptrdiff_t>(n), at);
+      }
+    return out;
+  };
+  std::vector<std::uint8_t> q = concat(q_from, gq * sh.dim * es);
+  kv_block mine{concat(k_from, gkv * sh.dim * es), concat(v_from, gkv * sh.dim_v * es)};
+  cp_options o = c.o;
+  o.comm = ring_comm;
+  o.lse = nullptr;
+  o.report = nullptr;
+  const tensor tq = make_bshd(q.data(), sh.type, sh.batch, rows, gq, sh.dim);
+  const tensor tk = make_bshd(mine.k.data(), sh.type, sh.batch, rows, gkv, sh.dim);
+  const tensor tv = make_bshd(mine.v.data(), sh.type, sh.batch, rows, gkv, sh.dim_v);
+  call ring(tq, tk, tv, c.out, c.s, o);
+  ring.sh = {sh.batch, gq, gkv, sh.dim, sh.dim_v, sh.type};
+  ring.li = li;
+  ring.local = c.local;
+  ring.nonempty = c.nonempty;
+  ring.base = c.base;
+  ring.head0 = u * gq;
+  ring.heads_total = sh.heads_q;
+  for (std::int64_t ch : li.held[static_cast<std::size_t>(g)]) ring.folds.push_back(make_fold(ring, ch, gq, u * gq));
+  status st = run_ring(ring, mine);
+  for (const chunk_fold& f : ring.folds)
+    if (st.ok() && f.next != f.order.size()) st = {"internal: chunk " + std::to_string(f.chunk) + " incomplete in the hybrid's ring"};
+  // Back inside the group: to member t, its chunks for this rank's heads, out then lse, f32.
+  std::vector<std::vector<std::uint8_t>> back(nu);
+  std::vector<std::int64_t> back_bytes(nu, 0);
+  std::vector<float> out, lse;
+  for (int t = 0; t < U; ++t)
+    for (std::int64_t ch : c.li.held[member(t)]) {
+      const auto f = std::find_if(ring.folds.begin(), ring.folds.end(), [ch](const chunk_fold& x) { return x.chunk == ch; });
+      finish_fold(ring, *f, out, lse);
+      auto& dst = back[static_cast<std::size_t>(t)];
+      const auto* ob = reinterpret_cast<const std::uint8_t*>(out.data());
+      const auto* lb = reinterpret_cast<const std::uint8_t*>(lse.data());
+      dst.insert(dst.end(), ob, ob + out.size() * 4);
+      dst.insert(dst.end(), lb, lb + lse.size() * 4);
+    }
+  for (std::size_t t = 0; t < nu; ++t)
+    for (std::int64_t ch : c.li.held[static_cast<std::size_t>(r)]) back_bytes[t] += sh.batch * c.li.len(ch) * gq * (sh.dim_v + 1) * 4;
+  c.returned = all_to_all_on(c, group_comm, u, back, back_bytes);
+  c.rep.bytes_sent += ring.rep.bytes_sent;
+  c.rep.bytes_received += ring.rep.bytes_received;
+  c.rep.pairs_computed += ring.rep.pairs_computed;
+  c.rep.pairs_skipped += ring.rep.pairs_skipped;
+  c.rep.messages_skipped += ring.rep.messages_skipped;
+  c.rep.compute_seconds += ring.rep.compute_seconds;
+  c.rep.wait_seconds += ring.rep.wait_seconds;
+  c.most_pending = std::max(c.most_pending, ring.most_pending);
+  c.rep.reasons.push_back("hybrid: Ulysses inside groups of " + std::to_string(U) + " ranks (" + std::to_string(gq) +
+                          " q heads each), ring across " + std::to_string(R) + " groups");
+  MPI_Comm_free(&group_comm);
+  MPI_Comm_free(&ring_comm);
+  return st;
+}
+
 // Ulysses needs every rank to take a whole group of q heads with its kv heads.
 std::string ulysses_blocker(const call& c) {
   const int P = c.li.ranks;
   if (c.sh.heads_q % P != 0 || c.sh.heads_kv % P != 0)
     return "ulysses needs q.heads " + std::to_string(c.sh.heads_q) + " and k.heads " + std::to_string(c.sh.heads_kv) +
            " to be multiples of the " + std::to_string(P) + " ranks";
+  return {};
+}
+
+std::string hybrid_blocker(const call& c) {
+  const int P = c.li.ranks, u = c.o.ulysses_degree;
+  if (u < 0 || (u > 0 && (P % u != 0 || c.sh.heads_q % u != 0 || c.sh.heads_kv % u != 0)))
+    return "options.ulysses_degree " + std::to_string(u) + " must divide the " + std::to_string(P) + " ranks, q.heads " +
+           std::to_string(c.sh.heads_q) + " and k.heads " + std::to_string(c.sh.heads_kv) + " (0: the largest that does)";
   return {};
 }
 
@@ -737,12 +877,19 @@ mechanism plan(call& c) {
   const double part = rows * hq * static_cast<double>(c.sh.dim_v + 1) * 4.0;
   const double ring = (P - 1) * kv, token = (P - 1) * (q + part), uly = (P - 1) / static_cast<double>(P) * (q + kv + part);
   const std::string blocked = ulysses_blocker(c);
+  // The hybrid: Ulysses inside groups of U ranks, then (P / U - 1) hops of a K/V shard of the same size as a rank's.
+  const int U = hybrid_degree(c);
+  const double hyb = (U - 1) / static_cast<double>(U) * (q + kv + part) + (P / U - 1) * kv;
+  const bool hybrid_fits = hybrid_blocker(c).empty() && U > 1 && U < P;
   std::ostringstream os;
   os << "automatic: bytes per rank (upper bounds): ring " << ring << ", token_ring " << token << ", ulysses "
-     << (blocked.empty() ? std::to_string(uly) : "- (" + blocked + ")");
+     << (blocked.empty() ? std::to_string(uly) : "- (" + blocked + ")") << ", hybrid "
+     << (hybrid_fits ? std::to_string(hyb) + " (groups of " + std::to_string(U) + ")" : std::string("- (no group size between 1 and P)"));
   c.rep.reasons.push_back(os.str());
   mechanism m = token < ring ? mechanism::token_ring : mechanism::ring;
-  if (blocked.empty() && P > 1 && uly < std::min(ring, token)) m = mechanism::ulysses;
+  double best = std::min(ring, token);
+  if (hybrid_fits && hyb < best) m = mechanism::hybrid, best = hyb;
+  if (blocked.empty() && P > 1 && uly < best) m = mechanism::ulysses;
   c.rep.reasons.push_back(std::string("automatic: ") + mechanism_name(m));
   return m;
 }
@@ -793,6 +940,7 @@ std::string message_limits(const call& c, mechanism m, bool backward = false) {
       most = all * static_cast<double>(sh.heads_kv) * static_cast<double>(sh.dim + sh.dim_v) * static_cast<double>(es);
       what = "bytes of the gathered K/V";
       break;
+    case mechanism::hybrid:  // bounded by Ulysses over every rank (its all-to-alls) and the ring (its K/V shards)
     case mechanism::ulysses:
       most = all * (static_cast<double>(sh.heads_q) * static_cast<double>(sh.dim + sh.dim_v + 1) * 4.0 +
                     static_cast<double>(sh.heads_kv) * static_cast<double>(sh.dim + sh.dim_v) * static_cast<double>(es));
@@ -820,8 +968,10 @@ std::string message_limits(const call& c, mechanism m, bool backward = false) {
 std::string check_local(call& c) {
   const tensor &q = c.q, &k = c.k, &v = c.v, &out = c.out;
   if (c.o.use != mechanism::automatic && c.o.use != mechanism::ring && c.o.use != mechanism::allgather &&
-      c.o.use != mechanism::token_ring && c.o.use != mechanism::ulysses)
+      c.o.use != mechanism::token_ring && c.o.use != mechanism::ulysses && c.o.use != mechanism::hybrid)
     return "options.use " + std::to_string(static_cast<int>(c.o.use)) + " is not a mechanism";
+  if (c.o.use == mechanism::hybrid)
+    if (std::string why = hybrid_blocker(c); !why.empty()) return why;
   if (c.o.use == mechanism::ulysses)
     if (std::string why = ulysses_blocker(c); !why.empty()) return "options.use: " + why;
   if (c.o.shards != layout::contiguous && c.o.shards != layout::zigzag)
@@ -870,6 +1020,7 @@ const char* mechanism_name(mechanism m) {
     case mechanism::allgather: return "allgather";
     case mechanism::token_ring: return "token_ring";
     case mechanism::ulysses: return "ulysses";
+    case mechanism::hybrid: return "hybrid";
   }
   return "?";
 }
@@ -907,16 +1058,18 @@ status setup(call& c) {
   if (!err.empty()) return {err};
   // Every rank's shard length, shapes and options, so the layout and every later decision are the same everywhere
   // (a rank with other options would run another protocol and hang the others).
-  constexpr int k_fields = 10;
+  constexpr int k_fields = 11;
   std::int64_t mine[k_fields] = {q.seq, q.batch, q.heads, k.heads, q.dim, v.dim, static_cast<std::int64_t>(q.type),
-                                 static_cast<std::int64_t>(o.use), static_cast<std::int64_t>(o.shards), o.chunks};
+                                 static_cast<std::int64_t>(o.use), static_cast<std::int64_t>(o.shards), o.chunks,
+                                 o.ulysses_degree};
   std::vector<std::int64_t> every(static_cast<std::size_t>(k_fields * P));
   MPI_Allgather(mine, k_fields, MPI_INT64_T, every.data(), k_fields, MPI_INT64_T, o.comm);
   for (int b = 1; b < P && err.empty(); ++b)
     for (int f = 1; f < k_fields; ++f)
       if (every[static_cast<std::size_t>(k_fields * b + f)] != every[static_cast<std::size_t>(f)]) {
         static const char* const names[k_fields] = {"seq", "q.batch", "q.heads", "k.heads", "q.dim", "v.dim", "q.type",
-                                                    "options.use", "options.shards", "options.chunks"};
+                                                    "options.use", "options.shards", "options.chunks",
+                                                    "options.ulysses_degree"};
         err = std::string(names[f]) + " differs between ranks (rank 0: " + std::to_string(every[static_cast<std::size_t>(f)]) +
               ", rank " + std::to_string(b) + ": " + std::to_string(every[static_cast<std::size_t>(k_fields * b + f)]) + ")";
         break;
@@ -971,7 +1124,7 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
       // Every chunk of the sequence, for this rank's group of heads.
       const std::int64_t group = c.sh.heads_q / P;
       for (std::int64_t ch = 0; ch < c.li.chunks; ++ch) c.folds.push_back(make_fold(c, ch, group, c.li.rank * group));
-    } else {
+    } else if (m != mechanism::hybrid) {  // the hybrid folds in its ring stage
       for (std::int64_t ch : c.li.held[static_cast<std::size_t>(c.li.rank)]) c.folds.push_back(make_fold(c, ch, c.sh.heads_q, 0));
     }
     pack(k, mine_kv.k);
@@ -987,6 +1140,7 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
   const status st = m == mechanism::allgather    ? run_allgather(c, mine_kv)
                     : m == mechanism::token_ring ? run_token_ring(c, mine_kv)
                     : m == mechanism::ulysses    ? run_ulysses(c)
+                    : m == mechanism::hybrid     ? run_hybrid(c)
                                                  : run_ring(c, mine_kv);
   std::string failed = st.ok() ? std::string{} : st.error;
   for (const chunk_fold& f : c.folds)
@@ -995,7 +1149,7 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
                std::to_string(f.order.size()) + " parts";
   // A kernel failure on one rank fails every rank, before anything is written.
   if (err = agree(o.comm, c.li.rank, failed); !err.empty()) return {err};
-  if (m == mechanism::ulysses) store_returned(c);
+  if (m == mechanism::ulysses || m == mechanism::hybrid) store_returned(c, m == mechanism::ulysses ? P : hybrid_degree(c));
   else write_outputs(c);
   c.rep.partials_buffered = c.most_pending;
   c.rep.seconds = now() - t_start;

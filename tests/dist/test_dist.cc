@@ -69,7 +69,7 @@ struct shard_result {
 
 // dist::attention of a problem's shards (rank `rank` of `ranks` on comm).
 shard_result run_shard(const problem_data& d, const spec& s, MPI_Comm comm, dist::mechanism m, dist::layout l,
-                       std::int64_t chunks, int ranks, int rank) {
+                       std::int64_t chunks, int ranks, int rank, int ulysses_degree = 0) {
   const problem& p = d.prob;
   const std::vector<std::int64_t> rows = shard_rows(l, chunks, ranks, rank, p.seq_q);
   const auto n = static_cast<std::int64_t>(rows.size());
@@ -83,6 +83,7 @@ shard_result run_shard(const problem_data& d, const spec& s, MPI_Comm comm, dist
   o.use = m;
   o.shards = l;
   o.chunks = chunks;
+  o.ulysses_degree = ulysses_degree;
   o.threads = 1;
   o.lse = &lv;
   o.report = &r.rep;
@@ -143,13 +144,17 @@ TEST(Dist, BitwiseEqualToOneProcessAndCloseToOneCall) {
       fo.lse = &fl;
       ASSERT_TRUE(attention(d.q_view(), d.k_view(), d.v_view(), make_bshd(full_out.data(), dtype::f32, p.batch, p.seq_q, p.heads_q, p.dim_v), s, fo).ok());
       for (dist::layout l : {dist::layout::contiguous, dist::layout::zigzag})
-        for (dist::mechanism m : {dist::mechanism::ring, dist::mechanism::allgather, dist::mechanism::token_ring,
-                                  dist::mechanism::ulysses, dist::mechanism::automatic}) {
+        // The hybrid with groups of 1 (a ring through its path), 2 (on 4 ranks: 2 groups of 2) and the default.
+        for (const auto& [m, degree] : std::vector<std::pair<dist::mechanism, int>>{
+                 {dist::mechanism::ring, 0}, {dist::mechanism::allgather, 0}, {dist::mechanism::token_ring, 0},
+                 {dist::mechanism::ulysses, 0}, {dist::mechanism::hybrid, 0}, {dist::mechanism::hybrid, 1},
+                 {dist::mechanism::hybrid, 2}, {dist::mechanism::automatic, 0}}) {
           if (m == dist::mechanism::ulysses && (p.heads_q % P != 0 || p.heads_kv % P != 0)) continue;
+          if (degree > 1 && P % degree != 0) continue;
           const std::int64_t chunks = chunks_for(l, P);
-          SCOPED_TRACE(std::string(sc.name) + " " + dist::layout_name(l) + " " + dist::mechanism_name(m) + " " + dtype_name(t) +
-                       " P=" + std::to_string(P) + " rank " + std::to_string(rank));
-          const shard_result got = run_shard(d, s, MPI_COMM_WORLD, m, l, chunks, P, rank);
+          SCOPED_TRACE(std::string(sc.name) + " " + dist::layout_name(l) + " " + dist::mechanism_name(m) + " U=" +
+                       std::to_string(degree) + " " + dtype_name(t) + " P=" + std::to_string(P) + " rank " + std::to_string(rank));
+          const shard_result got = run_shard(d, s, MPI_COMM_WORLD, m, l, chunks, P, rank, degree);
           ASSERT_TRUE(got.st.ok()) << got.st.error;  // errors are collective: every rank leaves here together
           if (m != dist::mechanism::automatic) EXPECT_EQ(got.rep.mechanism, dist::mechanism_name(m));
           // The same problem on one process: all chunks local, in this layout's order for one rank.
@@ -363,6 +368,14 @@ TEST(Dist, ErrorsAreCollectiveAndWriteNothing) {
     const status us = dist::attention(one_head, one_head, one_head, make_bshd(out.data(), dtype::f32, 1, n, 1, 8), {}, u);
     EXPECT_NE(us.error.find("options.use: ulysses needs q.heads 1 and k.heads 1 to be multiples of the " + std::to_string(P) + " ranks"),
               std::string::npos) << us.error;
+    // The hybrid's group size must divide the ranks and the heads.
+    u.use = dist::mechanism::hybrid;
+    u.ulysses_degree = P;
+    const status hs = dist::attention(one_head, one_head, one_head, make_bshd(out.data(), dtype::f32, 1, n, 1, 8), {}, u);
+    EXPECT_NE(hs.error.find("options.ulysses_degree " + std::to_string(P) + " must divide the " + std::to_string(P) +
+                            " ranks, q.heads 1 and k.heads 1"),
+              std::string::npos)
+        << hs.error;
   }
   // One rank that could not build its call (a binding's translation error) fails every rank with its message.
   {
