@@ -1320,6 +1320,10 @@ void store_rows(const tensor& x, std::int64_t row0, std::int64_t batch, std::int
       for (std::int64_t h = 0; h < heads; ++h) {
         const std::int64_t base = b * x.stride_batch + (row0 + r) * x.stride_seq + h * x.stride_head;
         const float* s = src + ((b * rows + r) * heads + h) * dim;
+        if (x.type == dtype::f32 && x.stride_dim == 1) {  // a row at a time: the common layout
+          std::memcpy(static_cast<float*>(x.data) + base, s, static_cast<std::size_t>(dim) * sizeof(float));
+          continue;
+        }
         for (std::int64_t d = 0; d < dim; ++d) detail::store_element(x.data, x.type, base + d * x.stride_dim, static_cast<double>(s[d]));
       }
 }
@@ -1464,6 +1468,8 @@ status attention_backward(const tensor& q, const tensor& k, const tensor& v, con
     gradients gr{g.dq, g.dk, g.dv};
     if (const status st = make_backward_params(q, k, v, out, lse, d_out, gr, s, opt, p); !st.ok())
       local = st.error.rfind("[attention_backward] ", 0) == 0 ? st.error.substr(21) : st.error;
+    else
+      c.base = p.fwd;  // the representative block classify_blocks reads
     if (local.empty() && o.use != mechanism::automatic && o.use != mechanism::ring && o.use != mechanism::ulysses)
       local = std::string("options.use ") + mechanism_name(o.use) + ": the backward runs on the ring or Ulysses (or automatic)";
     if (local.empty() && o.use == mechanism::ulysses)
