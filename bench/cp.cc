@@ -55,7 +55,7 @@ int usage(int rank, const char* msg) {
     std::fprintf(stderr,
                  "usage: mpirun -np P omniattn bench --cp [--n 8192] [--heads 8:8] [--d 128] [--threads 1]\n"
                  "           [--masks full,causal,window,document] [--mechanisms ring,token_ring,ulysses,allgather,hybrid]\n"
-                 "           [--layouts contiguous,zigzag] [--chunks C] [--ulysses-degree U] [--reps 3]\n");
+                 "           [--layouts contiguous,zigzag] [--chunks C] [--ulysses-degree U] [--reps 3] [--backward]\n");
   }
   return 2;
 }
@@ -114,6 +114,142 @@ std::int64_t block_area(const problem_data& d, const spec& s, std::int64_t n, st
   return mask_area(p);
 }
 
+// The rows of shard `mine` (global token indices) of a [1, n, heads, d] f32 tensor, contiguous.
+std::vector<float> take_rows(const tensor& t, const std::vector<std::int64_t>& mine, std::int64_t heads, std::int64_t d) {
+  std::vector<float> out(mine.size() * static_cast<std::size_t>(heads * d));
+  for (std::size_t i = 0; i < mine.size(); ++i)
+    for (std::int64_t h = 0; h < heads; ++h)
+      for (std::int64_t x = 0; x < d; ++x)
+        out[(i * static_cast<std::size_t>(heads) + static_cast<std::size_t>(h)) * static_cast<std::size_t>(d) + static_cast<std::size_t>(x)] =
+            static_cast<const float*>(t.data)[mine[i] * t.stride_seq + h * t.stride_head + x * t.stride_dim];
+  return out;
+}
+
+struct bwd_setup {
+  const problem_data& data;
+  std::int64_t n, hq, hkv, d, chunks_opt, reps;
+  int threads, rank, size;
+  double link;
+};
+
+// `--backward`: dist::attention_backward per mask x layout x mechanism (ring, ulysses, the planner's) against one
+// attention_backward call of the whole problem on one process: time, volume, time blocked in MPI, overlap (as in
+// the forward table) and the largest difference from the one-process gradients.
+int backward_table(const bwd_setup& b, const std::vector<std::string>& masks, const std::vector<std::string>& layouts,
+                   const std::vector<std::string>& mechs) {
+  const std::int64_t n = b.n, hq = b.hq, hkv = b.hkv, d = b.d;
+  const problem_data& data = b.data;
+  if (b.rank == 0) {
+    std::printf("\nbackward: ms = median wall time of dist::attention_backward (slowest rank); 1-proc = attention_backward on the\n"
+                "whole problem, one process; err = max |grad - one-process grad| over dq, dk, dv\n");
+    std::printf("\n%-9s %-10s %-10s | %8s %9s %7s | %8s %8s %7s %8s | %6s\n", "mask", "layout", "mechanism", "ms", "1-proc ms",
+                "speedup", "MB/rank", "transfer", "overlap", "wait", "err");
+  }
+  std::mt19937_64 rng(17);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> d_out(static_cast<std::size_t>(n * hq * d));
+  for (float& x : d_out) x = u(rng);
+  const tensor t_do = make_bshd(d_out.data(), dtype::f32, 1, n, hq, d);
+  int failures = 0;
+  for (const std::string& mk : masks) {
+    const spec s = make_spec(mk, n);
+    // The whole problem on one process (rank 0 computes, every rank gets the gradients to compare with).
+    std::vector<float> out(static_cast<std::size_t>(n * hq * d)), lse(static_cast<std::size_t>(hq * n));
+    std::vector<float> dq(out.size()), dk(static_cast<std::size_t>(n * hkv * d)), dv(dk.size());
+    double one_s = 0.0;
+    if (b.rank == 0) {
+      options o = data.make_options(backend::cpu, b.threads);
+      const lse_tensor l = make_lse(lse.data(), hq, n);
+      o.lse = &l;
+      const tensor t_out = make_bshd(out.data(), dtype::f32, 1, n, hq, d);
+      (void)attention(data.q_view(), data.k_view(), data.v_view(), t_out, s, o);
+      o.lse = nullptr;
+      const gradients g{make_bshd(dq.data(), dtype::f32, 1, n, hq, d), make_bshd(dk.data(), dtype::f32, 1, n, hkv, d),
+                        make_bshd(dv.data(), dtype::f32, 1, n, hkv, d)};
+      std::vector<double> t;
+      for (std::int64_t r = 0; r < b.reps + 1; ++r) {
+        const double t0 = wall();
+        const status st = attention_backward(data.q_view(), data.k_view(), data.v_view(), t_out, l, t_do, g, s, o);
+        if (!st.ok()) std::fprintf(stderr, "%s\n", st.error.c_str());
+        if (r > 0) t.push_back(wall() - t0);
+      }
+      std::sort(t.begin(), t.end());
+      one_s = t[t.size() / 2];
+    }
+    MPI_Bcast(&one_s, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    for (std::vector<float>* x : {&dq, &dk, &dv}) MPI_Bcast(x->data(), static_cast<int>(x->size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+    for (const std::string& ly : layouts) {
+      const dist::layout l = ly == "zigzag" ? dist::layout::zigzag : dist::layout::contiguous;
+      const std::int64_t chunks = b.chunks_opt ? b.chunks_opt : (l == dist::layout::zigzag ? 2 * b.size : b.size);
+      std::vector<std::int64_t> mine;
+      for (std::int64_t c : dist::rank_chunks(l, chunks, b.size, b.rank))
+        for (std::int64_t t = c * n / chunks; t < (c + 1) * n / chunks; ++t) mine.push_back(t);
+      const auto m = static_cast<std::int64_t>(mine.size());
+      std::vector<float> q = take_rows(data.q_view(), mine, hq, d), k = take_rows(data.k_view(), mine, hkv, d),
+                         v = take_rows(data.v_view(), mine, hkv, d), g_out = take_rows(t_do, mine, hq, d);
+      std::vector<float> s_out(static_cast<std::size_t>(m * hq * d)), s_lse(static_cast<std::size_t>(hq * m));
+      const tensor tq = make_bshd(q.data(), dtype::f32, 1, m, hq, d), tk = make_bshd(k.data(), dtype::f32, 1, m, hkv, d),
+                   tv = make_bshd(v.data(), dtype::f32, 1, m, hkv, d), to = make_bshd(s_out.data(), dtype::f32, 1, m, hq, d);
+      const lse_tensor tl = make_lse(s_lse.data(), hq, m);
+      dist::cp_options fo;
+      fo.shards = l;
+      fo.chunks = chunks;
+      fo.threads = b.threads;
+      fo.lse = &tl;
+      if (!dist::attention(tq, tk, tv, to, s, fo).ok()) continue;  // the forward table reports forward failures
+      std::vector<float> gq(q.size()), gk(k.size()), gv(v.size());
+      const dist::cp_gradients g{make_bshd(gq.data(), dtype::f32, 1, m, hq, d), make_bshd(gk.data(), dtype::f32, 1, m, hkv, d),
+                                 make_bshd(gv.data(), dtype::f32, 1, m, hkv, d)};
+      for (const std::string& me : mechs) {
+        if (me != "ring" && me != "ulysses" && me != "auto") continue;  // the mechanisms the backward has
+        dist::cp_options o = fo;
+        o.lse = nullptr;
+        o.use = me == "ring" ? dist::mechanism::ring : me == "ulysses" ? dist::mechanism::ulysses : dist::mechanism::automatic;
+        dist::cp_report rep;
+        o.report = &rep;
+        std::vector<double> times;
+        status st;
+        for (std::int64_t r = 0; r < b.reps + 1 && st.ok(); ++r) {
+          MPI_Barrier(MPI_COMM_WORLD);
+          const double t0 = wall();
+          st = dist::attention_backward(tq, tk, tv, to, tl, make_bshd(g_out.data(), dtype::f32, 1, m, hq, d), g, s, o);
+          double t = wall() - t0, tmax = 0;
+          MPI_Allreduce(&t, &tmax, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+          if (r > 0) times.push_back(tmax);
+        }
+        if (!st.ok()) {
+          if (b.rank == 0) std::printf("%-9s %-10s %-10s | %s\n", mk.c_str(), ly.c_str(), me.c_str(), st.error.c_str());
+          continue;
+        }
+        std::sort(times.begin(), times.end());
+        double err = 0;
+        const struct {
+          const std::vector<float>&got, &whole;
+          std::int64_t heads;
+        } gs[3] = {{gq, dq, hq}, {gk, dk, hkv}, {gv, dv, hkv}};
+        for (const auto& x : gs)
+          for (std::int64_t i = 0; i < m; ++i)
+            for (std::int64_t c = 0; c < x.heads * d; ++c)
+              err = std::max(err, static_cast<double>(std::fabs(x.got[static_cast<std::size_t>(i * x.heads * d + c)] -
+                                                                x.whole[static_cast<std::size_t>(mine[static_cast<std::size_t>(i)] * x.heads * d + c)])));
+        double local[4] = {static_cast<double>(rep.bytes_sent), rep.wait_seconds, static_cast<double>(rep.bytes_received), err}, most[4];
+        MPI_Allreduce(local, most, 4, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+        const double t_med = times[times.size() / 2], transfer = b.link > 0 ? most[2] / b.link : 0.0;
+        char overlap[16] = "-";
+        if (transfer > 0) std::snprintf(overlap, sizeof overlap, "%.0f%%", 100.0 * (1.0 - std::min(most[1], transfer) / transfer));
+        // Chunked fp32 sums against one call: a difference beyond rounding is a wrong result.
+        const bool wrong = !(most[3] <= 1e-2);
+        failures += wrong;
+        if (b.rank == 0)
+          std::printf("%-9s %-10s %-10s | %8.2f %9.2f %7.2f | %8.2f %8.2f %7s %8.2f | %6.0e%s\n", mk.c_str(), ly.c_str(),
+                      rep.mechanism.c_str(), t_med * 1e3, one_s * 1e3, one_s / t_med, most[0] / 1e6, transfer * 1e3, overlap,
+                      most[1] * 1e3, most[3], wrong ? "  WRONG" : "");
+      }
+    }
+  }
+  return failures;
+}
+
 }  // namespace
 
 int cp_main(int argc, char** argv) {
@@ -125,6 +261,7 @@ int cp_main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   std::int64_t n = 8192, hq = 8, hkv = 8, d = 128, chunks_opt = 0, reps = 3;
   int threads = 1, ulysses_degree = 0;
+  bool backward = false;
   std::vector<std::string> masks = {"full", "causal", "window", "document"}, mechs = {"ring", "token_ring", "ulysses", "allgather", "hybrid"},
                            layouts = {"contiguous", "zigzag"};
   for (int i = 2; i < argc; ++i) {
@@ -135,6 +272,7 @@ int cp_main(int argc, char** argv) {
     else if (a == "--d" && v) d = std::strtoll(argv[++i], nullptr, 10);
     else if (a == "--threads" && v) threads = std::atoi(argv[++i]);
     else if (a == "--ulysses-degree" && v) ulysses_degree = std::atoi(argv[++i]);
+    else if (a == "--backward") backward = true;
     else if (a == "--chunks" && v) chunks_opt = std::strtoll(argv[++i], nullptr, 10);
     else if (a == "--reps" && v) reps = std::max<std::int64_t>(1, std::strtoll(argv[++i], nullptr, 10));
     else if (a == "--masks" && v) masks = words(argv[++i]);
@@ -219,16 +357,8 @@ int cp_main(int argc, char** argv) {
       for (std::int64_t c : held[static_cast<std::size_t>(rank)])
         for (std::int64_t t = c * n / chunks; t < (c + 1) * n / chunks; ++t) mine.push_back(t);
       const auto m = static_cast<std::int64_t>(mine.size());
-      const auto take = [&](const tensor& t, std::int64_t heads) {
-        std::vector<float> out(static_cast<std::size_t>(m * heads * d));
-        for (std::int64_t i = 0; i < m; ++i)
-          for (std::int64_t h = 0; h < heads; ++h)
-            for (std::int64_t x = 0; x < d; ++x)
-              out[static_cast<std::size_t>((i * heads + h) * d + x)] =
-                  static_cast<const float*>(t.data)[mine[static_cast<std::size_t>(i)] * t.stride_seq + h * t.stride_head + x * t.stride_dim];
-        return out;
-      };
-      std::vector<float> q = take(data.q_view(), hq), k = take(data.k_view(), hkv), v = take(data.v_view(), hkv);
+      std::vector<float> q = take_rows(data.q_view(), mine, hq, d), k = take_rows(data.k_view(), mine, hkv, d),
+                         v = take_rows(data.v_view(), mine, hkv, d);
       std::vector<float> out(static_cast<std::size_t>(m * hq * d));
       for (const std::string& me : mechs) {
         const dist::mechanism mech = me == "ring" ? dist::mechanism::ring : me == "token_ring" ? dist::mechanism::token_ring
@@ -403,6 +533,7 @@ int cp_main(int argc, char** argv) {
       }
     }
   }
+  if (backward) failures += backward_table({data, n, hq, hkv, d, chunks_opt, reps, threads, rank, size, link}, masks, layouts, mechs);
   if (!initialized) MPI_Finalize();
   return failures == 0 ? 0 : 1;
 }
