@@ -42,7 +42,8 @@
 // Errors are collective: when any rank's arguments are invalid (shapes and options are compared between ranks too),
 // every rank returns an error (the failing rank's message, prefixed "[dist::attention] rank R: ") and no output is
 // written. Calls on one communicator must not overlap (as for any MPI collective), and every rank passes the same
-// spec (not checked: a different spec gives a different problem, or a hang).
+// spec (not checked: a different spec gives a different problem, or a hang). The library talks on its own duplicate
+// of the communicator (made on the first call, cached on it, freed with it), so its messages never meet the caller's.
 #pragma once
 
 #include <mpi.h>

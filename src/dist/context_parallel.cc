@@ -147,7 +147,7 @@ struct call {
       : q(q_), k(k_), v(v_), out(out_), s(s_), o(o_) {}
   const tensor &q, &k, &v, &out;
   const spec& s;
-  const cp_options& o;
+  cp_options o;                      // the caller's, on the library's private duplicate of its communicator
   shapes sh{};
   layout_info li;
   spec local;                        // the spec without sink logits (they join the fold once, at its end)
@@ -1042,14 +1042,38 @@ std::vector<std::int64_t> rank_chunks(layout l, std::int64_t chunks, int ranks, 
   return held;
 }
 
+// The library's own duplicate of a caller's communicator, made on first use and cached on it (MPI attribute
+// caching; freed with it), so the library's messages and tags never meet the caller's on the same communicator.
+int free_private_comm(MPI_Comm, int, void* attr, void*) {
+  auto* dup = static_cast<MPI_Comm*>(attr);
+  MPI_Comm_free(dup);
+  delete dup;
+  return MPI_SUCCESS;
+}
+
+MPI_Comm private_comm(MPI_Comm user) {
+  static int keyval = MPI_KEYVAL_INVALID;  // collective calls run on one thread per process (see dist.h)
+  if (keyval == MPI_KEYVAL_INVALID) MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, free_private_comm, &keyval, nullptr);
+  MPI_Comm* dup = nullptr;
+  int found = 0;
+  MPI_Comm_get_attr(user, keyval, &dup, &found);
+  if (found) return *dup;
+  dup = new MPI_Comm;
+  MPI_Comm_dup(user, dup);  // collective: the first call on a communicator is on every rank (dist calls are collective)
+  MPI_Comm_set_attr(user, keyval, dup);
+  return *dup;
+}
+
 // The steps every collective call takes first, the same on every rank: MPI is up, a rank's local error, shapes and
 // options compared between ranks, the chunk layout. On failure every rank returns the same error.
 status setup(call& c) {
   const tensor &q = c.q, &k = c.k, &v = c.v;
-  const cp_options& o = c.o;
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) return {"[dist::attention] MPI is not initialized (call MPI_Init first)"};
+  if (c.o.comm == MPI_COMM_NULL) return {"[dist::attention] options.comm is MPI_COMM_NULL"};
+  c.o.comm = private_comm(c.o.comm);
+  const cp_options& o = c.o;
   MPI_Comm_size(o.comm, &c.li.ranks);
   MPI_Comm_rank(o.comm, &c.li.rank);
   const int P = c.li.ranks;

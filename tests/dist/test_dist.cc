@@ -343,6 +343,42 @@ TEST(Dist, RingSkipsBlocksNoLaterRankNeeds) {
   EXPECT_EQ(q_skipped, static_cast<std::int64_t>(P) * (P - 1) / 2);
 }
 
+// The library talks on its own duplicate of the communicator: a caller's message in flight on the same communicator,
+// with the tags the ring uses, is neither taken nor disturbed by a call.
+TEST(Dist, CallerMessagesOnTheSameCommunicatorAreUntouched) {
+  const int P = world_size(), rank = world_rank();
+  if (P < 2) GTEST_SKIP() << "needs two ranks";
+  problem p = test::small_problem(64, 64, 2, 2, 8, dtype::f32, causal_mode::none, 3);
+  const problem_data d(p);
+  std::vector<float> mine = {1.0f, 2.0f, 3.0f}, got(3, 0.0f);
+  MPI_Request req[2];
+  int n = 0;
+  for (int tag = 0; tag < 2; ++tag) {  // the ring's first K and V tags
+    if (rank == 0) MPI_Isend(mine.data(), 3, MPI_FLOAT, 1, tag, MPI_COMM_WORLD, &req[n++]);
+  }
+  spec s;
+  s.causal = causal_mode::bottom_right;
+  const shard_result r = run_shard(d, s, MPI_COMM_WORLD, dist::mechanism::ring, dist::layout::contiguous, P, P, rank);
+  EXPECT_TRUE(r.st.ok()) << r.st.error;
+  if (rank == 1)
+    for (int tag = 0; tag < 2; ++tag) {
+      std::fill(got.begin(), got.end(), 0.0f);
+      MPI_Recv(got.data(), 3, MPI_FLOAT, 0, tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+      EXPECT_EQ(got, mine) << "tag " << tag;
+    }
+  if (rank == 0) MPI_Waitall(n, req, MPI_STATUSES_IGNORE);
+  const shard_result one = run_shard(d, s, MPI_COMM_SELF, dist::mechanism::ring, dist::layout::contiguous, P, 1, 0);
+  const std::vector<std::int64_t> rows = shard_rows(dist::layout::contiguous, P, P, rank, p.seq_q);
+  std::int64_t diff = 0;
+  for (std::int64_t b = 0; b < p.batch; ++b)
+    for (std::size_t i = 0; i < rows.size(); ++i)
+      diff += std::memcmp(&r.out[(static_cast<std::size_t>(b) * rows.size() + i) * static_cast<std::size_t>(p.heads_q * p.dim_v)],
+                          &one.out[(static_cast<std::size_t>(b * p.seq_q) + static_cast<std::size_t>(rows[i])) *
+                                   static_cast<std::size_t>(p.heads_q * p.dim_v)],
+                          static_cast<std::size_t>(p.heads_q * p.dim_v) * sizeof(float)) != 0;
+  EXPECT_EQ(diff, 0);
+}
+
 TEST(Dist, ErrorsAreCollectiveAndWriteNothing) {
   const int P = world_size(), rank = world_rank();
   const std::int64_t n = 32 / P;
