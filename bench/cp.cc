@@ -179,7 +179,8 @@ int backward_table(const bwd_setup& b, const std::vector<std::string>& masks, co
     MPI_Bcast(&one_s, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
     for (std::vector<float>* x : {&dq, &dk, &dv}) MPI_Bcast(x->data(), static_cast<int>(x->size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
     for (const std::string& ly : layouts) {
-      const dist::layout l = ly == "zigzag" ? dist::layout::zigzag : dist::layout::contiguous;
+      dist::layout l = dist::layout::contiguous;
+      if (!dist::parse_layout(ly, l)) continue;
       const std::int64_t chunks = b.chunks_opt ? b.chunks_opt : (l == dist::layout::zigzag ? 2 * b.size : b.size);
       std::vector<std::int64_t> mine;
       for (std::int64_t c : dist::rank_chunks(l, chunks, b.size, b.rank))
@@ -204,7 +205,7 @@ int backward_table(const bwd_setup& b, const std::vector<std::string>& masks, co
         if (me != "ring" && me != "ulysses" && me != "auto") continue;  // the mechanisms the backward has
         dist::cp_options o = fo;
         o.lse = nullptr;
-        o.use = me == "ring" ? dist::mechanism::ring : me == "ulysses" ? dist::mechanism::ulysses : dist::mechanism::automatic;
+        dist::parse_mechanism(me, o.use);
         dist::cp_report rep;
         o.report = &rep;
         std::vector<double> times;
@@ -338,7 +339,8 @@ int cp_main(int argc, char** argv) {
     MPI_Bcast(&one_s, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
     MPI_Bcast(full_out.data(), static_cast<int>(full_out.size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
     for (const std::string& ly : layouts) {
-      const dist::layout l = ly == "zigzag" ? dist::layout::zigzag : dist::layout::contiguous;
+      dist::layout l = dist::layout::contiguous;
+      if (!dist::parse_layout(ly, l)) continue;
       const std::int64_t chunks = chunks_opt ? chunks_opt : (l == dist::layout::zigzag ? 2 * size : size);
       // The useful area of every chunk pair, and the useful rate of the one-process call.
       std::vector<std::int64_t> area(static_cast<std::size_t>(chunks * chunks));
@@ -361,9 +363,11 @@ int cp_main(int argc, char** argv) {
                          v = take_rows(data.v_view(), mine, hkv, d);
       std::vector<float> out(static_cast<std::size_t>(m * hq * d));
       for (const std::string& me : mechs) {
-        const dist::mechanism mech = me == "ring" ? dist::mechanism::ring : me == "token_ring" ? dist::mechanism::token_ring
-                                     : me == "ulysses" ? dist::mechanism::ulysses : me == "allgather" ? dist::mechanism::allgather
-                                     : me == "hybrid" ? dist::mechanism::hybrid : dist::mechanism::automatic;
+        dist::mechanism mech = dist::mechanism::automatic;
+        if (!dist::parse_mechanism(me, mech)) {
+          if (rank == 0) std::printf("%-9s %-10s %-10s | unknown mechanism\n", mk.c_str(), ly.c_str(), me.c_str());
+          continue;
+        }
         // The hybrid's groups (the library's default rule when --ulysses-degree is 0).
         int U = ulysses_degree;
         if (U == 0)

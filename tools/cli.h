@@ -29,6 +29,10 @@ struct command_line {
   mask_expr mask;  // --mask "causal & window(256, 0) | sinks(4)": applied to every problem
   std::string score;  // --score "alibi + softcap(30)": applied to every problem (parsed per problem for its heads)
   std::vector<std::string> problems;
+  // explain --cp P: what omniattn::dist would do on P processes (--cp-use, --cp-layout, --cp-chunks as cp_options).
+  int cp_ranks = 0;
+  std::string cp_use = "auto", cp_layout = "contiguous";
+  std::int64_t cp_chunks = 0;
 };
 
 // Parses argv[first..argc): --backend auto|cpu|reference, --threads N, --mask SPEC (also --opt=value), -h/--help,

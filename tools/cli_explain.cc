@@ -6,6 +6,9 @@
 #include <string>
 
 #include "cli.h"
+#ifdef OMNIATTN_HAVE_MPI
+#include "omniattn/dist.h"
+#endif
 
 namespace omniattn::cli {
 namespace {
@@ -63,6 +66,42 @@ void print_tiles(const attn_params& p) {
             << group_digits(static_cast<std::int64_t>(bm.kinds.size())) << "\n";
 }
 
+// explain --cp P: omniattn::dist's plan for the problem on P processes.
+int print_cp(const command_line& cl, const problem_data& data, const spec& s) {
+#ifdef OMNIATTN_HAVE_MPI
+  namespace d = omniattn::dist;
+  d::cp_options o;
+  if (!d::parse_mechanism(cl.cp_use, o.use)) {
+    std::cerr << "omniattn explain: --cp-use '" << cl.cp_use << "': expected auto, ring, token_ring, ulysses, hybrid or allgather\n";
+    return k_exit_usage;
+  }
+  if (!d::parse_layout(cl.cp_layout, o.shards)) {
+    std::cerr << "omniattn explain: --cp-layout '" << cl.cp_layout << "': expected contiguous or zigzag\n";
+    return k_exit_usage;
+  }
+  o.chunks = cl.cp_chunks;
+  const d::cp_plan plan = d::explain(data.q_view(), data.k_view(), data.v_view(), data.out_view(), s, cl.cp_ranks, o);
+  if (!plan.st.ok()) {
+    std::cout << "cp        invalid: " << plan.st.error << "\n";
+    return k_exit_fail;
+  }
+  std::cout << "cp        " << cl.cp_ranks << " processes: " << plan.mechanism << "\n";
+  for (const std::string& r : plan.reasons) std::cout << "  " << r << "\n";
+  std::cout << "  blocks: " << plan.pairs_nonempty << " of " << plan.pairs_total << " (query chunk, key chunk) blocks have an allowed pair; per rank:";
+  for (std::int64_t n : plan.pairs_per_rank) std::cout << " " << n;
+  std::cout << "\n";
+  if (plan.mechanism == std::string("ring"))
+    std::cout << "  ring hops not taken (no later rank needs the shard): " << plan.hops_skipped << " of "
+              << static_cast<std::int64_t>(cl.cp_ranks) * (cl.cp_ranks - 1) << "\n";
+  return k_exit_ok;
+#else
+  (void)data;
+  (void)s;
+  std::cerr << "omniattn explain: --cp " << cl.cp_ranks << ": this build has no MPI (omniattn_dist)\n";
+  return k_exit_usage;
+#endif
+}
+
 }  // namespace
 
 int run_explain(const command_line& cl) {
@@ -117,6 +156,8 @@ int run_explain(const command_line& cl) {
   }
   print_work(p);
   print_tiles(p);
+  if (cl.cp_ranks > 0)
+    if (const int rc = print_cp(cl, data, s); rc != k_exit_ok) return rc;
 
   std::cout << "select() per backend\n  forward\n";
   for (backend b : {backend::cpu, backend::reference}) print_backend_line(select(p, b), b);

@@ -5,6 +5,7 @@
 #include <iostream>
 #include <new>
 #include <sstream>
+#include <cstdlib>
 #include <string_view>
 
 #include "bench/bench.h"
@@ -63,7 +64,8 @@ bool parse_command_line(int argc, char** argv, int first, command_line& out, std
         value = arg.substr(eq + 1);
         has_value = true;
       }
-      if (name != "--backend" && name != "--threads" && name != "--mask" && name != "--score") {
+      if (name != "--backend" && name != "--threads" && name != "--mask" && name != "--score" && name != "--cp" &&
+          name != "--cp-use" && name != "--cp-layout" && name != "--cp-chunks") {
         error = "unknown option '" + std::string(arg) + "'";
         return false;
       }
@@ -83,6 +85,22 @@ bool parse_command_line(int argc, char** argv, int first, command_line& out, std
           error = "--mask: " + err;
           return false;
         }
+        continue;
+      }
+      if (name == "--cp" || name == "--cp-chunks") {
+        const std::string text(value);
+        char* end = nullptr;
+        const long long x = std::strtoll(text.c_str(), &end, 10);
+        if (text.empty() || *end != '\0' || x < (name == "--cp" ? 1 : 0) || x > (1 << 20)) {
+          error = std::string(name) + " '" + text + "': expected an integer in " + (name == "--cp" ? "1" : "0") + "..1048576";
+          return false;
+        }
+        if (name == "--cp") out.cp_ranks = static_cast<int>(x);
+        else out.cp_chunks = x;
+        continue;
+      }
+      if (name == "--cp-use" || name == "--cp-layout") {
+        (name == "--cp-use" ? out.cp_use : out.cp_layout) = std::string(value);
         continue;
       }
       if (name == "--score") {
@@ -235,13 +253,18 @@ void print_usage(std::ostream& os) {
 
 void print_explain_usage(std::ostream& os) {
   os << "usage: omniattn explain <problem> [--backend auto|cpu|reference] [--threads N]\n"
+        "                        [--cp P [--cp-use auto|ring|token_ring|ulysses|hybrid|allgather]\n"
+        "                                [--cp-layout contiguous|zigzag] [--cp-chunks C]]\n"
         "\n"
         "Prints the problem, per op the kernel the backend picks with every reason (forward: select(), backward:\n"
         "select_backward(), i.e. what attention_backward runs on this call's out and lse), what each says for\n"
         "each backend, the allowed (query, key) pairs with the forward and backward FLOPs and the 64x64 tile\n"
         "structure (FULL/PARTIAL/EMPTY).\n"
+        "With --cp P (builds with MPI): what omniattn::dist::attention would do on P processes (no MPI needed):\n"
+        "the planner's mechanism and reasons, the blocks each rank computes, those the mask leaves empty.\n"
         "Exits 1 when no forward kernel of the backend fits the problem or the problem is invalid, 2 on bad input.\n"
-        "Example: omniattn explain b=1,n=1000,h=8,d=128,causal=br\n";
+        "Example: omniattn explain b=1,n=1000,h=8,d=128,causal=br\n"
+        "         omniattn explain n=65536,hq=32,hkv=8,d=128,causal=br --cp 8 --cp-layout zigzag\n";
 }
 
 void print_check_usage(std::ostream& os) {

@@ -61,6 +61,10 @@ enum class layout : std::uint8_t { contiguous, zigzag };
 
 const char* mechanism_name(mechanism m);
 const char* layout_name(layout l);
+// The inverses ("auto" or "automatic", "ring", "token_ring", "ulysses", "hybrid", "allgather"; "contiguous",
+// "zigzag"): false for any other name, m / l untouched. The binding, the CLI and the bench parse with these.
+bool parse_mechanism(const std::string& name, mechanism& m);
+bool parse_layout(const std::string& name, layout& l);
 
 // What a call did on this rank (filled when cp_options::report is set).
 struct cp_report {
@@ -96,6 +100,21 @@ std::vector<std::int64_t> rank_chunks(layout l, std::int64_t chunks, int ranks, 
 // the global problem's: its tables (dense masks, biases, key tables, block masks) cover all N positions, and every
 // rank passes the same spec. Collective over cp_options::comm.
 status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const cp_options& o);
+
+// What attention() would do on `ranks` processes, without MPI and without computing: q, k, v and out are the WHOLE
+// problem's tensors (only their shapes are read), spec and options as for the call. The planner's choice and its
+// reasons, the blocks each rank would compute, the blocks the mask leaves empty, the ring hops it saves; st holds the
+// error a call would report (from rank 0's point of view). `omniattn explain <problem> --cp P` prints it.
+struct cp_plan {
+  status st;
+  std::string mechanism;
+  std::vector<std::string> reasons;
+  std::int64_t chunks = 0;
+  std::int64_t pairs_nonempty = 0, pairs_total = 0;  // (q chunk, k chunk) blocks with an allowed pair, of C x C
+  std::vector<std::int64_t> pairs_per_rank;          // blocks each rank computes (Ulysses / hybrid: for its heads)
+  std::int64_t hops_skipped = 0;                     // ring: K/V hops of P (P - 1) no later rank needs
+};
+cp_plan explain(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, int ranks, const cp_options& o);
 
 // The backward of attention() above, for training: from this rank's shards of q, k, v, the forward's out and lse (what
 // dist::attention returned, lse requested) and d_out, this rank's shards of dq, dk, dv (shapes of q, k, v; f32 or the

@@ -928,20 +928,11 @@ py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handl
     fill_spec(sv, scale, causal, sinks, rope, tq.heads, tq.batch, tq.seq, tk.seq);
     std::vector<shape4> bias_shapes;
     attach_mask_score(sv.s, mask, score, {tq.batch, tq.heads, n, n}, keep, bias_shapes);
-    const struct {
-      const char* name;
-      d::mechanism m;
-    } mechs[] = {{"auto", d::mechanism::automatic}, {"ring", d::mechanism::ring}, {"allgather", d::mechanism::allgather},
-                 {"token_ring", d::mechanism::token_ring}, {"ulysses", d::mechanism::ulysses}, {"hybrid", d::mechanism::hybrid}};
-    bool found = false;
-    for (const auto& x : mechs)
-      if (mechanism == x.name) o.use = x.m, found = true;
-    if (!found)
+    if (!d::parse_mechanism(mechanism, o.use))
       throw py::value_error("omniattn: mechanism must be 'auto', 'ring', 'allgather', 'token_ring', 'ulysses' or 'hybrid', "
                             "not '" + mechanism + "'");
-    if (layout != "contiguous" && layout != "zigzag")
+    if (!d::parse_layout(layout, o.shards))
       throw py::value_error("omniattn: layout must be 'contiguous' or 'zigzag', not '" + layout + "'");
-    o.shards = layout == "zigzag" ? d::layout::zigzag : d::layout::contiguous;
     o.chunks = chunks;
     o.ulysses_degree = ulysses_degree;
     o.threads = threads;
@@ -974,10 +965,10 @@ py::dict dist_attention(std::int64_t comm, py::handle q, py::handle k, py::handl
 }
 
 std::vector<std::int64_t> rank_chunks(const std::string& layout, std::int64_t chunks, int ranks, int rank) {
-  if (layout != "contiguous" && layout != "zigzag")
+  omniattn::dist::layout l = omniattn::dist::layout::contiguous;
+  if (!omniattn::dist::parse_layout(layout, l))
     throw py::value_error("omniattn: layout must be 'contiguous' or 'zigzag', not '" + layout + "'");
-  return omniattn::dist::rank_chunks(layout == "zigzag" ? omniattn::dist::layout::zigzag : omniattn::dist::layout::contiguous,
-                                     chunks, ranks, rank);
+  return omniattn::dist::rank_chunks(l, chunks, ranks, rank);
 }
 #endif
 

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -845,6 +846,12 @@ status run_hybrid(call& c) {
   return st;
 }
 
+std::string megabytes(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", bytes / 1e6);
+  return buf;
+}
+
 // Ulysses needs every rank to take a whole group of q heads with its kv heads.
 std::string ulysses_blocker(const call& c) {
   const int P = c.li.ranks;
@@ -882,9 +889,11 @@ mechanism plan(call& c) {
   const double hyb = (U - 1) / static_cast<double>(U) * (q + kv + part) + (P / U - 1) * kv;
   const bool hybrid_fits = hybrid_blocker(c).empty() && U > 1 && U < P;
   std::ostringstream os;
-  os << "automatic: bytes per rank (upper bounds): ring " << ring << ", token_ring " << token << ", ulysses "
-     << (blocked.empty() ? std::to_string(uly) : "- (" + blocked + ")") << ", hybrid "
-     << (hybrid_fits ? std::to_string(hyb) + " (groups of " + std::to_string(U) + ")" : std::string("- (no group size between 1 and P)"));
+  os << "automatic: MB per rank (upper bounds): ring " << megabytes(ring) << ", token_ring " << megabytes(token) << ", ulysses "
+     << (blocked.empty() ? megabytes(uly) : "- (" + blocked + ")") << ", hybrid "
+     << (hybrid_fits ? megabytes(hyb) + " (groups of " + std::to_string(U) + ")"
+         : U == P ? std::string("- (its largest group is all the ranks: Ulysses)")
+                  : std::string("- (no group of more than 1 rank divides the ranks and both head counts)"));
   c.rep.reasons.push_back(os.str());
   mechanism m = token < ring ? mechanism::token_ring : mechanism::ring;
   double best = std::min(ring, token);
@@ -910,8 +919,8 @@ mechanism plan_backward(call& c) {
   const double uly = (P - 1) / static_cast<double>(P) * rows * (hq * (d * es + 2.0 * dv * eo + 4.0 + 4.0 * d) + hkv * (d + dv) * (es + 4.0));
   const std::string blocked = ulysses_blocker(c);
   std::ostringstream os;
-  os << "automatic: bytes per rank (upper bounds): ring " << ring << ", ulysses "
-     << (blocked.empty() ? std::to_string(uly) : "- (" + blocked + ")");
+  os << "automatic: MB per rank (upper bounds): ring " << megabytes(ring) << ", ulysses "
+     << (blocked.empty() ? megabytes(uly) : "- (" + blocked + ")");
   c.rep.reasons.push_back(os.str());
   const mechanism m = blocked.empty() && P > 1 && uly < ring ? mechanism::ulysses : mechanism::ring;
   c.rep.reasons.push_back(std::string("automatic: ") + mechanism_name(m));
@@ -965,8 +974,8 @@ std::string message_limits(const call& c, mechanism m, bool backward = false) {
 }
 
 // Local checks of this rank's arguments (shapes, dtypes, the spec on a representative block); "" when fine.
-std::string check_local(call& c) {
-  const tensor &q = c.q, &k = c.k, &v = c.v, &out = c.out;
+// The options' own rules (mechanism, layout, group size) for the call's shapes and ranks; "" when fine.
+std::string check_mechanism(const call& c) {
   if (c.o.use != mechanism::automatic && c.o.use != mechanism::ring && c.o.use != mechanism::allgather &&
       c.o.use != mechanism::token_ring && c.o.use != mechanism::ulysses && c.o.use != mechanism::hybrid)
     return "options.use " + std::to_string(static_cast<int>(c.o.use)) + " is not a mechanism";
@@ -976,6 +985,12 @@ std::string check_local(call& c) {
     if (std::string why = ulysses_blocker(c); !why.empty()) return "options.use: " + why;
   if (c.o.shards != layout::contiguous && c.o.shards != layout::zigzag)
     return "options.shards " + std::to_string(static_cast<int>(c.o.shards)) + " is not a layout";
+  return {};
+}
+
+std::string check_local(call& c) {
+  const tensor &q = c.q, &k = c.k, &v = c.v, &out = c.out;
+  if (std::string why = check_mechanism(c); !why.empty()) return why;
   if (k.seq != q.seq) return "k.seq " + std::to_string(k.seq) + " != q.seq " + std::to_string(q.seq) + " (self-attention shards)";
   const std::int64_t want = c.li.rows[static_cast<std::size_t>(c.li.rank)];
   if (q.seq != want)
@@ -1027,6 +1042,25 @@ const char* mechanism_name(mechanism m) {
 
 const char* layout_name(layout l) { return l == layout::zigzag ? "zigzag" : "contiguous"; }
 
+bool parse_mechanism(const std::string& name, mechanism& m) {
+  for (mechanism x : {mechanism::automatic, mechanism::ring, mechanism::allgather, mechanism::token_ring, mechanism::ulysses,
+                      mechanism::hybrid})
+    if (name == mechanism_name(x) || (x == mechanism::automatic && name == "auto")) {
+      m = x;
+      return true;
+    }
+  return false;
+}
+
+bool parse_layout(const std::string& name, layout& l) {
+  for (layout x : {layout::contiguous, layout::zigzag})
+    if (name == layout_name(x)) {
+      l = x;
+      return true;
+    }
+  return false;
+}
+
 std::vector<std::int64_t> rank_chunks(layout l, std::int64_t chunks, int ranks, int rank) {
   std::vector<std::int64_t> held;
   if (ranks <= 0 || rank < 0 || rank >= ranks || chunks <= 0) return held;  // nothing is held outside a valid layout
@@ -1062,6 +1096,32 @@ MPI_Comm private_comm(MPI_Comm user) {
   MPI_Comm_dup(user, dup);  // collective: the first call on a communicator is on every rank (dist calls are collective)
   MPI_Comm_set_attr(user, keyval, dup);
   return *dup;
+}
+
+// The chunk layout of a sequence of n tokens over c.li.ranks ranks (options.chunks, options.shards); "" or the rule
+// the options break.
+std::string make_layout(call& c, std::int64_t n) {
+  const int P = c.li.ranks;
+  const cp_options& o = c.o;
+  c.li.chunks = o.chunks != 0 ? o.chunks : (o.shards == layout::zigzag ? 2 * P : P);
+  const std::int64_t unit = o.shards == layout::zigzag ? 2 * P : P;
+  if (c.li.chunks < 0 || c.li.chunks % unit != 0)
+    return "options.chunks " + std::to_string(c.li.chunks) + " must be a positive multiple of " + std::to_string(unit) + " (" +
+           (o.shards == layout::zigzag ? "2 x " : "") + std::to_string(P) + " ranks, " + layout_name(o.shards) + ")";
+  c.li.n = n;
+  c.li.held.clear();
+  c.li.owner.assign(static_cast<std::size_t>(c.li.chunks), 0);
+  c.li.local_row.assign(static_cast<std::size_t>(c.li.chunks), 0);
+  c.li.rows.assign(static_cast<std::size_t>(P), 0);
+  for (int b = 0; b < P; ++b) {
+    c.li.held.push_back(rank_chunks(o.shards, c.li.chunks, P, b));
+    for (std::int64_t ch : c.li.held.back()) {
+      c.li.owner[static_cast<std::size_t>(ch)] = b;
+      c.li.local_row[static_cast<std::size_t>(ch)] = c.li.rows[static_cast<std::size_t>(b)];
+      c.li.rows[static_cast<std::size_t>(b)] += c.li.len(ch);
+    }
+  }
+  return {};
 }
 
 // The steps every collective call takes first, the same on every rank: MPI is up, a rank's local error, shapes and
@@ -1100,30 +1160,67 @@ status setup(call& c) {
       }
   if (!err.empty()) return {"[dist::attention] " + err};
   c.sh = {q.batch, q.heads, k.heads, q.dim, v.dim, q.type};
-  c.li.chunks = o.chunks != 0 ? o.chunks : (o.shards == layout::zigzag ? 2 * P : P);
-  const std::int64_t unit = o.shards == layout::zigzag ? 2 * P : P;
-  if (c.li.chunks < 0 || c.li.chunks % unit != 0) {
-    const std::string msg = "options.chunks " + std::to_string(c.li.chunks) + " must be a positive multiple of " +
-                            std::to_string(unit) + " (" + (o.shards == layout::zigzag ? "2 x " : "") + std::to_string(P) +
-                            " ranks, " + layout_name(o.shards) + ")";
-    return {"[dist::attention] " + msg};
-  }
-  // The global length: the rows of every rank's chunks add up to n; solve for n from rank 0's layout.
-  std::int64_t total_rows = 0;
+  std::int64_t total_rows = 0;  // the global length: the rows of every rank's chunks add up to n
   for (int b = 0; b < P; ++b) total_rows += every[static_cast<std::size_t>(k_fields * b)];
-  c.li.n = total_rows;
-  c.li.owner.assign(static_cast<std::size_t>(c.li.chunks), 0);
-  c.li.local_row.assign(static_cast<std::size_t>(c.li.chunks), 0);
-  c.li.rows.assign(static_cast<std::size_t>(P), 0);
-  for (int b = 0; b < P; ++b) {
-    c.li.held.push_back(rank_chunks(o.shards, c.li.chunks, P, b));
-    for (std::int64_t ch : c.li.held.back()) {
-      c.li.owner[static_cast<std::size_t>(ch)] = b;
-      c.li.local_row[static_cast<std::size_t>(ch)] = c.li.rows[static_cast<std::size_t>(b)];
-      c.li.rows[static_cast<std::size_t>(b)] += c.li.len(ch);
+  if (const std::string why = make_layout(c, total_rows); !why.empty()) return {"[dist::attention] " + why};
+  return {};
+}
+
+cp_plan explain(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, int ranks, const cp_options& o) {
+  cp_plan e;
+  const auto fail = [&e](const std::string& why) {
+    e.st = {"[dist::explain] " + why};
+    return e;
+  };
+  if (ranks < 1) return fail("ranks " + std::to_string(ranks) + " must be >= 1");
+  call c(q, k, v, out, s, o);
+  c.li.ranks = ranks;
+  c.sh = {q.batch, q.heads, k.heads, q.dim, v.dim, q.type};
+  if (k.seq != q.seq) return fail("k.seq " + std::to_string(k.seq) + " != q.seq " + std::to_string(q.seq) + " (self-attention)");
+  if (std::string why = make_layout(c, q.seq); !why.empty()) return fail(why);
+  if (std::string why = check_mechanism(c); !why.empty()) return fail(why);
+  // The kernel's rules on the first chunk against itself, as a block of the whole problem.
+  const problem_block pb{0, 0, c.li.n, c.li.n};
+  options opt;
+  opt.use = backend::cpu;
+  opt.block = &pb;
+  const std::int64_t len = c.li.len(0);
+  if (const status st = make_params(rows_of(q, 0, len), rows_of(k, 0, len), rows_of(v, 0, len), rows_of(out, 0, len), s, opt, c.base); !st.ok())
+    return fail(st.error.rfind("[attention] ", 0) == 0 ? st.error.substr(12) : st.error);
+  classify_blocks(c);
+  const mechanism m = plan(c);
+  e.mechanism = mechanism_name(m);
+  e.reasons = c.rep.reasons;
+  e.reasons.push_back(std::to_string(c.li.chunks) + " chunks of a sequence of " + std::to_string(c.li.n) + " tokens, " +
+                      layout_name(o.shards) + " over " + std::to_string(ranks) + " ranks");
+  e.chunks = c.li.chunks;
+  const std::int64_t C = c.li.chunks;
+  for (std::int64_t i = 0; i < C; ++i)
+    for (std::int64_t j = 0; j < C; ++j) e.pairs_nonempty += block_nonempty(c, i, j);
+  e.pairs_total = C * C;
+  // The blocks each rank computes: its query chunks (ring, all-gather), its key chunks (TokenRing), every block for
+  // its heads (Ulysses), its group's query chunks for its heads (hybrid).
+  const int U = m == mechanism::hybrid ? hybrid_degree(c) : 1;
+  for (int r = 0; r < ranks; ++r) {
+    std::int64_t n = 0;
+    for (std::int64_t i = 0; i < C; ++i)
+      for (std::int64_t j = 0; j < C; ++j) {
+        const int qo = static_cast<int>(c.li.owner[static_cast<std::size_t>(i)]), ko = static_cast<int>(c.li.owner[static_cast<std::size_t>(j)]);
+        const bool mine = m == mechanism::ulysses ? true : m == mechanism::token_ring ? ko == r : m == mechanism::hybrid ? qo / U == r / U : qo == r;
+        n += mine && block_nonempty(c, i, j);
+      }
+    e.pairs_per_rank.push_back(n);
+  }
+  if (m == mechanism::ring) {
+    const need_matrix need = rank_needs(c);
+    for (int b = 0; b < ranks; ++b) {
+      int last = 0;  // the farthest hop a later rank needs this shard
+      for (int h = 1; h < ranks; ++h)
+        if (need[static_cast<std::size_t>((b + h) % ranks)][static_cast<std::size_t>(b)]) last = h;
+      e.hops_skipped += ranks - 1 - last;
     }
   }
-  return {};
+  return e;
 }
 
 status attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const spec& s, const cp_options& o) {

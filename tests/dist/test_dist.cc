@@ -343,6 +343,62 @@ TEST(Dist, RingSkipsBlocksNoLaterRankNeeds) {
   EXPECT_EQ(q_skipped, static_cast<std::int64_t>(P) * (P - 1) / 2);
 }
 
+// dist::explain (no MPI, the whole problem's shapes) predicts what a call on P ranks does: the mechanism, the blocks
+// each rank computes (against the call's own report), the empty blocks and the ring hops a mask saves; and it reports
+// the call's errors.
+TEST(Dist, ExplainPredictsTheCall) {
+  const int P = world_size(), rank = world_rank();
+  problem p = test::small_problem(96, 96, 4, 4, 8, dtype::f32, causal_mode::none, 5);
+  const problem_data d(p);
+  for (const char* name : {"causal", "window"}) {
+    spec s;
+    if (std::string(name) == "causal") s.causal = causal_mode::bottom_right;
+    else s.mask = mask_expr::window(5, 0, causal_mode::bottom_right);
+    for (dist::mechanism m : {dist::mechanism::ring, dist::mechanism::token_ring, dist::mechanism::ulysses, dist::mechanism::automatic}) {
+      if (m == dist::mechanism::ulysses && p.heads_q % P != 0) continue;
+      SCOPED_TRACE(std::string(name) + " " + dist::mechanism_name(m) + " P=" + std::to_string(P));
+      dist::cp_options o;
+      o.use = m;
+      o.shards = dist::layout::zigzag;
+      const dist::cp_plan plan = dist::explain(d.q_view(), d.k_view(), d.v_view(), d.out_view(), s, P, o);
+      ASSERT_TRUE(plan.st.ok()) << plan.st.error;
+      const shard_result got = run_shard(d, s, MPI_COMM_WORLD, m, dist::layout::zigzag, 2 * P, P, rank);
+      ASSERT_TRUE(got.st.ok()) << got.st.error;
+      EXPECT_EQ(plan.mechanism, got.rep.mechanism);
+      EXPECT_EQ(plan.chunks, 2 * P);
+      ASSERT_EQ(plan.pairs_per_rank.size(), static_cast<std::size_t>(P));
+      EXPECT_EQ(plan.pairs_per_rank[static_cast<std::size_t>(rank)], got.rep.pairs_computed);
+      const std::int64_t C = 2 * P;
+      if (std::string(name) == "causal") EXPECT_EQ(plan.pairs_nonempty, C * (C + 1) / 2);
+      EXPECT_EQ(plan.pairs_total, C * C);
+      std::int64_t skipped = 0;
+      MPI_Allreduce(&got.rep.messages_skipped, &skipped, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+      if (plan.mechanism == "ring") EXPECT_EQ(plan.hops_skipped, skipped);
+    }
+  }
+  // A contiguous causal ring on 4 ranks: shard b travels 3 - b hops, so 6 of the 12 are not taken.
+  spec causal;
+  causal.causal = causal_mode::bottom_right;
+  dist::cp_options ring;
+  ring.use = dist::mechanism::ring;
+  const dist::cp_plan four = dist::explain(d.q_view(), d.k_view(), d.v_view(), d.out_view(), causal, 4, ring);
+  EXPECT_EQ(four.hops_skipped, 6);
+  EXPECT_EQ(four.pairs_per_rank, (std::vector<std::int64_t>{1, 2, 3, 4}));
+  // Errors: the rules a call would report.
+  dist::cp_options z;
+  z.shards = dist::layout::zigzag;
+  z.chunks = 3;
+  EXPECT_NE(dist::explain(d.q_view(), d.k_view(), d.v_view(), d.out_view(), {}, 2, z).st.error.find(
+                "[dist::explain] options.chunks 3 must be a positive multiple of 4"),
+            std::string::npos);
+  EXPECT_NE(dist::explain(d.q_view(), d.k_view(), d.v_view(), d.out_view(), {}, 0, {}).st.error.find("ranks 0 must be >= 1"),
+            std::string::npos);
+  dist::cp_options u;
+  u.use = dist::mechanism::ulysses;
+  EXPECT_NE(dist::explain(d.q_view(), d.k_view(), d.v_view(), d.out_view(), {}, 3, u).st.error.find("ulysses needs q.heads 4"),
+            std::string::npos);
+}
+
 // The library talks on its own duplicate of the communicator: a caller's message in flight on the same communicator,
 // with the tags the ring uses, is neither taken nor disturbed by a call.
 TEST(Dist, CallerMessagesOnTheSameCommunicatorAreUntouched) {
