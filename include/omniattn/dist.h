@@ -44,6 +44,8 @@
 // written. Calls on one communicator must not overlap (as for any MPI collective), and every rank passes the same
 // spec (not checked: a different spec gives a different problem, or a hang). The library talks on its own duplicate
 // of the communicator (made on the first call, cached on it, freed with it), so its messages never meet the caller's.
+// An exception inside an exchange (a buffer's allocation failing once messages are in flight) cannot be agreed on:
+// that rank prints why and calls MPI_Abort rather than leave the others waiting forever.
 #pragma once
 
 #include <mpi.h>

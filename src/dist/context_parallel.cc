@@ -1076,6 +1076,23 @@ std::vector<std::int64_t> rank_chunks(layout l, std::int64_t chunks, int ranks, 
   return held;
 }
 
+// Runs a mechanism's exchange. A kernel's failure there is a status, and the exchange goes on (zeros travel) so the
+// failure is agreed on afterwards; but an exception (out of memory for a buffer) leaves this rank outside MPI calls
+// the others are already in, with no way back into the protocol: rather than leave them waiting forever, it says why
+// and aborts the communicator's processes.
+template <class Run>
+status during_exchange(const call& c, Run&& run) {
+  try {
+    return run();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[dist::attention] rank %d: %s during the exchange: aborting (the other ranks would wait forever)\n",
+                 c.li.rank, e.what());
+    std::fflush(stderr);
+    MPI_Abort(c.o.comm, 1);
+    return {"[dist::attention] aborted"};  // MPI_Abort does not return
+  }
+}
+
 // The library's own duplicate of a caller's communicator, made on first use and cached on it (MPI attribute
 // caching; freed with it), so the library's messages and tags never meet the caller's on the same communicator.
 int free_private_comm(MPI_Comm, int, void* attr, void*) {
@@ -1258,11 +1275,13 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
   c.rep.chunks = c.li.chunks;
   c.rep.reasons.push_back(std::to_string(c.li.chunks) + " chunks of a sequence of " + std::to_string(c.li.n) + " tokens, " +
                           layout_name(o.shards) + " over " + std::to_string(P) + " ranks");
-  const status st = m == mechanism::allgather    ? run_allgather(c, mine_kv)
-                    : m == mechanism::token_ring ? run_token_ring(c, mine_kv)
-                    : m == mechanism::ulysses    ? run_ulysses(c)
-                    : m == mechanism::hybrid     ? run_hybrid(c)
-                                                 : run_ring(c, mine_kv);
+  const status st = during_exchange(c, [&] {
+    return m == mechanism::allgather    ? run_allgather(c, mine_kv)
+           : m == mechanism::token_ring ? run_token_ring(c, mine_kv)
+           : m == mechanism::ulysses    ? run_ulysses(c)
+           : m == mechanism::hybrid     ? run_hybrid(c)
+                                        : run_ring(c, mine_kv);
+  });
   std::string failed = st.ok() ? std::string{} : st.error;
   for (const chunk_fold& f : c.folds)
     if (failed.empty() && f.next != f.order.size())
@@ -1628,7 +1647,7 @@ status attention_backward(const tensor& q, const tensor& k, const tensor& v, con
   if (err = agree(o.comm, c.li.rank, local); !err.empty()) return {err};
   c.rep.mechanism = mechanism_name(m);
   c.rep.chunks = c.li.chunks;
-  const status st = m == mechanism::ulysses ? run_ulysses_backward(c, w) : run_ring_backward(c, w, mine_kv);
+  const status st = during_exchange(c, [&] { return m == mechanism::ulysses ? run_ulysses_backward(c, w) : run_ring_backward(c, w, mine_kv); });
   std::string failed = st.ok() ? std::string{} : st.error;
   for (const auto& [ch, a] : w.dq)
     if (failed.empty() && a.next != a.order.size()) failed = "internal: dq of chunk " + std::to_string(ch) + " incomplete";
