@@ -357,7 +357,9 @@ void flash_bwd_f32(const attn_bwd_params& bp) {
   // A dense bias gradient broadcast over the batch: every batch entry of a kv head in one item (one writer per entry).
   const bool fold_batch = lay.bias && lay.bias->shape[0] == 1 && !p.cu_seqlens_q && p.batch > 1;
   // Enough items for 16 threads' worth of balance, at most 8 dQ partial sums (memory: splits x the size of Q in f32).
-  const std::int64_t pairs = std::max<std::int64_t>((fold_batch ? 1 : p.batch) * p.heads_kv, 1);
+  // Counted over the whole problem's kv heads (options::block's heads_q), so a block of heads sums dQ in the same
+  // order as the call of every head: the head-block contract holds bitwise for the backward too.
+  const std::int64_t pairs = std::max<std::int64_t>((fold_batch ? 1 : p.batch) * (total_heads(p) / p.group), 1);
   lay.splits = std::clamp<std::int64_t>((16 + pairs - 1) / pairs, 1, std::min<std::int64_t>(8, std::max<std::int64_t>(kv_tiles, 1)));
   // A bias broadcast over the keys sums every key tile of a row into one entry: one item per (sequence, kv head).
   if (lay.bias && lay.bias->shape[3] == 1) lay.splits = 1;

@@ -1141,9 +1141,10 @@ std::string make_layout(call& c, std::int64_t n) {
   return {};
 }
 
-// The steps every collective call takes first, the same on every rank: MPI is up, a rank's local error, shapes and
-// options compared between ranks, the chunk layout. On failure every rank returns the same error.
-status setup(call& c) {
+// The steps every collective call takes first, the same on every rank: MPI is up, a rank's local error, shapes,
+// dtypes (the backward's d_out too: Ulysses' message sizes depend on them) and options compared between ranks, the
+// chunk layout. On failure every rank returns the same error.
+status setup(call& c, std::int64_t d_out_type = -1) {
   const tensor &q = c.q, &k = c.k, &v = c.v;
   int initialized = 0;
   MPI_Initialized(&initialized);
@@ -1155,14 +1156,14 @@ status setup(call& c) {
   MPI_Comm_rank(o.comm, &c.li.rank);
   const int P = c.li.ranks;
   // A rank whose caller could not even build its arguments (e.g. a binding's translation) fails every rank first.
-  std::string err = agree(o.comm, c.li.rank, o.local_error ? std::string(o.local_error) : std::string{});
+  std::string err = agree(c.o.comm, c.li.rank, o.local_error ? std::string(o.local_error) : std::string{});
   if (!err.empty()) return {err};
   // Every rank's shard length, shapes and options, so the layout and every later decision are the same everywhere
   // (a rank with other options would run another protocol and hang the others).
-  constexpr int k_fields = 11;
+  constexpr int k_fields = 13;
   std::int64_t mine[k_fields] = {q.seq, q.batch, q.heads, k.heads, q.dim, v.dim, static_cast<std::int64_t>(q.type),
                                  static_cast<std::int64_t>(o.use), static_cast<std::int64_t>(o.shards), o.chunks,
-                                 o.ulysses_degree};
+                                 o.ulysses_degree, static_cast<std::int64_t>(c.out.type), d_out_type};
   std::vector<std::int64_t> every(static_cast<std::size_t>(k_fields * P));
   MPI_Allgather(mine, k_fields, MPI_INT64_T, every.data(), k_fields, MPI_INT64_T, o.comm);
   for (int b = 1; b < P && err.empty(); ++b)
@@ -1170,7 +1171,7 @@ status setup(call& c) {
       if (every[static_cast<std::size_t>(k_fields * b + f)] != every[static_cast<std::size_t>(f)]) {
         static const char* const names[k_fields] = {"seq", "q.batch", "q.heads", "k.heads", "q.dim", "v.dim", "q.type",
                                                     "options.use", "options.shards", "options.chunks",
-                                                    "options.ulysses_degree"};
+                                                    "options.ulysses_degree", "out.type", "d_out.type"};
         err = std::string(names[f]) + " differs between ranks (rank 0: " + std::to_string(every[static_cast<std::size_t>(f)]) +
               ", rank " + std::to_string(b) + ": " + std::to_string(every[static_cast<std::size_t>(k_fields * b + f)]) + ")";
         break;
@@ -1204,8 +1205,15 @@ cp_plan explain(const tensor& q, const tensor& k, const tensor& v, const tensor&
   const std::int64_t len = c.li.len(0);
   if (const status st = make_params(rows_of(q, 0, len), rows_of(k, 0, len), rows_of(v, 0, len), rows_of(out, 0, len), s, opt, c.base); !st.ok())
     return fail(st.error.rfind("[attention] ", 0) == 0 ? st.error.substr(12) : st.error);
-  classify_blocks(c);
+  if (s.rope && (s.rope->pos_q || s.rope->pos_k))
+    return fail("spec.rope.pos_q / pos_k are not supported: RoPE positions are the tokens' global positions");
+  try {
+    classify_blocks(c);  // a user mask predicate may throw
+  } catch (const std::exception& x) {
+    return fail(std::string("classifying the blocks: ") + x.what());
+  }
   const mechanism m = plan(c);
+  if (std::string why = message_limits(c, m); !why.empty()) return fail(why);
   e.mechanism = mechanism_name(m);
   e.reasons = c.rep.reasons;
   e.reasons.push_back(std::to_string(c.li.chunks) + " chunks of a sequence of " + std::to_string(c.li.n) + " tokens, " +
@@ -1246,7 +1254,7 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
   if (status st = setup(c); !st.ok()) return st;
   const int P = c.li.ranks;
   std::string err;
-  if (err = agree(o.comm, c.li.rank, check_local(c)); !err.empty()) return {err};
+  if (err = agree(c.o.comm, c.li.rank, check_local(c)); !err.empty()) return {err};
   c.local = s;
   c.local.sink_logits = nullptr;
 
@@ -1270,7 +1278,7 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
   } catch (const std::exception& e) {
     local = std::string("preparing the call: ") + e.what();
   }
-  if (err = agree(o.comm, c.li.rank, local); !err.empty()) return {err};
+  if (err = agree(c.o.comm, c.li.rank, local); !err.empty()) return {err};
   c.rep.mechanism = mechanism_name(m);
   c.rep.chunks = c.li.chunks;
   c.rep.reasons.push_back(std::to_string(c.li.chunks) + " chunks of a sequence of " + std::to_string(c.li.n) + " tokens, " +
@@ -1288,7 +1296,7 @@ status attention(const tensor& q, const tensor& k, const tensor& v, const tensor
       failed = "internal: chunk " + std::to_string(f.chunk) + " folded " + std::to_string(f.next) + " of " +
                std::to_string(f.order.size()) + " parts";
   // A kernel failure on one rank fails every rank, before anything is written.
-  if (err = agree(o.comm, c.li.rank, failed); !err.empty()) return {err};
+  if (err = agree(c.o.comm, c.li.rank, failed); !err.empty()) return {err};
   if (m == mechanism::ulysses || m == mechanism::hybrid) store_returned(c, m == mechanism::ulysses ? P : hybrid_degree(c));
   else write_outputs(c);
   c.rep.partials_buffered = c.most_pending;
@@ -1594,7 +1602,7 @@ status attention_backward(const tensor& q, const tensor& k, const tensor& v, con
                           const tensor& d_out, const cp_gradients& g, const spec& s, const cp_options& o) {
   const double t_start = now();
   call c(q, k, v, out, s, o);
-  if (status st = setup(c); !st.ok()) return st;
+  if (status st = setup(c, static_cast<std::int64_t>(d_out.type)); !st.ok()) return st;
   bwd_call w{lse, d_out, g, {}, {}};
   // The backward's own rules, on this rank's rows against its own keys as a block of the problem.
   std::string local;
@@ -1619,7 +1627,7 @@ status attention_backward(const tensor& q, const tensor& k, const tensor& v, con
   }
   const mechanism m = local.empty() ? plan_backward(c) : mechanism::ring;
   if (local.empty()) local = message_limits(c, m, true);
-  std::string err = agree(o.comm, c.li.rank, local);
+  std::string err = agree(c.o.comm, c.li.rank, local);
   if (!err.empty()) return {err};
   c.local = s;
   c.local.sink_logits = nullptr;  // P comes from the whole rows' lse, which holds the sink already
@@ -1644,7 +1652,7 @@ status attention_backward(const tensor& q, const tensor& k, const tensor& v, con
   } catch (const std::exception& e) {
     local = std::string("preparing the call: ") + e.what();
   }
-  if (err = agree(o.comm, c.li.rank, local); !err.empty()) return {err};
+  if (err = agree(c.o.comm, c.li.rank, local); !err.empty()) return {err};
   c.rep.mechanism = mechanism_name(m);
   c.rep.chunks = c.li.chunks;
   const status st = during_exchange(c, [&] { return m == mechanism::ulysses ? run_ulysses_backward(c, w) : run_ring_backward(c, w, mine_kv); });
@@ -1653,7 +1661,7 @@ status attention_backward(const tensor& q, const tensor& k, const tensor& v, con
     if (failed.empty() && a.next != a.order.size()) failed = "internal: dq of chunk " + std::to_string(ch) + " incomplete";
   for (const auto& [ch, a] : w.dkv)
     if (failed.empty() && a.next != a.order.size()) failed = "internal: dk / dv of chunk " + std::to_string(ch) + " incomplete";
-  if (err = agree(o.comm, c.li.rank, failed); !err.empty()) return {err};
+  if (err = agree(c.o.comm, c.li.rank, failed); !err.empty()) return {err};
   const shapes& sh = c.sh;
   if (m == mechanism::ulysses) store_returned_gradients(c, g);
   for (const auto& [ch, a] : w.dq)

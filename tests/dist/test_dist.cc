@@ -199,12 +199,10 @@ TEST(Dist, BitwiseEqualToOneProcessAndCloseToOneCall) {
 // The backward on the ring, Ulysses and the planner's choice: every rank's dq, dk, dv shards are bitwise those of one
 // process (same chunks and layout) and close to one attention_backward call of the whole problem. 8 q heads over 4
 // kv heads, so Ulysses takes whole GQA groups on 1, 2 and 4 ranks.
-TEST(Dist, BackwardBitwiseEqualToOneProcessAndCloseToOneCall) {
+void check_backward(const problem& p, const std::vector<spec_case>& cases) {
   const int P = world_size(), rank = world_rank();
-  problem p = test::small_problem(75, 75, 8, 4, 8, dtype::f32, causal_mode::none, 11);
-  p.batch = 2;
   const problem_data d(p);
-  for (const spec_case& sc : spec_cases()) {
+  for (const spec_case& sc : cases) {
     spec s;
     std::vector<float> sinks;
     rope_spec rope;
@@ -308,6 +306,23 @@ TEST(Dist, BackwardBitwiseEqualToOneProcessAndCloseToOneCall) {
       EXPECT_LE(worst, 16.0 * chunks_d * test::dtype_eps(dtype::f32) * std::max(m, 1.0)) << "against one attention_backward call";
     }
   }
+}
+
+TEST(Dist, BackwardBitwiseEqualToOneProcessAndCloseToOneCall) {
+  problem p = test::small_problem(75, 75, 8, 4, 8, dtype::f32, causal_mode::none, 11);
+  p.batch = 2;
+  check_backward(p, spec_cases());
+}
+
+// Chunks of several key tiles (here 275 tokens: 5 tiles of 64): the backward kernel splits a block's dQ sum over key
+// tile ranges, and a call over a group of heads (the ring's progress pieces, Ulysses' head shards) must split it as
+// the call over every head does, or the bits would depend on the process count.
+TEST(Dist, BackwardBitsHoldForChunksOfManyKeyTiles) {
+  problem p = test::small_problem(1100, 1100, 8, 4, 8, dtype::f32, causal_mode::none, 13);
+  std::vector<spec_case> cases;
+  for (const spec_case& c : spec_cases())
+    if (std::string(c.name) == "full" || std::string(c.name) == "causal") cases.push_back(c);
+  check_backward(p, cases);
 }
 
 // A causal ring never sends the last rank's keys anywhere, and a short window sends each block one hop; the pairs
@@ -496,6 +511,18 @@ TEST(Dist, ErrorsAreCollectiveAndWriteNothing) {
     const status es = dist::attention(z, z, z, make_bshd(out.data(), dtype::f32, 1, n, 2, 8), {}, e);
     EXPECT_NE(es.error.find("[dist::attention] options.use differs between ranks (rank 0: 1, rank 1: 2)"), std::string::npos)
         << es.error;
+  }
+  // Output dtypes that differ between ranks (the backward's message sizes depend on them): refused on every rank.
+  if (P > 1) {
+    const tensor z = make_bshd(buf.data(), dtype::f32, 1, n, 2, 8);
+    std::vector<std::uint16_t> half(buf.size(), 0);
+    dist::cp_options e = o;
+    e.shards = dist::layout::contiguous;
+    e.chunks = 0;
+    const tensor o_mine = rank == 1 ? make_bshd(half.data(), dtype::bf16, 1, n, 2, 8) : make_bshd(out.data(), dtype::f32, 1, n, 2, 8);
+    const status es = dist::attention(z, z, z, o_mine, {}, e);
+    EXPECT_NE(es.error.find("[dist::attention] out.type differs between ranks"), std::string::npos) << es.error;
+    EXPECT_EQ(std::count(half.begin(), half.end(), std::uint16_t{0}), static_cast<std::ptrdiff_t>(half.size()));
   }
   // RoPE position ids index a call's own rows, which are not the tokens' positions here: refused.
   {
