@@ -54,6 +54,14 @@ inline constexpr double k_lse_floor_eps = 4.0;
 // of the terms that cancel, while the naive loops may happen to cancel exactly. A gradient sums up to seq_q (dk, dv)
 // or seq_k (dq) products in an order that differs between the kernel and the naive loops: 4 units, not 1.
 inline constexpr double k_grad_floor_eps = 4.0;
+// Linear attention (test_linear.cc), per output (out, and final_state in f32):
+//   max|kernel - oracle| <= 2 * max|naive - oracle| + k_linear_floor_eps * eps(dtype) * M
+// oracle = reference_linear_attention's quadratic form (fp64, rounded once), naive = its recurrence in float
+// (linear_form::recurrent_f32), M = the largest |oracle| of that output. The chunked kernel sums a row's terms in
+// another order than the recurrence (intra-chunk products, then the carried state): a few units, as for gradients.
+// The oracle's two fp64 forms agree to k_linear_forms_eps * eps(f32) * M once rounded to f32 (closed-form rule).
+inline constexpr double k_linear_floor_eps = 8.0;
+inline constexpr double k_linear_forms_eps = 2.0;
 // merge_attention_states (test_merge.cc): the merge of attention over disjoint key sets against attention over their
 // union, every out and LSE f32 from the same kernel, with L = max(1, max|full.lse|) and V = max|v|:
 //   max|merged.out - full.out| <= k_merge_eps * eps(f32) * L * V

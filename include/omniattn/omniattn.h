@@ -3,6 +3,7 @@
 
 #include "omniattn/attention.h"
 #include "omniattn/kv_cache.h"
+#include "omniattn/linear.h"
 #include "omniattn/masks.h"
 #include "omniattn/merge.h"
 #include "omniattn/neighborhood.h"

@@ -1,0 +1,78 @@
+// Linear attention (the kernel trick with a recurrent state): kernelised, gated / decayed, chunked, with a state in
+// and out, in fla's conventions (flash-linear-attention): q, k [batch, seq, heads, K], v [batch, seq, heads, V],
+// a scale applied to q, log-space decays g, initial_state / final_state [batch, heads, K, V].
+//
+// Math contract (token t = 0 .. T - 1 of one (batch, head); phi the feature map, applied to q and k on load):
+//   q_t = scale phi(q_t),  k_t = phi(k_t),  alpha_t = exp(g_t)  (a per-channel vector over K; a scalar decay is the
+//   same value in every channel, the fixed decay the same value at every token; no decay: alpha = 1)
+//   causal:      S_t = diag(alpha_t) S_{t-1} + k_t^T v_t,   S_{-1} = initial_state (0 when none)
+//                o_t = q_t S_t                                                       [K x V state, f32]
+//   normalize:   z_t = alpha_t * z_{t-1} + k_t,  z_{-1} = 0,   o_t = (q_t S_t) / (q_t . z_t)   (0 where q_t . z_t = 0)
+//   non-causal:  o_t = q_t S,  S = initial_state + sum over every token of k_t^T v_t  (no decay)
+//   final_state = S_{T-1} (causal) or S (non-causal).
+// Equivalently (the quadratic form the oracle computes): with G_t = g_0 + ... + g_t,
+//   o_i = sum_{j <= i} (q_i . (exp(G_i - G_j) * k_j)) v_j + (q_i * exp(G_i)) . initial_state.
+// The chunked kernel (Lightning Attention-2's split) computes, per chunk of C tokens, the masked intra-chunk product
+// (conventional attention without the softmax, decays relative to the chunk: every exponent <= 0) plus the
+// inter-chunk term from the carried state, then advances the state; so prefill with final_state followed by calls
+// with initial_state equals one long call (to rounding).
+#pragma once
+
+#include <cstdint>
+
+#include "omniattn/tensor.h"
+#include "omniattn/attention.h"
+
+namespace omniattn {
+
+// Feature maps phi, applied elementwise (softmax: over the K features of a token) to q and k on load.
+enum class feature_map : std::uint8_t { identity, elu_plus_one, relu, softmax };
+const char* feature_map_name(feature_map f);
+
+// Decay / gating, in log space (g <= 0, so alpha = exp(g) is in (0, 1]):
+//   none     alpha = 1 (plain linear attention)
+//   fixed    one log decay per head for every token (RetNet, Lightning / TransNormer): linear_spec::head_log_decay
+//   scalar   a data-dependent log decay per (batch, token, head) (simple GLA, Mamba-2): linear_spec::g [B, T, H, 1]
+//   channel  a data-dependent log decay per (batch, token, head, K channel) (GLA): linear_spec::g [B, T, H, K]
+enum class linear_decay : std::uint8_t { none, fixed, scalar, channel };
+const char* linear_decay_name(linear_decay d);
+
+struct linear_spec {
+  bool causal = true;
+  double scale = -1.0;  // < 0: 1 / sqrt(K) (fla's default)
+  feature_map phi = feature_map::identity;
+  bool normalize = false;  // divide by q_t . z_t (classic linear attention); off: TransNormer / Lightning / GLA
+  linear_decay decay = linear_decay::none;
+  const float* head_log_decay = nullptr;  // fixed: [heads], each finite and <= 0
+  tensor g;                               // scalar / channel: log decays, finite and <= 0, f32 / bf16 / f16
+};
+
+// A [batch, heads, K, V] float32 state with its own strides (elements).
+struct state_tensor {
+  float* data = nullptr;
+  std::int64_t batch = 0, heads = 0, dim_k = 0, dim_v = 0;
+  std::int64_t stride_batch = 0, stride_head = 0, stride_k = 0, stride_v = 0;
+};
+state_tensor make_state(float* data, std::int64_t batch, std::int64_t heads, std::int64_t dim_k, std::int64_t dim_v);
+
+struct linear_options {
+  int threads = 0;                              // 0: all cores; the result does not depend on it
+  const state_tensor* initial_state = nullptr;  // read
+  const state_tensor* final_state = nullptr;    // written (may be the same buffer as initial_state)
+  std::int64_t chunk = 64;                      // tokens per chunk of the chunked kernel, 1 .. 1024
+};
+
+// The chunked CPU kernel. q, k [B, T, H, K], v [B, T, H, V] (f32, bf16 or f16, any strides, one dtype), out
+// [B, T, H, V] (q's dtype or f32). Errors name the argument and the rule ("[linear_attention] k.dim 5 != q.dim 7");
+// on error nothing is written.
+status linear_attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
+                        const linear_options& o = {});
+
+// The fp64 oracle of the same contract: the quadratic form above (explicit pair weights; O(T^2 K V)), or the
+// recurrence itself in fp64 (they agree to fp64 rounding; the tests check it), or the recurrence in float (the naive
+// f32 implementation the tolerance rule compares against). Same arguments and errors.
+enum class linear_form : std::uint8_t { quadratic, recurrent, recurrent_f32 };
+status reference_linear_attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
+                                  const linear_options& o = {}, linear_form form = linear_form::quadratic);
+
+}  // namespace omniattn

@@ -1,0 +1,84 @@
+// The plain parameters of one linear_attention call (include/omniattn/linear.h), validated: pointers, int64 element
+// strides, resolved scalars. The oracle (src/ref/linear_ref.cc) and the chunked kernel (src/cpu/linear_fwd.cc) read
+// only this.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "core/storage.h"
+#include "omniattn/linear.h"
+
+namespace omniattn::detail {
+
+struct linear_params {
+  const void *q = nullptr, *k = nullptr, *v = nullptr, *g = nullptr;
+  void* out = nullptr;
+  dtype in_type = dtype::f32, out_type = dtype::f32, g_type = dtype::f32;
+  std::int64_t q_stride[4]{}, k_stride[4]{}, v_stride[4]{}, out_stride[4]{}, g_stride[4]{};  // batch, seq, head, dim
+  std::int64_t batch = 0, seq = 0, heads = 0, dim_k = 0, dim_v = 0;
+  double scale = 1.0;
+  feature_map phi = feature_map::identity;
+  bool causal = true, normalize = false;
+  linear_decay decay = linear_decay::none;
+  const float* head_log_decay = nullptr;
+  const state_tensor* initial_state = nullptr;
+  const state_tensor* final_state = nullptr;
+  std::int64_t chunk = 64;
+  int threads = 1;
+};
+
+// Validates the call and fills p; the message names the argument and the rule, prefixed "[<entry>] ".
+status make_linear_params(const char* entry, const tensor& q, const tensor& k, const tensor& v, const tensor& out,
+                          const linear_spec& s, const linear_options& o, linear_params& p);
+
+// phi over one token's K features, in place (x: n values).
+template <class T>
+void apply_feature_map(feature_map phi, T* x, std::int64_t n) {
+  switch (phi) {
+    case feature_map::identity: return;
+    case feature_map::elu_plus_one:  // elu(x) + 1: x + 1 above 0, exp(x) below (positive, smooth)
+      for (std::int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? x[i] + T(1) : std::exp(x[i]);
+      return;
+    case feature_map::relu:
+      for (std::int64_t i = 0; i < n; ++i) x[i] = std::max(x[i], T(0));
+      return;
+    case feature_map::softmax: {  // over the features; the max is subtracted first so exp cannot overflow
+      T m = x[0], sum = T(0);
+      for (std::int64_t i = 1; i < n; ++i) m = std::max(m, x[i]);
+      for (std::int64_t i = 0; i < n; ++i) sum += x[i] = std::exp(x[i] - m);
+      for (std::int64_t i = 0; i < n; ++i) x[i] /= sum;
+      return;
+    }
+  }
+}
+
+// Token t of (batch b, head h) as the math contract reads it, in T: q = scale phi(q), k = phi(k), v (K, K, V values).
+// The oracle (in double) and the kernel (in float) both load through this.
+template <class T>
+void load_token(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t, T* q, T* k, T* v) {
+  for (std::int64_t c = 0; c < p.dim_k; ++c) {
+    q[c] = static_cast<T>(load_element(p.q, p.in_type, b * p.q_stride[0] + t * p.q_stride[1] + h * p.q_stride[2] + c * p.q_stride[3]));
+    k[c] = static_cast<T>(load_element(p.k, p.in_type, b * p.k_stride[0] + t * p.k_stride[1] + h * p.k_stride[2] + c * p.k_stride[3]));
+  }
+  apply_feature_map(p.phi, q, p.dim_k);
+  apply_feature_map(p.phi, k, p.dim_k);
+  for (std::int64_t c = 0; c < p.dim_k; ++c) q[c] *= static_cast<T>(p.scale);
+  for (std::int64_t c = 0; c < p.dim_v; ++c)
+    v[c] = static_cast<T>(load_element(p.v, p.in_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2] + c * p.v_stride[3]));
+}
+
+// The log decay of token t in channel c (0 without decay).
+inline double log_decay(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t, std::int64_t c) {
+  switch (p.decay) {
+    case linear_decay::none: return 0.0;
+    case linear_decay::fixed: return p.head_log_decay[h];
+    case linear_decay::scalar: return load_element(p.g, p.g_type, b * p.g_stride[0] + t * p.g_stride[1] + h * p.g_stride[2]);
+    case linear_decay::channel:
+      return load_element(p.g, p.g_type, b * p.g_stride[0] + t * p.g_stride[1] + h * p.g_stride[2] + c * p.g_stride[3]);
+  }
+  return 0.0;
+}
+
+}  // namespace omniattn::detail
