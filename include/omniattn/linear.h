@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "omniattn/tensor.h"
 #include "omniattn/attention.h"
@@ -28,6 +29,7 @@ namespace omniattn {
 // Feature maps phi, applied elementwise (softmax: over the K features of a token) to q and k on load.
 enum class feature_map : std::uint8_t { identity, elu_plus_one, relu, softmax };
 const char* feature_map_name(feature_map f);
+bool parse_feature_map(const std::string& name, feature_map& f);  // the names above; false (f untouched) otherwise
 
 // Decay / gating, in log space (g <= 0, so alpha = exp(g) is in (0, 1]):
 //   none     alpha = 1 (plain linear attention)

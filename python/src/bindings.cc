@@ -426,7 +426,8 @@ omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shap
 [[noreturn]] void raise_status(const std::string& error) {
   // "[attention] k.type bf16 != q.type f32" (or "[attention_backward] ..."): a dtype problem, TypeError; everything
   // else is a ValueError.
-  for (const std::string prefix : {"[attention] ", "[attention_backward] ", "[attention_decode] ", "[merge_attention_states] "}) {
+  for (const std::string prefix : {"[attention] ", "[attention_backward] ", "[attention_decode] ", "[merge_attention_states] ",
+                                   "[linear_attention] ", "[reference_linear_attention] "}) {
     if (error.rfind(prefix, 0) != 0) continue;
     const std::size_t end = error.find(' ', prefix.size());
     const std::string subject = error.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
@@ -880,6 +881,71 @@ py::array_t<std::uint8_t> kinds_array(const omniattn::block_mask& bm) {
   return a;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Linear attention (omniattn/linear.h).
+
+// A float32 [batch, heads, K, V] state array.
+omniattn::state_tensor to_state(const std::string& name, const array& a) {
+  if (a.type != elem::f32) throw py::type_error("omniattn: " + name + " must be float32, not " + format_desc(a));
+  if (a.shape.size() != 4) throw py::value_error("omniattn: " + name + " must be 4-d [batch, heads, K, V], got shape " + shape_str(a.shape));
+  return {static_cast<float*>(a.data), a.shape[0], a.shape[1], a.shape[2], a.shape[3], a.strides[0], a.strides[1], a.strides[2], a.strides[3]};
+}
+
+// omniattn::linear_attention (or its oracle) of q, k [B, T, H, K], v [B, T, H, V] into out; the decay is fixed with
+// head_log_decay, scalar with a g of [B, T, H] (or [B, T, H, 1]), per channel with a g of [B, T, H, K].
+void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16, std::optional<double> scale,
+            const std::string& phi, bool normalize, bool causal, py::handle g, py::handle head_log_decay,
+            py::handle initial_state, py::handle final_state, std::int64_t chunk, int threads, bool reference) {
+  buffers keep;
+  const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
+  const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
+  const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
+  const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
+  omniattn::linear_spec s;
+  s.scale = scale ? *scale : -1.0;
+  s.normalize = normalize;
+  s.causal = causal;
+  if (!omniattn::parse_feature_map(phi, s.phi))
+    throw py::value_error("omniattn: feature_map must be 'identity', 'elu_plus_one', 'relu' or 'softmax', not '" + phi + "'");
+  py::array_t<float, py::array::c_style | py::array::forcecast> decays;
+  if (!head_log_decay.is_none()) {
+    decays = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(head_log_decay);
+    if (!decays || decays.ndim() != 1 || decays.shape(0) != tq.heads)
+      throw py::value_error("omniattn: head_log_decay must be a 1-d float array with one log decay per head (" +
+                            std::to_string(tq.heads) + ")");
+    s.decay = omniattn::linear_decay::fixed;
+    s.head_log_decay = decays.data();
+  }
+  if (!g.is_none()) {
+    if (s.decay != omniattn::linear_decay::none) throw py::value_error("omniattn: pass g or head_log_decay, not both");
+    array a = describe(g, "g", false, as_bf16, keep);
+    if (a.shape.size() == 3) {  // [B, T, H]: one log decay per token and head
+      a.shape.push_back(1);
+      a.strides.push_back(1);
+    }
+    s.g = to_tensor("g", a, false);
+    s.decay = s.g.dim == 1 ? omniattn::linear_decay::scalar : omniattn::linear_decay::channel;
+  }
+  omniattn::state_tensor s0, s1;
+  omniattn::linear_options o;
+  o.threads = threads;
+  o.chunk = chunk;
+  if (!initial_state.is_none()) {
+    s0 = to_state("initial_state", describe(initial_state, "initial_state", false, false, keep));
+    o.initial_state = &s0;
+  }
+  if (!final_state.is_none()) {
+    s1 = to_state("final_state", describe(final_state, "final_state", true, false, keep));
+    o.final_state = &s1;
+  }
+  omniattn::status st;
+  {
+    py::gil_scoped_release release;
+    st = reference ? omniattn::reference_linear_attention(tq, tk, tv, to, s, o) : omniattn::linear_attention(tq, tk, tv, to, s, o);
+  }
+  check(st);
+}
+
 #ifdef OMNIATTN_HAVE_MPI
 // A rank that could not prepare its call: every rank of the communicator fails with its message (collective).
 std::string dist_fail(std::int64_t comm, const std::string& message) {
@@ -1043,6 +1109,12 @@ PYBIND11_MODULE(_omniattn, m) {
         "rope"_a = py::none(), "cu_seqlens_q"_a = py::none(),
         "Validates, explains or runs one omniattn::attention_decode call of q [batch, Lq, heads_q, dim] (ragged: [1, "
         "total, heads_q, dim] with cu_seqlens_q) on the cache.");
+
+  m.def("linear_attention", &linear, "q"_a, "k"_a, "v"_a, "out"_a, py::kw_only(), "as_bf16"_a = false, "scale"_a = py::none(),
+        "feature_map"_a = "identity", "normalize"_a = false, "causal"_a = true, "g"_a = py::none(),
+        "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "final_state"_a = py::none(), "chunk"_a = 64,
+        "threads"_a = 0, "reference"_a = false,
+        "omniattn::linear_attention (reference=True: its fp64 oracle) of q, k, v into out (and final_state).");
 
 #ifdef OMNIATTN_HAVE_MPI
   m.attr("has_dist") = true;

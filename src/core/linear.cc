@@ -21,6 +21,15 @@ const char* feature_map_name(feature_map f) {
   return "?";
 }
 
+bool parse_feature_map(const std::string& name, feature_map& f) {
+  for (feature_map x : {feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::softmax})
+    if (name == feature_map_name(x)) {
+      f = x;
+      return true;
+    }
+  return false;
+}
+
 const char* linear_decay_name(linear_decay d) {
   switch (d) {
     case linear_decay::none: return "none";
