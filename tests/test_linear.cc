@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "omniattn/linear.h"
+#include "test_common.h"
 #include "tolerance.h"
 
 namespace omniattn {
@@ -145,6 +146,23 @@ TEST(Linear, KernelMatchesTheOracleOnAwkwardSizes) {
         c.initial = seq % 2 == 1;
         check_case(c, static_cast<std::uint64_t>(seq * 100 + dim_k * 10 + static_cast<int>(decay)));
       }
+}
+
+TEST(Linear, KernelMatchesTheOracleOnEveryTarget) {
+  test::for_each_target("Linear.KernelMatchesTheOracleOnEveryTarget", [&](const char* target) {
+    for (linear_decay decay : {linear_decay::none, linear_decay::scalar, linear_decay::channel})
+      for (std::int64_t dim_v : {1, 7, 33}) {  // below, between and above every vector width
+        linear_case c;
+        c.seq = 70;
+        c.dim_k = 19;
+        c.dim_v = dim_v;
+        c.chunk = 32;
+        c.decay = decay;
+        c.initial = true;
+        SCOPED_TRACE(target);
+        check_case(c, static_cast<std::uint64_t>(dim_v * 7 + static_cast<int>(decay)));
+      }
+  });
 }
 
 TEST(Linear, KernelMatchesTheOracleOnRandomSpecs) {

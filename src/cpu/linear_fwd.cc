@@ -10,7 +10,8 @@
 // strong the decay. A scalar or fixed decay is one value per token, factored out of the channel sum. Non-causal
 // (no decay): one pass accumulates S = initial_state + sum_t k_t^T v_t, a second reads o_t = q_t S.
 // Work items are the (batch, head) pairs; the state is float32; the result does not depend on the thread count.
-// Portable loops (the compiler vectorizes the V-wide rows); tuned micro-kernels on the tile engine are to come.
+// The V-wide row updates and the K-wide dot products are Highway vectors, compiled for every target and dispatched
+// once per call; register-blocked micro-kernels on the tile engine are to come.
 #include <omp.h>
 
 #include <algorithm>
@@ -25,11 +26,49 @@
 #include "core/parallel.h"
 #include "core/storage.h"
 
-namespace omniattn::cpu {
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/linear_fwd.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace omniattn::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
 namespace {
 
+// y += a x over n floats.
+void axpy(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, std::int64_t n) {
+  const hn::ScalableTag<float> d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  const auto va = hn::Set(d, a);
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) hn::StoreU(hn::MulAdd(va, hn::LoadU(d, x + i), hn::LoadU(d, y + i)), d, y + i);
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// y *= a over n floats.
+void scale_row(float a, float* HWY_RESTRICT y, std::int64_t n) {
+  const hn::ScalableTag<float> d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  const auto va = hn::Set(d, a);
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) hn::StoreU(hn::Mul(va, hn::LoadU(d, y + i)), d, y + i);
+  for (; i < n; ++i) y[i] *= a;
+}
+
+// sum a[i] b[i] over n floats.
+float dot(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, std::int64_t n) {
+  const hn::ScalableTag<float> d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  auto acc = hn::Zero(d);
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) acc = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), acc);
+  float sum = hn::GetLane(hn::SumOfLanes(d, acc));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
 using detail::linear_params;
-using detail::load_element;
 
 struct head_scratch {
   std::vector<float> q, k, v, S, z, o, den;
@@ -76,8 +115,7 @@ float read_state(const linear_params& p, head_scratch& w, std::int64_t i, Weight
   for (std::int64_t c = 0; c < K; ++c) {
     const float qc = qi[c] * weight(c);
     den += qc * w.z[static_cast<std::size_t>(c)];
-    const float* Sc = &w.S[static_cast<std::size_t>(c * V)];
-    for (std::int64_t e = 0; e < V; ++e) oi[e] += qc * Sc[e];
+    axpy(qc, &w.S[static_cast<std::size_t>(c * V)], oi, V);
   }
   return den;
 }
@@ -98,12 +136,10 @@ void causal_chunk(const linear_params& p, std::int64_t n, head_scratch& w, bool 
       if (per_channel) {
         for (std::int64_t c = 0; c < K; ++c) a += qi[c] * kj[c] * decay(B(i, c) - B(j, c));
       } else {
-        for (std::int64_t c = 0; c < K; ++c) a += qi[c] * kj[c];
-        a *= decay(B(i, 0) - B(j, 0));
+        a = dot(qi, kj, K) * decay(B(i, 0) - B(j, 0));
       }
       den += a;
-      const float* vj = &w.v[static_cast<std::size_t>(j * V)];
-      for (std::int64_t e = 0; e < V; ++e) oi[e] += a * vj[e];
+      axpy(a, &w.v[static_cast<std::size_t>(j * V)], oi, V);
     }
     w.den[static_cast<std::size_t>(i)] = den;
   }
@@ -112,13 +148,12 @@ void causal_chunk(const linear_params& p, std::int64_t n, head_scratch& w, bool 
     const double last = B(n - 1, c);
     const float e_last = decay(last);
     float* Sc = &w.S[static_cast<std::size_t>(c * V)];
-    for (std::int64_t e = 0; e < V; ++e) Sc[e] *= e_last;
+    scale_row(e_last, Sc, V);
     w.z[static_cast<std::size_t>(c)] *= e_last;
     for (std::int64_t j = 0; j < n; ++j) {
       const float kw = w.k[static_cast<std::size_t>(j * K + c)] * decay(last - B(j, c));
       w.z[static_cast<std::size_t>(c)] += kw;
-      const float* vj = &w.v[static_cast<std::size_t>(j * V)];
-      for (std::int64_t e = 0; e < V; ++e) Sc[e] += kw * vj[e];
+      axpy(kw, &w.v[static_cast<std::size_t>(j * V)], Sc, V);
     }
   }
 }
@@ -155,8 +190,7 @@ void run_head(const linear_params& p, std::int64_t b, std::int64_t h, head_scrat
         for (std::int64_t j = 0; j < n; ++j) {
           const float kc = w.k[static_cast<std::size_t>(j * K + c)];
           w.z[static_cast<std::size_t>(c)] += kc;
-          const float* vj = &w.v[static_cast<std::size_t>(j * V)];
-          for (std::int64_t e = 0; e < V; ++e) Sc[e] += kc * vj[e];
+          axpy(kc, &w.v[static_cast<std::size_t>(j * V)], Sc, V);
         }
       }
     }
@@ -175,7 +209,7 @@ void run_head(const linear_params& p, std::int64_t b, std::int64_t h, head_scrat
 
 }  // namespace
 
-status run_linear_fwd(const linear_params& p) {
+status linear_fwd_kernel(const linear_params& p) {
   const std::int64_t items = p.batch * p.heads;
   detail::parallel_errors errors;
 #pragma omp parallel num_threads(p.threads)
@@ -194,4 +228,15 @@ status run_linear_fwd(const linear_params& p) {
   return {};
 }
 
+}  // namespace omniattn::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace omniattn::cpu {
+
+HWY_EXPORT(linear_fwd_kernel);
+
+status run_linear_fwd(const detail::linear_params& p) { return HWY_DYNAMIC_DISPATCH(linear_fwd_kernel)(p); }
+
 }  // namespace omniattn::cpu
+#endif
