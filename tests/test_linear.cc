@@ -67,7 +67,7 @@ struct linear_data {
     s.phi = c.phi;
     s.normalize = c.normalize;
     s.decay = c.decay;
-    s.head_log_decay = head_g.data();
+    s.head_log_decay = head_g;
     s.g = make_bshd(const_cast<float*>(g.data()), dtype::f32, c.batch, c.seq, c.heads, gdim());
     return s;
   }
@@ -314,7 +314,9 @@ TEST(Linear, StrongDecaysStayFinite) {
   const linear_result k = run(d, runner::kernel), o = run(d, runner::quadratic), n = run(d, runner::recurrent_f32);
   ASSERT_TRUE(k.st.ok());
   for (float x : k.out) ASSERT_TRUE(std::isfinite(x));
+  for (float x : k.state) ASSERT_TRUE(std::isfinite(x));
   expect_within_rule(k.out, n.out, o.out, "out");
+  expect_within_rule(k.state, n.state, o.state, "final_state");
 }
 
 TEST(Linear, Validation) {
@@ -335,9 +337,9 @@ TEST(Linear, Validation) {
   EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), d.qv(), {}, {}), "[linear_attention] out.dim 5 != v.dim 8");
   linear_spec fixed;
   fixed.decay = linear_decay::fixed;
-  EXPECT_NE(msg(d.qv(), d.kv(), d.vv(), o, fixed, {}).find("spec.head_log_decay is null"), std::string::npos);
+  EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, fixed, {}), "[linear_attention] spec.head_log_decay has 0 values, expected one per head (3)");
   std::vector<float> bad_heads = {-0.1f, 0.5f, -0.2f};
-  fixed.head_log_decay = bad_heads.data();
+  fixed.head_log_decay = bad_heads;
   EXPECT_NE(msg(d.qv(), d.kv(), d.vv(), o, fixed, {}).find("spec.head_log_decay[1] 0.5 must be finite and <= 0"), std::string::npos);
   linear_spec chan = d.spec();
   chan.decay = linear_decay::channel;
@@ -364,6 +366,25 @@ TEST(Linear, Validation) {
             "[linear_attention] options.initial_state is [1, 1, 2, 2], expected [2, 3, 5, 8]");
   const tensor alias = make_bshd(const_cast<std::uint8_t*>(d.v.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
   EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), alias, {}, {}), "[linear_attention] out aliases v: the output must not overlap an input");
+  // normalize cannot continue from a state (z is not carried); states that overlap without being the same view.
+  linear_spec norm;
+  norm.normalize = true;
+  std::vector<float> s0(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
+  const state_tensor full = make_state(s0.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+  linear_options carry;
+  carry.initial_state = &full;
+  EXPECT_NE(msg(d.qv(), d.kv(), d.vv(), o, norm, carry).find("spec.normalize with options.initial_state"), std::string::npos);
+  state_tensor broadcast = full;  // one state for every batch entry, read while the final states are written
+  broadcast.stride_batch = 0;
+  linear_options partial;
+  partial.initial_state = &broadcast;
+  partial.final_state = &full;
+  EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, {}, partial),
+            "[linear_attention] options.final_state overlaps options.initial_state without being the same view");
+  linear_options self;
+  self.final_state = &broadcast;
+  EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, {}, self),
+            "[linear_attention] options.final_state has stride 0 on axis 0: an output must not overlap itself");
   EXPECT_EQ(std::count(out.begin(), out.end(), -7.0f), static_cast<std::ptrdiff_t>(out.size())) << "a rejected call wrote out";
   // The oracle states the same rules under its own name.
   EXPECT_EQ(reference_linear_attention(d.qv(), short_k, d.vv(), o, {}, {}).error, "[reference_linear_attention] k.dim 4 != q.dim 5");

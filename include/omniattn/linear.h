@@ -7,7 +7,8 @@
 //   same value in every channel, the fixed decay the same value at every token; no decay: alpha = 1)
 //   causal:      S_t = diag(alpha_t) S_{t-1} + k_t^T v_t,   S_{-1} = initial_state (0 when none)
 //                o_t = q_t S_t                                                       [K x V state, f32]
-//   normalize:   z_t = alpha_t * z_{t-1} + k_t,  z_{-1} = 0,   o_t = (q_t S_t) / (q_t . z_t)   (0 where q_t . z_t = 0)
+//   normalize:   z_t = alpha_t * z_{t-1} + k_t,  z_{-1} = 0,   o_t = (q_t S_t) / (q_t . z_t)   (0 where q_t . z_t = 0);
+//                z is not carried between calls yet, so normalize takes no initial_state
 //   non-causal:  o_t = q_t S,  S = initial_state + sum over every token of k_t^T v_t  (no decay)
 //   final_state = S_{T-1} (causal) or S (non-causal).
 // Equivalently (the quadratic form the oracle computes): with G_t = g_0 + ... + g_t,
@@ -19,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 
 #include "omniattn/tensor.h"
@@ -45,7 +47,7 @@ struct linear_spec {
   feature_map phi = feature_map::identity;
   bool normalize = false;  // divide by q_t . z_t (classic linear attention); off: TransNormer / Lightning / GLA
   linear_decay decay = linear_decay::none;
-  const float* head_log_decay = nullptr;  // fixed: [heads], each finite and <= 0
+  std::span<const float> head_log_decay;  // fixed: one per head (q.heads of them), each finite and <= 0
   tensor g;                               // scalar / channel: log decays, finite and <= 0, f32 / bf16 / f16
 };
 
@@ -66,7 +68,8 @@ struct linear_options {
 
 // The chunked CPU kernel. q, k [B, T, H, K], v [B, T, H, V] (f32, bf16 or f16, any strides, one dtype), out
 // [B, T, H, V] (q's dtype or f32). Errors name the argument and the rule ("[linear_attention] k.dim 5 != q.dim 7");
-// on error nothing is written.
+// a call that breaks a rule writes nothing. initial_state and final_state may be the very same view (a state
+// advanced in place) or disjoint, nothing in between; outputs must not overlap inputs or themselves.
 status linear_attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
                         const linear_options& o = {});
 

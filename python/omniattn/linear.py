@@ -31,12 +31,16 @@ def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, featur
     if backend not in ("cpu", "reference"):
         raise ValueError(f"omniattn: backend must be 'cpu' or 'reference', got {backend!r}")
     _check_run_options(backend, threads)
+    if getattr(q, "ndim", 0) != 4:
+        raise ValueError(f"omniattn: q must be [batch, seq, heads, K], got {getattr(q, 'shape', type(q).__name__)}")
     out = _empty(q, tuple(q.shape[:-1]) + (v.shape[-1],))
     final = _empty(q, (q.shape[0], q.shape[2], q.shape[3], v.shape[-1]), "float32") if output_final_state else None
     ops = [_operand(name, x, False) for name, x in (("q", q), ("k", k), ("v", v), ("out", out))]
+    g_op = None if g is None else _operand("g", g, False)
     extra = {name: (None if x is None else _operand(name, x, False)[0])
-             for name, x in (("g", g), ("initial_state", initial_state), ("final_state", final))}
-    _C.linear_attention(*(x for x, _ in ops), as_bf16=any(flag for _, flag in ops), scale=scale,
+             for name, x in (("initial_state", initial_state), ("final_state", final))}
+    _C.linear_attention(*(x for x, _ in ops), as_bf16=any(flag for _, flag in ops + ([g_op] if g_op else [])),
+                        g=None if g_op is None else g_op[0], scale=scale,
                         feature_map=feature_map, normalize=normalize, causal=causal, head_log_decay=head_log_decay,
                         chunk=int(chunk_size), threads=int(threads), reference=backend == "reference", **extra)
     return out, final

@@ -902,6 +902,7 @@ void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf
   const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
   const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
   omniattn::linear_spec s;
+  if (scale && !(*scale > 0.0)) throw py::value_error("omniattn: scale must be > 0 (None: K ** -0.5), got " + std::to_string(*scale));
   s.scale = scale ? *scale : -1.0;
   s.normalize = normalize;
   s.causal = causal;
@@ -914,7 +915,7 @@ void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf
       throw py::value_error("omniattn: head_log_decay must be a 1-d float array with one log decay per head (" +
                             std::to_string(tq.heads) + ")");
     s.decay = omniattn::linear_decay::fixed;
-    s.head_log_decay = decays.data();
+    s.head_log_decay = std::span<const float>(decays.data(), static_cast<std::size_t>(decays.shape(0)));
   }
   if (!g.is_none()) {
     if (s.decay != omniattn::linear_decay::none) throw py::value_error("omniattn: pass g or head_log_decay, not both");

@@ -108,3 +108,27 @@ def test_errors_are_the_library_messages():
         omniattn.linear_attention(q, k, v, head_log_decay=np.zeros(H + 1, np.float32))
     with pytest.raises(TypeError, match=r"\[linear_attention\] k.type"):
         omniattn.linear_attention(q, k.astype(np.float16), v)
+
+
+def test_strided_and_reversed_views_are_read_in_place():
+    rng = np.random.default_rng(7)
+    big_q = rng.uniform(-1, 1, (B, T, H, 2 * K)).astype(np.float32)
+    k_rev = rng.uniform(-1, 1, (B, T, H, K)).astype(np.float32)[:, ::-1]      # negative stride along the sequence
+    v = np.asfortranarray(rng.uniform(-1, 1, (B, T, H, V)).astype(np.float32))  # every stride non-unit but one
+    g = rng.uniform(-0.5, 0, (B, T, H, 2)).astype(np.float32)[..., 0]          # a [B, T, H] view with a stride
+    q = big_q[..., ::2]
+    o, final = omniattn.linear_attention(q, k_rev, v, g=g, output_final_state=True, chunk_size=8)
+    want, want_final = recurrence(*(np.ascontiguousarray(x) for x in (q, k_rev, v)), np.ascontiguousarray(g))
+    np.testing.assert_allclose(o, want, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(final, want_final, atol=2e-5, rtol=0)
+
+
+def test_normalize_does_not_take_a_state_and_other_rules():
+    q, k, v, _ = inputs(8)
+    s0 = np.zeros((B, H, K, V), np.float32)
+    with pytest.raises(ValueError, match="spec.normalize with options.initial_state"):
+        omniattn.linear_attention(q, k, v, normalize=True, feature_map="elu_plus_one", initial_state=s0)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        omniattn.linear_attention(q, k, v, scale=-1.0)
+    with pytest.raises(ValueError, match=r"q must be \[batch, seq, heads, K\]"):
+        omniattn.linear_attention(q[0], k[0], v[0])

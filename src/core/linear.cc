@@ -125,7 +125,8 @@ status make_linear_params(const char* entry, const tensor& q, const tensor& k, c
   switch (s.decay) {
     case linear_decay::none: break;
     case linear_decay::fixed:
-      if (s.head_log_decay == nullptr) return fail("spec.head_log_decay is null (decay fixed needs one log decay per head)");
+      if (static_cast<std::int64_t>(s.head_log_decay.size()) != q.heads)
+        return fail("spec.head_log_decay has ", s.head_log_decay.size(), " values, expected one per head (", q.heads, ")");
       for (std::int64_t h = 0; h < q.heads; ++h)
         if (!(std::isfinite(s.head_log_decay[h]) && s.head_log_decay[h] <= 0.0f))
           return fail("spec.head_log_decay[", h, "] ", s.head_log_decay[h], " must be finite and <= 0 (log of a decay in (0, 1])");
@@ -155,6 +156,8 @@ status make_linear_params(const char* entry, const tensor& q, const tensor& k, c
     }
     default: return fail("spec.decay ", static_cast<int>(s.decay), " is not a decay kind");
   }
+  if (s.normalize && o.initial_state)
+    return fail("spec.normalize with options.initial_state: the key-sum state z is not carried between calls yet");
   if (!s.causal && s.decay != linear_decay::none)
     return fail("spec.decay ", linear_decay_name(s.decay), " with causal = false: the bidirectional decayed form is not supported yet");
   const struct {
@@ -169,10 +172,34 @@ status make_linear_params(const char* entry, const tensor& q, const tensor& k, c
     if (x.st->data == nullptr && q.batch * q.heads > 0) return fail(x.name, ".data is null");
     if (overlaps(extent_of(out), extent_of(*x.st))) return fail(x.name, " overlaps out");
   }
-  if (o.final_state)
+  if (o.final_state) {
     for (const auto& x : ops)
       if (x.name != std::string("out") && overlaps(extent_of(*o.final_state), extent_of(x.t)))
         return fail("options.final_state aliases ", x.name, ": it must not overlap an input");
+    if (s.decay == linear_decay::scalar || s.decay == linear_decay::channel)
+      if (overlaps(extent_of(*o.final_state), extent_of(s.g))) return fail("options.final_state aliases spec.g: it must not overlap an input");
+    // The same view is a state advanced in place (each head reads its slice before it writes it); any other overlap
+    // would let one head's final state overwrite another head's initial state before it is read.
+    if (const state_tensor* i = o.initial_state; i && overlaps(extent_of(*o.final_state), extent_of(*i))) {
+      const state_tensor* f = o.final_state;
+      const bool same = f->data == i->data && f->stride_batch == i->stride_batch && f->stride_head == i->stride_head &&
+                        f->stride_k == i->stride_k && f->stride_v == i->stride_v;
+      if (!same) return fail("options.final_state overlaps options.initial_state without being the same view");
+    }
+  }
+  // Written views must not overlap themselves (a zero stride on an axis of more than one element).
+  const struct {
+    const char* name;
+    std::int64_t dims[4], strides[4];
+  } written[] = {{"out", {out.batch, out.seq, out.heads, out.dim}, {out.stride_batch, out.stride_seq, out.stride_head, out.stride_dim}},
+                 {"options.final_state",
+                  {o.final_state ? o.final_state->batch : 0, o.final_state ? o.final_state->heads : 0, o.final_state ? o.final_state->dim_k : 0,
+                   o.final_state ? o.final_state->dim_v : 0},
+                  {o.final_state ? o.final_state->stride_batch : 1, o.final_state ? o.final_state->stride_head : 1,
+                   o.final_state ? o.final_state->stride_k : 1, o.final_state ? o.final_state->stride_v : 1}}};
+  for (const auto& x : written)
+    for (int d = 0; d < 4; ++d)
+      if (x.dims[d] > 1 && x.strides[d] == 0) return fail(x.name, " has stride 0 on axis ", d, ": an output must not overlap itself");
   p.q = q.data;
   p.k = k.data;
   p.v = v.data;
@@ -193,7 +220,7 @@ status make_linear_params(const char* entry, const tensor& q, const tensor& k, c
   p.causal = s.causal;
   p.normalize = s.normalize;
   p.decay = s.decay;
-  p.head_log_decay = s.head_log_decay;
+  p.head_log_decay = s.head_log_decay.data();
   p.initial_state = o.initial_state;
   p.final_state = o.final_state;
   p.chunk = o.chunk;

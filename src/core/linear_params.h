@@ -22,7 +22,7 @@ struct linear_params {
   feature_map phi = feature_map::identity;
   bool causal = true, normalize = false;
   linear_decay decay = linear_decay::none;
-  const float* head_log_decay = nullptr;
+  const float* head_log_decay = nullptr;  // [heads]
   const state_tensor* initial_state = nullptr;
   const state_tensor* final_state = nullptr;
   std::int64_t chunk = 64;
