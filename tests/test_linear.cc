@@ -23,11 +23,12 @@ struct linear_case {
   feature_map phi = feature_map::identity;
   linear_decay decay = linear_decay::none;
   bool causal = true, normalize = false, initial = false;
+  std::int64_t prefix = 0;
   dtype type = dtype::f32;
   std::string str() const {
     return "B" + std::to_string(batch) + " T" + std::to_string(seq) + " H" + std::to_string(heads) + " K" + std::to_string(dim_k) + " V" +
            std::to_string(dim_v) + " C" + std::to_string(chunk) + " " + feature_map_name(phi) + " decay " + linear_decay_name(decay) +
-           (causal ? " causal" : " non-causal") + (normalize ? " normalize" : "") + (initial ? " s0" : "") + " " + dtype_name(type);
+           (causal ? " causal" : " non-causal") + (prefix ? " prefix " + std::to_string(prefix) : "") + (normalize ? " normalize" : "") + (initial ? " s0" : "") + " " + dtype_name(type);
   }
 };
 
@@ -64,6 +65,7 @@ struct linear_data {
   linear_spec spec() const {
     linear_spec s;
     s.causal = c.causal;
+    s.prefix = c.prefix;
     s.phi = c.phi;
     s.normalize = c.normalize;
     s.decay = c.decay;
@@ -187,8 +189,41 @@ TEST(Linear, KernelMatchesTheOracleOnRandomSpecs) {
     c.normalize = (c.phi == feature_map::elu_plus_one || c.phi == feature_map::softmax) && pick(true, false);
     c.initial = pick(true, false) && !c.normalize;
     c.type = pick(dtype::f32, dtype::bf16);
+    if (c.causal && c.decay == linear_decay::none && pick(true, false))  // JRT's prefix form
+      c.prefix = std::uniform_int_distribution<std::int64_t>(0, c.seq)(rng);
     check_case(c, static_cast<std::uint64_t>(trial));
   }
+}
+
+// JRT's prefix form: prefix P = 0 is causal, P = T is the non-causal call; in between, rows of the prefix equal the
+// non-causal call over the prefix alone, and every prefix length matches the oracle (chunk boundaries on both sides).
+TEST(Linear, PrefixFormSpansCausalToNonCausal) {
+  linear_case c;
+  c.seq = 50;
+  c.chunk = 16;
+  c.initial = true;
+  const linear_data d(c, 21);
+  const linear_result causal = run(d, runner::kernel);
+  linear_data nc = d;
+  nc.c.causal = false;
+  const linear_result non_causal = run(nc, runner::kernel);
+  for (std::int64_t prefix : {0, 1, 15, 16, 17, 33, 50}) {
+    SCOPED_TRACE("prefix " + std::to_string(prefix));
+    linear_data pd = d;
+    pd.c.prefix = prefix;
+    const linear_result k = run(pd, runner::kernel), o = run(pd, runner::quadratic), n = run(pd, runner::recurrent_f32);
+    ASSERT_TRUE(k.st.ok()) << k.st.error;
+    expect_within_rule(k.out, n.out, o.out, "out");
+    expect_within_rule(k.state, n.state, o.state, "final_state");
+    if (prefix == 0) EXPECT_EQ(k.out, causal.out);
+    if (prefix == c.seq) EXPECT_EQ(k.out, non_causal.out);
+  }
+  linear_data bad = d;
+  bad.c.prefix = 51;
+  EXPECT_EQ(run(bad, runner::kernel).st.error, "[linear_attention] spec.prefix 51 must be in 0..q.seq 50");
+  bad.c.prefix = 10;
+  bad.c.decay = linear_decay::scalar;
+  EXPECT_NE(run(bad, runner::kernel).st.error.find("the prefix form with a decay is not supported yet"), std::string::npos);
 }
 
 // The oracle's quadratic form (explicit pair weights) and its recurrence agree in fp64.

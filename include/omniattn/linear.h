@@ -10,6 +10,8 @@
 //   normalize:   z_t = alpha_t * z_{t-1} + k_t,  z_{-1} = 0,   o_t = (q_t S_t) / (q_t . z_t)   (0 where q_t . z_t = 0);
 //                z is not carried between calls yet, so normalize takes no initial_state
 //   non-causal:  o_t = q_t S,  S = initial_state + sum over every token of k_t^T v_t  (no decay)
+//   prefix P:    JRT's prefix-linear form: tokens t < P read the state of the whole prefix (non-causal inside it),
+//                tokens t >= P the causal S_t, which holds the whole prefix (no decay; non-causal is P = T)
 //   final_state = S_{T-1} (causal) or S (non-causal).
 // Equivalently (the quadratic form the oracle computes): with G_t = g_0 + ... + g_t,
 //   o_i = sum_{j <= i} (q_i . (exp(G_i - G_j) * k_j)) v_j + (q_i * exp(G_i)) . initial_state.
@@ -43,6 +45,7 @@ const char* linear_decay_name(linear_decay d);
 
 struct linear_spec {
   bool causal = true;
+  std::int64_t prefix = 0;  // causal: the first `prefix` tokens attend within the whole prefix (JRT), 0 .. seq
   double scale = -1.0;  // < 0: 1 / sqrt(K) (fla's default)
   feature_map phi = feature_map::identity;
   bool normalize = false;  // divide by q_t . z_t (classic linear attention); off: TransNormer / Lightning / GLA

@@ -16,13 +16,15 @@ __all__ = ["linear_attention"]
 
 
 def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, feature_map="identity", normalize=False,
-                     causal=True, initial_state=None, output_final_state=False, chunk_size=64, backend="cpu",
-                     threads=0):
+                     causal=True, prefix=0, initial_state=None, output_final_state=False, chunk_size=64,
+                     backend="cpu", threads=0):
     """Linear attention: S_t = diag(exp(g_t)) S_{t-1} + phi(k_t)^T v_t, o_t = scale phi(q_t) S_t (see linear.h).
 
     feature_map  "identity", "elu_plus_one", "relu" or "softmax" (over the K features), applied to q and k
     normalize    divide by scale phi(q_t) . z_t, z_t the decayed running sum of phi(k) (classic linear attention)
     causal       False: every token reads the state of the whole sequence (no decay)
+    prefix       JRT's prefix-linear form: the first `prefix` tokens read the state of the whole prefix, the rest
+                 are causal (no decay)
     initial_state / output_final_state   the recurrent state in and out, so a prefill followed by calls with its
                  final state equals one long call
     chunk_size   tokens per chunk of the chunked kernel; backend "cpu" (the kernel) or "reference" (fp64 oracle)
@@ -41,6 +43,7 @@ def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, featur
              for name, x in (("initial_state", initial_state), ("final_state", final))}
     _C.linear_attention(*(x for x, _ in ops), as_bf16=any(flag for _, flag in ops + ([g_op] if g_op else [])),
                         g=None if g_op is None else g_op[0], scale=scale,
-                        feature_map=feature_map, normalize=normalize, causal=causal, head_log_decay=head_log_decay,
+                        feature_map=feature_map, normalize=normalize, causal=causal, prefix=int(prefix),
+                        head_log_decay=head_log_decay,
                         chunk=int(chunk_size), threads=int(threads), reference=backend == "reference", **extra)
     return out, final

@@ -895,7 +895,8 @@ omniattn::state_tensor to_state(const std::string& name, const array& a) {
 // head_log_decay, scalar with a g of [B, T, H] (or [B, T, H, 1]), per channel with a g of [B, T, H, K].
 void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16, std::optional<double> scale,
             const std::string& phi, bool normalize, bool causal, py::handle g, py::handle head_log_decay,
-            py::handle initial_state, py::handle final_state, std::int64_t chunk, int threads, bool reference) {
+            py::handle initial_state, py::handle final_state, std::int64_t chunk, int threads, bool reference,
+            std::int64_t prefix) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
@@ -906,6 +907,7 @@ void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf
   s.scale = scale ? *scale : -1.0;
   s.normalize = normalize;
   s.causal = causal;
+  s.prefix = prefix;
   if (!omniattn::parse_feature_map(phi, s.phi))
     throw py::value_error("omniattn: feature_map must be 'identity', 'elu_plus_one', 'relu' or 'softmax', not '" + phi + "'");
   py::array_t<float, py::array::c_style | py::array::forcecast> decays;
@@ -1114,7 +1116,7 @@ PYBIND11_MODULE(_omniattn, m) {
   m.def("linear_attention", &linear, "q"_a, "k"_a, "v"_a, "out"_a, py::kw_only(), "as_bf16"_a = false, "scale"_a = py::none(),
         "feature_map"_a = "identity", "normalize"_a = false, "causal"_a = true, "g"_a = py::none(),
         "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "final_state"_a = py::none(), "chunk"_a = 64,
-        "threads"_a = 0, "reference"_a = false,
+        "threads"_a = 0, "reference"_a = false, "prefix"_a = 0,
         "omniattn::linear_attention (reference=True: its fp64 oracle) of q, k, v into out (and final_state).");
 
 #ifdef OMNIATTN_HAVE_MPI

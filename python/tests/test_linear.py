@@ -132,3 +132,15 @@ def test_normalize_does_not_take_a_state_and_other_rules():
         omniattn.linear_attention(q, k, v, scale=-1.0)
     with pytest.raises(ValueError, match=r"q must be \[batch, seq, heads, K\]"):
         omniattn.linear_attention(q[0], k[0], v[0])
+
+
+def test_prefix_form():
+    q, k, v, _ = inputs(9)
+    P = 12
+    o, _ = omniattn.linear_attention(q, k, v, prefix=P)
+    scale = K ** -0.5
+    prefix_state = np.einsum("bthk,bthv->bhkv", k[:, :P].astype(np.float64), v[:, :P])
+    want_prefix = scale * np.einsum("bthk,bhkv->bthv", q[:, :P], prefix_state)   # rows of the prefix see all of it
+    np.testing.assert_allclose(o[:, :P], want_prefix, atol=2e-5, rtol=0)
+    causal, _ = omniattn.linear_attention(q, k, v)
+    np.testing.assert_allclose(o[:, P:], causal[:, P:], atol=2e-5, rtol=0)  # later rows: causal over everything

@@ -158,6 +158,10 @@ status make_linear_params(const char* entry, const tensor& q, const tensor& k, c
   }
   if (s.normalize && o.initial_state)
     return fail("spec.normalize with options.initial_state: the key-sum state z is not carried between calls yet");
+  if (s.prefix < 0 || s.prefix > q.seq) return fail("spec.prefix ", s.prefix, " must be in 0..q.seq ", q.seq);
+  if (s.prefix > 0 && !s.causal) return fail("spec.prefix ", s.prefix, " with causal = false: the whole sequence is the prefix already");
+  if (s.prefix > 0 && s.decay != linear_decay::none)
+    return fail("spec.prefix with decay ", linear_decay_name(s.decay), ": the prefix form with a decay is not supported yet");
   if (!s.causal && s.decay != linear_decay::none)
     return fail("spec.decay ", linear_decay_name(s.decay), " with causal = false: the bidirectional decayed form is not supported yet");
   const struct {
@@ -218,6 +222,7 @@ status make_linear_params(const char* entry, const tensor& q, const tensor& k, c
   p.scale = s.scale < 0 ? 1.0 / std::sqrt(static_cast<double>(q.dim)) : s.scale;
   p.phi = s.phi;
   p.causal = s.causal;
+  p.prefix = s.causal ? s.prefix : q.seq;
   p.normalize = s.normalize;
   p.decay = s.decay;
   p.head_log_decay = s.head_log_decay.data();

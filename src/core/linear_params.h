@@ -21,6 +21,7 @@ struct linear_params {
   double scale = 1.0;
   feature_map phi = feature_map::identity;
   bool causal = true, normalize = false;
+  std::int64_t prefix = 0;  // tokens [0, prefix) read the state of the whole prefix; seq when non-causal
   linear_decay decay = linear_decay::none;
   const float* head_log_decay = nullptr;  // [heads]
   const state_tensor* initial_state = nullptr;

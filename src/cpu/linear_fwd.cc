@@ -7,8 +7,9 @@
 //   den_i = sum_{j <= i} A_ij + sum_c q_i[c] exp(B_i[c]) z[c]            (normalize: o_i / den_i, 0 where den_i = 0)
 //   S[c][:] <- exp(B_last[c]) S[c][:] + sum_j exp(B_last[c] - B_j[c]) k_j[c] v_j,  z likewise with v_j = 1
 // Every exponent is <= 0 (decays are <= 0 and B is non-increasing within the chunk), so nothing overflows however
-// strong the decay. A scalar or fixed decay is one value per token, factored out of the channel sum. Non-causal
-// (no decay): one pass accumulates S = initial_state + sum_t k_t^T v_t, a second reads o_t = q_t S.
+// strong the decay. A scalar or fixed decay is one value per token, factored out of the channel sum. A prefix (JRT;
+// the whole sequence when non-causal; no decay): one pass accumulates S = initial_state + the prefix's k_t^T v_t, a
+// second reads o_t = q_t S for its rows; the causal chunks continue from that state.
 // Work items are the (batch, head) pairs; the state is float32; the result does not depend on the thread count.
 // The V-wide row updates and the K-wide dot products are Highway vectors, compiled for every target and dispatched
 // once per call; register-blocked micro-kernels on the tile engine are to come.
@@ -173,17 +174,12 @@ void run_head(const linear_params& p, std::int64_t b, std::int64_t h, head_scrat
     for (std::int64_t a = 0; a < K; ++a)
       for (std::int64_t c = 0; c < V; ++c)
         w.S[static_cast<std::size_t>(a * V + c)] = s0->data[b * s0->stride_batch + h * s0->stride_head + a * s0->stride_k + c * s0->stride_v];
-  if (p.causal) {
-    for (std::int64_t t0 = 0; t0 < T; t0 += C) {
-      const std::int64_t n = std::min(C, T - t0);
-      load_chunk(p, b, h, t0, n, w, per_channel);
-      causal_chunk(p, n, w, per_channel);
-      store_rows(p, b, h, t0, n, w);
-    }
-  } else {
-    // Every key first (the state of the whole sequence), then every row reads it.
-    for (std::int64_t t0 = 0; t0 < T; t0 += C) {
-      const std::int64_t n = std::min(C, T - t0);
+  // The prefix (the whole sequence when non-causal; no decay there): every key of it first, then its rows read the
+  // state of the whole prefix.
+  const std::int64_t P = p.prefix;
+  if (P > 0) {
+    for (std::int64_t t0 = 0; t0 < P; t0 += C) {
+      const std::int64_t n = std::min(C, P - t0);
       load_chunk(p, b, h, t0, n, w, false);
       for (std::int64_t c = 0; c < K; ++c) {
         float* Sc = &w.S[static_cast<std::size_t>(c * V)];
@@ -194,12 +190,19 @@ void run_head(const linear_params& p, std::int64_t b, std::int64_t h, head_scrat
         }
       }
     }
-    for (std::int64_t t0 = 0; t0 < T; t0 += C) {
-      const std::int64_t n = std::min(C, T - t0);
+    for (std::int64_t t0 = 0; t0 < P; t0 += C) {
+      const std::int64_t n = std::min(C, P - t0);
       load_chunk(p, b, h, t0, n, w, false);
       for (std::int64_t i = 0; i < n; ++i) w.den[static_cast<std::size_t>(i)] = read_state(p, w, i, [](std::int64_t) { return 1.0f; });
       store_rows(p, b, h, t0, n, w);
     }
+  }
+  // Then the causal chunks, from the prefix's state.
+  for (std::int64_t t0 = P; t0 < T; t0 += C) {
+    const std::int64_t n = std::min(C, T - t0);
+    load_chunk(p, b, h, t0, n, w, per_channel);
+    causal_chunk(p, n, w, per_channel);
+    store_rows(p, b, h, t0, n, w);
   }
   if (const state_tensor* f = p.final_state)
     for (std::int64_t a = 0; a < K; ++a)

@@ -55,7 +55,7 @@ void quadratic(const linear_params& p, const head_inputs<double>& x, std::vector
     double* oi = &o[static_cast<std::size_t>(i * V)];
     double den = 0.0;
     for (std::int64_t j = 0; j < n; ++j) {
-      if (p.causal && j > i) break;
+      if (j > i && !(i < p.prefix && j < p.prefix)) break;  // causal, except inside the prefix
       double a = 0.0;  // q_i . (exp(G_i - G_j) k_j)
       for (std::int64_t c = 0; c < K; ++c)
         a += x.q[static_cast<std::size_t>(i * K + c)] * x.k[static_cast<std::size_t>(j * K + c)] *
@@ -99,17 +99,21 @@ void recurrent(const linear_params& p, const head_inputs<T>& x, std::vector<T>& 
     if (p.normalize)
       for (std::int64_t e = 0; e < V; ++e) ot[e] = den == T(0) ? T(0) : ot[e] / den;
   };
-  for (std::int64_t t = 0; t < n; ++t) {
+  const auto update = [&](std::int64_t t) {
     for (std::int64_t c = 0; c < K; ++c) {
-      const T a = p.causal ? std::exp(x.g[static_cast<std::size_t>(t * K + c)]) : T(1), kc = x.k[static_cast<std::size_t>(t * K + c)];
+      const T a = std::exp(x.g[static_cast<std::size_t>(t * K + c)]), kc = x.k[static_cast<std::size_t>(t * K + c)];
       z[static_cast<std::size_t>(c)] = a * z[static_cast<std::size_t>(c)] + kc;
       for (std::int64_t e = 0; e < V; ++e)
         S[static_cast<std::size_t>(c * V + e)] = a * S[static_cast<std::size_t>(c * V + e)] + kc * x.v[static_cast<std::size_t>(t * V + e)];
     }
-    if (p.causal) read(t);
+  };
+  // The prefix's keys first, then its rows read the state of the whole prefix; every later token updates, then reads.
+  for (std::int64_t t = 0; t < p.prefix; ++t) update(t);
+  for (std::int64_t t = 0; t < p.prefix; ++t) read(t);
+  for (std::int64_t t = p.prefix; t < n; ++t) {
+    update(t);
+    read(t);
   }
-  if (!p.causal)
-    for (std::int64_t t = 0; t < n; ++t) read(t);
 }
 
 template <class T>
