@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "linear_common.h"
 #include "omniattn/linear.h"
 #include "test_common.h"
 #include "tolerance.h"
@@ -18,62 +19,10 @@
 namespace omniattn {
 namespace {
 
-struct linear_case {
-  std::int64_t batch = 2, seq = 65, heads = 3, dim_k = 5, dim_v = 8, chunk = 64;
-  feature_map phi = feature_map::identity;
-  linear_decay decay = linear_decay::none;
-  bool causal = true, normalize = false, initial = false;
-  std::int64_t prefix = 0;
-  dtype type = dtype::f32;
-  std::string str() const {
-    return "B" + std::to_string(batch) + " T" + std::to_string(seq) + " H" + std::to_string(heads) + " K" + std::to_string(dim_k) + " V" +
-           std::to_string(dim_v) + " C" + std::to_string(chunk) + " " + feature_map_name(phi) + " decay " + linear_decay_name(decay) +
-           (causal ? " causal" : " non-causal") + (prefix ? " prefix " + std::to_string(prefix) : "") + (normalize ? " normalize" : "") + (initial ? " s0" : "") + " " + dtype_name(type);
-  }
-};
-
-// Seeded inputs of a case: q, k, v (in the case's dtype), log decays, an initial state.
-struct linear_data {
-  linear_case c;
-  std::vector<std::uint8_t> q, k, v;
-  std::vector<float> g, head_g, s0;
-  explicit linear_data(const linear_case& lc, std::uint64_t seed) : c(lc) {
-    std::mt19937_64 rng(seed);
-    std::uniform_real_distribution<float> u(-1.0f, 1.0f), decay(-0.7f, 0.0f);
-    const auto fill = [&](std::vector<std::uint8_t>& buf, std::int64_t n) {
-      buf.resize(static_cast<std::size_t>(n * dtype_size(c.type)));
-      for (std::int64_t i = 0; i < n; ++i) {
-        const float x = u(rng);
-        if (c.type == dtype::f32) reinterpret_cast<float*>(buf.data())[i] = x;
-        else reinterpret_cast<std::uint16_t*>(buf.data())[i] = f32_to_bf16(x);
-      }
-    };
-    fill(q, c.batch * c.seq * c.heads * c.dim_k);
-    fill(k, c.batch * c.seq * c.heads * c.dim_k);
-    fill(v, c.batch * c.seq * c.heads * c.dim_v);
-    g.resize(static_cast<std::size_t>(c.batch * c.seq * c.heads * gdim()));
-    for (float& x : g) x = decay(rng);
-    head_g.resize(static_cast<std::size_t>(c.heads));
-    for (std::size_t h = 0; h < head_g.size(); ++h) head_g[h] = std::log(1.0f - std::exp2(-5.0f - static_cast<float>(h)));  // RetNet
-    s0.resize(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
-    for (float& x : s0) x = u(rng);
-  }
-  std::int64_t gdim() const { return c.decay == linear_decay::channel ? c.dim_k : 1; }  // g is [B, T, H, gdim]
-  tensor qv() const { return make_bshd(const_cast<std::uint8_t*>(q.data()), c.type, c.batch, c.seq, c.heads, c.dim_k); }
-  tensor kv() const { return make_bshd(const_cast<std::uint8_t*>(k.data()), c.type, c.batch, c.seq, c.heads, c.dim_k); }
-  tensor vv() const { return make_bshd(const_cast<std::uint8_t*>(v.data()), c.type, c.batch, c.seq, c.heads, c.dim_v); }
-  linear_spec spec() const {
-    linear_spec s;
-    s.causal = c.causal;
-    s.prefix = c.prefix;
-    s.phi = c.phi;
-    s.normalize = c.normalize;
-    s.decay = c.decay;
-    s.head_log_decay = head_g;
-    s.g = make_bshd(const_cast<float*>(g.data()), dtype::f32, c.batch, c.seq, c.heads, gdim());
-    return s;
-  }
-};
+using test::linear_case;
+using test::linear_data;
+using test::max_abs;
+using test::max_diff;
 
 struct linear_result {
   std::vector<float> out, state;
@@ -104,20 +53,6 @@ linear_result run(const linear_data& d, runner r, int threads = 1, const float* 
   return res;
 }
 
-double max_abs(const std::vector<float>& x) {
-  double m = 0;
-  for (float v : x) m = std::max(m, static_cast<double>(std::fabs(v)));
-  return m;
-}
-double max_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double m = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i]) || std::isnan(b[i])) return std::numeric_limits<double>::infinity();
-    m = std::max(m, static_cast<double>(std::fabs(a[i] - b[i])));
-  }
-  return m;
-}
-
 // The tolerance rule of tests/tolerance.h for one output.
 void expect_within_rule(const std::vector<float>& kernel, const std::vector<float>& naive, const std::vector<float>& oracle,
                         const char* what) {
@@ -137,60 +72,17 @@ void check_case(const linear_case& c, std::uint64_t seed) {
 }
 
 TEST(Linear, KernelMatchesTheOracleOnAwkwardSizes) {
-  // Every size edge with every decay kind.
-  for (std::int64_t seq : {1, 7, 63, 64, 65, 130})
-    for (std::int64_t dim_k : {1, 5, 16})
-      for (linear_decay decay : {linear_decay::none, linear_decay::fixed, linear_decay::scalar, linear_decay::channel}) {
-        linear_case c;
-        c.seq = seq;
-        c.dim_k = dim_k;
-        c.decay = decay;
-        c.initial = seq % 2 == 1;
-        check_case(c, static_cast<std::uint64_t>(seq * 100 + dim_k * 10 + static_cast<int>(decay)));
-      }
+  test::for_awkward_cases([](const linear_case& c, std::uint64_t seed) { check_case(c, seed); });
 }
 
 TEST(Linear, KernelMatchesTheOracleOnEveryTarget) {
-  test::for_each_target("Linear.KernelMatchesTheOracleOnEveryTarget", [&](const char* target) {
-    for (linear_decay decay : {linear_decay::none, linear_decay::scalar, linear_decay::channel})
-      for (std::int64_t dim_v : {1, 7, 33}) {  // below, between and above every vector width
-        linear_case c;
-        c.seq = 70;
-        c.dim_k = 19;
-        c.dim_v = dim_v;
-        c.chunk = 32;
-        c.decay = decay;
-        c.initial = true;
-        SCOPED_TRACE(target);
-        check_case(c, static_cast<std::uint64_t>(dim_v * 7 + static_cast<int>(decay)));
-      }
-  });
+  test::for_target_cases("Linear.KernelMatchesTheOracleOnEveryTarget", [](const linear_case& c, std::uint64_t seed) { check_case(c, seed); });
 }
 
 TEST(Linear, KernelMatchesTheOracleOnRandomSpecs) {
   std::mt19937_64 rng(2024);
-  const auto pick = [&](auto... xs) {
-    const std::vector<std::common_type_t<decltype(xs)...>> v{xs...};
-    return v[std::uniform_int_distribution<std::size_t>(0, v.size() - 1)(rng)];
-  };
   for (int trial = 0; trial < 160; ++trial) {
-    linear_case c;
-    c.batch = pick(1, 2);
-    c.heads = pick(1, 2, 3);
-    c.seq = pick(1, 2, 13, 31, 32, 33, 97);
-    c.dim_k = pick(1, 3, 8, 17);
-    c.dim_v = pick(1, 4, 9);
-    c.chunk = pick(1, 5, 16, 32, 64);
-    c.phi = pick(feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::softmax);
-    c.causal = pick(true, true, false);
-    c.decay = c.causal ? pick(linear_decay::none, linear_decay::fixed, linear_decay::scalar, linear_decay::channel) : linear_decay::none;
-    // The normaliser needs positive features (elu + 1, softmax): with signed ones q . z can be ~0 and the division
-    // amplifies any rounding without bound.
-    c.normalize = (c.phi == feature_map::elu_plus_one || c.phi == feature_map::softmax) && pick(true, false);
-    c.initial = pick(true, false) && !c.normalize;
-    c.type = pick(dtype::f32, dtype::bf16);
-    if (c.causal && c.decay == linear_decay::none && pick(true, false))  // JRT's prefix form
-      c.prefix = std::uniform_int_distribution<std::int64_t>(0, c.seq)(rng);
+    const linear_case c = test::random_case(rng);
     check_case(c, static_cast<std::uint64_t>(trial));
   }
 }
@@ -419,7 +311,17 @@ TEST(Linear, Validation) {
   linear_options self;
   self.final_state = &broadcast;
   EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, {}, self),
-            "[linear_attention] options.final_state has stride 0 on axis 0: an output must not overlap itself");
+            "[linear_attention] options.final_state.stride_batch 0 makes the output overlap itself (needs |stride| >= 1)");
+  tensor self_out = o;  // two tokens written to one row
+  self_out.stride_seq = 0;
+  EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), self_out, {}, {}),
+            "[linear_attention] out.stride_seq 0 makes the output overlap itself (needs |stride| >= 1)");
+  tensor null_q = d.qv();
+  null_q.data = nullptr;
+  EXPECT_EQ(msg(null_q, d.kv(), d.vv(), o, {}, {}), "[linear_attention] q.data is null");
+  linear_options bad_threads;
+  bad_threads.threads = -1;
+  EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, {}, bad_threads), "[linear_attention] options.threads -1 must be >= 0 (0 = all cores)");
   EXPECT_EQ(std::count(out.begin(), out.end(), -7.0f), static_cast<std::ptrdiff_t>(out.size())) << "a rejected call wrote out";
   // The oracle states the same rules under its own name.
   EXPECT_EQ(reference_linear_attention(d.qv(), short_k, d.vv(), o, {}, {}).error, "[reference_linear_attention] k.dim 4 != q.dim 5");

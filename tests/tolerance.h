@@ -62,6 +62,15 @@ inline constexpr double k_grad_floor_eps = 4.0;
 // The oracle's two fp64 forms agree to k_linear_forms_eps * eps(f32) * M once rounded to f32 (closed-form rule).
 inline constexpr double k_linear_floor_eps = 8.0;
 inline constexpr double k_linear_forms_eps = 2.0;
+// Linear-attention gradients (test_linear_backward.cc), per gradient G in dq, dk, dv, dg / d_head_log_decay,
+// d_initial_state:
+//   max|kernel.G - oracle.G| <= 2 * max|naive.G - oracle.G| + k_linear_grad_floor_eps * eps(f32) * M
+// oracle = reference_linear_attention_backward in fp64, naive = the same recurrence in float (recurrent_f32), M = the
+// largest |oracle gradient| of the call, over all of them. The kernel sums each gradient in chunks, and its dg by the
+// running-sum identity sum (q dq - k dk), whose terms cancel to exactly 0 where the oracle's alpha (D . S) has a zero
+// state (the first token without an initial state): what is left is the rounding of terms of the size of the call's
+// other gradients, as for attention_backward's dS. A few units more than the forward's rule.
+inline constexpr double k_linear_grad_floor_eps = 16.0;
 // merge_attention_states (test_merge.cc): the merge of attention over disjoint key sets against attention over their
 // union, every out and LSE f32 from the same kernel, with L = max(1, max|full.lse|) and V = max|v|:
 //   max|merged.out - full.out| <= k_merge_eps * eps(f32) * L * V

@@ -83,4 +83,32 @@ enum class linear_form : std::uint8_t { quadratic, recurrent, recurrent_f32 };
 status reference_linear_attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
                                   const linear_options& o = {}, linear_form form = linear_form::quadratic);
 
+// The backward of linear_attention: given d_out = dL/d out (and dL/d final_state), the gradients of q, k, v, of the
+// decay and of the initial state. Math contract (per (batch, head), tokens t; q, k as loaded: scale phi(.)):
+//   D_t = q_t^T do_t + diag(alpha_{t+1}) D_{t+1},  D_{T-1} = q_{T-1}^T do_{T-1} + d_final_state   (dL/dS_t, K x V)
+//   dq_t = S_t do_t^T,  dk_t = D_t v_t^T,  dv_t = k_t D_t,  d_initial_state = diag(alpha_0) D_0
+//   dg_t[c] = sum over tokens i >= t of (q_i[c] dq_i[c] - k_i[c] dk_i[c]), plus final_state[c] . d_final_state[c]
+//             (the gradient of a log decay is that of every running sum G_i it enters; scalar: summed over c; fixed:
+//             summed over the tokens too), then dq, dk through scale and phi to the raw inputs.
+//   normalize: o = num / den, so num gets do / den and den gets -(do . o) / den (0 where den = 0), and den is one more
+//   value column (of ones) of the same recurrence; the prefix and non-causal forms read D of the whole prefix.
+// The kernel runs two passes per (batch, head): forward over the chunks for dq (the state rebuilt, never stored),
+// then backward for dk, dv with D carried; it is deterministic and does not depend on the thread count.
+struct linear_grads {
+  tensor dq, dk, dv;                              // written: like q, k, v; f32 or q's dtype
+  tensor dg;                                      // decay scalar / channel, written: like spec.g, f32; null data: not computed
+  std::span<float> d_head_log_decay;              // decay fixed, written: one per head; empty: not computed
+  const state_tensor* d_initial_state = nullptr;  // written: dL / d options.initial_state (a zero state when it is null)
+  const state_tensor* d_final_state = nullptr;    // read: dL / d final_state (null: 0)
+};
+// q, k, v, spec and options as for the forward (options.final_state must be null: the backward writes no state).
+status linear_attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& d_out, const linear_spec& s,
+                                 const linear_grads& grads, const linear_options& o = {});
+// The oracle of the same: the recurrence with every state kept and the adjoint recursion above taken literally (the
+// decay gradient from alpha_t's own factor, not the running-sum identity the kernel uses), in fp64 (form recurrent) or
+// in float (recurrent_f32: the naive implementation of the tolerance rule); form quadratic is refused. Same errors.
+status reference_linear_attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& d_out,
+                                           const linear_spec& s, const linear_grads& grads, const linear_options& o = {},
+                                           linear_form form = linear_form::recurrent);
+
 }  // namespace omniattn

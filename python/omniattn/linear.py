@@ -7,12 +7,16 @@ scale multiplies q (default K ** -0.5), decays are log-space (g <= 0): `head_log
 head (RetNet, Lightning), `g` [batch, seq, heads] for a data-dependent one per token and head (simple GLA, Mamba-2) or
 [batch, seq, heads, K] per channel (GLA). States are float32 [batch, heads, K, V]. As everywhere in the package,
 Python translates; the rules and their messages are the library's.
+
+linear_attention_backward gives the gradients; on torch tensors that require grad, linear_attention records a
+torch.autograd.Function whose backward runs it (gradients reach q, k, v, g, head_log_decay and initial_state).
 """
 
 from . import _omniattn as _C
 from ._core import _check_run_options, _empty, _operand
+from ._arrays import is_torch, torch_module
 
-__all__ = ["linear_attention"]
+__all__ = ["linear_attention", "linear_attention_backward"]
 
 
 def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, feature_map="identity", normalize=False,
@@ -29,7 +33,20 @@ def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, featur
                  final state equals one long call
     chunk_size   tokens per chunk of the chunked kernel; backend "cpu" (the kernel) or "reference" (fp64 oracle)
     Returns (o, final_state): o like v in q's framework and dtype, final_state float32 or None.
+    Autograd: when torch records gradients and q, k, v, g, a torch head_log_decay or initial_state requires grad,
+    the call is a torch.autograd.Function whose backward runs linear_attention_backward (gradients of o and of
+    final_state flow back).
     """
+    kw = dict(scale=scale, feature_map=feature_map, normalize=normalize, causal=causal, prefix=prefix,
+              chunk_size=chunk_size, backend=backend, threads=threads)
+    if _records_grad(q, k, v, g, head_log_decay, initial_state):
+        result = _function().apply(kw, output_final_state, q, k, v, g, head_log_decay, initial_state)
+        return result if output_final_state else (result, None)
+    return _forward(q, k, v, g, head_log_decay, initial_state, output_final_state, **kw)
+
+
+def _forward(q, k, v, g, head_log_decay, initial_state, output_final_state, *, scale, feature_map, normalize, causal,
+             prefix, chunk_size, backend, threads):
     if backend not in ("cpu", "reference"):
         raise ValueError(f"omniattn: backend must be 'cpu' or 'reference', got {backend!r}")
     _check_run_options(backend, threads)
@@ -47,3 +64,85 @@ def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, featur
                         head_log_decay=head_log_decay,
                         chunk=int(chunk_size), threads=int(threads), reference=backend == "reference", **extra)
     return out, final
+
+
+def linear_attention_backward(q, k, v, d_out, *, d_final_state=None, scale=None, g=None, head_log_decay=None,
+                              feature_map="identity", normalize=False, causal=True, prefix=0, initial_state=None,
+                              chunk_size=64, backend="cpu", threads=0):
+    """The gradients of linear_attention(q, k, v, ...) (same arguments) given d_out (and d_final_state, float32
+    [batch, heads, K, V]): returns (dq, dk, dv, dg, d_head_log_decay, d_initial_state) in q's framework; dq, dk, dv in
+    q's dtype, the others float32, and None for what the call has not (no g, no head_log_decay, no initial_state)."""
+    if backend not in ("cpu", "reference"):
+        raise ValueError(f"omniattn: backend must be 'cpu' or 'reference', got {backend!r}")
+    _check_run_options(backend, threads)
+    if getattr(q, "ndim", 0) != 4:
+        raise ValueError(f"omniattn: q must be [batch, seq, heads, K], got {getattr(q, 'shape', type(q).__name__)}")
+    dq, dk, dv = _empty(q, tuple(q.shape)), _empty(k, tuple(k.shape)), _empty(v, tuple(v.shape))
+    dg = None if g is None else _empty(q, tuple(g.shape), "float32")
+    d_head = None if head_log_decay is None else _empty(q, (q.shape[2],), "float32")
+    d_s0 = None if initial_state is None else _empty(q, (q.shape[0], q.shape[2], q.shape[3], v.shape[-1]), "float32")
+    ops = [_operand(name, x, False) for name, x in (("q", q), ("k", k), ("v", v), ("d_out", d_out), ("dq", dq),
+                                                    ("dk", dk), ("dv", dv))]
+    g_op = None if g is None else _operand("g", g, False)
+    extra = {name: (None if x is None else _operand(name, x, False)[0])
+             for name, x in (("initial_state", initial_state), ("d_final_state", d_final_state), ("dg", dg),
+                             ("d_head_log_decay", d_head), ("d_initial_state", d_s0))}
+    if head_log_decay is not None and is_torch(head_log_decay):
+        head_log_decay = head_log_decay.detach().float().numpy()
+    _C.linear_attention_backward(*(x for x, _ in ops), as_bf16=any(flag for _, flag in ops + ([g_op] if g_op else [])),
+                                 g=None if g_op is None else g_op[0], scale=scale, feature_map=feature_map,
+                                 normalize=normalize, causal=causal, prefix=int(prefix), head_log_decay=head_log_decay,
+                                 chunk=int(chunk_size), threads=int(threads), reference=backend == "reference", **extra)
+    return dq, dk, dv, dg, d_head, d_s0
+
+
+def _records_grad(*xs):
+    if not any(x is not None and is_torch(x) for x in xs):
+        return False
+    torch = torch_module()
+    return torch.is_grad_enabled() and any(x is not None and is_torch(x) and x.requires_grad for x in xs)
+
+
+_FUNCTION = []
+
+
+def _function():
+    """The torch.autograd.Function of linear_attention(), made on first use (torch is optional)."""
+    if _FUNCTION:
+        return _FUNCTION[0]
+    torch = torch_module()
+    from torch.autograd.function import once_differentiable
+
+    def plain(x):
+        return None if x is None else x.detach()
+
+    class LinearAttentionFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, kw, output_final_state, q, k, v, g, head_log_decay, initial_state):
+            q, k, v, g, hd, s0 = (plain(x) for x in (q, k, v, g, head_log_decay, initial_state))
+            hd_np = hd.float().numpy() if hd is not None and is_torch(hd) else hd
+            o, final = _forward(q, k, v, g, hd_np, s0, output_final_state, **kw)
+            ctx.kw = kw
+            ctx.head_log_decay = head_log_decay
+            ctx.save_for_backward(q, k, v, g, s0)
+            if final is None:
+                return o
+            return o, final
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, d_out, d_final=None):
+            q, k, v, g, s0 = ctx.saved_tensors
+            hd = ctx.head_log_decay
+            need = ctx.needs_input_grad  # kw, output_final_state, q, k, v, g, head_log_decay, initial_state
+            dq, dk, dv, dg, d_head, d_s0 = linear_attention_backward(
+                q, k, v, d_out.contiguous(), d_final_state=None if d_final is None else d_final.float().contiguous(),
+                g=g, head_log_decay=None if hd is None else plain(hd) if is_torch(hd) else hd, initial_state=s0, **ctx.kw)
+            out = [None, None, dq, dk, dv]
+            out.append(dg.to(g.dtype) if dg is not None and need[5] else None)
+            out.append(d_head.to(hd.dtype) if d_head is not None and is_torch(hd) and need[6] else None)
+            out.append(d_s0 if d_s0 is not None and need[7] else None)
+            return tuple(out)
+
+    _FUNCTION.append(LinearAttentionFunction)
+    return LinearAttentionFunction

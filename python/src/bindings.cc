@@ -427,7 +427,8 @@ omniattn::score_fn make_score(py::handle stages, buffers& keep, std::vector<shap
   // "[attention] k.type bf16 != q.type f32" (or "[attention_backward] ..."): a dtype problem, TypeError; everything
   // else is a ValueError.
   for (const std::string prefix : {"[attention] ", "[attention_backward] ", "[attention_decode] ", "[merge_attention_states] ",
-                                   "[linear_attention] ", "[reference_linear_attention] "}) {
+                                   "[linear_attention] ", "[reference_linear_attention] ", "[linear_attention_backward] ",
+                                   "[reference_linear_attention_backward] "}) {
     if (error.rfind(prefix, 0) != 0) continue;
     const std::size_t end = error.find(' ', prefix.size());
     const std::string subject = error.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
@@ -891,8 +892,44 @@ omniattn::state_tensor to_state(const std::string& name, const array& a) {
   return {static_cast<float*>(a.data), a.shape[0], a.shape[1], a.shape[2], a.shape[3], a.strides[0], a.strides[1], a.strides[2], a.strides[3]};
 }
 
-// omniattn::linear_attention (or its oracle) of q, k [B, T, H, K], v [B, T, H, V] into out; the decay is fixed with
-// head_log_decay, scalar with a g of [B, T, H] (or [B, T, H, 1]), per channel with a g of [B, T, H, K].
+// g (or dg) of [B, T, H] as [B, T, H, 1]: one log decay per token and head.
+array per_token_decay(array a) {
+  if (a.shape.size() == 3) {
+    a.shape.push_back(1);
+    a.strides.push_back(1);
+  }
+  return a;
+}
+
+// The spec of a linear call: the decay is fixed with head_log_decay, scalar with a g of [B, T, H] (or [B, T, H, 1]),
+// per channel with a g of [B, T, H, K]. `decays` keeps head_log_decay's float32 copy alive.
+omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::optional<double> scale, const std::string& phi, bool normalize,
+                                     bool causal, std::int64_t prefix, py::handle g, py::handle head_log_decay, buffers& keep,
+                                     py::array_t<float, py::array::c_style | py::array::forcecast>& decays) {
+  omniattn::linear_spec s;
+  if (scale && !(*scale > 0.0)) throw py::value_error("omniattn: scale must be > 0 (None: K ** -0.5), got " + std::to_string(*scale));
+  s.scale = scale ? *scale : -1.0;
+  s.normalize = normalize;
+  s.causal = causal;
+  s.prefix = prefix;
+  if (!omniattn::parse_feature_map(phi, s.phi))
+    throw py::value_error("omniattn: feature_map must be 'identity', 'elu_plus_one', 'relu' or 'softmax', not '" + phi + "'");
+  if (!head_log_decay.is_none()) {
+    decays = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(head_log_decay);
+    if (!decays || decays.ndim() != 1 || decays.shape(0) != heads)
+      throw py::value_error("omniattn: head_log_decay must be a 1-d float array with one log decay per head (" + std::to_string(heads) + ")");
+    s.decay = omniattn::linear_decay::fixed;
+    s.head_log_decay = std::span<const float>(decays.data(), static_cast<std::size_t>(decays.shape(0)));
+  }
+  if (!g.is_none()) {
+    if (s.decay != omniattn::linear_decay::none) throw py::value_error("omniattn: pass g or head_log_decay, not both");
+    s.g = to_tensor("g", per_token_decay(describe(g, "g", false, as_bf16, keep)), false);
+    s.decay = s.g.dim == 1 ? omniattn::linear_decay::scalar : omniattn::linear_decay::channel;
+  }
+  return s;
+}
+
+// omniattn::linear_attention (or its oracle) of q, k [B, T, H, K], v [B, T, H, V] into out.
 void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16, std::optional<double> scale,
             const std::string& phi, bool normalize, bool causal, py::handle g, py::handle head_log_decay,
             py::handle initial_state, py::handle final_state, std::int64_t chunk, int threads, bool reference,
@@ -902,33 +939,8 @@ void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
   const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
   const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
-  omniattn::linear_spec s;
-  if (scale && !(*scale > 0.0)) throw py::value_error("omniattn: scale must be > 0 (None: K ** -0.5), got " + std::to_string(*scale));
-  s.scale = scale ? *scale : -1.0;
-  s.normalize = normalize;
-  s.causal = causal;
-  s.prefix = prefix;
-  if (!omniattn::parse_feature_map(phi, s.phi))
-    throw py::value_error("omniattn: feature_map must be 'identity', 'elu_plus_one', 'relu' or 'softmax', not '" + phi + "'");
   py::array_t<float, py::array::c_style | py::array::forcecast> decays;
-  if (!head_log_decay.is_none()) {
-    decays = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(head_log_decay);
-    if (!decays || decays.ndim() != 1 || decays.shape(0) != tq.heads)
-      throw py::value_error("omniattn: head_log_decay must be a 1-d float array with one log decay per head (" +
-                            std::to_string(tq.heads) + ")");
-    s.decay = omniattn::linear_decay::fixed;
-    s.head_log_decay = std::span<const float>(decays.data(), static_cast<std::size_t>(decays.shape(0)));
-  }
-  if (!g.is_none()) {
-    if (s.decay != omniattn::linear_decay::none) throw py::value_error("omniattn: pass g or head_log_decay, not both");
-    array a = describe(g, "g", false, as_bf16, keep);
-    if (a.shape.size() == 3) {  // [B, T, H]: one log decay per token and head
-      a.shape.push_back(1);
-      a.strides.push_back(1);
-    }
-    s.g = to_tensor("g", a, false);
-    s.decay = s.g.dim == 1 ? omniattn::linear_decay::scalar : omniattn::linear_decay::channel;
-  }
+  const omniattn::linear_spec s = linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, head_log_decay, keep, decays);
   omniattn::state_tensor s0, s1;
   omniattn::linear_options o;
   o.threads = threads;
@@ -945,6 +957,56 @@ void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf
   {
     py::gil_scoped_release release;
     st = reference ? omniattn::reference_linear_attention(tq, tk, tv, to, s, o) : omniattn::linear_attention(tq, tk, tv, to, s, o);
+  }
+  check(st);
+}
+
+// omniattn::linear_attention_backward (or its oracle): the gradients into dq, dk, dv (and dg [B, T, H(, K)],
+// d_head_log_decay [H] float32, d_initial_state [B, H, K, V] float32 where given).
+void linear_backward(py::handle q, py::handle k, py::handle v, py::handle d_out, py::handle dq, py::handle dk, py::handle dv, bool as_bf16,
+                     std::optional<double> scale, const std::string& phi, bool normalize, bool causal, py::handle g,
+                     py::handle head_log_decay, py::handle initial_state, py::handle d_final_state, py::handle dg,
+                     py::handle d_head_log_decay, py::handle d_initial_state, std::int64_t chunk, int threads, bool reference,
+                     std::int64_t prefix) {
+  buffers keep;
+  const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
+  const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
+  const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
+  const omniattn::tensor tdo = to_tensor("d_out", describe(d_out, "d_out", false, as_bf16, keep), false);
+  py::array_t<float, py::array::c_style | py::array::forcecast> decays;
+  const omniattn::linear_spec s = linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, head_log_decay, keep, decays);
+  omniattn::linear_grads gr;
+  gr.dq = to_tensor("dq", describe(dq, "dq", true, as_bf16, keep), false);
+  gr.dk = to_tensor("dk", describe(dk, "dk", true, as_bf16, keep), false);
+  gr.dv = to_tensor("dv", describe(dv, "dv", true, as_bf16, keep), false);
+  if (!dg.is_none()) gr.dg = to_tensor("dg", per_token_decay(describe(dg, "dg", true, false, keep)), false);
+  if (!d_head_log_decay.is_none()) {
+    const array a = describe(d_head_log_decay, "d_head_log_decay", true, false, keep);
+    if (a.type != elem::f32 || a.shape.size() != 1 || a.strides[0] != 1)
+      throw py::value_error("omniattn: d_head_log_decay must be a contiguous 1-d float32 array");
+    gr.d_head_log_decay = std::span<float>(static_cast<float*>(a.data), static_cast<std::size_t>(a.shape[0]));
+  }
+  omniattn::state_tensor s0, ds1, ds0;
+  omniattn::linear_options o;
+  o.threads = threads;
+  o.chunk = chunk;
+  if (!initial_state.is_none()) {
+    s0 = to_state("initial_state", describe(initial_state, "initial_state", false, false, keep));
+    o.initial_state = &s0;
+  }
+  if (!d_final_state.is_none()) {
+    ds1 = to_state("d_final_state", describe(d_final_state, "d_final_state", false, false, keep));
+    gr.d_final_state = &ds1;
+  }
+  if (!d_initial_state.is_none()) {
+    ds0 = to_state("d_initial_state", describe(d_initial_state, "d_initial_state", true, false, keep));
+    gr.d_initial_state = &ds0;
+  }
+  omniattn::status st;
+  {
+    py::gil_scoped_release release;
+    st = reference ? omniattn::reference_linear_attention_backward(tq, tk, tv, tdo, s, gr, o)
+                   : omniattn::linear_attention_backward(tq, tk, tv, tdo, s, gr, o);
   }
   check(st);
 }
@@ -1118,6 +1180,13 @@ PYBIND11_MODULE(_omniattn, m) {
         "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "final_state"_a = py::none(), "chunk"_a = 64,
         "threads"_a = 0, "reference"_a = false, "prefix"_a = 0,
         "omniattn::linear_attention (reference=True: its fp64 oracle) of q, k, v into out (and final_state).");
+  m.def("linear_attention_backward", &linear_backward, "q"_a, "k"_a, "v"_a, "d_out"_a, "dq"_a, "dk"_a, "dv"_a, py::kw_only(),
+        "as_bf16"_a = false, "scale"_a = py::none(), "feature_map"_a = "identity", "normalize"_a = false, "causal"_a = true,
+        "g"_a = py::none(), "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "d_final_state"_a = py::none(),
+        "dg"_a = py::none(), "d_head_log_decay"_a = py::none(), "d_initial_state"_a = py::none(), "chunk"_a = 64, "threads"_a = 0,
+        "reference"_a = false, "prefix"_a = 0,
+        "omniattn::linear_attention_backward (reference=True: its fp64 oracle): the gradients of q, k, v (and of g, "
+        "head_log_decay and initial_state where their arrays are given) from d_out (and d_final_state).");
 
 #ifdef OMNIATTN_HAVE_MPI
   m.attr("has_dist") = true;

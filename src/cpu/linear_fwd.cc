@@ -32,42 +32,12 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 
+#include "cpu/row_ops-inl.h"
+
 HWY_BEFORE_NAMESPACE();
 namespace omniattn::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 namespace {
-
-// y += a x over n floats.
-void axpy(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, std::int64_t n) {
-  const hn::ScalableTag<float> d;
-  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
-  const auto va = hn::Set(d, a);
-  std::int64_t i = 0;
-  for (; i + L <= n; i += L) hn::StoreU(hn::MulAdd(va, hn::LoadU(d, x + i), hn::LoadU(d, y + i)), d, y + i);
-  for (; i < n; ++i) y[i] += a * x[i];
-}
-
-// y *= a over n floats.
-void scale_row(float a, float* HWY_RESTRICT y, std::int64_t n) {
-  const hn::ScalableTag<float> d;
-  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
-  const auto va = hn::Set(d, a);
-  std::int64_t i = 0;
-  for (; i + L <= n; i += L) hn::StoreU(hn::Mul(va, hn::LoadU(d, y + i)), d, y + i);
-  for (; i < n; ++i) y[i] *= a;
-}
-
-// sum a[i] b[i] over n floats.
-float dot(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, std::int64_t n) {
-  const hn::ScalableTag<float> d;
-  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
-  auto acc = hn::Zero(d);
-  std::int64_t i = 0;
-  for (; i + L <= n; i += L) acc = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), acc);
-  float sum = hn::GetLane(hn::SumOfLanes(d, acc));
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
 
 using detail::linear_params;
 

@@ -1,0 +1,375 @@
+// The linear-attention backward (include/omniattn/linear.h): the fp64 oracle against central finite differences of
+// the fp64 forward, the chunked kernel against the oracle under the tolerance rule (awkward sizes, every feature map,
+// decay kind, normalisation, prefix, initial / final state, f32 and bf16, every compiled target), gradients through a
+// split sequence (prefill then continuation) against one call, thread independence, and the validation messages.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "linear_common.h"
+#include "omniattn/linear.h"
+#include "test_common.h"
+#include "tolerance.h"
+
+namespace omniattn {
+namespace {
+
+using test::linear_case;
+using test::linear_data;
+using test::max_abs;
+using test::max_diff;
+
+// The gradients of one call, f32.
+struct grads_result {
+  std::vector<float> dq, dk, dv, dg, d_head, d_s0;
+  status st;
+};
+
+enum class runner { kernel, oracle, naive };
+
+// Seeded upstream gradients: d_out [B, T, H, V] and d_final_state [B, H, K, V].
+struct upstream {
+  std::vector<float> d_out, d_final;
+  upstream(const linear_case& c, std::uint64_t seed) {
+    std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ULL);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    d_out.resize(static_cast<std::size_t>(c.batch * c.seq * c.heads * c.dim_v));
+    for (float& x : d_out) x = u(rng);
+    d_final.resize(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
+    for (float& x : d_final) x = u(rng);
+  }
+};
+
+grads_result run_bwd(const linear_data& d, const upstream& up, runner r, int threads = 1, bool with_final = true,
+                     const float* s0 = nullptr) {
+  const linear_case& c = d.c;
+  grads_result g;
+  const auto sized = [](std::vector<float>& x, std::int64_t n) { x.assign(static_cast<std::size_t>(n), -7.0f); };
+  sized(g.dq, c.batch * c.seq * c.heads * c.dim_k);
+  sized(g.dk, c.batch * c.seq * c.heads * c.dim_k);
+  sized(g.dv, c.batch * c.seq * c.heads * c.dim_v);
+  sized(g.dg, c.batch * c.seq * c.heads * d.gdim());
+  sized(g.d_head, c.heads);
+  sized(g.d_s0, c.batch * c.heads * c.dim_k * c.dim_v);
+  const state_tensor init = make_state(const_cast<float*>(s0 ? s0 : d.s0.data()), c.batch, c.heads, c.dim_k, c.dim_v);
+  const state_tensor dfin = make_state(const_cast<float*>(up.d_final.data()), c.batch, c.heads, c.dim_k, c.dim_v);
+  const state_tensor ds0 = make_state(g.d_s0.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+  linear_options o;
+  o.threads = threads;
+  o.chunk = c.chunk;
+  o.initial_state = c.initial || s0 ? &init : nullptr;
+  linear_grads gr;
+  gr.dq = make_bshd(g.dq.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_k);
+  gr.dk = make_bshd(g.dk.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_k);
+  gr.dv = make_bshd(g.dv.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+  if (c.decay == linear_decay::scalar || c.decay == linear_decay::channel)
+    gr.dg = make_bshd(g.dg.data(), dtype::f32, c.batch, c.seq, c.heads, d.gdim());
+  if (c.decay == linear_decay::fixed) gr.d_head_log_decay = g.d_head;
+  gr.d_initial_state = &ds0;
+  gr.d_final_state = with_final ? &dfin : nullptr;
+  const tensor d_out = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+  if (r == runner::kernel) g.st = linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, d.spec(), gr, o);
+  else
+    g.st = reference_linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, d.spec(), gr, o,
+                                               r == runner::oracle ? linear_form::recurrent : linear_form::recurrent_f32);
+  return g;
+}
+
+// The tolerance rule (tests/tolerance.h, linear gradients) for one gradient; M is the call's largest oracle gradient.
+void expect_within_rule(const std::vector<float>& kernel, const std::vector<float>& naive, const std::vector<float>& oracle,
+                        double M, const char* what) {
+  const double tol = 2.0 * max_diff(naive, oracle) + test::k_linear_grad_floor_eps * test::dtype_eps(dtype::f32) * M;
+  EXPECT_LE(max_diff(kernel, oracle), tol) << what << " (naive error " << max_diff(naive, oracle) << ", max " << max_abs(oracle) << ")";
+}
+
+void check_case(const linear_case& c, std::uint64_t seed, int threads = 1) {
+  SCOPED_TRACE(c.str());
+  const linear_data d(c, seed);
+  const upstream up(c, seed);
+  const grads_result k = run_bwd(d, up, runner::kernel, threads), o = run_bwd(d, up, runner::oracle), n = run_bwd(d, up, runner::naive);
+  ASSERT_TRUE(k.st.ok()) << k.st.error;
+  ASSERT_TRUE(o.st.ok()) << o.st.error;
+  ASSERT_TRUE(n.st.ok()) << n.st.error;
+  const bool data_decay = c.decay == linear_decay::scalar || c.decay == linear_decay::channel;
+  double M = std::max({max_abs(o.dq), max_abs(o.dk), max_abs(o.dv), max_abs(o.d_s0)});
+  if (data_decay) M = std::max(M, max_abs(o.dg));
+  if (c.decay == linear_decay::fixed) M = std::max(M, max_abs(o.d_head));
+  expect_within_rule(k.dq, n.dq, o.dq, M, "dq");
+  expect_within_rule(k.dk, n.dk, o.dk, M, "dk");
+  expect_within_rule(k.dv, n.dv, o.dv, M, "dv");
+  expect_within_rule(k.d_s0, n.d_s0, o.d_s0, M, "d_initial_state");
+  if (data_decay) expect_within_rule(k.dg, n.dg, o.dg, M, "dg");
+  if (c.decay == linear_decay::fixed) expect_within_rule(k.d_head, n.d_head, o.d_head, M, "d_head_log_decay");
+}
+
+// L = sum(w_o * out) + sum(w_f * final_state) by the fp64 quadratic forward, for finite differences.
+double loss(const linear_data& d, const upstream& up) {
+  const linear_case& c = d.c;
+  std::vector<float> out(up.d_out.size()), fin(up.d_final.size());
+  const state_tensor init = make_state(const_cast<float*>(d.s0.data()), c.batch, c.heads, c.dim_k, c.dim_v);
+  const state_tensor f = make_state(fin.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+  linear_options o;
+  o.initial_state = c.initial ? &init : nullptr;
+  o.final_state = &f;
+  const status st = reference_linear_attention(d.qv(), d.kv(), d.vv(), make_bshd(out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v),
+                                               d.spec(), o, linear_form::quadratic);
+  EXPECT_TRUE(st.ok()) << st.error;
+  double l = 0.0;
+  for (std::size_t i = 0; i < out.size(); ++i) l += static_cast<double>(up.d_out[i]) * out[i];
+  for (std::size_t i = 0; i < fin.size(); ++i) l += static_cast<double>(up.d_final[i]) * fin[i];
+  return l;
+}
+
+TEST(LinearBackward, OracleMatchesFiniteDifferences) {
+  struct fd_case {
+    feature_map phi;
+    linear_decay decay;
+    bool normalize, initial, causal;
+    std::int64_t prefix;
+  };
+  const fd_case cases[] = {
+      {feature_map::identity, linear_decay::none, false, true, true, 0},   {feature_map::identity, linear_decay::fixed, false, true, true, 0},
+      {feature_map::identity, linear_decay::scalar, false, true, true, 0}, {feature_map::elu_plus_one, linear_decay::channel, false, true, true, 0},
+      {feature_map::softmax, linear_decay::none, true, false, true, 0},    {feature_map::elu_plus_one, linear_decay::scalar, true, false, true, 0},
+      {feature_map::relu, linear_decay::none, false, true, false, 0},      {feature_map::identity, linear_decay::none, false, true, true, 3},
+      {feature_map::softmax, linear_decay::none, true, false, true, 2},
+  };
+  for (const fd_case& fc : cases) {
+    linear_case c;
+    c.batch = 1;
+    c.heads = 2;
+    c.seq = 6;
+    c.dim_k = 3;
+    c.dim_v = 2;
+    c.phi = fc.phi;
+    c.decay = fc.decay;
+    c.normalize = fc.normalize;
+    c.initial = fc.initial;
+    c.causal = fc.causal;
+    c.prefix = fc.prefix;
+    SCOPED_TRACE(c.str());
+    linear_data d(c, 11);
+    const upstream up(c, 11);
+    const grads_result an = run_bwd(d, up, runner::oracle);
+    ASSERT_TRUE(an.st.ok()) << an.st.error;
+    const float h = 1e-2f;
+    double worst = 0.0, scale = 1.0;
+    // Perturbs x[i] by +-h (skipping inputs where the map has a kink within reach, and log decays that would turn
+    // positive) and compares the central difference with the analytic gradient.
+    const auto probe = [&](float* x, std::size_t n, const std::vector<float>& grad, bool raw_qk, bool log_decay, const char* what) {
+      for (std::size_t i = 0; i < n; ++i) {
+        if (raw_qk && c.phi == feature_map::relu && std::fabs(x[i]) < 2 * h) continue;
+        if (log_decay && x[i] > -2 * h) continue;
+        const float x0 = x[i];
+        x[i] = x0 + h;
+        const double lp = loss(d, up);
+        x[i] = x0 - h;
+        const double lm = loss(d, up);
+        x[i] = x0;
+        const double fd = (lp - lm) / (2.0 * static_cast<double>(h));
+        scale = std::max(scale, std::fabs(fd));
+        worst = std::max(worst, std::fabs(fd - grad[i]));
+        EXPECT_NEAR(fd, grad[i], 2e-3 * std::max(1.0, std::fabs(fd))) << what << "[" << i << "]";
+      }
+    };
+    probe(reinterpret_cast<float*>(d.q.data()), an.dq.size(), an.dq, true, false, "dq");
+    probe(reinterpret_cast<float*>(d.k.data()), an.dk.size(), an.dk, true, false, "dk");
+    probe(reinterpret_cast<float*>(d.v.data()), an.dv.size(), an.dv, false, false, "dv");
+    if (c.initial) probe(d.s0.data(), d.s0.size(), an.d_s0, false, false, "d_initial_state");
+    if (c.decay == linear_decay::scalar || c.decay == linear_decay::channel) probe(d.g.data(), d.g.size(), an.dg, false, true, "dg");
+    if (c.decay == linear_decay::fixed) probe(d.head_g.data(), d.head_g.size(), an.d_head, false, true, "d_head_log_decay");
+    EXPECT_GT(scale, 0.0);
+  }
+}
+
+TEST(LinearBackward, KernelMatchesTheOracleOnAwkwardSizes) {
+  test::for_awkward_cases([](const linear_case& c, std::uint64_t seed) { check_case(c, seed); });
+}
+
+TEST(LinearBackward, KernelMatchesTheOracleOnEveryTarget) {
+  test::for_target_cases("LinearBackward.KernelMatchesTheOracleOnEveryTarget", [](const linear_case& c, std::uint64_t seed) { check_case(c, seed); });
+}
+
+TEST(LinearBackward, KernelMatchesTheOracleOnRandomSpecs) {
+  std::mt19937_64 rng(4049);
+  for (int trial = 0; trial < 120; ++trial) {
+    const linear_case c = test::random_case(rng);
+    check_case(c, static_cast<std::uint64_t>(trial), trial % 2 == 0 ? 1 : 3);
+  }
+}
+
+// Prefill then continuation: the backward of the second call gives dL/d(its initial state), which is the first call's
+// d_final_state; the two calls' gradients then equal those of one call over the whole sequence.
+TEST(LinearBackward, SplitSequenceMatchesOneCall) {
+  for (linear_decay decay : {linear_decay::none, linear_decay::scalar, linear_decay::channel}) {
+    linear_case c;
+    c.seq = 90;
+    c.dim_k = 6;
+    c.dim_v = 5;
+    c.chunk = 16;
+    c.decay = decay;
+    c.initial = true;
+    SCOPED_TRACE(c.str());
+    const linear_data whole(c, 5);
+    const upstream up(c, 5);
+    const grads_result one = run_bwd(whole, up, runner::kernel);
+    ASSERT_TRUE(one.st.ok()) << one.st.error;
+    const std::int64_t cut = 37;  // not a chunk boundary
+    // The two halves as their own cases, cut out of the whole one's inputs.
+    const auto slice = [&](std::int64_t t0, std::int64_t t1) {
+      linear_case h = c;
+      h.seq = t1 - t0;
+      linear_data part(h, 5);
+      const auto copy_rows = [&](const std::vector<std::uint8_t>& src, std::vector<std::uint8_t>& dst, std::int64_t width) {
+        for (std::int64_t b = 0; b < c.batch; ++b)
+          for (std::int64_t t = t0; t < t1; ++t)
+            std::copy_n(src.begin() + ((b * c.seq + t) * c.heads * width) * 4, c.heads * width * 4,
+                        dst.begin() + ((b * h.seq + (t - t0)) * c.heads * width) * 4);
+      };
+      copy_rows(whole.q, part.q, c.dim_k);
+      copy_rows(whole.k, part.k, c.dim_k);
+      copy_rows(whole.v, part.v, c.dim_v);
+      for (std::int64_t b = 0; b < c.batch; ++b)
+        for (std::int64_t t = t0; t < t1; ++t)
+          std::copy_n(whole.g.begin() + (b * c.seq + t) * c.heads * whole.gdim(), c.heads * whole.gdim(),
+                      part.g.begin() + (b * h.seq + (t - t0)) * c.heads * whole.gdim());
+      part.s0 = whole.s0;
+      upstream u = up;
+      u.d_out.resize(static_cast<std::size_t>(c.batch * h.seq * c.heads * c.dim_v));
+      for (std::int64_t b = 0; b < c.batch; ++b)
+        for (std::int64_t t = t0; t < t1; ++t)
+          std::copy_n(up.d_out.begin() + (b * c.seq + t) * c.heads * c.dim_v, c.heads * c.dim_v,
+                      u.d_out.begin() + (b * h.seq + (t - t0)) * c.heads * c.dim_v);
+      return std::pair{part, u};
+    };
+    auto [first, up1] = slice(0, cut);
+    auto [second, up2] = slice(cut, c.seq);
+    // The first call's final state is the second's initial state.
+    std::vector<float> mid(whole.s0.size());
+    {
+      std::vector<float> out(up1.d_out.size());
+      const state_tensor init = make_state(first.s0.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+      const state_tensor fin = make_state(mid.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+      linear_options o;
+      o.initial_state = &init;
+      o.final_state = &fin;
+      ASSERT_TRUE(linear_attention(first.qv(), first.kv(), first.vv(), make_bshd(out.data(), dtype::f32, c.batch, cut, c.heads, c.dim_v),
+                                   first.spec(), o).ok());
+    }
+    const grads_result g2 = run_bwd(second, up2, runner::kernel, 1, true, mid.data());
+    ASSERT_TRUE(g2.st.ok()) << g2.st.error;
+    up1.d_final = g2.d_s0;
+    const grads_result g1 = run_bwd(first, up1, runner::kernel);
+    ASSERT_TRUE(g1.st.ok()) << g1.st.error;
+    const double tol = 64 * test::dtype_eps(dtype::f32);
+    EXPECT_LE(max_diff(g1.d_s0, one.d_s0), tol * std::max(1.0, max_abs(one.d_s0)));
+    const auto rows = [&](const std::vector<float>& a, const std::vector<float>& b, std::int64_t width) {  // the halves side by side
+      std::vector<float> joined(static_cast<std::size_t>(c.batch * c.seq * c.heads * width));
+      for (std::int64_t bt = 0; bt < c.batch; ++bt)
+        for (std::int64_t t = 0; t < c.seq; ++t) {
+          const float* src = t < cut ? &a[static_cast<std::size_t>((bt * cut + t) * c.heads * width)]
+                                     : &b[static_cast<std::size_t>((bt * (c.seq - cut) + t - cut) * c.heads * width)];
+          std::copy_n(src, c.heads * width, &joined[static_cast<std::size_t>((bt * c.seq + t) * c.heads * width)]);
+        }
+      return joined;
+    };
+    EXPECT_LE(max_diff(rows(g1.dq, g2.dq, c.dim_k), one.dq), tol * std::max(1.0, max_abs(one.dq)));
+    EXPECT_LE(max_diff(rows(g1.dk, g2.dk, c.dim_k), one.dk), tol * std::max(1.0, max_abs(one.dk)));
+    EXPECT_LE(max_diff(rows(g1.dv, g2.dv, c.dim_v), one.dv), tol * std::max(1.0, max_abs(one.dv)));
+    if (decay != linear_decay::none) {
+      // dg of the first half also carries the second half's dependence on the state: through d_final_state.
+      EXPECT_LE(max_diff(rows(g1.dg, g2.dg, whole.gdim()), one.dg), tol * std::max(1.0, max_abs(one.dg)));
+    }
+  }
+}
+
+TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
+  linear_case c;
+  c.batch = 3;
+  c.heads = 3;
+  c.seq = 77;
+  c.dim_k = 9;
+  c.dim_v = 6;
+  c.chunk = 16;
+  c.decay = linear_decay::fixed;
+  c.initial = true;
+  const linear_data d(c, 9);
+  const upstream up(c, 9);
+  const grads_result one = run_bwd(d, up, runner::kernel, 1), four = run_bwd(d, up, runner::kernel, 4);
+  ASSERT_TRUE(one.st.ok() && four.st.ok());
+  EXPECT_EQ(one.dq, four.dq);
+  EXPECT_EQ(one.dk, four.dk);
+  EXPECT_EQ(one.dv, four.dv);
+  EXPECT_EQ(one.d_head, four.d_head);
+  EXPECT_EQ(one.d_s0, four.d_s0);
+}
+
+TEST(LinearBackward, Validation) {
+  linear_case c;
+  c.seq = 8;
+  const linear_data d(c, 1);
+  const upstream up(c, 1);
+  std::vector<float> dq(static_cast<std::size_t>(c.batch * c.seq * c.heads * c.dim_k), -7.0f), dk = dq,
+      dv(static_cast<std::size_t>(c.batch * c.seq * c.heads * c.dim_v), -7.0f);
+  linear_grads g;
+  g.dq = make_bshd(dq.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_k);
+  g.dk = make_bshd(dk.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_k);
+  g.dv = make_bshd(dv.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+  const tensor d_out = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+  const auto msg = [&](const linear_grads& gr, const linear_spec& s, const linear_options& o, const tensor& dout) {
+    return linear_attention_backward(d.qv(), d.kv(), d.vv(), dout, s, gr, o).error;
+  };
+  ASSERT_EQ(msg(g, {}, {}, d_out), "");
+  std::fill(dq.begin(), dq.end(), -7.0f);
+  std::fill(dk.begin(), dk.end(), -7.0f);
+  std::fill(dv.begin(), dv.end(), -7.0f);
+  linear_grads short_dk = g;
+  short_dk.dk.dim = 4;
+  EXPECT_EQ(msg(short_dk, {}, {}, d_out), "[linear_attention_backward] grads.dk.dim 4 != k.dim 5");
+  tensor bad_dout = d_out;
+  bad_dout.dim = 5;
+  EXPECT_EQ(msg(g, {}, {}, bad_dout), "[linear_attention_backward] d_out.dim 5 != v.dim 8");
+  linear_grads alias = g;
+  alias.dv = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+  EXPECT_EQ(msg(alias, {}, {}, d_out), "[linear_attention_backward] grads.dv aliases d_out: the output must not overlap an input");
+  linear_grads same = g;
+  same.dk = g.dq;
+  EXPECT_EQ(msg(same, {}, {}, d_out), "[linear_attention_backward] grads.dk aliases grads.dq: the output must not overlap an input");
+  std::vector<float> dg(static_cast<std::size_t>(c.batch * c.seq * c.heads));
+  linear_grads with_dg = g;
+  with_dg.dg = make_bshd(dg.data(), dtype::f32, c.batch, c.seq, c.heads, 1);
+  EXPECT_EQ(msg(with_dg, {}, {}, d_out),
+            "[linear_attention_backward] grads.dg is set but spec.decay is none (dg is the gradient of spec.g: scalar or channel)");
+  std::vector<float> heads(2);
+  linear_grads with_head = g;
+  with_head.d_head_log_decay = heads;
+  linear_spec fixed = d.spec();
+  fixed.decay = linear_decay::fixed;
+  EXPECT_EQ(msg(with_head, fixed, {}, d_out), "[linear_attention_backward] grads.d_head_log_decay has 2 values, expected one per head (3)");
+  std::vector<float> state(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
+  const state_tensor st = make_state(state.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+  linear_options writes_state;
+  writes_state.final_state = &st;
+  EXPECT_NE(msg(g, {}, writes_state, d_out).find("options.final_state must be null"), std::string::npos);
+  state_tensor broadcast = st;
+  broadcast.stride_batch = 0;
+  linear_grads self = g;
+  self.d_initial_state = &broadcast;
+  EXPECT_EQ(msg(self, {}, {}, d_out),
+            "[linear_attention_backward] grads.d_initial_state.stride_batch 0 makes the output overlap itself (needs |stride| >= 1)");
+  EXPECT_EQ(std::count(dq.begin(), dq.end(), -7.0f) + std::count(dk.begin(), dk.end(), -7.0f) + std::count(dv.begin(), dv.end(), -7.0f),
+            static_cast<std::ptrdiff_t>(dq.size() + dk.size() + dv.size()))
+      << "a rejected call wrote a gradient";
+  EXPECT_EQ(reference_linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, {}, short_dk, {}).error,
+            "[reference_linear_attention_backward] grads.dk.dim 4 != k.dim 5");
+  EXPECT_NE(reference_linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, {}, g, {}, linear_form::quadratic).error.find("runs the recurrence"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace omniattn
