@@ -46,6 +46,12 @@ int bench_main(int argc, char** argv);
 float read_sum(const float* x, std::size_t n);
 // `omniattn bench --decode` (decode.cc): attention_decode on a paged KV cache against the measured read bandwidth.
 int decode_main(int argc, char** argv);
+// `omniattn bench --linear` (linear.cc): the linear-attention family's throughput, backward, decode step, and the
+// softmax kernel at the same lengths.
+int linear_main(int argc, char** argv);
+// The chunked linear forward's FLOPs: per (batch, head) and chunk of n tokens, n (n + 1) (K + V) for the masked
+// intra-chunk products over the causal pairs and 4 n K V for the inter-chunk read and the state update.
+double linear_chunked_flops(std::int64_t batch, std::int64_t heads, std::int64_t n, std::int64_t chunk, std::int64_t K, std::int64_t V);
 // `mpirun -np P omniattn bench --cp` (cp.cc, built with MPI): context-parallel attention per mechanism, layout and mask.
 int cp_main(int argc, char** argv);
 

@@ -1,5 +1,6 @@
 // `omniattn bench`: the entry point. Restarts once with OPENBLAS_CORETYPE set but empty (see below), then runs the
-// kernel table (--kernel, kernel.cc), the decode table (--decode, decode.cc) or the workload suite (suite.cc).
+// kernel table (--kernel, kernel.cc), the decode table (--decode, decode.cc), the linear-attention table (--linear,
+// linear.cc) or the workload suite (suite.cc).
 #include <unistd.h>
 
 #include <cstdio>
@@ -35,6 +36,8 @@ int bench_main(int argc, char** argv) {
     if (std::string(argv[i]) == "--kernel") return kernel_main(argc, argv);
   for (int i = 2; i < argc; ++i)
     if (std::string(argv[i]) == "--decode") return decode_main(argc, argv);
+  for (int i = 2; i < argc; ++i)
+    if (std::string(argv[i]) == "--linear") return linear_main(argc, argv);
   suite_options opt;
   std::string error;
   if (!parse_suite_args(argc, argv, 2, opt, error)) {

@@ -170,6 +170,17 @@ TEST(BenchFlops, DenseFlopsAreFourNSquaredBHD) {
 // ---------------------------------------------------------------------------------------------------------------------
 // JSON reader and writer.
 
+// Token i of a chunk meets i + 1 keys of its chunk (2 (K + V) FLOPs each: a QK^T and an AV multiply-add) and reads and
+// updates the K x V state (2 K V each): the formula of the --linear table, counted token by token.
+TEST(BenchFlops, LinearChunkedFlopsCountPairsAndStateTerms) {
+  for (std::int64_t n : {1, 63, 64, 65, 200})
+    for (std::int64_t chunk : {1, 16, 64}) {
+      double want = 0;
+      for (std::int64_t t = 0; t < n; ++t) want += 2.0 * 5 * static_cast<double>(t % chunk + 1) + 4.0 * 2 * 3;
+      EXPECT_DOUBLE_EQ(bench::linear_chunked_flops(3, 2, n, chunk, 2, 3), want * 6) << "n " << n << " chunk " << chunk;
+    }
+}
+
 TEST(BenchJson, ParsesValuesEscapesAndNesting) {
   json doc;
   std::string error;
