@@ -204,29 +204,72 @@ TEST(Linear, ResultDoesNotDependOnThreads) {
 
 // final_state may be the initial_state's own buffer (a decode loop advancing its state in place).
 TEST(Linear, StateUpdatedInPlace) {
-  linear_case c;
-  c.seq = 21;
-  c.decay = linear_decay::scalar;
-  c.initial = true;
-  const linear_data d(c, 6);
-  const linear_result separate = run(d, runner::kernel);
-  ASSERT_TRUE(separate.st.ok());
-  for (runner r : {runner::kernel, runner::quadratic}) {
-    std::vector<float> state = d.s0, out(separate.out.size());
-    const state_tensor st = make_state(state.data(), c.batch, c.heads, c.dim_k, c.dim_v);
-    linear_options o;
-    o.initial_state = o.final_state = &st;
-    const tensor ot = make_bshd(out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
-    const status s = r == runner::kernel ? linear_attention(d.qv(), d.kv(), d.vv(), ot, d.spec(), o)
-                                         : reference_linear_attention(d.qv(), d.kv(), d.vv(), ot, d.spec(), o);
-    ASSERT_TRUE(s.ok()) << s.error;
-    if (r == runner::kernel) {
-      EXPECT_EQ(out, separate.out);
-      EXPECT_EQ(state, separate.state);
-    } else {
-      const linear_result oracle = run(d, runner::quadratic);
-      EXPECT_EQ(state, oracle.state);
+  for (std::int64_t seq : {21, 3, 1})  // the chunked kernel and the decode step's recurrence (a few tokens)
+    for (linear_decay decay : {linear_decay::scalar, linear_decay::channel}) {
+      linear_case c;
+      c.seq = seq;
+      c.decay = decay;
+      c.initial = true;
+      SCOPED_TRACE(c.str());
+      const linear_data d(c, 6);
+      const linear_result separate = run(d, runner::kernel);
+      ASSERT_TRUE(separate.st.ok());
+      for (runner r : {runner::kernel, runner::quadratic}) {
+        std::vector<float> state = d.s0, out(separate.out.size());
+        const state_tensor st = make_state(state.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+        linear_options o;
+        o.initial_state = o.final_state = &st;
+        const tensor ot = make_bshd(out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+        const status s = r == runner::kernel ? linear_attention(d.qv(), d.kv(), d.vv(), ot, d.spec(), o)
+                                             : reference_linear_attention(d.qv(), d.kv(), d.vv(), ot, d.spec(), o);
+        ASSERT_TRUE(s.ok()) << s.error;
+        if (r == runner::kernel) {
+          EXPECT_EQ(out, separate.out);
+          EXPECT_EQ(state, separate.state);
+        } else {
+          const linear_result oracle = run(d, runner::quadratic);
+          EXPECT_EQ(state, oracle.state);
+        }
+      }
     }
+}
+
+// Prefill, then decode steps of one token each with the state advanced in place: the rows and the state match one
+// call over the whole sequence under the tolerance rule.
+TEST(Linear, DecodeStepsContinueAPrefill) {
+  for (linear_decay decay : {linear_decay::none, linear_decay::fixed, linear_decay::scalar, linear_decay::channel}) {
+    linear_case c;
+    c.seq = 46;
+    c.chunk = 16;
+    c.decay = decay;
+    c.initial = true;
+    SCOPED_TRACE(c.str());
+    const linear_data d(c, 21);
+    const linear_result whole = run(d, runner::kernel), oracle = run(d, runner::quadratic), naive = run(d, runner::recurrent_f32);
+    ASSERT_TRUE(whole.st.ok()) << whole.st.error;
+    const std::int64_t prefill = 40, H = c.heads, K = c.dim_k, V = c.dim_v;
+    std::vector<float> state = d.s0, out(whole.out.size(), -7.0f);
+    const state_tensor st = make_state(state.data(), c.batch, H, K, V);
+    linear_options o;
+    o.chunk = c.chunk;
+    o.initial_state = o.final_state = &st;
+    linear_spec s = d.spec();
+    // Views of tokens [t0, t0 + n) of every input (the batch stride stays the whole sequence's).
+    const auto part = [&](const tensor& full, std::int64_t t0, std::int64_t n) {
+      tensor x = full;
+      x.data = static_cast<char*>(full.data) + t0 * full.stride_seq * dtype_size(full.type);
+      x.seq = n;
+      return x;
+    };
+    const tensor ot = make_bshd(out.data(), dtype::f32, c.batch, c.seq, H, V);
+    for (std::int64_t t0 = 0; t0 < c.seq; t0 += t0 == 0 ? prefill : 1) {
+      const std::int64_t n = t0 == 0 ? prefill : 1;
+      linear_spec sp = s;
+      sp.g = part(s.g, t0, n);
+      ASSERT_TRUE(linear_attention(part(d.qv(), t0, n), part(d.kv(), t0, n), part(d.vv(), t0, n), part(ot, t0, n), sp, o).ok());
+    }
+    expect_within_rule(out, naive.out, oracle.out, "out");
+    expect_within_rule(state, naive.state, oracle.state, "final_state");
   }
 }
 

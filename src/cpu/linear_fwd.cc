@@ -1,23 +1,26 @@
-// The chunked linear-attention forward (include/omniattn/linear.h; Lightning Attention-2's split).
+// The chunked linear-attention forward (include/omniattn/linear.h; Lightning Attention-2's split) on the tile
+// engine's register-blocked micro-kernels (tile_ops-inl.h), the forward tile loop without the softmax.
 //
 // Math contract, per (batch, head), chunk [t0, t0 + n) of the sequence, with B_i = g_t0 + ... + g_i the log decay
 // from the chunk's start to token i (per K channel) and S, z the state carried in from the previous chunk:
-//   A_ij = sum_c q_i[c] k_j[c] exp(B_i[c] - B_j[c])        for j <= i  (the masked intra-chunk product; <= 0 exponents)
-//   o_i  = sum_{j <= i} A_ij v_j + sum_c q_i[c] exp(B_i[c]) S[c][:]     (intra + inter: no cumulative sum over tokens)
-//   den_i = sum_{j <= i} A_ij + sum_c q_i[c] exp(B_i[c]) z[c]            (normalize: o_i / den_i, 0 where den_i = 0)
-//   S[c][:] <- exp(B_last[c]) S[c][:] + sum_j exp(B_last[c] - B_j[c]) k_j[c] v_j,  z likewise with v_j = 1
-// Every exponent is <= 0 (decays are <= 0 and B is non-increasing within the chunk), so nothing overflows however
-// strong the decay. A scalar or fixed decay is one value per token, factored out of the channel sum. A prefix (JRT;
-// the whole sequence when non-causal; no decay): one pass accumulates S = initial_state + the prefix's k_t^T v_t, a
-// second reads o_t = q_t S for its rows; the causal chunks continue from that state.
-// Work items are the (batch, head) pairs; the state is float32; the result does not depend on the thread count.
-// The V-wide row updates and the K-wide dot products are Highway vectors, compiled for every target and dispatched
-// once per call; register-blocked micro-kernels on the tile engine are to come.
+//   A_ij = sum_c q_i[c] k_j[c] exp(B_i[c] - B_j[c])        for j <= i  (the masked intra-chunk product)
+//   o_i  = sum_{j <= i} A_ij v_j + sum_c q_i[c] exp(B_i[c]) S[c][:]     (intra + inter)
+//   den_i = the same with v_j = 1 and S = z                              (normalize: o_i / den_i, 0 where den_i = 0)
+//   S[c][:] <- exp(B_last[c]) S[c][:] + sum_j exp(B_last[c] - B_j[c]) k_j[c] v_j
+// As matrices of the chunk (z is one more value column of ones): O = (Q * E) S + mask(A) V and
+// S <- diag(E_last) S + (K * E_last / E)^T V with E_i = exp(B_i), A = (Q * E) (K / E)^T: four small GEMMs on qk_block
+// / pv_block. The factorisation of A needs 1 / E_j in range: where a chunk's decay spans more than k_max_span (in
+// log space; strong decays), A is formed pair by pair with exp(B_i - B_j) <= 1 instead. Every other factor is <= 1.
+// E is exp of the running sum taken in double (a float sum would carry its rounding into every weight). A prefix
+// (JRT; the whole sequence when non-causal; no decay) accumulates S = initial_state + its K^T V first, then its rows
+// read O = Q S; the causal chunks continue from that state. Work items are the (batch, head) pairs; the state is
+// float32; the result does not depend on the thread count.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <new>
 #include <string>
@@ -26,158 +29,382 @@
 #include "core/linear_params.h"
 #include "core/parallel.h"
 #include "core/storage.h"
+#include "cpu/tiles.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/linear_fwd.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/aligned_allocator.h"
+#include "hwy/cache_control.h"
+#include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
 #include "cpu/row_ops-inl.h"
+#include "cpu/tile_ops-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace omniattn::cpu::HWY_NAMESPACE {
-namespace hn = hwy::HWY_NAMESPACE;
 namespace {
 
 using detail::linear_params;
 
-struct head_scratch {
-  std::vector<float> q, k, v, S, z, o, den;
-  // The running log decays in double: differences B_i - B_j of sums over up to a chunk of tokens, taken in float,
-  // would carry the rounding of the whole sum into every pair weight.
-  std::vector<double> B;
+// exp(40) ~ 2.4e17: K / E stays far from float's range for any feature value the products could still use.
+constexpr double k_max_span = 40.0;
+
+std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+std::size_t at(std::int64_t i) { return static_cast<std::size_t>(i); }
+
+hwy::AlignedFreeUniquePtr<float[]> zeros(std::int64_t n) {
+  auto p = hwy::AllocateAligned<float>(at(std::max<std::int64_t>(n, 1)));
+  if (!p) throw std::bad_alloc();
+  std::fill(p.get(), p.get() + std::max<std::int64_t>(n, 1), 0.0f);
+  return p;
+}
+
+// One worker's chunk tiles, padded: rows of K and W (= V, plus the column of ones under normalize) to whole vectors,
+// chunk rows to whole 64-key tiles (the micro-kernels' key blocks and 16-row V segments).
+struct tiles {
+  std::int64_t K = 0, W = 0, Kp = 0, Wp = 0, Cp = 0, nb = 1;
+  hwy::AlignedFreeUniquePtr<float[]> qd, kt, kl, vc, a, o, s;  // [Cp][Kp] [Kp][Cp] [Cp][Kp] [Cp][Wp] [Cp][Cp] [Cp][Wp] [Kp16][Wp]
+  std::vector<const float*> vseg, sseg;  // 16-row segments of vc and s
+  std::vector<double> B, E;              // running log decay and its exp, [Cp][nb]
+  std::vector<float> ef;                 // E rounded to float
+  std::vector<float> e_last;             // exp(B_last) per channel (per S row)
+  void ensure(const linear_params& p) {
+    const hn::ScalableTag<float> d;
+    const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+    const std::int64_t w = p.dim_v + (p.normalize ? 1 : 0), cp = round_up(p.chunk, 64);
+    const std::int64_t bn = p.decay == linear_decay::channel ? p.dim_k : 1;
+    if (K == p.dim_k && W == w && Cp == cp && nb == bn) return;
+    K = p.dim_k;
+    W = w;
+    Cp = cp;
+    nb = bn;
+    Kp = round_up(K, L);
+    Wp = round_up(W, L);
+    const std::int64_t k16 = round_up(K, 16);
+    qd = zeros(Cp * Kp);
+    kt = zeros(Kp * Cp);
+    kl = zeros(Cp * Kp);
+    vc = zeros(Cp * Wp);
+    a = zeros(Cp * Cp);
+    o = zeros(Cp * Wp);
+    s = zeros(k16 * Wp);
+    vseg.resize(at(Cp / 16));
+    for (std::int64_t x = 0; x < Cp / 16; ++x) vseg[at(x)] = vc.get() + x * 16 * Wp;
+    sseg.resize(at(k16 / 16));
+    for (std::int64_t x = 0; x < k16 / 16; ++x) sseg[at(x)] = s.get() + x * 16 * Wp;
+    B.assign(at(Cp * nb), 0.0);
+    E.assign(at(Cp * nb), 1.0);
+    ef.assign(at(Cp * nb), 1.0f);
+    e_last.assign(at(Kp), 1.0f);
+  }
 };
 
-// Loads chunk [t0, t0 + n) of one (batch, head): phi(q) * scale, phi(k), v, and B (cumulative log decay from t0; one
-// value per token when the decay has no channels).
-void load_chunk(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t0, std::int64_t n, head_scratch& w,
-                bool per_channel) {
-  const std::int64_t K = p.dim_k, V = p.dim_v, nb = per_channel ? K : 1;
+// y[i] = exp(x[i]) over n doubles.
+void exp_doubles(const double* HWY_RESTRICT x, double* HWY_RESTRICT y, std::int64_t n) {
+  const hn::ScalableTag<double> dd;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(dd));
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) hn::StoreU(hn::Exp(dd, hn::LoadU(dd, x + i)), dd, y + i);
+  for (; i < n; ++i) y[i] = std::exp(x[i]);
+}
+
+// Chunk [t0, t0 + n): scale phi(q) into qd, phi(k) into kl, v (and the ones column) into vc, B and E = exp(B).
+void load_chunk(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t0, std::int64_t n, tiles& w, bool with_decay) {
+  const std::int64_t K = w.K, V = p.dim_v, nb = w.nb;
+  const auto scale = static_cast<float>(p.scale);
   for (std::int64_t i = 0; i < n; ++i) {
     const std::int64_t t = t0 + i;
-    detail::load_token(p, b, h, t, &w.q[static_cast<std::size_t>(i * K)], &w.k[static_cast<std::size_t>(i * K)],
-                       &w.v[static_cast<std::size_t>(i * V)]);
-    double* Bi = &w.B[static_cast<std::size_t>(i * nb)];
-    for (std::int64_t c = 0; c < nb; ++c)
-      Bi[c] = (i > 0 ? w.B[static_cast<std::size_t>((i - 1) * nb + c)] : 0.0) + detail::log_decay(p, b, h, t, c);
+    float* qi = w.qd.get() + i * w.Kp;
+    float* ki = w.kl.get() + i * w.Kp;
+    float* vi = w.vc.get() + i * w.Wp;
+    load_row(p.q, p.in_type, b * p.q_stride[0] + t * p.q_stride[1] + h * p.q_stride[2], p.q_stride[3], K, qi);
+    load_row(p.k, p.in_type, b * p.k_stride[0] + t * p.k_stride[1] + h * p.k_stride[2], p.k_stride[3], K, ki);
+    load_row(p.v, p.in_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2], p.v_stride[3], V, vi);
+    detail::apply_feature_map(p.phi, qi, K);
+    detail::apply_feature_map(p.phi, ki, K);
+    scale_row(scale, qi, K);
+    if (w.W > V) vi[V] = 1.0f;
+    if (with_decay) {
+      double* Bi = &w.B[at(i * nb)];
+      float* g = w.ef.data();  // free until apply_decays
+      if (p.decay == linear_decay::fixed) g[0] = p.head_log_decay[h];
+      else load_row(p.g, p.g_type, b * p.g_stride[0] + t * p.g_stride[1] + h * p.g_stride[2], p.g_stride[3], nb, g);
+      const double* prev = i > 0 ? &w.B[at((i - 1) * nb)] : nullptr;
+      for (std::int64_t c = 0; c < nb; ++c) Bi[c] = (prev ? prev[c] : 0.0) + static_cast<double>(g[c]);
+    }
+  }
+  if (with_decay) exp_doubles(w.B.data(), w.E.data(), n * nb);
+}
+
+// Asks for the rows of q, k and v of tokens [t0, t0 + n) while the current chunk computes: in [B, T, H, dim] a
+// head's consecutive tokens are a page apart (H * dim elements), beyond the reach of the hardware prefetchers, so
+// each row would otherwise be a miss to memory when the chunk loads it.
+void prefetch_chunk(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t0, std::int64_t n) {
+  const std::int64_t elem = dtype_size(p.in_type);
+  const struct {
+    const void* base;
+    const std::int64_t* st;
+    std::int64_t dim;
+  } ops[3] = {{p.q, p.q_stride, p.dim_k}, {p.k, p.k_stride, p.dim_k}, {p.v, p.v_stride, p.dim_v}};
+  for (const auto& x : ops) {
+    if (x.st[3] != 1 && x.dim > 1) continue;  // strided rows: not worth the addresses
+    for (std::int64_t t = t0; t < t0 + n; ++t) {
+      const char* row = static_cast<const char*>(x.base) + (b * x.st[0] + t * x.st[1] + h * x.st[2]) * elem;
+      for (std::int64_t off = 0; off < x.dim * elem; off += 64) hwy::Prefetch(row + off);
+    }
   }
 }
 
-void store_rows(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t0, std::int64_t n, const head_scratch& w) {
+// A [n][Cp] = qd kt^T over the key blocks at or left of each row block's diagonal, then the pairs j > i zeroed.
+void intra_scores(std::int64_t n, tiles& w) {
+  const hn::ScalableTag<float> d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  const std::int64_t kblock = static_cast<std::int64_t>(k_nv) * L;
+  for (std::int64_t r0 = 0; r0 < n; r0 += static_cast<std::int64_t>(k_mr)) {
+    const std::int64_t rows = std::min<std::int64_t>(static_cast<std::int64_t>(k_mr), n - r0);
+    for (std::int64_t j0 = 0; j0 < r0 + rows; j0 += kblock) {
+      const float* kb[k_nv];
+      for (std::size_t v = 0; v < k_nv; ++v) kb[v] = w.kt.get() + j0 + static_cast<std::int64_t>(v) * L;
+      with_rows(rows, [&](auto R) {
+        qk_block<decltype(R)::value>(d, w.qd.get() + r0 * w.Kp, w.Kp, w.K, kb, w.Cp, w.a.get() + r0 * w.Cp + j0, w.Cp);
+      });
+    }
+  }
+}
+
+// The same pair by pair, exp(B_i - B_j) <= 1 per channel, for chunks whose decay spans too much to factor.
+void intra_scores_pairwise(std::int64_t n, tiles& w) {
+  const std::int64_t K = w.K, nb = w.nb;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float* qi = w.qd.get() + i * w.Kp;
+    float* ai = w.a.get() + i * w.Cp;
+    for (std::int64_t j = 0; j <= i; ++j) {
+      const float* kj = w.kl.get() + j * w.Kp;
+      float s = 0.0f;
+      for (std::int64_t c = 0; c < K; ++c)
+        s += qi[c] * kj[c] * static_cast<float>(std::exp(w.B[at(i * nb + (nb > 1 ? c : 0))] - w.B[at(j * nb + (nb > 1 ? c : 0))]));
+      ai[j] = s;
+    }
+  }
+}
+
+// Scales the loaded features by the decays: qd *= E_i, kt = (k / E_j)^T and kl *= E_last / E_j when factored, else
+// kl *= exp(B_last - B_j). E (exp of the double running sum) is rounded to float once; the scalings are float vectors.
+void apply_decays(std::int64_t n, tiles& w, bool factored) {
+  const std::int64_t K = w.K, nb = w.nb;
+  float* Ef = w.ef.data();
+  for (std::int64_t x = 0; x < n * nb; ++x) Ef[x] = static_cast<float>(w.E[at(x)]);
+  const float* El = Ef + (n - 1) * nb;
+  for (std::int64_t c = 0; c < K; ++c) w.e_last[at(c)] = El[nb > 1 ? c : 0];
+  for (std::int64_t j = 0; j < n; ++j) {
+    const float* Ej = Ef + j * nb;
+    float* qj = w.qd.get() + j * w.Kp;
+    float* kj = w.kl.get() + j * w.Kp;
+    if (nb == 1) {
+      scale_row(Ej[0], qj, K);
+    } else {
+      for (std::int64_t c = 0; c < K; ++c) qj[c] *= Ej[c];
+    }
+    if (factored) {
+      for (std::int64_t c = 0; c < K; ++c) w.kt[at(c * w.Cp + j)] = kj[c] / Ej[nb > 1 ? c : 0];
+      if (nb == 1) {
+        scale_row(El[0] / Ej[0], kj, K);
+      } else {
+        for (std::int64_t c = 0; c < K; ++c) kj[c] *= El[c] / Ej[c];
+      }
+    } else {  // E_j may underflow to 0: the decay since token j directly, an exponent <= 0
+      for (std::int64_t c = 0; c < K; ++c) {
+        const std::int64_t x = nb > 1 ? c : 0;
+        kj[c] = static_cast<float>(kj[c] * std::exp(w.B[at((n - 1) * nb + x)] - w.B[at(j * nb + x)]));
+      }
+    }
+  }
+}
+
+// kt = kl^T (no decay).
+void transpose_keys(std::int64_t n, tiles& w) {
+  for (std::int64_t j = 0; j < n; ++j)
+    for (std::int64_t c = 0; c < w.K; ++c) w.kt[at(c * w.Cp + j)] = w.kl[at(j * w.Kp + c)];
+}
+
+// O [n][Wp] = qd S (+ mask(A) vc when intra); between(r0, rows) runs after each row block.
+template <class Between>
+void read_rows(std::int64_t n, tiles& w, bool intra, Between&& between) {
+  const hn::ScalableTag<float> d;
+  std::fill(w.o.get(), w.o.get() + n * w.Wp, 0.0f);
+  for (std::int64_t r0 = 0; r0 < n; r0 += static_cast<std::int64_t>(k_mr)) {
+    const std::int64_t rows = std::min<std::int64_t>(static_cast<std::int64_t>(k_mr), n - r0);
+    between(r0, rows);
+    with_rows(rows, [&](auto R) {
+      constexpr std::size_t MR = decltype(R)::value;
+      pv_rows<MR>(d, w.qd.get() + r0 * w.Kp, w.Kp, 1, w.K, w.sseg.data(), w.Wp, w.Wp, nullptr, w.o.get() + r0 * w.Wp, w.Wp);
+      if (intra)
+        pv_rows<MR>(d, w.a.get() + r0 * w.Cp, w.Cp, 1, r0 + rows, w.vseg.data(), w.Wp, w.Wp, nullptr, w.o.get() + r0 * w.Wp, w.Wp);
+    });
+  }
+}
+
+// S <- diag(e_last) S + kl^T vc (decayed), or S + kl^T vc.
+void update_state(std::int64_t n, tiles& w, bool decayed) {
+  const hn::ScalableTag<float> d;
+  for (std::int64_t c0 = 0; c0 < w.K; c0 += static_cast<std::int64_t>(k_mr)) {
+    const std::int64_t rows = std::min<std::int64_t>(static_cast<std::int64_t>(k_mr), w.K - c0);
+    with_rows(rows, [&](auto R) {
+      pv_rows<decltype(R)::value>(d, w.kl.get() + c0, 1, w.Kp, n, w.vseg.data(), w.Wp, w.Wp, decayed ? w.e_last.data() + c0 : nullptr,
+                                  w.s.get() + c0 * w.Wp, w.Wp);
+    });
+  }
+}
+
+void store_rows(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t0, std::int64_t n, tiles& w) {
   const std::int64_t V = p.dim_v;
   for (std::int64_t i = 0; i < n; ++i) {
-    const float* oi = &w.o[static_cast<std::size_t>(i * V)];
-    const float d = w.den[static_cast<std::size_t>(i)];
-    const float inv = p.normalize ? (d == 0.0f ? 0.0f : 1.0f / d) : 1.0f;
+    float* oi = w.o.get() + i * w.Wp;
+    if (p.normalize) {
+      const float den = oi[V];
+      scale_row(den == 0.0f ? 0.0f : 1.0f / den, oi, V);
+    }
     const std::int64_t base = b * p.out_stride[0] + (t0 + i) * p.out_stride[1] + h * p.out_stride[2];
-    for (std::int64_t c = 0; c < V; ++c) detail::store_element(p.out, p.out_type, base + c * p.out_stride[3], static_cast<double>(oi[c] * inv));
+    if (p.out_type == dtype::f32 && p.out_stride[3] == 1) {
+      std::memcpy(static_cast<float*>(p.out) + base, oi, at(V) * sizeof(float));
+    } else {
+      for (std::int64_t c = 0; c < V; ++c) detail::store_element(p.out, p.out_type, base + c * p.out_stride[3], static_cast<double>(oi[c]));
+    }
   }
 }
 
-// o_i = (q_i * weight(c)) S and returns (q_i * weight(c)) . z: row i of the chunk against the carried state, each
-// channel weighted by its decay since the chunk's start (1 without decay).
-template <class Weight>
-float read_state(const linear_params& p, head_scratch& w, std::int64_t i, Weight&& weight) {
+// S[c] <- a S[c] + kc v and o += qc S[c] over n floats: one pass over a row of the state.
+void step_row(float a, float kc, float qc, const float* HWY_RESTRICT v, float* HWY_RESTRICT row, float* HWY_RESTRICT o, std::int64_t n) {
+  const hn::ScalableTag<float> d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  const auto va = hn::Set(d, a), vk = hn::Set(d, kc), vq = hn::Set(d, qc);
+  std::int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const auto r = hn::MulAdd(vk, hn::LoadU(d, v + i), hn::Mul(va, hn::LoadU(d, row + i)));
+    hn::StoreU(r, d, row + i);
+    hn::StoreU(hn::MulAdd(vq, r, hn::LoadU(d, o + i)), d, o + i);
+  }
+  for (; i < n; ++i) {
+    row[i] = a * row[i] + kc * v[i];
+    o[i] += qc * row[i];
+  }
+}
+
+// The decode step (a few causal tokens after a state): the recurrence itself, token by token, each row of the state
+// read and written once per token, in place in final_state when there is one (a prefill's state advanced by a
+// generated token costs one pass over K x V floats, not four chunk GEMMs on padded tiles).
+void recurrent_head(const linear_params& p, std::int64_t b, std::int64_t h, tiles& w) {
+  w.ensure(p);
   const std::int64_t K = p.dim_k, V = p.dim_v;
-  const float* qi = &w.q[static_cast<std::size_t>(i * K)];
-  float* oi = &w.o[static_cast<std::size_t>(i * V)];
-  std::fill(oi, oi + V, 0.0f);
-  float den = 0.0f;
-  for (std::int64_t c = 0; c < K; ++c) {
-    const float qc = qi[c] * weight(c);
-    den += qc * w.z[static_cast<std::size_t>(c)];
-    axpy(qc, &w.S[static_cast<std::size_t>(c * V)], oi, V);
-  }
-  return den;
-}
-
-// The chunk's rows against the carried state (inter) and each other (intra), then the state advanced past the chunk.
-void causal_chunk(const linear_params& p, std::int64_t n, head_scratch& w, bool per_channel) {
-  const std::int64_t K = p.dim_k, V = p.dim_v, nb = per_channel ? K : 1;
-  const auto B = [&](std::int64_t i, std::int64_t c) { return w.B[static_cast<std::size_t>(i * nb + (per_channel ? c : 0))]; };
-  const auto decay = [](double x) { return static_cast<float>(std::exp(x)); };  // x <= 0: a weight in [0, 1]
-  for (std::int64_t i = 0; i < n; ++i) {
-    const float* qi = &w.q[static_cast<std::size_t>(i * K)];
-    float* oi = &w.o[static_cast<std::size_t>(i * V)];
-    float den = read_state(p, w, i, [&](std::int64_t c) { return decay(B(i, c)); });  // inter
-    // intra: the masked product with the chunk's earlier keys (and the token itself)
-    for (std::int64_t j = 0; j <= i; ++j) {
-      const float* kj = &w.k[static_cast<std::size_t>(j * K)];
-      float a = 0.0f;
-      if (per_channel) {
-        for (std::int64_t c = 0; c < K; ++c) a += qi[c] * kj[c] * decay(B(i, c) - B(j, c));
-      } else {
-        a = dot(qi, kj, K) * decay(B(i, 0) - B(j, 0));
-      }
-      den += a;
-      axpy(a, &w.v[static_cast<std::size_t>(j * V)], oi, V);
-    }
-    w.den[static_cast<std::size_t>(i)] = den;
-  }
-  // state past the chunk
-  for (std::int64_t c = 0; c < K; ++c) {
-    const double last = B(n - 1, c);
-    const float e_last = decay(last);
-    float* Sc = &w.S[static_cast<std::size_t>(c * V)];
-    scale_row(e_last, Sc, V);
-    w.z[static_cast<std::size_t>(c)] *= e_last;
-    for (std::int64_t j = 0; j < n; ++j) {
-      const float kw = w.k[static_cast<std::size_t>(j * K + c)] * decay(last - B(j, c));
-      w.z[static_cast<std::size_t>(c)] += kw;
-      axpy(kw, &w.v[static_cast<std::size_t>(j * V)], Sc, V);
-    }
-  }
-}
-
-void run_head(const linear_params& p, std::int64_t b, std::int64_t h, head_scratch& w) {
-  const std::int64_t K = p.dim_k, V = p.dim_v, C = p.chunk, T = p.seq;
-  const bool per_channel = p.decay == linear_decay::channel;
-  w.q.resize(static_cast<std::size_t>(C * K));
-  w.k.resize(w.q.size());
-  w.v.resize(static_cast<std::size_t>(C * V));
-  w.B.resize(static_cast<std::size_t>(C * (per_channel ? K : 1)));
-  w.o.resize(static_cast<std::size_t>(C * V));
-  w.den.resize(static_cast<std::size_t>(C));
-  w.S.assign(static_cast<std::size_t>(K * V), 0.0f);
-  w.z.assign(static_cast<std::size_t>(K), 0.0f);
-  if (const state_tensor* s0 = p.initial_state)
+  const state_tensor* s0 = p.initial_state;
+  const state_tensor* f = p.final_state;
+  const bool in_place = f && f->stride_v == 1;
+  float* S = in_place ? f->data + b * f->stride_batch + h * f->stride_head : w.s.get();
+  const std::int64_t ld = in_place ? f->stride_k : w.Wp;
+  const bool same = s0 && in_place && s0->data == f->data && s0->stride_batch == f->stride_batch && s0->stride_head == f->stride_head &&
+                    s0->stride_k == f->stride_k && s0->stride_v == 1;
+  if (!same)
     for (std::int64_t a = 0; a < K; ++a)
       for (std::int64_t c = 0; c < V; ++c)
-        w.S[static_cast<std::size_t>(a * V + c)] = s0->data[b * s0->stride_batch + h * s0->stride_head + a * s0->stride_k + c * s0->stride_v];
-  // The prefix (the whole sequence when non-causal; no decay there): every key of it first, then its rows read the
-  // state of the whole prefix.
-  const std::int64_t P = p.prefix;
-  if (P > 0) {
-    for (std::int64_t t0 = 0; t0 < P; t0 += C) {
-      const std::int64_t n = std::min(C, P - t0);
-      load_chunk(p, b, h, t0, n, w, false);
-      for (std::int64_t c = 0; c < K; ++c) {
-        float* Sc = &w.S[static_cast<std::size_t>(c * V)];
-        for (std::int64_t j = 0; j < n; ++j) {
-          const float kc = w.k[static_cast<std::size_t>(j * K + c)];
-          w.z[static_cast<std::size_t>(c)] += kc;
-          axpy(kc, &w.v[static_cast<std::size_t>(j * V)], Sc, V);
-        }
-      }
+        S[a * ld + c] = s0 ? s0->data[b * s0->stride_batch + h * s0->stride_head + a * s0->stride_k + c * s0->stride_v] : 0.0f;
+  std::vector<float>& z = w.e_last;  // the key sum under normalize (no initial state then: it starts at 0)
+  std::fill(z.begin(), z.begin() + K, 0.0f);
+  for (std::int64_t t = 0; t < p.seq; ++t) {
+    load_chunk(p, b, h, t, 1, w, p.decay != linear_decay::none);
+    const float* q = w.qd.get();
+    const float* k = w.kl.get();
+    const float* v = w.vc.get();
+    float* o = w.o.get();
+    std::fill(o, o + V, 0.0f);
+    float den = 0.0f;
+    for (std::int64_t a = 0; a < K; ++a) {
+      const float alpha = p.decay == linear_decay::none ? 1.0f : static_cast<float>(w.E[at(w.nb > 1 ? a : 0)]);
+      step_row(alpha, k[a], q[a], v, S + a * ld, o, V);
+      z[at(a)] = alpha * z[at(a)] + k[a];
+      den += q[a] * z[at(a)];
     }
-    for (std::int64_t t0 = 0; t0 < P; t0 += C) {
-      const std::int64_t n = std::min(C, P - t0);
-      load_chunk(p, b, h, t0, n, w, false);
-      for (std::int64_t i = 0; i < n; ++i) w.den[static_cast<std::size_t>(i)] = read_state(p, w, i, [](std::int64_t) { return 1.0f; });
-      store_rows(p, b, h, t0, n, w);
+    if (p.normalize) o[V] = den;
+    store_rows(p, b, h, t, 1, w);
+  }
+  if (f && !in_place)
+    for (std::int64_t a = 0; a < K; ++a)
+      for (std::int64_t c = 0; c < V; ++c) f->data[b * f->stride_batch + h * f->stride_head + a * f->stride_k + c * f->stride_v] = S[a * ld + c];
+}
+
+// Chunks of at most this many causal tokens after a state run as the recurrence (the decode step).
+constexpr std::int64_t k_recurrent_tokens = 8;
+
+void run_head(const linear_params& p, std::int64_t b, std::int64_t h, tiles& w) {
+  if (p.prefix == 0 && p.seq <= k_recurrent_tokens) {
+    recurrent_head(p, b, h, w);
+    return;
+  }
+  w.ensure(p);
+  const std::int64_t K = p.dim_k, V = p.dim_v, C = p.chunk, T = p.seq, P = p.prefix;
+  const bool decayed = p.decay != linear_decay::none;
+  std::fill(w.s.get(), w.s.get() + round_up(K, 16) * w.Wp, 0.0f);
+  if (const state_tensor* s0 = p.initial_state)
+    for (std::int64_t a = 0; a < K; ++a) {
+      const float* src = s0->data + b * s0->stride_batch + h * s0->stride_head + a * s0->stride_k;
+      float* dst = w.s.get() + a * w.Wp;
+      if (s0->stride_v == 1) std::memcpy(dst, src, at(V) * sizeof(float));
+      else
+        for (std::int64_t c = 0; c < V; ++c) dst[c] = src[c * s0->stride_v];
     }
+  // Rows and key columns past a short chunk must read as 0 (the key blocks and V segments cover whole tiles).
+  const auto clear_tail = [&](std::int64_t n) {
+    if (n == w.Cp) return;
+    std::fill(w.vc.get() + n * w.Wp, w.vc.get() + w.Cp * w.Wp, 0.0f);
+    for (std::int64_t c = 0; c < K; ++c) std::fill(w.kt.get() + c * w.Cp + n, w.kt.get() + (c + 1) * w.Cp, 0.0f);
+  };
+  // The prefix (the whole sequence when non-causal; no decay there): every key of it first, then its rows.
+  for (std::int64_t t0 = 0; t0 < P; t0 += C) {
+    const std::int64_t n = std::min(C, P - t0);
+    load_chunk(p, b, h, t0, n, w, false);
+    update_state(n, w, false);
+  }
+  for (std::int64_t t0 = 0; t0 < P; t0 += C) {
+    const std::int64_t n = std::min(C, P - t0);
+    load_chunk(p, b, h, t0, n, w, false);
+    read_rows(n, w, false, [](std::int64_t, std::int64_t) {});
+    store_rows(p, b, h, t0, n, w);
   }
   // Then the causal chunks, from the prefix's state.
   for (std::int64_t t0 = P; t0 < T; t0 += C) {
     const std::int64_t n = std::min(C, T - t0);
-    load_chunk(p, b, h, t0, n, w, per_channel);
-    causal_chunk(p, n, w, per_channel);
+    load_chunk(p, b, h, t0, n, w, decayed);
+    clear_tail(n);
+    if (!decayed) {
+      transpose_keys(n, w);
+      intra_scores(n, w);
+    } else {
+      double span = 0.0;  // the chunk's largest -B_last over the channels
+      for (std::int64_t c = 0; c < w.nb; ++c) span = std::max(span, -w.B[at((n - 1) * w.nb + c)]);
+      const bool factored = span <= k_max_span;
+      if (!factored) intra_scores_pairwise(n, w);
+      apply_decays(n, w, factored);
+      if (factored) intra_scores(n, w);
+    }
+    for (std::int64_t i = 0; i < n; ++i) std::fill(w.a.get() + i * w.Cp + i + 1, w.a.get() + (i + 1) * w.Cp, 0.0f);
+    // The next chunk's rows are requested a row block at a time, between the GEMMs' blocks: all at once they would
+    // fill the line-fill buffers and stall on themselves.
+    const std::int64_t next = std::min(C, T - t0 - n);
+    read_rows(n, w, true, [&](std::int64_t r0, std::int64_t rows) {
+      if (r0 < next) prefetch_chunk(p, b, h, t0 + n + r0, std::min(rows, next - r0));
+    });
     store_rows(p, b, h, t0, n, w);
+    update_state(n, w, decayed);
   }
   if (const state_tensor* f = p.final_state)
-    for (std::int64_t a = 0; a < K; ++a)
-      for (std::int64_t c = 0; c < V; ++c)
-        f->data[b * f->stride_batch + h * f->stride_head + a * f->stride_k + c * f->stride_v] = w.S[static_cast<std::size_t>(a * V + c)];
+    for (std::int64_t a = 0; a < K; ++a) {
+      float* dst = f->data + b * f->stride_batch + h * f->stride_head + a * f->stride_k;
+      const float* src = w.s.get() + a * w.Wp;
+      if (f->stride_v == 1) std::memcpy(dst, src, at(V) * sizeof(float));
+      else
+        for (std::int64_t c = 0; c < V; ++c) dst[c * f->stride_v] = src[c];
+    }
 }
 
 }  // namespace
@@ -187,7 +414,7 @@ status linear_fwd_kernel(const linear_params& p) {
   detail::parallel_errors errors;
 #pragma omp parallel num_threads(p.threads)
   {
-    head_scratch w;
+    tiles w;
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t it = 0; it < items; ++it) errors.run([&] { run_head(p, it / p.heads, it % p.heads, w); });
   }
