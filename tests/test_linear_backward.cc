@@ -46,7 +46,7 @@ struct upstream {
 };
 
 grads_result run_bwd(const linear_data& d, const upstream& up, runner r, int threads = 1, bool with_final = true,
-                     const float* s0 = nullptr) {
+                     const float* s0 = nullptr, bool want_decay = true) {
   const linear_case& c = d.c;
   grads_result g;
   const auto sized = [](std::vector<float>& x, std::int64_t n) { x.assign(static_cast<std::size_t>(n), -7.0f); };
@@ -67,9 +67,9 @@ grads_result run_bwd(const linear_data& d, const upstream& up, runner r, int thr
   gr.dq = make_bshd(g.dq.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_k);
   gr.dk = make_bshd(g.dk.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_k);
   gr.dv = make_bshd(g.dv.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
-  if (c.decay == linear_decay::scalar || c.decay == linear_decay::channel)
+  if (want_decay && (c.decay == linear_decay::scalar || c.decay == linear_decay::channel))
     gr.dg = make_bshd(g.dg.data(), dtype::f32, c.batch, c.seq, c.heads, d.gdim());
-  if (c.decay == linear_decay::fixed) gr.d_head_log_decay = g.d_head;
+  if (want_decay && c.decay == linear_decay::fixed) gr.d_head_log_decay = g.d_head;
   gr.d_initial_state = &ds0;
   gr.d_final_state = with_final ? &dfin : nullptr;
   const tensor d_out = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
@@ -154,6 +154,7 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     c.prefix = fc.prefix;
     SCOPED_TRACE(c.str());
     linear_data d(c, 11);
+    if (c.decay == linear_decay::fixed) d.head_g = {-0.3f, -0.15f};  // away from 0: every head is probed
     const upstream up(c, 11);
     const grads_result an = run_bwd(d, up, runner::oracle);
     ASSERT_TRUE(an.st.ok()) << an.st.error;
@@ -183,7 +184,7 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     if (c.initial) probe(d.s0.data(), d.s0.size(), an.d_s0, false, false, "d_initial_state");
     if (c.decay == linear_decay::scalar || c.decay == linear_decay::channel) probe(d.g.data(), d.g.size(), an.dg, false, true, "dg");
     if (c.decay == linear_decay::fixed) probe(d.head_g.data(), d.head_g.size(), an.d_head, false, true, "d_head_log_decay");
-    EXPECT_GT(scale, 0.0);
+    EXPECT_LE(worst, 2e-3 * scale) << "the largest gap between a central difference and the oracle's gradient";
   }
 }
 
@@ -289,6 +290,7 @@ TEST(LinearBackward, SplitSequenceMatchesOneCall) {
 }
 
 TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
+  for (linear_decay decay : {linear_decay::fixed, linear_decay::channel}) {
   linear_case c;
   c.batch = 3;
   c.heads = 3;
@@ -296,7 +298,7 @@ TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
   c.dim_k = 9;
   c.dim_v = 6;
   c.chunk = 16;
-  c.decay = linear_decay::fixed;
+  c.decay = decay;
   c.initial = true;
   const linear_data d(c, 9);
   const upstream up(c, 9);
@@ -306,7 +308,51 @@ TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
   EXPECT_EQ(one.dk, four.dk);
   EXPECT_EQ(one.dv, four.dv);
   EXPECT_EQ(one.d_head, four.d_head);
+  EXPECT_EQ(one.dg, four.dg);
   EXPECT_EQ(one.d_s0, four.d_s0);
+  }
+}
+
+// Optional parts: without d_final_state (0), without the decay's gradient (dq, dk, dv unchanged), and gradients
+// written in q's dtype, bf16 (the f32 ones rounded once).
+TEST(LinearBackward, OptionalGradientsAndOutputDtypes) {
+  linear_case c;
+  c.seq = 50;
+  c.chunk = 16;
+  c.decay = linear_decay::channel;
+  c.initial = true;
+  c.type = dtype::bf16;  // gradients may be written in q's dtype or in f32
+  const linear_data d(c, 13);
+  upstream up(c, 13);
+  const grads_result with_dg = run_bwd(d, up, runner::kernel), without_dg = run_bwd(d, up, runner::kernel, 1, true, nullptr, false);
+  ASSERT_TRUE(with_dg.st.ok() && without_dg.st.ok()) << without_dg.st.error;
+  EXPECT_EQ(with_dg.dq, without_dg.dq);
+  EXPECT_EQ(with_dg.dk, without_dg.dk);
+  EXPECT_EQ(with_dg.dv, without_dg.dv);
+  EXPECT_EQ(std::count(without_dg.dg.begin(), without_dg.dg.end(), -7.0f), static_cast<std::ptrdiff_t>(without_dg.dg.size()));
+  const grads_result no_final = run_bwd(d, up, runner::kernel, 1, false);
+  std::fill(up.d_final.begin(), up.d_final.end(), 0.0f);
+  const grads_result zero_final = run_bwd(d, up, runner::kernel);
+  ASSERT_TRUE(no_final.st.ok() && zero_final.st.ok());
+  EXPECT_EQ(no_final.dq, zero_final.dq);
+  EXPECT_EQ(no_final.dk, zero_final.dk);
+  EXPECT_EQ(no_final.dg, zero_final.dg);
+  EXPECT_EQ(no_final.d_s0, zero_final.d_s0);
+  // bf16 gradients: the f32 result rounded to bf16.
+  std::vector<std::uint16_t> dq(with_dg.dq.size()), dk(dq.size()), dv(with_dg.dv.size());
+  linear_grads gr;
+  gr.dq = make_bshd(dq.data(), dtype::bf16, c.batch, c.seq, c.heads, c.dim_k);
+  gr.dk = make_bshd(dk.data(), dtype::bf16, c.batch, c.seq, c.heads, c.dim_k);
+  gr.dv = make_bshd(dv.data(), dtype::bf16, c.batch, c.seq, c.heads, c.dim_v);
+  const state_tensor init = make_state(const_cast<float*>(d.s0.data()), c.batch, c.heads, c.dim_k, c.dim_v);
+  linear_options o;
+  o.chunk = c.chunk;
+  o.initial_state = &init;
+  const tensor d_out = make_bshd(up.d_out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+  const status st = linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, d.spec(), gr, o);
+  ASSERT_TRUE(st.ok()) << st.error;
+  for (std::size_t i = 0; i < dq.size(); ++i) ASSERT_EQ(dq[i], f32_to_bf16(no_final.dq[i])) << i;
+  for (std::size_t i = 0; i < dv.size(); ++i) ASSERT_EQ(dv[i], f32_to_bf16(no_final.dv[i])) << i;
 }
 
 TEST(LinearBackward, Validation) {
@@ -362,6 +408,23 @@ TEST(LinearBackward, Validation) {
   self.d_initial_state = &broadcast;
   EXPECT_EQ(msg(self, {}, {}, d_out),
             "[linear_attention_backward] grads.d_initial_state.stride_batch 0 makes the output overlap itself (needs |stride| >= 1)");
+  linear_spec scalar = d.spec();
+  scalar.decay = linear_decay::scalar;
+  linear_grads wide_dg = g;
+  std::vector<float> dg5(static_cast<std::size_t>(c.batch * c.seq * c.heads * 5));
+  wide_dg.dg = make_bshd(dg5.data(), dtype::f32, c.batch, c.seq, c.heads, 5);
+  EXPECT_EQ(msg(wide_dg, scalar, {}, d_out), "[linear_attention_backward] grads.dg.dim 5 != spec.g.dim 1");
+  EXPECT_EQ(msg(with_head, scalar, {}, d_out),
+            "[linear_attention_backward] grads.d_head_log_decay is set but spec.decay is scalar (it is the gradient of spec.head_log_decay)");
+  std::vector<std::uint16_t> half(up.d_out.size());
+  const tensor f16_out = make_bshd(half.data(), dtype::f16, c.batch, c.seq, c.heads, c.dim_v);
+  EXPECT_EQ(msg(g, {}, {}, f16_out), "[linear_attention_backward] d_out.type f16 must be q.type f32 or f32");
+  linear_options with_s0;
+  with_s0.initial_state = &st;
+  linear_grads onto_s0 = g;
+  onto_s0.d_initial_state = &st;
+  EXPECT_EQ(msg(onto_s0, {}, with_s0, d_out),
+            "[linear_attention_backward] grads.d_initial_state aliases options.initial_state: the output must not overlap an input");
   EXPECT_EQ(std::count(dq.begin(), dq.end(), -7.0f) + std::count(dk.begin(), dk.end(), -7.0f) + std::count(dv.begin(), dv.end(), -7.0f),
             static_cast<std::ptrdiff_t>(dq.size() + dk.size() + dv.size()))
       << "a rejected call wrote a gradient";

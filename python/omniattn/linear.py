@@ -47,6 +47,8 @@ def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, featur
 
 def _forward(q, k, v, g, head_log_decay, initial_state, output_final_state, *, scale, feature_map, normalize, causal,
              prefix, chunk_size, backend, threads):
+    if head_log_decay is not None and is_torch(head_log_decay):
+        head_log_decay = head_log_decay.detach().float().numpy()
     if backend not in ("cpu", "reference"):
         raise ValueError(f"omniattn: backend must be 'cpu' or 'reference', got {backend!r}")
     _check_run_options(backend, threads)
@@ -113,35 +115,36 @@ def _function():
     torch = torch_module()
     from torch.autograd.function import once_differentiable
 
-    def plain(x):
-        return None if x is None else x.detach()
+    names = ("q", "k", "v", "g", "head_log_decay", "initial_state")
 
     class LinearAttentionFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, kw, output_final_state, q, k, v, g, head_log_decay, initial_state):
-            q, k, v, g, hd, s0 = (plain(x) for x in (q, k, v, g, head_log_decay, initial_state))
-            hd_np = hd.float().numpy() if hd is not None and is_torch(hd) else hd
-            o, final = _forward(q, k, v, g, hd_np, s0, output_final_state, **kw)
+        def forward(ctx, kw, output_final_state, *args):
+            # Torch operands are saved for the backward (version-checked); numpy ones or lists are constants.
+            args = [x.detach() if is_torch(x) else x for x in args]
+            o, final = _forward(*args, output_final_state, **kw)
             ctx.kw = kw
-            ctx.head_log_decay = head_log_decay
-            ctx.save_for_backward(q, k, v, g, s0)
-            if final is None:
-                return o
-            return o, final
+            ctx.torch_at = [i for i, x in enumerate(args) if is_torch(x)]
+            ctx.constants = [None if is_torch(x) else x for x in args]
+            ctx.save_for_backward(*(args[i] for i in ctx.torch_at))
+            return o if final is None else (o, final)
 
         @staticmethod
         @once_differentiable
         def backward(ctx, d_out, d_final=None):
-            q, k, v, g, s0 = ctx.saved_tensors
-            hd = ctx.head_log_decay
-            need = ctx.needs_input_grad  # kw, output_final_state, q, k, v, g, head_log_decay, initial_state
-            dq, dk, dv, dg, d_head, d_s0 = linear_attention_backward(
-                q, k, v, d_out.contiguous(), d_final_state=None if d_final is None else d_final.float().contiguous(),
-                g=g, head_log_decay=None if hd is None else plain(hd) if is_torch(hd) else hd, initial_state=s0, **ctx.kw)
-            out = [None, None, dq, dk, dv]
-            out.append(dg.to(g.dtype) if dg is not None and need[5] else None)
-            out.append(d_head.to(hd.dtype) if d_head is not None and is_torch(hd) and need[6] else None)
-            out.append(d_s0 if d_s0 is not None and need[7] else None)
+            args = list(ctx.constants)
+            for i, x in zip(ctx.torch_at, ctx.saved_tensors):
+                args[i] = x
+            x = dict(zip(names, args))
+            grads = linear_attention_backward(
+                x["q"], x["k"], x["v"], d_out.contiguous(),
+                d_final_state=None if d_final is None else d_final.float().contiguous(), g=x["g"],
+                head_log_decay=x["head_log_decay"], initial_state=x["initial_state"], **ctx.kw)
+            need = ctx.needs_input_grad[2:]  # after kw and output_final_state: q, k, v, g, head_log_decay, initial_state
+            out = [None, None]
+            for i, grad in enumerate(grads):
+                src = args[i]
+                out.append(grad.to(src.dtype) if grad is not None and need[i] and is_torch(src) else None)
             return tuple(out)
 
     _FUNCTION.append(LinearAttentionFunction)

@@ -246,6 +246,8 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
       fail("grads.d_head_log_decay is set but spec.decay is ", linear_decay_name(s.decay), " (it is the gradient of spec.head_log_decay)");
     if (static_cast<std::int64_t>(g.d_head_log_decay.size()) != q.heads)
       fail("grads.d_head_log_decay has ", g.d_head_log_decay.size(), " values, expected one per head (", q.heads, ")");
+    if (!g.d_head_log_decay.data()) fail("grads.d_head_log_decay.data is null");
+    if (reinterpret_cast<std::uintptr_t>(g.d_head_log_decay.data()) % 4 != 0) fail("grads.d_head_log_decay is not aligned to 4 bytes");
     const byte_range r = array_range("grads.d_head_log_decay", g.d_head_log_decay.data(), q.heads, 4);
     check_no_alias("grads.d_head_log_decay", r, inputs);
     check_no_alias("grads.d_head_log_decay", r, written);

@@ -297,6 +297,8 @@ double run_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h, bwd
     load_chunk(c, t0, n, s, true);
     chunk_dkdv(c, t0, n, s, true);
   }
+  // The prefix's chunks may run in order: without a decay (refused with a prefix) their keys all see one D, and no
+  // running sum of dg crosses them.
   if (P > 0) {
     for (std::int64_t t0 = 0; t0 < P; t0 += C) {  // D of the prefix state: every prefix row read it
       const std::int64_t n = std::min(C, P - t0);
