@@ -71,6 +71,13 @@ inline constexpr double k_linear_forms_eps = 2.0;
 // state (the first token without an initial state): what is left is the rounding of terms of the size of the call's
 // other gradients, as for attention_backward's dS. A few units more than the forward's rule.
 inline constexpr double k_linear_grad_floor_eps = 16.0;
+// d_head_log_decay (the fixed decay's gradient) is the sum of every token's dg over the batch and the sequence, which
+// the kernel forms from the running-sum identity in float products: its floor is the rule's times sqrt(batch * seq),
+// the random walk of as many per-token errors (measured: 17 units of its own magnitude at seq 200, where the naive
+// recurrence's direct alpha (D . S) terms give 1).
+inline double linear_fixed_decay_floor_factor(std::int64_t batch, std::int64_t seq) {
+  return std::sqrt(static_cast<double>(std::max<std::int64_t>(1, batch * seq)));
+}
 // merge_attention_states (test_merge.cc): the merge of attention over disjoint key sets against attention over their
 // union, every out and LSE f32 from the same kernel, with L = max(1, max|full.lse|) and V = max|v|:
 //   max|merged.out - full.out| <= k_merge_eps * eps(f32) * L * V

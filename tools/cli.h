@@ -33,6 +33,7 @@ struct command_line {
   int cp_ranks = 0;
   std::string cp_use = "auto", cp_layout = "contiguous";
   std::int64_t cp_chunks = 0;
+  bool linear = false;  // check --linear: the problems are linear-attention problems
 };
 
 // Parses argv[first..argc): --backend auto|cpu|reference, --threads N, --mask SPEC (also --opt=value), -h/--help,
@@ -65,5 +66,6 @@ void print_check_usage(std::ostream& os);
 
 int run_explain(const command_line& cl);
 int run_check(const command_line& cl);
+int run_linear_check(const command_line& cl);  // cli_linear.cc
 
 }  // namespace omniattn::cli

@@ -56,6 +56,10 @@ bool parse_command_line(int argc, char** argv, int first, command_line& out, std
       out.help = true;
       continue;
     }
+    if (arg == "--linear") {  // check: the problems are linear-attention problems (cli_linear.cc)
+      out.linear = true;
+      continue;
+    }
     if (arg.size() > 1 && arg[0] == '-') {
       std::string_view name = arg, value;
       bool has_value = false;
@@ -282,7 +286,14 @@ void print_check_usage(std::ostream& os) {
         "(naive_attention_backward_f32), by the tests' rule (tests/tolerance.h): each of dq, dk, dv PASSes when\n"
         "max|grad - oracle| <= 2 * max|naive - oracle| + 4 * u * M, u the gradients' dtype unit and M the largest\n"
         "|oracle gradient| of the call, and holds no NaN or inf. 'best ms' is the fastest of 3 backward runs.\n"
-        "Exits 0 when every problem passes forward and backward, 1 otherwise, 2 on bad input.\n";
+        "Exits 0 when every problem passes forward and backward, 1 otherwise, 2 on bad input.\n"
+        "\n"
+        "check --linear [<problem>...] [--threads N]: the same for linear attention (linear.h): the chunked kernel\n"
+        "against the fp64 quadratic form and the naive f32 recurrence (out, final_state), and its backward against\n"
+        "the fp64 and float recurrences (dq, dk, dv, the decay's gradient, d_initial_state), by tests/tolerance.h's\n"
+        "linear rules. problem: b t h k v dtype=f32|bf16|f16 decay=none|fixed|scalar|channel\n"
+        "phi=identity|elu_plus_one|relu|softmax normalize=0|1 causal=0|1 prefix=P chunk=C s0=0|1 seed=N\n"
+        "(defaults b=1,t=128,h=2,k=64,v=64,dtype=f32,decay=none,phi=identity,causal=1,chunk=64,s0=0,seed=1).\n";
 }
 
 }  // namespace omniattn::cli
@@ -326,7 +337,7 @@ int main(int argc, char** argv) {
       print_check_usage(std::cout);
       return k_exit_ok;
     }
-    return run_check(cl);
+    return cl.linear ? run_linear_check(cl) : run_check(cl);
   } catch (const std::bad_alloc&) {
     std::cerr << "omniattn: out of memory\n";
     return k_exit_fail;

@@ -54,6 +54,7 @@ struct bwd_scratch {
   std::vector<float> w_all;       // normalize: every row's w, from pass 1 for pass 2 ([T][W])
   std::vector<float> qdq;         // decay gradients: q_t[c] dq_t[c] per token ([T][nb])
   std::vector<double> run;        // the reverse running sum of dg, [nb]
+  double fixed = 0.0;             // the sum of every dg_t[c] (the fixed decay's gradient)
 };
 
 struct head_ctx {
@@ -233,7 +234,10 @@ void chunk_dkdv(const head_ctx& c, std::int64_t t0, std::int64_t n, bwd_scratch&
     store(c.bp.dk, c.bp.dk_type, c.b * c.bp.dk_stride[0] + t * c.bp.dk_stride[1] + c.h * c.bp.dk_stride[2], c.bp.dk_stride[3], dkj, K);
     store(c.bp.dv, c.bp.dv_type, c.b * c.bp.dv_stride[0] + t * c.bp.dv_stride[1] + c.h * c.bp.dv_stride[2], c.bp.dv_stride[3], &s.dv[at(j * W)], V);
     if (c.want_dg) {  // qdq[t] is read: from here on it holds token t's dg (the running sum with the final-state term)
-      for (std::int64_t e = 0; e < nb; ++e) s.qdq[at(t * nb + e)] = static_cast<float>(s.run[at(e)]);
+      for (std::int64_t e = 0; e < nb; ++e) {
+        s.qdq[at(t * nb + e)] = static_cast<float>(s.run[at(e)]);
+        s.fixed += s.run[at(e)];  // the sum over tokens in double: the dg_t are large next to their sum
+      }
     }
   }
 }
@@ -284,6 +288,7 @@ double run_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h, bwd
   // Pass 2: D from d_final_state; the final state's term of dg starts the running sum.
   s.D.assign(at(K * W), 0.0f);
   s.run.assign(at(c.nb), 0.0);
+  s.fixed = 0.0;
   if (const state_tensor* f = bp.d_final_state)
     for (std::int64_t a = 0; a < K; ++a)
       for (std::int64_t e = 0; e < V; ++e) {
@@ -317,16 +322,14 @@ double run_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h, bwd
   if (const state_tensor* d = bp.d_initial_state)
     for (std::int64_t a = 0; a < K; ++a)
       for (std::int64_t e = 0; e < V; ++e) d->data[b * d->stride_batch + h * d->stride_head + a * d->stride_k + e * d->stride_v] = s.D[at(a * W + e)];
-  double fixed = 0.0;
   if (want_dg)
     for (std::int64_t t = 0; t < T; ++t) {
-      for (std::int64_t e = 0; e < c.nb; ++e) fixed += s.qdq[at(t * c.nb + e)];
       if (bp.dg) {
         const std::int64_t base = b * bp.dg_stride[0] + t * bp.dg_stride[1] + h * bp.dg_stride[2];
         for (std::int64_t e = 0; e < c.nb; ++e) bp.dg[base + e * bp.dg_stride[3]] = s.qdq[at(t * c.nb + e)];
       }
     }
-  return fixed;
+  return s.fixed;
 }
 
 }  // namespace
