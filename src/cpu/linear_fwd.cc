@@ -9,7 +9,7 @@
 //   S[c][:] <- exp(B_last[c]) S[c][:] + sum_j exp(B_last[c] - B_j[c]) k_j[c] v_j
 // As matrices of the chunk (z is one more value column of ones): O = (Q * E) S + mask(A) V and
 // S <- diag(E_last) S + (K * E_last / E)^T V with E_i = exp(B_i), A = (Q * E) (K / E)^T: four small GEMMs on qk_block
-// / pv_block. The factorisation of A needs 1 / E_j in range: where a chunk's decay spans more than k_max_span (in
+// / pv_block. The factorisation of A needs 1 / E_j in range: where a chunk's decay spans more than k_linear_max_span (in
 // log space; strong decays), A is formed pair by pair with exp(B_i - B_j) <= 1 instead. Every other factor is <= 1.
 // E is exp of the running sum taken in double (a float sum would carry its rounding into every weight). A prefix
 // (JRT; the whole sequence when non-causal; no decay) accumulates S = initial_state + its K^T V first, then its rows
@@ -41,6 +41,7 @@
 
 #include "cpu/row_ops-inl.h"
 #include "cpu/tile_ops-inl.h"
+#include "cpu/linear_tiles-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace omniattn::cpu::HWY_NAMESPACE {
@@ -48,18 +49,8 @@ namespace {
 
 using detail::linear_params;
 
-// exp(40) ~ 2.4e17: K / E stays far from float's range for any feature value the products could still use.
-constexpr double k_max_span = 40.0;
 
-std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 std::size_t at(std::int64_t i) { return static_cast<std::size_t>(i); }
-
-hwy::AlignedFreeUniquePtr<float[]> zeros(std::int64_t n) {
-  auto p = hwy::AllocateAligned<float>(at(std::max<std::int64_t>(n, 1)));
-  if (!p) throw std::bad_alloc();
-  std::fill(p.get(), p.get() + std::max<std::int64_t>(n, 1), 0.0f);
-  return p;
-}
 
 // One worker's chunk tiles, padded: rows of K and W (= V, plus the column of ones under normalize) to whole vectors,
 // chunk rows to whole 64-key tiles (the micro-kernels' key blocks and 16-row V segments).
@@ -83,13 +74,13 @@ struct tiles {
     Kp = round_up(K, L);
     Wp = round_up(W, L);
     const std::int64_t k16 = round_up(K, 16);
-    qd = zeros(Cp * Kp);
-    kt = zeros(Kp * Cp);
-    kl = zeros(Cp * Kp);
-    vc = zeros(Cp * Wp);
-    a = zeros(Cp * Cp);
-    o = zeros(Cp * Wp);
-    s = zeros(k16 * Wp);
+    qd = aligned_zeros(Cp * Kp);
+    kt = aligned_zeros(Kp * Cp);
+    kl = aligned_zeros(Cp * Kp);
+    vc = aligned_zeros(Cp * Wp);
+    a = aligned_zeros(Cp * Cp);
+    o = aligned_zeros(Cp * Wp);
+    s = aligned_zeros(k16 * Wp);
     vseg.resize(at(Cp / 16));
     for (std::int64_t x = 0; x < Cp / 16; ++x) vseg[at(x)] = vc.get() + x * 16 * Wp;
     sseg.resize(at(k16 / 16));
@@ -100,15 +91,6 @@ struct tiles {
     e_last.assign(at(Kp), 1.0f);
   }
 };
-
-// y[i] = exp(x[i]) over n doubles.
-void exp_doubles(const double* HWY_RESTRICT x, double* HWY_RESTRICT y, std::int64_t n) {
-  const hn::ScalableTag<double> dd;
-  const auto L = static_cast<std::int64_t>(hn::Lanes(dd));
-  std::int64_t i = 0;
-  for (; i + L <= n; i += L) hn::StoreU(hn::Exp(dd, hn::LoadU(dd, x + i)), dd, y + i);
-  for (; i < n; ++i) y[i] = std::exp(x[i]);
-}
 
 // Chunk [t0, t0 + n): scale phi(q) into qd, phi(k) into kl, v (and the ones column) into vc, B and E = exp(B).
 void load_chunk(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t0, std::int64_t n, tiles& w, bool with_decay) {
@@ -382,7 +364,7 @@ void run_head(const linear_params& p, std::int64_t b, std::int64_t h, tiles& w) 
     } else {
       double span = 0.0;  // the chunk's largest -B_last over the channels
       for (std::int64_t c = 0; c < w.nb; ++c) span = std::max(span, -w.B[at((n - 1) * w.nb + c)]);
-      const bool factored = span <= k_max_span;
+      const bool factored = span <= k_linear_max_span;
       if (!factored) intra_scores_pairwise(n, w);
       apply_decays(n, w, factored);
       if (factored) intra_scores(n, w);
