@@ -205,6 +205,32 @@ TEST(LinearBackward, KernelMatchesTheOracleOnRandomSpecs) {
   }
 }
 
+// Decays too strong for the chunk factorisation (a span beyond exp(40) in a chunk) take the row path, whose pair
+// weights are exp(B_i - B_j) <= 1: finite, and within the rule.
+TEST(LinearBackward, StrongDecaysTakeTheRowPath) {
+  for (linear_decay decay : {linear_decay::scalar, linear_decay::channel}) {
+    linear_case c;
+    c.seq = 70;
+    c.chunk = 32;
+    c.decay = decay;
+    c.initial = true;
+    SCOPED_TRACE(c.str());
+    linear_data d(c, 17);
+    for (std::size_t i = 0; i < d.g.size(); ++i) d.g[i] = i % 3 == 0 ? -6.0f : -0.5f;  // ~ -70 per chunk of 32
+    const upstream up(c, 17);
+    const grads_result k = run_bwd(d, up, runner::kernel), o = run_bwd(d, up, runner::oracle), n = run_bwd(d, up, runner::naive);
+    ASSERT_TRUE(k.st.ok() && o.st.ok() && n.st.ok());
+    for (const auto* x : {&k.dq, &k.dk, &k.dv, &k.dg, &k.d_s0})
+      for (float e : *x) ASSERT_TRUE(std::isfinite(e));
+    const double M = std::max({max_abs(o.dq), max_abs(o.dk), max_abs(o.dv), max_abs(o.dg), max_abs(o.d_s0)});
+    expect_within_rule(k.dq, n.dq, o.dq, M, "dq");
+    expect_within_rule(k.dk, n.dk, o.dk, M, "dk");
+    expect_within_rule(k.dv, n.dv, o.dv, M, "dv");
+    expect_within_rule(k.dg, n.dg, o.dg, M, "dg");
+    expect_within_rule(k.d_s0, n.d_s0, o.d_s0, M, "d_initial_state");
+  }
+}
+
 // Prefill then continuation: the backward of the second call gives dL/d(its initial state), which is the first call's
 // d_final_state; the two calls' gradients then equal those of one call over the whole sequence.
 TEST(LinearBackward, SplitSequenceMatchesOneCall) {
