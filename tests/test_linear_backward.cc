@@ -463,3 +463,149 @@ TEST(LinearBackward, Validation) {
 
 }  // namespace
 }  // namespace omniattn
+
+namespace omniattn {
+namespace {
+
+// Varlen (cu_seqlens): packed sequences of awkward lengths (empty, 1, chunk +- 1) give, forward and backward, exactly
+// the results of one call per sequence on the same tokens (each sequence is a call of its own), kernel and oracle.
+TEST(LinearVarlen, PackedSequencesEqualSeparateCalls) {
+  const std::vector<std::int64_t> lens = {37, 0, 1, 65, 64, 5};
+  std::vector<std::int64_t> cu = {0};
+  for (std::int64_t l : lens) cu.push_back(cu.back() + l);
+  const std::int64_t N = static_cast<std::int64_t>(lens.size());
+  for (linear_decay decay : {linear_decay::none, linear_decay::fixed, linear_decay::channel}) {
+    linear_case c;
+    c.batch = 1;
+    c.seq = cu.back();
+    c.chunk = 16;
+    c.decay = decay;
+    SCOPED_TRACE(c.str());
+    linear_data d(c, 3);
+    const std::int64_t H = c.heads, K = c.dim_k, V = c.dim_v, sz = H * K * V;
+    std::vector<float> s0(static_cast<std::size_t>(N * sz));
+    for (std::size_t i = 0; i < s0.size(); ++i) s0[i] = std::sin(0.37f * static_cast<float>(i));
+    const auto part = [](const tensor& full, std::int64_t t0, std::int64_t n) {
+      tensor x = full;
+      x.data = static_cast<char*>(full.data) + t0 * full.stride_seq * dtype_size(full.type);
+      x.seq = n;
+      return x;
+    };
+    const linear_spec s = d.spec();
+    const upstream up(c, 3);
+    for (bool kernel : {true, false}) {
+      // Forward: one packed call.
+      std::vector<float> out(static_cast<std::size_t>(c.seq * H * V), -7.0f), fin(s0.size(), -7.0f);
+      const state_tensor init = make_state(s0.data(), N, H, K, V), fst = make_state(fin.data(), N, H, K, V);
+      linear_options o;
+      o.chunk = c.chunk;
+      o.initial_state = &init;
+      o.final_state = &fst;
+      o.cu_seqlens = cu;
+      const tensor ot = make_bshd(out.data(), dtype::f32, 1, c.seq, H, V);
+      const status st = kernel ? linear_attention(d.qv(), d.kv(), d.vv(), ot, s, o) : reference_linear_attention(d.qv(), d.kv(), d.vv(), ot, s, o);
+      ASSERT_TRUE(st.ok()) << st.error;
+      // Backward: one packed call.
+      std::vector<float> dq(static_cast<std::size_t>(c.seq * H * K), -7.0f), dk = dq, dv(out.size(), -7.0f), dg(d.g.size(), -7.0f),
+          dhead(static_cast<std::size_t>(H), -7.0f), ds0(s0.size(), -7.0f);
+      linear_grads gr;
+      gr.dq = make_bshd(dq.data(), dtype::f32, 1, c.seq, H, K);
+      gr.dk = make_bshd(dk.data(), dtype::f32, 1, c.seq, H, K);
+      gr.dv = make_bshd(dv.data(), dtype::f32, 1, c.seq, H, V);
+      if (decay == linear_decay::channel) gr.dg = make_bshd(dg.data(), dtype::f32, 1, c.seq, H, K);
+      if (decay == linear_decay::fixed) gr.d_head_log_decay = dhead;
+      const state_tensor dst = make_state(ds0.data(), N, H, K, V);
+      gr.d_initial_state = &dst;
+      std::vector<float> dfin(s0.size());
+      for (std::size_t i = 0; i < dfin.size(); ++i) dfin[i] = std::cos(0.11f * static_cast<float>(i));
+      const state_tensor dft = make_state(dfin.data(), N, H, K, V);
+      gr.d_final_state = &dft;
+      linear_options bo = o;
+      bo.final_state = nullptr;
+      const tensor dout = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, 1, c.seq, H, V);
+      const status bst = kernel ? linear_attention_backward(d.qv(), d.kv(), d.vv(), dout, s, gr, bo)
+                                : reference_linear_attention_backward(d.qv(), d.kv(), d.vv(), dout, s, gr, bo);
+      ASSERT_TRUE(bst.ok()) << bst.error;
+      // The same, sequence by sequence.
+      double head_sum[8] = {};
+      for (std::int64_t q = 0; q < N; ++q) {
+        const std::int64_t t0 = cu[static_cast<std::size_t>(q)], n = lens[static_cast<std::size_t>(q)];
+        std::vector<float> o1(static_cast<std::size_t>(n * H * V), -7.0f), f1(static_cast<std::size_t>(sz), -7.0f);
+        const state_tensor i1 = make_state(s0.data() + q * sz, 1, H, K, V), fs1 = make_state(f1.data(), 1, H, K, V);
+        linear_options so;
+        so.chunk = c.chunk;
+        so.initial_state = &i1;
+        so.final_state = &fs1;
+        linear_spec ss = s;
+        ss.g = part(s.g, t0, n);
+        const tensor q1 = part(d.qv(), t0, n), k1 = part(d.kv(), t0, n), v1 = part(d.vv(), t0, n);
+        const tensor ot1 = make_bshd(o1.data(), dtype::f32, 1, n, H, V);
+        ASSERT_TRUE((kernel ? linear_attention(q1, k1, v1, ot1, ss, so) : reference_linear_attention(q1, k1, v1, ot1, ss, so)).ok());
+        EXPECT_TRUE(std::equal(o1.begin(), o1.end(), out.begin() + t0 * H * V)) << "sequence " << q;
+        EXPECT_TRUE(std::equal(f1.begin(), f1.end(), fin.begin() + q * sz)) << "sequence " << q;
+        std::vector<float> dq1(static_cast<std::size_t>(n * H * K)), dk1 = dq1, dv1(o1.size()), dg1(static_cast<std::size_t>(n * H * K)),
+            dh1(static_cast<std::size_t>(H)), ds1(static_cast<std::size_t>(sz));
+        linear_grads g1;
+        g1.dq = make_bshd(dq1.data(), dtype::f32, 1, n, H, K);
+        g1.dk = make_bshd(dk1.data(), dtype::f32, 1, n, H, K);
+        g1.dv = make_bshd(dv1.data(), dtype::f32, 1, n, H, V);
+        if (decay == linear_decay::channel) g1.dg = make_bshd(dg1.data(), dtype::f32, 1, n, H, K);
+        if (decay == linear_decay::fixed) g1.d_head_log_decay = dh1;
+        const state_tensor dsi = make_state(ds1.data(), 1, H, K, V), dfi = make_state(dfin.data() + q * sz, 1, H, K, V);
+        g1.d_initial_state = &dsi;
+        g1.d_final_state = &dfi;
+        linear_options sbo = so;
+        sbo.final_state = nullptr;
+        const tensor do1 = part(dout, t0, n);
+        ASSERT_TRUE((kernel ? linear_attention_backward(q1, k1, v1, do1, ss, g1, sbo)
+                            : reference_linear_attention_backward(q1, k1, v1, do1, ss, g1, sbo)).ok());
+        EXPECT_TRUE(std::equal(dq1.begin(), dq1.end(), dq.begin() + t0 * H * K)) << "dq, sequence " << q;
+        EXPECT_TRUE(std::equal(dk1.begin(), dk1.end(), dk.begin() + t0 * H * K)) << "dk, sequence " << q;
+        EXPECT_TRUE(std::equal(dv1.begin(), dv1.end(), dv.begin() + t0 * H * V)) << "dv, sequence " << q;
+        EXPECT_TRUE(std::equal(ds1.begin(), ds1.end(), ds0.begin() + q * sz)) << "d_initial_state, sequence " << q;
+        if (decay == linear_decay::channel) EXPECT_TRUE(std::equal(dg1.begin(), dg1.end(), dg.begin() + t0 * H * K)) << "dg, sequence " << q;
+        for (std::int64_t h = 0; h < H; ++h) head_sum[h] += dh1[static_cast<std::size_t>(h)];
+      }
+      if (decay == linear_decay::fixed)
+        for (std::int64_t h = 0; h < H; ++h)  // the per-sequence parts, summed in double then rounded, against one rounding
+          EXPECT_NEAR(dhead[static_cast<std::size_t>(h)], head_sum[h], 1e-5 * std::max(1.0, std::fabs(head_sum[h])));
+    }
+  }
+}
+
+TEST(LinearVarlen, Validation) {
+  linear_case c;
+  c.batch = 1;
+  c.seq = 10;
+  const linear_data d(c, 1);
+  std::vector<float> out(static_cast<std::size_t>(c.seq * c.heads * c.dim_v), -7.0f);
+  const tensor o = make_bshd(out.data(), dtype::f32, 1, c.seq, c.heads, c.dim_v);
+  const auto msg = [&](std::vector<std::int64_t> cu, const linear_spec& s, const state_tensor* init) {
+    linear_options opt;
+    opt.cu_seqlens = cu;
+    opt.initial_state = init;
+    return linear_attention(d.qv(), d.kv(), d.vv(), o, s, opt).error;
+  };
+  EXPECT_EQ(msg({1, 10}, {}, nullptr), "[linear_attention] options.cu_seqlens[0] 1 must be 0");
+  EXPECT_EQ(msg({0, 6, 4, 10}, {}, nullptr), "[linear_attention] options.cu_seqlens[2] 4 < options.cu_seqlens[1] 6: offsets must not decrease");
+  EXPECT_EQ(msg({0, 4, 9}, {}, nullptr), "[linear_attention] options.cu_seqlens ends at 9, expected q.seq 10 (the packed tokens)");
+  linear_spec prefix;
+  prefix.prefix = 2;
+  EXPECT_EQ(msg({0, 4, 10}, prefix, nullptr), "[linear_attention] spec.prefix with options.cu_seqlens is not supported yet");
+  std::vector<float> s0(static_cast<std::size_t>(c.heads * c.dim_k * c.dim_v));
+  const state_tensor one = make_state(s0.data(), 1, c.heads, c.dim_k, c.dim_v);
+  EXPECT_EQ(msg({0, 4, 10}, {}, &one), "[linear_attention] options.initial_state is [1, 3, 5, 8], expected [2, 3, 5, 8]");
+  linear_case two = c;
+  two.batch = 2;
+  const linear_data d2(two, 1);
+  linear_options opt;
+  const std::vector<std::int64_t> cu = {0, 10};
+  opt.cu_seqlens = cu;
+  std::vector<float> out2(out.size() * 2);
+  EXPECT_EQ(linear_attention(d2.qv(), d2.kv(), d2.vv(), make_bshd(out2.data(), dtype::f32, 2, c.seq, c.heads, c.dim_v), {}, opt).error,
+            "[linear_attention] options.cu_seqlens with q.batch 2: packed sequences are [1, total tokens, heads, dim]");
+  EXPECT_EQ(std::count(out.begin(), out.end(), -7.0f), static_cast<std::ptrdiff_t>(out.size()));
+}
+
+}  // namespace
+}  // namespace omniattn

@@ -67,6 +67,10 @@ struct linear_options {
   const state_tensor* initial_state = nullptr;  // read
   const state_tensor* final_state = nullptr;    // written (may be the same buffer as initial_state)
   std::int64_t chunk = 64;                      // tokens per chunk of the chunked kernel, 1 .. 1024
+  // Varlen (fla's cu_seqlens): q, k, v, out (and g) hold packed sequences [1, total, H, *], sequence s owns tokens
+  // [cu_seqlens[s], cu_seqlens[s + 1]) and is a call of its own (its own state); the states are [num_seqs, H, K, V].
+  // num_seqs + 1 non-decreasing offsets from 0 to q.seq. Empty: every batch entry is one sequence.
+  std::span<const std::int64_t> cu_seqlens;
 };
 
 // The chunked CPU kernel. q, k [B, T, H, K], v [B, T, H, V] (f32, bf16 or f16, any strides, one dtype), out

@@ -933,7 +933,7 @@ omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::opti
 void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16, std::optional<double> scale,
             const std::string& phi, bool normalize, bool causal, py::handle g, py::handle head_log_decay,
             py::handle initial_state, py::handle final_state, std::int64_t chunk, int threads, bool reference,
-            std::int64_t prefix) {
+            std::int64_t prefix, py::handle cu) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
@@ -945,6 +945,8 @@ void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf
   omniattn::linear_options o;
   o.threads = threads;
   o.chunk = chunk;
+  const std::vector<std::int64_t> offsets = cu.is_none() ? std::vector<std::int64_t>{} : cu_seqlens(cu, "cu_seqlens");
+  o.cu_seqlens = offsets;
   if (!initial_state.is_none()) {
     s0 = to_state("initial_state", describe(initial_state, "initial_state", false, false, keep));
     o.initial_state = &s0;
@@ -967,7 +969,7 @@ void linear_backward(py::handle q, py::handle k, py::handle v, py::handle d_out,
                      std::optional<double> scale, const std::string& phi, bool normalize, bool causal, py::handle g,
                      py::handle head_log_decay, py::handle initial_state, py::handle d_final_state, py::handle dg,
                      py::handle d_head_log_decay, py::handle d_initial_state, std::int64_t chunk, int threads, bool reference,
-                     std::int64_t prefix) {
+                     std::int64_t prefix, py::handle cu) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
@@ -990,6 +992,8 @@ void linear_backward(py::handle q, py::handle k, py::handle v, py::handle d_out,
   omniattn::linear_options o;
   o.threads = threads;
   o.chunk = chunk;
+  const std::vector<std::int64_t> offsets = cu.is_none() ? std::vector<std::int64_t>{} : cu_seqlens(cu, "cu_seqlens");
+  o.cu_seqlens = offsets;
   if (!initial_state.is_none()) {
     s0 = to_state("initial_state", describe(initial_state, "initial_state", false, false, keep));
     o.initial_state = &s0;
@@ -1178,13 +1182,13 @@ PYBIND11_MODULE(_omniattn, m) {
   m.def("linear_attention", &linear, "q"_a, "k"_a, "v"_a, "out"_a, py::kw_only(), "as_bf16"_a = false, "scale"_a = py::none(),
         "feature_map"_a = "identity", "normalize"_a = false, "causal"_a = true, "g"_a = py::none(),
         "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "final_state"_a = py::none(), "chunk"_a = 64,
-        "threads"_a = 0, "reference"_a = false, "prefix"_a = 0,
+        "threads"_a = 0, "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(),
         "omniattn::linear_attention (reference=True: its fp64 oracle) of q, k, v into out (and final_state).");
   m.def("linear_attention_backward", &linear_backward, "q"_a, "k"_a, "v"_a, "d_out"_a, "dq"_a, "dk"_a, "dv"_a, py::kw_only(),
         "as_bf16"_a = false, "scale"_a = py::none(), "feature_map"_a = "identity", "normalize"_a = false, "causal"_a = true,
         "g"_a = py::none(), "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "d_final_state"_a = py::none(),
         "dg"_a = py::none(), "d_head_log_decay"_a = py::none(), "d_initial_state"_a = py::none(), "chunk"_a = 64, "threads"_a = 0,
-        "reference"_a = false, "prefix"_a = 0,
+        "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(),
         "omniattn::linear_attention_backward (reference=True: its fp64 oracle): the gradients of q, k, v (and of g, "
         "head_log_decay and initial_state where their arrays are given) from d_out (and d_final_state).");
 

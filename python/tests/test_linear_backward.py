@@ -149,3 +149,36 @@ def test_errors():
     with pytest.raises(ValueError, match=r"\[linear_attention_backward\] grads\.d_final_state is \[2, 3, 6, 2\]"):
         omniattn.linear_attention_backward(q, k, v, np.zeros((B, T, H, V), np.float32),
                                            d_final_state=np.zeros((B, H, K, 2), np.float32))
+
+
+def test_varlen_matches_separate_calls_forward_and_backward():
+    """cu_seqlens (fla's varlen): packed sequences, each with its own state, equal one call per sequence."""
+    lens = [5, 0, 17, 1, 9]
+    cu = np.cumsum([0] + lens)
+    total, N = int(cu[-1]), len(lens)
+    gen = torch.Generator().manual_seed(8)
+    q, k = (torch.rand(1, total, H, K, generator=gen) - 0.5 for _ in range(2))
+    v = torch.rand(1, total, H, V, generator=gen) - 0.5
+    g = -torch.rand(1, total, H, generator=gen) * 0.3
+    s0 = torch.rand(N, H, K, V, generator=gen) - 0.5
+    leaves_packed = [x.clone().requires_grad_() for x in (q, k, v, g, s0)]
+    o, final = omniattn.linear_attention(*leaves_packed[:3], g=leaves_packed[3], initial_state=leaves_packed[4],
+                                         output_final_state=True, cu_seqlens=cu, chunk_size=4)
+    assert o.shape == (1, total, H, V) and final.shape == (N, H, K, V)
+    (o.square().sum() + final.sum()).backward()
+    for s in range(N):
+        a, b = int(cu[s]), int(cu[s + 1])
+        parts = [x[:, a:b].clone().requires_grad_() for x in (q, k, v, g)] + [s0[s:s + 1].clone().requires_grad_()]
+        o1, f1 = omniattn.linear_attention(*parts[:3], g=parts[3], initial_state=parts[4], output_final_state=True,
+                                           chunk_size=4)
+        np.testing.assert_array_equal(o1.detach().numpy(), o.detach()[:, a:b].numpy())
+        np.testing.assert_array_equal(f1.detach().numpy(), final.detach()[s:s + 1].numpy())
+        if b > a:
+            (o1.square().sum() + f1.sum()).backward()
+            for got, one in zip(leaves_packed[:4], parts[:4]):
+                np.testing.assert_array_equal(got.grad[:, a:b].numpy(), one.grad.numpy())
+            np.testing.assert_array_equal(leaves_packed[4].grad[s:s + 1].numpy(), parts[4].grad.numpy())
+    with pytest.raises(TypeError, match="cumulative sequence lengths must be integers"):
+        omniattn.linear_attention(q, k, v, cu_seqlens=np.array([0.0, 2.5, float(total)]))
+    with pytest.raises(ValueError, match=r"\[linear_attention\] options.cu_seqlens ends at 3, expected q.seq"):
+        omniattn.linear_attention(q, k, v, cu_seqlens=[0, 3])

@@ -51,12 +51,13 @@ namespace {
 
 const char* const k_state_dims[4] = {"batch", "head", "k", "v"};
 
-// A [batch, heads, K, V] f32 state of q's batch and heads, K = q.dim, V = v.dim: the bytes it spans.
-byte_range check_state(const char* name, const state_tensor& st, const tensor& q, const tensor& v) {
-  if (st.batch != q.batch || st.heads != q.heads || st.dim_k != q.dim || st.dim_v != v.dim)
-    fail(name, " is [", st.batch, ", ", st.heads, ", ", st.dim_k, ", ", st.dim_v, "], expected [", q.batch, ", ", q.heads, ", ", q.dim,
+// A [sequences, heads, K, V] f32 state (sequences: q.batch, or the varlen call's count), K = q.dim, V = v.dim: the
+// bytes it spans.
+byte_range check_state(const char* name, const state_tensor& st, const tensor& q, const tensor& v, std::int64_t sequences) {
+  if (st.batch != sequences || st.heads != q.heads || st.dim_k != q.dim || st.dim_v != v.dim)
+    fail(name, " is [", st.batch, ", ", st.heads, ", ", st.dim_k, ", ", st.dim_v, "], expected [", sequences, ", ", q.heads, ", ", q.dim,
          ", ", v.dim, "]");
-  if (!st.data && q.batch * q.heads > 0) fail(name, ".data is null");
+  if (!st.data && sequences * q.heads > 0) fail(name, ".data is null");
   if (reinterpret_cast<std::uintptr_t>(st.data) % 4 != 0) fail(name, ".data is not aligned to its 4-byte f32 elements");
   const std::int64_t sizes[4] = {st.batch, st.heads, st.dim_k, st.dim_v}, strides[4] = {st.stride_batch, st.stride_head, st.stride_k, st.stride_v};
   return extent(name, st.data, 4, sizes, strides, 4);
@@ -156,7 +157,21 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
     fail("spec.prefix with decay ", linear_decay_name(s.decay), ": the prefix form with a decay is not supported yet");
   if (!s.causal && s.decay != linear_decay::none)
     fail("spec.decay ", linear_decay_name(s.decay), " with causal = false: the bidirectional decayed form is not supported yet");
-  if (o.initial_state) inputs.push_back({"options.initial_state", check_state("options.initial_state", *o.initial_state, q, v)});
+  p.seqs = q.batch;
+  if (!o.cu_seqlens.empty()) {
+    const std::span<const std::int64_t> cu = o.cu_seqlens;
+    if (q.batch != 1) fail("options.cu_seqlens with q.batch ", q.batch, ": packed sequences are [1, total tokens, heads, dim]");
+    if (cu[0] != 0) fail("options.cu_seqlens[0] ", cu[0], " must be 0");
+    for (std::size_t s_ = 1; s_ < cu.size(); ++s_)
+      if (cu[s_] < cu[s_ - 1]) fail("options.cu_seqlens[", s_, "] ", cu[s_], " < options.cu_seqlens[", s_ - 1, "] ", cu[s_ - 1], ": offsets must not decrease");
+    if (cu.back() != q.seq) fail("options.cu_seqlens ends at ", cu.back(), ", expected q.seq ", q.seq, " (the packed tokens)");
+    if (s.prefix > 0) fail("spec.prefix with options.cu_seqlens is not supported yet");
+    inputs.push_back({"options.cu_seqlens", array_range("options.cu_seqlens", cu.data(), static_cast<std::int64_t>(cu.size()), 8)});
+    p.cu_seqlens = cu.data();
+    p.num_seqs = static_cast<std::int64_t>(cu.size()) - 1;
+    p.seqs = p.num_seqs;
+  }
+  if (o.initial_state) inputs.push_back({"options.initial_state", check_state("options.initial_state", *o.initial_state, q, v, p.seqs)});
   p.q = q.data;
   p.k = k.data;
   p.v = v.data;
@@ -199,11 +214,11 @@ void build_forward(const tensor& q, const tensor& k, const tensor& v, const tens
   check_bth("out", out, q, v.dim, "v.dim");
   written_view("out", out, q.type, inputs, written);
   if (const state_tensor* f = o.final_state) {
-    const byte_range r = check_state("options.final_state", *f, q, v);
+    const byte_range r = check_state("options.final_state", *f, q, v, p.seqs);
     check_state_written("options.final_state", *f);
     // The same view is a state advanced in place (each head reads its slice before it writes it); any other overlap
     // would let one head's final state overwrite another head's initial state before it is read.
-    if (const state_tensor* i = o.initial_state; i && overlaps(r, check_state("options.initial_state", *i, q, v))) {
+    if (const state_tensor* i = o.initial_state; i && overlaps(r, check_state("options.initial_state", *i, q, v, p.seqs))) {
       if (!same_view(*f, *i)) fail("options.final_state overlaps options.initial_state without being the same view");
       inputs.pop_back();
     }
@@ -225,7 +240,7 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
   inputs.push_back({"d_out", check_tensor("d_out", d_out)});
   if (d_out.type != q.type && d_out.type != dtype::f32)
     fail("d_out.type ", dtype_name(d_out.type), " must be q.type ", dtype_name(q.type), " or f32");
-  if (const state_tensor* f = g.d_final_state) inputs.push_back({"grads.d_final_state", check_state("grads.d_final_state", *f, q, v)});
+  if (const state_tensor* f = g.d_final_state) inputs.push_back({"grads.d_final_state", check_state("grads.d_final_state", *f, q, v, p.fwd.seqs)});
   check_same_shape("grads.dq", g.dq, "q", q);
   check_same_shape("grads.dk", g.dk, "k", k);
   check_same_shape("grads.dv", g.dv, "v", v);
@@ -255,7 +270,7 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
     p.d_head_log_decay = g.d_head_log_decay.data();
   }
   if (const state_tensor* d = g.d_initial_state) {
-    const byte_range r = check_state("grads.d_initial_state", *d, q, v);
+    const byte_range r = check_state("grads.d_initial_state", *d, q, v, p.fwd.seqs);
     check_state_written("grads.d_initial_state", *d);
     check_no_alias("grads.d_initial_state", r, inputs);
     check_no_alias("grads.d_initial_state", r, written);

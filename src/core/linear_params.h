@@ -28,11 +28,14 @@ struct linear_params {
   const state_tensor* final_state = nullptr;
   std::int64_t chunk = 64;
   int threads = 1;
+  const std::int64_t* cu_seqlens = nullptr;  // varlen: num_seqs + 1 offsets (batch is 1)
+  std::int64_t num_seqs = 0;
+  std::int64_t seqs = 0;  // the states' first dim: batch, or num_seqs under varlen
 };
 
 // The backward's: the forward's inputs (fwd.out unused), d_out and the gradient views.
 struct linear_bwd_params {
-  linear_params fwd;
+  linear_params fwd;  // with fwd.cu_seqlens: every gradient view is packed like q, k, v
   const void* d_out = nullptr;
   dtype do_type = dtype::f32, dq_type = dtype::f32, dk_type = dtype::f32, dv_type = dtype::f32;
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;
@@ -42,6 +45,73 @@ struct linear_bwd_params {
   const state_tensor* d_initial_state = nullptr;
   const state_tensor* d_final_state = nullptr;
 };
+
+// The work items of a call: (sequence, head) pairs, a sequence being a batch entry or a varlen sequence.
+inline std::int64_t linear_sequences(const linear_params& p) { return p.cu_seqlens ? p.num_seqs : p.batch; }
+
+// Varlen sequence s as a call of its own (batch 1, its tokens, its states): the kernels and the oracle run it as such.
+struct linear_sequence {
+  linear_params p;
+  state_tensor init, fin;
+};
+inline const void* advance(const void* base, dtype t, std::int64_t elements) {
+  return static_cast<const char*>(base) + elements * static_cast<std::int64_t>(dtype_size(t));
+}
+inline state_tensor state_of_sequence(const state_tensor& st, std::int64_t s) {
+  state_tensor x = st;
+  x.data += s * st.stride_batch;
+  x.batch = 1;
+  return x;
+}
+inline void sequence_of(const linear_params& p, std::int64_t s, linear_sequence& out) {
+  out.p = p;
+  linear_params& q = out.p;
+  const std::int64_t t0 = p.cu_seqlens[s];
+  q.cu_seqlens = nullptr;
+  q.num_seqs = 0;
+  q.batch = 1;
+  q.seq = p.cu_seqlens[s + 1] - t0;
+  q.q = advance(p.q, p.in_type, t0 * p.q_stride[1]);
+  q.k = advance(p.k, p.in_type, t0 * p.k_stride[1]);
+  q.v = advance(p.v, p.in_type, t0 * p.v_stride[1]);
+  if (p.g) q.g = advance(p.g, p.g_type, t0 * p.g_stride[1]);
+  if (p.out) q.out = const_cast<void*>(advance(p.out, p.out_type, t0 * p.out_stride[1]));
+  if (p.initial_state) {
+    out.init = state_of_sequence(*p.initial_state, s);
+    q.initial_state = &out.init;
+  }
+  if (p.final_state) {
+    out.fin = state_of_sequence(*p.final_state, s);
+    q.final_state = &out.fin;
+  }
+}
+
+// The backward's view of varlen sequence s (see sequence_of): every pointer moved to the sequence.
+struct linear_bwd_sequence {
+  linear_sequence fwd;
+  linear_bwd_params p;
+  state_tensor d_init, d_fin;
+};
+inline void sequence_of(const linear_bwd_params& bp, std::int64_t s, linear_bwd_sequence& out) {
+  sequence_of(bp.fwd, s, out.fwd);
+  out.p = bp;
+  out.p.fwd = out.fwd.p;
+  if (out.p.fwd.initial_state) out.p.fwd.initial_state = &out.fwd.init;
+  const std::int64_t t0 = bp.fwd.cu_seqlens[s];
+  out.p.d_out = advance(bp.d_out, bp.do_type, t0 * bp.do_stride[1]);
+  out.p.dq = const_cast<void*>(advance(bp.dq, bp.dq_type, t0 * bp.dq_stride[1]));
+  out.p.dk = const_cast<void*>(advance(bp.dk, bp.dk_type, t0 * bp.dk_stride[1]));
+  out.p.dv = const_cast<void*>(advance(bp.dv, bp.dv_type, t0 * bp.dv_stride[1]));
+  if (bp.dg) out.p.dg = bp.dg + t0 * bp.dg_stride[1];
+  if (bp.d_initial_state) {
+    out.d_init = state_of_sequence(*bp.d_initial_state, s);
+    out.p.d_initial_state = &out.d_init;
+  }
+  if (bp.d_final_state) {
+    out.d_fin = state_of_sequence(*bp.d_final_state, s);
+    out.p.d_final_state = &out.d_fin;
+  }
+}
 
 // Validate the call and fill p; the message names the argument and the rule, prefixed "[<entry>] ".
 status make_linear_params(const char* entry, const tensor& q, const tensor& k, const tensor& v, const tensor& out,

@@ -742,19 +742,27 @@ double run_head_tiles(const linear_bwd_params& bp, std::int64_t b, std::int64_t 
 }  // namespace
 
 status linear_bwd_kernel(const linear_bwd_params& p) {
-  const std::int64_t items = p.fwd.batch * p.fwd.heads;
+  const std::int64_t items = detail::linear_sequences(p.fwd) * p.fwd.heads;
   std::vector<double> fixed(static_cast<std::size_t>(items), 0.0);
   detail::parallel_errors errors;
 #pragma omp parallel num_threads(p.fwd.threads)
   {
     bwd_scratch s;
     bwd_tiles w;
+    detail::linear_bwd_sequence seq;
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t it = 0; it < items; ++it)
       errors.run([&] {
-        const std::int64_t b = it / p.fwd.heads, h = it % p.fwd.heads;
-        const std::int64_t nb = p.fwd.decay == linear_decay::channel ? p.fwd.dim_k : 1;
-        fixed[static_cast<std::size_t>(it)] = factorable(p.fwd, b, h, nb) ? run_head_tiles(p, b, h, w) : run_head(p, b, h, s);
+        std::int64_t b = it / p.fwd.heads;
+        const std::int64_t h = it % p.fwd.heads;
+        const linear_bwd_params* q = &p;
+        if (p.fwd.cu_seqlens) {  // a varlen sequence: a call of its own, batch 1
+          detail::sequence_of(p, b, seq);
+          q = &seq.p;
+          b = 0;
+        }
+        const std::int64_t nb = q->fwd.decay == linear_decay::channel ? q->fwd.dim_k : 1;
+        fixed[static_cast<std::size_t>(it)] = factorable(q->fwd, b, h, nb) ? run_head_tiles(*q, b, h, w) : run_head(*q, b, h, s);
       });
   }
   try {
@@ -767,7 +775,7 @@ status linear_bwd_kernel(const linear_bwd_params& p) {
   if (p.d_head_log_decay)
     for (std::int64_t h = 0; h < p.fwd.heads; ++h) {
       double sum = 0.0;
-      for (std::int64_t b = 0; b < p.fwd.batch; ++b) sum += fixed[static_cast<std::size_t>(b * p.fwd.heads + h)];
+      for (std::int64_t b = 0; b < detail::linear_sequences(p.fwd); ++b) sum += fixed[static_cast<std::size_t>(b * p.fwd.heads + h)];
       p.d_head_log_decay[h] = static_cast<float>(sum);
     }
   return {};

@@ -392,13 +392,20 @@ void run_head(const linear_params& p, std::int64_t b, std::int64_t h, tiles& w) 
 }  // namespace
 
 status linear_fwd_kernel(const linear_params& p) {
-  const std::int64_t items = p.batch * p.heads;
+  const std::int64_t items = detail::linear_sequences(p) * p.heads;
   detail::parallel_errors errors;
 #pragma omp parallel num_threads(p.threads)
   {
     tiles w;
+    detail::linear_sequence seq;
 #pragma omp for schedule(dynamic, 1)
-    for (std::int64_t it = 0; it < items; ++it) errors.run([&] { run_head(p, it / p.heads, it % p.heads, w); });
+    for (std::int64_t it = 0; it < items; ++it)
+      errors.run([&] {
+        const std::int64_t s = it / p.heads, h = it % p.heads;
+        if (!p.cu_seqlens) return run_head(p, s, h, w);
+        detail::sequence_of(p, s, seq);  // a varlen sequence: a call of its own, batch 1
+        run_head(seq.p, 0, h, w);
+      });
   }
   try {
     errors.rethrow();

@@ -148,10 +148,20 @@ double backward_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h
 }  // namespace
 
 status run_linear_bwd_ref(const linear_bwd_params& p, bool f32) {
-  // d_head_log_decay sums over the batch too.
+  // d_head_log_decay sums over the batch (or the varlen sequences, each a call of its own) too.
   std::vector<double> fixed(static_cast<std::size_t>(p.fwd.heads), 0.0);
-  for (std::int64_t b = 0; b < p.fwd.batch; ++b)
-    for (std::int64_t h = 0; h < p.fwd.heads; ++h) fixed[static_cast<std::size_t>(h)] += f32 ? backward_head<float>(p, b, h) : backward_head<double>(p, b, h);
+  detail::linear_bwd_sequence seq;
+  for (std::int64_t b = 0; b < detail::linear_sequences(p.fwd); ++b) {
+    const linear_bwd_params* q = &p;
+    std::int64_t bi = b;
+    if (p.fwd.cu_seqlens) {
+      detail::sequence_of(p, b, seq);
+      q = &seq.p;
+      bi = 0;
+    }
+    for (std::int64_t h = 0; h < p.fwd.heads; ++h)
+      fixed[static_cast<std::size_t>(h)] += f32 ? backward_head<float>(*q, bi, h) : backward_head<double>(*q, bi, h);
+  }
   if (p.d_head_log_decay)
     for (std::int64_t h = 0; h < p.fwd.heads; ++h) p.d_head_log_decay[h] = static_cast<float>(fixed[static_cast<std::size_t>(h)]);
   return {};

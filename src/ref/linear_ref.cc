@@ -132,6 +132,14 @@ void store(const linear_params& p, std::int64_t b, std::int64_t h, const std::ve
 }  // namespace
 
 status run_linear_ref(const linear_params& p, linear_form form) {
+  if (p.cu_seqlens) {  // varlen: every sequence a call of its own
+    detail::linear_sequence seq;
+    for (std::int64_t s = 0; s < p.num_seqs; ++s) {
+      detail::sequence_of(p, s, seq);
+      run_linear_ref(seq.p, form);
+    }
+    return {};
+  }
   // Every head's result is computed before anything is written: final_state may be the initial_state's buffer.
   std::vector<std::vector<double>> outs, states;
   std::vector<std::vector<float>> outs_f, states_f;
