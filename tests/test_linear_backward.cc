@@ -474,12 +474,14 @@ TEST(LinearVarlen, PackedSequencesEqualSeparateCalls) {
   std::vector<std::int64_t> cu = {0};
   for (std::int64_t l : lens) cu.push_back(cu.back() + l);
   const std::int64_t N = static_cast<std::int64_t>(lens.size());
-  for (linear_decay decay : {linear_decay::none, linear_decay::fixed, linear_decay::channel}) {
+  for (int form = 0; form < 4; ++form) {  // no decay, fixed, channel, and non-causal (each sequence its own prefix)
+    const linear_decay decay = form == 1 ? linear_decay::fixed : form == 2 ? linear_decay::channel : linear_decay::none;
     linear_case c;
     c.batch = 1;
     c.seq = cu.back();
     c.chunk = 16;
     c.decay = decay;
+    c.causal = form != 3;
     SCOPED_TRACE(c.str());
     linear_data d(c, 3);
     const std::int64_t H = c.heads, K = c.dim_k, V = c.dim_v, sz = H * K * V;

@@ -71,6 +71,7 @@ inline void sequence_of(const linear_params& p, std::int64_t s, linear_sequence&
   q.num_seqs = 0;
   q.batch = 1;
   q.seq = p.cu_seqlens[s + 1] - t0;
+  q.prefix = p.causal ? p.prefix : q.seq;  // non-causal: the whole sequence is its prefix (not the whole packed length)
   q.q = advance(p.q, p.in_type, t0 * p.q_stride[1]);
   q.k = advance(p.k, p.in_type, t0 * p.k_stride[1]);
   q.v = advance(p.v, p.in_type, t0 * p.v_stride[1]);
