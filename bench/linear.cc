@@ -43,7 +43,7 @@ bool parse_list(const std::string& s, std::vector<std::int64_t>& out) {
 int usage(const std::string& msg) {
   if (!msg.empty()) std::fprintf(stderr, "omniattn bench --linear: %s\n", msg.c_str());
   std::fprintf(stderr,
-               "usage: omniattn bench --linear [--n 1024,4096,16384,65536] [--threads 2] [--batch 1] [--heads 8] [--k 128]\n"
+               "usage: omniattn bench --linear [--n 256,1024,4096,16384,65536] [--threads 2] [--batch 1] [--heads 8] [--k 128]\n"
                "                      [--v 128] [--decay none,scalar,channel] [--chunk 64] [--softmax-max N] [--no-backward]\n"
                "                      [--budget SECONDS] [--no-cache]\n");
   return 2;
@@ -78,7 +78,7 @@ double linear_chunked_flops(std::int64_t batch, std::int64_t heads, std::int64_t
 }
 
 int linear_main(int argc, char** argv) {
-  std::vector<std::int64_t> ns = {1024, 4096, 16384, 65536}, threads = {2};
+  std::vector<std::int64_t> ns = {256, 1024, 4096, 16384, 65536}, threads = {2};
   std::int64_t batch = 1, heads = 8, K = 128, V = 128, chunk = 64, softmax_max = 16384;
   std::vector<linear_decay> decays = {linear_decay::none, linear_decay::scalar, linear_decay::channel};
   double budget = 1.0;
