@@ -289,6 +289,42 @@ TEST(Linear, StrongDecaysStayFinite) {
   expect_within_rule(k.state, n.state, o.state, "final_state");
 }
 
+// explain_linear reports the kernels' own decisions: the decode recurrence for a short call, and per (chunk, head)
+// whether the decay factors; a head with a chunk that does not is on the backward's row path.
+TEST(Linear, ExplainNamesThePaths) {
+  const auto explain = [](const linear_data& d) {
+    std::vector<float> out(static_cast<std::size_t>(d.c.batch * d.c.seq * d.c.heads * d.c.dim_v));
+    std::string all;
+    linear_options o;
+    o.chunk = d.c.chunk;
+    for (const std::string& l : explain_linear(d.qv(), d.kv(), d.vv(), make_bshd(out.data(), dtype::f32, d.c.batch, d.c.seq, d.c.heads, d.c.dim_v),
+                                               d.spec(), o))
+      all += l + "\n";
+    return all;
+  };
+  linear_case c;
+  c.batch = 1;
+  c.heads = 2;
+  c.seq = 96;
+  c.chunk = 32;
+  c.decay = linear_decay::scalar;
+  linear_data d(c, 3);
+  for (float& x : d.g) x = -0.1f;  // 3.2 per chunk: every chunk factors
+  for (std::int64_t t = 32; t < 64; ++t) d.g[static_cast<std::size_t>(t * c.heads + 1)] = -2.0f;  // head 1, chunk 1: 64 > 40
+  const std::string e = explain(d);
+  EXPECT_NE(e.find("3 causal chunks per head"), std::string::npos) << e;
+  EXPECT_NE(e.find("5 of 6 (chunk, head) pairs factor"), std::string::npos) << e;
+  EXPECT_NE(e.find("1 (sequence, head) items on the row path"), std::string::npos) << e;
+  c.seq = 5;
+  EXPECT_NE(explain(linear_data(c, 3)).find("decode: 1 of 1 sequences"), std::string::npos);
+  tensor bad = d.kv();
+  bad.dim = 4;
+  std::vector<float> out(static_cast<std::size_t>(96 * 2 * 8));
+  const std::vector<std::string> err = explain_linear(d.qv(), bad, d.vv(), make_bshd(out.data(), dtype::f32, 1, 96, 2, 8), d.spec(), {});
+  ASSERT_EQ(err.size(), 1u);
+  EXPECT_EQ(err[0], "[linear_attention] k.dim 4 != q.dim 5");
+}
+
 TEST(Linear, Validation) {
   linear_case c;
   c.seq = 8;

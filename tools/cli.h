@@ -66,6 +66,7 @@ void print_check_usage(std::ostream& os);
 
 int run_explain(const command_line& cl);
 int run_check(const command_line& cl);
-int run_linear_check(const command_line& cl);  // cli_linear.cc
+int run_linear_check(const command_line& cl);    // cli_linear.cc
+int run_linear_explain(const command_line& cl);  // cli_linear.cc
 
 }  // namespace omniattn::cli

@@ -233,6 +233,30 @@ constexpr double k_eps32 = 1.0 / (1 << 23);
 
 }  // namespace
 
+int run_linear_explain(const command_line& cl) {
+  if (cl.problems.size() != 1) {
+    std::cerr << "omniattn explain --linear: expected one linear problem (e.g. b=1,t=4096,h=8,k=128,v=128,decay=channel)\n";
+    return k_exit_usage;
+  }
+  linear_problem p;
+  std::string error;
+  if (!parse_linear_problem(cl.problems[0], p, error)) {
+    std::cerr << "omniattn explain --linear: problem '" << cl.problems[0] << "': " << error << "\n";
+    return k_exit_usage;
+  }
+  linear_inputs in(p);
+  std::vector<float> out(static_cast<std::size_t>(p.b * p.t * p.h * p.v));
+  const state_tensor s0 = make_state(in.s0.data(), p.b, p.h, p.k, p.v);
+  linear_options o;
+  o.threads = cl.threads;
+  o.chunk = p.chunk;
+  o.initial_state = p.s0 ? &s0 : nullptr;
+  std::printf("linear problem: %s\n", p.text.c_str());
+  const std::vector<std::string> lines = explain_linear(in.qt, in.kt, in.vt, make_bshd(out.data(), dtype::f32, p.b, p.t, p.h, p.v), in.spec, o);
+  for (const std::string& l : lines) std::printf("  %s\n", l.c_str());
+  return !lines.empty() && lines[0].rfind("[", 0) == 0 ? k_exit_fail : k_exit_ok;
+}
+
 int run_linear_check(const command_line& cl) {
   std::vector<std::string> texts = cl.problems;
   if (texts.empty()) texts.assign(std::begin(k_linear_suite), std::end(k_linear_suite));

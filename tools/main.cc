@@ -267,6 +267,8 @@ void print_explain_usage(std::ostream& os) {
         "With --cp P (builds with MPI): what omniattn::dist::attention would do on P processes (no MPI needed):\n"
         "the planner's mechanism and reasons, the blocks each rank computes, those the mask leaves empty.\n"
         "Exits 1 when no forward kernel of the backend fits the problem or the problem is invalid, 2 on bad input.\n"
+        "explain --linear <linear problem> (the keys of check --linear): the linear-attention path (decode recurrence\n"
+        "or chunks, factored or pair-by-pair decays per chunk, the backward's path, work items and threads).\n"
         "Example: omniattn explain b=1,n=1000,h=8,d=128,causal=br\n"
         "         omniattn explain n=65536,hq=32,hkv=8,d=128,causal=br --cp 8 --cp-layout zigzag\n";
 }
@@ -331,7 +333,7 @@ int main(int argc, char** argv) {
         print_explain_usage(std::cout);
         return k_exit_ok;
       }
-      return run_explain(cl);
+      return cl.linear ? run_linear_explain(cl) : run_explain(cl);
     }
     if (cl.help) {
       print_check_usage(std::cout);

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "omniattn/tensor.h"
 #include "omniattn/attention.h"
@@ -79,6 +80,13 @@ struct linear_options {
 // advanced in place) or disjoint, nothing in between; outputs must not overlap inputs or themselves.
 status linear_attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
                         const linear_options& o = {});
+
+// What linear_attention (and its backward) would run for this call and why, one line per decision: the work items
+// and threads, the decode recurrence or the chunked kernel, chunks and tile padding, per decay which chunks factor
+// (E_i / E_j) and which take pair-by-pair weights, the backward's path. An invalid call gives its error as the one
+// line. Runs nothing.
+std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
+                                        const linear_options& o = {});
 
 // The fp64 oracle of the same contract: the quadratic form above (explicit pair weights; O(T^2 K V)), or the
 // recurrence itself in fp64 (they agree to fp64 rounding; the tests check it), or the recurrence in float (the naive

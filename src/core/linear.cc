@@ -1,14 +1,17 @@
 // linear_attention(): validation of the call (one set of rules for the kernel and the oracle) and the entry points.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "core/backends.h"
 #include "core/checks.h"
 #include "core/linear_params.h"
 #include "core/storage.h"
+#include "cpu/tiles.h"
 #include "omniattn/linear.h"
 
 namespace omniattn {
@@ -356,6 +359,67 @@ status reference_linear_attention_backward(const tensor& q, const tensor& k, con
     return {"[reference_linear_attention_backward] form " + std::to_string(static_cast<int>(form)) +
             ": the backward oracle runs the recurrence (recurrent or recurrent_f32)"};
   return ref::run_linear_bwd_ref(p, form == linear_form::recurrent_f32);
+}
+
+// The decisions of the kernels, from the same predicates they take (detail::runs_recurrence, chunk_decay_span,
+// chunks_factor), per work item.
+std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
+                                        const linear_options& o) {
+  detail::linear_params p;
+  if (status st = detail::make_linear_params("linear_attention", q, k, v, out, s, o, p); !st.ok()) return {st.error};
+  std::vector<std::string> lines;
+  std::ostringstream os;
+  const auto line = [&](auto&&... parts) {
+    os.str("");
+    (os << ... << parts);
+    lines.push_back(os.str());
+  };
+  const std::int64_t seqs = detail::linear_sequences(p), items = seqs * p.heads;
+  line("kernel: the chunked linear-attention family (", cpu::dispatch_isa(), "); work items: ", seqs,
+       p.cu_seqlens ? " packed sequences" : " batch entries", " x ", p.heads, " heads = ", items, " on ", p.threads, " threads",
+       items < p.threads ? " (fewer items than threads: some threads idle, the chunks of a head run in order)" : "");
+  std::int64_t decode = 0, chunked = 0, chunks = 0, pairwise = 0, row_heads = 0;
+  detail::linear_sequence view;
+  for (std::int64_t x = 0; x < seqs; ++x) {
+    const detail::linear_params* sp = &p;
+    std::int64_t b = x;
+    if (p.cu_seqlens) {
+      detail::sequence_of(p, x, view);
+      sp = &view.p;
+      b = 0;
+    }
+    if (detail::runs_recurrence(*sp)) {
+      ++decode;
+      continue;
+    }
+    ++chunked;
+    for (std::int64_t t0 = sp->prefix; t0 < sp->seq; t0 += sp->chunk) ++chunks;
+    if (p.decay == linear_decay::none) continue;
+    for (std::int64_t h = 0; h < p.heads; ++h) {
+      for (std::int64_t t0 = sp->prefix; t0 < sp->seq; t0 += sp->chunk)
+        pairwise += detail::chunk_decay_span(*sp, b, h, t0, std::min(sp->chunk, sp->seq - t0)) > detail::k_linear_max_span;
+      row_heads += !detail::chunks_factor(*sp, b, h);
+    }
+  }
+  if (decode)
+    line("decode: ", decode, " of ", seqs, " sequences have at most ", detail::k_recurrent_tokens,
+         " causal tokens: the recurrence itself, one pass over the K x V state per token",
+         o.final_state && o.initial_state && o.final_state->data == o.initial_state->data ? ", in place" : "");
+  if (chunked)
+    line("chunked: ", chunked, " sequences, chunks of ", p.chunk, " tokens (", chunks, " causal chunks per head), state ", p.dim_k, " x ",
+         p.dim_v, p.normalize ? " + the normaliser's column" : "", " in f32");
+  if (p.causal && p.prefix > 0) line("prefix: the first ", p.prefix, " tokens read the state of the whole prefix (JRT), the rest are causal");
+  if (!p.causal) line("non-causal: every token reads the state of its whole sequence");
+  if (p.decay == linear_decay::none) {
+    line("decay: none");
+  } else if (chunks > 0) {
+    line("decay ", linear_decay_name(p.decay), ": ", chunks * p.heads - pairwise, " of ", chunks * p.heads,
+         " (chunk, head) pairs factor as E_i / E_j (GEMMs); ", pairwise, " span more than exp(", detail::k_linear_max_span,
+         ") and take pair-by-pair weights exp(B_i - B_j)");
+  }
+  line("backward: ", row_heads == 0 ? "tiled GEMMs for every (sequence, head)"
+                                    : std::to_string(row_heads) + " (sequence, head) items on the row path (a chunk that does not factor), the rest tiled");
+  return lines;
 }
 
 }  // namespace omniattn

@@ -194,4 +194,34 @@ inline double log_decay(const linear_params& p, std::int64_t b, std::int64_t h, 
   return 0.0;
 }
 
+// The chunked kernels factor a chunk's decay weights exp(B_i - B_j) as E_i / E_j while the chunk's decay spans at most
+// this much in log space in every channel: exp(40) ~ 2.4e17 keeps K / E far from float's range for any feature value
+// the products could still use. A chunk that spans more is formed pair by pair.
+inline constexpr double k_linear_max_span = 40.0;
+
+// The largest span -(g_t0 + ... + g_{t0+n-1}) over the channels of tokens [t0, t0 + n) of (b, h) (0 without decay).
+inline double chunk_decay_span(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t0, std::int64_t n) {
+  if (p.decay == linear_decay::none) return 0.0;
+  const std::int64_t channels = p.decay == linear_decay::channel ? p.dim_k : 1;
+  double widest = 0.0;
+  for (std::int64_t c = 0; c < channels; ++c) {
+    double span = 0.0;
+    for (std::int64_t t = t0; t < t0 + n; ++t) span -= log_decay(p, b, h, t, c);
+    widest = std::max(widest, span);
+  }
+  return widest;
+}
+
+// A call (or varlen sequence) of at most this many causal tokens runs as the recurrence itself (the decode step): one
+// pass over the K x V state per token costs less than the chunk GEMMs on padded tiles.
+inline constexpr std::int64_t k_recurrent_tokens = 8;
+inline bool runs_recurrence(const linear_params& p) { return p.prefix == 0 && p.seq <= k_recurrent_tokens; }
+
+// Whether every causal chunk of (b, h) factors (the backward's tiled path needs all of them to).
+inline bool chunks_factor(const linear_params& p, std::int64_t b, std::int64_t h) {
+  for (std::int64_t t0 = p.prefix; t0 < p.seq; t0 += p.chunk)
+    if (chunk_decay_span(p, b, h, t0, std::min(p.chunk, p.seq - t0)) > k_linear_max_span) return false;
+  return true;
+}
+
 }  // namespace omniattn::detail

@@ -650,20 +650,6 @@ void tiles_dkdv(const linear_bwd_params& bp, std::int64_t b, std::int64_t h, std
   if (intra) transpose(w.d.get(), w.Wp, K, w.W, w.dt.get(), w.Kp);
 }
 
-// Whether every causal chunk's decay spans at most k_linear_max_span (the factorisation's range).
-bool factorable(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t nb) {
-  if (p.decay == linear_decay::none) return true;
-  std::vector<double> span(at(nb));
-  for (std::int64_t t0 = p.prefix; t0 < p.seq; t0 += p.chunk) {
-    std::fill(span.begin(), span.end(), 0.0);
-    for (std::int64_t t = t0; t < std::min(p.seq, t0 + p.chunk); ++t)
-      for (std::int64_t c = 0; c < nb; ++c) span[at(c)] -= detail::log_decay(p, b, h, t, c);
-    for (double x : span)
-      if (x > k_linear_max_span) return false;
-  }
-  return true;
-}
-
 double run_head_tiles(const linear_bwd_params& bp, std::int64_t b, std::int64_t h, bwd_tiles& w) {
   const linear_params& p = bp.fwd;
   w.ensure(p);
@@ -761,8 +747,7 @@ status linear_bwd_kernel(const linear_bwd_params& p) {
           q = &seq.p;
           b = 0;
         }
-        const std::int64_t nb = q->fwd.decay == linear_decay::channel ? q->fwd.dim_k : 1;
-        fixed[static_cast<std::size_t>(it)] = factorable(q->fwd, b, h, nb) ? run_head_tiles(*q, b, h, w) : run_head(*q, b, h, s);
+        fixed[static_cast<std::size_t>(it)] = detail::chunks_factor(q->fwd, b, h) ? run_head_tiles(*q, b, h, w) : run_head(*q, b, h, s);
       });
   }
   try {

@@ -315,11 +315,8 @@ void recurrent_head(const linear_params& p, std::int64_t b, std::int64_t h, tile
       for (std::int64_t c = 0; c < V; ++c) f->data[b * f->stride_batch + h * f->stride_head + a * f->stride_k + c * f->stride_v] = S[a * ld + c];
 }
 
-// Chunks of at most this many causal tokens after a state run as the recurrence (the decode step).
-constexpr std::int64_t k_recurrent_tokens = 8;
-
 void run_head(const linear_params& p, std::int64_t b, std::int64_t h, tiles& w) {
-  if (p.prefix == 0 && p.seq <= k_recurrent_tokens) {
+  if (detail::runs_recurrence(p)) {
     recurrent_head(p, b, h, w);
     return;
   }

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <new>
 
+#include "core/linear_params.h"
 #include "hwy/aligned_allocator.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
@@ -20,9 +21,7 @@ HWY_BEFORE_NAMESPACE();
 namespace omniattn::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// exp(40) ~ 2.4e17: K / E stays far from float's range for any feature value the products could still use. A chunk
-// whose decay spans more (in log space, in some channel) is formed pair by pair instead.
-inline constexpr double k_linear_max_span = 40.0;
+using detail::k_linear_max_span;
 
 HWY_INLINE std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
