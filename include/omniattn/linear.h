@@ -82,7 +82,7 @@ status linear_attention(const tensor& q, const tensor& k, const tensor& v, const
                         const linear_options& o = {});
 
 // What linear_attention (and its backward) would run for this call and why, one line per decision: the work items
-// and threads, the decode recurrence or the chunked kernel, chunks and tile padding, per decay which chunks factor
+// and threads, the decode recurrence or the chunked kernel and its chunks, per decay which chunks factor
 // (E_i / E_j) and which take pair-by-pair weights, the backward's path. An invalid call gives its error as the one
 // line. Runs nothing.
 std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,

@@ -361,8 +361,8 @@ status reference_linear_attention_backward(const tensor& q, const tensor& k, con
   return ref::run_linear_bwd_ref(p, form == linear_form::recurrent_f32);
 }
 
-// The decisions of the kernels, from the same predicates they take (detail::runs_recurrence, chunk_decay_span,
-// chunks_factor), per work item.
+// The decisions of the kernels, from the same predicates they take (detail::runs_recurrence, chunk_decay_span against
+// k_linear_max_span), per work item.
 std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
                                         const linear_options& o) {
   detail::linear_params p;
@@ -395,10 +395,12 @@ std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const 
     ++chunked;
     for (std::int64_t t0 = sp->prefix; t0 < sp->seq; t0 += sp->chunk) ++chunks;
     if (p.decay == linear_decay::none) continue;
-    for (std::int64_t h = 0; h < p.heads; ++h) {
+    for (std::int64_t h = 0; h < p.heads; ++h) {  // chunks_factor's predicate, each chunk's span read once
+      std::int64_t wide = 0;
       for (std::int64_t t0 = sp->prefix; t0 < sp->seq; t0 += sp->chunk)
-        pairwise += detail::chunk_decay_span(*sp, b, h, t0, std::min(sp->chunk, sp->seq - t0)) > detail::k_linear_max_span;
-      row_heads += !detail::chunks_factor(*sp, b, h);
+        wide += detail::chunk_decay_span(*sp, b, h, t0, std::min(sp->chunk, sp->seq - t0)) > detail::k_linear_max_span;
+      pairwise += wide;
+      row_heads += wide > 0;
     }
   }
   if (decode)
