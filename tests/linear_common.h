@@ -22,10 +22,15 @@ struct linear_case {
   bool causal = true, normalize = false, initial = false;
   std::int64_t prefix = 0;
   dtype type = dtype::f32;
+  std::int64_t features = 0;  // a projection K -> features before phi (0: none)
+  bool shared_projection = false, projection_bias = true;
+  std::int64_t state_k() const { return features > 0 ? features : dim_k; }  // the state's rows
   std::string str() const {
     return "B" + std::to_string(batch) + " T" + std::to_string(seq) + " H" + std::to_string(heads) + " K" + std::to_string(dim_k) + " V" +
            std::to_string(dim_v) + " C" + std::to_string(chunk) + " " + feature_map_name(phi) + " decay " + linear_decay_name(decay) +
-           (causal ? " causal" : " non-causal") + (prefix ? " prefix " + std::to_string(prefix) : "") + (normalize ? " normalize" : "") + (initial ? " s0" : "") + " " + dtype_name(type);
+           (causal ? " causal" : " non-causal") + (prefix ? " prefix " + std::to_string(prefix) : "") + (normalize ? " normalize" : "") + (initial ? " s0" : "") +
+           (features ? " projection F" + std::to_string(features) + (shared_projection ? " shared" : "") + (projection_bias ? " bias" : "") : "") +
+           " " + dtype_name(type);
   }
 };
 
@@ -33,7 +38,7 @@ struct linear_case {
 struct linear_data {
   linear_case c;
   std::vector<std::uint8_t> q, k, v;
-  std::vector<float> g, head_g, s0;
+  std::vector<float> g, head_g, s0, proj_w, proj_b;
   explicit linear_data(const linear_case& lc, std::uint64_t seed) : c(lc) {
     std::mt19937_64 rng(seed);
     std::uniform_real_distribution<float> u(-1.0f, 1.0f), decay(-0.7f, 0.0f);
@@ -52,10 +57,23 @@ struct linear_data {
     for (float& x : g) x = decay(rng);
     head_g.resize(static_cast<std::size_t>(c.heads));
     for (std::size_t h = 0; h < head_g.size(); ++h) head_g[h] = std::log(1.0f - std::exp2(-5.0f - static_cast<float>(h)));  // RetNet
-    s0.resize(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
+    s0.resize(static_cast<std::size_t>(c.batch * c.heads * c.state_k() * c.dim_v));
     for (float& x : s0) x = u(rng);
+    if (c.features > 0) {  // Performer's directions, or a learned-looking projection of unit-scale features
+      const std::int64_t ph = c.shared_projection ? 1 : c.heads;
+      if (c.phi == feature_map::performer) {
+        proj_w = performer_projection(ph, c.dim_k, c.features, seed);
+      } else {
+        proj_w.resize(static_cast<std::size_t>(ph * c.dim_k * c.features));
+        for (float& x : proj_w) x = u(rng) * std::sqrt(3.0f / static_cast<float>(c.dim_k));
+      }
+      if (c.projection_bias) {
+        proj_b.resize(static_cast<std::size_t>(ph * c.features));
+        for (float& x : proj_b) x = 0.5f * u(rng);
+      }
+    }
   }
-  std::int64_t gdim() const { return c.decay == linear_decay::channel ? c.dim_k : 1; }  // g is [B, T, H, gdim]
+  std::int64_t gdim() const { return c.decay == linear_decay::channel ? c.state_k() : 1; }  // g is [B, T, H, gdim]
   tensor qv() const { return make_bshd(const_cast<std::uint8_t*>(q.data()), c.type, c.batch, c.seq, c.heads, c.dim_k); }
   tensor kv() const { return make_bshd(const_cast<std::uint8_t*>(k.data()), c.type, c.batch, c.seq, c.heads, c.dim_k); }
   tensor vv() const { return make_bshd(const_cast<std::uint8_t*>(v.data()), c.type, c.batch, c.seq, c.heads, c.dim_v); }
@@ -68,6 +86,7 @@ struct linear_data {
     s.decay = c.decay;
     s.head_log_decay = head_g;
     s.g = make_bshd(const_cast<float*>(g.data()), dtype::f32, c.batch, c.seq, c.heads, gdim());
+    if (c.features > 0) s.projection = {proj_w, proj_b, c.shared_projection ? 1 : c.heads, c.features};
     return s;
   }
 };
@@ -99,12 +118,21 @@ inline linear_case random_case(std::mt19937_64& rng) {
   c.dim_k = pick(1, 3, 8, 17);
   c.dim_v = pick(1, 4, 9);
   c.chunk = pick(1, 5, 16, 32, 64);
-  c.phi = pick(feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::softmax);
+  c.phi = pick(feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::softmax, feature_map::exp,
+               feature_map::performer);
+  // Hedgehog / Performer: a projection to F features (always for performer, sometimes for the others).
+  if (c.phi == feature_map::performer || pick(false, false, true)) {
+    c.features = pick(1, 4, 16, 19);
+    c.shared_projection = pick(true, false);
+    c.projection_bias = pick(true, false);
+  }
   c.causal = pick(true, true, false);
   c.decay = c.causal ? pick(linear_decay::none, linear_decay::fixed, linear_decay::scalar, linear_decay::channel) : linear_decay::none;
   // The normaliser needs positive features (elu + 1, softmax): with signed ones q . z can be ~0 and the division
   // amplifies any rounding without bound.
-  c.normalize = (c.phi == feature_map::elu_plus_one || c.phi == feature_map::softmax) && pick(true, false);
+  c.normalize = (c.phi == feature_map::elu_plus_one || c.phi == feature_map::softmax || c.phi == feature_map::exp ||
+                 c.phi == feature_map::performer) &&
+                pick(true, false);
   c.initial = pick(true, false) && !c.normalize;
   c.type = pick(dtype::f32, dtype::bf16);
   if (c.causal && c.decay == linear_decay::none && pick(true, false))  // JRT's prefix form

@@ -35,9 +35,9 @@ linear_result run(const linear_data& d, runner r, int threads = 1, const float* 
   const linear_case& c = d.c;
   linear_result res;
   res.out.assign(static_cast<std::size_t>(c.batch * c.seq * c.heads * c.dim_v), -7.0f);
-  res.state.assign(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v), -7.0f);
-  const state_tensor init = make_state(const_cast<float*>(s0 ? s0 : d.s0.data()), c.batch, c.heads, c.dim_k, c.dim_v);
-  const state_tensor fin = make_state(res.state.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+  res.state.assign(static_cast<std::size_t>(c.batch * c.heads * c.state_k() * c.dim_v), -7.0f);
+  const state_tensor init = make_state(const_cast<float*>(s0 ? s0 : d.s0.data()), c.batch, c.heads, c.state_k(), c.dim_v);
+  const state_tensor fin = make_state(res.state.data(), c.batch, c.heads, c.state_k(), c.dim_v);
   linear_options o;
   o.threads = threads;
   o.chunk = c.chunk;
@@ -216,7 +216,7 @@ TEST(Linear, StateUpdatedInPlace) {
       ASSERT_TRUE(separate.st.ok());
       for (runner r : {runner::kernel, runner::quadratic}) {
         std::vector<float> state = d.s0, out(separate.out.size());
-        const state_tensor st = make_state(state.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+        const state_tensor st = make_state(state.data(), c.batch, c.heads, c.state_k(), c.dim_v);
         linear_options o;
         o.initial_state = o.final_state = &st;
         const tensor ot = make_bshd(out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
@@ -325,6 +325,164 @@ TEST(Linear, ExplainNamesThePaths) {
   EXPECT_EQ(err[0], "[linear_attention] k.dim 4 != q.dim 5");
 }
 
+// Hedgehog (a projection, then exp / softmax) and Performer (random features), with every decay, normalisation,
+// prefix, non-causal, decode and dtype: the projected pre-pass and the kernels on F features against the oracle,
+// which projects in fp64 per token.
+TEST(Linear, ProjectedFeatureMapsMatchTheOracle) {
+  struct proj_case {
+    feature_map phi;
+    std::int64_t features;
+    bool shared, bias;
+    linear_decay decay;
+    bool normalize, causal, initial;
+    std::int64_t seq, prefix;
+    dtype type;
+  };
+  const proj_case cases[] = {
+      {feature_map::exp, 16, false, true, linear_decay::none, false, true, true, 97, 0, dtype::f32},
+      {feature_map::softmax, 19, true, true, linear_decay::channel, false, true, true, 65, 0, dtype::f32},  // g over F
+      {feature_map::performer, 32, false, false, linear_decay::none, true, true, false, 70, 0, dtype::f32},
+      {feature_map::performer, 7, true, false, linear_decay::fixed, false, true, true, 64, 0, dtype::bf16},
+      {feature_map::relu, 33, false, true, linear_decay::scalar, false, true, false, 63, 0, dtype::f32},  // F > K
+      {feature_map::elu_plus_one, 1, false, true, linear_decay::none, true, true, false, 31, 0, dtype::bf16},
+      {feature_map::performer, 24, false, true, linear_decay::none, true, false, false, 40, 0, dtype::f32},  // non-causal
+      {feature_map::exp, 8, true, false, linear_decay::none, false, true, true, 50, 20, dtype::f32},  // JRT prefix
+      {feature_map::identity, 12, false, true, linear_decay::channel, false, true, true, 5, 0, dtype::f32},  // decode
+  };
+  for (const proj_case& pc : cases) {
+    linear_case c;
+    c.phi = pc.phi;
+    c.features = pc.features;
+    c.shared_projection = pc.shared;
+    c.projection_bias = pc.bias;
+    c.decay = pc.decay;
+    c.normalize = pc.normalize;
+    c.causal = pc.causal;
+    c.initial = pc.initial;
+    c.seq = pc.seq;
+    c.prefix = pc.prefix;
+    c.type = pc.type;
+    c.chunk = 32;
+    check_case(c, static_cast<std::uint64_t>(pc.features * 31 + pc.seq));
+  }
+}
+
+// Performer's positive random features estimate exp(q . k): normalised, non-causal linear attention on them approaches
+// softmax attention as F grows (error ~ 1 / sqrt(F)); the directions are Gaussian (iid) or orthogonal blocks.
+TEST(Linear, PerformerFeaturesApproachSoftmaxAttention) {
+  const std::int64_t T = 48, K = 4, V = 3;
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> q(static_cast<std::size_t>(T * K)), k = q, v(static_cast<std::size_t>(T * V));
+  for (float& x : q) x = 0.5f * u(rng);
+  for (float& x : k) x = 0.5f * u(rng);
+  for (float& x : v) x = u(rng);
+  std::vector<double> exact(static_cast<std::size_t>(T * V), 0.0);
+  for (std::int64_t i = 0; i < T; ++i) {
+    double den = 0.0;
+    for (std::int64_t j = 0; j < T; ++j) {
+      double s = 0.0;
+      for (std::int64_t c = 0; c < K; ++c) s += static_cast<double>(q[static_cast<std::size_t>(i * K + c)]) * k[static_cast<std::size_t>(j * K + c)];
+      const double w = std::exp(s);
+      den += w;
+      for (std::int64_t e = 0; e < V; ++e) exact[static_cast<std::size_t>(i * V + e)] += w * v[static_cast<std::size_t>(j * V + e)];
+    }
+    for (std::int64_t e = 0; e < V; ++e) exact[static_cast<std::size_t>(i * V + e)] /= den;
+  }
+  const auto error = [&](std::int64_t F, bool orthogonal) {
+    const std::vector<float> w = performer_projection(1, K, F, 99, orthogonal);
+    linear_spec s;
+    s.causal = false;
+    s.normalize = true;
+    s.scale = 1.0;
+    s.phi = feature_map::performer;
+    s.projection = {w, {}, 1, F};
+    std::vector<float> out(static_cast<std::size_t>(T * V));
+    const status st = linear_attention(make_bshd(q.data(), dtype::f32, 1, T, 1, K), make_bshd(k.data(), dtype::f32, 1, T, 1, K),
+                                       make_bshd(v.data(), dtype::f32, 1, T, 1, V), make_bshd(out.data(), dtype::f32, 1, T, 1, V), s);
+    EXPECT_TRUE(st.ok()) << st.error;
+    double worst = 0.0;
+    for (std::size_t i = 0; i < out.size(); ++i) worst = std::max(worst, std::fabs(out[i] - exact[i]));
+    return worst;
+  };
+  for (bool orthogonal : {false, true}) {
+    SCOPED_TRACE(orthogonal ? "orthogonal" : "iid");
+    const double coarse = error(16, orthogonal), fine = error(4096, orthogonal);
+    EXPECT_LT(fine, 0.03);
+    EXPECT_LT(fine, coarse / 3.0) << "16 features: " << coarse;
+  }
+}
+
+// performer_projection: the same seed gives the same directions, another seed others; orthogonal columns within a
+// block of K are orthogonal, with Gaussian-vector lengths (around sqrt(K)).
+TEST(Linear, PerformerProjectionIsSeededAndOrthogonal) {
+  const std::int64_t H = 2, K = 6, F = 15;
+  const std::vector<float> a = performer_projection(H, K, F, 7), b = performer_projection(H, K, F, 7), c = performer_projection(H, K, F, 8);
+  ASSERT_EQ(a.size(), static_cast<std::size_t>(H * K * F));
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  const auto col = [&](std::int64_t h, std::int64_t f, std::int64_t r) { return static_cast<double>(a[static_cast<std::size_t>((h * K + r) * F + f)]); };
+  for (std::int64_t h = 0; h < H; ++h)
+    for (std::int64_t f = 0; f < F; ++f) {
+      double norm = 0.0;
+      for (std::int64_t r = 0; r < K; ++r) norm += col(h, f, r) * col(h, f, r);
+      EXPECT_GT(norm, 0.0);
+      EXPECT_LT(norm, 10.0 * K);
+      for (std::int64_t g = f / K * K; g < f; ++g) {  // earlier columns of the same block
+        double dot = 0.0, ng = 0.0;
+        for (std::int64_t r = 0; r < K; ++r) {
+          dot += col(h, f, r) * col(h, g, r);
+          ng += col(h, g, r) * col(h, g, r);
+        }
+        EXPECT_LT(std::fabs(dot), 1e-5 * std::sqrt(norm * ng)) << "head " << h << " columns " << g << ", " << f;
+      }
+    }
+  EXPECT_TRUE(performer_projection(0, K, F, 7).empty());
+}
+
+// The projection's rules; the state, and g under a channel decay, are over its F features.
+TEST(Linear, ProjectionValidation) {
+  linear_case c;
+  c.seq = 8;
+  c.features = 4;
+  const linear_data d(c, 1);
+  std::vector<float> out(static_cast<std::size_t>(c.batch * c.seq * c.heads * c.dim_v), -7.0f);
+  const tensor o = make_bshd(out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+  const auto msg = [&](const linear_spec& s, const linear_options& opt = {}) { return linear_attention(d.qv(), d.kv(), d.vv(), o, s, opt).error; };
+  linear_spec s = d.spec();
+  s.projection.heads = 2;
+  EXPECT_EQ(msg(s), "[linear_attention] spec.projection.heads 2 must be 1 (shared) or q.heads 3");
+  s = d.spec();
+  s.projection.features = 5;
+  EXPECT_EQ(msg(s), "[linear_attention] spec.projection.weight has 60 values, expected heads x K x F = 3 x 5 x 5");
+  s = d.spec();
+  s.projection.bias = std::span<const float>(d.proj_b).first(3);
+  EXPECT_EQ(msg(s), "[linear_attention] spec.projection.bias has 3 values, expected heads x F = 3 x 4 (or none)");
+  linear_data nan_w = d;
+  nan_w.proj_w[7] = std::nanf("");
+  EXPECT_EQ(linear_attention(nan_w.qv(), nan_w.kv(), nan_w.vv(), o, nan_w.spec()).error,
+            "[linear_attention] spec.projection.weight[7] nan must be finite");
+  s = d.spec();
+  s.projection = {};
+  s.phi = feature_map::performer;
+  EXPECT_EQ(msg(s), "[linear_attention] spec.phi performer needs spec.projection (its random directions: performer_projection)");
+  std::vector<float> s0(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
+  const state_tensor over_k = make_state(s0.data(), c.batch, c.heads, c.dim_k, c.dim_v);  // K rows where F are wanted
+  linear_options with_k;
+  with_k.initial_state = &over_k;
+  EXPECT_EQ(msg(d.spec(), with_k), "[linear_attention] options.initial_state is [2, 3, 5, 8], expected [2, 3, 4, 8]");
+  s = d.spec();
+  s.decay = linear_decay::channel;  // d.g is [.., 1]
+  EXPECT_NE(msg(s).find("spec.g is [2, 8, 3, 1], expected [2, 8, 3, 4] (decay channel)"), std::string::npos);
+  std::vector<float> shared(out.size(), -7.0f);  // out written over the weights it reads
+  std::copy(d.proj_w.begin(), d.proj_w.end(), shared.begin());
+  s = d.spec();
+  s.projection.weight = std::span<const float>(shared).first(d.proj_w.size());
+  EXPECT_EQ(linear_attention(d.qv(), d.kv(), d.vv(), make_bshd(shared.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v), s).error,
+            "[linear_attention] out aliases spec.projection.weight: the output must not overlap an input");
+  EXPECT_EQ(std::count(out.begin(), out.end(), -7.0f), static_cast<std::ptrdiff_t>(out.size())) << "a rejected call wrote out";
+}
+
 TEST(Linear, Validation) {
   linear_case c;
   c.seq = 8;
@@ -375,8 +533,8 @@ TEST(Linear, Validation) {
   // normalize cannot continue from a state (z is not carried); states that overlap without being the same view.
   linear_spec norm;
   norm.normalize = true;
-  std::vector<float> s0(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
-  const state_tensor full = make_state(s0.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+  std::vector<float> s0(static_cast<std::size_t>(c.batch * c.heads * c.state_k() * c.dim_v));
+  const state_tensor full = make_state(s0.data(), c.batch, c.heads, c.state_k(), c.dim_v);
   linear_options carry;
   carry.initial_state = &full;
   EXPECT_NE(msg(d.qv(), d.kv(), d.vv(), o, norm, carry).find("spec.normalize with options.initial_state"), std::string::npos);

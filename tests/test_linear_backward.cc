@@ -26,7 +26,7 @@ using test::max_diff;
 
 // The gradients of one call, f32.
 struct grads_result {
-  std::vector<float> dq, dk, dv, dg, d_head, d_s0;
+  std::vector<float> dq, dk, dv, dg, d_head, d_s0, d_proj_w, d_proj_b;
   status st;
 };
 
@@ -40,7 +40,7 @@ struct upstream {
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
     d_out.resize(static_cast<std::size_t>(c.batch * c.seq * c.heads * c.dim_v));
     for (float& x : d_out) x = u(rng);
-    d_final.resize(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
+    d_final.resize(static_cast<std::size_t>(c.batch * c.heads * c.state_k() * c.dim_v));
     for (float& x : d_final) x = u(rng);
   }
 };
@@ -55,10 +55,12 @@ grads_result run_bwd(const linear_data& d, const upstream& up, runner r, int thr
   sized(g.dv, c.batch * c.seq * c.heads * c.dim_v);
   sized(g.dg, c.batch * c.seq * c.heads * d.gdim());
   sized(g.d_head, c.heads);
-  sized(g.d_s0, c.batch * c.heads * c.dim_k * c.dim_v);
-  const state_tensor init = make_state(const_cast<float*>(s0 ? s0 : d.s0.data()), c.batch, c.heads, c.dim_k, c.dim_v);
-  const state_tensor dfin = make_state(const_cast<float*>(up.d_final.data()), c.batch, c.heads, c.dim_k, c.dim_v);
-  const state_tensor ds0 = make_state(g.d_s0.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+  sized(g.d_s0, c.batch * c.heads * c.state_k() * c.dim_v);
+  sized(g.d_proj_w, static_cast<std::int64_t>(d.proj_w.size()));
+  sized(g.d_proj_b, static_cast<std::int64_t>(d.proj_b.size()));
+  const state_tensor init = make_state(const_cast<float*>(s0 ? s0 : d.s0.data()), c.batch, c.heads, c.state_k(), c.dim_v);
+  const state_tensor dfin = make_state(const_cast<float*>(up.d_final.data()), c.batch, c.heads, c.state_k(), c.dim_v);
+  const state_tensor ds0 = make_state(g.d_s0.data(), c.batch, c.heads, c.state_k(), c.dim_v);
   linear_options o;
   o.threads = threads;
   o.chunk = c.chunk;
@@ -72,6 +74,8 @@ grads_result run_bwd(const linear_data& d, const upstream& up, runner r, int thr
   if (want_decay && c.decay == linear_decay::fixed) gr.d_head_log_decay = g.d_head;
   gr.d_initial_state = &ds0;
   gr.d_final_state = with_final ? &dfin : nullptr;
+  gr.d_projection_weight = g.d_proj_w;
+  gr.d_projection_bias = g.d_proj_b;
   const tensor d_out = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
   if (r == runner::kernel) g.st = linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, d.spec(), gr, o);
   else
@@ -99,6 +103,11 @@ void check_case(const linear_case& c, std::uint64_t seed, int threads = 1) {
   double M = std::max({max_abs(o.dq), max_abs(o.dk), max_abs(o.dv), max_abs(o.d_s0)});
   if (data_decay) M = std::max(M, max_abs(o.dg));
   if (c.decay == linear_decay::fixed) M = std::max(M, max_abs(o.d_head));
+  // The projection's gradients sum over every token (and head when shared): their own scale, their own floor.
+  const double MW = std::max(max_abs(o.d_proj_w), max_abs(o.d_proj_b));
+  const double w_floor = test::linear_projection_floor_factor(c.batch * c.seq * (c.shared_projection ? c.heads : 1));
+  expect_within_rule(k.d_proj_w, n.d_proj_w, o.d_proj_w, MW, "d_projection_weight", w_floor);
+  expect_within_rule(k.d_proj_b, n.d_proj_b, o.d_proj_b, MW, "d_projection_bias", w_floor);
   expect_within_rule(k.dq, n.dq, o.dq, M, "dq");
   expect_within_rule(k.dk, n.dk, o.dk, M, "dk");
   expect_within_rule(k.dv, n.dv, o.dv, M, "dv");
@@ -112,8 +121,8 @@ void check_case(const linear_case& c, std::uint64_t seed, int threads = 1) {
 double loss(const linear_data& d, const upstream& up) {
   const linear_case& c = d.c;
   std::vector<float> out(up.d_out.size()), fin(up.d_final.size());
-  const state_tensor init = make_state(const_cast<float*>(d.s0.data()), c.batch, c.heads, c.dim_k, c.dim_v);
-  const state_tensor f = make_state(fin.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+  const state_tensor init = make_state(const_cast<float*>(d.s0.data()), c.batch, c.heads, c.state_k(), c.dim_v);
+  const state_tensor f = make_state(fin.data(), c.batch, c.heads, c.state_k(), c.dim_v);
   linear_options o;
   o.initial_state = c.initial ? &init : nullptr;
   o.final_state = &f;
@@ -132,6 +141,8 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     linear_decay decay;
     bool normalize, initial, causal;
     std::int64_t prefix;
+    std::int64_t features = 0;
+    bool shared = false;
   };
   const fd_case cases[] = {
       {feature_map::identity, linear_decay::none, false, true, true, 0},   {feature_map::identity, linear_decay::fixed, false, true, true, 0},
@@ -139,6 +150,12 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
       {feature_map::softmax, linear_decay::none, true, false, true, 0},    {feature_map::elu_plus_one, linear_decay::scalar, true, false, true, 0},
       {feature_map::relu, linear_decay::none, false, true, false, 0},      {feature_map::identity, linear_decay::none, false, true, true, 3},
       {feature_map::softmax, linear_decay::none, true, false, true, 2},
+      // Hedgehog (projection, then exp / softmax) and Performer (random features), per head and shared.
+      {feature_map::exp, linear_decay::channel, false, true, true, 0, 4},
+      {feature_map::softmax, linear_decay::scalar, true, false, true, 0, 5, true},
+      {feature_map::performer, linear_decay::none, true, false, true, 0, 4},
+      {feature_map::performer, linear_decay::fixed, false, true, true, 0, 2, true},
+      {feature_map::identity, linear_decay::none, false, true, true, 2, 3, true},
   };
   for (const fd_case& fc : cases) {
     linear_case c;
@@ -153,6 +170,8 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     c.initial = fc.initial;
     c.causal = fc.causal;
     c.prefix = fc.prefix;
+    c.features = fc.features;
+    c.shared_projection = fc.shared;
     SCOPED_TRACE(c.str());
     linear_data d(c, 11);
     if (c.decay == linear_decay::fixed) d.head_g = {-0.3f, -0.15f};  // away from 0: every head is probed
@@ -185,6 +204,8 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     if (c.initial) probe(d.s0.data(), d.s0.size(), an.d_s0, false, false, "d_initial_state");
     if (c.decay == linear_decay::scalar || c.decay == linear_decay::channel) probe(d.g.data(), d.g.size(), an.dg, false, true, "dg");
     if (c.decay == linear_decay::fixed) probe(d.head_g.data(), d.head_g.size(), an.d_head, false, true, "d_head_log_decay");
+    probe(d.proj_w.data(), d.proj_w.size(), an.d_proj_w, false, false, "d_projection_weight");
+    probe(d.proj_b.data(), d.proj_b.size(), an.d_proj_b, false, false, "d_projection_bias");
     EXPECT_LE(worst, 2e-3 * scale) << "the largest gap between a central difference and the oracle's gradient";
   }
 }
@@ -281,8 +302,8 @@ TEST(LinearBackward, SplitSequenceMatchesOneCall) {
     std::vector<float> mid(whole.s0.size());
     {
       std::vector<float> out(up1.d_out.size());
-      const state_tensor init = make_state(first.s0.data(), c.batch, c.heads, c.dim_k, c.dim_v);
-      const state_tensor fin = make_state(mid.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+      const state_tensor init = make_state(first.s0.data(), c.batch, c.heads, c.state_k(), c.dim_v);
+      const state_tensor fin = make_state(mid.data(), c.batch, c.heads, c.state_k(), c.dim_v);
       linear_options o;
       o.initial_state = &init;
       o.final_state = &fin;
@@ -371,7 +392,7 @@ TEST(LinearBackward, OptionalGradientsAndOutputDtypes) {
   gr.dq = make_bshd(dq.data(), dtype::bf16, c.batch, c.seq, c.heads, c.dim_k);
   gr.dk = make_bshd(dk.data(), dtype::bf16, c.batch, c.seq, c.heads, c.dim_k);
   gr.dv = make_bshd(dv.data(), dtype::bf16, c.batch, c.seq, c.heads, c.dim_v);
-  const state_tensor init = make_state(const_cast<float*>(d.s0.data()), c.batch, c.heads, c.dim_k, c.dim_v);
+  const state_tensor init = make_state(const_cast<float*>(d.s0.data()), c.batch, c.heads, c.state_k(), c.dim_v);
   linear_options o;
   o.chunk = c.chunk;
   o.initial_state = &init;
@@ -413,6 +434,21 @@ TEST(LinearBackward, Validation) {
   linear_grads same = g;
   same.dk = g.dq;
   EXPECT_EQ(msg(same, {}, {}, d_out), "[linear_attention_backward] grads.dk aliases grads.dq: the output must not overlap an input");
+  std::vector<float> dw(6);
+  linear_grads with_dw = g;
+  with_dw.d_projection_weight = dw;
+  EXPECT_EQ(msg(with_dw, {}, {}, d_out), "[linear_attention_backward] grads.d_projection_weight is set but spec.projection is none");
+  {
+    linear_case pc = c;
+    pc.features = 2;
+    const linear_data pd(pc, 1);
+    EXPECT_EQ(linear_attention_backward(pd.qv(), pd.kv(), pd.vv(), d_out, pd.spec(), with_dw, {}).error,
+              "[linear_attention_backward] grads.d_projection_weight has 6 values, expected 30 (like spec.projection.weight)");
+    linear_grads over_w = g;  // a gradient written over the weights it reads
+    over_w.d_projection_bias = std::span<float>(const_cast<float*>(pd.proj_b.data()), pd.proj_b.size());
+    EXPECT_EQ(linear_attention_backward(pd.qv(), pd.kv(), pd.vv(), d_out, pd.spec(), over_w, {}).error,
+              "[linear_attention_backward] grads.d_projection_bias aliases spec.projection.bias: the output must not overlap an input");
+  }
   std::vector<float> dg(static_cast<std::size_t>(c.batch * c.seq * c.heads));
   linear_grads with_dg = g;
   with_dg.dg = make_bshd(dg.data(), dtype::f32, c.batch, c.seq, c.heads, 1);
@@ -424,8 +460,8 @@ TEST(LinearBackward, Validation) {
   linear_spec fixed = d.spec();
   fixed.decay = linear_decay::fixed;
   EXPECT_EQ(msg(with_head, fixed, {}, d_out), "[linear_attention_backward] grads.d_head_log_decay has 2 values, expected one per head (3)");
-  std::vector<float> state(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
-  const state_tensor st = make_state(state.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+  std::vector<float> state(static_cast<std::size_t>(c.batch * c.heads * c.state_k() * c.dim_v));
+  const state_tensor st = make_state(state.data(), c.batch, c.heads, c.state_k(), c.dim_v);
   linear_options writes_state;
   writes_state.final_state = &st;
   EXPECT_NE(msg(g, {}, writes_state, d_out).find("options.final_state must be null"), std::string::npos);
@@ -594,8 +630,8 @@ TEST(LinearVarlen, Validation) {
   linear_spec prefix;
   prefix.prefix = 2;
   EXPECT_EQ(msg({0, 4, 10}, prefix, nullptr), "[linear_attention] spec.prefix with options.cu_seqlens is not supported yet");
-  std::vector<float> s0(static_cast<std::size_t>(c.heads * c.dim_k * c.dim_v));
-  const state_tensor one = make_state(s0.data(), 1, c.heads, c.dim_k, c.dim_v);
+  std::vector<float> s0(static_cast<std::size_t>(c.heads * c.state_k() * c.dim_v));
+  const state_tensor one = make_state(s0.data(), 1, c.heads, c.state_k(), c.dim_v);
   EXPECT_EQ(msg({0, 4, 10}, {}, &one), "[linear_attention] options.initial_state is [1, 3, 5, 8], expected [2, 3, 5, 8]");
   linear_case two = c;
   two.batch = 2;

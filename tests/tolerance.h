@@ -79,6 +79,12 @@ inline constexpr double k_linear_grad_floor_eps = 16.0;
 inline double linear_fixed_decay_floor_factor(std::int64_t batch, std::int64_t seq) {
   return static_cast<double>(std::max<std::int64_t>(1, batch * seq));
 }
+// The projection's gradients (d_projection_weight, d_projection_bias) are sums over every row that shares them
+// (batch * seq tokens, times the heads when W is shared), of terms of the size of dq and dk: the kernel sums them
+// token by token in float, the naive recurrence per head. Their rule takes M = their own largest |oracle| value and the
+// floor times sqrt(rows) (the rounding of a long float sum grows as its square root when the terms' errors are
+// independent).
+inline double linear_projection_floor_factor(std::int64_t rows) { return std::sqrt(static_cast<double>(std::max<std::int64_t>(1, rows))); }
 // merge_attention_states (test_merge.cc): the merge of attention over disjoint key sets against attention over their
 // union, every out and LSE f32 from the same kernel, with L = max(1, max|full.lse|) and V = max|v|:
 //   max|merged.out - full.out| <= k_merge_eps * eps(f32) * L * V

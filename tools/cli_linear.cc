@@ -27,10 +27,14 @@ const char* const k_linear_suite[] = {
     "b=1,t=70,h=2,k=24,v=24,causal=0,phi=softmax",             // bidirectional
     "b=1,t=100,h=2,k=32,v=32,prefix=37",                       // JRT prefix-linear
     "b=3,t=5,h=4,k=64,v=64,decay=scalar,s0=1",                 // a decode-sized step after a state
+    "b=1,t=120,h=2,k=32,v=32,f=48,phi=softmax,decay=channel",  // Hedgehog: a learned projection, then softmax
+    "b=2,t=80,h=2,k=16,v=24,f=64,phi=performer,normalize=1",   // Performer's random features
 };
 
 struct linear_problem {
   std::int64_t b = 1, t = 128, h = 2, k = 64, v = 64, prefix = 0, chunk = 64;
+  std::int64_t f = 0;  // a projection to f features before phi (0: none)
+  std::int64_t sk() const { return f > 0 ? f : k; }  // the state's rows
   std::uint64_t seed = 1;
   dtype type = dtype::f32;
   linear_decay decay = linear_decay::none;
@@ -61,8 +65,8 @@ bool parse_linear_problem(const std::string& text, linear_problem& p, std::strin
     const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
     std::int64_t n = 0;
     const bool is_int = parse_int(value, n);
-    std::int64_t* ints[] = {&p.b, &p.t, &p.h, &p.k, &p.v, &p.prefix, &p.chunk};
-    const char* int_keys[] = {"b", "t", "h", "k", "v", "prefix", "chunk"};
+    std::int64_t* ints[] = {&p.b, &p.t, &p.h, &p.k, &p.v, &p.prefix, &p.chunk, &p.f};
+    const char* int_keys[] = {"b", "t", "h", "k", "v", "prefix", "chunk", "f"};
     bool done = false;
     for (std::size_t x = 0; x < std::size(int_keys); ++x)
       if (key == int_keys[x]) {
@@ -97,13 +101,13 @@ bool parse_linear_problem(const std::string& text, linear_problem& p, std::strin
       return false;
     }
   }
-  for (std::int64_t x : {p.b, p.t, p.h, p.k, p.v})
+  for (std::int64_t x : {p.b, p.t, p.h, p.k, p.v, p.f})
     if (x < 0 || x > 1 << 20) {
       error = "sizes must be in 0..2^20";
       return false;
     }
-  if (static_cast<double>(p.b) * p.t * p.t * p.h * std::max(p.k, p.v) > 4e9) {
-    error = "too large for the O(T^2) fp64 oracle (b * t^2 * h * max(k, v) > 4e9)";
+  if (static_cast<double>(p.b) * p.t * p.t * p.h * std::max(p.sk(), p.v) > 4e9) {
+    error = "too large for the O(T^2) fp64 oracle (b * t^2 * h * max(k or f, v) > 4e9)";
     return false;
   }
   return true;
@@ -112,7 +116,7 @@ bool parse_linear_problem(const std::string& text, linear_problem& p, std::strin
 // The seeded inputs of a problem, in its dtype (q, k, v) and f32 (g, state, d_out, d_final).
 struct linear_inputs {
   std::vector<std::uint16_t> q16, k16, v16;
-  std::vector<float> q, k, v, g, head_g, s0, d_out, d_final;
+  std::vector<float> q, k, v, g, head_g, s0, d_out, d_final, proj_w, proj_b;
   tensor qt, kt, vt;
   linear_spec spec;
   explicit linear_inputs(const linear_problem& p) {
@@ -125,10 +129,17 @@ struct linear_inputs {
     fill(q, p.b * p.t * p.h * p.k, u);
     fill(k, p.b * p.t * p.h * p.k, u);
     fill(v, p.b * p.t * p.h * p.v, u);
-    fill(g, p.b * p.t * p.h * (p.decay == linear_decay::channel ? p.k : 1), dec);
-    fill(s0, p.b * p.h * p.k * p.v, u);
+    fill(g, p.b * p.t * p.h * (p.decay == linear_decay::channel ? p.sk() : 1), dec);
+    fill(s0, p.b * p.h * p.sk() * p.v, u);
     fill(d_out, p.b * p.t * p.h * p.v, u);
-    fill(d_final, p.b * p.h * p.k * p.v, u);
+    fill(d_final, p.b * p.h * p.sk() * p.v, u);
+    if (p.f > 0) {  // per head, with a bias: Performer's directions, or a learned-looking projection
+      if (p.phi == feature_map::performer) proj_w = performer_projection(p.h, p.k, p.f, p.seed);
+      else fill(proj_w, p.h * p.k * p.f, u);
+      for (float& x : proj_w) x *= p.phi == feature_map::performer ? 1.0f : std::sqrt(3.0f / static_cast<float>(std::max<std::int64_t>(p.k, 1)));
+      fill(proj_b, p.h * p.f, u);
+      spec.projection = {proj_w, proj_b, p.h, p.f};
+    }
     head_g.resize(static_cast<std::size_t>(p.h));
     for (std::int64_t x = 0; x < p.h; ++x) head_g[static_cast<std::size_t>(x)] = std::log(1.0f - std::exp2(-2.0f - static_cast<float>(x % 6)));
     const auto view = [&](std::vector<float>& x, std::vector<std::uint16_t>& x16, std::int64_t dim) {
@@ -146,7 +157,7 @@ struct linear_inputs {
     spec.normalize = p.normalize;
     spec.decay = p.decay;
     spec.head_log_decay = head_g;
-    spec.g = make_bshd(g.data(), dtype::f32, p.b, p.t, p.h, p.decay == linear_decay::channel ? p.k : 1);
+    spec.g = make_bshd(g.data(), dtype::f32, p.b, p.t, p.h, p.decay == linear_decay::channel ? p.sk() : 1);
   }
 };
 
@@ -175,8 +186,8 @@ struct forward_run {
 forward_run forward(const linear_problem& p, linear_inputs& in, who w, int threads) {
   forward_run r;
   r.out.assign(static_cast<std::size_t>(p.b * p.t * p.h * p.v), 0.0f);
-  r.state.assign(static_cast<std::size_t>(p.b * p.h * p.k * p.v), 0.0f);
-  const state_tensor s0 = make_state(in.s0.data(), p.b, p.h, p.k, p.v), fin = make_state(r.state.data(), p.b, p.h, p.k, p.v);
+  r.state.assign(static_cast<std::size_t>(p.b * p.h * p.sk() * p.v), 0.0f);
+  const state_tensor s0 = make_state(in.s0.data(), p.b, p.h, p.sk(), p.v), fin = make_state(r.state.data(), p.b, p.h, p.sk(), p.v);
   linear_options o;
   o.threads = threads;
   o.chunk = p.chunk;
@@ -192,26 +203,29 @@ forward_run forward(const linear_problem& p, linear_inputs& in, who w, int threa
 }
 
 struct backward_run {
-  std::vector<std::vector<float>> grads;  // dq, dk, dv, decay, d_initial_state
+  std::vector<std::vector<float>> grads;  // dq, dk, dv, decay, d_initial_state, d_projection_weight, d_projection_bias
   status st;
   double ms = 0;
 };
 
 backward_run backward(const linear_problem& p, linear_inputs& in, who w, int threads) {
   backward_run r;
-  const std::int64_t gdim = p.decay == linear_decay::channel ? p.k : 1;
+  const std::int64_t gdim = p.decay == linear_decay::channel ? p.sk() : 1;
   r.grads = {std::vector<float>(static_cast<std::size_t>(p.b * p.t * p.h * p.k)), std::vector<float>(static_cast<std::size_t>(p.b * p.t * p.h * p.k)),
              std::vector<float>(static_cast<std::size_t>(p.b * p.t * p.h * p.v)),
              std::vector<float>(static_cast<std::size_t>(p.decay == linear_decay::fixed ? p.h : p.b * p.t * p.h * gdim)),
-             std::vector<float>(static_cast<std::size_t>(p.b * p.h * p.k * p.v))};
+             std::vector<float>(static_cast<std::size_t>(p.b * p.h * p.sk() * p.v)), std::vector<float>(in.proj_w.size()),
+             std::vector<float>(in.proj_b.size())};
   linear_grads g;
   g.dq = make_bshd(r.grads[0].data(), dtype::f32, p.b, p.t, p.h, p.k);
   g.dk = make_bshd(r.grads[1].data(), dtype::f32, p.b, p.t, p.h, p.k);
   g.dv = make_bshd(r.grads[2].data(), dtype::f32, p.b, p.t, p.h, p.v);
   if (p.decay == linear_decay::scalar || p.decay == linear_decay::channel) g.dg = make_bshd(r.grads[3].data(), dtype::f32, p.b, p.t, p.h, gdim);
   if (p.decay == linear_decay::fixed) g.d_head_log_decay = r.grads[3];
-  const state_tensor s0 = make_state(in.s0.data(), p.b, p.h, p.k, p.v), dfin = make_state(in.d_final.data(), p.b, p.h, p.k, p.v),
-                     ds0 = make_state(r.grads[4].data(), p.b, p.h, p.k, p.v);
+  const state_tensor s0 = make_state(in.s0.data(), p.b, p.h, p.sk(), p.v), dfin = make_state(in.d_final.data(), p.b, p.h, p.sk(), p.v),
+                     ds0 = make_state(r.grads[4].data(), p.b, p.h, p.sk(), p.v);
+  g.d_projection_weight = r.grads[5];
+  g.d_projection_bias = r.grads[6];
   g.d_final_state = &dfin;
   g.d_initial_state = &ds0;
   linear_options o;
@@ -246,7 +260,7 @@ int run_linear_explain(const command_line& cl) {
   }
   linear_inputs in(p);
   std::vector<float> out(static_cast<std::size_t>(p.b * p.t * p.h * p.v));
-  const state_tensor s0 = make_state(in.s0.data(), p.b, p.h, p.k, p.v);
+  const state_tensor s0 = make_state(in.s0.data(), p.b, p.h, p.sk(), p.v);
   linear_options o;
   o.threads = cl.threads;
   o.chunk = p.chunk;
@@ -295,17 +309,20 @@ int run_linear_check(const command_line& cl) {
         pass = false;
       } else {
         const backward_run ob = backward(p, in, who::oracle, cl.threads), nb = backward(p, in, who::naive, cl.threads);
-        double M = 0;
-        for (const auto& x : ob.grads) M = std::max(M, max_abs(x));
+        double M = 0, MW = 0;  // the projection's gradients (sums over every token) on their own scale
+        for (std::size_t x = 0; x < ob.grads.size(); ++x) (x < 5 ? M : MW) = std::max(x < 5 ? M : MW, max_abs(ob.grads[x]));
         gerr = gnaive = 0;
-        const char* names[] = {"dq", "dk", "dv", "d_decay", "d_initial_state"};
+        const char* names[] = {"dq", "dk", "dv", "d_decay", "d_initial_state", "d_projection_weight", "d_projection_bias"};
         for (std::size_t x = 0; x < kb.grads.size(); ++x) {
           const double e = max_diff(kb.grads[x], ob.grads[x]), ne = max_diff(nb.grads[x], ob.grads[x]);
           gerr = std::max(gerr, e);
           gnaive = std::max(gnaive, ne);
-          // The fixed decay's gradient sums b * t per-token gradients of the running-sum identity: its floor grows with them.
-          const double walk = p.decay == linear_decay::fixed && x == 3 ? static_cast<double>(std::max<std::int64_t>(1, p.b * p.t)) : 1.0;
-          if (!(e <= 2 * ne + walk * 16 * k_eps32 * M)) {
+          // The fixed decay's gradient sums b * t per-token gradients of the running-sum identity: its floor grows with
+          // them; the projection's sum b * t rows each, a floor of sqrt(b * t).
+          const double walk = p.decay == linear_decay::fixed && x == 3 ? static_cast<double>(std::max<std::int64_t>(1, p.b * p.t))
+                              : x >= 5                                 ? std::sqrt(static_cast<double>(std::max<std::int64_t>(1, p.b * p.t)))
+                                                                       : 1.0;
+          if (!(e <= 2 * ne + walk * 16 * k_eps32 * (x < 5 ? M : MW))) {
             notes.push_back(std::string(names[x]) + " outside the tolerance rule");
             pass = false;
           }

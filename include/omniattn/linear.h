@@ -3,10 +3,11 @@
 // a scale applied to q, log-space decays g, initial_state / final_state [batch, heads, K, V].
 //
 // Math contract (token t = 0 .. T - 1 of one (batch, head); phi the feature map, applied to q and k on load):
-//   q_t = scale phi(q_t),  k_t = phi(k_t),  alpha_t = exp(g_t)  (a per-channel vector over K; a scalar decay is the
+//   q_t = scale phi(P(q_t)),  k_t = phi(P(k_t)),  P the spec's projection (x -> x W_h + b_h, K -> F features;
+//   none: P(x) = x and F = K), alpha_t = exp(g_t)  (a per-channel vector over K; a scalar decay is the
 //   same value in every channel, the fixed decay the same value at every token; no decay: alpha = 1)
 //   causal:      S_t = diag(alpha_t) S_{t-1} + k_t^T v_t,   S_{-1} = initial_state (0 when none)
-//                o_t = q_t S_t                                                       [K x V state, f32]
+//                o_t = q_t S_t                                                       [F x V state, f32]
 //   normalize:   z_t = alpha_t * z_{t-1} + k_t,  z_{-1} = 0,   o_t = (q_t S_t) / (q_t . z_t)   (0 where q_t . z_t = 0);
 //                z is not carried between calls yet, so normalize takes no initial_state
 //   non-causal:  o_t = q_t S,  S = initial_state + sum over every token of k_t^T v_t  (no decay)
@@ -31,10 +32,34 @@
 
 namespace omniattn {
 
-// Feature maps phi, applied elementwise (softmax: over the K features of a token) to q and k on load.
-enum class feature_map : std::uint8_t { identity, elu_plus_one, relu, softmax };
+// Feature maps phi, applied elementwise (softmax: over the features of a token) to q and k on load, after the
+// projection when the spec has one (y = x W + b below; without one y = x):
+//   identity, elu_plus_one (elu(y) + 1), relu, softmax (over y's features, max subtracted)
+//   exp        exp(y): Hedgehog's map after its learned projection (softmax is the same map normalised per token;
+//              exp of a large y overflows to inf, as in any exp map)
+//   performer  exp(y - |x|^2 / 2) / sqrt(F): FAVOR+ positive random features (Performer); needs a projection whose
+//              columns are the random directions (performer_projection below), x the raw q or k row. Its features
+//              estimate exp(x_q . x_k): pass q, k already scaled by K^(-1/4) and spec.scale 1 for softmax's kernel.
+enum class feature_map : std::uint8_t { identity, elu_plus_one, relu, softmax, exp, performer };
 const char* feature_map_name(feature_map f);
 bool parse_feature_map(const std::string& name, feature_map& f);  // the names above; false (f untouched) otherwise
+
+// A projection of q and k before phi (Hedgehog's learned maps, Performer's random features): each raw row x of head h
+// becomes y = x W_h + b_h with F features. weight is [heads][K][F] row-major f32, bias [heads][F] or empty, heads
+// q.heads (one per head) or 1 (shared). With a projection the state is F x V: spec.g (channel), initial_state and
+// final_state take F where they took K.
+struct feature_projection {
+  std::span<const float> weight;  // heads * K * F values
+  std::span<const float> bias;    // heads * F values, or empty
+  std::int64_t heads = 0;         // 0: no projection
+  std::int64_t features = 0;      // F
+};
+
+// Performer's random features for `heads` heads: W [heads][dim][features], the columns Gaussian directions N(0, I);
+// orthogonal: within each block of `dim` columns orthogonalised, then each rescaled to the norm of an independent
+// Gaussian vector (FAVOR+'s orthogonal random features, lower variance). Deterministic in seed on every platform.
+std::vector<float> performer_projection(std::int64_t heads, std::int64_t dim, std::int64_t features, std::uint64_t seed,
+                                        bool orthogonal = true);
 
 // Decay / gating, in log space (g <= 0, so alpha = exp(g) is in (0, 1]):
 //   none     alpha = 1 (plain linear attention)
@@ -49,6 +74,7 @@ struct linear_spec {
   std::int64_t prefix = 0;  // causal: the first `prefix` tokens attend within the whole prefix (JRT), 0 .. seq
   double scale = -1.0;  // < 0: 1 / sqrt(K) (fla's default)
   feature_map phi = feature_map::identity;
+  feature_projection projection;  // heads 0: none
   bool normalize = false;  // divide by q_t . z_t (classic linear attention); off: TransNormer / Lightning / GLA
   linear_decay decay = linear_decay::none;
   std::span<const float> head_log_decay;  // fixed: one per head (q.heads of them), each finite and <= 0
@@ -101,7 +127,9 @@ status reference_linear_attention(const tensor& q, const tensor& k, const tensor
 //   dq_t = S_t do_t^T,  dk_t = D_t v_t^T,  dv_t = k_t D_t,  d_initial_state = diag(alpha_0) D_0
 //   dg_t[c] = sum over tokens i >= t of (q_i[c] dq_i[c] - k_i[c] dk_i[c]), plus final_state[c] . d_final_state[c]
 //             (the gradient of a log decay is that of every running sum G_i it enters; scalar: summed over c; fixed:
-//             summed over the tokens too), then dq, dk through scale and phi to the raw inputs.
+//             summed over the tokens too), then dq, dk through scale, phi and the projection to the raw inputs, with
+//             dW_h = sum over tokens (and batches; heads too when W is shared) of x^T dy, db_h the sum of dy, dy the
+//             gradient of y = x W_h + b_h (summed in a fixed order: deterministic).
 //   normalize: o = num / den, so num gets do / den and den gets -(do . o) / den (0 where den = 0), and den is one more
 //   value column (of ones) of the same recurrence; the prefix and non-causal forms read D of the whole prefix.
 // The kernel runs two passes per (batch, head): forward over the chunks for dq (the state rebuilt, never stored),
@@ -109,6 +137,8 @@ status reference_linear_attention(const tensor& q, const tensor& k, const tensor
 struct linear_grads {
   tensor dq, dk, dv;                              // written: like q, k, v; f32 or q's dtype
   tensor dg;                                      // decay scalar / channel, written: like spec.g, f32; null data: not computed
+  std::span<float> d_projection_weight;           // written: like spec.projection.weight; empty: not computed
+  std::span<float> d_projection_bias;             // written: like spec.projection.bias; empty: not computed
   std::span<float> d_head_log_decay;              // decay fixed, written: one per head; empty: not computed
   const state_tensor* d_initial_state = nullptr;  // written: dL / d options.initial_state (a zero state when it is null)
   const state_tensor* d_final_state = nullptr;    // read: dL / d final_state (null: 0)

@@ -901,19 +901,49 @@ array per_token_decay(array a) {
   return a;
 }
 
+// The float32 copies a linear spec points into: head_log_decay, the projection's weight and bias.
+struct linear_arrays {
+  py::array_t<float, py::array::c_style | py::array::forcecast> decays, weight, bias;
+};
+
+// A contiguous float32 copy (or view) of x, kept in `into`; its values as a span.
+std::span<const float> float_values(py::handle x, const char* name, py::array_t<float, py::array::c_style | py::array::forcecast>& into) {
+  into = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x);
+  if (!into) throw py::type_error(std::string("omniattn: ") + name + " must be a float array");
+  return {into.data(), static_cast<std::size_t>(into.size())};
+}
+
 // The spec of a linear call: the decay is fixed with head_log_decay, scalar with a g of [B, T, H] (or [B, T, H, 1]),
-// per channel with a g of [B, T, H, K]. `decays` keeps head_log_decay's float32 copy alive.
+// per channel with a g of [B, T, H, K]; the projection is [heads, K, F] (or [K, F]: shared), its bias [heads, F] (or
+// [F]); their heads and F are read from the weight's shape, the counts checked by the library. `arrays` keeps the
+// float32 copies alive.
 omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::optional<double> scale, const std::string& phi, bool normalize,
-                                     bool causal, std::int64_t prefix, py::handle g, py::handle head_log_decay, buffers& keep,
-                                     py::array_t<float, py::array::c_style | py::array::forcecast>& decays) {
+                                     bool causal, std::int64_t prefix, py::handle g, py::handle head_log_decay, py::handle projection,
+                                     py::handle projection_bias, buffers& keep, linear_arrays& arrays) {
   omniattn::linear_spec s;
+  auto& decays = arrays.decays;
   if (scale && !(*scale > 0.0)) throw py::value_error("omniattn: scale must be > 0 (None: K ** -0.5), got " + std::to_string(*scale));
   s.scale = scale ? *scale : -1.0;
   s.normalize = normalize;
   s.causal = causal;
   s.prefix = prefix;
-  if (!omniattn::parse_feature_map(phi, s.phi))
-    throw py::value_error("omniattn: feature_map must be 'identity', 'elu_plus_one', 'relu' or 'softmax', not '" + phi + "'");
+  if (!omniattn::parse_feature_map(phi, s.phi)) {
+    std::string names;
+    for (int f = 0; f <= static_cast<int>(omniattn::feature_map::performer); ++f)
+      names += std::string(names.empty() ? "'" : ", '") + omniattn::feature_map_name(static_cast<omniattn::feature_map>(f)) + "'";
+    throw py::value_error("omniattn: feature_map must be one of " + names + ", not '" + phi + "'");
+  }
+  if (!projection.is_none()) {
+    s.projection.weight = float_values(projection, "projection", arrays.weight);
+    if (arrays.weight.ndim() != 2 && arrays.weight.ndim() != 3)
+      throw py::value_error("omniattn: projection must be [heads, K, F] or [K, F] (shared by the heads), got " +
+                            std::to_string(arrays.weight.ndim()) + " dims");
+    s.projection.heads = arrays.weight.ndim() == 3 ? arrays.weight.shape(0) : 1;
+    s.projection.features = arrays.weight.shape(arrays.weight.ndim() - 1);
+    if (!projection_bias.is_none()) s.projection.bias = float_values(projection_bias, "projection_bias", arrays.bias);
+  } else if (!projection_bias.is_none()) {
+    throw py::value_error("omniattn: projection_bias without projection");
+  }
   if (!head_log_decay.is_none()) {
     decays = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(head_log_decay);
     if (!decays || decays.ndim() != 1 || decays.shape(0) != heads)
@@ -933,14 +963,15 @@ omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::opti
 void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16, std::optional<double> scale,
             const std::string& phi, bool normalize, bool causal, py::handle g, py::handle head_log_decay,
             py::handle initial_state, py::handle final_state, std::int64_t chunk, int threads, bool reference,
-            std::int64_t prefix, py::handle cu) {
+            std::int64_t prefix, py::handle cu, py::handle projection, py::handle projection_bias) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
   const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
   const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
-  py::array_t<float, py::array::c_style | py::array::forcecast> decays;
-  const omniattn::linear_spec s = linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, head_log_decay, keep, decays);
+  linear_arrays arrays;
+  const omniattn::linear_spec s =
+      linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, head_log_decay, projection, projection_bias, keep, arrays);
   omniattn::state_tensor s0, s1;
   omniattn::linear_options o;
   o.threads = threads;
@@ -969,25 +1000,41 @@ void linear_backward(py::handle q, py::handle k, py::handle v, py::handle d_out,
                      std::optional<double> scale, const std::string& phi, bool normalize, bool causal, py::handle g,
                      py::handle head_log_decay, py::handle initial_state, py::handle d_final_state, py::handle dg,
                      py::handle d_head_log_decay, py::handle d_initial_state, std::int64_t chunk, int threads, bool reference,
-                     std::int64_t prefix, py::handle cu) {
+                     std::int64_t prefix, py::handle cu, py::handle projection, py::handle projection_bias,
+                     py::handle d_projection, py::handle d_projection_bias) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
   const omniattn::tensor tv = to_tensor("v", describe(v, "v", false, as_bf16, keep), false);
   const omniattn::tensor tdo = to_tensor("d_out", describe(d_out, "d_out", false, as_bf16, keep), false);
-  py::array_t<float, py::array::c_style | py::array::forcecast> decays;
-  const omniattn::linear_spec s = linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, head_log_decay, keep, decays);
+  linear_arrays arrays;
+  const omniattn::linear_spec s =
+      linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, head_log_decay, projection, projection_bias, keep, arrays);
   omniattn::linear_grads gr;
   gr.dq = to_tensor("dq", describe(dq, "dq", true, as_bf16, keep), false);
   gr.dk = to_tensor("dk", describe(dk, "dk", true, as_bf16, keep), false);
   gr.dv = to_tensor("dv", describe(dv, "dv", true, as_bf16, keep), false);
   if (!dg.is_none()) gr.dg = to_tensor("dg", per_token_decay(describe(dg, "dg", true, false, keep)), false);
+  // Written float32 arrays of any shape, contiguous: their values as one span (the library checks the count).
+  const auto written_values = [&](py::handle x, const char* name) {
+    const array a = describe(x, name, true, false, keep);
+    std::int64_t n = 1, expect = 1;
+    bool contiguous = a.type == elem::f32;
+    for (std::size_t d = a.shape.size(); d-- > 0;) {
+      contiguous &= a.shape[d] == 1 || a.strides[d] == expect;
+      expect *= a.shape[d];
+      n *= a.shape[d];
+    }
+    if (!contiguous) throw py::value_error(std::string("omniattn: ") + name + " must be a contiguous float32 array");
+    return std::span<float>(static_cast<float*>(a.data), static_cast<std::size_t>(n));
+  };
   if (!d_head_log_decay.is_none()) {
     const array a = describe(d_head_log_decay, "d_head_log_decay", true, false, keep);
-    if (a.type != elem::f32 || a.shape.size() != 1 || a.strides[0] != 1)
-      throw py::value_error("omniattn: d_head_log_decay must be a contiguous 1-d float32 array");
-    gr.d_head_log_decay = std::span<float>(static_cast<float*>(a.data), static_cast<std::size_t>(a.shape[0]));
+    if (a.shape.size() != 1) throw py::value_error("omniattn: d_head_log_decay must be a contiguous 1-d float32 array");
+    gr.d_head_log_decay = written_values(d_head_log_decay, "d_head_log_decay");
   }
+  if (!d_projection.is_none()) gr.d_projection_weight = written_values(d_projection, "d_projection");
+  if (!d_projection_bias.is_none()) gr.d_projection_bias = written_values(d_projection_bias, "d_projection_bias");
   omniattn::state_tensor s0, ds1, ds0;
   omniattn::linear_options o;
   o.threads = threads;
@@ -1182,13 +1229,27 @@ PYBIND11_MODULE(_omniattn, m) {
   m.def("linear_attention", &linear, "q"_a, "k"_a, "v"_a, "out"_a, py::kw_only(), "as_bf16"_a = false, "scale"_a = py::none(),
         "feature_map"_a = "identity", "normalize"_a = false, "causal"_a = true, "g"_a = py::none(),
         "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "final_state"_a = py::none(), "chunk"_a = 64,
-        "threads"_a = 0, "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(),
+        "threads"_a = 0, "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(), "projection"_a = py::none(),
+        "projection_bias"_a = py::none(),
         "omniattn::linear_attention (reference=True: its fp64 oracle) of q, k, v into out (and final_state).");
+  m.def(
+      "performer_projection",
+      [](std::int64_t heads, std::int64_t dim, std::int64_t features, std::uint64_t seed, bool orthogonal) {
+        if (heads < 1 || dim < 1 || features < 1)
+          throw py::value_error("omniattn: performer_projection needs heads, dim and features >= 1");
+        const std::vector<float> w = omniattn::performer_projection(heads, dim, features, seed, orthogonal);
+        py::array_t<float> a({heads, dim, features});
+        std::copy(w.begin(), w.end(), a.mutable_data());
+        return a;
+      },
+      "heads"_a, "dim"_a, "features"_a, "seed"_a = 0, "orthogonal"_a = true,
+      "omniattn::performer_projection: Performer's random directions [heads, dim, features], float32.");
   m.def("linear_attention_backward", &linear_backward, "q"_a, "k"_a, "v"_a, "d_out"_a, "dq"_a, "dk"_a, "dv"_a, py::kw_only(),
         "as_bf16"_a = false, "scale"_a = py::none(), "feature_map"_a = "identity", "normalize"_a = false, "causal"_a = true,
         "g"_a = py::none(), "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "d_final_state"_a = py::none(),
         "dg"_a = py::none(), "d_head_log_decay"_a = py::none(), "d_initial_state"_a = py::none(), "chunk"_a = 64, "threads"_a = 0,
-        "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(),
+        "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(), "projection"_a = py::none(),
+        "projection_bias"_a = py::none(), "d_projection"_a = py::none(), "d_projection_bias"_a = py::none(),
         "omniattn::linear_attention_backward (reference=True: its fp64 oracle): the gradients of q, k, v (and of g, "
         "head_log_decay and initial_state where their arrays are given) from d_out (and d_final_state).");
 

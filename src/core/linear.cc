@@ -2,7 +2,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <new>
+#include <numbers>
+#include <random>
+#include <span>
+#include <utility>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -22,12 +28,15 @@ const char* feature_map_name(feature_map f) {
     case feature_map::elu_plus_one: return "elu_plus_one";
     case feature_map::relu: return "relu";
     case feature_map::softmax: return "softmax";
+    case feature_map::exp: return "exp";
+    case feature_map::performer: return "performer";
   }
   return "?";
 }
 
 bool parse_feature_map(const std::string& name, feature_map& f) {
-  for (feature_map x : {feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::softmax})
+  for (feature_map x : {feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::softmax, feature_map::exp,
+                        feature_map::performer})
     if (name == feature_map_name(x)) {
       f = x;
       return true;
@@ -45,6 +54,49 @@ const char* linear_decay_name(linear_decay d) {
   return "?";
 }
 
+// Box-Muller over mt19937_64's 53-bit uniforms: both are fully specified, so the directions are the same on every
+// platform (std::normal_distribution's algorithm is the library's choice).
+std::vector<float> performer_projection(std::int64_t heads, std::int64_t dim, std::int64_t features, std::uint64_t seed, bool orthogonal) {
+  if (heads < 1 || dim < 1 || features < 1) return {};
+  std::mt19937_64 gen(seed);
+  const auto uniform = [&] { return (static_cast<double>(gen() >> 11) + 0.5) * 0x1.0p-53; };  // in (0, 1)
+  const auto gaussian = [&] { return std::sqrt(-2.0 * std::log(uniform())) * std::cos(2.0 * std::numbers::pi * uniform()); };
+  std::vector<float> w(static_cast<std::size_t>(heads * dim * features));
+  std::vector<double> block(static_cast<std::size_t>(dim * dim));
+  for (std::int64_t h = 0; h < heads; ++h)
+    for (std::int64_t f0 = 0; f0 < features; f0 += dim) {
+      const std::int64_t cols = std::min(dim, features - f0);
+      for (double& x : block) x = gaussian();  // row r of block: direction f0 + r
+      if (orthogonal)
+        for (std::int64_t r = 0; r < dim; ++r) {  // modified Gram-Schmidt, then the length of a fresh Gaussian vector
+          double* u = &block[static_cast<std::size_t>(r * dim)];
+          for (std::int64_t e = 0; e < r; ++e) {
+            const double* prev = &block[static_cast<std::size_t>(e * dim)];
+            double d = 0.0;
+            for (std::int64_t c = 0; c < dim; ++c) d += u[c] * prev[c];
+            for (std::int64_t c = 0; c < dim; ++c) u[c] -= d * prev[c];
+          }
+          double norm = 0.0;
+          for (std::int64_t c = 0; c < dim; ++c) norm += u[c] * u[c];
+          for (std::int64_t c = 0; c < dim; ++c) u[c] /= std::sqrt(norm);
+        }
+      for (std::int64_t r = 0; r < cols; ++r) {
+        double length = 1.0;
+        if (orthogonal) {
+          double sq = 0.0;
+          for (std::int64_t c = 0; c < dim; ++c) {
+            const double x = gaussian();
+            sq += x * x;
+          }
+          length = std::sqrt(sq);
+        }
+        for (std::int64_t c = 0; c < dim; ++c)
+          w[static_cast<std::size_t>((h * dim + c) * features + f0 + r)] = static_cast<float>(length * block[static_cast<std::size_t>(r * dim + c)]);
+      }
+    }
+  return w;
+}
+
 state_tensor make_state(float* data, std::int64_t batch, std::int64_t heads, std::int64_t dim_k, std::int64_t dim_v) {
   return {data, batch, heads, dim_k, dim_v, heads * dim_k * dim_v, dim_k * dim_v, dim_v, 1};
 }
@@ -54,11 +106,12 @@ namespace {
 
 const char* const k_state_dims[4] = {"batch", "head", "k", "v"};
 
-// A [sequences, heads, K, V] f32 state (sequences: q.batch, or the varlen call's count), K = q.dim, V = v.dim: the
-// bytes it spans.
-byte_range check_state(const char* name, const state_tensor& st, const tensor& q, const tensor& v, std::int64_t sequences) {
-  if (st.batch != sequences || st.heads != q.heads || st.dim_k != q.dim || st.dim_v != v.dim)
-    fail(name, " is [", st.batch, ", ", st.heads, ", ", st.dim_k, ", ", st.dim_v, "], expected [", sequences, ", ", q.heads, ", ", q.dim,
+// A [sequences, heads, K, V] f32 state (sequences: q.batch, or the varlen call's count), K the state's features (q.dim,
+// or the projection's F), V = v.dim: the bytes it spans.
+byte_range check_state(const char* name, const state_tensor& st, const tensor& q, const tensor& v, std::int64_t sequences,
+                       std::int64_t dim_k) {
+  if (st.batch != sequences || st.heads != q.heads || st.dim_k != dim_k || st.dim_v != v.dim)
+    fail(name, " is [", st.batch, ", ", st.heads, ", ", st.dim_k, ", ", st.dim_v, "], expected [", sequences, ", ", q.heads, ", ", dim_k,
          ", ", v.dim, "]");
   if (!st.data && sequences * q.heads > 0) fail(name, ".data is null");
   if (reinterpret_cast<std::uintptr_t>(st.data) % 4 != 0) fail(name, ".data is not aligned to its 4-byte f32 elements");
@@ -119,11 +172,32 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
   check_same_shape("k", k, "q", q);
   check_bth("v", v, q, v.dim, "v.dim");
   if (!std::isfinite(s.scale)) fail("spec.scale ", s.scale, " must be finite (< 0: 1 / sqrt(K))");
-  if (s.phi != feature_map::identity && s.phi != feature_map::elu_plus_one && s.phi != feature_map::relu && s.phi != feature_map::softmax)
-    fail("spec.phi ", static_cast<int>(s.phi), " is not a feature map");
+  if (static_cast<int>(s.phi) > static_cast<int>(feature_map::performer)) fail("spec.phi ", static_cast<int>(s.phi), " is not a feature map");
   if (o.chunk < 1 || o.chunk > 1024) fail("options.chunk ", o.chunk, " must be in 1..1024");
   p = {};
   p.threads = check_threads("options.threads", o.threads);
+  p.dim_in = q.dim;
+  p.dim_k = q.dim;
+  if (const feature_projection& pr = s.projection; pr.heads != 0) {
+    if (pr.heads != 1 && pr.heads != q.heads) fail("spec.projection.heads ", pr.heads, " must be 1 (shared) or q.heads ", q.heads);
+    if (pr.features < 1) fail("spec.projection.features ", pr.features, " must be >= 1");
+    const std::int64_t nw = pr.heads * q.dim * pr.features, nb = pr.heads * pr.features;
+    if (static_cast<std::int64_t>(pr.weight.size()) != nw)
+      fail("spec.projection.weight has ", pr.weight.size(), " values, expected heads x K x F = ", pr.heads, " x ", q.dim, " x ", pr.features);
+    if (!pr.bias.empty() && static_cast<std::int64_t>(pr.bias.size()) != nb)
+      fail("spec.projection.bias has ", pr.bias.size(), " values, expected heads x F = ", pr.heads, " x ", pr.features, " (or none)");
+    for (const auto& [name, vals] : {std::pair{"spec.projection.weight", pr.weight}, std::pair{"spec.projection.bias", pr.bias}}) {
+      for (std::size_t i = 0; i < vals.size(); ++i)
+        if (!std::isfinite(vals[i])) fail(name, "[", i, "] ", vals[i], " must be finite");
+      if (!vals.empty()) inputs.push_back({name, array_range(name, vals.data(), static_cast<std::int64_t>(vals.size()), 4)});
+    }
+    p.proj_w = pr.weight.data();
+    p.proj_b = pr.bias.empty() ? nullptr : pr.bias.data();
+    p.proj_heads = pr.heads;
+    p.dim_k = pr.features;
+  } else if (s.phi == feature_map::performer) {
+    fail("spec.phi performer needs spec.projection (its random directions: performer_projection)");
+  }
   switch (s.decay) {
     case linear_decay::none: break;
     case linear_decay::fixed:
@@ -137,7 +211,7 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
     case linear_decay::scalar:
     case linear_decay::channel: {
       const tensor& g = s.g;
-      const std::int64_t want = s.decay == linear_decay::scalar ? 1 : q.dim;
+      const std::int64_t want = s.decay == linear_decay::scalar ? 1 : p.dim_k;  // channel: one per state row
       if (g.data == nullptr && q.batch * q.seq * q.heads > 0) fail("spec.g.data is null (decay ", linear_decay_name(s.decay), ")");
       if (g.type == dtype::f64) fail("spec.g.type f64: f32, bf16 or f16");
       if (g.batch != q.batch || g.seq != q.seq || g.heads != q.heads || g.dim != want)
@@ -174,18 +248,18 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
     p.num_seqs = static_cast<std::int64_t>(cu.size()) - 1;
     p.seqs = p.num_seqs;
   }
-  if (o.initial_state) inputs.push_back({"options.initial_state", check_state("options.initial_state", *o.initial_state, q, v, p.seqs)});
+  if (o.initial_state) inputs.push_back({"options.initial_state", check_state("options.initial_state", *o.initial_state, q, v, p.seqs, p.dim_k)});
   p.q = q.data;
   p.k = k.data;
   p.v = v.data;
   p.in_type = q.type;
+  p.v_type = v.type;
   kernel_strides(q, p.q_stride);
   kernel_strides(k, p.k_stride);
   kernel_strides(v, p.v_stride);
   p.batch = q.batch;
   p.seq = q.seq;
   p.heads = q.heads;
-  p.dim_k = q.dim;
   p.dim_v = v.dim;
   p.scale = s.scale < 0 ? 1.0 / std::sqrt(static_cast<double>(q.dim)) : s.scale;
   p.phi = s.phi;
@@ -217,11 +291,11 @@ void build_forward(const tensor& q, const tensor& k, const tensor& v, const tens
   check_bth("out", out, q, v.dim, "v.dim");
   written_view("out", out, q.type, inputs, written);
   if (const state_tensor* f = o.final_state) {
-    const byte_range r = check_state("options.final_state", *f, q, v, p.seqs);
+    const byte_range r = check_state("options.final_state", *f, q, v, p.seqs, p.dim_k);
     check_state_written("options.final_state", *f);
     // The same view is a state advanced in place (each head reads its slice before it writes it); any other overlap
     // would let one head's final state overwrite another head's initial state before it is read.
-    if (const state_tensor* i = o.initial_state; i && overlaps(r, check_state("options.initial_state", *i, q, v, p.seqs))) {
+    if (const state_tensor* i = o.initial_state; i && overlaps(r, check_state("options.initial_state", *i, q, v, p.seqs, p.dim_k))) {
       if (!same_view(*f, *i)) fail("options.final_state overlaps options.initial_state without being the same view");
       inputs.pop_back();
     }
@@ -243,7 +317,7 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
   inputs.push_back({"d_out", check_tensor("d_out", d_out)});
   if (d_out.type != q.type && d_out.type != dtype::f32)
     fail("d_out.type ", dtype_name(d_out.type), " must be q.type ", dtype_name(q.type), " or f32");
-  if (const state_tensor* f = g.d_final_state) inputs.push_back({"grads.d_final_state", check_state("grads.d_final_state", *f, q, v, p.fwd.seqs)});
+  if (const state_tensor* f = g.d_final_state) inputs.push_back({"grads.d_final_state", check_state("grads.d_final_state", *f, q, v, p.fwd.seqs, p.fwd.dim_k)});
   check_same_shape("grads.dq", g.dq, "q", q);
   check_same_shape("grads.dk", g.dk, "k", k);
   check_same_shape("grads.dv", g.dv, "v", v);
@@ -272,8 +346,21 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
     written.push_back({"grads.d_head_log_decay", r});
     p.d_head_log_decay = g.d_head_log_decay.data();
   }
+  const auto projection_grad = [&](const char* name, std::span<float> grad, std::span<const float> of, const char* of_name) -> float* {
+    if (grad.empty()) return nullptr;
+    if (s.projection.heads == 0) fail(name, " is set but spec.projection is none");
+    if (grad.size() != of.size()) fail(name, " has ", grad.size(), " values, expected ", of.size(), " (like ", of_name, ")");
+    if (reinterpret_cast<std::uintptr_t>(grad.data()) % 4 != 0) fail(name, " is not aligned to 4 bytes");
+    const byte_range r = array_range(name, grad.data(), static_cast<std::int64_t>(grad.size()), 4);
+    check_no_alias(name, r, inputs);
+    check_no_alias(name, r, written);
+    written.push_back({name, r});
+    return grad.data();
+  };
+  p.d_proj_w = projection_grad("grads.d_projection_weight", g.d_projection_weight, s.projection.weight, "spec.projection.weight");
+  p.d_proj_b = projection_grad("grads.d_projection_bias", g.d_projection_bias, s.projection.bias, "spec.projection.bias");
   if (const state_tensor* d = g.d_initial_state) {
-    const byte_range r = check_state("grads.d_initial_state", *d, q, v, p.fwd.seqs);
+    const byte_range r = check_state("grads.d_initial_state", *d, q, v, p.fwd.seqs, p.fwd.dim_k);
     check_state_written("grads.d_initial_state", *d);
     check_no_alias("grads.d_initial_state", r, inputs);
     check_no_alias("grads.d_initial_state", r, written);
@@ -317,7 +404,49 @@ status make_linear_bwd_params(const char* entry, const tensor& q, const tensor& 
 namespace cpu {
 status run_linear_fwd(const detail::linear_params& p);
 status run_linear_bwd(const detail::linear_bwd_params& p);
+status map_linear_features(const detail::linear_params& p, float* qf, float* kf);
+status chain_linear_features(const detail::linear_bwd_params& bp, const float* qf, const float* kf, float* dqf, float* dkf);
 }  // namespace cpu
+
+namespace {
+
+// n zeroed floats per buffer, or false when they do not fit.
+bool allocate(std::int64_t n, std::initializer_list<std::vector<float>*> buffers) {
+  try {
+    for (std::vector<float>* b : buffers) b->assign(static_cast<std::size_t>(n), 0.0f);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  return true;
+}
+
+// A projected call: the features phi(P(q)), phi(P(k)) first (cpu/linear_map.cc), then the kernel on them.
+status run_projected_fwd(const detail::linear_params& p) {
+  std::vector<float> qf, kf;
+  if (!allocate(p.batch * p.seq * p.heads * p.dim_k, {&qf, &kf})) return {"[linear_attention] out of memory (the projected features)"};
+  if (status st = cpu::map_linear_features(p, qf.data(), kf.data()); !st.ok()) return st;
+  return cpu::run_linear_fwd(detail::features_view(p, qf.data(), kf.data()));
+}
+
+// Its backward: the features again, the kernel's backward into their gradients, then the chain through phi and P.
+status run_projected_bwd(const detail::linear_bwd_params& bp) {
+  const detail::linear_params& p = bp.fwd;
+  std::vector<float> qf, kf, dqf, dkf;
+  if (!allocate(p.batch * p.seq * p.heads * p.dim_k, {&qf, &kf, &dqf, &dkf}))
+    return {"[linear_attention_backward] out of memory (the projected features)"};
+  if (status st = cpu::map_linear_features(p, qf.data(), kf.data()); !st.ok()) return st;
+  detail::linear_bwd_params f = bp;
+  f.fwd = detail::features_view(p, qf.data(), kf.data());
+  f.dq = dqf.data();
+  f.dk = dkf.data();
+  f.dq_type = f.dk_type = dtype::f32;
+  std::copy(f.fwd.q_stride, f.fwd.q_stride + 4, f.dq_stride);
+  std::copy(f.fwd.k_stride, f.fwd.k_stride + 4, f.dk_stride);
+  if (status st = cpu::run_linear_bwd(f); !st.ok()) return st;
+  return cpu::chain_linear_features(bp, qf.data(), kf.data(), dqf.data(), dkf.data());
+}
+
+}  // namespace
 namespace ref {
 status run_linear_ref(const detail::linear_params& p, linear_form form);
 status run_linear_bwd_ref(const detail::linear_bwd_params& p, bool f32);
@@ -327,7 +456,7 @@ status linear_attention(const tensor& q, const tensor& k, const tensor& v, const
                         const linear_options& o) {
   detail::linear_params p;
   if (status st = detail::make_linear_params("linear_attention", q, k, v, out, s, o, p); !st.ok()) return st;
-  return cpu::run_linear_fwd(p);
+  return p.proj_w ? run_projected_fwd(p) : cpu::run_linear_fwd(p);
 }
 
 status reference_linear_attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
@@ -347,7 +476,7 @@ status linear_attention_backward(const tensor& q, const tensor& k, const tensor&
                                  const linear_grads& grads, const linear_options& o) {
   detail::linear_bwd_params p;
   if (status st = detail::make_linear_bwd_params("linear_attention_backward", q, k, v, d_out, s, grads, o, p); !st.ok()) return st;
-  return cpu::run_linear_bwd(p);
+  return p.fwd.proj_w ? run_projected_bwd(p) : cpu::run_linear_bwd(p);
 }
 
 status reference_linear_attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& d_out,
@@ -378,6 +507,13 @@ std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const 
   line("kernel: the chunked linear-attention family (", cpu::dispatch_isa(), "); work items: ", seqs,
        p.cu_seqlens ? " packed sequences" : " batch entries", " x ", p.heads, " heads = ", items, " on ", p.threads, " threads",
        items < p.threads ? " (fewer items than threads: some threads idle, the chunks of a head run in order)" : "");
+  if (p.proj_w)
+    line("feature map: ", feature_map_name(p.phi), " after a projection ", p.dim_in, " -> ", p.dim_k, p.proj_heads > 1 ? " per head" : " shared by the heads",
+         p.proj_b ? " with a bias" : "", ", mapped in a pass before the kernels into two [B, T, H, ", p.dim_k, "] f32 buffers (",
+         2 * p.batch * p.seq * p.heads * p.dim_k * 4 >> 10, " KiB; the backward twice that), the kernels then run the identity map on ",
+         p.dim_k, " features");
+  else
+    line("feature map: ", feature_map_name(p.phi), " on load");
   std::int64_t decode = 0, chunked = 0, chunks = 0, pairwise = 0, row_heads = 0;
   detail::linear_sequence view;
   for (std::int64_t x = 0; x < seqs; ++x) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "core/storage.h"
 #include "omniattn/linear.h"
@@ -15,11 +16,15 @@ namespace omniattn::detail {
 struct linear_params {
   const void *q = nullptr, *k = nullptr, *v = nullptr, *g = nullptr;
   void* out = nullptr;
-  dtype in_type = dtype::f32, out_type = dtype::f32, g_type = dtype::f32;
+  dtype in_type = dtype::f32, v_type = dtype::f32, out_type = dtype::f32, g_type = dtype::f32;  // in_type: q's and k's
   std::int64_t q_stride[4]{}, k_stride[4]{}, v_stride[4]{}, out_stride[4]{}, g_stride[4]{};  // batch, seq, head, dim
   std::int64_t batch = 0, seq = 0, heads = 0, dim_k = 0, dim_v = 0;
+  std::int64_t dim_in = 0;  // the raw q / k features; dim_k is the state's (the projection's F, else dim_in)
   double scale = 1.0;
   feature_map phi = feature_map::identity;
+  const float* proj_w = nullptr;  // [proj_heads][dim_in][dim_k], null: no projection
+  const float* proj_b = nullptr;  // [proj_heads][dim_k], or null
+  std::int64_t proj_heads = 0;    // 1 (shared) or heads
   bool causal = true, normalize = false;
   std::int64_t prefix = 0;  // tokens [0, prefix) read the state of the whole prefix; seq when non-causal
   linear_decay decay = linear_decay::none;
@@ -42,6 +47,8 @@ struct linear_bwd_params {
   float* dg = nullptr;  // [B, T, H, 1 or K] f32, when wanted
   std::int64_t do_stride[4]{}, dq_stride[4]{}, dk_stride[4]{}, dv_stride[4]{}, dg_stride[4]{};
   float* d_head_log_decay = nullptr;  // [heads], when wanted
+  float* d_proj_w = nullptr;          // like proj_w, when wanted
+  float* d_proj_b = nullptr;          // like proj_b, when wanted
   const state_tensor* d_initial_state = nullptr;
   const state_tensor* d_final_state = nullptr;
 };
@@ -74,7 +81,7 @@ inline void sequence_of(const linear_params& p, std::int64_t s, linear_sequence&
   q.prefix = p.causal ? p.prefix : q.seq;  // non-causal: the whole sequence is its prefix (not the whole packed length)
   q.q = advance(p.q, p.in_type, t0 * p.q_stride[1]);
   q.k = advance(p.k, p.in_type, t0 * p.k_stride[1]);
-  q.v = advance(p.v, p.in_type, t0 * p.v_stride[1]);
+  q.v = advance(p.v, p.v_type, t0 * p.v_stride[1]);
   if (p.g) q.g = advance(p.g, p.g_type, t0 * p.g_stride[1]);
   if (p.out) q.out = const_cast<void*>(advance(p.out, p.out_type, t0 * p.out_stride[1]));
   if (p.initial_state) {
@@ -138,6 +145,14 @@ void apply_feature_map(feature_map phi, T* x, std::int64_t n) {
       for (std::int64_t i = 0; i < n; ++i) x[i] /= sum;
       return;
     }
+    case feature_map::exp:
+      for (std::int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+      return;
+    case feature_map::performer: {  // x here is y - |raw|^2 / 2 (project_token subtracts it)
+      const T norm = T(1) / std::sqrt(static_cast<T>(n));
+      for (std::int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]) * norm;
+      return;
+    }
   }
 }
 
@@ -158,28 +173,75 @@ void feature_map_backward(feature_map phi, const T* x, const T* y, T* dy_dx, std
       for (std::int64_t i = 0; i < n; ++i) dy_dx[i] = y[i] * (dy_dx[i] - dot);
       return;
     }
+    case feature_map::exp:
+    case feature_map::performer:  // both are c exp(x): the derivative is y itself
+      for (std::int64_t i = 0; i < n; ++i) dy_dx[i] *= y[i];
+      return;
   }
 }
 
-// The raw q and k of token t (before phi and scale), for the backward's chain rule through them.
+// The projection of one raw row x (dim_in values) of head h: y = x W_h + b_h (dim_k values), less |x|^2 / 2 for the
+// performer map (its exp(w . x - |x|^2 / 2)); nothing to do without a projection (y = x: the caller loads x into y).
+template <class T>
+void project_token(const linear_params& p, std::int64_t h, const T* x, T* y) {
+  const std::int64_t F = p.dim_k, ph = p.proj_heads > 1 ? h : 0;
+  const float* W = p.proj_w + ph * p.dim_in * F;
+  for (std::int64_t f = 0; f < F; ++f) y[f] = p.proj_b ? static_cast<T>(p.proj_b[ph * F + f]) : T(0);
+  for (std::int64_t c = 0; c < p.dim_in; ++c)
+    for (std::int64_t f = 0; f < F; ++f) y[f] += x[c] * static_cast<T>(W[c * F + f]);
+  if (p.phi == feature_map::performer) {
+    T sq = T(0);
+    for (std::int64_t c = 0; c < p.dim_in; ++c) sq += x[c] * x[c];
+    for (std::int64_t f = 0; f < F; ++f) y[f] -= sq / T(2);
+  }
+}
+
+// The projection's chain rule for one row: given x (dim_in), the pre-activation's gradient dy (dim_k), adds x^T dy to
+// dW_h and dy to db_h (either may be null) and writes dx = W_h dy (less x sum(dy) for the performer map's norm term).
+template <class T, class Acc>
+void project_token_backward(const linear_params& p, std::int64_t h, const T* x, const T* dy, T* dx, Acc* dW, Acc* db) {
+  const std::int64_t F = p.dim_k, ph = p.proj_heads > 1 ? h : 0;
+  const float* W = p.proj_w + ph * p.dim_in * F;
+  T total = T(0);
+  for (std::int64_t f = 0; f < F; ++f) total += dy[f];
+  for (std::int64_t c = 0; c < p.dim_in; ++c) {
+    T acc = T(0);
+    for (std::int64_t f = 0; f < F; ++f) acc += static_cast<T>(W[c * F + f]) * dy[f];
+    dx[c] = p.phi == feature_map::performer ? acc - x[c] * total : acc;
+  }
+  if (dW)
+    for (std::int64_t c = 0; c < p.dim_in; ++c)
+      for (std::int64_t f = 0; f < F; ++f) dW[(ph * p.dim_in + c) * F + f] += static_cast<Acc>(x[c] * dy[f]);
+  if (db)
+    for (std::int64_t f = 0; f < F; ++f) db[ph * F + f] += static_cast<Acc>(dy[f]);
+}
+
+// The raw q and k of token t (before the projection, phi and scale; dim_in values each), for the backward's chain rule.
 template <class T>
 void load_raw_qk(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t, T* q, T* k) {
-  for (std::int64_t c = 0; c < p.dim_k; ++c) {
+  for (std::int64_t c = 0; c < p.dim_in; ++c) {
     q[c] = static_cast<T>(load_element(p.q, p.in_type, b * p.q_stride[0] + t * p.q_stride[1] + h * p.q_stride[2] + c * p.q_stride[3]));
     k[c] = static_cast<T>(load_element(p.k, p.in_type, b * p.k_stride[0] + t * p.k_stride[1] + h * p.k_stride[2] + c * p.k_stride[3]));
   }
 }
 
-// Token t of (batch b, head h) as the math contract reads it, in T: q = scale phi(q), k = phi(k), v (K, K, V values).
-// The oracle (in double) and the kernel (in float) both load through this.
+// Token t of (batch b, head h) as the math contract reads it, in T: q = scale phi(P(q)), k = phi(P(k)), v (dim_k,
+// dim_k, dim_v values). The oracle (in double) and the kernel (in float) both load through this.
 template <class T>
 void load_token(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t, T* q, T* k, T* v) {
-  load_raw_qk(p, b, h, t, q, k);
+  if (!p.proj_w) {
+    load_raw_qk(p, b, h, t, q, k);
+  } else {
+    std::vector<T> raw(static_cast<std::size_t>(2 * p.dim_in));
+    load_raw_qk(p, b, h, t, raw.data(), raw.data() + p.dim_in);
+    project_token(p, h, raw.data(), q);
+    project_token(p, h, raw.data() + p.dim_in, k);
+  }
   apply_feature_map(p.phi, q, p.dim_k);
   apply_feature_map(p.phi, k, p.dim_k);
   for (std::int64_t c = 0; c < p.dim_k; ++c) q[c] *= static_cast<T>(p.scale);
   for (std::int64_t c = 0; c < p.dim_v; ++c)
-    v[c] = static_cast<T>(load_element(p.v, p.in_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2] + c * p.v_stride[3]));
+    v[c] = static_cast<T>(load_element(p.v, p.v_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2] + c * p.v_stride[3]));
 }
 
 // The log decay of token t in channel c (0 without decay).
@@ -222,6 +284,23 @@ inline bool chunks_factor(const linear_params& p, std::int64_t b, std::int64_t h
   for (std::int64_t t0 = p.prefix; t0 < p.seq; t0 += p.chunk)
     if (chunk_decay_span(p, b, h, t0, std::min(p.chunk, p.seq - t0)) > k_linear_max_span) return false;
   return true;
+}
+
+// A projected call as the kernels run it: qf, kf [batch, seq, heads, dim_k] f32 (contiguous) hold phi(P(q)), phi(P(k))
+// (map_linear_features), so the kernels see the identity map on F features; scale, decays and states are unchanged.
+inline linear_params features_view(const linear_params& p, const float* qf, const float* kf) {
+  linear_params f = p;
+  const std::int64_t st[4] = {p.seq * p.heads * p.dim_k, p.heads * p.dim_k, p.dim_k, 1};
+  f.q = qf;
+  f.k = kf;
+  f.in_type = dtype::f32;
+  std::copy(st, st + 4, f.q_stride);
+  std::copy(st, st + 4, f.k_stride);
+  f.phi = feature_map::identity;
+  f.dim_in = p.dim_k;
+  f.proj_w = f.proj_b = nullptr;
+  f.proj_heads = 0;
+  return f;
 }
 
 }  // namespace omniattn::detail

@@ -470,7 +470,7 @@ void load_tiles(const linear_params& p, std::int64_t b, std::int64_t h, std::int
     const std::int64_t t = t0 + i;
     load_row(p.q, p.in_type, b * p.q_stride[0] + t * p.q_stride[1] + h * p.q_stride[2], p.q_stride[3], K, qi);
     load_row(p.k, p.in_type, b * p.k_stride[0] + t * p.k_stride[1] + h * p.k_stride[2], p.k_stride[3], K, ki);
-    load_row(p.v, p.in_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2], p.v_stride[3], V, vi);
+    load_row(p.v, p.v_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2], p.v_stride[3], V, vi);
     detail::apply_feature_map(p.phi, qi, K);
     detail::apply_feature_map(p.phi, ki, K);
     scale_row(static_cast<float>(p.scale), qi, K);

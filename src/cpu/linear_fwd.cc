@@ -103,7 +103,7 @@ void load_chunk(const linear_params& p, std::int64_t b, std::int64_t h, std::int
     float* vi = w.vc.get() + i * w.Wp;
     load_row(p.q, p.in_type, b * p.q_stride[0] + t * p.q_stride[1] + h * p.q_stride[2], p.q_stride[3], K, qi);
     load_row(p.k, p.in_type, b * p.k_stride[0] + t * p.k_stride[1] + h * p.k_stride[2], p.k_stride[3], K, ki);
-    load_row(p.v, p.in_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2], p.v_stride[3], V, vi);
+    load_row(p.v, p.v_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2], p.v_stride[3], V, vi);
     detail::apply_feature_map(p.phi, qi, K);
     detail::apply_feature_map(p.phi, ki, K);
     scale_row(scale, qi, K);
@@ -124,13 +124,15 @@ void load_chunk(const linear_params& p, std::int64_t b, std::int64_t h, std::int
 // head's consecutive tokens are a page apart (H * dim elements), beyond the reach of the hardware prefetchers, so
 // each row would otherwise be a miss to memory when the chunk loads it.
 void prefetch_chunk(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t0, std::int64_t n) {
-  const std::int64_t elem = dtype_size(p.in_type);
   const struct {
     const void* base;
     const std::int64_t* st;
-    std::int64_t dim;
-  } ops[3] = {{p.q, p.q_stride, p.dim_k}, {p.k, p.k_stride, p.dim_k}, {p.v, p.v_stride, p.dim_v}};
+    std::int64_t dim, elem;
+  } ops[3] = {{p.q, p.q_stride, p.dim_k, static_cast<std::int64_t>(dtype_size(p.in_type))},
+              {p.k, p.k_stride, p.dim_k, static_cast<std::int64_t>(dtype_size(p.in_type))},
+              {p.v, p.v_stride, p.dim_v, static_cast<std::int64_t>(dtype_size(p.v_type))}};
   for (const auto& x : ops) {
+    const std::int64_t elem = x.elem;
     if (x.st[3] != 1 && x.dim > 1) continue;  // strided rows: not worth the addresses
     for (std::int64_t t = t0; t < t0 + n; ++t) {
       const char* row = static_cast<const char*>(x.base) + (b * x.st[0] + t * x.st[1] + h * x.st[2]) * elem;

@@ -3,6 +3,7 @@
 // D_{t+1}, with each decay's gradient from its own factor, dg_t[c] = alpha_t[c] (D_t[c] . S_{t-1}[c]). The kernel
 // instead uses the running-sum identity dg_t = sum_{i >= t} (q_i dq_i - k_i dk_i); agreement checks both. normalize
 // is one more value column of ones (den = q_t . z_t) with num getting do / den and den getting -(do . o) / den.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -17,16 +18,17 @@ using detail::linear_bwd_params;
 using detail::linear_params;
 
 // One (batch, head), in T (double: the oracle; float: the naive f32 implementation of the tolerance rule): writes its
-// gradients and returns its part of d_head_log_decay[h] (the sum of its dg).
+// gradients, adds its part of the projection's gradients to dW, db (in double, in call order) and returns its part of
+// d_head_log_decay[h] (the sum of its dg).
 template <class T>
-double backward_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h) {
+double backward_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h, std::vector<double>& dW, std::vector<double>& db) {
   const linear_params& p = bp.fwd;
-  const std::int64_t n = p.seq, K = p.dim_k, V = p.dim_v, W = V + (p.normalize ? 1 : 0), P = p.prefix;
+  const std::int64_t n = p.seq, K = p.dim_k, V = p.dim_v, W = V + (p.normalize ? 1 : 0), P = p.prefix, Kin = p.dim_in;
   const auto at = [](std::int64_t i) { return static_cast<std::size_t>(i); };
-  std::vector<T> qr(at(n * K)), kr(at(n * K)), q(at(n * K)), k(at(n * K)), v(at(n * W), T(1)), g(at(n * K)), s0(at(K * W), T(0));
+  std::vector<T> qr(at(n * Kin)), kr(at(n * Kin)), q(at(n * K)), k(at(n * K)), v(at(n * W), T(1)), g(at(n * K)), s0(at(K * W), T(0));
   std::vector<T> vt(at(V));
   for (std::int64_t t = 0; t < n; ++t) {
-    detail::load_raw_qk(p, b, h, t, &qr[at(t * K)], &kr[at(t * K)]);
+    detail::load_raw_qk(p, b, h, t, &qr[at(t * Kin)], &kr[at(t * Kin)]);
     detail::load_token(p, b, h, t, &q[at(t * K)], &k[at(t * K)], vt.data());
     for (std::int64_t e = 0; e < V; ++e) v[at(t * W + e)] = vt[at(e)];
     for (std::int64_t c = 0; c < K; ++c) g[at(t * K + c)] = detail::log_decay(p, b, h, t, c);
@@ -106,24 +108,29 @@ double backward_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h
   }
   for (std::int64_t t = 0; t < P; ++t) add_query(t);  // every prefix row read the prefix's state
   for (std::int64_t t = 0; t < P; ++t) key_grads(t);
-  // To the raw inputs: through scale and phi.
-  std::vector<T> y(at(K));
+  // To the raw inputs: through scale, phi and the projection (u its output, phi's input; u = x without one).
+  std::vector<T> y(at(K)), u(at(K)), dx(at(Kin));
+  const auto to_raw = [&](const T* x, T* g) {  // g: K feature gradients in, Kin raw ones out
+    if (p.proj_w) detail::project_token(p, h, x, u.data());
+    else std::copy(x, x + K, u.begin());
+    y = u;
+    detail::apply_feature_map(p.phi, y.data(), K);
+    detail::feature_map_backward(p.phi, u.data(), y.data(), g, K);
+    if (!p.proj_w) return;
+    detail::project_token_backward(p, h, x, g, dx.data(), bp.d_proj_w ? dW.data() : nullptr, bp.d_proj_b ? db.data() : nullptr);
+    std::copy(dx.begin(), dx.end(), g);
+  };
+  std::vector<T> dqk(at(std::max(K, Kin)));
   for (std::int64_t t = 0; t < n; ++t) {
     const std::int64_t qb = b * bp.dq_stride[0] + t * bp.dq_stride[1] + h * bp.dq_stride[2];
     const std::int64_t kb = b * bp.dk_stride[0] + t * bp.dk_stride[1] + h * bp.dk_stride[2];
     const std::int64_t vb = b * bp.dv_stride[0] + t * bp.dv_stride[1] + h * bp.dv_stride[2];
-    T* dqt = &dq[at(t * K)];
-    for (std::int64_t c = 0; c < K; ++c) dqt[c] *= p.scale;
-    for (std::int64_t c = 0; c < K; ++c) y[at(c)] = qr[at(t * K + c)];
-    detail::apply_feature_map(p.phi, y.data(), K);
-    detail::feature_map_backward(p.phi, &qr[at(t * K)], y.data(), dqt, K);
-    for (std::int64_t c = 0; c < K; ++c) y[at(c)] = kr[at(t * K + c)];
-    detail::apply_feature_map(p.phi, y.data(), K);
-    detail::feature_map_backward(p.phi, &kr[at(t * K)], y.data(), &dk[at(t * K)], K);
-    for (std::int64_t c = 0; c < K; ++c) {
-      detail::store_element(bp.dq, bp.dq_type, qb + c * bp.dq_stride[3], dqt[c]);
-      detail::store_element(bp.dk, bp.dk_type, kb + c * bp.dk_stride[3], dk[at(t * K + c)]);
-    }
+    for (std::int64_t c = 0; c < K; ++c) dqk[at(c)] = dq[at(t * K + c)] * p.scale;
+    to_raw(&qr[at(t * Kin)], dqk.data());
+    for (std::int64_t c = 0; c < Kin; ++c) detail::store_element(bp.dq, bp.dq_type, qb + c * bp.dq_stride[3], dqk[at(c)]);
+    std::copy(&dk[at(t * K)], &dk[at(t * K)] + K, dqk.begin());
+    to_raw(&kr[at(t * Kin)], dqk.data());
+    for (std::int64_t c = 0; c < Kin; ++c) detail::store_element(bp.dk, bp.dk_type, kb + c * bp.dk_stride[3], dqk[at(c)]);
     for (std::int64_t e = 0; e < V; ++e) detail::store_element(bp.dv, bp.dv_type, vb + e * bp.dv_stride[3], dv[at(t * W + e)]);
     if (bp.dg) {
       const std::int64_t gb = b * bp.dg_stride[0] + t * bp.dg_stride[1] + h * bp.dg_stride[2];
@@ -150,6 +157,8 @@ double backward_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h
 status run_linear_bwd_ref(const linear_bwd_params& p, bool f32) {
   // d_head_log_decay sums over the batch (or the varlen sequences, each a call of its own) too.
   std::vector<double> fixed(static_cast<std::size_t>(p.fwd.heads), 0.0);
+  const std::int64_t ph = p.fwd.proj_heads;
+  std::vector<double> dW(static_cast<std::size_t>(ph * p.fwd.dim_in * p.fwd.dim_k), 0.0), db(static_cast<std::size_t>(ph * p.fwd.dim_k), 0.0);
   detail::linear_bwd_sequence seq;
   for (std::int64_t b = 0; b < detail::linear_sequences(p.fwd); ++b) {
     const linear_bwd_params* q = &p;
@@ -160,8 +169,12 @@ status run_linear_bwd_ref(const linear_bwd_params& p, bool f32) {
       bi = 0;
     }
     for (std::int64_t h = 0; h < p.fwd.heads; ++h)
-      fixed[static_cast<std::size_t>(h)] += f32 ? backward_head<float>(*q, bi, h) : backward_head<double>(*q, bi, h);
+      fixed[static_cast<std::size_t>(h)] += f32 ? backward_head<float>(*q, bi, h, dW, db) : backward_head<double>(*q, bi, h, dW, db);
   }
+  if (p.d_proj_w)
+    for (std::size_t i = 0; i < dW.size(); ++i) p.d_proj_w[i] = static_cast<float>(dW[i]);
+  if (p.d_proj_b)
+    for (std::size_t i = 0; i < db.size(); ++i) p.d_proj_b[i] = static_cast<float>(db[i]);
   if (p.d_head_log_decay)
     for (std::int64_t h = 0; h < p.fwd.heads; ++h) p.d_head_log_decay[h] = static_cast<float>(fixed[static_cast<std::size_t>(h)]);
   return {};
