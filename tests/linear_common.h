@@ -24,12 +24,14 @@ struct linear_case {
   dtype type = dtype::f32;
   std::int64_t features = 0;  // a projection K -> features before phi (0: none)
   bool shared_projection = false, projection_bias = true;
+  bool backward_gates = false;  // bidirectional: a g_backward of its own
+  bool bidirectional() const { return !causal && decay != linear_decay::none; }
   std::int64_t state_k() const { return features > 0 ? features : dim_k; }  // the state's rows
   std::string str() const {
     return "B" + std::to_string(batch) + " T" + std::to_string(seq) + " H" + std::to_string(heads) + " K" + std::to_string(dim_k) + " V" +
            std::to_string(dim_v) + " C" + std::to_string(chunk) + " " + feature_map_name(phi) + " decay " + linear_decay_name(decay) +
            (causal ? " causal" : " non-causal") + (prefix ? " prefix " + std::to_string(prefix) : "") + (normalize ? " normalize" : "") + (initial ? " s0" : "") +
-           (features ? " projection F" + std::to_string(features) + (shared_projection ? " shared" : "") + (projection_bias ? " bias" : "") : "") +
+            (backward_gates ? " g_backward" : "") + (features ? " projection F" + std::to_string(features) + (shared_projection ? " shared" : "") + (projection_bias ? " bias" : "") : "") +
            " " + dtype_name(type);
   }
 };
@@ -38,7 +40,7 @@ struct linear_case {
 struct linear_data {
   linear_case c;
   std::vector<std::uint8_t> q, k, v;
-  std::vector<float> g, head_g, s0, proj_w, proj_b;
+  std::vector<float> g, gb, head_g, s0, proj_w, proj_b;
   explicit linear_data(const linear_case& lc, std::uint64_t seed) : c(lc) {
     std::mt19937_64 rng(seed);
     std::uniform_real_distribution<float> u(-1.0f, 1.0f), decay(-0.7f, 0.0f);
@@ -55,6 +57,10 @@ struct linear_data {
     fill(v, c.batch * c.seq * c.heads * c.dim_v);
     g.resize(static_cast<std::size_t>(c.batch * c.seq * c.heads * gdim()));
     for (float& x : g) x = decay(rng);
+    if (c.backward_gates) {
+      gb.resize(g.size());
+      for (float& x : gb) x = decay(rng);
+    }
     head_g.resize(static_cast<std::size_t>(c.heads));
     for (std::size_t h = 0; h < head_g.size(); ++h) head_g[h] = std::log(1.0f - std::exp2(-5.0f - static_cast<float>(h)));  // RetNet
     s0.resize(static_cast<std::size_t>(c.batch * c.heads * c.state_k() * c.dim_v));
@@ -86,6 +92,7 @@ struct linear_data {
     s.decay = c.decay;
     s.head_log_decay = head_g;
     s.g = make_bshd(const_cast<float*>(g.data()), dtype::f32, c.batch, c.seq, c.heads, gdim());
+    if (c.backward_gates) s.g_backward = make_bshd(const_cast<float*>(gb.data()), dtype::f32, c.batch, c.seq, c.heads, gdim());
     if (c.features > 0) s.projection = {proj_w, proj_b, c.shared_projection ? 1 : c.heads, c.features};
     return s;
   }
@@ -127,13 +134,14 @@ inline linear_case random_case(std::mt19937_64& rng) {
     c.projection_bias = pick(true, false);
   }
   c.causal = pick(true, true, false);
-  c.decay = c.causal ? pick(linear_decay::none, linear_decay::fixed, linear_decay::scalar, linear_decay::channel) : linear_decay::none;
+  c.decay = pick(linear_decay::none, linear_decay::fixed, linear_decay::scalar, linear_decay::channel);  // non-causal: ViG's form
+  c.backward_gates = c.bidirectional() && c.decay != linear_decay::fixed && pick(true, false);
   // The normaliser needs positive features (elu + 1, softmax): with signed ones q . z can be ~0 and the division
   // amplifies any rounding without bound.
   c.normalize = (c.phi == feature_map::elu_plus_one || c.phi == feature_map::softmax || c.phi == feature_map::exp ||
                  c.phi == feature_map::performer) &&
                 pick(true, false);
-  c.initial = pick(true, false) && !c.normalize;
+  c.initial = pick(true, false) && !c.normalize && !c.bidirectional();  // the bidirectional form has no state
   c.type = pick(dtype::f32, dtype::bf16);
   if (c.causal && c.decay == linear_decay::none && pick(true, false))  // JRT's prefix form
     c.prefix = std::uniform_int_distribution<std::int64_t>(0, c.seq)(rng);
@@ -170,6 +178,14 @@ void for_target_cases(const char* test_name, Check&& check) {
         c.initial = true;
         SCOPED_TRACE(target);
         check(c, static_cast<std::uint64_t>(dim_v * 7 + static_cast<int>(decay)));
+        c.features = 21;  // the projected pre-pass (and its chain) on this target, then the bidirectional form
+        c.phi = feature_map::performer;
+        check(c, static_cast<std::uint64_t>(dim_v * 7 + static_cast<int>(decay)) + 1);
+        c.features = 0;
+        c.phi = feature_map::identity;
+        c.causal = false;
+        c.initial = false;
+        check(c, static_cast<std::uint64_t>(dim_v * 7 + static_cast<int>(decay)) + 2);
       }
   });
 }

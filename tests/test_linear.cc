@@ -42,7 +42,7 @@ linear_result run(const linear_data& d, runner r, int threads = 1, const float* 
   o.threads = threads;
   o.chunk = c.chunk;
   o.initial_state = c.initial || s0 ? &init : nullptr;
-  o.final_state = &fin;
+  o.final_state = c.bidirectional() ? nullptr : &fin;  // the bidirectional form has no state
   const tensor out = make_bshd(res.out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
   if (r == runner::kernel) res.st = linear_attention(d.qv(), d.kv(), d.vv(), out, d.spec(), o);
   else
@@ -195,11 +195,17 @@ TEST(Linear, ResultDoesNotDependOnThreads) {
   c.heads = 5;
   c.seq = 77;
   c.decay = linear_decay::channel;
-  const linear_data d(c, 4);
-  const linear_result one = run(d, runner::kernel, 1), two = run(d, runner::kernel, 2);
-  ASSERT_TRUE(one.st.ok() && two.st.ok());
-  EXPECT_EQ(one.out, two.out);
-  EXPECT_EQ(one.state, two.state);
+  for (int form = 0; form < 3; ++form) {  // plain, projected, bidirectional
+    c.features = form == 1 ? 11 : 0;
+    c.phi = form == 1 ? feature_map::softmax : feature_map::identity;
+    c.causal = form != 2;
+    SCOPED_TRACE(c.str());
+    const linear_data d(c, 4);
+    const linear_result one = run(d, runner::kernel, 1), two = run(d, runner::kernel, 2);
+    ASSERT_TRUE(one.st.ok() && two.st.ok());
+    EXPECT_EQ(one.out, two.out);
+    EXPECT_EQ(one.state, two.state);
+  }
 }
 
 // final_state may be the initial_state's own buffer (a decode loop advancing its state in place).
@@ -317,6 +323,12 @@ TEST(Linear, ExplainNamesThePaths) {
   EXPECT_NE(e.find("1 (sequence, head) items on the row path"), std::string::npos) << e;
   c.seq = 5;
   EXPECT_NE(explain(linear_data(c, 3)).find("decode: 1 of 1 sequences"), std::string::npos);
+  c.seq = 96;
+  c.causal = false;  // the bidirectional form: two causal passes, the chunks counted per direction
+  const std::string bidir = explain(linear_data(c, 3));
+  EXPECT_NE(bidir.find("bidirectional (ViG): the causal call with spec.g plus the causal call over the reversed tokens"), std::string::npos) << bidir;
+  EXPECT_NE(bidir.find("3 causal chunks per head"), std::string::npos) << bidir;
+  c.causal = true;
   tensor bad = d.kv();
   bad.dim = 4;
   std::vector<float> out(static_cast<std::size_t>(96 * 2 * 8));
@@ -514,11 +526,29 @@ TEST(Linear, Validation) {
   linear_spec sc = pos.spec();
   sc.decay = linear_decay::scalar;
   EXPECT_NE(msg(pos.qv(), pos.kv(), pos.vv(), o, sc, {}).find("must be finite and <= 0"), std::string::npos);
+  // The bidirectional form (non-causal with a decay) has no state; g_backward belongs to it alone.
   linear_spec bidir = d.spec();
   bidir.decay = linear_decay::scalar;
   bidir.causal = false;
-  EXPECT_NE(msg(d.qv(), d.kv(), d.vv(), o, bidir, {}).find("with causal = false: the bidirectional decayed form is not supported yet"),
-            std::string::npos);
+  {
+    std::vector<float> st_buf(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
+    const state_tensor bst = make_state(st_buf.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+    linear_options in_state, out_state;
+    in_state.initial_state = &bst;
+    out_state.final_state = &bst;
+    EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, bidir, in_state),
+              "[linear_attention] options.initial_state with the bidirectional form (causal = false with decay scalar): it has no state to start from");
+    EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, bidir, out_state),
+              "[linear_attention] options.final_state with the bidirectional form (causal = false with decay scalar): it has no state to return");
+    linear_spec gates = d.spec();
+    gates.decay = linear_decay::scalar;
+    gates.g_backward = gates.g;
+    EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, gates, {}),
+              "[linear_attention] spec.g_backward is set but causal = true (it is the reversed scan's decay of the bidirectional form)");
+    gates.causal = false;
+    gates.g_backward.dim = 2;
+    EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, gates, {}), "[linear_attention] spec.g_backward.dim 2 != spec.g.dim 1");
+  }
   linear_options chunk0;
   chunk0.chunk = 0;
   EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, {}, chunk0), "[linear_attention] options.chunk 0 must be in 1..1024");

@@ -26,7 +26,7 @@ using test::max_diff;
 
 // The gradients of one call, f32.
 struct grads_result {
-  std::vector<float> dq, dk, dv, dg, d_head, d_s0, d_proj_w, d_proj_b;
+  std::vector<float> dq, dk, dv, dg, dgb, d_head, d_s0, d_proj_w, d_proj_b;
   status st;
 };
 
@@ -54,6 +54,7 @@ grads_result run_bwd(const linear_data& d, const upstream& up, runner r, int thr
   sized(g.dk, c.batch * c.seq * c.heads * c.dim_k);
   sized(g.dv, c.batch * c.seq * c.heads * c.dim_v);
   sized(g.dg, c.batch * c.seq * c.heads * d.gdim());
+  sized(g.dgb, static_cast<std::int64_t>(d.gb.size()));
   sized(g.d_head, c.heads);
   sized(g.d_s0, c.batch * c.heads * c.state_k() * c.dim_v);
   sized(g.d_proj_w, static_cast<std::int64_t>(d.proj_w.size()));
@@ -72,8 +73,9 @@ grads_result run_bwd(const linear_data& d, const upstream& up, runner r, int thr
   if (want_decay && (c.decay == linear_decay::scalar || c.decay == linear_decay::channel))
     gr.dg = make_bshd(g.dg.data(), dtype::f32, c.batch, c.seq, c.heads, d.gdim());
   if (want_decay && c.decay == linear_decay::fixed) gr.d_head_log_decay = g.d_head;
-  gr.d_initial_state = &ds0;
-  gr.d_final_state = with_final ? &dfin : nullptr;
+  if (want_decay && c.backward_gates) gr.dg_backward = make_bshd(g.dgb.data(), dtype::f32, c.batch, c.seq, c.heads, d.gdim());
+  gr.d_initial_state = c.bidirectional() ? nullptr : &ds0;  // the bidirectional form has no states
+  gr.d_final_state = with_final && !c.bidirectional() ? &dfin : nullptr;
   gr.d_projection_weight = g.d_proj_w;
   gr.d_projection_bias = g.d_proj_b;
   const tensor d_out = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
@@ -101,7 +103,7 @@ void check_case(const linear_case& c, std::uint64_t seed, int threads = 1) {
   ASSERT_TRUE(n.st.ok()) << n.st.error;
   const bool data_decay = c.decay == linear_decay::scalar || c.decay == linear_decay::channel;
   double M = std::max({max_abs(o.dq), max_abs(o.dk), max_abs(o.dv), max_abs(o.d_s0)});
-  if (data_decay) M = std::max(M, max_abs(o.dg));
+  if (data_decay) M = std::max({M, max_abs(o.dg), max_abs(o.dgb)});
   if (c.decay == linear_decay::fixed) M = std::max(M, max_abs(o.d_head));
   // The projection's gradients sum over every token (and head when shared): their own scale, their own floor.
   const double MW = std::max(max_abs(o.d_proj_w), max_abs(o.d_proj_b));
@@ -113,6 +115,7 @@ void check_case(const linear_case& c, std::uint64_t seed, int threads = 1) {
   expect_within_rule(k.dv, n.dv, o.dv, M, "dv");
   expect_within_rule(k.d_s0, n.d_s0, o.d_s0, M, "d_initial_state");
   if (data_decay) expect_within_rule(k.dg, n.dg, o.dg, M, "dg");
+  if (c.backward_gates) expect_within_rule(k.dgb, n.dgb, o.dgb, M, "dg_backward");
   if (c.decay == linear_decay::fixed)
     expect_within_rule(k.d_head, n.d_head, o.d_head, M, "d_head_log_decay", test::linear_fixed_decay_floor_factor(c.batch, c.seq));
 }
@@ -125,7 +128,7 @@ double loss(const linear_data& d, const upstream& up) {
   const state_tensor f = make_state(fin.data(), c.batch, c.heads, c.state_k(), c.dim_v);
   linear_options o;
   o.initial_state = c.initial ? &init : nullptr;
-  o.final_state = &f;
+  o.final_state = c.bidirectional() ? nullptr : &f;  // the bidirectional form has none (its d_final_state term is 0)
   const status st = reference_linear_attention(d.qv(), d.kv(), d.vv(), make_bshd(out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v),
                                                d.spec(), o, linear_form::quadratic);
   EXPECT_TRUE(st.ok()) << st.error;
@@ -142,7 +145,7 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     bool normalize, initial, causal;
     std::int64_t prefix;
     std::int64_t features = 0;
-    bool shared = false;
+    bool shared = false, gates = false;
   };
   const fd_case cases[] = {
       {feature_map::identity, linear_decay::none, false, true, true, 0},   {feature_map::identity, linear_decay::fixed, false, true, true, 0},
@@ -156,6 +159,11 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
       {feature_map::performer, linear_decay::none, true, false, true, 0, 4},
       {feature_map::performer, linear_decay::fixed, false, true, true, 0, 2, true},
       {feature_map::identity, linear_decay::none, false, true, true, 2, 3, true},
+      // ViG's bidirectional form: direction-wise gates, shared gates with normalisation, a fixed decay, projected.
+      {feature_map::identity, linear_decay::scalar, false, false, false, 0, 0, false, true},
+      {feature_map::elu_plus_one, linear_decay::channel, true, false, false, 0},
+      {feature_map::softmax, linear_decay::fixed, false, false, false, 0},
+      {feature_map::exp, linear_decay::channel, false, false, false, 0, 3, false, true},
   };
   for (const fd_case& fc : cases) {
     linear_case c;
@@ -172,6 +180,7 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     c.prefix = fc.prefix;
     c.features = fc.features;
     c.shared_projection = fc.shared;
+    c.backward_gates = fc.gates;
     SCOPED_TRACE(c.str());
     linear_data d(c, 11);
     if (c.decay == linear_decay::fixed) d.head_g = {-0.3f, -0.15f};  // away from 0: every head is probed
@@ -204,6 +213,7 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     if (c.initial) probe(d.s0.data(), d.s0.size(), an.d_s0, false, false, "d_initial_state");
     if (c.decay == linear_decay::scalar || c.decay == linear_decay::channel) probe(d.g.data(), d.g.size(), an.dg, false, true, "dg");
     if (c.decay == linear_decay::fixed) probe(d.head_g.data(), d.head_g.size(), an.d_head, false, true, "d_head_log_decay");
+    if (c.backward_gates) probe(d.gb.data(), d.gb.size(), an.dgb, false, true, "dg_backward");
     probe(d.proj_w.data(), d.proj_w.size(), an.d_proj_w, false, false, "d_projection_weight");
     probe(d.proj_b.data(), d.proj_b.size(), an.d_proj_b, false, false, "d_projection_bias");
     EXPECT_LE(worst, 2e-3 * scale) << "the largest gap between a central difference and the oracle's gradient";
@@ -338,7 +348,8 @@ TEST(LinearBackward, SplitSequenceMatchesOneCall) {
 }
 
 TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
-  for (linear_decay decay : {linear_decay::fixed, linear_decay::channel}) {
+  for (int form = 0; form < 4; ++form) {  // fixed, channel, a projected map (dW summed in a fixed order), bidirectional
+  const linear_decay decay = form == 0 ? linear_decay::fixed : linear_decay::channel;
   linear_case c;
   c.batch = 3;
   c.heads = 3;
@@ -347,7 +358,12 @@ TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
   c.dim_v = 6;
   c.chunk = 16;
   c.decay = decay;
-  c.initial = true;
+  c.initial = form < 3;
+  c.features = form == 2 ? 13 : 0;
+  c.phi = form == 2 ? feature_map::exp : feature_map::identity;
+  c.causal = form != 3;
+  c.backward_gates = form == 3;
+  SCOPED_TRACE(c.str());
   const linear_data d(c, 9);
   const upstream up(c, 9);
   const grads_result one = run_bwd(d, up, runner::kernel, 1), four = run_bwd(d, up, runner::kernel, 4);
@@ -358,6 +374,9 @@ TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
   EXPECT_EQ(one.d_head, four.d_head);
   EXPECT_EQ(one.dg, four.dg);
   EXPECT_EQ(one.d_s0, four.d_s0);
+  EXPECT_EQ(one.d_proj_w, four.d_proj_w);
+  EXPECT_EQ(one.d_proj_b, four.d_proj_b);
+  EXPECT_EQ(one.dgb, four.dgb);
   }
 }
 
@@ -434,6 +453,21 @@ TEST(LinearBackward, Validation) {
   linear_grads same = g;
   same.dk = g.dq;
   EXPECT_EQ(msg(same, {}, {}, d_out), "[linear_attention_backward] grads.dk aliases grads.dq: the output must not overlap an input");
+  {
+    linear_spec bidir = d.spec();
+    bidir.decay = linear_decay::scalar;
+    bidir.causal = false;
+    std::vector<float> st_buf(static_cast<std::size_t>(c.batch * c.heads * c.dim_k * c.dim_v));
+    const state_tensor bst = make_state(st_buf.data(), c.batch, c.heads, c.dim_k, c.dim_v);
+    linear_grads with_ds0 = g;
+    with_ds0.d_initial_state = &bst;
+    EXPECT_EQ(msg(with_ds0, bidir, {}, d_out),
+              "[linear_attention_backward] grads.d_initial_state with the bidirectional form (causal = false with decay scalar): it has no states");
+    linear_grads with_dgb = g;
+    with_dgb.dg_backward = bidir.g;
+    EXPECT_EQ(msg(with_dgb, bidir, {}, d_out),
+              "[linear_attention_backward] grads.dg_backward is set but spec.g_backward is not (without it dg holds both directions)");
+  }
   std::vector<float> dw(6);
   linear_grads with_dw = g;
   with_dw.d_projection_weight = dw;
@@ -608,6 +642,92 @@ TEST(LinearVarlen, PackedSequencesEqualSeparateCalls) {
         for (std::int64_t h = 0; h < H; ++h)  // the per-sequence parts, summed in double then rounded, against one rounding
           EXPECT_NEAR(dhead[static_cast<std::size_t>(h)], head_sum[h], 1e-5 * std::max(1.0, std::fabs(head_sum[h])));
     }
+  }
+}
+
+// Packed sequences of the bidirectional form (the reversed scan's offsets mirrored) and of a projected map equal one
+// call per sequence: out, dq, dk, dv and dg bitwise (every row's result is its sequence's alone); the projection's
+// gradients, sums over every sequence's tokens, to float rounding.
+TEST(LinearVarlen, BidirectionalAndProjectedSequencesEqualSeparateCalls) {
+  const std::vector<std::int64_t> lens = {23, 0, 1, 40, 9};
+  std::vector<std::int64_t> cu = {0};
+  for (std::int64_t l : lens) cu.push_back(cu.back() + l);
+  const std::int64_t N = static_cast<std::int64_t>(lens.size());
+  for (int form = 0; form < 3; ++form) {  // bidirectional with its own gates, projected (causal), both
+    linear_case c;
+    c.batch = 1;
+    c.seq = cu.back();
+    c.chunk = 16;
+    c.decay = linear_decay::channel;
+    c.causal = form == 1;
+    c.backward_gates = form == 0;
+    c.features = form == 0 ? 0 : 7;
+    c.phi = form == 0 ? feature_map::identity : feature_map::softmax;
+    c.normalize = form == 2;
+    SCOPED_TRACE(c.str());
+    const linear_data d(c, 5);
+    const upstream up(c, 5);
+    const std::int64_t H = c.heads, K = c.dim_k, V = c.dim_v, nb = d.gdim();
+    const auto part = [](const tensor& full, std::int64_t t0, std::int64_t n) {
+      tensor x = full;
+      x.data = static_cast<char*>(full.data) + t0 * full.stride_seq * dtype_size(full.type);
+      x.seq = n;
+      return x;
+    };
+    struct run_result {
+      std::vector<float> out, dq, dk, dv, dg, dgb, dw, db;
+    };
+    // One call over tokens [t0, t0 + n) (the whole packed tensor with cu_seqlens when packed).
+    const auto call = [&](std::int64_t t0, std::int64_t n, bool packed) {
+      run_result r;
+      r.out.assign(static_cast<std::size_t>(n * H * V), -7.0f);
+      r.dq.assign(static_cast<std::size_t>(n * H * K), -7.0f);
+      r.dk = r.dq;
+      r.dv = r.out;
+      r.dg.assign(static_cast<std::size_t>(n * H * nb), -7.0f);
+      r.dgb = r.dg;
+      r.dw.assign(d.proj_w.size(), -7.0f);
+      r.db.assign(d.proj_b.size(), -7.0f);
+      linear_spec s = d.spec();
+      s.g = part(s.g, t0, n);
+      if (c.backward_gates) s.g_backward = part(s.g_backward, t0, n);
+      linear_options o;
+      o.chunk = c.chunk;
+      if (packed) o.cu_seqlens = cu;
+      const tensor q = part(d.qv(), t0, n), k = part(d.kv(), t0, n), v = part(d.vv(), t0, n);
+      EXPECT_TRUE(linear_attention(q, k, v, make_bshd(r.out.data(), dtype::f32, 1, n, H, V), s, o).ok());
+      linear_grads g;
+      g.dq = make_bshd(r.dq.data(), dtype::f32, 1, n, H, K);
+      g.dk = make_bshd(r.dk.data(), dtype::f32, 1, n, H, K);
+      g.dv = make_bshd(r.dv.data(), dtype::f32, 1, n, H, V);
+      g.dg = make_bshd(r.dg.data(), dtype::f32, 1, n, H, nb);
+      if (c.backward_gates) g.dg_backward = make_bshd(r.dgb.data(), dtype::f32, 1, n, H, nb);
+      g.d_projection_weight = r.dw;
+      g.d_projection_bias = r.db;
+      const tensor dout = part(make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, 1, c.seq, H, V), t0, n);
+      const status st = linear_attention_backward(q, k, v, dout, s, g, o);
+      EXPECT_TRUE(st.ok()) << st.error;
+      return r;
+    };
+    const run_result all = call(0, c.seq, true);
+    std::vector<double> dw_sum(d.proj_w.size(), 0.0), db_sum(d.proj_b.size(), 0.0);
+    for (std::int64_t q = 0; q < N; ++q) {
+      const std::int64_t t0 = cu[static_cast<std::size_t>(q)], n = lens[static_cast<std::size_t>(q)];
+      const run_result one = call(t0, n, false);
+      const auto same = [&](const std::vector<float>& x, const std::vector<float>& packed, std::int64_t width, const char* what) {
+        EXPECT_TRUE(std::equal(x.begin(), x.end(), packed.begin() + t0 * H * width)) << what << ", sequence " << q;
+      };
+      same(one.out, all.out, V, "out");
+      same(one.dq, all.dq, K, "dq");
+      same(one.dk, all.dk, K, "dk");
+      same(one.dv, all.dv, V, "dv");
+      same(one.dg, all.dg, nb, "dg");
+      if (c.backward_gates) same(one.dgb, all.dgb, nb, "dg_backward");
+      for (std::size_t i = 0; i < dw_sum.size() && n > 0; ++i) dw_sum[i] += one.dw[i];
+      for (std::size_t i = 0; i < db_sum.size() && n > 0; ++i) db_sum[i] += one.db[i];
+    }
+    for (std::size_t i = 0; i < dw_sum.size(); ++i) EXPECT_NEAR(all.dw[i], dw_sum[i], 1e-5 * std::max(1.0, std::fabs(dw_sum[i]))) << "dW " << i;
+    for (std::size_t i = 0; i < db_sum.size(); ++i) EXPECT_NEAR(all.db[i], db_sum[i], 1e-5 * std::max(1.0, std::fabs(db_sum[i]))) << "db " << i;
   }
 }
 

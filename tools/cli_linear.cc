@@ -29,6 +29,7 @@ const char* const k_linear_suite[] = {
     "b=3,t=5,h=4,k=64,v=64,decay=scalar,s0=1",                 // a decode-sized step after a state
     "b=1,t=120,h=2,k=32,v=32,f=48,phi=softmax,decay=channel",  // Hedgehog: a learned projection, then softmax
     "b=2,t=80,h=2,k=16,v=24,f=64,phi=performer,normalize=1",   // Performer's random features
+    "b=2,t=110,h=2,k=32,v=16,causal=0,decay=channel",          // ViG: bidirectional gated
 };
 
 struct linear_problem {
@@ -41,6 +42,7 @@ struct linear_problem {
   feature_map phi = feature_map::identity;
   bool normalize = false, causal = true, s0 = false;
   std::string text;
+  bool bidirectional() const { return !causal && decay != linear_decay::none; }  // no states
 };
 
 bool parse_int(const std::string& s, std::int64_t& out) {
@@ -106,6 +108,10 @@ bool parse_linear_problem(const std::string& text, linear_problem& p, std::strin
       error = "sizes must be in 0..2^20";
       return false;
     }
+  if (static_cast<double>(p.h) * p.k * p.f > 1e9) {
+    error = "the projection h * k * f > 1e9 values";
+    return false;
+  }
   if (static_cast<double>(p.b) * p.t * p.t * p.h * std::max(p.sk(), p.v) > 4e9) {
     error = "too large for the O(T^2) fp64 oracle (b * t^2 * h * max(k or f, v) > 4e9)";
     return false;
@@ -192,7 +198,7 @@ forward_run forward(const linear_problem& p, linear_inputs& in, who w, int threa
   o.threads = threads;
   o.chunk = p.chunk;
   o.initial_state = p.s0 ? &s0 : nullptr;
-  o.final_state = &fin;
+  o.final_state = p.bidirectional() ? nullptr : &fin;
   const tensor out = make_bshd(r.out.data(), dtype::f32, p.b, p.t, p.h, p.v);
   const auto t0 = std::chrono::steady_clock::now();
   r.st = w == who::kernel ? linear_attention(in.qt, in.kt, in.vt, out, in.spec, o)
@@ -226,8 +232,8 @@ backward_run backward(const linear_problem& p, linear_inputs& in, who w, int thr
                      ds0 = make_state(r.grads[4].data(), p.b, p.h, p.sk(), p.v);
   g.d_projection_weight = r.grads[5];
   g.d_projection_bias = r.grads[6];
-  g.d_final_state = &dfin;
-  g.d_initial_state = &ds0;
+  g.d_final_state = p.bidirectional() ? nullptr : &dfin;
+  g.d_initial_state = p.bidirectional() ? nullptr : &ds0;
   linear_options o;
   o.threads = threads;
   o.chunk = p.chunk;

@@ -1,6 +1,7 @@
 // Linear attention (the kernel trick with a recurrent state): kernelised, gated / decayed, chunked, with a state in
 // and out, in fla's conventions (flash-linear-attention): q, k [batch, seq, heads, K], v [batch, seq, heads, V],
-// a scale applied to q, log-space decays g, initial_state / final_state [batch, heads, K, V].
+// a scale applied to q, log-space decays g, initial_state / final_state [batch, heads, K, V] (K: the projection's F
+// where the spec has one).
 //
 // Math contract (token t = 0 .. T - 1 of one (batch, head); phi the feature map, applied to q and k on load):
 //   q_t = scale phi(P(q_t)),  k_t = phi(P(k_t)),  P the spec's projection (x -> x W_h + b_h, K -> F features;
@@ -11,6 +12,11 @@
 //   normalize:   z_t = alpha_t * z_{t-1} + k_t,  z_{-1} = 0,   o_t = (q_t S_t) / (q_t . z_t)   (0 where q_t . z_t = 0);
 //                z is not carried between calls yet, so normalize takes no initial_state
 //   non-causal:  o_t = q_t S,  S = initial_state + sum over every token of k_t^T v_t  (no decay)
+//   bidirectional (non-causal with a decay; ViG's BiGLA, LION): the causal call with g plus the same call over the
+//                reversed tokens with g_backward (ViG's direction-wise gates; g when unset), each direction holding the
+//                token itself: o_i = sum_{j <= i} (q_i . (exp(G_i - G_j) * k_j)) v_j
+//                              + sum_{j >= i} (q_i . (exp(R_i - R_j) * k_j)) v_j,   R_i = gb_i + ... + gb_{T-1};
+//                normalize divides by the same two sums over v = 1; no initial_state or final_state
 //   prefix P:    JRT's prefix-linear form: tokens t < P read the state of the whole prefix (non-causal inside it),
 //                tokens t >= P the causal S_t, which holds the whole prefix (no decay; non-causal is P = T)
 //   final_state = S_{T-1} (causal) or S (non-causal).
@@ -57,7 +63,9 @@ struct feature_projection {
 
 // Performer's random features for `heads` heads: W [heads][dim][features], the columns Gaussian directions N(0, I);
 // orthogonal: within each block of `dim` columns orthogonalised, then each rescaled to the norm of an independent
-// Gaussian vector (FAVOR+'s orthogonal random features, lower variance). Deterministic in seed on every platform.
+// Gaussian vector (FAVOR+'s orthogonal random features, lower variance). Deterministic in seed: mt19937_64 and a
+// Box-Muller transform written out (std::normal_distribution's algorithm is the library's), so platforms agree up to
+// their libm's log and cos.
 std::vector<float> performer_projection(std::int64_t heads, std::int64_t dim, std::int64_t features, std::uint64_t seed,
                                         bool orthogonal = true);
 
@@ -66,6 +74,7 @@ std::vector<float> performer_projection(std::int64_t heads, std::int64_t dim, st
 //   fixed    one log decay per head for every token (RetNet, Lightning / TransNormer): linear_spec::head_log_decay
 //   scalar   a data-dependent log decay per (batch, token, head) (simple GLA, Mamba-2): linear_spec::g [B, T, H, 1]
 //   channel  a data-dependent log decay per (batch, token, head, K channel) (GLA): linear_spec::g [B, T, H, K]
+//            (F with a projection)
 enum class linear_decay : std::uint8_t { none, fixed, scalar, channel };
 const char* linear_decay_name(linear_decay d);
 
@@ -79,9 +88,11 @@ struct linear_spec {
   linear_decay decay = linear_decay::none;
   std::span<const float> head_log_decay;  // fixed: one per head (q.heads of them), each finite and <= 0
   tensor g;                               // scalar / channel: log decays, finite and <= 0, f32 / bf16 / f16
+  tensor g_backward;                      // bidirectional (causal = false, scalar / channel): the reversed scan's log
+                                          // decays, like g; null data: g for both directions
 };
 
-// A [batch, heads, K, V] float32 state with its own strides (elements).
+// A [batch, heads, K (or F), V] float32 state with its own strides (elements).
 struct state_tensor {
   float* data = nullptr;
   std::int64_t batch = 0, heads = 0, dim_k = 0, dim_v = 0;
@@ -95,7 +106,7 @@ struct linear_options {
   const state_tensor* final_state = nullptr;    // written (may be the same buffer as initial_state)
   std::int64_t chunk = 64;                      // tokens per chunk of the chunked kernel, 1 .. 1024
   // Varlen (fla's cu_seqlens): q, k, v, out (and g) hold packed sequences [1, total, H, *], sequence s owns tokens
-  // [cu_seqlens[s], cu_seqlens[s + 1]) and is a call of its own (its own state); the states are [num_seqs, H, K, V].
+  // [cu_seqlens[s], cu_seqlens[s + 1]) and is a call of its own (its own state); the states are [num_seqs, H, K or F, V].
   // num_seqs + 1 non-decreasing offsets from 0 to q.seq. Empty: every batch entry is one sequence.
   std::span<const std::int64_t> cu_seqlens;
 };
@@ -123,7 +134,7 @@ status reference_linear_attention(const tensor& q, const tensor& k, const tensor
 
 // The backward of linear_attention: given d_out = dL/d out (and dL/d final_state), the gradients of q, k, v, of the
 // decay and of the initial state. Math contract (per (batch, head), tokens t; q, k as loaded: scale phi(.)):
-//   D_t = q_t^T do_t + diag(alpha_{t+1}) D_{t+1},  D_{T-1} = q_{T-1}^T do_{T-1} + d_final_state   (dL/dS_t, K x V)
+//   D_t = q_t^T do_t + diag(alpha_{t+1}) D_{t+1},  D_{T-1} = q_{T-1}^T do_{T-1} + d_final_state   (dL/dS_t, K or F x V)
 //   dq_t = S_t do_t^T,  dk_t = D_t v_t^T,  dv_t = k_t D_t,  d_initial_state = diag(alpha_0) D_0
 //   dg_t[c] = sum over tokens i >= t of (q_i[c] dq_i[c] - k_i[c] dk_i[c]), plus final_state[c] . d_final_state[c]
 //             (the gradient of a log decay is that of every running sum G_i it enters; scalar: summed over c; fixed:
@@ -137,6 +148,7 @@ status reference_linear_attention(const tensor& q, const tensor& k, const tensor
 struct linear_grads {
   tensor dq, dk, dv;                              // written: like q, k, v; f32 or q's dtype
   tensor dg;                                      // decay scalar / channel, written: like spec.g, f32; null data: not computed
+  tensor dg_backward;                             // bidirectional with spec.g_backward: its gradient, like dg
   std::span<float> d_projection_weight;           // written: like spec.projection.weight; empty: not computed
   std::span<float> d_projection_bias;             // written: like spec.projection.bias; empty: not computed
   std::span<float> d_head_log_decay;              // decay fixed, written: one per head; empty: not computed

@@ -19,7 +19,7 @@ from ._core import (BlockMask, attention, attention_backward, build_block_mask, 
                     merge_attention_states, reference_attention, scaled_dot_product_attention, to_bf16)
 from ._omniattn import __version__
 from .kv_cache import KVCache, decode, prefill
-from .linear import linear_attention, linear_attention_backward, performer_projection
+from .linear import LinearGrads, linear_attention, linear_attention_backward, performer_projection
 from .neighborhood import (halo1d, halo2d, halo3d, halo_attention, na1d, na2d, na3d,
                            neighborhood_attention)
 
@@ -27,7 +27,7 @@ __all__ = ["attention", "attention_backward", "merge_attention_states", "scaled_
            "reference_attention", "BlockMask", "build_block_mask", "masks", "scores", "nn", "to_bf16", "from_bf16",
            "__version__", "na1d", "na2d", "na3d", "neighborhood_attention", "halo_attention", "halo1d", "halo2d",
            "halo3d", "KVCache", "decode", "prefill", "linear_attention", "linear_attention_backward",
-           "performer_projection"]
+           "performer_projection", "LinearGrads"]
 
 
 def __getattr__(name):

@@ -21,11 +21,17 @@ torch.autograd.Function whose backward runs it (gradients reach q, k, v, g, head
 projection's weight and bias: Hedgehog's maps train through it).
 """
 
+import collections
+
 from . import _omniattn as _C
 from ._core import _check_run_options, _empty, _int64_vector, _operand
 from ._arrays import is_torch, torch_module
 
-__all__ = ["linear_attention", "linear_attention_backward", "performer_projection"]
+__all__ = ["linear_attention", "linear_attention_backward", "performer_projection", "LinearGrads"]
+
+# What linear_attention_backward returns (a tuple: the first six in the order they have always had).
+LinearGrads = collections.namedtuple("LinearGrads", ["dq", "dk", "dv", "dg", "d_head_log_decay", "d_initial_state", "d_projection",
+                                                     "d_projection_bias", "dg_backward"])
 
 
 def performer_projection(heads, dim, features, *, seed=0, orthogonal=True):
@@ -36,7 +42,8 @@ def performer_projection(heads, dim, features, *, seed=0, orthogonal=True):
 
 def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, feature_map="identity", normalize=False,
                      causal=True, prefix=0, initial_state=None, output_final_state=False, chunk_size=64,
-                     cu_seqlens=None, projection=None, projection_bias=None, backend="cpu", threads=0):
+                     cu_seqlens=None, projection=None, projection_bias=None, g_backward=None, backend="cpu",
+                     threads=0):
     """Linear attention: S_t = diag(exp(g_t)) S_{t-1} + phi(k_t)^T v_t, o_t = scale phi(q_t) S_t (see linear.h).
 
     feature_map  "identity", "elu_plus_one", "relu", "softmax" (over the features), "exp" or "performer" (needs a
@@ -44,7 +51,9 @@ def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, featur
     projection, projection_bias   W [heads, K, F] or [K, F], b [heads, F] or [F]: q, k rows x become x W + b first
                  (Hedgehog, Performer); the states are then [batch, heads, F, V]
     normalize    divide by scale phi(q_t) . z_t, z_t the decayed running sum of phi(k) (classic linear attention)
-    causal       False: every token reads the state of the whole sequence (no decay)
+    causal       False: every token reads the state of the whole sequence; with a decay (g or head_log_decay) this is
+                 ViG's bidirectional form: the causal call plus the same call over the reversed tokens, summed (each
+                 holds the token itself), with `g_backward` the reversed scan's own gates (default: g); no states
     prefix       JRT's prefix-linear form: the first `prefix` tokens read the state of the whole prefix, the rest
                  are causal (no decay)
     initial_state / output_final_state   the recurrent state in and out, so a prefill followed by calls with its
@@ -60,11 +69,12 @@ def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, featur
     """
     kw = dict(scale=scale, feature_map=feature_map, normalize=normalize, causal=causal, prefix=prefix,
               chunk_size=chunk_size, cu_seqlens=_offsets(cu_seqlens), backend=backend, threads=threads)
-    if _records_grad(q, k, v, g, head_log_decay, initial_state, projection, projection_bias):
+    if _records_grad(q, k, v, g, head_log_decay, initial_state, projection, projection_bias, g_backward):
         result = _function().apply(kw, output_final_state, q, k, v, g, head_log_decay, initial_state, projection,
-                                   projection_bias)
+                                   projection_bias, g_backward)
         return result if output_final_state else (result, None)
-    return _forward(q, k, v, g, head_log_decay, initial_state, projection, projection_bias, output_final_state, **kw)
+    return _forward(q, k, v, g, head_log_decay, initial_state, projection, projection_bias, g_backward, output_final_state,
+                    **kw)
 
 
 def _offsets(cu_seqlens):
@@ -87,7 +97,7 @@ def _values(x):
     return x.detach().float().numpy() if x is not None and is_torch(x) else x
 
 
-def _forward(q, k, v, g, head_log_decay, initial_state, projection, projection_bias, output_final_state, *, scale,
+def _forward(q, k, v, g, head_log_decay, initial_state, projection, projection_bias, g_backward, output_final_state, *, scale,
              feature_map, normalize, causal, prefix, chunk_size, cu_seqlens, backend, threads):
     head_log_decay, projection, projection_bias = (_values(x) for x in (head_log_decay, projection, projection_bias))
     if backend not in ("cpu", "reference"):
@@ -100,10 +110,11 @@ def _forward(q, k, v, g, head_log_decay, initial_state, projection, projection_b
              if output_final_state else None)
     ops = [_operand(name, x, False) for name, x in (("q", q), ("k", k), ("v", v), ("out", out))]
     g_op = None if g is None else _operand("g", g, False)
+    gb_op = None if g_backward is None else _operand("g_backward", g_backward, False)
     extra = {name: (None if x is None else _operand(name, x, False)[0])
              for name, x in (("initial_state", initial_state), ("final_state", final))}
-    _C.linear_attention(*(x for x, _ in ops), as_bf16=any(flag for _, flag in ops + ([g_op] if g_op else [])),
-                        g=None if g_op is None else g_op[0], scale=scale,
+    _C.linear_attention(*(x for x, _ in ops), as_bf16=any(flag for _, flag in ops + [x for x in (g_op, gb_op) if x]),
+                        g=None if g_op is None else g_op[0], g_backward=None if gb_op is None else gb_op[0], scale=scale,
                         feature_map=feature_map, normalize=normalize, causal=causal, prefix=int(prefix),
                         head_log_decay=head_log_decay,
                         chunk=int(chunk_size), threads=int(threads), reference=backend == "reference",
@@ -113,13 +124,13 @@ def _forward(q, k, v, g, head_log_decay, initial_state, projection, projection_b
 
 def linear_attention_backward(q, k, v, d_out, *, d_final_state=None, scale=None, g=None, head_log_decay=None,
                               feature_map="identity", normalize=False, causal=True, prefix=0, initial_state=None,
-                              chunk_size=64, cu_seqlens=None, projection=None, projection_bias=None, backend="cpu",
-                              threads=0):
+                              chunk_size=64, cu_seqlens=None, projection=None, projection_bias=None, g_backward=None,
+                              backend="cpu", threads=0):
     """The gradients of linear_attention(q, k, v, ...) (same arguments) given d_out (and d_final_state, float32
-    [batch, heads, K or F, V]): returns (dq, dk, dv, dg, d_head_log_decay, d_initial_state, d_projection,
-    d_projection_bias) in q's framework; dq, dk, dv in q's dtype, the others float32 (the projection's in its
-    weight's and bias's shapes), and None for what the call has not (no g, no head_log_decay, no initial_state, no
-    projection or bias)."""
+    [batch, heads, K or F, V]): returns a LinearGrads (dq, dk, dv, dg, d_head_log_decay, d_initial_state,
+    d_projection, d_projection_bias, dg_backward) in q's framework; dq, dk, dv in q's dtype, the others float32 (the
+    projection's in its weight's and bias's shapes), and None for what the call has not (no g, no head_log_decay, no
+    initial_state, no projection or bias, no g_backward)."""
     if backend not in ("cpu", "reference"):
         raise ValueError(f"omniattn: backend must be 'cpu' or 'reference', got {backend!r}")
     _check_run_options(backend, threads)
@@ -127,6 +138,7 @@ def linear_attention_backward(q, k, v, d_out, *, d_final_state=None, scale=None,
         raise ValueError(f"omniattn: q must be [batch, seq, heads, K], got {getattr(q, 'shape', type(q).__name__)}")
     dq, dk, dv = _empty(q, tuple(q.shape)), _empty(k, tuple(k.shape)), _empty(v, tuple(v.shape))
     dg = None if g is None else _empty(q, tuple(g.shape), "float32")
+    dgb = None if g_backward is None else _empty(q, tuple(g_backward.shape), "float32")
     d_head = None if head_log_decay is None else _empty(q, (q.shape[2],), "float32")
     cu_seqlens = _offsets(cu_seqlens)
     head_log_decay, projection, projection_bias = (_values(x) for x in (head_log_decay, projection, projection_bias))
@@ -136,16 +148,19 @@ def linear_attention_backward(q, k, v, d_out, *, d_final_state=None, scale=None,
     ops = [_operand(name, x, False) for name, x in (("q", q), ("k", k), ("v", v), ("d_out", d_out), ("dq", dq),
                                                     ("dk", dk), ("dv", dv))]
     g_op = None if g is None else _operand("g", g, False)
+    gb_op = None if g_backward is None else _operand("g_backward", g_backward, False)
     extra = {name: (None if x is None else _operand(name, x, False)[0])
              for name, x in (("initial_state", initial_state), ("d_final_state", d_final_state), ("dg", dg),
+                             ("dg_backward", dgb),
                              ("d_head_log_decay", d_head), ("d_initial_state", d_s0), ("d_projection", d_w),
                              ("d_projection_bias", d_b))}
-    _C.linear_attention_backward(*(x for x, _ in ops), as_bf16=any(flag for _, flag in ops + ([g_op] if g_op else [])),
-                                 g=None if g_op is None else g_op[0], scale=scale, feature_map=feature_map,
+    _C.linear_attention_backward(*(x for x, _ in ops), as_bf16=any(flag for _, flag in ops + [x for x in (g_op, gb_op) if x]),
+                                 g=None if g_op is None else g_op[0], g_backward=None if gb_op is None else gb_op[0],
+                                 scale=scale, feature_map=feature_map,
                                  normalize=normalize, causal=causal, prefix=int(prefix), head_log_decay=head_log_decay,
                                  chunk=int(chunk_size), threads=int(threads), reference=backend == "reference",
                                  cu_seqlens=cu_seqlens, projection=projection, projection_bias=projection_bias, **extra)
-    return dq, dk, dv, dg, d_head, d_s0, d_w, d_b
+    return LinearGrads(dq, dk, dv, dg, d_head, d_s0, d_w, d_b, dgb)
 
 
 def _records_grad(*xs):
@@ -165,7 +180,7 @@ def _function():
     torch = torch_module()
     from torch.autograd.function import once_differentiable
 
-    names = ("q", "k", "v", "g", "head_log_decay", "initial_state", "projection", "projection_bias")
+    names = ("q", "k", "v", "g", "head_log_decay", "initial_state", "projection", "projection_bias", "g_backward")
 
     class LinearAttentionFunction(torch.autograd.Function):
         @staticmethod
@@ -190,7 +205,7 @@ def _function():
                 x["q"], x["k"], x["v"], d_out.contiguous(),
                 d_final_state=None if d_final is None else d_final.float().contiguous(), g=x["g"],
                 head_log_decay=x["head_log_decay"], initial_state=x["initial_state"], projection=x["projection"],
-                projection_bias=x["projection_bias"], **ctx.kw)
+                projection_bias=x["projection_bias"], g_backward=x["g_backward"], **ctx.kw)
             need = ctx.needs_input_grad[2:]  # after kw and output_final_state: the operands in `names` order
             out = [None, None]
             for i, grad in enumerate(grads):

@@ -918,8 +918,8 @@ std::span<const float> float_values(py::handle x, const char* name, py::array_t<
 // [F]); their heads and F are read from the weight's shape, the counts checked by the library. `arrays` keeps the
 // float32 copies alive.
 omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::optional<double> scale, const std::string& phi, bool normalize,
-                                     bool causal, std::int64_t prefix, py::handle g, py::handle head_log_decay, py::handle projection,
-                                     py::handle projection_bias, buffers& keep, linear_arrays& arrays) {
+                                     bool causal, std::int64_t prefix, py::handle g, py::handle g_backward, py::handle head_log_decay,
+                                     py::handle projection, py::handle projection_bias, buffers& keep, linear_arrays& arrays) {
   omniattn::linear_spec s;
   auto& decays = arrays.decays;
   if (scale && !(*scale > 0.0)) throw py::value_error("omniattn: scale must be > 0 (None: K ** -0.5), got " + std::to_string(*scale));
@@ -940,7 +940,14 @@ omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::opti
                             std::to_string(arrays.weight.ndim()) + " dims");
     s.projection.heads = arrays.weight.ndim() == 3 ? arrays.weight.shape(0) : 1;
     s.projection.features = arrays.weight.shape(arrays.weight.ndim() - 1);
-    if (!projection_bias.is_none()) s.projection.bias = float_values(projection_bias, "projection_bias", arrays.bias);
+    if (!projection_bias.is_none()) {  // its shape is the weight's without the K axis: [heads, F] or [F]
+      s.projection.bias = float_values(projection_bias, "projection_bias", arrays.bias);
+      const auto& w = arrays.weight;
+      const auto& b = arrays.bias;
+      if (b.ndim() != w.ndim() - 1 || b.shape(b.ndim() - 1) != s.projection.features || (w.ndim() == 3 && b.shape(0) != w.shape(0)))
+        throw py::value_error(std::string("omniattn: projection_bias must be ") + (w.ndim() == 3 ? "[heads, F]" : "[F]") +
+                              " like the projection's " + (w.ndim() == 3 ? "[heads, K, F]" : "[K, F]"));
+    }
   } else if (!projection_bias.is_none()) {
     throw py::value_error("omniattn: projection_bias without projection");
   }
@@ -956,6 +963,7 @@ omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::opti
     s.g = to_tensor("g", per_token_decay(describe(g, "g", false, as_bf16, keep)), false);
     s.decay = s.g.dim == 1 ? omniattn::linear_decay::scalar : omniattn::linear_decay::channel;
   }
+  if (!g_backward.is_none()) s.g_backward = to_tensor("g_backward", per_token_decay(describe(g_backward, "g_backward", false, as_bf16, keep)), false);
   return s;
 }
 
@@ -963,7 +971,7 @@ omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::opti
 void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16, std::optional<double> scale,
             const std::string& phi, bool normalize, bool causal, py::handle g, py::handle head_log_decay,
             py::handle initial_state, py::handle final_state, std::int64_t chunk, int threads, bool reference,
-            std::int64_t prefix, py::handle cu, py::handle projection, py::handle projection_bias) {
+            std::int64_t prefix, py::handle cu, py::handle projection, py::handle projection_bias, py::handle g_backward) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
@@ -971,7 +979,8 @@ void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf
   const omniattn::tensor to = to_tensor("out", describe(out, "out", true, as_bf16, keep), false);
   linear_arrays arrays;
   const omniattn::linear_spec s =
-      linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, head_log_decay, projection, projection_bias, keep, arrays);
+      linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, g_backward, head_log_decay, projection, projection_bias,
+                     keep, arrays);
   omniattn::state_tensor s0, s1;
   omniattn::linear_options o;
   o.threads = threads;
@@ -1001,7 +1010,7 @@ void linear_backward(py::handle q, py::handle k, py::handle v, py::handle d_out,
                      py::handle head_log_decay, py::handle initial_state, py::handle d_final_state, py::handle dg,
                      py::handle d_head_log_decay, py::handle d_initial_state, std::int64_t chunk, int threads, bool reference,
                      std::int64_t prefix, py::handle cu, py::handle projection, py::handle projection_bias,
-                     py::handle d_projection, py::handle d_projection_bias) {
+                     py::handle d_projection, py::handle d_projection_bias, py::handle g_backward, py::handle dg_backward) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
@@ -1009,12 +1018,14 @@ void linear_backward(py::handle q, py::handle k, py::handle v, py::handle d_out,
   const omniattn::tensor tdo = to_tensor("d_out", describe(d_out, "d_out", false, as_bf16, keep), false);
   linear_arrays arrays;
   const omniattn::linear_spec s =
-      linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, head_log_decay, projection, projection_bias, keep, arrays);
+      linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, g_backward, head_log_decay, projection, projection_bias,
+                     keep, arrays);
   omniattn::linear_grads gr;
   gr.dq = to_tensor("dq", describe(dq, "dq", true, as_bf16, keep), false);
   gr.dk = to_tensor("dk", describe(dk, "dk", true, as_bf16, keep), false);
   gr.dv = to_tensor("dv", describe(dv, "dv", true, as_bf16, keep), false);
   if (!dg.is_none()) gr.dg = to_tensor("dg", per_token_decay(describe(dg, "dg", true, false, keep)), false);
+  if (!dg_backward.is_none()) gr.dg_backward = to_tensor("dg_backward", per_token_decay(describe(dg_backward, "dg_backward", true, false, keep)), false);
   // Written float32 arrays of any shape, contiguous: their values as one span (the library checks the count).
   const auto written_values = [&](py::handle x, const char* name) {
     const array a = describe(x, name, true, false, keep);
@@ -1230,7 +1241,7 @@ PYBIND11_MODULE(_omniattn, m) {
         "feature_map"_a = "identity", "normalize"_a = false, "causal"_a = true, "g"_a = py::none(),
         "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "final_state"_a = py::none(), "chunk"_a = 64,
         "threads"_a = 0, "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(), "projection"_a = py::none(),
-        "projection_bias"_a = py::none(),
+        "projection_bias"_a = py::none(), "g_backward"_a = py::none(),
         "omniattn::linear_attention (reference=True: its fp64 oracle) of q, k, v into out (and final_state).");
   m.def(
       "performer_projection",
@@ -1250,6 +1261,7 @@ PYBIND11_MODULE(_omniattn, m) {
         "dg"_a = py::none(), "d_head_log_decay"_a = py::none(), "d_initial_state"_a = py::none(), "chunk"_a = 64, "threads"_a = 0,
         "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(), "projection"_a = py::none(),
         "projection_bias"_a = py::none(), "d_projection"_a = py::none(), "d_projection_bias"_a = py::none(),
+        "g_backward"_a = py::none(), "dg_backward"_a = py::none(),
         "omniattn::linear_attention_backward (reference=True: its fp64 oracle): the gradients of q, k, v (and of g, "
         "head_log_decay and initial_state where their arrays are given) from d_out (and d_final_state).");
 

@@ -100,8 +100,8 @@ def test_errors_are_the_library_messages():
         omniattn.linear_attention(q, k[..., :5], v)
     with pytest.raises(ValueError, match=r"must be finite and <= 0"):
         omniattn.linear_attention(q, k, v, g=np.abs(g) + 0.1)
-    with pytest.raises(ValueError, match=r"bidirectional decayed form is not supported yet"):
-        omniattn.linear_attention(q, k, v, g=g, causal=False)
+    with pytest.raises(ValueError, match=r"options.initial_state with the bidirectional form"):
+        omniattn.linear_attention(q, k, v, g=g, causal=False, initial_state=np.zeros((B, H, 6, V), np.float32))
     with pytest.raises(ValueError, match="feature_map must be"):
         omniattn.linear_attention(q, k, v, feature_map="cosine")
     with pytest.raises(ValueError, match="one log decay per head"):

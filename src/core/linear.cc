@@ -2,9 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <initializer_list>
 #include <limits>
-#include <new>
 #include <numbers>
 #include <random>
 #include <span>
@@ -14,6 +12,7 @@
 #include <vector>
 
 #include "core/backends.h"
+#include "core/checked_math.h"
 #include "core/checks.h"
 #include "core/linear_params.h"
 #include "core/storage.h"
@@ -60,7 +59,10 @@ std::vector<float> performer_projection(std::int64_t heads, std::int64_t dim, st
   if (heads < 1 || dim < 1 || features < 1) return {};
   std::mt19937_64 gen(seed);
   const auto uniform = [&] { return (static_cast<double>(gen() >> 11) + 0.5) * 0x1.0p-53; };  // in (0, 1)
-  const auto gaussian = [&] { return std::sqrt(-2.0 * std::log(uniform())) * std::cos(2.0 * std::numbers::pi * uniform()); };
+  const auto gaussian = [&] {  // the two draws in a fixed order (operands of one expression would not be)
+    const double u1 = uniform(), u2 = uniform();
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2);
+  };
   std::vector<float> w(static_cast<std::size_t>(heads * dim * features));
   std::vector<double> block(static_cast<std::size_t>(dim * dim));
   for (std::int64_t h = 0; h < heads; ++h)
@@ -142,7 +144,7 @@ void check_bth(const char* name, const tensor& t, const tensor& q, std::int64_t 
 
 // Every log decay of g finite and <= 0. The whole of g is read before the call runs (a channel decay is as large as q):
 // rows of f32 are tested without a branch per element, and only a row that holds a bad value is searched for it.
-void check_log_decays(const tensor& g) {
+void check_log_decays(const char* name, const tensor& g) {
   for (std::int64_t b = 0; b < g.batch; ++b)
     for (std::int64_t t = 0; t < g.seq; ++t)
       for (std::int64_t h = 0; h < g.heads; ++h) {
@@ -156,7 +158,7 @@ void check_log_decays(const tensor& g) {
         for (std::int64_t c = 0; c < g.dim; ++c) {
           const double x = load_element(g.data, g.type, base + c * g.stride_dim);
           if (!(std::isfinite(x) && x <= 0.0))
-            fail("spec.g[", b, ", ", t, ", ", h, ", ", c, "] ", x, " must be finite and <= 0 (log of a decay in (0, 1])");
+            fail(name, "[", b, ", ", t, ", ", h, ", ", c, "] ", x, " must be finite and <= 0 (log of a decay in (0, 1])");
         }
       }
 }
@@ -181,7 +183,12 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
   if (const feature_projection& pr = s.projection; pr.heads != 0) {
     if (pr.heads != 1 && pr.heads != q.heads) fail("spec.projection.heads ", pr.heads, " must be 1 (shared) or q.heads ", q.heads);
     if (pr.features < 1) fail("spec.projection.features ", pr.features, " must be >= 1");
-    const std::int64_t nw = pr.heads * q.dim * pr.features, nb = pr.heads * pr.features;
+    // The weights, and the pre-pass's [B, T, H, F] f32 feature buffers, must be addressable.
+    std::int64_t nw = 0, nb = 0, buffer = 0;
+    if (!mul_fits(pr.heads, q.dim, &nw) || !mul_fits(nw, pr.features, &nw) || !mul_fits(pr.heads, pr.features, &nb) ||
+        !mul_fits(q.batch, q.seq, &buffer) || !mul_fits(buffer, q.heads, &buffer) || !mul_fits(buffer, pr.features, &buffer) ||
+        !mul_fits(buffer, 16, &buffer))
+      fail("spec.projection.features ", pr.features, ": the weights or the [B, T, H, F] feature buffers overflow int64 addressing");
     if (static_cast<std::int64_t>(pr.weight.size()) != nw)
       fail("spec.projection.weight has ", pr.weight.size(), " values, expected heads x K x F = ", pr.heads, " x ", q.dim, " x ", pr.features);
     if (!pr.bias.empty() && static_cast<std::int64_t>(pr.bias.size()) != nb)
@@ -191,6 +198,7 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
         if (!std::isfinite(vals[i])) fail(name, "[", i, "] ", vals[i], " must be finite");
       if (!vals.empty()) inputs.push_back({name, array_range(name, vals.data(), static_cast<std::int64_t>(vals.size()), 4)});
     }
+    if (!pr.weight.data()) fail("spec.projection.weight.data is null");
     p.proj_w = pr.weight.data();
     p.proj_b = pr.bias.empty() ? nullptr : pr.bias.data();
     p.proj_heads = pr.heads;
@@ -218,10 +226,20 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
         fail("spec.g is [", g.batch, ", ", g.seq, ", ", g.heads, ", ", g.dim, "], expected [", q.batch, ", ", q.seq, ", ", q.heads, ", ",
              want, "] (decay ", linear_decay_name(s.decay), ")");
       inputs.push_back({"spec.g", check_tensor("spec.g", g)});
-      check_log_decays(g);
+      check_log_decays("spec.g", g);
       p.g = g.data;
       p.g_type = g.type;
       kernel_strides(g, p.g_stride);
+      if (const tensor& gb = s.g_backward; gb.data) {
+        if (s.causal) fail("spec.g_backward is set but causal = true (it is the reversed scan's decay of the bidirectional form)");
+        if (gb.type == dtype::f64) fail("spec.g_backward.type f64: f32, bf16 or f16");
+        check_same_shape("spec.g_backward", gb, "spec.g", g);
+        inputs.push_back({"spec.g_backward", check_tensor("spec.g_backward", gb)});
+        check_log_decays("spec.g_backward", gb);
+        p.gb = gb.data;
+        p.gb_type = gb.type;
+        kernel_strides(gb, p.gb_stride);
+      }
       break;
     }
     default: fail("spec.decay ", static_cast<int>(s.decay), " is not a decay kind");
@@ -232,8 +250,11 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
   if (s.prefix > 0 && !s.causal) fail("spec.prefix ", s.prefix, " with causal = false: the whole sequence is the prefix already");
   if (s.prefix > 0 && s.decay != linear_decay::none)
     fail("spec.prefix with decay ", linear_decay_name(s.decay), ": the prefix form with a decay is not supported yet");
-  if (!s.causal && s.decay != linear_decay::none)
-    fail("spec.decay ", linear_decay_name(s.decay), " with causal = false: the bidirectional decayed form is not supported yet");
+  if (s.g_backward.data && s.decay != linear_decay::scalar && s.decay != linear_decay::channel)
+    fail("spec.g_backward is set but spec.decay is ", linear_decay_name(s.decay), " (it is the reversed scan's scalar or channel decay)");
+  if (!s.causal && s.decay != linear_decay::none && o.initial_state)
+    fail("options.initial_state with the bidirectional form (causal = false with decay ", linear_decay_name(s.decay),
+         "): it has no state to start from");
   p.seqs = q.batch;
   if (!o.cu_seqlens.empty()) {
     const std::span<const std::int64_t> cu = o.cu_seqlens;
@@ -288,6 +309,8 @@ void build_forward(const tensor& q, const tensor& k, const tensor& v, const tens
                    linear_params& p) {
   std::vector<input_range> inputs, written;
   build_inputs(q, k, v, s, o, p, inputs);
+  if (o.final_state && detail::bidirectional(p))
+    fail("options.final_state with the bidirectional form (causal = false with decay ", linear_decay_name(s.decay), "): it has no state to return");
   check_bth("out", out, q, v.dim, "v.dim");
   written_view("out", out, q.type, inputs, written);
   if (const state_tensor* f = o.final_state) {
@@ -324,6 +347,14 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
   written_view("grads.dq", g.dq, q.type, inputs, written);
   written_view("grads.dk", g.dk, q.type, inputs, written);
   written_view("grads.dv", g.dv, q.type, inputs, written);
+  if (detail::bidirectional(p.fwd) && (g.d_final_state || g.d_initial_state))
+    fail(g.d_final_state ? "grads.d_final_state" : "grads.d_initial_state", " with the bidirectional form (causal = false with decay ",
+         linear_decay_name(s.decay), "): it has no states");
+  if (g.dg_backward.data) {
+    if (!s.g_backward.data) fail("grads.dg_backward is set but spec.g_backward is not (without it dg holds both directions)");
+    check_same_shape("grads.dg_backward", g.dg_backward, "spec.g_backward", s.g_backward);
+    if (g.dg_backward.type != dtype::f32) fail("grads.dg_backward.type ", dtype_name(g.dg_backward.type), " must be f32");
+  }
   if (g.dg.data) {
     if (s.decay != linear_decay::scalar && s.decay != linear_decay::channel)
       fail("grads.dg is set but spec.decay is ", linear_decay_name(s.decay), " (dg is the gradient of spec.g: scalar or channel)");
@@ -332,6 +363,11 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
     written_view("grads.dg", g.dg, dtype::f32, inputs, written);
     p.dg = static_cast<float*>(g.dg.data);
     kernel_strides(g.dg, p.dg_stride);
+  }
+  if (g.dg_backward.data) {
+    written_view("grads.dg_backward", g.dg_backward, dtype::f32, inputs, written);
+    p.dgb = static_cast<float*>(g.dg_backward.data);
+    kernel_strides(g.dg_backward, p.dgb_stride);
   }
   if (!g.d_head_log_decay.empty()) {
     if (s.decay != linear_decay::fixed)
@@ -401,52 +437,6 @@ status make_linear_bwd_params(const char* entry, const tensor& q, const tensor& 
 
 }  // namespace detail
 
-namespace cpu {
-status run_linear_fwd(const detail::linear_params& p);
-status run_linear_bwd(const detail::linear_bwd_params& p);
-status map_linear_features(const detail::linear_params& p, float* qf, float* kf);
-status chain_linear_features(const detail::linear_bwd_params& bp, const float* qf, const float* kf, float* dqf, float* dkf);
-}  // namespace cpu
-
-namespace {
-
-// n zeroed floats per buffer, or false when they do not fit.
-bool allocate(std::int64_t n, std::initializer_list<std::vector<float>*> buffers) {
-  try {
-    for (std::vector<float>* b : buffers) b->assign(static_cast<std::size_t>(n), 0.0f);
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
-  return true;
-}
-
-// A projected call: the features phi(P(q)), phi(P(k)) first (cpu/linear_map.cc), then the kernel on them.
-status run_projected_fwd(const detail::linear_params& p) {
-  std::vector<float> qf, kf;
-  if (!allocate(p.batch * p.seq * p.heads * p.dim_k, {&qf, &kf})) return {"[linear_attention] out of memory (the projected features)"};
-  if (status st = cpu::map_linear_features(p, qf.data(), kf.data()); !st.ok()) return st;
-  return cpu::run_linear_fwd(detail::features_view(p, qf.data(), kf.data()));
-}
-
-// Its backward: the features again, the kernel's backward into their gradients, then the chain through phi and P.
-status run_projected_bwd(const detail::linear_bwd_params& bp) {
-  const detail::linear_params& p = bp.fwd;
-  std::vector<float> qf, kf, dqf, dkf;
-  if (!allocate(p.batch * p.seq * p.heads * p.dim_k, {&qf, &kf, &dqf, &dkf}))
-    return {"[linear_attention_backward] out of memory (the projected features)"};
-  if (status st = cpu::map_linear_features(p, qf.data(), kf.data()); !st.ok()) return st;
-  detail::linear_bwd_params f = bp;
-  f.fwd = detail::features_view(p, qf.data(), kf.data());
-  f.dq = dqf.data();
-  f.dk = dkf.data();
-  f.dq_type = f.dk_type = dtype::f32;
-  std::copy(f.fwd.q_stride, f.fwd.q_stride + 4, f.dq_stride);
-  std::copy(f.fwd.k_stride, f.fwd.k_stride + 4, f.dk_stride);
-  if (status st = cpu::run_linear_bwd(f); !st.ok()) return st;
-  return cpu::chain_linear_features(bp, qf.data(), kf.data(), dqf.data(), dkf.data());
-}
-
-}  // namespace
 namespace ref {
 status run_linear_ref(const detail::linear_params& p, linear_form form);
 status run_linear_bwd_ref(const detail::linear_bwd_params& p, bool f32);
@@ -456,7 +446,7 @@ status linear_attention(const tensor& q, const tensor& k, const tensor& v, const
                         const linear_options& o) {
   detail::linear_params p;
   if (status st = detail::make_linear_params("linear_attention", q, k, v, out, s, o, p); !st.ok()) return st;
-  return p.proj_w ? run_projected_fwd(p) : cpu::run_linear_fwd(p);
+  return detail::run_linear_forward(p);
 }
 
 status reference_linear_attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
@@ -476,7 +466,7 @@ status linear_attention_backward(const tensor& q, const tensor& k, const tensor&
                                  const linear_grads& grads, const linear_options& o) {
   detail::linear_bwd_params p;
   if (status st = detail::make_linear_bwd_params("linear_attention_backward", q, k, v, d_out, s, grads, o, p); !st.ok()) return st;
-  return p.fwd.proj_w ? run_projected_bwd(p) : cpu::run_linear_bwd(p);
+  return detail::run_linear_backward(p);
 }
 
 status reference_linear_attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& d_out,
@@ -516,11 +506,16 @@ std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const 
     line("feature map: ", feature_map_name(p.phi), " on load");
   std::int64_t decode = 0, chunked = 0, chunks = 0, pairwise = 0, row_heads = 0;
   detail::linear_sequence view;
+  detail::linear_params dir = p;  // the bidirectional form: each direction is a causal call (the forward one read here)
+  if (detail::bidirectional(p)) {
+    dir.causal = true;
+    dir.prefix = 0;
+  }
   for (std::int64_t x = 0; x < seqs; ++x) {
-    const detail::linear_params* sp = &p;
+    const detail::linear_params* sp = &dir;
     std::int64_t b = x;
     if (p.cu_seqlens) {
-      detail::sequence_of(p, x, view);
+      detail::sequence_of(dir, x, view);
       sp = &view.p;
       b = 0;
     }
@@ -547,7 +542,12 @@ std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const 
     line("chunked: ", chunked, " sequences, chunks of ", p.chunk, " tokens (", chunks, " causal chunks per head), state ", p.dim_k, " x ",
          p.dim_v, p.normalize ? " + the normaliser's column" : "", " in f32");
   if (p.causal && p.prefix > 0) line("prefix: the first ", p.prefix, " tokens read the state of the whole prefix (JRT), the rest are causal");
-  if (!p.causal) line("non-causal: every token reads the state of its whole sequence");
+  if (detail::bidirectional(p))
+    line("bidirectional (ViG): the causal call with spec.g plus the causal call over the reversed tokens with ",
+         p.gb ? "spec.g_backward" : "spec.g", " (a view: seq strides negated), summed in f32", p.normalize ? " over both denominators" : "",
+         "; the chunks and decays below are per direction");
+  else if (!p.causal)
+    line("non-causal: every token reads the state of its whole sequence");
   if (p.decay == linear_decay::none) {
     line("decay: none");
   } else if (chunks > 0) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/storage.h"
@@ -15,6 +16,9 @@ namespace omniattn::detail {
 
 struct linear_params {
   const void *q = nullptr, *k = nullptr, *v = nullptr, *g = nullptr;
+  const void* gb = nullptr;  // bidirectional: the reversed scan's log decays (null: g)
+  dtype gb_type = dtype::f32;
+  std::int64_t gb_stride[4]{};
   void* out = nullptr;
   dtype in_type = dtype::f32, v_type = dtype::f32, out_type = dtype::f32, g_type = dtype::f32;  // in_type: q's and k's
   std::int64_t q_stride[4]{}, k_stride[4]{}, v_stride[4]{}, out_stride[4]{}, g_stride[4]{};  // batch, seq, head, dim
@@ -45,6 +49,8 @@ struct linear_bwd_params {
   dtype do_type = dtype::f32, dq_type = dtype::f32, dk_type = dtype::f32, dv_type = dtype::f32;
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;
   float* dg = nullptr;  // [B, T, H, 1 or K] f32, when wanted
+  float* dgb = nullptr;  // bidirectional: spec.g_backward's gradient, when wanted
+  std::int64_t dgb_stride[4]{};
   std::int64_t do_stride[4]{}, dq_stride[4]{}, dk_stride[4]{}, dv_stride[4]{}, dg_stride[4]{};
   float* d_head_log_decay = nullptr;  // [heads], when wanted
   float* d_proj_w = nullptr;          // like proj_w, when wanted
@@ -52,6 +58,9 @@ struct linear_bwd_params {
   const state_tensor* d_initial_state = nullptr;
   const state_tensor* d_final_state = nullptr;
 };
+
+// ViG's bidirectional form: non-causal with a decay, run as the causal call plus the call over the reversed tokens.
+inline bool bidirectional(const linear_params& p) { return !p.causal && p.decay != linear_decay::none; }
 
 // The work items of a call: (sequence, head) pairs, a sequence being a batch entry or a varlen sequence.
 inline std::int64_t linear_sequences(const linear_params& p) { return p.cu_seqlens ? p.num_seqs : p.batch; }
@@ -83,6 +92,7 @@ inline void sequence_of(const linear_params& p, std::int64_t s, linear_sequence&
   q.k = advance(p.k, p.in_type, t0 * p.k_stride[1]);
   q.v = advance(p.v, p.v_type, t0 * p.v_stride[1]);
   if (p.g) q.g = advance(p.g, p.g_type, t0 * p.g_stride[1]);
+  if (p.gb) q.gb = advance(p.gb, p.gb_type, t0 * p.gb_stride[1]);
   if (p.out) q.out = const_cast<void*>(advance(p.out, p.out_type, t0 * p.out_stride[1]));
   if (p.initial_state) {
     out.init = state_of_sequence(*p.initial_state, s);
@@ -111,6 +121,7 @@ inline void sequence_of(const linear_bwd_params& bp, std::int64_t s, linear_bwd_
   out.p.dk = const_cast<void*>(advance(bp.dk, bp.dk_type, t0 * bp.dk_stride[1]));
   out.p.dv = const_cast<void*>(advance(bp.dv, bp.dv_type, t0 * bp.dv_stride[1]));
   if (bp.dg) out.p.dg = bp.dg + t0 * bp.dg_stride[1];
+  if (bp.dgb) out.p.dgb = bp.dgb + t0 * bp.dgb_stride[1];
   if (bp.d_initial_state) {
     out.d_init = state_of_sequence(*bp.d_initial_state, s);
     out.p.d_initial_state = &out.d_init;
@@ -120,6 +131,17 @@ inline void sequence_of(const linear_bwd_params& bp, std::int64_t s, linear_bwd_
     out.p.d_final_state = &out.d_fin;
   }
 }
+
+// The forms composed of kernel calls (core/linear_forms.cc), for the kernels (cpu::run_linear_fwd / bwd) and the
+// oracle alike: a projected call maps q, k in a pass first (kernels only: the oracle projects per token); the
+// bidirectional form is the causal call plus the causal call over the reversed tokens (every [B, T, H, *] view read
+// from its last token with its seq stride negated), summed.
+using linear_fwd_fn = std::function<status(const linear_params&)>;
+using linear_bwd_fn = std::function<status(const linear_bwd_params&)>;
+status run_bidirectional_fwd(const linear_params& p, const linear_fwd_fn& causal_fwd);
+status run_bidirectional_bwd(const linear_bwd_params& p, const linear_fwd_fn& causal_fwd, const linear_bwd_fn& causal_bwd);
+status run_linear_forward(const linear_params& p);       // the kernels, every form
+status run_linear_backward(const linear_bwd_params& p);  // the kernels, every form
 
 // Validate the call and fill p; the message names the argument and the rule, prefixed "[<entry>] ".
 status make_linear_params(const char* entry, const tensor& q, const tensor& k, const tensor& v, const tensor& out,

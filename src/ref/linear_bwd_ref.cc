@@ -12,6 +12,9 @@
 #include "core/storage.h"
 
 namespace omniattn::ref {
+
+status run_linear_ref(const detail::linear_params& p, linear_form form);
+
 namespace {
 
 using detail::linear_bwd_params;
@@ -155,6 +158,11 @@ double backward_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h
 }  // namespace
 
 status run_linear_bwd_ref(const linear_bwd_params& p, bool f32) {
+  // The bidirectional form: the adjoint of each of its two scans (the causal call and the reversed one), summed.
+  if (detail::bidirectional(p.fwd))
+    return detail::run_bidirectional_bwd(
+        p, [f32](const linear_params& x) { return run_linear_ref(x, f32 ? linear_form::recurrent_f32 : linear_form::recurrent); },
+        [f32](const linear_bwd_params& x) { return run_linear_bwd_ref(x, f32); });
   // d_head_log_decay sums over the batch (or the varlen sequences, each a call of its own) too.
   std::vector<double> fixed(static_cast<std::size_t>(p.fwd.heads), 0.0);
   const std::int64_t ph = p.fwd.proj_heads;

@@ -2,6 +2,7 @@
 // pair weights exp(G_i - G_j) (G the running sum of the log decays), or the recurrence S_t = diag(alpha_t) S_{t-1} +
 // k_t^T v_t itself, in double (the two agree to fp64 rounding) or in float (the naive f32 implementation of the
 // tolerance rule). Every form writes out and final_state.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -18,7 +19,7 @@ using detail::load_element;
 // One (batch, head)'s inputs in T: phi(q) * scale, phi(k), v, the log decays g [T][K] and the initial state [K][V].
 template <class T>
 struct head_inputs {
-  std::vector<T> q, k, v, g, s0;
+  std::vector<T> q, k, v, g, gb, s0;  // gb: the bidirectional form's reversed-scan decays (g when it has none)
 };
 
 template <class T>
@@ -35,6 +36,15 @@ head_inputs<T> load_head(const linear_params& p, std::int64_t b, std::int64_t h)
                        &x.v[static_cast<std::size_t>(t * V)]);
     for (std::int64_t c = 0; c < K; ++c) x.g[static_cast<std::size_t>(t * K + c)] = static_cast<T>(detail::log_decay(p, b, h, t, c));
   }
+  x.gb = x.g;
+  if (p.gb) {
+    linear_params r = p;  // log_decay reads g
+    r.g = p.gb;
+    r.g_type = p.gb_type;
+    std::copy(p.gb_stride, p.gb_stride + 4, r.g_stride);
+    for (std::int64_t t = 0; t < n; ++t)
+      for (std::int64_t c = 0; c < K; ++c) x.gb[static_cast<std::size_t>(t * K + c)] = static_cast<T>(detail::log_decay(r, b, h, t, c));
+  }
   if (const state_tensor* s0 = p.initial_state)
     for (std::int64_t a = 0; a < K; ++a)
       for (std::int64_t c = 0; c < V; ++c)
@@ -46,23 +56,39 @@ head_inputs<T> load_head(const linear_params& p, std::int64_t b, std::int64_t h)
 // o [T][V] and the final state [K][V] of one (batch, head), by the quadratic form.
 void quadratic(const linear_params& p, const head_inputs<double>& x, std::vector<double>& o, std::vector<double>& fin) {
   const std::int64_t n = p.seq, K = p.dim_k, V = p.dim_v;
-  std::vector<double> G(static_cast<std::size_t>(n * K), 0.0), z(static_cast<std::size_t>(n), 0.0);  // running log decays
+  // Running log decays G (prefix sums of g) and, for the bidirectional form, R (suffix sums of gb).
+  std::vector<double> G(static_cast<std::size_t>(n * K), 0.0), R(static_cast<std::size_t>(n * K), 0.0);
   for (std::int64_t t = 0; t < n; ++t)
     for (std::int64_t c = 0; c < K; ++c)
       G[static_cast<std::size_t>(t * K + c)] = (t > 0 ? G[static_cast<std::size_t>((t - 1) * K + c)] : 0.0) + x.g[static_cast<std::size_t>(t * K + c)];
+  for (std::int64_t t = n - 1; t >= 0; --t)
+    for (std::int64_t c = 0; c < K; ++c)
+      R[static_cast<std::size_t>(t * K + c)] = (t + 1 < n ? R[static_cast<std::size_t>((t + 1) * K + c)] : 0.0) + x.gb[static_cast<std::size_t>(t * K + c)];
+  const bool both = detail::bidirectional(p);
   o.assign(static_cast<std::size_t>(n * V), 0.0);
   for (std::int64_t i = 0; i < n; ++i) {
     double* oi = &o[static_cast<std::size_t>(i * V)];
     double den = 0.0;
-    for (std::int64_t j = 0; j < n; ++j) {
-      if (j > i && !(i < p.prefix && j < p.prefix)) break;  // causal, except inside the prefix
-      double a = 0.0;  // q_i . (exp(G_i - G_j) k_j)
-      for (std::int64_t c = 0; c < K; ++c)
-        a += x.q[static_cast<std::size_t>(i * K + c)] * x.k[static_cast<std::size_t>(j * K + c)] *
-             (p.causal ? std::exp(G[static_cast<std::size_t>(i * K + c)] - G[static_cast<std::size_t>(j * K + c)]) : 1.0);
-      den += a;
-      for (std::int64_t c = 0; c < V; ++c) oi[c] += a * x.v[static_cast<std::size_t>(j * V + c)];
-    }
+    // The pairs of each direction and their weight per channel: the forward direction j <= i (and, in the prefix or a
+    // non-causal call without decay, every pair of the prefix: G is 0 there) with exp(G_i - G_j); the bidirectional
+    // form's reversed scan j >= i with exp(R_i - R_j) (the diagonal is in both).
+    const auto holds = [&](std::int64_t j, bool reversed) {
+      if (reversed) return both && j >= i;
+      return j <= i || (!both && i < p.prefix && j < p.prefix);
+    };
+    const auto weight = [&](std::int64_t j, std::int64_t c, bool reversed) {
+      const std::size_t ic = static_cast<std::size_t>(i * K + c), jc = static_cast<std::size_t>(j * K + c);
+      return reversed ? std::exp(R[ic] - R[jc]) : std::exp(G[ic] - G[jc]);
+    };
+    for (std::int64_t j = 0; j < n; ++j)
+      for (const bool reversed : {false, true}) {
+        if (!holds(j, reversed)) continue;
+        double a = 0.0;  // q_i . (w_ij k_j)
+        for (std::int64_t c = 0; c < K; ++c)
+          a += x.q[static_cast<std::size_t>(i * K + c)] * x.k[static_cast<std::size_t>(j * K + c)] * weight(j, c, reversed);
+        den += a;
+        for (std::int64_t c = 0; c < V; ++c) oi[c] += a * x.v[static_cast<std::size_t>(j * V + c)];
+      }
     for (std::int64_t c = 0; c < K; ++c) {  // the initial state, decayed to token i
       const double w = x.q[static_cast<std::size_t>(i * K + c)] * (p.causal ? std::exp(G[static_cast<std::size_t>(i * K + c)]) : 1.0);
       for (std::int64_t e = 0; e < V; ++e) oi[e] += w * x.s0[static_cast<std::size_t>(c * V + e)];
@@ -132,6 +158,9 @@ void store(const linear_params& p, std::int64_t b, std::int64_t h, const std::ve
 }  // namespace
 
 status run_linear_ref(const linear_params& p, linear_form form) {
+  // The bidirectional form: the quadratic form holds both directions' pair weights; the recurrences are its two scans.
+  if (detail::bidirectional(p) && form != linear_form::quadratic)
+    return detail::run_bidirectional_fwd(p, [form](const linear_params& x) { return run_linear_ref(x, form); });
   if (p.cu_seqlens) {  // varlen: every sequence a call of its own
     detail::linear_sequence seq;
     for (std::int64_t s = 0; s < p.num_seqs; ++s) {
