@@ -25,13 +25,15 @@ struct linear_case {
   std::int64_t features = 0;  // a projection K -> features before phi (0: none)
   bool shared_projection = false, projection_bias = true;
   bool backward_gates = false;  // bidirectional: a g_backward of its own
+  bool flow = false;            // Flowformer's form (non-causal, no decay)
   bool bidirectional() const { return !causal && decay != linear_decay::none; }
+  bool stateless() const { return flow || bidirectional(); }  // no state in or out
   std::int64_t state_k() const { return features > 0 ? features : dim_k; }  // the state's rows
   std::string str() const {
     return "B" + std::to_string(batch) + " T" + std::to_string(seq) + " H" + std::to_string(heads) + " K" + std::to_string(dim_k) + " V" +
            std::to_string(dim_v) + " C" + std::to_string(chunk) + " " + feature_map_name(phi) + " decay " + linear_decay_name(decay) +
            (causal ? " causal" : " non-causal") + (prefix ? " prefix " + std::to_string(prefix) : "") + (normalize ? " normalize" : "") + (initial ? " s0" : "") +
-            (backward_gates ? " g_backward" : "") + (features ? " projection F" + std::to_string(features) + (shared_projection ? " shared" : "") + (projection_bias ? " bias" : "") : "") +
+            (backward_gates ? " g_backward" : "") + (flow ? " flow" : "") + (features ? " projection F" + std::to_string(features) + (shared_projection ? " shared" : "") + (projection_bias ? " bias" : "") : "") +
            " " + dtype_name(type);
   }
 };
@@ -89,6 +91,7 @@ struct linear_data {
     s.prefix = c.prefix;
     s.phi = c.phi;
     s.normalize = c.normalize;
+    s.flow = c.flow;
     s.decay = c.decay;
     s.head_log_decay = head_g;
     s.g = make_bshd(const_cast<float*>(g.data()), dtype::f32, c.batch, c.seq, c.heads, gdim());
@@ -126,7 +129,7 @@ inline linear_case random_case(std::mt19937_64& rng) {
   c.dim_v = pick(1, 4, 9);
   c.chunk = pick(1, 5, 16, 32, 64);
   c.phi = pick(feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::softmax, feature_map::exp,
-               feature_map::performer);
+               feature_map::performer, feature_map::sigmoid);
   // Hedgehog / Performer: a projection to F features (always for performer, sometimes for the others).
   if (c.phi == feature_map::performer || pick(false, false, true)) {
     c.features = pick(1, 4, 16, 19);
@@ -138,10 +141,11 @@ inline linear_case random_case(std::mt19937_64& rng) {
   c.backward_gates = c.bidirectional() && c.decay != linear_decay::fixed && pick(true, false);
   // The normaliser needs positive features (elu + 1, softmax): with signed ones q . z can be ~0 and the division
   // amplifies any rounding without bound.
-  c.normalize = (c.phi == feature_map::elu_plus_one || c.phi == feature_map::softmax || c.phi == feature_map::exp ||
-                 c.phi == feature_map::performer) &&
-                pick(true, false);
-  c.initial = pick(true, false) && !c.normalize && !c.bidirectional();  // the bidirectional form has no state
+  const bool positive = c.phi == feature_map::elu_plus_one || c.phi == feature_map::softmax || c.phi == feature_map::exp ||
+                        c.phi == feature_map::performer || c.phi == feature_map::sigmoid;
+  c.normalize = positive && pick(true, false);
+  c.flow = !c.causal && c.decay == linear_decay::none && positive && !c.normalize && pick(true, false);
+  c.initial = pick(true, false) && !c.normalize && !c.stateless();  // the bidirectional and flow forms have no state
   c.type = pick(dtype::f32, dtype::bf16);
   if (c.causal && c.decay == linear_decay::none && pick(true, false))  // JRT's prefix form
     c.prefix = std::uniform_int_distribution<std::int64_t>(0, c.seq)(rng);
@@ -183,9 +187,17 @@ void for_target_cases(const char* test_name, Check&& check) {
         check(c, static_cast<std::uint64_t>(dim_v * 7 + static_cast<int>(decay)) + 1);
         c.features = 0;
         c.phi = feature_map::identity;
-        c.causal = false;
+        c.causal = false;  // the bidirectional form with a decay, the plain non-causal one without
         c.initial = false;
         check(c, static_cast<std::uint64_t>(dim_v * 7 + static_cast<int>(decay)) + 2);
+        c.phi = feature_map::sigmoid;  // and Flowformer's flow form, which has no decay
+        c.decay = linear_decay::none;
+        c.flow = true;
+        check(c, static_cast<std::uint64_t>(dim_v * 7 + static_cast<int>(decay)) + 3);
+        c.decay = decay;
+        c.flow = false;
+        c.causal = true;
+        c.initial = true;
       }
   });
 }

@@ -42,7 +42,7 @@ linear_result run(const linear_data& d, runner r, int threads = 1, const float* 
   o.threads = threads;
   o.chunk = c.chunk;
   o.initial_state = c.initial || s0 ? &init : nullptr;
-  o.final_state = c.bidirectional() ? nullptr : &fin;  // the bidirectional form has no state
+  o.final_state = c.stateless() ? nullptr : &fin;  // the bidirectional and flow forms have no state
   const tensor out = make_bshd(res.out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
   if (r == runner::kernel) res.st = linear_attention(d.qv(), d.kv(), d.vv(), out, d.spec(), o);
   else
@@ -68,7 +68,7 @@ void check_case(const linear_case& c, std::uint64_t seed) {
   ASSERT_TRUE(o.st.ok()) << o.st.error;
   ASSERT_TRUE(n.st.ok()) << n.st.error;
   expect_within_rule(k.out, n.out, o.out, "out");
-  expect_within_rule(k.state, n.state, o.state, "final_state");
+  if (!c.stateless()) expect_within_rule(k.state, n.state, o.state, "final_state");
 }
 
 TEST(Linear, KernelMatchesTheOracleOnAwkwardSizes) {
@@ -204,7 +204,7 @@ TEST(Linear, ResultDoesNotDependOnThreads) {
     const linear_result one = run(d, runner::kernel, 1), two = run(d, runner::kernel, 2);
     ASSERT_TRUE(one.st.ok() && two.st.ok());
     EXPECT_EQ(one.out, two.out);
-    EXPECT_EQ(one.state, two.state);
+    if (!c.stateless()) EXPECT_EQ(one.state, two.state);
   }
 }
 
@@ -327,7 +327,8 @@ TEST(Linear, ExplainNamesThePaths) {
   c.causal = false;  // the bidirectional form: two causal passes, the chunks counted per direction
   const std::string bidir = explain(linear_data(c, 3));
   EXPECT_NE(bidir.find("bidirectional (ViG): the causal call with spec.g plus the causal call over the reversed tokens"), std::string::npos) << bidir;
-  EXPECT_NE(bidir.find("3 causal chunks per head"), std::string::npos) << bidir;
+  EXPECT_NE(bidir.find("6 causal chunks per head over both directions"), std::string::npos) << bidir;
+  EXPECT_NE(bidir.find("chunked: 1 sequences"), std::string::npos) << bidir;
   c.causal = true;
   tensor bad = d.kv();
   bad.dim = 4;
@@ -545,6 +546,18 @@ TEST(Linear, Validation) {
     gates.g_backward = gates.g;
     EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, gates, {}),
               "[linear_attention] spec.g_backward is set but causal = true (it is the reversed scan's decay of the bidirectional form)");
+    linear_spec flow;
+    flow.flow = true;
+    flow.phi = feature_map::sigmoid;
+    EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, flow, {}), "[linear_attention] spec.flow with causal = true: Flowformer's flow form is non-causal");
+    flow.causal = false;
+    flow.phi = feature_map::identity;
+    EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, flow, {}),
+              "[linear_attention] spec.flow with phi identity: the flows need positive features (sigmoid, elu_plus_one, softmax, exp or performer)");
+    flow.phi = feature_map::sigmoid;
+    EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, flow, out_state), "[linear_attention] options.final_state with spec.flow: the flow form has no state to return");
+    flow.normalize = true;
+    EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, flow, {}), "[linear_attention] spec.flow with spec.normalize: the flows are the normalisation");
     gates.causal = false;
     gates.g_backward.dim = 2;
     EXPECT_EQ(msg(d.qv(), d.kv(), d.vv(), o, gates, {}), "[linear_attention] spec.g_backward.dim 2 != spec.g.dim 1");

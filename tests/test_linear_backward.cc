@@ -74,8 +74,8 @@ grads_result run_bwd(const linear_data& d, const upstream& up, runner r, int thr
     gr.dg = make_bshd(g.dg.data(), dtype::f32, c.batch, c.seq, c.heads, d.gdim());
   if (want_decay && c.decay == linear_decay::fixed) gr.d_head_log_decay = g.d_head;
   if (want_decay && c.backward_gates) gr.dg_backward = make_bshd(g.dgb.data(), dtype::f32, c.batch, c.seq, c.heads, d.gdim());
-  gr.d_initial_state = c.bidirectional() ? nullptr : &ds0;  // the bidirectional form has no states
-  gr.d_final_state = with_final && !c.bidirectional() ? &dfin : nullptr;
+  gr.d_initial_state = c.stateless() ? nullptr : &ds0;  // the bidirectional and flow forms have no states
+  gr.d_final_state = with_final && !c.stateless() ? &dfin : nullptr;
   gr.d_projection_weight = g.d_proj_w;
   gr.d_projection_bias = g.d_proj_b;
   const tensor d_out = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
@@ -105,15 +105,16 @@ void check_case(const linear_case& c, std::uint64_t seed, int threads = 1) {
   double M = std::max({max_abs(o.dq), max_abs(o.dk), max_abs(o.dv), max_abs(o.d_s0)});
   if (data_decay) M = std::max({M, max_abs(o.dg), max_abs(o.dgb)});
   if (c.decay == linear_decay::fixed) M = std::max(M, max_abs(o.d_head));
-  // The projection's gradients sum over every token (and head when shared): their own scale, their own floor.
-  const double MW = std::max(max_abs(o.d_proj_w), max_abs(o.d_proj_b));
+  // The projection's gradients sum over every token (and head when shared): their own scale, their own floor
+  // (at least the call's other gradients' scale: each term of their sums is x times a gradient of the size of dq, dk).
+  const double MW = std::max({max_abs(o.d_proj_w), max_abs(o.d_proj_b), M});
   const double w_floor = test::linear_projection_floor_factor(c.batch * c.seq * (c.shared_projection ? c.heads : 1));
   expect_within_rule(k.d_proj_w, n.d_proj_w, o.d_proj_w, MW, "d_projection_weight", w_floor);
   expect_within_rule(k.d_proj_b, n.d_proj_b, o.d_proj_b, MW, "d_projection_bias", w_floor);
   expect_within_rule(k.dq, n.dq, o.dq, M, "dq");
   expect_within_rule(k.dk, n.dk, o.dk, M, "dk");
   expect_within_rule(k.dv, n.dv, o.dv, M, "dv");
-  expect_within_rule(k.d_s0, n.d_s0, o.d_s0, M, "d_initial_state");
+  if (!c.stateless()) expect_within_rule(k.d_s0, n.d_s0, o.d_s0, M, "d_initial_state");
   if (data_decay) expect_within_rule(k.dg, n.dg, o.dg, M, "dg");
   if (c.backward_gates) expect_within_rule(k.dgb, n.dgb, o.dgb, M, "dg_backward");
   if (c.decay == linear_decay::fixed)
@@ -128,7 +129,7 @@ double loss(const linear_data& d, const upstream& up) {
   const state_tensor f = make_state(fin.data(), c.batch, c.heads, c.state_k(), c.dim_v);
   linear_options o;
   o.initial_state = c.initial ? &init : nullptr;
-  o.final_state = c.bidirectional() ? nullptr : &f;  // the bidirectional form has none (its d_final_state term is 0)
+  o.final_state = c.stateless() ? nullptr : &f;  // the stateless forms have none (the d_final_state term is 0)
   const status st = reference_linear_attention(d.qv(), d.kv(), d.vv(), make_bshd(out.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v),
                                                d.spec(), o, linear_form::quadratic);
   EXPECT_TRUE(st.ok()) << st.error;
@@ -145,7 +146,7 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     bool normalize, initial, causal;
     std::int64_t prefix;
     std::int64_t features = 0;
-    bool shared = false, gates = false;
+    bool shared = false, gates = false, flow = false;
   };
   const fd_case cases[] = {
       {feature_map::identity, linear_decay::none, false, true, true, 0},   {feature_map::identity, linear_decay::fixed, false, true, true, 0},
@@ -164,6 +165,9 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
       {feature_map::elu_plus_one, linear_decay::channel, true, false, false, 0},
       {feature_map::softmax, linear_decay::fixed, false, false, false, 0},
       {feature_map::exp, linear_decay::channel, false, false, false, 0, 3, false, true},
+      // Flowformer's flow form: sigmoid features, then a projected softmax map.
+      {feature_map::sigmoid, linear_decay::none, false, false, false, 0, 0, false, false, true},
+      {feature_map::softmax, linear_decay::none, false, false, false, 0, 4, true, false, true},
   };
   for (const fd_case& fc : cases) {
     linear_case c;
@@ -181,6 +185,7 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     c.features = fc.features;
     c.shared_projection = fc.shared;
     c.backward_gates = fc.gates;
+    c.flow = fc.flow;
     SCOPED_TRACE(c.str());
     linear_data d(c, 11);
     if (c.decay == linear_decay::fixed) d.head_g = {-0.3f, -0.15f};  // away from 0: every head is probed
@@ -218,6 +223,40 @@ TEST(LinearBackward, OracleMatchesFiniteDifferences) {
     probe(d.proj_b.data(), d.proj_b.size(), an.d_proj_b, false, false, "d_projection_bias");
     EXPECT_LE(worst, 2e-3 * scale) << "the largest gap between a central difference and the oracle's gradient";
   }
+}
+
+// With its own reversed-scan gates, the bidirectional form's dg is the forward scan's alone whether or not dg_backward is
+// asked for too (and dg_backward the reversed scan's).
+TEST(LinearBackward, BidirectionalGradientsOfEachDirection) {
+  linear_case c;
+  c.seq = 40;
+  c.chunk = 16;
+  c.causal = false;
+  c.decay = linear_decay::scalar;
+  c.backward_gates = true;
+  const linear_data d(c, 21);
+  const upstream up(c, 21);
+  const grads_result both = run_bwd(d, up, runner::kernel);
+  ASSERT_TRUE(both.st.ok()) << both.st.error;
+  std::vector<float> dg_alone(both.dg.size(), -7.0f), dq(both.dq.size()), dk = dq, dv(both.dv.size());
+  linear_grads g;
+  g.dq = make_bshd(dq.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_k);
+  g.dk = make_bshd(dk.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_k);
+  g.dv = make_bshd(dv.data(), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+  g.dg = make_bshd(dg_alone.data(), dtype::f32, c.batch, c.seq, c.heads, 1);
+  linear_options o;
+  o.chunk = c.chunk;
+  const tensor d_out = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
+  for (bool kernel : {true, false}) {
+    const status st = kernel ? linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, d.spec(), g, o)
+                             : reference_linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, d.spec(), g, o);
+    ASSERT_TRUE(st.ok()) << st.error;
+    if (kernel) EXPECT_EQ(dg_alone, both.dg);
+    else EXPECT_LE(max_diff(dg_alone, both.dg), 1e-5 * max_abs(both.dg)) << "the oracle's dg alone against the kernel's";
+    if (kernel) EXPECT_EQ(dq, both.dq);
+    else EXPECT_LE(max_diff(dq, both.dq), 1e-5 * max_abs(both.dq)) << "the oracle's dq against the kernel's";
+  }
+  EXPECT_NE(both.dg, both.dgb) << "the two scans' gates have gradients of their own";
 }
 
 TEST(LinearBackward, KernelMatchesTheOracleOnAwkwardSizes) {
@@ -373,7 +412,7 @@ TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
   EXPECT_EQ(one.dv, four.dv);
   EXPECT_EQ(one.d_head, four.d_head);
   EXPECT_EQ(one.dg, four.dg);
-  EXPECT_EQ(one.d_s0, four.d_s0);
+  if (!c.stateless()) EXPECT_EQ(one.d_s0, four.d_s0);
   EXPECT_EQ(one.d_proj_w, four.d_proj_w);
   EXPECT_EQ(one.d_proj_b, four.d_proj_b);
   EXPECT_EQ(one.dgb, four.dgb);
@@ -463,6 +502,11 @@ TEST(LinearBackward, Validation) {
     with_ds0.d_initial_state = &bst;
     EXPECT_EQ(msg(with_ds0, bidir, {}, d_out),
               "[linear_attention_backward] grads.d_initial_state with the bidirectional form (causal = false with decay scalar): it has no states");
+    linear_spec flow;
+    flow.causal = false;
+    flow.flow = true;
+    flow.phi = feature_map::sigmoid;
+    EXPECT_EQ(msg(with_ds0, flow, {}, d_out), "[linear_attention_backward] grads.d_initial_state with spec.flow: the flow form has no states");
     linear_grads with_dgb = g;
     with_dgb.dg_backward = bidir.g;
     EXPECT_EQ(msg(with_dgb, bidir, {}, d_out),

@@ -24,12 +24,13 @@ const char* const k_linear_suite[] = {
     "b=2,t=97,h=2,k=32,v=40,decay=scalar,dtype=bf16",          // simple GLA, bf16
     "b=1,t=150,h=2,k=48,v=17,decay=channel,chunk=32,s0=1",     // GLA, odd V
     "b=1,t=90,h=2,k=16,v=16,phi=elu_plus_one,normalize=1",     // classic normalised linear attention
-    "b=1,t=70,h=2,k=24,v=24,causal=0,phi=softmax",             // bidirectional
+    "b=1,t=70,h=2,k=24,v=24,causal=0,phi=softmax",             // non-causal
     "b=1,t=100,h=2,k=32,v=32,prefix=37",                       // JRT prefix-linear
     "b=3,t=5,h=4,k=64,v=64,decay=scalar,s0=1",                 // a decode-sized step after a state
     "b=1,t=120,h=2,k=32,v=32,f=48,phi=softmax,decay=channel",  // Hedgehog: a learned projection, then softmax
     "b=2,t=80,h=2,k=16,v=24,f=64,phi=performer,normalize=1",   // Performer's random features
     "b=2,t=110,h=2,k=32,v=16,causal=0,decay=channel",          // ViG: bidirectional gated
+    "b=2,t=60,h=2,k=16,v=16,causal=0,phi=sigmoid,flow=1",      // Flowformer's flow conservation
 };
 
 struct linear_problem {
@@ -42,7 +43,8 @@ struct linear_problem {
   feature_map phi = feature_map::identity;
   bool normalize = false, causal = true, s0 = false;
   std::string text;
-  bool bidirectional() const { return !causal && decay != linear_decay::none; }  // no states
+  bool flow = false;
+  bool stateless() const { return flow || (!causal && decay != linear_decay::none); }  // the flow and bidirectional forms
 };
 
 bool parse_int(const std::string& s, std::int64_t& out) {
@@ -82,8 +84,8 @@ bool parse_linear_problem(const std::string& text, linear_problem& p, std::strin
     if (done) continue;
     if (key == "seed" && is_int && n >= 0) {
       p.seed = static_cast<std::uint64_t>(n);
-    } else if ((key == "normalize" || key == "causal" || key == "s0") && is_int && (n == 0 || n == 1)) {
-      (key == "normalize" ? p.normalize : key == "causal" ? p.causal : p.s0) = n == 1;
+    } else if ((key == "normalize" || key == "causal" || key == "s0" || key == "flow") && is_int && (n == 0 || n == 1)) {
+      (key == "normalize" ? p.normalize : key == "causal" ? p.causal : key == "flow" ? p.flow : p.s0) = n == 1;
     } else if (key == "dtype" && (value == "f32" || value == "bf16" || value == "f16")) {
       p.type = value == "f32" ? dtype::f32 : value == "bf16" ? dtype::bf16 : dtype::f16;
     } else if (key == "phi" && parse_feature_map(value, p.phi)) {
@@ -161,6 +163,7 @@ struct linear_inputs {
     spec.prefix = p.prefix;
     spec.phi = p.phi;
     spec.normalize = p.normalize;
+    spec.flow = p.flow;
     spec.decay = p.decay;
     spec.head_log_decay = head_g;
     spec.g = make_bshd(g.data(), dtype::f32, p.b, p.t, p.h, p.decay == linear_decay::channel ? p.sk() : 1);
@@ -198,7 +201,7 @@ forward_run forward(const linear_problem& p, linear_inputs& in, who w, int threa
   o.threads = threads;
   o.chunk = p.chunk;
   o.initial_state = p.s0 ? &s0 : nullptr;
-  o.final_state = p.bidirectional() ? nullptr : &fin;
+  o.final_state = p.stateless() ? nullptr : &fin;
   const tensor out = make_bshd(r.out.data(), dtype::f32, p.b, p.t, p.h, p.v);
   const auto t0 = std::chrono::steady_clock::now();
   r.st = w == who::kernel ? linear_attention(in.qt, in.kt, in.vt, out, in.spec, o)
@@ -232,8 +235,8 @@ backward_run backward(const linear_problem& p, linear_inputs& in, who w, int thr
                      ds0 = make_state(r.grads[4].data(), p.b, p.h, p.sk(), p.v);
   g.d_projection_weight = r.grads[5];
   g.d_projection_bias = r.grads[6];
-  g.d_final_state = p.bidirectional() ? nullptr : &dfin;
-  g.d_initial_state = p.bidirectional() ? nullptr : &ds0;
+  g.d_final_state = p.stateless() ? nullptr : &dfin;
+  g.d_initial_state = p.stateless() ? nullptr : &ds0;
   linear_options o;
   o.threads = threads;
   o.chunk = p.chunk;

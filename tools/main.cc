@@ -294,7 +294,8 @@ void print_check_usage(std::ostream& os) {
         "against the fp64 quadratic form and the naive f32 recurrence (out, final_state), and its backward against\n"
         "the fp64 and float recurrences (dq, dk, dv, the decay's gradient, d_initial_state, the projection's), by\n"
         "tests/tolerance.h's linear rules. problem: b t h k v dtype=f32|bf16|f16 decay=none|fixed|scalar|channel\n"
-        "phi=identity|elu_plus_one|relu|softmax|exp|performer normalize=0|1 causal=0|1 prefix=P chunk=C s0=0|1 seed=N\n"
+        "phi=identity|elu_plus_one|relu|softmax|exp|performer|sigmoid normalize=0|1 causal=0|1 (0 with a decay: ViG's\n"
+        "bidirectional form, no states) flow=0|1 (Flowformer, causal=0) prefix=P chunk=C s0=0|1 seed=N\n"
         "f=F (a seeded projection K -> F per head, with a bias, before phi: Hedgehog; Performer's random directions\n"
         "with phi=performer) (defaults b=1,t=128,h=2,k=64,v=64,dtype=f32,decay=none,phi=identity,causal=1,chunk=64,\n"
         "s0=0,seed=1,f=0).\n";

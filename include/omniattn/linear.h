@@ -17,8 +17,14 @@
 //                token itself: o_i = sum_{j <= i} (q_i . (exp(G_i - G_j) * k_j)) v_j
 //                              + sum_{j >= i} (q_i . (exp(R_i - R_j) * k_j)) v_j,   R_i = gb_i + ... + gb_{T-1};
 //                normalize divides by the same two sums over v = 1; no initial_state or final_state
+//   flow:        Flowformer's flow conservation (non-causal, no decay, positive features; e = 1e-6 as in its
+//                reference, added to every feature and every sum): with n tokens,
+//                I_i = (q_i + e) . (sum_j k_j + e),  O_j = (k_j + e) . (sum_i q_i + e)               (incoming, outgoing)
+//                Ih_i = (q_i + e) . (sum_j k_j / O_j + e),  Oh_j = (k_j + e) . (sum_i q_i / I_i + e)   (conserved)
+//                o_i = sigmoid(Ih_i) * sum_j ((q_i / I_i) . k_j) c_j v_j,  c = n softmax(clamp(Oh, -1, 1))
+//                (allocation, competition); no states
 //   prefix P:    JRT's prefix-linear form: tokens t < P read the state of the whole prefix (non-causal inside it),
-//                tokens t >= P the causal S_t, which holds the whole prefix (no decay; non-causal is P = T)
+//                tokens t >= P the causal S_t, which holds the whole prefix (no decay; non-causal without a decay is P = T)
 //   final_state = S_{T-1} (causal) or S (non-causal).
 // Equivalently (the quadratic form the oracle computes): with G_t = g_0 + ... + g_t,
 //   o_i = sum_{j <= i} (q_i . (exp(G_i - G_j) * k_j)) v_j + (q_i * exp(G_i)) . initial_state.
@@ -43,10 +49,13 @@ namespace omniattn {
 //   identity, elu_plus_one (elu(y) + 1), relu, softmax (over y's features, max subtracted)
 //   exp        exp(y): Hedgehog's map after its learned projection (softmax is the same map normalised per token;
 //              exp of a large y overflows to inf, as in any exp map)
+//   sigmoid    1 / (1 + exp(-y)): Flowformer's map
 //   performer  exp(y - |x|^2 / 2) / sqrt(F): FAVOR+ positive random features (Performer); needs a projection whose
 //              columns are the random directions (performer_projection below), x the raw q or k row. Its features
 //              estimate exp(x_q . x_k): pass q, k already scaled by K^(-1/4) and spec.scale 1 for softmax's kernel.
-enum class feature_map : std::uint8_t { identity, elu_plus_one, relu, softmax, exp, performer };
+enum class feature_map : std::uint8_t { identity, elu_plus_one, relu, softmax, exp, performer, sigmoid };
+inline constexpr feature_map k_feature_maps[] = {feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::softmax,
+                                                 feature_map::exp,      feature_map::performer,    feature_map::sigmoid};  // every map, once
 const char* feature_map_name(feature_map f);
 bool parse_feature_map(const std::string& name, feature_map& f);  // the names above; false (f untouched) otherwise
 
@@ -85,6 +94,7 @@ struct linear_spec {
   feature_map phi = feature_map::identity;
   feature_projection projection;  // heads 0: none
   bool normalize = false;  // divide by q_t . z_t (classic linear attention); off: TransNormer / Lightning / GLA
+  bool flow = false;       // Flowformer's flow-conservation normalisation (non-causal; see the contract)
   linear_decay decay = linear_decay::none;
   std::span<const float> head_log_decay;  // fixed: one per head (q.heads of them), each finite and <= 0
   tensor g;                               // scalar / channel: log decays, finite and <= 0, f32 / bf16 / f16
@@ -105,7 +115,7 @@ struct linear_options {
   const state_tensor* initial_state = nullptr;  // read
   const state_tensor* final_state = nullptr;    // written (may be the same buffer as initial_state)
   std::int64_t chunk = 64;                      // tokens per chunk of the chunked kernel, 1 .. 1024
-  // Varlen (fla's cu_seqlens): q, k, v, out (and g) hold packed sequences [1, total, H, *], sequence s owns tokens
+  // Varlen (fla's cu_seqlens): q, k, v, out (and g, g_backward) hold packed sequences [1, total, H, *], sequence s owns tokens
   // [cu_seqlens[s], cu_seqlens[s + 1]) and is a call of its own (its own state); the states are [num_seqs, H, K or F, V].
   // num_seqs + 1 non-decreasing offsets from 0 to q.seq. Empty: every batch entry is one sequence.
   std::span<const std::int64_t> cu_seqlens;
@@ -127,7 +137,10 @@ std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const 
 
 // The fp64 oracle of the same contract: the quadratic form above (explicit pair weights; O(T^2 K V)), or the
 // recurrence itself in fp64 (they agree to fp64 rounding; the tests check it), or the recurrence in float (the naive
-// f32 implementation the tolerance rule compares against). Same arguments and errors.
+// f32 implementation the tolerance rule compares against). Same arguments and errors. The quadratic form computes the
+// bidirectional and flow forms from their definitions in fp64; their recurrent forms are the composition the kernels
+// run (two scans, or the flows around one non-causal call: core/linear_forms.cc) over fp64 recurrences, with f32
+// buffers between the calls (they agree with the quadratic form to f32 rounding, not fp64).
 enum class linear_form : std::uint8_t { quadratic, recurrent, recurrent_f32 };
 status reference_linear_attention(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const linear_spec& s,
                                   const linear_options& o = {}, linear_form form = linear_form::quadratic);
@@ -148,6 +161,7 @@ status reference_linear_attention(const tensor& q, const tensor& k, const tensor
 struct linear_grads {
   tensor dq, dk, dv;                              // written: like q, k, v; f32 or q's dtype
   tensor dg;                                      // decay scalar / channel, written: like spec.g, f32; null data: not computed
+                                                  // (bidirectional: both scans' when they share g, else the forward scan's)
   tensor dg_backward;                             // bidirectional with spec.g_backward: its gradient, like dg
   std::span<float> d_projection_weight;           // written: like spec.projection.weight; empty: not computed
   std::span<float> d_projection_bias;             // written: like spec.projection.bias; empty: not computed
@@ -161,6 +175,8 @@ status linear_attention_backward(const tensor& q, const tensor& k, const tensor&
 // The oracle of the same: the recurrence with every state kept and the adjoint recursion above taken literally (the
 // decay gradient from alpha_t's own factor, not the running-sum identity the kernel uses), in fp64 (form recurrent) or
 // in float (recurrent_f32: the naive implementation of the tolerance rule); form quadratic is refused. Same errors.
+// The bidirectional and flow forms are the kernels' composition over these adjoints, with f32 buffers between the calls
+// (the finite-difference tests check them against the quadratic forward).
 status reference_linear_attention_backward(const tensor& q, const tensor& k, const tensor& v, const tensor& d_out,
                                            const linear_spec& s, const linear_grads& grads, const linear_options& o = {},
                                            linear_form form = linear_form::recurrent);

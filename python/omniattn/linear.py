@@ -17,8 +17,8 @@ acts on its F features, and the states (and a per-channel g) are over F:
                                      scale=1.0, causal=False, normalize=True)    # ~ softmax attention
 
 linear_attention_backward gives the gradients; on torch tensors that require grad, linear_attention records a
-torch.autograd.Function whose backward runs it (gradients reach q, k, v, g, head_log_decay, initial_state and the
-projection's weight and bias: Hedgehog's maps train through it).
+torch.autograd.Function whose backward runs it (gradients reach q, k, v, g, g_backward, head_log_decay, initial_state
+and the projection's weight and bias: Hedgehog's maps train through it).
 """
 
 import collections
@@ -29,7 +29,7 @@ from ._arrays import is_torch, torch_module
 
 __all__ = ["linear_attention", "linear_attention_backward", "performer_projection", "LinearGrads"]
 
-# What linear_attention_backward returns (a tuple: the first six in the order they have always had).
+# What linear_attention_backward returns: a tuple of nine (it was six before the projection and g_backward).
 LinearGrads = collections.namedtuple("LinearGrads", ["dq", "dk", "dv", "dg", "d_head_log_decay", "d_initial_state", "d_projection",
                                                      "d_projection_bias", "dg_backward"])
 
@@ -40,7 +40,7 @@ def performer_projection(heads, dim, features, *, seed=0, orthogonal=True):
     return _C.performer_projection(int(heads), int(dim), int(features), seed=int(seed), orthogonal=bool(orthogonal))
 
 
-def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, feature_map="identity", normalize=False,
+def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, feature_map="identity", normalize=False, flow=False,
                      causal=True, prefix=0, initial_state=None, output_final_state=False, chunk_size=64,
                      cu_seqlens=None, projection=None, projection_bias=None, g_backward=None, backend="cpu",
                      threads=0):
@@ -51,6 +51,9 @@ def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, featur
     projection, projection_bias   W [heads, K, F] or [K, F], b [heads, F] or [F]: q, k rows x become x W + b first
                  (Hedgehog, Performer); the states are then [batch, heads, F, V]
     normalize    divide by scale phi(q_t) . z_t, z_t the decayed running sum of phi(k) (classic linear attention)
+    flow         Flowformer's flow-conservation normalisation (causal=False, no decay, positive features such as
+                 feature_map="sigmoid"; scale=1.0 for Flowformer's own form): competition over the keys, allocation
+                 of the queries (see linear.h)
     causal       False: every token reads the state of the whole sequence; with a decay (g or head_log_decay) this is
                  ViG's bidirectional form: the causal call plus the same call over the reversed tokens, summed (each
                  holds the token itself), with `g_backward` the reversed scan's own gates (default: g); no states
@@ -67,7 +70,7 @@ def linear_attention(q, k, v, *, scale=None, g=None, head_log_decay=None, featur
     the call is a torch.autograd.Function whose backward runs linear_attention_backward (gradients of o and of
     final_state flow back).
     """
-    kw = dict(scale=scale, feature_map=feature_map, normalize=normalize, causal=causal, prefix=prefix,
+    kw = dict(scale=scale, feature_map=feature_map, normalize=normalize, flow=flow, causal=causal, prefix=prefix,
               chunk_size=chunk_size, cu_seqlens=_offsets(cu_seqlens), backend=backend, threads=threads)
     if _records_grad(q, k, v, g, head_log_decay, initial_state, projection, projection_bias, g_backward):
         result = _function().apply(kw, output_final_state, q, k, v, g, head_log_decay, initial_state, projection,
@@ -98,7 +101,7 @@ def _values(x):
 
 
 def _forward(q, k, v, g, head_log_decay, initial_state, projection, projection_bias, g_backward, output_final_state, *, scale,
-             feature_map, normalize, causal, prefix, chunk_size, cu_seqlens, backend, threads):
+             feature_map, normalize, flow, causal, prefix, chunk_size, cu_seqlens, backend, threads):
     head_log_decay, projection, projection_bias = (_values(x) for x in (head_log_decay, projection, projection_bias))
     if backend not in ("cpu", "reference"):
         raise ValueError(f"omniattn: backend must be 'cpu' or 'reference', got {backend!r}")
@@ -118,12 +121,14 @@ def _forward(q, k, v, g, head_log_decay, initial_state, projection, projection_b
                         feature_map=feature_map, normalize=normalize, causal=causal, prefix=int(prefix),
                         head_log_decay=head_log_decay,
                         chunk=int(chunk_size), threads=int(threads), reference=backend == "reference",
-                        cu_seqlens=cu_seqlens, projection=projection, projection_bias=projection_bias, **extra)
+                        cu_seqlens=cu_seqlens, projection=projection, projection_bias=projection_bias, flow=bool(flow),
+                        **extra)
     return out, final
 
 
 def linear_attention_backward(q, k, v, d_out, *, d_final_state=None, scale=None, g=None, head_log_decay=None,
-                              feature_map="identity", normalize=False, causal=True, prefix=0, initial_state=None,
+                              feature_map="identity", normalize=False, flow=False, causal=True, prefix=0,
+                              initial_state=None,
                               chunk_size=64, cu_seqlens=None, projection=None, projection_bias=None, g_backward=None,
                               backend="cpu", threads=0):
     """The gradients of linear_attention(q, k, v, ...) (same arguments) given d_out (and d_final_state, float32
@@ -159,7 +164,8 @@ def linear_attention_backward(q, k, v, d_out, *, d_final_state=None, scale=None,
                                  scale=scale, feature_map=feature_map,
                                  normalize=normalize, causal=causal, prefix=int(prefix), head_log_decay=head_log_decay,
                                  chunk=int(chunk_size), threads=int(threads), reference=backend == "reference",
-                                 cu_seqlens=cu_seqlens, projection=projection, projection_bias=projection_bias, **extra)
+                                 cu_seqlens=cu_seqlens, projection=projection, projection_bias=projection_bias,
+                                 flow=bool(flow), **extra)
     return LinearGrads(dq, dk, dv, dg, d_head, d_s0, d_w, d_b, dgb)
 
 

@@ -919,18 +919,18 @@ std::span<const float> float_values(py::handle x, const char* name, py::array_t<
 // float32 copies alive.
 omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::optional<double> scale, const std::string& phi, bool normalize,
                                      bool causal, std::int64_t prefix, py::handle g, py::handle g_backward, py::handle head_log_decay,
-                                     py::handle projection, py::handle projection_bias, buffers& keep, linear_arrays& arrays) {
+                                     py::handle projection, py::handle projection_bias, bool flow, buffers& keep, linear_arrays& arrays) {
   omniattn::linear_spec s;
   auto& decays = arrays.decays;
   if (scale && !(*scale > 0.0)) throw py::value_error("omniattn: scale must be > 0 (None: K ** -0.5), got " + std::to_string(*scale));
   s.scale = scale ? *scale : -1.0;
   s.normalize = normalize;
+  s.flow = flow;
   s.causal = causal;
   s.prefix = prefix;
   if (!omniattn::parse_feature_map(phi, s.phi)) {
     std::string names;
-    for (int f = 0; f <= static_cast<int>(omniattn::feature_map::performer); ++f)
-      names += std::string(names.empty() ? "'" : ", '") + omniattn::feature_map_name(static_cast<omniattn::feature_map>(f)) + "'";
+    for (omniattn::feature_map f : omniattn::k_feature_maps) names += std::string(names.empty() ? "'" : ", '") + omniattn::feature_map_name(f) + "'";
     throw py::value_error("omniattn: feature_map must be one of " + names + ", not '" + phi + "'");
   }
   if (!projection.is_none()) {
@@ -971,7 +971,7 @@ omniattn::linear_spec linear_spec_of(std::int64_t heads, bool as_bf16, std::opti
 void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf16, std::optional<double> scale,
             const std::string& phi, bool normalize, bool causal, py::handle g, py::handle head_log_decay,
             py::handle initial_state, py::handle final_state, std::int64_t chunk, int threads, bool reference,
-            std::int64_t prefix, py::handle cu, py::handle projection, py::handle projection_bias, py::handle g_backward) {
+            std::int64_t prefix, py::handle cu, py::handle projection, py::handle projection_bias, py::handle g_backward, bool flow) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
@@ -980,7 +980,7 @@ void linear(py::handle q, py::handle k, py::handle v, py::handle out, bool as_bf
   linear_arrays arrays;
   const omniattn::linear_spec s =
       linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, g_backward, head_log_decay, projection, projection_bias,
-                     keep, arrays);
+                     flow, keep, arrays);
   omniattn::state_tensor s0, s1;
   omniattn::linear_options o;
   o.threads = threads;
@@ -1010,7 +1010,7 @@ void linear_backward(py::handle q, py::handle k, py::handle v, py::handle d_out,
                      py::handle head_log_decay, py::handle initial_state, py::handle d_final_state, py::handle dg,
                      py::handle d_head_log_decay, py::handle d_initial_state, std::int64_t chunk, int threads, bool reference,
                      std::int64_t prefix, py::handle cu, py::handle projection, py::handle projection_bias,
-                     py::handle d_projection, py::handle d_projection_bias, py::handle g_backward, py::handle dg_backward) {
+                     py::handle d_projection, py::handle d_projection_bias, py::handle g_backward, py::handle dg_backward, bool flow) {
   buffers keep;
   const omniattn::tensor tq = to_tensor("q", describe(q, "q", false, as_bf16, keep), false);
   const omniattn::tensor tk = to_tensor("k", describe(k, "k", false, as_bf16, keep), false);
@@ -1019,7 +1019,7 @@ void linear_backward(py::handle q, py::handle k, py::handle v, py::handle d_out,
   linear_arrays arrays;
   const omniattn::linear_spec s =
       linear_spec_of(tq.heads, as_bf16, scale, phi, normalize, causal, prefix, g, g_backward, head_log_decay, projection, projection_bias,
-                     keep, arrays);
+                     flow, keep, arrays);
   omniattn::linear_grads gr;
   gr.dq = to_tensor("dq", describe(dq, "dq", true, as_bf16, keep), false);
   gr.dk = to_tensor("dk", describe(dk, "dk", true, as_bf16, keep), false);
@@ -1241,7 +1241,7 @@ PYBIND11_MODULE(_omniattn, m) {
         "feature_map"_a = "identity", "normalize"_a = false, "causal"_a = true, "g"_a = py::none(),
         "head_log_decay"_a = py::none(), "initial_state"_a = py::none(), "final_state"_a = py::none(), "chunk"_a = 64,
         "threads"_a = 0, "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(), "projection"_a = py::none(),
-        "projection_bias"_a = py::none(), "g_backward"_a = py::none(),
+        "projection_bias"_a = py::none(), "g_backward"_a = py::none(), "flow"_a = false,
         "omniattn::linear_attention (reference=True: its fp64 oracle) of q, k, v into out (and final_state).");
   m.def(
       "performer_projection",
@@ -1261,7 +1261,7 @@ PYBIND11_MODULE(_omniattn, m) {
         "dg"_a = py::none(), "d_head_log_decay"_a = py::none(), "d_initial_state"_a = py::none(), "chunk"_a = 64, "threads"_a = 0,
         "reference"_a = false, "prefix"_a = 0, "cu_seqlens"_a = py::none(), "projection"_a = py::none(),
         "projection_bias"_a = py::none(), "d_projection"_a = py::none(), "d_projection_bias"_a = py::none(),
-        "g_backward"_a = py::none(), "dg_backward"_a = py::none(),
+        "g_backward"_a = py::none(), "dg_backward"_a = py::none(), "flow"_a = false,
         "omniattn::linear_attention_backward (reference=True: its fp64 oracle): the gradients of q, k, v (and of g, "
         "head_log_decay and initial_state where their arrays are given) from d_out (and d_final_state).");
 

@@ -145,7 +145,7 @@ def test_errors_are_the_librarys():
         omniattn.linear_attention(q, k, v, feature_map="performer")
     with pytest.raises(ValueError, match=r"projection_bias without projection"):
         omniattn.linear_attention(q, k, v, projection_bias=np.zeros(4, np.float32))
-    with pytest.raises(ValueError, match=r"'identity', 'elu_plus_one', 'relu', 'softmax', 'exp', 'performer', not 'tanh'"):
+    with pytest.raises(ValueError, match=r"'identity', 'elu_plus_one', 'relu', 'softmax', 'exp', 'performer', 'sigmoid', not 'tanh'"):
         omniattn.linear_attention(q, k, v, feature_map="tanh")
     with pytest.raises(ValueError, match=r"options.initial_state is \[2, 3, 6, 4\], expected \[2, 3, 4, 4\]"):
         omniattn.linear_attention(q, k, v, projection=W, initial_state=np.zeros((B, H, K, V), np.float32))

@@ -29,13 +29,13 @@ const char* feature_map_name(feature_map f) {
     case feature_map::softmax: return "softmax";
     case feature_map::exp: return "exp";
     case feature_map::performer: return "performer";
+    case feature_map::sigmoid: return "sigmoid";
   }
   return "?";
 }
 
 bool parse_feature_map(const std::string& name, feature_map& f) {
-  for (feature_map x : {feature_map::identity, feature_map::elu_plus_one, feature_map::relu, feature_map::softmax, feature_map::exp,
-                        feature_map::performer})
+  for (feature_map x : k_feature_maps)
     if (name == feature_map_name(x)) {
       f = x;
       return true;
@@ -174,7 +174,8 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
   check_same_shape("k", k, "q", q);
   check_bth("v", v, q, v.dim, "v.dim");
   if (!std::isfinite(s.scale)) fail("spec.scale ", s.scale, " must be finite (< 0: 1 / sqrt(K))");
-  if (static_cast<int>(s.phi) > static_cast<int>(feature_map::performer)) fail("spec.phi ", static_cast<int>(s.phi), " is not a feature map");
+  if (std::find(std::begin(k_feature_maps), std::end(k_feature_maps), s.phi) == std::end(k_feature_maps))
+    fail("spec.phi ", static_cast<int>(s.phi), " is not a feature map");
   if (o.chunk < 1 || o.chunk > 1024) fail("options.chunk ", o.chunk, " must be in 1..1024");
   p = {};
   p.threads = check_threads("options.threads", o.threads);
@@ -252,6 +253,14 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
     fail("spec.prefix with decay ", linear_decay_name(s.decay), ": the prefix form with a decay is not supported yet");
   if (s.g_backward.data && s.decay != linear_decay::scalar && s.decay != linear_decay::channel)
     fail("spec.g_backward is set but spec.decay is ", linear_decay_name(s.decay), " (it is the reversed scan's scalar or channel decay)");
+  if (s.flow) {  // Flowformer's form: its flows divide by sums of features, which must be positive
+    if (s.causal) fail("spec.flow with causal = true: Flowformer's flow form is non-causal");
+    if (s.decay != linear_decay::none) fail("spec.flow with decay ", linear_decay_name(s.decay), ": the flow form has no decay");
+    if (s.normalize) fail("spec.flow with spec.normalize: the flows are the normalisation");
+    if (o.initial_state) fail("options.initial_state with spec.flow: the flow form has no state");
+    if (s.phi == feature_map::identity || s.phi == feature_map::relu)
+      fail("spec.flow with phi ", feature_map_name(s.phi), ": the flows need positive features (sigmoid, elu_plus_one, softmax, exp or performer)");
+  }
   if (!s.causal && s.decay != linear_decay::none && o.initial_state)
     fail("options.initial_state with the bidirectional form (causal = false with decay ", linear_decay_name(s.decay),
          "): it has no state to start from");
@@ -287,6 +296,7 @@ void build_inputs(const tensor& q, const tensor& k, const tensor& v, const linea
   p.causal = s.causal;
   p.prefix = s.causal ? s.prefix : q.seq;
   p.normalize = s.normalize;
+  p.flow = s.flow;
   p.decay = s.decay;
   p.head_log_decay = s.head_log_decay.data();
   p.initial_state = o.initial_state;
@@ -309,6 +319,7 @@ void build_forward(const tensor& q, const tensor& k, const tensor& v, const tens
                    linear_params& p) {
   std::vector<input_range> inputs, written;
   build_inputs(q, k, v, s, o, p, inputs);
+  if (o.final_state && p.flow) fail("options.final_state with spec.flow: the flow form has no state to return");
   if (o.final_state && detail::bidirectional(p))
     fail("options.final_state with the bidirectional form (causal = false with decay ", linear_decay_name(s.decay), "): it has no state to return");
   check_bth("out", out, q, v.dim, "v.dim");
@@ -347,6 +358,8 @@ void build_backward(const tensor& q, const tensor& k, const tensor& v, const ten
   written_view("grads.dq", g.dq, q.type, inputs, written);
   written_view("grads.dk", g.dk, q.type, inputs, written);
   written_view("grads.dv", g.dv, q.type, inputs, written);
+  if (p.fwd.flow && (g.d_final_state || g.d_initial_state))
+    fail(g.d_final_state ? "grads.d_final_state" : "grads.d_initial_state", " with spec.flow: the flow form has no states");
   if (detail::bidirectional(p.fwd) && (g.d_final_state || g.d_initial_state))
     fail(g.d_final_state ? "grads.d_final_state" : "grads.d_initial_state", " with the bidirectional form (causal = false with decay ",
          linear_decay_name(s.decay), "): it has no states");
@@ -506,11 +519,16 @@ std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const 
     line("feature map: ", feature_map_name(p.phi), " on load");
   std::int64_t decode = 0, chunked = 0, chunks = 0, pairwise = 0, row_heads = 0;
   detail::linear_sequence view;
-  detail::linear_params dir = p;  // the bidirectional form: each direction is a causal call (the forward one read here)
+  // The bidirectional form: each direction is a causal call, the reversed one over the mirrored view with its own gates
+  // (its chunks start from the other end): both are read.
+  std::vector<detail::linear_params> directions(1, p);
+  std::vector<std::int64_t> offsets;
   if (detail::bidirectional(p)) {
-    dir.causal = true;
-    dir.prefix = 0;
+    directions[0].causal = true;
+    directions[0].prefix = 0;
+    directions.push_back(detail::mirrored(directions[0], offsets));
   }
+  for (const detail::linear_params& dir : directions)
   for (std::int64_t x = 0; x < seqs; ++x) {
     const detail::linear_params* sp = &dir;
     std::int64_t b = x;
@@ -534,18 +552,25 @@ std::vector<std::string> explain_linear(const tensor& q, const tensor& k, const 
       row_heads += wide > 0;
     }
   }
+  const auto ndir = static_cast<std::int64_t>(directions.size());
+  decode /= ndir;
+  chunked /= ndir;
   if (decode)
     line("decode: ", decode, " of ", seqs, " sequences have at most ", detail::k_recurrent_tokens,
          " causal tokens: the recurrence itself, one pass over the K x V state per token",
          o.final_state && o.initial_state && o.final_state->data == o.initial_state->data ? ", in place" : "");
   if (chunked)
-    line("chunked: ", chunked, " sequences, chunks of ", p.chunk, " tokens (", chunks, " causal chunks per head), state ", p.dim_k, " x ",
+    line("chunked: ", chunked, " sequences, chunks of ", p.chunk, " tokens (", chunks, " causal chunks per head", ndir > 1 ? " over both directions" : "",
+         "), state ", p.dim_k, " x ",
          p.dim_v, p.normalize ? " + the normaliser's column" : "", " in f32");
   if (p.causal && p.prefix > 0) line("prefix: the first ", p.prefix, " tokens read the state of the whole prefix (JRT), the rest are causal");
   if (detail::bidirectional(p))
     line("bidirectional (ViG): the causal call with spec.g plus the causal call over the reversed tokens with ",
          p.gb ? "spec.g_backward" : "spec.g", " (a view: seq strides negated), summed in f32", p.normalize ? " over both denominators" : "",
-         "; the chunks and decays below are per direction");
+         "; the chunks and decays below count both directions");
+  else if (p.flow)
+    line("flow (Flowformer): incoming / outgoing and conserved flows per (sequence, head) in double around one non-causal call of "
+         "q / I, k and c v (competition c, allocation sigmoid(Ih) applied after)");
   else if (!p.causal)
     line("non-causal: every token reads the state of its whole sequence");
   if (p.decay == linear_decay::none) {

@@ -29,7 +29,7 @@ struct linear_params {
   const float* proj_w = nullptr;  // [proj_heads][dim_in][dim_k], null: no projection
   const float* proj_b = nullptr;  // [proj_heads][dim_k], or null
   std::int64_t proj_heads = 0;    // 1 (shared) or heads
-  bool causal = true, normalize = false;
+  bool causal = true, normalize = false, flow = false;
   std::int64_t prefix = 0;  // tokens [0, prefix) read the state of the whole prefix; seq when non-causal
   linear_decay decay = linear_decay::none;
   const float* head_log_decay = nullptr;  // [heads]
@@ -140,6 +140,13 @@ using linear_fwd_fn = std::function<status(const linear_params&)>;
 using linear_bwd_fn = std::function<status(const linear_bwd_params&)>;
 status run_bidirectional_fwd(const linear_params& p, const linear_fwd_fn& causal_fwd);
 status run_bidirectional_bwd(const linear_bwd_params& p, const linear_fwd_fn& causal_fwd, const linear_bwd_fn& causal_bwd);
+// The bidirectional form's reversed scan: the call over the reversed tokens as a view (every [B, T, H, *] pointer at
+// its last token, its seq stride negated; the decay g_backward where the call has one; varlen offsets mirrored into
+// `offsets`).
+linear_params mirrored(const linear_params& p, std::vector<std::int64_t>& offsets);
+// Flowformer's flow form: the flows per (sequence, head) around one non-causal call (`core`) of q / I, k, c v.
+status run_flow_fwd(const linear_params& p, const linear_fwd_fn& core_fwd);
+status run_flow_bwd(const linear_bwd_params& p, const linear_fwd_fn& core_fwd, const linear_bwd_fn& core_bwd);
 status run_linear_forward(const linear_params& p);       // the kernels, every form
 status run_linear_backward(const linear_bwd_params& p);  // the kernels, every form
 
@@ -170,6 +177,9 @@ void apply_feature_map(feature_map phi, T* x, std::int64_t n) {
     case feature_map::exp:
       for (std::int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
       return;
+    case feature_map::sigmoid:
+      for (std::int64_t i = 0; i < n; ++i) x[i] = T(1) / (T(1) + std::exp(-x[i]));
+      return;
     case feature_map::performer: {  // x here is y - |raw|^2 / 2 (project_token subtracts it)
       const T norm = T(1) / std::sqrt(static_cast<T>(n));
       for (std::int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]) * norm;
@@ -195,6 +205,9 @@ void feature_map_backward(feature_map phi, const T* x, const T* y, T* dy_dx, std
       for (std::int64_t i = 0; i < n; ++i) dy_dx[i] = y[i] * (dy_dx[i] - dot);
       return;
     }
+    case feature_map::sigmoid:
+      for (std::int64_t i = 0; i < n; ++i) dy_dx[i] *= y[i] * (T(1) - y[i]);
+      return;
     case feature_map::exp:
     case feature_map::performer:  // both are c exp(x): the derivative is y itself
       for (std::int64_t i = 0; i < n; ++i) dy_dx[i] *= y[i];

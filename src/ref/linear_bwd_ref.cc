@@ -158,6 +158,10 @@ double backward_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h
 }  // namespace
 
 status run_linear_bwd_ref(const linear_bwd_params& p, bool f32) {
+  if (p.fwd.flow)  // the flows' chain rule around the adjoint of the non-causal call
+    return detail::run_flow_bwd(
+        p, [f32](const linear_params& x) { return run_linear_ref(x, f32 ? linear_form::recurrent_f32 : linear_form::recurrent); },
+        [f32](const linear_bwd_params& x) { return run_linear_bwd_ref(x, f32); });
   // The bidirectional form: the adjoint of each of its two scans (the causal call and the reversed one), summed.
   if (detail::bidirectional(p.fwd))
     return detail::run_bidirectional_bwd(

@@ -107,6 +107,48 @@ void quadratic(const linear_params& p, const head_inputs<double>& x, std::vector
   }
 }
 
+// Flowformer's flow form by its definition, pair by pair (include/omniattn/linear.h): every flow from the loaded q, k
+// of one (batch, head), then o_i = A_i sum_j ((q_i / I_i) . k_j) c_j v_j.
+void flow_quadratic(const linear_params& p, const head_inputs<double>& x, std::vector<double>& o) {
+  const std::int64_t n = p.seq, K = p.dim_k, V = p.dim_v;
+  const double e = 1e-6;
+  const auto q = [&](std::int64_t t, std::int64_t c) { return x.q[static_cast<std::size_t>(t * K + c)]; };
+  const auto k = [&](std::int64_t t, std::int64_t c) { return x.k[static_cast<std::size_t>(t * K + c)]; };
+  std::vector<double> I(static_cast<std::size_t>(n), 0.0), O = I, Ih = I, Oh = I;
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t c = 0; c < K; ++c) {
+      double sk = 0.0, sq = 0.0;
+      for (std::int64_t j = 0; j < n; ++j) {
+        sk += k(j, c);
+        sq += q(j, c);
+      }
+      I[static_cast<std::size_t>(i)] += (q(i, c) + e) * (sk + e);
+      O[static_cast<std::size_t>(i)] += (k(i, c) + e) * (sq + e);
+    }
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t c = 0; c < K; ++c) {
+      double a = 0.0, b = 0.0;
+      for (std::int64_t j = 0; j < n; ++j) {
+        a += k(j, c) / O[static_cast<std::size_t>(j)];
+        b += q(j, c) / I[static_cast<std::size_t>(j)];
+      }
+      Ih[static_cast<std::size_t>(i)] += (q(i, c) + e) * (a + e);
+      Oh[static_cast<std::size_t>(i)] += (k(i, c) + e) * (b + e);
+    }
+  double z = 0.0;
+  for (std::int64_t j = 0; j < n; ++j) z += std::exp(std::clamp(Oh[static_cast<std::size_t>(j)], -1.0, 1.0));
+  o.assign(static_cast<std::size_t>(n * V), 0.0);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double A = 1.0 / (1.0 + std::exp(-Ih[static_cast<std::size_t>(i)]));
+    for (std::int64_t j = 0; j < n; ++j) {
+      double w = 0.0;
+      for (std::int64_t c = 0; c < K; ++c) w += q(i, c) / I[static_cast<std::size_t>(i)] * k(j, c);
+      const double cj = static_cast<double>(n) * std::exp(std::clamp(Oh[static_cast<std::size_t>(j)], -1.0, 1.0)) / z;
+      for (std::int64_t e2 = 0; e2 < V; ++e2) o[static_cast<std::size_t>(i * V + e2)] += A * w * cj * x.v[static_cast<std::size_t>(j * V + e2)];
+    }
+  }
+}
+
 // The same by the recurrence, in T (non-causal: the state of every token first, then each row reads it).
 template <class T>
 void recurrent(const linear_params& p, const head_inputs<T>& x, std::vector<T>& o, std::vector<T>& S) {
@@ -159,6 +201,8 @@ void store(const linear_params& p, std::int64_t b, std::int64_t h, const std::ve
 
 status run_linear_ref(const linear_params& p, linear_form form) {
   // The bidirectional form: the quadratic form holds both directions' pair weights; the recurrences are its two scans.
+  if (p.flow && form != linear_form::quadratic)  // the flows around one non-causal call of the recurrence
+    return detail::run_flow_fwd(p, [form](const linear_params& x) { return run_linear_ref(x, form); });
   if (detail::bidirectional(p) && form != linear_form::quadratic)
     return detail::run_bidirectional_fwd(p, [form](const linear_params& x) { return run_linear_ref(x, form); });
   if (p.cu_seqlens) {  // varlen: every sequence a call of its own
@@ -183,7 +227,8 @@ status run_linear_ref(const linear_params& p, linear_form form) {
       outs.emplace_back();
       states.emplace_back();
       const head_inputs<double> x = load_head<double>(p, b, h);
-      if (form == linear_form::quadratic) quadratic(p, x, outs.back(), states.back());
+      if (form == linear_form::quadratic && p.flow) flow_quadratic(p, x, outs.back());
+      else if (form == linear_form::quadratic) quadratic(p, x, outs.back(), states.back());
       else recurrent(p, x, outs.back(), states.back());
     }
   std::size_t at = 0;
