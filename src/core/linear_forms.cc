@@ -148,7 +148,25 @@ status both_directions(const linear_params& p, const linear_fwd_fn& causal_fwd, 
 }
 
 void store_row(void* base, dtype type, const std::int64_t* st, std::int64_t b, std::int64_t t, std::int64_t h, const float* x, std::int64_t n) {
-  for (std::int64_t c = 0; c < n; ++c) store_element(base, type, b * st[0] + t * st[1] + h * st[2] + c * st[3], static_cast<double>(x[c]));
+  const std::int64_t off = b * st[0] + t * st[1] + h * st[2];
+  if (type == dtype::f32 && (st[3] == 1 || n == 1)) {
+    std::copy(x, x + n, static_cast<float*>(base) + off);
+    return;
+  }
+  for (std::int64_t c = 0; c < n; ++c) store_element(base, type, off + c * st[3], static_cast<double>(x[c]));
+}
+
+// body(r, scratch) for every row r of [B, T, H, *] on the call's threads, each thread with n floats of scratch: the
+// sums and stores after the kernel calls, row by row (independent rows: nothing depends on the thread count).
+template <class Body>
+void for_rows(const linear_params& p, std::int64_t n, Body&& body) {
+  const std::int64_t rows = p.batch * p.seq * p.heads;
+#pragma omp parallel num_threads(p.threads)
+  {
+    std::vector<float> scratch(at(std::max<std::int64_t>(n, 1)));
+#pragma omp for schedule(static)
+    for (std::int64_t r = 0; r < rows; ++r) body(r, scratch.data());
+  }
 }
 
 status out_of_memory(const char* what) { return {std::string("[linear_attention] out of memory (") + what + ")"}; }
@@ -282,20 +300,30 @@ linear_params flow_core(const linear_params& p, const float* qf, const float* kf
 // The inputs of the core (qf = q / I, kf = k, vf = c v) for every (sequence, head), and each row's A.
 void flow_inputs(const linear_params& p, std::vector<float>& qf, std::vector<float>& kf, std::vector<float>& vf, std::vector<float>& A) {
   const std::int64_t K = p.dim_k, V = p.dim_v;
-  flow_head f;
-  std::vector<double> v;
-  for_sequences(p, [&](std::int64_t b, std::int64_t t0, std::int64_t n, std::int64_t h) {
-    load_flow_head(p, b, t0, n, h, f, v);
-    for (std::int64_t t = 0; t < n; ++t) {
-      const std::int64_t r = row_of(p, b, t0 + t, h);
-      for (std::int64_t x = 0; x < K; ++x) {
-        qf[at(r * K + x)] = static_cast<float>(f.q[at(t * K + x)] / f.I[at(t)]);
-        kf[at(r * K + x)] = static_cast<float>(f.k[at(t * K + x)]);
+  struct item {
+    std::int64_t b, t0, n, h;
+  };
+  std::vector<item> items;  // the (sequence, head) pairs, each on one thread (they write disjoint rows)
+  for_sequences(p, [&](std::int64_t b, std::int64_t t0, std::int64_t n, std::int64_t h) { items.push_back({b, t0, n, h}); });
+#pragma omp parallel num_threads(p.threads)
+  {
+    flow_head f;
+    std::vector<double> v;
+#pragma omp for schedule(dynamic, 1)
+    for (std::size_t x = 0; x < items.size(); ++x) {
+      const auto [b, t0, n, h] = items[x];
+      load_flow_head(p, b, t0, n, h, f, v);
+      for (std::int64_t t = 0; t < n; ++t) {
+        const std::int64_t r = row_of(p, b, t0 + t, h);
+        for (std::int64_t c = 0; c < K; ++c) {
+          qf[at(r * K + c)] = static_cast<float>(f.q[at(t * K + c)] / f.I[at(t)]);
+          kf[at(r * K + c)] = static_cast<float>(f.k[at(t * K + c)]);
+        }
+        for (std::int64_t e = 0; e < V; ++e) vf[at(r * V + e)] = static_cast<float>(f.c[at(t)] * v[at(t * V + e)]);
+        A[at(r)] = static_cast<float>(f.A[at(t)]);
       }
-      for (std::int64_t x = 0; x < V; ++x) vf[at(r * V + x)] = static_cast<float>(f.c[at(t)] * v[at(t * V + x)]);
-      A[at(r)] = static_cast<float>(f.A[at(t)]);
     }
-  });
+  }
 }
 
 // The raw inputs' gradients of one token from those of the loaded features gq = dL/d(scale phi(P q)), gk = dL/d phi(P k)
@@ -331,11 +359,10 @@ status run_flow_fwd(const linear_params& p, const linear_fwd_fn& core_fwd) {
   if (!allocate(rows * K, {&qf, &kf}) || !allocate(rows * V, {&vf, &out}) || !allocate(rows, {&A})) return out_of_memory("the flow form");
   flow_inputs(p, qf, kf, vf, A);
   if (status st = core_fwd(flow_core(p, qf.data(), kf.data(), vf.data(), out.data())); !st.ok()) return st;
-  std::vector<float> row(at(V));
-  for (std::int64_t r = 0; r < rows; ++r) {
-    for (std::int64_t x = 0; x < V; ++x) row[at(x)] = A[at(r)] * out[at(r * V + x)];
-    store_row(p.out, p.out_type, p.out_stride, r / p.heads / p.seq, r / p.heads % p.seq, r % p.heads, row.data(), V);
-  }
+  for_rows(p, V, [&](std::int64_t r, float* row) {
+    for (std::int64_t x = 0; x < V; ++x) row[x] = A[at(r)] * out[at(r * V + x)];
+    store_row(p.out, p.out_type, p.out_stride, r / p.heads / p.seq, r / p.heads % p.seq, r % p.heads, row, V);
+  });
   return {};
 }
 
@@ -463,13 +490,12 @@ status run_bidirectional_fwd(const linear_params& p, const linear_fwd_fn& causal
   std::vector<float> va, of, ob;
   if (!allocate(rows * W, {&of, &ob}) || (p.normalize && !allocate(rows * W, {&va}))) return out_of_memory("the bidirectional form's sums");
   if (status st = both_directions(p, causal_fwd, va, of, ob); !st.ok()) return st;
-  std::vector<float> row(at(V));
-  for (std::int64_t r = 0; r < rows; ++r) {
+  for_rows(p, V, [&](std::int64_t r, float* row) {
     const float *f = &of[at(r * W)], *b = &ob[at(r * W)];
     const float den = p.normalize ? f[V] + b[V] : 1.0f;
-    for (std::int64_t c = 0; c < V; ++c) row[at(c)] = den == 0.0f ? 0.0f : (f[c] + b[c]) / den;
-    store_row(p.out, p.out_type, p.out_stride, r / p.heads / p.seq, r / p.heads % p.seq, r % p.heads, row.data(), V);
-  }
+    for (std::int64_t c = 0; c < V; ++c) row[c] = den == 0.0f ? 0.0f : (f[c] + b[c]) / den;
+    store_row(p.out, p.out_type, p.out_stride, r / p.heads / p.seq, r / p.heads % p.seq, r % p.heads, row, V);
+  });
   return {};
 }
 
@@ -535,16 +561,15 @@ status run_bidirectional_bwd(const linear_bwd_params& bp, const linear_fwd_fn& c
     x.d_proj_b = bp.d_proj_b ? dproj[1][d].data() : nullptr;
     if (status st = causal_bwd(d == 0 ? x : mirrored(x, offsets)); !st.ok()) return st;
   }
-  std::vector<float> sum(at(std::max({K, W, nb})));
   // Rows of the sum of `parts` ([B, T, H, width] f32 each, the first n columns) into a [B, T, H, n] view.
   const auto store = [&](std::initializer_list<const std::vector<float>*> parts, std::int64_t width, std::int64_t n, void* base, dtype type,
                          const std::int64_t* st) {
-    for (std::int64_t r = 0; r < rows; ++r) {
-      std::fill(sum.begin(), sum.begin() + n, 0.0f);
+    for_rows(p, n, [&](std::int64_t r, float* sum) {
+      std::fill(sum, sum + n, 0.0f);
       for (const std::vector<float>* x : parts)
-        for (std::int64_t c = 0; c < n; ++c) sum[at(c)] += (*x)[at(r * width + c)];
-      store_row(base, type, st, r / p.heads / p.seq, r / p.heads % p.seq, r % p.heads, sum.data(), n);
-    }
+        for (std::int64_t c = 0; c < n; ++c) sum[c] += (*x)[at(r * width + c)];
+      store_row(base, type, st, r / p.heads / p.seq, r / p.heads % p.seq, r % p.heads, sum, n);
+    });
   };
   store({&dq[0], &dq[1]}, K, K, bp.dq, bp.dq_type, bp.dq_stride);
   store({&dk[0], &dk[1]}, K, K, bp.dk, bp.dk_type, bp.dk_stride);

@@ -132,7 +132,7 @@ void to_raw(const head_ctx& c, std::int64_t t, float* g, bool is_q, bwd_scratch&
   if (is_q) scale_row(static_cast<float>(c.p.scale), g, c.K);
   if (c.p.phi == feature_map::identity) return;
   std::copy(x, x + c.K, s.y.begin());
-  detail::apply_feature_map(c.p.phi, s.y.data(), c.K);
+  map_features(c.p.phi, s.y.data(), c.K);
   detail::feature_map_backward(c.p.phi, x, s.y.data(), g, c.K);
 }
 
@@ -471,8 +471,8 @@ void load_tiles(const linear_params& p, std::int64_t b, std::int64_t h, std::int
     load_row(p.q, p.in_type, b * p.q_stride[0] + t * p.q_stride[1] + h * p.q_stride[2], p.q_stride[3], K, qi);
     load_row(p.k, p.in_type, b * p.k_stride[0] + t * p.k_stride[1] + h * p.k_stride[2], p.k_stride[3], K, ki);
     load_row(p.v, p.v_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2], p.v_stride[3], V, vi);
-    detail::apply_feature_map(p.phi, qi, K);
-    detail::apply_feature_map(p.phi, ki, K);
+    map_features(p.phi, qi, K);
+    map_features(p.phi, ki, K);
     scale_row(static_cast<float>(p.scale), qi, K);
     if (w.W > V) vi[V] = 1.0f;
     if (!decayed) {
@@ -551,7 +551,7 @@ void features_to_raw(const linear_params& p, std::int64_t b, std::int64_t h, std
   detail::load_raw_qk(p, b, h, t, w.raw_q.data(), w.raw_k.data());
   const float* x = is_q ? w.raw_q.data() : w.raw_k.data();
   std::copy(x, x + w.K, w.y_map.begin());
-  detail::apply_feature_map(p.phi, w.y_map.data(), w.K);
+  map_features(p.phi, w.y_map.data(), w.K);
   detail::feature_map_backward(p.phi, x, w.y_map.data(), g, w.K);
 }
 

@@ -104,8 +104,8 @@ void load_chunk(const linear_params& p, std::int64_t b, std::int64_t h, std::int
     load_row(p.q, p.in_type, b * p.q_stride[0] + t * p.q_stride[1] + h * p.q_stride[2], p.q_stride[3], K, qi);
     load_row(p.k, p.in_type, b * p.k_stride[0] + t * p.k_stride[1] + h * p.k_stride[2], p.k_stride[3], K, ki);
     load_row(p.v, p.v_type, b * p.v_stride[0] + t * p.v_stride[1] + h * p.v_stride[2], p.v_stride[3], V, vi);
-    detail::apply_feature_map(p.phi, qi, K);
-    detail::apply_feature_map(p.phi, ki, K);
+    map_features(p.phi, qi, K);
+    map_features(p.phi, ki, K);
     scale_row(scale, qi, K);
     if (w.W > V) vi[V] = 1.0f;
     if (with_decay) {

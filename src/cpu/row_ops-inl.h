@@ -7,8 +7,13 @@
 #define OMNIATTN_CPU_ROW_OPS_INL_H_
 #endif
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
+#include "omniattn/linear.h"
+
+#include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -45,6 +50,51 @@ HWY_INLINE float dot(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, s
   float sum = hn::GetLane(hn::SumOfLanes(d, acc));
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
+}
+
+// phi over one token's n features in place, on whole vectors (the scalar detail::apply_feature_map is the contract and
+// the oracle's; this is the same map with Highway's exp, within a few units of float of it). The kernels' map on load.
+HWY_INLINE void map_features(feature_map phi, float* HWY_RESTRICT x, std::int64_t n) {
+  const hn::ScalableTag<float> d;
+  const auto L = static_cast<std::int64_t>(hn::Lanes(d));
+  const auto zero = hn::Zero(d), one = hn::Set(d, 1.0f);
+  const auto each = [&](auto&& f, auto&& tail) {
+    std::int64_t i = 0;
+    for (; i + L <= n; i += L) hn::StoreU(f(hn::LoadU(d, x + i)), d, x + i);
+    for (; i < n; ++i) x[i] = tail(x[i]);
+  };
+  switch (phi) {
+    case feature_map::identity: return;
+    case feature_map::relu:
+      each([&](auto v) { return hn::Max(v, zero); }, [](float v) { return std::max(v, 0.0f); });
+      return;
+    case feature_map::elu_plus_one:
+      each([&](auto v) { return hn::IfThenElse(hn::Gt(v, zero), hn::Add(v, one), hn::Exp(d, v)); },
+           [](float v) { return v > 0.0f ? v + 1.0f : std::exp(v); });
+      return;
+    case feature_map::exp:
+      each([&](auto v) { return hn::Exp(d, v); }, [](float v) { return std::exp(v); });
+      return;
+    case feature_map::sigmoid:
+      each([&](auto v) { return hn::Div(one, hn::Add(one, hn::Exp(d, hn::Neg(v)))); }, [](float v) { return 1.0f / (1.0f + std::exp(-v)); });
+      return;
+    case feature_map::performer: {
+      const float norm = 1.0f / std::sqrt(static_cast<float>(n));
+      const auto vn = hn::Set(d, norm);
+      each([&](auto v) { return hn::Mul(hn::Exp(d, v), vn); }, [&](float v) { return std::exp(v) * norm; });
+      return;
+    }
+    case feature_map::softmax: {  // the max subtracted first so exp cannot overflow
+      float m = x[0];
+      for (std::int64_t i = 1; i < n; ++i) m = std::max(m, x[i]);
+      const auto vm = hn::Set(d, m);
+      each([&](auto v) { return hn::Exp(d, hn::Sub(v, vm)); }, [&](float v) { return std::exp(v - m); });
+      float sum = 0.0f;
+      for (std::int64_t i = 0; i < n; ++i) sum += x[i];
+      scale_row(1.0f / sum, x, n);
+      return;
+    }
+  }
 }
 
 }  // namespace omniattn::cpu::HWY_NAMESPACE
