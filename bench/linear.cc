@@ -45,7 +45,9 @@ int usage(const std::string& msg) {
   std::fprintf(stderr,
                "usage: omniattn bench --linear [--n 256,1024,4096,16384,65536] [--threads 2] [--batch 1] [--heads 8] [--k 128]\n"
                "                      [--v 128] [--decay none,scalar,channel] [--chunk 64] [--softmax-max N] [--no-backward]\n"
-               "                      [--budget SECONDS] [--no-cache]\n");
+               "                      [--budget SECONDS] [--no-cache]\n"
+               "Ends with the composed forms (Hedgehog, Performer, ViG, Flowformer) at N = min(4096, largest N) against the\n"
+               "plain causal call.\n");
   return 2;
 }
 
@@ -240,6 +242,65 @@ int linear_main(int argc, char** argv) {
       std::printf("decode step, decay %-7s %d thread(s): %8.1f us per token (B=%lld, H=%lld), state %.1f GB/s read + write\n",
                   linear_decay_name(decay), thr, td.median_s * 1e6, static_cast<long long>(batch), static_cast<long long>(heads),
                   bytes / td.median_s / 1e9);
+    }
+    // The composed forms at one length, against the plain causal call: Hedgehog's and Performer's projected maps
+    // (K -> K features), ViG's bidirectional form, Flowformer's flow form.
+    const std::int64_t n = std::min<std::int64_t>(4096, nmax);
+    std::vector<float> hedgehog(static_cast<std::size_t>(heads * K * K));
+    for (float& x : hedgehog) x = nd(rng) / std::sqrt(static_cast<float>(K));
+    const std::vector<float> performer = performer_projection(heads, K, K, 1);
+    struct form {
+      const char* name;
+      linear_spec s;
+    };
+    std::vector<form> forms(5);
+    forms[0].name = "causal (the plain call)";
+    forms[1] = {"hedgehog: exp after a K -> K projection", {}};
+    forms[1].s.phi = feature_map::exp;
+    forms[1].s.projection = {hedgehog, {}, heads, K};
+    forms[2] = {"performer: K random features, normalized", {}};
+    forms[2].s.phi = feature_map::performer;
+    forms[2].s.projection = {performer, {}, heads, K};
+    forms[2].s.causal = false;
+    forms[2].s.normalize = true;
+    forms[2].s.scale = 1.0;
+    forms[3] = {"vig: bidirectional, scalar gates each way", {}};
+    forms[3].s.causal = false;
+    forms[3].s.decay = linear_decay::scalar;
+    forms[3].s.g = make_bshd(g.data(), dtype::f32, batch, n, heads, 1);
+    forms[3].s.g_backward = make_bshd(g.data() + batch * n * heads, dtype::f32, batch, n, heads, 1);
+    forms[4] = {"flowformer: sigmoid features, flow", {}};
+    forms[4].s.causal = false;
+    forms[4].s.flow = true;
+    forms[4].s.phi = feature_map::sigmoid;
+    forms[4].s.scale = 1.0;
+    std::printf("\ncomposed forms, N=%lld, %d thread(s) (x = time / the plain causal call's)\n", static_cast<long long>(n), thr);
+    std::printf("%-42s | %9s %6s | %9s %6s\n", "form", "fwd ms", "x", "bwd ms", "x");
+    const tensor tq = make_bshd(q.data(), dtype::f32, batch, n, heads, K), tk = make_bshd(k.data(), dtype::f32, batch, n, heads, K),
+                 tv = make_bshd(v.data(), dtype::f32, batch, n, heads, V);
+    std::vector<float> fo(static_cast<std::size_t>(batch * n * heads * V)), dq(static_cast<std::size_t>(batch * n * heads * K)), dk(dq.size()),
+        dv(fo.size());
+    const tensor to = make_bshd(fo.data(), dtype::f32, batch, n, heads, V);
+    linear_grads gr;
+    gr.dq = make_bshd(dq.data(), dtype::f32, batch, n, heads, K);
+    gr.dk = make_bshd(dk.data(), dtype::f32, batch, n, heads, K);
+    gr.dv = make_bshd(dv.data(), dtype::f32, batch, n, heads, V);
+    linear_options o;
+    o.threads = thr;
+    o.chunk = chunk;
+    double base_f = 0, base_b = 0;
+    for (const form& f : forms) {
+      if (const status st = linear_attention(tq, tk, tv, to, f.s, o); !st.ok()) {
+        std::fprintf(stderr, "%s\n", st.error.c_str());
+        return 1;
+      }
+      const double tf = time_call([&] { linear_attention(tq, tk, tv, to, f.s, o); }, budget).median_s;
+      const double tb = backward ? time_call([&] { linear_attention_backward(tq, tk, tv, to, f.s, gr, o); }, budget).median_s : NAN;
+      if (base_f == 0) {
+        base_f = tf;
+        base_b = tb;
+      }
+      std::printf("%-42s | %9.2f %5.2fx | %9.2f %5.2fx\n", f.name, tf * 1e3, tf / base_f, tb * 1e3, tb / base_b);
     }
   }
   return 0;
