@@ -454,6 +454,33 @@ TEST(Linear, PerformerProjectionIsSeededAndOrthogonal) {
 }
 
 // The projection's rules; the state, and g under a channel decay, are over its F features.
+// The kernels' vectorised maps keep exp's edges: sigmoid and elu + 1 of inputs far outside exp's float range are 0 or
+// 1 (not garbage), and a NaN input stays NaN in the rows it reaches.
+TEST(Linear, FeatureMapsKeepTheirEdges) {
+  for (feature_map phi : {feature_map::sigmoid, feature_map::elu_plus_one, feature_map::softmax}) {
+    linear_case c;
+    c.seq = 40;
+    c.dim_k = 19;
+    c.phi = phi;
+    c.causal = false;
+    SCOPED_TRACE(c.str());
+    linear_data d(c, 2);
+    float* q = reinterpret_cast<float*>(d.q.data());
+    float* k = reinterpret_cast<float*>(d.k.data());
+    const float edges[] = {-200.0f, -120.0f, -95.0f, 90.0f, 150.0f, 200.0f};
+    for (std::size_t i = 0; i < d.q.size() / 4; i += 7) q[i] = edges[i % 6];
+    for (std::size_t i = 3; i < d.k.size() / 4; i += 11) k[i] = edges[(i + 3) % 6] * (phi == feature_map::sigmoid ? 1.0f : -1.0f);
+    const linear_result kr = run(d, runner::kernel), o = run(d, runner::quadratic), n = run(d, runner::recurrent_f32);
+    ASSERT_TRUE(kr.st.ok() && o.st.ok() && n.st.ok());
+    for (float x : o.out) ASSERT_TRUE(std::isfinite(x));
+    expect_within_rule(kr.out, n.out, o.out, "out");
+    q[5] = std::nanf("");  // token 0 of batch 0, head 0: its output row is NaN, the others are not touched by it
+    const linear_result kn = run(d, runner::kernel);
+    ASSERT_TRUE(kn.st.ok());
+    for (std::int64_t c2 = 0; c2 < c.dim_v; ++c2) EXPECT_TRUE(std::isnan(kn.out[static_cast<std::size_t>(c2)])) << "NaN lost, column " << c2;
+  }
+}
+
 TEST(Linear, ProjectionValidation) {
   linear_case c;
   c.seq = 8;

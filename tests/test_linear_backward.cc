@@ -248,6 +248,8 @@ TEST(LinearBackward, BidirectionalGradientsOfEachDirection) {
   o.chunk = c.chunk;
   const tensor d_out = make_bshd(const_cast<float*>(up.d_out.data()), dtype::f32, c.batch, c.seq, c.heads, c.dim_v);
   for (bool kernel : {true, false}) {
+    std::fill(dg_alone.begin(), dg_alone.end(), -7.0f);  // each run writes its own
+    std::fill(dq.begin(), dq.end(), -7.0f);
     const status st = kernel ? linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, d.spec(), g, o)
                              : reference_linear_attention_backward(d.qv(), d.kv(), d.vv(), d_out, d.spec(), g, o);
     ASSERT_TRUE(st.ok()) << st.error;
@@ -387,8 +389,8 @@ TEST(LinearBackward, SplitSequenceMatchesOneCall) {
 }
 
 TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
-  for (int form = 0; form < 4; ++form) {  // fixed, channel, a projected map (dW summed in a fixed order), bidirectional
-  const linear_decay decay = form == 0 ? linear_decay::fixed : linear_decay::channel;
+  for (int form = 0; form < 5; ++form) {  // fixed, channel, a shared projection (dW over several 256-row partials), bidirectional, flow
+  const linear_decay decay = form == 0 ? linear_decay::fixed : form == 4 ? linear_decay::none : linear_decay::channel;
   linear_case c;
   c.batch = 3;
   c.heads = 3;
@@ -399,9 +401,11 @@ TEST(LinearBackward, ThreadCountDoesNotChangeTheResult) {
   c.decay = decay;
   c.initial = form < 3;
   c.features = form == 2 ? 13 : 0;
-  c.phi = form == 2 ? feature_map::exp : feature_map::identity;
-  c.causal = form != 3;
+  c.shared_projection = form == 2;  // 3 x 77 x 3 = 693 rows share W: three partial blocks
+  c.phi = form == 2 ? feature_map::exp : form == 4 ? feature_map::sigmoid : feature_map::identity;
+  c.causal = form < 3;
   c.backward_gates = form == 3;
+  c.flow = form == 4;
   SCOPED_TRACE(c.str());
   const linear_data d(c, 9);
   const upstream up(c, 9);
@@ -697,17 +701,18 @@ TEST(LinearVarlen, BidirectionalAndProjectedSequencesEqualSeparateCalls) {
   std::vector<std::int64_t> cu = {0};
   for (std::int64_t l : lens) cu.push_back(cu.back() + l);
   const std::int64_t N = static_cast<std::int64_t>(lens.size());
-  for (int form = 0; form < 3; ++form) {  // bidirectional with its own gates, projected (causal), both
+  for (int form = 0; form < 4; ++form) {  // bidirectional with its own gates, projected (causal), both, the flow form
     linear_case c;
     c.batch = 1;
     c.seq = cu.back();
     c.chunk = 16;
-    c.decay = linear_decay::channel;
+    c.decay = form == 3 ? linear_decay::none : linear_decay::channel;
     c.causal = form == 1;
     c.backward_gates = form == 0;
-    c.features = form == 0 ? 0 : 7;
-    c.phi = form == 0 ? feature_map::identity : feature_map::softmax;
+    c.features = form == 0 || form == 3 ? 0 : 7;
+    c.phi = form == 0 ? feature_map::identity : form == 3 ? feature_map::sigmoid : feature_map::softmax;
     c.normalize = form == 2;
+    c.flow = form == 3;
     SCOPED_TRACE(c.str());
     const linear_data d(c, 5);
     const upstream up(c, 5);
@@ -744,7 +749,7 @@ TEST(LinearVarlen, BidirectionalAndProjectedSequencesEqualSeparateCalls) {
       g.dq = make_bshd(r.dq.data(), dtype::f32, 1, n, H, K);
       g.dk = make_bshd(r.dk.data(), dtype::f32, 1, n, H, K);
       g.dv = make_bshd(r.dv.data(), dtype::f32, 1, n, H, V);
-      g.dg = make_bshd(r.dg.data(), dtype::f32, 1, n, H, nb);
+      if (c.decay != linear_decay::none) g.dg = make_bshd(r.dg.data(), dtype::f32, 1, n, H, nb);
       if (c.backward_gates) g.dg_backward = make_bshd(r.dgb.data(), dtype::f32, 1, n, H, nb);
       g.d_projection_weight = r.dw;
       g.d_projection_bias = r.db;

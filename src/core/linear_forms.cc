@@ -16,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <cstdint>
+#include <exception>
 #include <initializer_list>
 #include <new>
 #include <stdexcept>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "core/linear_params.h"
+#include "core/parallel.h"
 #include "core/storage.h"
 
 namespace omniattn {
@@ -298,36 +300,47 @@ linear_params flow_core(const linear_params& p, const float* qf, const float* kf
 }
 
 // The inputs of the core (qf = q / I, kf = k, vf = c v) for every (sequence, head), and each row's A.
-void flow_inputs(const linear_params& p, std::vector<float>& qf, std::vector<float>& kf, std::vector<float>& vf, std::vector<float>& A) {
+status flow_inputs(const linear_params& p, std::vector<float>& qf, std::vector<float>& kf, std::vector<float>& vf, std::vector<float>& A) {
   const std::int64_t K = p.dim_k, V = p.dim_v;
   struct item {
     std::int64_t b, t0, n, h;
   };
   std::vector<item> items;  // the (sequence, head) pairs, each on one thread (they write disjoint rows)
   for_sequences(p, [&](std::int64_t b, std::int64_t t0, std::int64_t n, std::int64_t h) { items.push_back({b, t0, n, h}); });
+  parallel_errors errors;  // a head's buffers that cannot be had: the call's status, not a terminate
 #pragma omp parallel num_threads(p.threads)
   {
     flow_head f;
     std::vector<double> v;
 #pragma omp for schedule(dynamic, 1)
-    for (std::size_t x = 0; x < items.size(); ++x) {
-      const auto [b, t0, n, h] = items[x];
-      load_flow_head(p, b, t0, n, h, f, v);
-      for (std::int64_t t = 0; t < n; ++t) {
-        const std::int64_t r = row_of(p, b, t0 + t, h);
-        for (std::int64_t c = 0; c < K; ++c) {
-          qf[at(r * K + c)] = static_cast<float>(f.q[at(t * K + c)] / f.I[at(t)]);
-          kf[at(r * K + c)] = static_cast<float>(f.k[at(t * K + c)]);
+    for (std::size_t x = 0; x < items.size(); ++x)
+      errors.run([&] {
+        const auto [b, t0, n, h] = items[x];
+        load_flow_head(p, b, t0, n, h, f, v);
+        for (std::int64_t t = 0; t < n; ++t) {
+          const std::int64_t r = row_of(p, b, t0 + t, h);
+          for (std::int64_t c = 0; c < K; ++c) {
+            qf[at(r * K + c)] = static_cast<float>(f.q[at(t * K + c)] / f.I[at(t)]);
+            kf[at(r * K + c)] = static_cast<float>(f.k[at(t * K + c)]);
+          }
+          for (std::int64_t e = 0; e < V; ++e) vf[at(r * V + e)] = static_cast<float>(f.c[at(t)] * v[at(t * V + e)]);
+          A[at(r)] = static_cast<float>(f.A[at(t)]);
         }
-        for (std::int64_t e = 0; e < V; ++e) vf[at(r * V + e)] = static_cast<float>(f.c[at(t)] * v[at(t * V + e)]);
-        A[at(r)] = static_cast<float>(f.A[at(t)]);
-      }
-    }
+      });
   }
+  try {
+    errors.rethrow();
+  } catch (const std::bad_alloc&) {
+    return {"[linear_attention] out of memory (the flow form's heads)"};
+  } catch (const std::exception& e) {
+    return {std::string("[linear_attention] ") + e.what()};
+  }
+  return {};
 }
 
 // The raw inputs' gradients of one token from those of the loaded features gq = dL/d(scale phi(P q)), gk = dL/d phi(P k)
-// (K values each): through scale, phi and the projection (whose gradients add to dW, db).
+// (K values in, dim_in values out, in place: both hold max(K, dim_in)): through scale, phi and the projection (whose
+// gradients add to dW, db).
 void flow_to_raw(const linear_params& p, std::int64_t b, std::int64_t t, std::int64_t h, std::vector<double>& gq, std::vector<double>& gk,
                  std::vector<double>& dW, std::vector<double>& db, bool want_w, bool want_b, std::vector<double>& xq, std::vector<double>& xk) {
   const std::int64_t K = p.dim_k, Kin = p.dim_in;
@@ -346,7 +359,7 @@ void flow_to_raw(const linear_params& p, std::int64_t b, std::int64_t t, std::in
     feature_map_backward(p.phi, u.data(), y.data(), g.data(), K);
     if (!p.proj_w) continue;
     project_token_backward(p, h, raw, g.data(), dx.data(), want_w ? dW.data() : nullptr, want_b ? db.data() : nullptr);
-    g.assign(dx.begin(), dx.end());
+    std::copy(dx.begin(), dx.end(), g.begin());  // g holds max(K, dim_in) values: the caller's size, kept
   }
 }
 
@@ -357,7 +370,7 @@ status run_flow_fwd(const linear_params& p, const linear_fwd_fn& core_fwd) {
   const std::int64_t K = p.dim_k, V = p.dim_v, rows = p.batch * p.seq * p.heads;
   std::vector<float> qf, kf, vf, A, out;
   if (!allocate(rows * K, {&qf, &kf}) || !allocate(rows * V, {&vf, &out}) || !allocate(rows, {&A})) return out_of_memory("the flow form");
-  flow_inputs(p, qf, kf, vf, A);
+  if (status st = flow_inputs(p, qf, kf, vf, A); !st.ok()) return st;
   if (status st = core_fwd(flow_core(p, qf.data(), kf.data(), vf.data(), out.data())); !st.ok()) return st;
   for_rows(p, V, [&](std::int64_t r, float* row) {
     for (std::int64_t x = 0; x < V; ++x) row[x] = A[at(r)] * out[at(r * V + x)];
@@ -376,7 +389,7 @@ status run_flow_bwd(const linear_bwd_params& bp, const linear_fwd_fn& core_fwd, 
   std::vector<float> qf, kf, vf, A, u, du, dq1, dk1, dv1;
   if (!allocate(rows * K, {&qf, &kf, &dq1, &dk1}) || !allocate(rows * V, {&vf, &u, &du, &dv1}) || !allocate(rows, {&A}))
     return {"[linear_attention_backward] out of memory (the flow form)"};
-  flow_inputs(p, qf, kf, vf, A);
+  if (status st = flow_inputs(p, qf, kf, vf, A); !st.ok()) return st;
   const linear_params core = flow_core(p, qf.data(), kf.data(), vf.data(), u.data());
   if (status st = core_fwd(core); !st.ok()) return st;
   std::vector<double> dA(at(rows));
@@ -461,7 +474,7 @@ status run_flow_bwd(const linear_bwd_params& bp, const linear_fwd_fn& core_fwd, 
         dk[at(t * K + x)] += dO[at(t)] * (f.sq[at(x)] + e);
         dsq[at(x)] += dO[at(t)] * (f.k[at(t * K + x)] + e);
       }
-    std::vector<double> gq(at(K)), gk(at(K));
+    std::vector<double> gq(at(std::max(K, Kin))), gk(gq.size());
     for (std::int64_t t = 0; t < n; ++t) {  // sk = sum k, sq = sum q; then to the raw inputs
       for (std::int64_t x = 0; x < K; ++x) {
         gq[at(x)] = dq[at(t * K + x)] + dsq[at(x)];

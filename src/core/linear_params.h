@@ -135,7 +135,8 @@ inline void sequence_of(const linear_bwd_params& bp, std::int64_t s, linear_bwd_
 // The forms composed of kernel calls (core/linear_forms.cc), for the kernels (cpu::run_linear_fwd / bwd) and the
 // oracle alike: a projected call maps q, k in a pass first (kernels only: the oracle projects per token); the
 // bidirectional form is the causal call plus the causal call over the reversed tokens (every [B, T, H, *] view read
-// from its last token with its seq stride negated), summed.
+// from its last token with its seq stride negated), summed; the flow form is Flowformer's flows around one
+// non-causal call.
 using linear_fwd_fn = std::function<status(const linear_params&)>;
 using linear_bwd_fn = std::function<status(const linear_bwd_params&)>;
 status run_bidirectional_fwd(const linear_params& p, const linear_fwd_fn& causal_fwd);

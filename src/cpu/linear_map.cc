@@ -9,8 +9,9 @@
 //             tokens, q and k rows (and heads when W is shared), each entry summed in one fixed order: the result does
 //             not depend on the thread count.
 // The map and dx run over blocks of 8 tokens of one head (register-blocked: each W vector feeds 8 rows), on all threads;
-// dW over blocks of 8 of its rows (h, c), each one pass over the tokens. Memory: the two [B, T, H, F] f32 feature
-// buffers (four in the backward).
+// dW as partial sums over fixed blocks of 256 rows (each block's du read once while every W row takes it), summed in
+// block order. Memory: the two [B, T, H, F] f32 feature buffers (four in the backward), and for dW the partials
+// (B T H / 256 blocks of K x F floats, over the heads sharing W) plus q, k as f32 rows where they are not already.
 #include <omp.h>
 
 #include <algorithm>
@@ -217,7 +218,7 @@ status chain_linear_features_kernel(const linear_bwd_params& bp, const float* qf
   const std::int64_t per = p.proj_heads > 1 ? 1 : p.heads, rows = p.batch * p.seq * p.heads;
   const auto first_head = [&](std::int64_t ph) { return p.proj_heads > 1 ? ph : 0; };
   detail::parallel_errors errors;
-  if (bp.d_proj_w) {
+  if (bp.d_proj_w) try {
     std::vector<float> xq_rows, xk_rows;
     const auto raw_rows = [&](const void* base, const std::int64_t* st, std::vector<float>& buf) -> const float* {
       // f32 rows already laid out [B, T, H, K] (kernel_strides gives size-1 dims stride 0): read in place.
@@ -296,6 +297,8 @@ status chain_linear_features_kernel(const linear_bwd_params& bp, const float* qf
       std::fill(out, out + F, 0.0f);
       for (std::int64_t blk = 0; blk < nblk; ++blk) axpy(1.0f, partial.data() + ((ph * nblk + blk) * K + c) * F, out, F);
     }
+  } catch (const std::bad_alloc&) {  // the converted rows or the partial sums
+    return {"[linear_attention_backward] out of memory (the projection's gradient)"};
   }
   if (bp.d_proj_b) {
 #pragma omp parallel for num_threads(p.threads) schedule(static)

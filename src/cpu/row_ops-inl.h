@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "omniattn/linear.h"
 
@@ -52,6 +53,17 @@ HWY_INLINE float dot(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, s
   return sum;
 }
 
+// exp on whole vectors with std::exp's edges: Highway's Exp holds for x in [-104, 88.7] only (beyond, garbage), so
+// above that range the result is inf, below it 0, and a NaN stays NaN (the map must not hide one).
+template <class D, class V>
+HWY_INLINE V exp_edges(D d, V x) {
+  const auto hi = hn::Set(d, 88.72f), lo = hn::Set(d, -103.9f);
+  auto e = hn::Exp(d, hn::Min(hn::Max(x, lo), hi));
+  e = hn::IfThenElse(hn::Gt(x, hi), hn::Set(d, std::numeric_limits<float>::infinity()), e);
+  e = hn::IfThenElse(hn::Lt(x, lo), hn::Zero(d), e);
+  return hn::IfThenElse(hn::IsNaN(x), x, e);
+}
+
 // phi over one token's n features in place, on whole vectors (the scalar detail::apply_feature_map is the contract and
 // the oracle's; this is the same map with Highway's exp, within a few units of float of it). The kernels' map on load.
 HWY_INLINE void map_features(feature_map phi, float* HWY_RESTRICT x, std::int64_t n) {
@@ -69,26 +81,26 @@ HWY_INLINE void map_features(feature_map phi, float* HWY_RESTRICT x, std::int64_
       each([&](auto v) { return hn::Max(v, zero); }, [](float v) { return std::max(v, 0.0f); });
       return;
     case feature_map::elu_plus_one:
-      each([&](auto v) { return hn::IfThenElse(hn::Gt(v, zero), hn::Add(v, one), hn::Exp(d, v)); },
+      each([&](auto v) { return hn::IfThenElse(hn::Gt(v, zero), hn::Add(v, one), exp_edges(d, v)); },
            [](float v) { return v > 0.0f ? v + 1.0f : std::exp(v); });
       return;
     case feature_map::exp:
-      each([&](auto v) { return hn::Exp(d, v); }, [](float v) { return std::exp(v); });
+      each([&](auto v) { return exp_edges(d, v); }, [](float v) { return std::exp(v); });
       return;
     case feature_map::sigmoid:
-      each([&](auto v) { return hn::Div(one, hn::Add(one, hn::Exp(d, hn::Neg(v)))); }, [](float v) { return 1.0f / (1.0f + std::exp(-v)); });
+      each([&](auto v) { return hn::Div(one, hn::Add(one, exp_edges(d, hn::Neg(v)))); }, [](float v) { return 1.0f / (1.0f + std::exp(-v)); });
       return;
     case feature_map::performer: {
       const float norm = 1.0f / std::sqrt(static_cast<float>(n));
       const auto vn = hn::Set(d, norm);
-      each([&](auto v) { return hn::Mul(hn::Exp(d, v), vn); }, [&](float v) { return std::exp(v) * norm; });
+      each([&](auto v) { return hn::Mul(exp_edges(d, v), vn); }, [&](float v) { return std::exp(v) * norm; });
       return;
     }
     case feature_map::softmax: {  // the max subtracted first so exp cannot overflow
       float m = x[0];
       for (std::int64_t i = 1; i < n; ++i) m = std::max(m, x[i]);
       const auto vm = hn::Set(d, m);
-      each([&](auto v) { return hn::Exp(d, hn::Sub(v, vm)); }, [&](float v) { return std::exp(v - m); });
+      each([&](auto v) { return exp_edges(d, hn::Sub(v, vm)); }, [&](float v) { return std::exp(v - m); });
       float sum = 0.0f;
       for (std::int64_t i = 0; i < n; ++i) sum += x[i];
       scale_row(1.0f / sum, x, n);
