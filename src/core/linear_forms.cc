@@ -349,18 +349,8 @@ void flow_to_raw(const linear_params& p, std::int64_t b, std::int64_t t, std::in
   load_raw_qk(p, b, h, t, xq.data(), xk.data());
   for (std::int64_t x = 0; x < K; ++x) gq[at(x)] *= p.scale;
   std::vector<double> u(at(K)), y(at(K)), dx(at(Kin));
-  for (int which = 0; which < 2; ++which) {
-    std::vector<double>& g = which == 0 ? gq : gk;
-    const double* raw = which == 0 ? xq.data() : xk.data();
-    if (p.proj_w) project_token(p, h, raw, u.data());
-    else std::copy(raw, raw + K, u.begin());
-    y = u;
-    apply_feature_map(p.phi, y.data(), K);
-    feature_map_backward(p.phi, u.data(), y.data(), g.data(), K);
-    if (!p.proj_w) continue;
-    project_token_backward(p, h, raw, g.data(), dx.data(), want_w ? dW.data() : nullptr, want_b ? db.data() : nullptr);
-    std::copy(dx.begin(), dx.end(), g.begin());  // g holds max(K, dim_in) values: the caller's size, kept
-  }
+  features_to_raw(p, h, xq.data(), gq.data(), u.data(), y.data(), dx.data(), want_w ? dW.data() : nullptr, want_b ? db.data() : nullptr);
+  features_to_raw(p, h, xk.data(), gk.data(), u.data(), y.data(), dx.data(), want_w ? dW.data() : nullptr, want_b ? db.data() : nullptr);
 }
 
 }  // namespace

@@ -252,6 +252,22 @@ void project_token_backward(const linear_params& p, std::int64_t h, const T* x, 
     for (std::int64_t f = 0; f < F; ++f) db[ph * F + f] += static_cast<Acc>(dy[f]);
 }
 
+// The gradient of one raw q / k row x (dim_in values) of head h from that of its features phi(P(x)) (before scale):
+// g holds dim_k feature gradients in and dim_in raw ones out (it has room for max(dim_k, dim_in)); the projection's
+// gradients add to dW, db (null: not wanted). u, y: dim_k scratch values, dx: dim_in.
+template <class T, class Acc>
+void features_to_raw(const linear_params& p, std::int64_t h, const T* x, T* g, T* u, T* y, T* dx, Acc* dW, Acc* db) {
+  const std::int64_t K = p.dim_k;
+  if (p.proj_w) project_token(p, h, x, u);
+  else std::copy(x, x + K, u);
+  std::copy(u, u + K, y);
+  apply_feature_map(p.phi, y, K);
+  feature_map_backward(p.phi, u, y, g, K);
+  if (!p.proj_w) return;
+  project_token_backward(p, h, x, g, dx, dW, db);
+  std::copy(dx, dx + p.dim_in, g);
+}
+
 // The raw q and k of token t (before the projection, phi and scale; dim_in values each), for the backward's chain rule.
 template <class T>
 void load_raw_qk(const linear_params& p, std::int64_t b, std::int64_t h, std::int64_t t, T* q, T* k) {

@@ -114,14 +114,7 @@ double backward_head(const linear_bwd_params& bp, std::int64_t b, std::int64_t h
   // To the raw inputs: through scale, phi and the projection (u its output, phi's input; u = x without one).
   std::vector<T> y(at(K)), u(at(K)), dx(at(Kin));
   const auto to_raw = [&](const T* x, T* g) {  // g: K feature gradients in, Kin raw ones out
-    if (p.proj_w) detail::project_token(p, h, x, u.data());
-    else std::copy(x, x + K, u.begin());
-    y = u;
-    detail::apply_feature_map(p.phi, y.data(), K);
-    detail::feature_map_backward(p.phi, u.data(), y.data(), g, K);
-    if (!p.proj_w) return;
-    detail::project_token_backward(p, h, x, g, dx.data(), bp.d_proj_w ? dW.data() : nullptr, bp.d_proj_b ? db.data() : nullptr);
-    std::copy(dx.begin(), dx.end(), g);
+    detail::features_to_raw(p, h, x, g, u.data(), y.data(), dx.data(), bp.d_proj_w ? dW.data() : nullptr, bp.d_proj_b ? db.data() : nullptr);
   };
   std::vector<T> dqk(at(std::max(K, Kin)));
   for (std::int64_t t = 0; t < n; ++t) {
