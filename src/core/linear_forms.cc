@@ -26,6 +26,7 @@
 #include "core/linear_params.h"
 #include "core/parallel.h"
 #include "core/storage.h"
+#include "cpu/tiles.h"
 
 namespace omniattn {
 namespace cpu {
@@ -150,12 +151,7 @@ status both_directions(const linear_params& p, const linear_fwd_fn& causal_fwd, 
 }
 
 void store_row(void* base, dtype type, const std::int64_t* st, std::int64_t b, std::int64_t t, std::int64_t h, const float* x, std::int64_t n) {
-  const std::int64_t off = b * st[0] + t * st[1] + h * st[2];
-  if (type == dtype::f32 && (st[3] == 1 || n == 1)) {
-    std::copy(x, x + n, static_cast<float*>(base) + off);
-    return;
-  }
-  for (std::int64_t c = 0; c < n; ++c) store_element(base, type, off + c * st[3], static_cast<double>(x[c]));
+  cpu::store_row(base, type, b * st[0] + t * st[1] + h * st[2], st[3], n, x);
 }
 
 // body(r, scratch) for every row r of [B, T, H, *] on the call's threads, each thread with n floats of scratch: the

@@ -22,7 +22,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <utility>
 #include <cmath>
@@ -136,10 +135,6 @@ void to_raw(const head_ctx& c, std::int64_t t, float* g, bool is_q, bwd_scratch&
   detail::feature_map_backward(c.p.phi, x, s.y.data(), g, c.K);
 }
 
-void store(void* base, dtype type, std::int64_t offset, std::int64_t stride, const float* x, std::int64_t n) {
-  for (std::int64_t e = 0; e < n; ++e) detail::store_element(base, type, offset + e * stride, static_cast<double>(x[e]));
-}
-
 // Pass 1 for one chunk read against the state S: dq of its rows (the prefix's rows read the whole prefix's state:
 // no intra product, no decay).
 void chunk_dq(const head_ctx& c, std::int64_t t0, std::int64_t n, bwd_scratch& s, bool intra) {
@@ -172,7 +167,7 @@ void chunk_dq(const head_ctx& c, std::int64_t t0, std::int64_t n, bwd_scratch& s
         s.qdq[at((t0 + i) * nb + e)] = sum;
       }
     to_raw(c, t0 + i, dqi, true, s);
-    store(c.bp.dq, c.bp.dq_type, c.b * c.bp.dq_stride[0] + (t0 + i) * c.bp.dq_stride[1] + c.h * c.bp.dq_stride[2], c.bp.dq_stride[3], dqi, K);
+    store_row(c.bp.dq, c.bp.dq_type, c.b * c.bp.dq_stride[0] + (t0 + i) * c.bp.dq_stride[1] + c.h * c.bp.dq_stride[2], c.bp.dq_stride[3], K, dqi);
   }
 }
 
@@ -242,8 +237,8 @@ void chunk_dkdv(const head_ctx& c, std::int64_t t0, std::int64_t n, bwd_scratch&
       }
     }
     to_raw(c, t, dkj, false, s);
-    store(c.bp.dk, c.bp.dk_type, c.b * c.bp.dk_stride[0] + t * c.bp.dk_stride[1] + c.h * c.bp.dk_stride[2], c.bp.dk_stride[3], dkj, K);
-    store(c.bp.dv, c.bp.dv_type, c.b * c.bp.dv_stride[0] + t * c.bp.dv_stride[1] + c.h * c.bp.dv_stride[2], c.bp.dv_stride[3], &s.dv[at(j * W)], V);
+    store_row(c.bp.dk, c.bp.dk_type, c.b * c.bp.dk_stride[0] + t * c.bp.dk_stride[1] + c.h * c.bp.dk_stride[2], c.bp.dk_stride[3], K, dkj);
+    store_row(c.bp.dv, c.bp.dv_type, c.b * c.bp.dv_stride[0] + t * c.bp.dv_stride[1] + c.h * c.bp.dv_stride[2], c.bp.dv_stride[3], V, &s.dv[at(j * W)]);
     if (c.want_dg) {  // qdq[t] is read: from here on it holds token t's dg (the running sum with the final-state term)
       for (std::int64_t e = 0; e < nb; ++e) {
         s.qdq[at(t * nb + e)] = static_cast<float>(s.run[at(e)]);
@@ -536,12 +531,7 @@ void normalize_w(std::int64_t t0, std::int64_t n, bwd_tiles& w, bool intra) {
 }
 
 void store_grad(void* base, dtype type, const std::int64_t* st, std::int64_t b, std::int64_t t, std::int64_t h, const float* g, std::int64_t n) {
-  const std::int64_t off = b * st[0] + t * st[1] + h * st[2];
-  if (type == dtype::f32 && (st[3] == 1 || n == 1)) {
-    std::memcpy(static_cast<float*>(base) + off, g, at(n) * sizeof(float));
-    return;
-  }
-  for (std::int64_t e = 0; e < n; ++e) detail::store_element(base, type, off + e * st[3], static_cast<double>(g[e]));
+  store_row(base, type, b * st[0] + t * st[1] + h * st[2], st[3], n, g);
 }
 
 // The raw input's gradient from the loaded feature's (g, K values, in place): scale (q), then phi's rule.

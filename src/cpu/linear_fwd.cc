@@ -250,12 +250,7 @@ void store_rows(const linear_params& p, std::int64_t b, std::int64_t h, std::int
       const float den = oi[V];
       scale_row(den == 0.0f ? 0.0f : 1.0f / den, oi, V);
     }
-    const std::int64_t base = b * p.out_stride[0] + (t0 + i) * p.out_stride[1] + h * p.out_stride[2];
-    if (p.out_type == dtype::f32 && p.out_stride[3] == 1) {
-      std::memcpy(static_cast<float*>(p.out) + base, oi, at(V) * sizeof(float));
-    } else {
-      for (std::int64_t c = 0; c < V; ++c) detail::store_element(p.out, p.out_type, base + c * p.out_stride[3], static_cast<double>(oi[c]));
-    }
+    store_row(p.out, p.out_type, b * p.out_stride[0] + (t0 + i) * p.out_stride[1] + h * p.out_stride[2], p.out_stride[3], V, oi);
   }
 }
 

@@ -203,11 +203,7 @@ status chain_linear_features_kernel(const linear_bwd_params& bp, const float* qf
       for (std::int64_t r = 0; r < n; ++r) detail::feature_map_backward(p.phi, u + r * F, o.y + (r0 + r * p.heads) * F, o.dy + (r0 + r * p.heads) * F, F);
       unproject_block(p, h, x, K, o.dy + r0 * F, ld, n, dx, K);
       for (std::int64_t r = 0; r < n; ++r) {
-        const std::int64_t off = b * o.dst_st[0] + (t0 + r) * o.dst_st[1] + h * o.dst_st[2];
-        if (o.type == dtype::f32 && (o.dst_st[3] == 1 || K == 1))
-          std::copy(dx + r * K, dx + (r + 1) * K, static_cast<float*>(o.dst) + off);
-        else
-          for (std::int64_t c = 0; c < K; ++c) detail::store_element(o.dst, o.type, off + c * o.dst_st[3], static_cast<double>(dx[r * K + c]));
+        store_row(o.dst, o.type, b * o.dst_st[0] + (t0 + r) * o.dst_st[1] + h * o.dst_st[2], o.dst_st[3], K, dx + r * K);
       }
     }
   });

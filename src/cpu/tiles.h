@@ -27,4 +27,13 @@ inline void load_row(const void* base, dtype t, std::int64_t offset, std::int64_
   }
   for (std::int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(detail::load_element(base, t, offset + d * stride));
 }
+
+// Writes n contiguous floats into one strided row of a storage dtype (load_row's inverse).
+inline void store_row(void* base, dtype t, std::int64_t offset, std::int64_t stride, std::int64_t n, const float* src) {
+  if (t == dtype::f32 && (stride == 1 || n == 1)) {
+    std::memcpy(static_cast<float*>(base) + offset, src, static_cast<std::size_t>(n) * 4);
+    return;
+  }
+  for (std::int64_t d = 0; d < n; ++d) detail::store_element(base, t, offset + d * stride, static_cast<double>(src[d]));
+}
 }  // namespace omniattn::cpu
