@@ -115,6 +115,7 @@ linear_params forward_direction(const linear_params& p, std::vector<float>& va, 
   f.prefix = 0;
   f.normalize = false;
   f.initial_state = f.final_state = nullptr;
+  f.gb = nullptr;  // the reversed scan's gates: not this direction's
   if (p.normalize) {
     for (std::int64_t b = 0; b < p.batch; ++b)
       for (std::int64_t t = 0; t < p.seq; ++t)
@@ -135,11 +136,9 @@ linear_params forward_direction(const linear_params& p, std::vector<float>& va, 
   return f;
 }
 
-// Both directions of the forward into `of` and `ob` ([B, T, H, W] f32).
-status both_directions(const linear_params& p, const linear_fwd_fn& causal_fwd, std::vector<float>& va, std::vector<float>& of,
-                       std::vector<float>& ob) {
-  linear_params f = forward_direction(p, va, of.data());
-  f.gb = nullptr;
+// Both directions of the forward: f (forward_direction's, into its out) and the reversed one with p's gates into `ob`
+// ([B, T, H, W] f32).
+status both_directions(const linear_params& p, const linear_params& f, const linear_fwd_fn& causal_fwd, std::vector<float>& ob) {
   if (status st = causal_fwd(f); !st.ok()) return st;
   linear_params r = f;
   r.gb = p.gb;
@@ -488,7 +487,7 @@ status run_bidirectional_fwd(const linear_params& p, const linear_fwd_fn& causal
   const std::int64_t V = p.dim_v, W = V + (p.normalize ? 1 : 0), rows = p.batch * p.seq * p.heads;
   std::vector<float> va, of, ob;
   if (!allocate(rows * W, {&of, &ob}) || (p.normalize && !allocate(rows * W, {&va}))) return out_of_memory("the bidirectional form's sums");
-  if (status st = both_directions(p, causal_fwd, va, of, ob); !st.ok()) return st;
+  if (status st = both_directions(p, forward_direction(p, va, of.data()), causal_fwd, ob); !st.ok()) return st;
   for_rows(p, V, [&](std::int64_t r, float* row) {
     const float *f = &of[at(r * W)], *b = &ob[at(r * W)];
     const float den = p.normalize ? f[V] + b[V] : 1.0f;
@@ -510,9 +509,8 @@ status run_bidirectional_bwd(const linear_bwd_params& bp, const linear_fwd_fn& c
     return {"[linear_attention_backward] out of memory (the bidirectional form's sums)"};
   linear_bwd_params f = bp;
   f.fwd = forward_direction(p, va, of.data());
-  f.fwd.gb = nullptr;
   if (p.normalize) {  // o and the denominators of both directions, then the value-side gradient of [v, 1]
-    if (status st = both_directions(p, causal_fwd, va, of, ob); !st.ok()) return st;
+    if (status st = both_directions(p, f.fwd, causal_fwd, ob); !st.ok()) return st;
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t b = r / p.heads / p.seq, t = r / p.heads % p.seq, h = r % p.heads;
       const float *nf = &of[at(r * W)], *nr = &ob[at(r * W)];
